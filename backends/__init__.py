@@ -1,0 +1,102 @@
+"""The backend registry: name -> backend, "auto", and why a backend is unavailable.
+
+Backends are imported lazily, the first time they are asked for, so ``import bpkernels``
+never needs Numba, CuPy or a GPU.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+from .base import Backend
+
+
+class BackendUnavailable(ImportError):
+    """A backend exists but cannot run here (package missing, no device)."""
+
+
+# name -> (module, class, pip extra that provides it); the order of preference for "auto"
+# is fastest first.
+# Numba and CuPy join here, ahead of NumPy, as their modules land.
+_REGISTRY: dict[str, tuple[str, str, str | None]] = {
+    "numpy": (".numpy_backend", "NumpyBackend", None),
+}
+
+_instances: dict[str, Backend] = {}
+_unavailable: dict[str, str] = {}
+
+
+def backend_names() -> tuple[str, ...]:
+    """Every backend this version knows, available here or not."""
+    return tuple(sorted(_REGISTRY))
+
+
+def _load(name: str) -> Backend:
+    if name in _instances:
+        return _instances[name]
+    if name in _unavailable:
+        raise BackendUnavailable(_unavailable[name])
+    module_name, class_name, extra = _REGISTRY[name]
+    try:
+        module = importlib.import_module(module_name, __name__)
+        backend = getattr(module, class_name)()
+    except ModuleNotFoundError as err:
+        hint = f'pip install "bpkernels[{extra}]"' if extra else "reinstall bpkernels"
+        reason = f"backend {name!r} is not available: {err}; install it with {hint}"
+        _unavailable[name] = reason
+        raise BackendUnavailable(reason) from None
+    except BackendUnavailable as err:
+        _unavailable[name] = str(err)
+        raise
+    _instances[name] = backend
+    return backend
+
+
+def get_backend(name: str | Backend = "auto") -> Backend:
+    """The backend called ``name`` ("auto": the fastest one available here)."""
+    if isinstance(name, Backend):
+        return name
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a name (str), got {type(name).__name__}")
+    if name == "auto":
+        for candidate in _REGISTRY:
+            try:
+                return _load(candidate)
+            except BackendUnavailable:
+                continue
+    if name not in _REGISTRY:
+        valid = ", ".join(("auto",) + backend_names())
+        raise ValueError(f"unknown backend {name!r}; valid backends: {valid}")
+    return _load(name)
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that can run here, fastest first."""
+    names = []
+    for name in _REGISTRY:
+        try:
+            _load(name)
+        except BackendUnavailable:
+            continue
+        names.append(name)
+    return names
+
+
+def unavailable_reasons() -> dict[str, str]:
+    """For each backend that cannot run here, why (and the pip extra that fixes it)."""
+    available_backends()
+    return dict(_unavailable)
+
+
+def register(name: str, factory: Callable[[], Backend]) -> None:
+    """Add a backend made by ``factory`` under ``name`` (for third-party backends and tests)."""
+    backend = factory()
+    if not isinstance(backend, Backend):
+        raise TypeError(f"a backend must subclass bpkernels.backends.base.Backend, got {type(backend).__name__}")
+    _instances[name] = backend
+    _unavailable.pop(name, None)
+    _REGISTRY.setdefault(name, ("", "", None))
+
+
+__all__ = ["Backend", "BackendUnavailable", "available_backends", "backend_names",
+           "get_backend", "register", "unavailable_reasons"]

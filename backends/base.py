@@ -1,0 +1,139 @@
+"""The kernel contract: what every backend implements, with shapes, dtypes and what is written.
+
+Arrays passed to kernels are the backend's own device arrays (NumPy arrays for the CPU
+backends), C-contiguous, all of the model's one floating dtype (float32 or float64) unless
+said otherwise. Shapes use the names of the math: ``n`` rows in a batch, ``i`` inputs and
+``o`` outputs of a layer. Every output is passed in and overwritten; kernels return nothing,
+so the training loop allocates nothing per step.
+
+Activation names: ``identity``, ``relu``, ``leaky_relu`` (slope 0.01), ``sigmoid``, ``tanh``,
+``gelu`` (erf form). All but ``gelu`` have a derivative computable from the activation's
+output ``A``, so a model keeps the pre-activation ``Z`` only for ``gelu``.
+
+Loss names (PyTorch conventions): ``mse`` (mean over all elements), ``cross_entropy`` (logits;
+targets are int labels of shape (n,) or probability rows (n, o); mean over the batch) and
+``binary_cross_entropy`` (logits; targets in [0, 1] of shape (n, o); mean over all elements).
+
+Optimizer hyper-parameters are passed as one object ``hp`` with the attributes named in each
+method's docstring. ``step`` is the 1-based count of updates including this one.
+``halted`` is a device array of one int64: 0 while training is healthy; once a step's loss or
+gradient is not finite it holds that step's 1-based index and every later update is a no-op,
+so the weights of the last finite step survive without a host round trip per step.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu")
+LOSSES = ("mse", "cross_entropy", "binary_cross_entropy")
+LEAKY_RELU_SLOPE = 0.01
+
+
+class Backend(ABC):
+    """One array library on one device. Subclasses set ``name`` and ``dtypes``."""
+
+    name: str = ""
+    dtypes: tuple[str, ...] = ("float32", "float64")
+
+    # ----------------------------------------------------------------- plumbing
+    @abstractmethod
+    def asarray(self, host: np.ndarray, dtype: Any = None) -> Any:
+        """Copy a host array to the device as a new C-contiguous array of ``dtype``
+        (default: keep the host dtype)."""
+
+    @abstractmethod
+    def to_host(self, array: Any) -> np.ndarray:
+        """Copy a device array to a new host NumPy array (a synchronisation point)."""
+
+    @abstractmethod
+    def empty(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        """A new uninitialised device array."""
+
+    @abstractmethod
+    def zeros(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        """A new zero-filled device array."""
+
+    @abstractmethod
+    def copy(self, src: Any, out: Any) -> None:
+        """``out[...] = src`` between device arrays of the same shape (dtype may differ)."""
+
+    @abstractmethod
+    def take_rows(self, src: Any, index: Any, out: Any) -> None:
+        """``out[:] = src[index]``: gather the rows named by the int64 device vector ``index``
+        (length n) from ``src`` (N, k) into ``out`` (n, k). This is how a shuffled batch is
+        formed on the device."""
+
+    @abstractmethod
+    def synchronize(self) -> None:
+        """Wait until all queued device work has finished (for timing)."""
+
+    @abstractmethod
+    def device_info(self) -> dict[str, Any]:
+        """A JSON-able description of the device: name, memory, library versions, threads."""
+
+    # ------------------------------------------------------------------ dense layer
+    @abstractmethod
+    def dense_forward(self, X: Any, W: Any, b: Any, activation: str, A: Any, Z: Any = None) -> None:
+        """``Z = X @ W + b`` and ``A = act(Z)``, fused.
+
+        X (n, i), W (i, o), b (o,); writes A (n, o) and, when given, Z (n, o). ``Z`` is required
+        for ``gelu`` (its derivative needs the pre-activation) and may be None for the others.
+        """
+
+    @abstractmethod
+    def dense_backward(self, X: Any, W: Any, dA: Any, activation: str, A: Any, Z: Any,
+                       dW: Any, db: Any, dX: Any = None) -> None:
+        """Gradients of a dense layer from the gradient of its output.
+
+        ``dZ = dA * act'(Z or A)`` is formed in place of ``dA`` (n, o), which is overwritten;
+        then ``dW = X.T @ dZ`` (i, o), ``db = dZ.sum(0)`` (o,) and, when ``dX`` is given,
+        ``dX = dZ @ W.T`` (n, i). ``dX`` is None for the first layer, whose input needs no
+        gradient.
+        """
+
+    # ------------------------------------------------------------------ loss
+    @abstractmethod
+    def loss(self, kind: str, Y: Any, T: Any, dY: Any, out: Any) -> None:
+        """Value and gradient of the mean loss, numerically stable, in one pass.
+
+        Y (n, o) outputs (logits for the two cross-entropies); T the targets: (n, o) of the
+        model dtype, or int64 labels (n,) for ``cross_entropy``. Writes ``dY`` (n, o) =
+        d(mean loss)/dY and ``out[0]`` = the mean loss; ``out`` is a length-1 device view, so
+        the value stays on the device until asked for.
+        """
+
+    @abstractmethod
+    def count_correct(self, Y: Any, labels: Any, out: Any) -> None:
+        """``out[0]`` = how many rows are classified right: argmax of the row equals the int64
+        label when o > 1, ``Y > 0`` equals the label when o == 1. ``out`` is a length-1 view of
+        the model dtype."""
+
+    @abstractmethod
+    def check_step(self, loss: Any, grads: Any, step: int, halted: Any) -> None:
+        """If ``halted[0]`` is 0 and ``loss[0]`` or any element of ``grads`` is not finite,
+        set ``halted[0] = step``. Never clears it."""
+
+    # ------------------------------------------------------------------ optimizers
+    # Each is one fused in-place update of the flat parameter buffer ``params`` from the
+    # flat gradient buffer ``grads`` (same length), a no-op while ``halted[0] != 0``.
+
+    @abstractmethod
+    def sgd_step(self, params: Any, grads: Any, momentum_buf: Any, hp: Any, step: int,
+                 halted: Any) -> None:
+        """torch.optim.SGD. hp: lr, momentum, dampening, nesterov, weight_decay.
+        ``momentum_buf`` (unused when momentum == 0) is set to the gradient on step 1."""
+
+    @abstractmethod
+    def adam_step(self, params: Any, grads: Any, m: Any, v: Any, hp: Any, step: int,
+                  halted: Any) -> None:
+        """torch.optim.Adam / AdamW. hp: lr, beta1, beta2, eps, weight_decay, decoupled
+        (True for AdamW: decay the weights directly instead of adding L2 to the gradient)."""
+
+    @abstractmethod
+    def rmsprop_step(self, params: Any, grads: Any, square_avg: Any, momentum_buf: Any,
+                     grad_avg: Any, hp: Any, step: int, halted: Any) -> None:
+        """torch.optim.RMSprop. hp: lr, alpha, eps, weight_decay, momentum, centered.
+        ``momentum_buf`` is used when momentum > 0, ``grad_avg`` when centered."""

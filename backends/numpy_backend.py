@@ -1,0 +1,482 @@
+"""The reference backend: NumPy on the CPU, float32 and float64.
+
+Every kernel writes into the buffers it is given (``out=``) and into scratch arrays cached by
+shape, so after the first step of a given batch size no array is allocated.
+"""
+from __future__ import annotations
+
+import math
+import os
+import platform
+from typing import Any, Callable
+
+import numpy as np
+
+from .base import LEAKY_RELU_SLOPE, Backend
+
+# W. J. Cody, "Rational Chebyshev approximations for the error function", Math. Comp. 23
+# (1969): erf on [0, 0.46875], erfc on [0.46875, 4] and on [4, inf), ~1e-16 relative.
+# NumPy has no erf, and GELU's parity with the other backends needs full double precision.
+_ERF_A = (3.16112374387056560e00, 1.13864154151050156e02, 3.77485237685302021e02,
+          3.20937758913846947e03, 1.85777706184603153e-1)
+_ERF_B = (2.36012909523441209e01, 2.44024637934444173e02, 1.28261652607737228e03,
+          2.84423683343917062e03)
+_ERF_C = (5.64188496988670089e-1, 8.88314979438837594e00, 6.61191906371416295e01,
+          2.98635138197400131e02, 8.81952221241769090e02, 1.71204761263407058e03,
+          2.05107837782607147e03, 1.23033935479799725e03, 2.15311535474403846e-8)
+_ERF_D = (1.57449261107098347e01, 1.17693950891312499e02, 5.37181101862009858e02,
+          1.62138957456669019e03, 3.29079923573345963e03, 4.36261909014324716e03,
+          3.43936767414372164e03, 1.23033935480374942e03)
+_ERF_P = (3.05326634961232344e-1, 3.60344899949804439e-1, 1.25781726111229246e-1,
+          1.60837851487422766e-2, 6.58749161529837803e-4, 1.63153871373020978e-2)
+_ERF_Q = (2.56852019228982242e00, 1.87295284992346047e00, 5.27905102951428412e-1,
+          6.05183413124413191e-2, 2.33520497626869185e-3)
+_ONE_OVER_SQRT_PI = 0.56418958354775628695
+_ONE_OVER_SQRT_2PI = 0.3989422804014326779
+_SQRT_HALF = 0.7071067811865475244
+
+
+class NumpyBackend(Backend):
+    name = "numpy"
+
+    def __init__(self) -> None:
+        self._scratch_cache: dict[tuple, np.ndarray] = {}
+
+    def _scratch(self, tag: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        key = (tag, shape, np.dtype(dtype))
+        buf = self._scratch_cache.get(key)
+        if buf is None:
+            buf = self._scratch_cache[key] = np.empty(shape, dtype)
+        return buf
+
+    # ----------------------------------------------------------------- plumbing
+    def asarray(self, host, dtype=None):
+        return np.array(host, dtype=dtype, order="C", copy=True)
+
+    def to_host(self, array):
+        return np.array(array, copy=True)
+
+    def empty(self, shape, dtype):
+        return np.empty(shape, dtype)
+
+    def zeros(self, shape, dtype):
+        return np.zeros(shape, dtype)
+
+    def copy(self, src, out):
+        np.copyto(out, src, casting="unsafe")
+
+    def take_rows(self, src, index, out):
+        np.take(src, index, axis=0, out=out)
+
+    def synchronize(self):
+        pass
+
+    def device_info(self):
+        return {"device": "cpu", "name": platform.processor() or platform.machine(),
+                "cores": os.cpu_count(), "numpy": np.__version__, "blas": blas_info()}
+
+    # ------------------------------------------------------------------ dense layer
+    def dense_forward(self, X, W, b, activation, A, Z=None):
+        pre = A if Z is None else Z
+        np.matmul(X, W, out=pre)
+        pre += b
+        _FORWARD[activation](self, pre, A)
+
+    def dense_backward(self, X, W, dA, activation, A, Z, dW, db, dX=None):
+        if activation != "identity":
+            factor = self._scratch("act_grad", dA.shape, dA.dtype)
+            _DERIVATIVE[activation](self, A, Z, factor)
+            dA *= factor
+        np.matmul(X.T, dA, out=dW)
+        np.add.reduce(dA, axis=0, out=db)
+        if dX is not None:
+            np.matmul(dA, W.T, out=dX)
+
+    # ------------------------------------------------------------------ loss
+    def loss(self, kind, Y, T, dY, out):
+        _LOSSES[kind](self, Y, T, dY, out)
+
+    def count_correct(self, Y, labels, out):
+        n, o = Y.shape
+        hits = self._scratch("hits", (n,), np.bool_)
+        if o == 1:
+            predicted = self._scratch("pred_bool", (n,), np.bool_)
+            truth = self._scratch("truth_bool", (n,), np.bool_)
+            np.greater(Y[:, 0], 0, out=predicted)
+            np.greater_equal(labels.reshape(n), 0.5, out=truth)
+            np.equal(predicted, truth, out=hits)
+        else:
+            predicted = self._scratch("pred_ids", (n,), np.intp)
+            np.argmax(Y, axis=1, out=predicted)
+            if labels.ndim == 2:
+                truth = self._scratch("truth_ids", (n,), np.intp)
+                np.argmax(labels, axis=1, out=truth)
+                labels = truth
+            np.equal(predicted, labels, out=hits)
+        out[0] = np.count_nonzero(hits)
+
+    def check_step(self, loss, grads, step, halted):
+        # A sum is finite only if every term is: one pass, no temporary array.
+        if halted[0] == 0 and not (math.isfinite(loss[0]) and math.isfinite(np.add.reduce(grads))):
+            halted[0] = step
+
+    # ------------------------------------------------------------------ optimizers
+    def sgd_step(self, params, grads, momentum_buf, hp, step, halted):
+        if halted[0]:
+            return
+        tmp = self._scratch("opt_a", params.shape, params.dtype)
+        d = grads
+        if hp.weight_decay:
+            np.multiply(params, hp.weight_decay, out=tmp)
+            tmp += grads
+            d = tmp
+        if hp.momentum:
+            if step == 1:
+                np.copyto(momentum_buf, d)
+            else:
+                momentum_buf *= hp.momentum
+                if hp.dampening:
+                    scaled = self._scratch("opt_b", params.shape, params.dtype)
+                    np.multiply(d, 1.0 - hp.dampening, out=scaled)
+                    momentum_buf += scaled
+                else:
+                    momentum_buf += d
+            if hp.nesterov:
+                scaled = self._scratch("opt_b", params.shape, params.dtype)
+                np.multiply(momentum_buf, hp.momentum, out=scaled)
+                np.add(d, scaled, out=tmp)
+                d = tmp
+            else:
+                d = momentum_buf
+        _subtract_scaled(params, d, hp.lr, self._scratch("opt_b", params.shape, params.dtype))
+
+    def adam_step(self, params, grads, m, v, hp, step, halted):
+        if halted[0]:
+            return
+        g = grads
+        tmp = self._scratch("opt_a", params.shape, params.dtype)
+        if hp.weight_decay and hp.decoupled:
+            params *= 1.0 - hp.lr * hp.weight_decay
+        elif hp.weight_decay:
+            np.multiply(params, hp.weight_decay, out=tmp)
+            tmp += grads
+            g = tmp
+        scratch = self._scratch("opt_b", params.shape, params.dtype)
+        m *= hp.beta1
+        np.multiply(g, 1.0 - hp.beta1, out=scratch)
+        m += scratch
+        v *= hp.beta2
+        np.multiply(g, g, out=scratch)
+        scratch *= 1.0 - hp.beta2
+        v += scratch
+        step_size = hp.lr / (1.0 - hp.beta1 ** step)
+        # torch divides sqrt(v) by sqrt(bias correction) before adding eps: kept for parity.
+        np.sqrt(v, out=scratch)
+        scratch /= math.sqrt(1.0 - hp.beta2 ** step)
+        scratch += hp.eps
+        np.divide(m, scratch, out=scratch)
+        _subtract_scaled(params, scratch, step_size, scratch)
+
+    def rmsprop_step(self, params, grads, square_avg, momentum_buf, grad_avg, hp, step, halted):
+        if halted[0]:
+            return
+        g = grads
+        tmp = self._scratch("opt_a", params.shape, params.dtype)
+        if hp.weight_decay:
+            np.multiply(params, hp.weight_decay, out=tmp)
+            tmp += grads
+            g = tmp
+        avg = self._scratch("opt_b", params.shape, params.dtype)
+        square_avg *= hp.alpha
+        np.multiply(g, g, out=avg)
+        avg *= 1.0 - hp.alpha
+        square_avg += avg
+        if hp.centered:
+            grad_avg *= hp.alpha
+            np.multiply(g, 1.0 - hp.alpha, out=avg)
+            grad_avg += avg
+            np.multiply(grad_avg, grad_avg, out=avg)
+            np.subtract(square_avg, avg, out=avg)
+            np.sqrt(avg, out=avg)
+        else:
+            np.sqrt(square_avg, out=avg)
+        avg += hp.eps
+        np.divide(g, avg, out=avg)
+        if hp.momentum > 0:
+            momentum_buf *= hp.momentum
+            momentum_buf += avg
+            _subtract_scaled(params, momentum_buf, hp.lr, avg)
+        else:
+            _subtract_scaled(params, avg, hp.lr, avg)
+
+
+def _subtract_scaled(params: np.ndarray, d: np.ndarray, lr: float, scratch: np.ndarray) -> None:
+    """params -= lr * d; ``scratch`` may be ``d`` itself."""
+    np.multiply(d, lr, out=scratch)
+    params -= scratch
+
+
+# ---------------------------------------------------------------------- activations
+# Forward functions read the pre-activation ``Z`` and write ``A`` (which may be ``Z``).
+# Derivative functions write act'(z) into ``out``, from ``A`` where that suffices.
+
+def _identity(be, Z, A):
+    if A is not Z:
+        np.copyto(A, Z)
+
+
+def _relu(be, Z, A):
+    np.maximum(Z, 0, out=A)
+
+
+def _leaky_relu(be, Z, A):
+    # max(z, slope * z) is leaky ReLU for 0 < slope < 1.
+    scaled = be._scratch("leaky", Z.shape, Z.dtype)
+    np.multiply(Z, LEAKY_RELU_SLOPE, out=scaled)
+    np.maximum(Z, scaled, out=A)
+
+
+def _sigmoid(be, Z, A):
+    # 0.5 * (1 + tanh(z / 2)) never overflows, unlike 1 / (1 + exp(-z)).
+    np.multiply(Z, 0.5, out=A)
+    np.tanh(A, out=A)
+    A += 1
+    A *= 0.5
+
+
+def _tanh(be, Z, A):
+    np.tanh(Z, out=A)
+
+
+def _gelu(be, Z, A):
+    cdf = be._scratch("gelu_cdf", Z.shape, Z.dtype)
+    _normal_cdf(be, Z, cdf)
+    np.multiply(Z, cdf, out=A)
+
+
+def _d_relu(be, A, Z, out):
+    np.sign(A, out=out)  # A >= 0, so sign(A) is the 0/1 step; 0 at z == 0 as in torch
+
+
+def _d_leaky_relu(be, A, Z, out):
+    np.sign(A, out=out)  # sign(A) == sign(z)
+    np.maximum(out, 0, out=out)
+    out *= 1.0 - LEAKY_RELU_SLOPE
+    out += LEAKY_RELU_SLOPE
+
+
+def _d_sigmoid(be, A, Z, out):
+    np.subtract(1, A, out=out)
+    out *= A
+
+
+def _d_tanh(be, A, Z, out):
+    np.multiply(A, A, out=out)
+    np.subtract(1, out, out=out)
+
+
+def _d_gelu(be, A, Z, out):
+    # d/dz z * Phi(z) = Phi(z) + z * phi(z)
+    pdf = be._scratch("gelu_pdf", Z.shape, Z.dtype)
+    _normal_cdf(be, Z, out)
+    np.multiply(Z, Z, out=pdf)
+    pdf *= -0.5
+    np.exp(pdf, out=pdf)
+    pdf *= _ONE_OVER_SQRT_2PI
+    pdf *= Z
+    out += pdf
+
+
+_FORWARD: dict[str, Callable] = {"identity": _identity, "relu": _relu, "leaky_relu": _leaky_relu,
+                                 "sigmoid": _sigmoid, "tanh": _tanh, "gelu": _gelu}
+_DERIVATIVE: dict[str, Callable] = {"relu": _d_relu, "leaky_relu": _d_leaky_relu,
+                                    "sigmoid": _d_sigmoid, "tanh": _d_tanh, "gelu": _d_gelu}
+
+
+def _normal_cdf(be, Z, out):
+    """Phi(z) = (1 + erf(z / sqrt 2)) / 2 into ``out``."""
+    np.multiply(Z, _SQRT_HALF, out=out)
+    erf(out, out, be._scratch)
+    out += 1
+    out *= 0.5
+
+
+def _horner(t, coeffs, out, lead=None):
+    """out = ((lead * t + c0) * t + c1) * t + ... for Cody's xnum/xden recurrences."""
+    if lead is None:
+        np.copyto(out, t)
+    else:
+        np.multiply(t, lead, out=out)
+    for c in coeffs:
+        out += c
+        out *= t
+
+
+def erf(x: np.ndarray, out: np.ndarray, scratch: Callable) -> np.ndarray:
+    """The error function, elementwise, full precision; ``out`` may be ``x``.
+
+    Each of Cody's three intervals is evaluated on the whole array with its argument clamped
+    into the interval (so nothing overflows) and then selected by mask: no temporaries.
+    """
+    shape, dtype = x.shape, x.dtype
+    y = scratch("erf_y", shape, dtype)
+    t = scratch("erf_t", shape, dtype)
+    num = scratch("erf_num", shape, dtype)
+    den = scratch("erf_den", shape, dtype)
+    mask = scratch("erf_mask", shape, np.bool_)
+    sign = scratch("erf_sign", shape, dtype)
+    np.copyto(sign, x)
+    np.abs(x, out=y)
+
+    # |x| > 4: erfc = exp(-y^2) (1/sqrt(pi) - z R(z)) / y with z = 1/y^2; erf(6) == 1 in float64.
+    np.clip(y, 4.0, 6.0, out=t)
+    np.multiply(t, t, out=den)
+    np.divide(1.0, den, out=num)  # z
+    z = num
+    r_num = scratch("erf_rnum", shape, dtype)
+    _horner(z, _ERF_P[:4], r_num, lead=_ERF_P[5])
+    _horner(z, _ERF_Q[:4], den)
+    r_num += _ERF_P[4]
+    den += _ERF_Q[4]
+    np.divide(r_num, den, out=r_num)
+    r_num *= z
+    np.subtract(_ONE_OVER_SQRT_PI, r_num, out=r_num)
+    r_num /= t
+    np.multiply(t, t, out=den)
+    np.negative(den, out=den)
+    np.exp(den, out=den)
+    np.multiply(den, r_num, out=out)
+    np.subtract(1.0, out, out=out)
+
+    # 0.46875 < |x| <= 4: erfc = exp(-y^2) C(y) / D(y)
+    np.clip(y, 0.46875, 4.0, out=t)
+    _horner(t, _ERF_C[:7], num, lead=_ERF_C[8])
+    _horner(t, _ERF_D[:7], den)
+    num += _ERF_C[7]
+    den += _ERF_D[7]
+    np.divide(num, den, out=num)
+    np.multiply(t, t, out=den)
+    np.negative(den, out=den)
+    np.exp(den, out=den)
+    num *= den
+    np.subtract(1.0, num, out=num)
+    np.less_equal(y, 4.0, out=mask)
+    np.copyto(out, num, where=mask)
+
+    # |x| <= 0.46875: erf = y A(y^2) / B(y^2)
+    np.minimum(y, 0.5, out=t)
+    np.multiply(t, t, out=den)
+    sq = den
+    _horner(sq, _ERF_A[:3], num, lead=_ERF_A[4])
+    num += _ERF_A[3]
+    num *= t
+    np.copyto(r_num, sq)
+    _horner(sq, _ERF_B[:3], r_num)
+    r_num += _ERF_B[3]
+    np.divide(num, r_num, out=num)
+    np.less_equal(y, 0.46875, out=mask)
+    np.copyto(out, num, where=mask)
+
+    np.copysign(out, sign, out=out)
+    return out
+
+
+# ---------------------------------------------------------------------- losses
+
+def _softmax_rows(be, Y, P):
+    """P = softmax(Y) by rows; returns the row max and the row sum of exp(Y - max)."""
+    n = Y.shape[0]
+    row_max = be._scratch("row_max", (n,), Y.dtype)
+    row_sum = be._scratch("row_sum", (n,), Y.dtype)
+    np.max(Y, axis=1, out=row_max)
+    np.subtract(Y, row_max[:, None], out=P)  # max-subtraction keeps exp finite
+    np.exp(P, out=P)
+    np.add.reduce(P, axis=1, out=row_sum)
+    P /= row_sum[:, None]
+    return row_max, row_sum
+
+
+def _cross_entropy(be, Y, T, dY, out):
+    n, o = Y.shape
+    row_max, row_sum = _softmax_rows(be, Y, dY)
+    # log-sum-exp per row, then loss_i = lse_i * sum(t_i) - t_i . y_i
+    np.log(row_sum, out=row_sum)
+    row_sum += row_max
+    lse = row_sum
+    if T.ndim == 1:
+        flat = be._scratch("flat_index", (n,), np.intp)
+        _label_positions(be, T, o, flat)
+        picked = be._scratch("picked", (n,), Y.dtype)
+        np.take(Y.reshape(-1), flat, out=picked)
+        value = float(np.add.reduce(lse) - np.add.reduce(picked)) / n
+        np.take(dY.reshape(-1), flat, out=picked)
+        picked -= 1
+        np.put(dY.reshape(-1), flat, picked)
+    else:
+        t_sum = be._scratch("t_sum", (n,), Y.dtype)
+        np.add.reduce(T, axis=1, out=t_sum)
+        value = float(np.dot(lse, t_sum) - np.vdot(T, Y)) / n
+        dY *= t_sum[:, None]
+        dY -= T
+    dY *= 1.0 / n
+    out[0] = value
+
+
+def _label_positions(be, labels, o, flat):
+    """flat = arange(n) * o + labels: the flat index of each row's true logit."""
+    n = labels.shape[0]
+    key = ("row_starts", (n, o), np.dtype(np.intp))
+    starts = be._scratch_cache.get(key)
+    if starts is None:
+        starts = be._scratch_cache[key] = np.arange(n, dtype=np.intp) * o
+    np.add(starts, labels, out=flat)
+
+
+def _binary_cross_entropy(be, Y, T, dY, out):
+    # per element: max(y, 0) - y t + log(1 + exp(-|y|)), stable for any logit
+    size = Y.size
+    soft = be._scratch("bce_soft", Y.shape, Y.dtype)
+    np.abs(Y, out=soft)
+    np.negative(soft, out=soft)
+    np.exp(soft, out=soft)
+    np.log1p(soft, out=soft)
+    np.maximum(Y, 0, out=dY)
+    value = float(np.add.reduce(dY, axis=None) - np.vdot(Y, T) + np.add.reduce(soft, axis=None))
+    _sigmoid(be, Y, dY)
+    dY -= T
+    dY *= 1.0 / size
+    out[0] = value / size
+
+
+def _mse(be, Y, T, dY, out):
+    size = Y.size
+    np.subtract(Y, T, out=dY)
+    out[0] = float(np.vdot(dY, dY)) / size
+    dY *= 2.0 / size
+
+
+_LOSSES: dict[str, Callable] = {"mse": _mse, "cross_entropy": _cross_entropy,
+                                "binary_cross_entropy": _binary_cross_entropy}
+
+
+def blas_info() -> dict[str, Any]:
+    """Which BLAS NumPy uses and with how many threads (threadpoolctl when installed)."""
+    info: dict[str, Any] = {}
+    try:
+        deps = np.show_config(mode="dicts").get("Build Dependencies", {})
+        blas = deps.get("blas", {})
+        info = {"name": blas.get("name"), "version": blas.get("version")}
+    except Exception:  # older NumPy: no dict mode; the name is a nicety, not a contract
+        pass
+    try:
+        from threadpoolctl import threadpool_info
+        pools = [p for p in threadpool_info() if p.get("user_api") == "blas"]
+        if pools:
+            info["threads"] = pools[0].get("num_threads")
+            info.setdefault("name", pools[0].get("internal_api"))
+    except ImportError:
+        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            if os.environ.get(var):
+                info["threads"] = int(os.environ[var])
+                break
+    return info

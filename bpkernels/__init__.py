@@ -1,0 +1,16 @@
+"""bpkernels: a backprop engine for multilayer perceptrons on swappable array backends."""
+from __future__ import annotations
+
+from .backends import BackendUnavailable, available_backends, get_backend
+from .checkpoint import CheckpointError, load
+from .model import MLP
+from .optim import SGD, Adam, AdamW, Optimizer, RMSprop
+from .train import History, TrainingDiverged, fit
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MLP", "fit", "load", "History", "SGD", "Adam", "AdamW", "RMSprop", "Optimizer",
+    "available_backends", "get_backend", "BackendUnavailable", "CheckpointError",
+    "TrainingDiverged", "__version__",
+]

@@ -1,0 +1,405 @@
+"""Data sets for bpkernels: scikit-learn's digits, seeded synthetic sets, and files.
+
+Every loader returns ``(X, y)``: ``X`` a C-contiguous float64 array of shape
+(n, features); ``y`` int64 class ids for classification, or float64 targets
+for regression (1-D for one target, (n, targets) for several).
+
+Loaders check what they read and fail with one exception whose message names
+the path and what was wrong: FileNotFoundError for a missing file or folder,
+ValueError for anything unreadable, inconsistent or out of range.  Only numpy
+is required; scikit-learn is imported by :func:`load_digits` alone.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import math
+import os
+import struct
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+PathLike = str | os.PathLike
+
+SPEC_NAMES = ("digits", "synthetic", "synthetic-classification", "synthetic-regression")
+_MNIST_PREFIX = {"train": "train", "test": "t10k"}
+_IDX_MAGIC = {"images": (0x00000803, 3), "labels": (0x00000801, 1)}
+Arrays = tuple[np.ndarray, np.ndarray]
+
+
+def _check_int(name: str, value, low: int, high: int | None = None) -> int:
+    # bool is an int subclass, but n_classes=True is always a caller's mistake
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if not ok or value < low or (high is not None and value > high):
+        allowed = f">= {low}" if high is None else f"in {low}..{high}"
+        raise ValueError(f"{name} must be an integer {allowed}, got {value!r}")
+    return int(value)
+
+
+def _check_noise(noise: float) -> float:
+    if not noise >= 0:  # also rejects NaN
+        raise ValueError(f"noise must be a number >= 0, got {noise!r}")
+    return float(noise)
+
+
+def _as_2d(X, name: str) -> np.ndarray:
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D array (n, features), got shape {X.shape}")
+    if X.shape[0] == 0:
+        raise ValueError(f"{name}: expected at least 1 row, got 0")
+    return np.ascontiguousarray(X)
+
+
+def _finish(X, y, source: str) -> Arrays:
+    """Check shapes and normalise dtypes, so every loader keeps the same contract."""
+    X, y = np.asarray(X), np.asarray(y)
+    if X.dtype.kind not in "biuf":
+        raise ValueError(f"{source}: X must be numeric, got dtype {X.dtype}")
+    X = _as_2d(X, source)
+    n = X.shape[0]
+    if y.ndim not in (1, 2) or y.shape[0] != n:
+        raise ValueError(f"{source}: expected y of shape ({n},) or ({n}, targets), got {y.shape}")
+    if y.dtype.kind not in "biuf":
+        raise ValueError(f"{source}: y must hold integer class ids or float targets, got {y.dtype}")
+    y = np.ascontiguousarray(y, dtype=np.float64 if y.dtype.kind == "f" else np.int64)
+    for name, a in (("X", X), ("y", y)):  # NaN or inf would silently poison every gradient
+        bad = np.flatnonzero(~np.isfinite(a).reshape(n, -1).all(axis=1))
+        if bad.size:
+            raise ValueError(f"{source}: {name} has NaN or inf values (first in row {bad[0]})")
+    return X, y
+
+
+def _existing_file(path: PathLike) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        hint = " (it is a folder)" if p.is_dir() else ""
+        raise FileNotFoundError(f"no such file: {p}{hint}")
+    return p
+
+
+def load_digits() -> Arrays:
+    """scikit-learn's bundled 8x8 digits: 1797 x 64 pixels (0..16), labels 0..9."""
+    try:
+        from sklearn.datasets import load_digits as sk_load_digits
+    except ImportError:
+        raise ImportError('the digits data set needs scikit-learn: '
+                          'pip install "bpkernels[sklearn]"') from None
+    bunch = sk_load_digits()
+    return _finish(bunch.data, bunch.target, "digits")
+
+
+def make_classification(n_samples: int = 1000, n_features: int = 20, n_classes: int = 2, *,
+                        informative: int | None = None, noise: float = 0.1,
+                        seed: int = 0) -> Arrays:
+    """Seeded synthetic classification.
+
+    Each class is a mixture of two Gaussian blobs with N(0, 1) centres in the
+    first ``informative`` features (default ``min(n_features, max(2, n_classes))``),
+    so the class boundaries are not linear; the other features are N(0, 1)
+    noise.  ``noise`` is the blobs' standard deviation relative to the spread
+    of the centres: 0.1 is easy, 1.0 overlaps heavily.  Classes are balanced
+    to within one sample.  Same arguments give the same arrays, bit for bit.
+    """
+    n_samples = _check_int("n_samples", n_samples, 1)
+    n_features = _check_int("n_features", n_features, 1)
+    n_classes = _check_int("n_classes", n_classes, 2)
+    if informative is None:
+        informative = min(n_features, max(2, n_classes))
+    informative = _check_int("informative", informative, 1, n_features)
+    noise = _check_noise(noise)
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_classes, 2, informative))
+    y = rng.permutation(np.arange(n_samples) % n_classes)
+    blob = rng.integers(0, 2, n_samples)
+    X = rng.standard_normal((n_samples, n_features))
+    X[:, :informative] = centres[y, blob] + noise * X[:, :informative]
+    return _finish(X, y, "make_classification")
+
+
+def make_regression(n_samples: int = 1000, n_features: int = 20, n_targets: int = 1, *,
+                    noise: float = 0.1, seed: int = 0) -> Arrays:
+    """Seeded synthetic regression: y = tanh(X W + b) V + X A + noise * N(0, 1).
+
+    X is N(0, 1); four random tanh ridges (the bias keeps them off their linear
+    middle, so an MLP beats a linear fit) plus a linear part; the signal's std
+    is near 1.  Weights come before X and the noise last in the random stream,
+    so one seed is one function whatever ``n_samples`` or ``noise`` is.
+    """
+    n_samples = _check_int("n_samples", n_samples, 1)
+    n_features = _check_int("n_features", n_features, 1)
+    n_targets = _check_int("n_targets", n_targets, 1)
+    noise = _check_noise(noise)
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal((n_features, 4)) * (2.0 / math.sqrt(n_features))
+    b = rng.standard_normal(4)
+    V = rng.standard_normal((4, n_targets)) / 2.0
+    A = rng.standard_normal((n_features, n_targets)) * (0.5 / math.sqrt(n_features))
+    X = rng.standard_normal((n_samples, n_features))
+    y = np.tanh(X @ W + b) @ V + X @ A + noise * rng.standard_normal((n_samples, n_targets))
+    return _finish(X, y[:, 0] if n_targets == 1 else y, "make_regression")
+
+
+def load_npz(path: PathLike) -> Arrays:
+    """Arrays named ``X`` and ``y`` from an ``.npz`` archive (pickled objects refused)."""
+    p = _existing_file(path)
+    bad = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)
+    try:
+        data = np.load(p, allow_pickle=False)
+    except bad as err:
+        # numpy's ValueError here is advice to allow pickles: wrong for a foreign file
+        why = "expected a zip of .npy arrays" if type(err) is ValueError else f"{err}"
+        raise ValueError(f"{p}: not an .npz archive ({why})") from None
+    if not hasattr(data, "files"):
+        raise ValueError(f"{p}: holds a single .npy array, expected an .npz with 'X' and 'y'")
+    with data:
+        missing = [k for k in ("X", "y") if k not in data.files]
+        if missing:
+            raise ValueError(f"{p}: no array named {' or '.join(map(repr, missing))}; "
+                             f"found {sorted(data.files)}, expected 'X' and 'y'")
+        try:
+            X, y = data["X"], data["y"]
+        except bad as err:
+            raise ValueError(f"{p}: bad array in .npz ({type(err).__name__}: {err})") from None
+    return _finish(X, y, str(p))
+
+
+def _read_rows(p: Path, delimiter: str) -> list[tuple[int, list[str]]]:
+    # keep the file's line numbers so errors point where an editor would
+    try:
+        with open(p, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f, delimiter=delimiter)
+            return [(reader.line_num, [c.strip() for c in row])
+                    for row in reader if any(c.strip() for c in row)]
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"{p}: not a readable UTF-8 CSV file ({err})") from None
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def _col(c: int, names: list[str] | None) -> str:
+    return f"column index {c} ({names[c]!r})" if names else f"column index {c}"
+
+
+def _label_column(label: int | str, names: list[str] | None, ncols: int, p: Path) -> int:
+    if isinstance(label, str):
+        if names is None:
+            raise ValueError(f"{p}: label={label!r} names a column, but no header row was "
+                             f"found; pass header=True or a column index")
+        if label not in names:
+            raise ValueError(f"{p}: label={label!r} is not a column; the header has {names}")
+        return names.index(label)
+    if isinstance(label, bool) or not isinstance(label, (int, np.integer)) \
+            or not -ncols <= label < ncols:
+        raise ValueError(f"{p}: label={label!r} out of range; allowed: a column index in "
+                         f"{-ncols}..{ncols - 1} or a header name")
+    return int(label) % ncols
+
+
+def _parse_features(p: Path, body, cols: list[int], names) -> np.ndarray:
+    cells = [[row[c] for c in cols] for _, row in body]
+    try:
+        return np.array(cells, dtype=np.float64)
+    except ValueError:
+        pass  # find the offending cell, so the message can point at it
+    for line, row in body:
+        for c in cols:
+            if not _is_number(row[c]):
+                raise ValueError(f"{p}: line {line}, {_col(c, names)}: {row[c]!r} is not a number")
+    return np.array([[float(v) for v in r] for r in cells])
+
+
+def _parse_labels(p: Path, body, col: int, names) -> np.ndarray:
+    for line, row in body:
+        if not _is_number(row[col]):
+            raise ValueError(f"{p}: label {_col(col, names)} holds non-numeric value "
+                             f"{row[col]!r} on line {line}; encode classes as integers 0..k-1")
+    y = np.array([float(row[col]) for _, row in body])
+    if np.isfinite(y).all() and (y == np.round(y)).all():
+        return y.astype(np.int64)
+    return y
+
+
+def load_csv(path: PathLike, label: int | str = -1, *, delimiter: str = ",",
+             header: bool | None = None) -> Arrays:
+    """A numeric CSV; ``label`` picks the label column by index or by header name.
+
+    ``header=None`` treats the first row as a header when any of its cells is
+    not a number.  Integral labels (``3`` or ``3.0``) become int64 class ids,
+    other numbers float64 targets; text labels are refused.
+    """
+    p = _existing_file(path)
+    rows = _read_rows(p, delimiter)
+    if not rows:
+        raise ValueError(f"{p}: empty CSV, no rows")
+    if header is None:
+        header = not all(_is_number(c) for c in rows[0][1])
+    names = rows[0][1] if header else None
+    body = rows[1:] if header else rows
+    if not body:
+        raise ValueError(f"{p}: CSV has a header row but no data rows")
+    ncols = len(rows[0][1])
+    for line, row in rows:
+        if len(row) != ncols:
+            raise ValueError(f"{p}: ragged CSV, line {line} has {len(row)} columns, "
+                             f"expected {ncols} like line {rows[0][0]}")
+    if ncols < 2:
+        raise ValueError(f"{p}: expected at least 2 columns (features and a label), got {ncols}")
+    col = _label_column(label, names, ncols, p)
+    X = _parse_features(p, body, [c for c in range(ncols) if c != col], names)
+    return _finish(X, _parse_labels(p, body, col, names), str(p))
+
+
+def _find_idx(root: Path, split: str, kind: str) -> Path:
+    code = "idx3" if kind == "images" else "idx1"
+    names = [f"{_MNIST_PREFIX[split]}-{kind}{sep}{code}-ubyte{gz}"
+             for sep in ("-", ".") for gz in ("", ".gz")]
+    for name in names:
+        if (root / name).is_file():
+            return root / name
+    raise FileNotFoundError(f"{root}: no MNIST {split} {kind} file; looked for {', '.join(names)}")
+
+
+def _read_idx(p: Path, kind: str) -> np.ndarray:
+    if p.name.endswith(".gz"):
+        try:
+            with gzip.open(p, "rb") as f:
+                raw = f.read()
+        except (OSError, EOFError, zlib.error) as err:
+            raise ValueError(f"{p}: corrupt or truncated gzip file ({err})") from None
+    else:
+        raw = p.read_bytes()
+    magic, ndim = _IDX_MAGIC[kind]
+    start = 4 + 4 * ndim
+    if len(raw) < start:
+        raise ValueError(f"{p}: {len(raw)} bytes, too short for an IDX {kind} header ({start})")
+    got = struct.unpack_from(">I", raw)[0]
+    if got != magic:
+        raise ValueError(f"{p}: bad magic number 0x{got:08x}, expected 0x{magic:08x} ({kind})")
+    dims = struct.unpack_from(f">{ndim}I", raw, 4)
+    need, have = math.prod(dims), len(raw) - start
+    if have != need:
+        why = "truncated" if have < need else "trailing bytes"
+        raise ValueError(f"{p}: payload is {have} bytes but the header's dims {dims} "
+                         f"need {need} ({why})")
+    return np.frombuffer(raw, np.uint8, need, start).reshape(dims)
+
+
+def load_mnist(folder: PathLike, split: str = "train") -> Arrays:
+    """MNIST IDX files (raw or ``.gz``) from a folder; pixels scaled to [0, 1]."""
+    if split not in _MNIST_PREFIX:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no such MNIST folder: {root}")
+    img_path, lab_path = (_find_idx(root, split, k) for k in ("images", "labels"))
+    images, labels = _read_idx(img_path, "images"), _read_idx(lab_path, "labels")
+    if len(images) != len(labels):
+        raise ValueError(f"{root}: {img_path.name} has {len(images)} images but "
+                         f"{lab_path.name} has {len(labels)} labels; counts must match")
+    X = images.reshape(len(images), -1).astype(np.float64) / 255.0
+    return _finish(X, labels, str(root))
+
+
+def load(spec: PathLike, *, label: int | str = -1, seed: int = 0) -> Arrays:
+    """Resolve a data set named on a command line: a built-in name or a path.
+
+    ``digits``; ``synthetic`` / ``synthetic-classification`` (2000 x 20, 4
+    classes); ``synthetic-regression`` (2000 x 20, one target); a ``.npz`` or
+    ``.csv`` file (``label`` picks the CSV label column); a folder of MNIST IDX
+    files (the training split).  ``seed`` seeds the synthetic sets only.
+    """
+    key = spec.strip().lower() if isinstance(spec, str) else None
+    if key == "digits":
+        return load_digits()
+    if key in ("synthetic", "synthetic-classification"):
+        return make_classification(2000, 20, 4, seed=seed)
+    if key == "synthetic-regression":
+        return make_regression(2000, 20, seed=seed)
+    p = Path(spec)
+    suffix = p.suffix.lower()
+    if suffix == ".npz":
+        return load_npz(p)
+    if suffix == ".csv":
+        return load_csv(p, label=label)
+    if p.is_dir():
+        return load_mnist(p)
+    accepted = (f"valid names are {', '.join(SPEC_NAMES)}; also accepted: a path to a "
+                f".npz or .csv file, or a folder holding MNIST IDX files")
+    if p.exists():
+        raise ValueError(f"{p}: unsupported file type {p.suffix!r}; {accepted}")
+    if "/" in str(spec) or os.sep in str(spec):
+        raise FileNotFoundError(f"no such file or folder: {p}; {accepted}")
+    raise ValueError(f"unknown data set {str(spec)!r}; {accepted}")
+
+
+def standardize(X_train, *others) -> tuple[np.ndarray, ...]:
+    """Scale X_train and each of ``others`` by X_train's column mean and std.
+
+    Constant columns are only centred.  The relative tolerance catches a
+    constant column whose std is rounding noise rather than exactly 0.
+    """
+    X_train = _as_2d(X_train, "X_train")
+    mean, std = X_train.mean(axis=0), X_train.std(axis=0)
+    scale = np.where((std > 0) & (std > 1e-12 * np.abs(mean)), std, 1.0)
+    out = [(X_train - mean) / scale]
+    for i, X in enumerate(others):
+        X = _as_2d(X, f"others[{i}]")
+        if X.shape[1] != X_train.shape[1]:
+            raise ValueError(f"others[{i}]: expected {X_train.shape[1]} columns, got {X.shape[1]}")
+        out.append((X - mean) / scale)
+    return tuple(out)
+
+
+def _test_count(test_size, n: int) -> int:
+    is_int = isinstance(test_size, (int, np.integer)) and not isinstance(test_size, bool)
+    is_frac = isinstance(test_size, (float, np.floating)) and 0 < test_size < 1
+    count = int(test_size) if is_int else math.ceil(test_size * n) if is_frac else 0
+    if not (is_int or is_frac) or not 1 <= count <= n - 1:
+        raise ValueError(f"test_size must be a fraction in (0, 1) or a count in 1..{n - 1} "
+                         f"leaving both sides non-empty for {n} rows, got {test_size!r}")
+    return count
+
+
+def _stratified(y: np.ndarray, n_test: int, rng: np.random.Generator):
+    if y.ndim != 1 or y.dtype.kind not in "biu":
+        raise ValueError(f"stratify=True needs 1-D integer labels, got {y.dtype} {y.shape}")
+    classes, counts = np.unique(y, return_counts=True)
+    ideal = n_test * counts / len(y)
+    take = np.floor(ideal).astype(np.int64)
+    # largest remainders get the leftover test rows, so the total is exact
+    order = np.argsort(-(ideal - take), kind="stable")
+    take[order[: n_test - take.sum()]] += 1
+    groups = [rng.permutation(np.flatnonzero(y == c)) for c in classes]
+    train = np.concatenate([g[k:] for g, k in zip(groups, take)])
+    test = np.concatenate([g[:k] for g, k in zip(groups, take)])
+    return rng.permutation(train), rng.permutation(test)
+
+
+def train_test_split(X, y, test_size: float | int = 0.2, *, seed: int = 0,
+                     stratify: bool = False):
+    """Seeded split into ``(X_train, X_test, y_train, y_test)``.
+
+    ``stratify=True`` keeps each class's share in both sides (integer labels).
+    """
+    X, y = _as_2d(X, "X"), np.asarray(y)
+    n = X.shape[0]
+    if y.ndim == 0 or y.shape[0] != n:
+        raise ValueError(f"expected y with {n} rows like X, got shape {y.shape}")
+    n_test = _test_count(test_size, n)
+    rng = np.random.default_rng(seed)
+    if stratify:
+        train, test = _stratified(y, n_test, rng)
+    else:
+        perm = rng.permutation(n)
+        train, test = perm[n_test:], perm[:n_test]
+    return X[train], X[test], y[train], y[test]

@@ -1,0 +1,198 @@
+"""Optimizers: hyper-parameters, state layout and step count; the update itself is one
+backend kernel over the flat parameter buffer. Update rules and defaults are torch.optim's.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+
+def _check_number(name: str, value: Any, low: float = 0.0, high: float = math.inf,
+                  high_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if value < low or (value >= high if high_open else value > high):
+        bracket = ")" if high_open else "]"
+        raise ValueError(f"{name} must lie in [{low}, {high}{bracket}, got {value}")
+    return value
+
+
+class Optimizer:
+    """Base class: holds hyper-parameters, the state buffers (same layout as the parameters)
+    and the number of steps taken. Bound to one model by :func:`bpkernels.fit`."""
+
+    name: ClassVar[str] = ""
+    state_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self) -> None:
+        self.step_count = 0
+        self.state: dict[str, Any] = {}
+        self._model_id: int | None = None
+
+    # -------------------------------------------------------------- state
+    def needed_states(self) -> tuple[str, ...]:
+        """The state buffers this configuration uses (e.g. no momentum buffer without momentum)."""
+        return self.state_names
+
+    def bind(self, model) -> None:
+        """Allocate zeroed state buffers on the model's backend, once per model."""
+        if self._model_id == id(model) and self.state_matches(model):
+            return
+        if self._model_id is not None and self._model_id != id(model):
+            raise ValueError(f"this {type(self).__name__} is already bound to another model; "
+                             "create one optimizer per model")
+        be = model.backend
+        self.state = {n: be.zeros(model.params.shape, model.dtype) for n in self.needed_states()}
+        self._model_id = id(model)
+
+    def state_matches(self, model) -> bool:
+        return all(s.shape == model.params.shape and s.dtype == model.dtype
+                   for s in self.state.values()) and set(self.state) == set(self.needed_states())
+
+    def step(self, model, halted) -> None:
+        """One update of ``model.params`` from ``model.grads`` (skipped on device when halted)."""
+        self.step_count += 1
+        self._update(model.backend, model.params, model.grads, self.step_count, halted)
+
+    def _update(self, backend, params, grads, step, halted) -> None:
+        raise NotImplementedError
+
+    # -------------------------------------------------------------- description
+    def hyperparameters(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, **self.hyperparameters()}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
+        return f"{type(self).__name__}({args})"
+
+
+class SGD(Optimizer):
+    name = "sgd"
+    state_names = ("momentum_buffer",)
+
+    def __init__(self, lr: float = 0.01, momentum: float = 0.0, dampening: float = 0.0,
+                 nesterov: bool = False, weight_decay: float = 0.0) -> None:
+        super().__init__()
+        self.lr = _check_number("lr", lr)
+        self.momentum = _check_number("momentum", momentum)
+        self.dampening = _check_number("dampening", dampening, high=1.0)
+        self.nesterov = bool(nesterov)
+        self.weight_decay = _check_number("weight_decay", weight_decay)
+        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise ValueError("nesterov momentum requires momentum > 0 and dampening == 0")
+
+    def needed_states(self):
+        return self.state_names if self.momentum else ()
+
+    def _update(self, backend, params, grads, step, halted):
+        backend.sgd_step(params, grads, self.state.get("momentum_buffer"), self, step, halted)
+
+    def hyperparameters(self):
+        return {"lr": self.lr, "momentum": self.momentum, "dampening": self.dampening,
+                "nesterov": self.nesterov, "weight_decay": self.weight_decay}
+
+
+class Adam(Optimizer):
+    """Adam with L2 weight decay added to the gradient, as torch.optim.Adam."""
+
+    name = "adam"
+    state_names = ("exp_avg", "exp_avg_sq")
+    decoupled = False
+
+    def __init__(self, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+        super().__init__()
+        self.lr = _check_number("lr", lr)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        self.beta1 = _check_number("betas[0]", betas[0], high=1.0, high_open=True)
+        self.beta2 = _check_number("betas[1]", betas[1], high=1.0, high_open=True)
+        self.eps = _check_number("eps", eps)
+        self.weight_decay = _check_number("weight_decay", weight_decay)
+
+    @property
+    def betas(self) -> tuple[float, float]:
+        return (self.beta1, self.beta2)
+
+    def _update(self, backend, params, grads, step, halted):
+        backend.adam_step(params, grads, self.state["exp_avg"], self.state["exp_avg_sq"],
+                          self, step, halted)
+
+    def hyperparameters(self):
+        return {"lr": self.lr, "betas": [self.beta1, self.beta2], "eps": self.eps,
+                "weight_decay": self.weight_decay}
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay, as torch.optim.AdamW (default weight_decay 1e-2)."""
+
+    name = "adamw"
+    decoupled = True
+
+    def __init__(self, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
+        super().__init__(lr, betas, eps, weight_decay)
+
+
+class RMSprop(Optimizer):
+    name = "rmsprop"
+    state_names = ("square_avg", "momentum_buffer", "grad_avg")
+
+    def __init__(self, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
+                 weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False) -> None:
+        super().__init__()
+        self.lr = _check_number("lr", lr)
+        self.alpha = _check_number("alpha", alpha, high=1.0)
+        self.eps = _check_number("eps", eps)
+        self.weight_decay = _check_number("weight_decay", weight_decay)
+        self.momentum = _check_number("momentum", momentum)
+        self.centered = bool(centered)
+
+    def needed_states(self):
+        names = ["square_avg"]
+        if self.momentum > 0:
+            names.append("momentum_buffer")
+        if self.centered:
+            names.append("grad_avg")
+        return tuple(names)
+
+    def _update(self, backend, params, grads, step, halted):
+        backend.rmsprop_step(params, grads, self.state["square_avg"],
+                             self.state.get("momentum_buffer"), self.state.get("grad_avg"),
+                             self, step, halted)
+
+    def hyperparameters(self):
+        return {"lr": self.lr, "alpha": self.alpha, "eps": self.eps,
+                "weight_decay": self.weight_decay, "momentum": self.momentum,
+                "centered": self.centered}
+
+
+OPTIMIZERS: dict[str, type[Optimizer]] = {"sgd": SGD, "adam": Adam, "adamw": AdamW,
+                                           "rmsprop": RMSprop}
+
+
+def make_optimizer(spec: str | Optimizer, **kwargs: Any) -> Optimizer:
+    """An optimizer from a name (with keyword hyper-parameters) or an Optimizer as is."""
+    if isinstance(spec, Optimizer):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"optimizer must be a name or an Optimizer, got {type(spec).__name__}")
+    cls = OPTIMIZERS.get(spec.lower())
+    if cls is None:
+        raise ValueError(f"unknown optimizer {spec!r}; valid optimizers: {', '.join(OPTIMIZERS)}")
+    return cls(**kwargs)
+
+
+def optimizer_from_config(config: dict[str, Any]) -> Optimizer:
+    """Inverse of :meth:`Optimizer.config` (used by checkpoints)."""
+    config = dict(config)
+    name = config.pop("name")
+    if "betas" in config:
+        config["betas"] = tuple(config["betas"])
+    return make_optimizer(name, **config)

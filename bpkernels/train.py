@@ -1,0 +1,225 @@
+"""fit(): batches, shuffling, epochs, validation, callbacks and the per-epoch history.
+
+The hot loop only launches kernels on buffers allocated before the first epoch: the step's
+loss and hit count go to per-step device slots, divergence is latched on the device, and the
+host reads them once per epoch.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from .losses import check_loss, has_accuracy, prepare_targets
+from .optim import Adam, Optimizer, make_optimizer
+from .validation import check_features, check_positive_int
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss or a gradient became NaN or inf; the model keeps the last finite step's weights."""
+
+    def __init__(self, epoch: int, step: int, global_step: int) -> None:
+        self.epoch, self.step, self.global_step = epoch, step, global_step
+        super().__init__(f"training diverged at epoch {epoch}, step {step} (optimizer step "
+                         f"{global_step}): the loss or a gradient is not finite; the weights of "
+                         f"the last finite step are kept (try a lower learning rate)")
+
+
+@dataclass
+class History:
+    """One record per epoch: epoch, loss, accuracy (classifiers), val_loss, val_accuracy,
+    seconds, samples_per_sec. ``history["loss"]`` gives one column as a list."""
+
+    epochs: list[dict[str, float]] = field(default_factory=list)
+
+    def __getitem__(self, key: str) -> list[float]:
+        if not self.epochs or key not in self.epochs[0]:
+            known = ", ".join(self.epochs[0]) if self.epochs else "nothing (no epoch ran)"
+            raise KeyError(f"{key!r}; the history records: {known}")
+        return [record[key] for record in self.epochs]
+
+    def __len__(self) -> int:
+        return len(self.epochs)
+
+    @property
+    def history(self) -> dict[str, list[float]]:
+        return {key: self[key] for key in (self.epochs[0] if self.epochs else {})}
+
+
+def fit(model, X, y, *, loss: str = "cross_entropy", optimizer: str | Optimizer | None = None,
+        epochs: int = 10, batch_size: int = 32, shuffle: bool = True, seed: int = 0,
+        validation_data: tuple[Any, Any] | None = None,
+        callbacks: Iterable[Callable[[int, dict], Any]] | None = None,
+        progress: bool = False) -> History:
+    """Train ``model`` on X, y; returns the History of the epochs run.
+
+    ``optimizer``: an Optimizer, a name ("sgd", "adam", "adamw", "rmsprop") or None for the
+    model's own (restored from a checkpoint) or else Adam(). Batch order of epoch ``e`` is drawn
+    from ``(seed, e)``, counting the epochs the model has already trained, so a resumed run
+    sees the batches an uninterrupted one would. A final partial batch is trained, not dropped.
+    Epochs and steps are counted from 1 in records and errors. Each callback is called as
+    ``callback(epoch, record)`` after every epoch; one that returns True stops training.
+    """
+    check_loss(loss)
+    epochs = check_positive_int(epochs, "epochs", 0)
+    batch_size = check_positive_int(batch_size, "batch_size", 1)
+    seed = check_positive_int(seed, "seed", 0)
+    X = check_features(X, model.sizes[0])
+    T = prepare_targets(loss, y, X.shape[0], model.sizes[-1], model.dtype)
+    if validation_data is not None:
+        validation_data = _check_validation(model, validation_data, loss)
+    callbacks = list(callbacks or [])
+    for cb in callbacks:
+        if not callable(cb):
+            raise TypeError(f"callbacks must be callables (epoch, record), got {type(cb).__name__}")
+    opt = _resolve_optimizer(model, optimizer)
+    opt.bind(model)
+    model.optimizer = opt
+
+    loop = _EpochLoop(model, X, T, loss, batch_size)
+    history = History()
+    bar = _Progress(bool(progress), epochs, X.shape[0])
+    # Overflow on the way to divergence is reported once, as TrainingDiverged, not as warnings.
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        try:
+            for _ in range(epochs):
+                record = loop.epoch(opt, shuffle, seed, validation_data, bar.start())
+                history.epochs.append(record)
+                bar.end(record)
+                if any(cb(record["epoch"], dict(record)) is True for cb in callbacks):
+                    break
+        finally:
+            bar.close()
+    return history
+
+
+class _EpochLoop:
+    """The device-side state of one fit(): data, workspaces and per-step result slots."""
+
+    def __init__(self, model, X: np.ndarray, T: np.ndarray, loss: str, batch_size: int) -> None:
+        be = self.backend = model.backend
+        self.model, self.loss = model, loss
+        self.n = X.shape[0]
+        self.batch = min(batch_size, self.n)
+        self.steps = math.ceil(self.n / self.batch)
+        self.X = be.asarray(X, model.dtype)
+        self.T = be.asarray(T)
+        self.full = model.workspace(self.batch, T.shape[1:], T.dtype)
+        last = self.n - (self.steps - 1) * self.batch
+        self.last = self.full if last == self.batch else model.workspace(last, T.shape[1:], T.dtype)
+        self.step_loss = be.zeros((self.steps,), model.dtype)
+        self.step_correct = be.zeros((self.steps,), model.dtype)
+        self.loss_slots = [self.step_loss[s:s + 1] for s in range(self.steps)]
+        self.correct_slots = [self.step_correct[s:s + 1] for s in range(self.steps)]
+        self.halted = be.zeros((1,), np.int64)
+        self.metric = has_accuracy(loss, model.sizes[-1])
+        rows = np.full(self.steps, self.batch, dtype=np.float64)
+        rows[-1] = last
+        self.rows = rows
+
+    def epoch(self, opt: Optimizer, shuffle: bool, seed: int, validation_data,
+              on_step: Callable[[int], Any] | None = None) -> dict[str, float]:
+        """Train one epoch, timed, then validate; returns its history record."""
+        model, epoch = self.model, self.model.epochs_trained
+        order = np.random.default_rng([seed, epoch]).permutation(self.n) if shuffle \
+            else np.arange(self.n)
+        start = time.perf_counter()
+        record = self.run(opt, order, epoch, on_step)
+        record["seconds"] = time.perf_counter() - start
+        record["samples_per_sec"] = self.n / max(record["seconds"], 1e-12)
+        if validation_data is not None:
+            val = model.evaluate(*validation_data, loss=self.loss)
+            record.update({f"val_{k}": v for k, v in val.items()})
+        model.epochs_trained += 1
+        return record
+
+    def run(self, opt: Optimizer, order: np.ndarray, epoch: int,
+            on_step: Callable[[int], Any] | None = None) -> dict[str, float]:
+        """The steps of one epoch in the given row order."""
+        be, model = self.backend, self.model
+        index = be.asarray(order.astype(np.int64))
+        first_step = opt.step_count + 1
+        for s in range(self.steps):
+            ws = self.full if s < self.steps - 1 else self.last
+            rows = index[s * self.batch:s * self.batch + ws.rows]
+            be.take_rows(self.X, rows, ws.X)
+            be.take_rows(self.T, rows, ws.T)
+            model._forward_backward(ws, self.loss, self.loss_slots[s])
+            if self.metric:
+                be.count_correct(ws.A[-1], ws.T, self.correct_slots[s])
+            be.check_step(self.loss_slots[s], model.grads, opt.step_count + 1, self.halted)
+            opt.step(model, self.halted)
+            if on_step is not None:
+                on_step(ws.rows)
+        # The one host read of the epoch.
+        halted = int(be.to_host(self.halted)[0])
+        if halted:
+            opt.step_count = halted - 1  # the halted steps changed nothing
+            raise TrainingDiverged(epoch + 1, halted - first_step + 1, halted)
+        losses = be.to_host(self.step_loss).astype(np.float64)
+        record = {"epoch": epoch + 1, "loss": float(losses @ self.rows) / self.n}
+        if self.metric:
+            record["accuracy"] = float(be.to_host(self.step_correct).sum()) / self.n
+        return record
+
+
+def _resolve_optimizer(model, optimizer) -> Optimizer:
+    if optimizer is None:
+        return model.optimizer if model.optimizer is not None else Adam()
+    return make_optimizer(optimizer)
+
+
+def _check_validation(model, data, loss):
+    if not isinstance(data, (tuple, list)) or len(data) != 2:
+        raise ValueError("validation_data must be a pair (X_val, y_val)")
+    X_val = check_features(data[0], model.sizes[0])
+    prepare_targets(loss, data[1], X_val.shape[0], model.sizes[-1], model.dtype)
+    return X_val, data[1]
+
+
+class _Progress:
+    """One progress bar per epoch, advanced by the samples of each step (host-side counting
+    only: no device read), closed with the epoch's loss, accuracy and samples/s. Uses tqdm
+    when installed, else prints one line per epoch."""
+
+    def __init__(self, enabled: bool, epochs: int, n: int) -> None:
+        self.enabled, self.epochs, self.n, self.done = enabled, epochs, n, 0
+        self.bar = None
+        self._tqdm = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+                self._tqdm = tqdm
+            except ImportError:
+                pass
+
+    def start(self) -> Callable[[int], Any] | None:
+        """Open the bar of the next epoch; returns the per-step hook (None when silent)."""
+        self.done += 1
+        if self._tqdm is None:
+            return None
+        self.bar = self._tqdm(total=self.n, unit="sample", unit_scale=True, file=sys.stderr,
+                              desc=f"epoch {self.done}/{self.epochs}", dynamic_ncols=True,
+                              leave=True)
+        return self.bar.update
+
+    def end(self, record: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        shown = {k: record[k] for k in ("loss", "accuracy", "val_loss", "val_accuracy") if k in record}
+        text = ", ".join(f"{k}={v:.4f}" for k, v in shown.items())
+        if self.bar is not None:  # the bar shows samples/s itself
+            self.bar.set_postfix_str(text)
+            self.close()
+        else:
+            print(f"epoch {self.done}/{self.epochs}: {text}, "
+                  f"{record['samples_per_sec']:,.0f} samples/s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

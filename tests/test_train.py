@@ -1,0 +1,151 @@
+"""fit(): learning, batching, determinism, history, callbacks and divergence."""
+import numpy as np
+import pytest
+
+import bpkernels as bpk
+from bpkernels import datasets
+
+BACKENDS = bpk.available_backends()
+
+
+@pytest.fixture(scope="module")
+def digits_split():
+    pytest.importorskip("sklearn")
+    X, y = datasets.load_digits()
+    X_tr, X_te, y_tr, y_te = datasets.train_test_split(X, y, test_size=0.2, seed=0, stratify=True)
+    X_tr, X_te = datasets.standardize(X_tr, X_te)
+    return X_tr, X_te, y_tr, y_te
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_digits_reaches_97_percent(digits_split, backend):
+    X_tr, X_te, y_tr, y_te = digits_split
+    model = bpk.MLP([64, 256, 10], backend=backend, seed=0)
+    history = bpk.fit(model, X_tr, y_tr, loss="cross_entropy", optimizer=bpk.Adam(1e-3),
+                      epochs=20, batch_size=32, validation_data=(X_te, y_te))
+    accuracy = float(np.mean(model.predict(X_te) == y_te))
+    assert accuracy >= 0.97
+    assert history["val_accuracy"][-1] == pytest.approx(accuracy)
+    assert history["loss"][-1] < history["loss"][0]
+
+
+def _blobs(n=90, seed=1):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    X = rng.standard_normal((n, 4)) + 4.0 * np.eye(3, 4)[y]
+    return X, y
+
+
+def test_final_partial_batch_is_trained():
+    # 10 rows, batch 4: steps of 4, 4 and 2 rows. Reproduce them by hand with loss_and_grads.
+    X, y = _blobs(10)
+    model = bpk.MLP([4, 5, 3], dtype="float64", seed=3)
+    manual = bpk.MLP([4, 5, 3], dtype="float64", seed=3)
+    bpk.fit(model, X, y, optimizer=bpk.SGD(lr=0.1), epochs=1, batch_size=4, shuffle=False)
+    for start in (0, 4, 8):
+        _, grads = manual.loss_and_grads(X[start:start + 4], y[start:start + 4], "cross_entropy")
+        manual.set_weights([(W - 0.1 * dW, b - 0.1 * db)
+                            for (W, b), (dW, db) in zip(manual.get_weights(), grads)])
+    assert model.optimizer.step_count == 3
+    for (W, b), (W2, b2) in zip(model.get_weights(), manual.get_weights()):
+        np.testing.assert_allclose(W, W2, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(b, b2, rtol=1e-12, atol=1e-14)
+
+
+def test_epoch_loss_is_the_row_weighted_mean_of_step_losses():
+    X, y = _blobs(10)
+    model = bpk.MLP([4, 3], dtype="float64", seed=0)
+    history = bpk.fit(model, X, y, optimizer=bpk.SGD(lr=0.0), epochs=1, batch_size=4, shuffle=False)
+    # lr 0: every step sees the initial weights, so the epoch loss is the full-data loss.
+    assert history["loss"][0] == pytest.approx(model.evaluate(X, y, "cross_entropy")["loss"], rel=1e-12)
+    expected_acc = float(np.mean(model.predict(X) == y))
+    assert history["accuracy"][0] == pytest.approx(expected_acc)
+
+
+def test_same_seed_same_trajectory_and_shuffle_changes_it():
+    X, y = _blobs()
+    runs = []
+    for seed in (0, 0, 1):
+        model = bpk.MLP([4, 6, 3], seed=0)
+        runs.append(bpk.fit(model, X, y, epochs=3, batch_size=8, seed=seed)["loss"])
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_history_records_and_callbacks_stop():
+    X, y = _blobs()
+    seen = []
+
+    def stop_after_two(epoch, record):
+        seen.append((epoch, sorted(record)))
+        return epoch == 2
+
+    model = bpk.MLP([4, 6, 3])
+    history = bpk.fit(model, X, y, epochs=5, batch_size=16, callbacks=[stop_after_two],
+                      validation_data=(X[:20], y[:20]))
+    assert len(history) == 2 and model.epochs_trained == 2
+    assert [e for e, _ in seen] == [1, 2]
+    assert set(history.history) == {"epoch", "loss", "accuracy", "val_loss", "val_accuracy",
+                                    "seconds", "samples_per_sec"}
+    assert all(s > 0 for s in history["samples_per_sec"])
+    with pytest.raises(KeyError, match="records"):
+        history["nope"]
+
+
+def test_zero_epochs_trains_nothing():
+    X, y = _blobs()
+    model = bpk.MLP([4, 3])
+    before = model.get_weights()
+    assert len(bpk.fit(model, X, y, epochs=0)) == 0
+    for (W, b), (W2, b2) in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(W, W2)
+
+
+def test_regression_with_mse_learns():
+    X, y = datasets.make_regression(400, 5, seed=0)
+    model = bpk.MLP([5, 32, 1], activation="tanh", dtype="float64")
+    history = bpk.fit(model, X, y, loss="mse", optimizer="adam", epochs=30, batch_size=32)
+    assert history["loss"][-1] < 0.3 * history["loss"][0]
+    assert "accuracy" not in history.epochs[0]
+
+
+def test_binary_cross_entropy_single_output_reports_accuracy():
+    X, y = _blobs(120)
+    y = (y == 0).astype(float)
+    model = bpk.MLP([4, 8, 1])
+    history = bpk.fit(model, X, y, loss="binary_cross_entropy", optimizer=bpk.Adam(1e-2),
+                      epochs=20, batch_size=16)
+    assert history["accuracy"][-1] > 0.9
+    assert np.mean(model.predict(X) == y) == pytest.approx(history["accuracy"][-1], abs=0.05)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_divergence_stops_and_keeps_last_finite_weights(backend):
+    X, y = datasets.make_regression(64, 4, seed=0)
+    y = y * 1e3
+    model = bpk.MLP([4, 16, 1], backend=backend, dtype="float32", seed=0)
+    snapshots = []  # weights after every completed epoch
+    with pytest.raises(bpk.TrainingDiverged) as info:
+        bpk.fit(model, X, y, loss="mse", optimizer=bpk.SGD(lr=10.0), epochs=50, batch_size=8,
+                callbacks=[lambda e, r: snapshots.append(model.get_weights())])
+    err = info.value
+    assert isinstance(err, FloatingPointError)
+    assert "epoch" in str(err) and "step" in str(err)
+    assert err.epoch == model.epochs_trained + 1
+    for W, b in model.get_weights():
+        assert np.isfinite(W).all() and np.isfinite(b).all()
+    # The optimizer counts only the steps that changed the weights.
+    assert model.optimizer.step_count == err.global_step - 1
+    # Replaying the finite steps from scratch reproduces the kept weights exactly.
+    replay = bpk.MLP([4, 16, 1], backend=backend, dtype="float32", seed=0)
+    steps_before = (err.epoch - 1) * 8 + err.step - 1
+    opt = bpk.SGD(lr=10.0)
+    if steps_before:
+        bpk.fit(replay, X, y, loss="mse", optimizer=opt, epochs=err.epoch - 1, batch_size=8)
+        partial = err.step - 1
+        order = np.random.default_rng([0, err.epoch - 1]).permutation(64)[:partial * 8]
+        if partial:
+            bpk.fit(replay, X[order], y[order], loss="mse", optimizer=opt, epochs=1,
+                    batch_size=8, shuffle=False)
+        for (W, b), (W2, b2) in zip(model.get_weights(), replay.get_weights()):
+            np.testing.assert_allclose(W, W2, rtol=1e-6)
