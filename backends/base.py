@@ -63,8 +63,8 @@ class Backend(ABC):
     @abstractmethod
     def take_rows(self, src: Any, index: Any, out: Any) -> None:
         """``out[:] = src[index]``: gather the rows named by the int64 device vector ``index``
-        (length n) from ``src`` (N, k) into ``out`` (n, k). This is how a shuffled batch is
-        formed on the device."""
+        (length n) from ``src`` (N, k) or (N,) into ``out`` (n, k) or (n,). This is how a
+        shuffled batch of inputs and targets is formed on the device."""
 
     @abstractmethod
     def synchronize(self) -> None:
@@ -106,10 +106,11 @@ class Backend(ABC):
         """
 
     @abstractmethod
-    def count_correct(self, Y: Any, labels: Any, out: Any) -> None:
-        """``out[0]`` = how many rows are classified right: argmax of the row equals the int64
-        label when o > 1, ``Y > 0`` equals the label when o == 1. ``out`` is a length-1 view of
-        the model dtype."""
+    def count_correct(self, Y: Any, T: Any, out: Any) -> None:
+        """``out[0]`` = how many rows of Y (n, o) are classified right, for targets ``T`` as
+        passed to :meth:`loss`: int64 labels (n,) match the row's argmax; probability rows
+        (n, o) match by argmax; for o == 1, ``Y > 0`` matches ``T >= 0.5``. Ties go to the
+        first maximum. ``out`` is a length-1 view of the model dtype."""
 
     @abstractmethod
     def check_step(self, loss: Any, grads: Any, step: int, halted: Any) -> None:
@@ -124,7 +125,8 @@ class Backend(ABC):
     def sgd_step(self, params: Any, grads: Any, momentum_buf: Any, hp: Any, step: int,
                  halted: Any) -> None:
         """torch.optim.SGD. hp: lr, momentum, dampening, nesterov, weight_decay.
-        ``momentum_buf`` (unused when momentum == 0) is set to the gradient on step 1."""
+        ``momentum_buf`` (None when momentum == 0) is set to the gradient (with weight decay
+        added) on step 1."""
 
     @abstractmethod
     def adam_step(self, params: Any, grads: Any, m: Any, v: Any, hp: Any, step: int,
@@ -136,4 +138,5 @@ class Backend(ABC):
     def rmsprop_step(self, params: Any, grads: Any, square_avg: Any, momentum_buf: Any,
                      grad_avg: Any, hp: Any, step: int, halted: Any) -> None:
         """torch.optim.RMSprop. hp: lr, alpha, eps, weight_decay, momentum, centered.
-        ``momentum_buf`` is used when momentum > 0, ``grad_avg`` when centered."""
+        ``momentum_buf`` is used when momentum > 0 and ``grad_avg`` when centered; each is None
+        otherwise."""

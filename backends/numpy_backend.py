@@ -96,7 +96,8 @@ class NumpyBackend(Backend):
     def loss(self, kind, Y, T, dY, out):
         _LOSSES[kind](self, Y, T, dY, out)
 
-    def count_correct(self, Y, labels, out):
+    def count_correct(self, Y, T, out):
+        labels = T
         n, o = Y.shape
         hits = self._scratch("hits", (n,), np.bool_)
         if o == 1:
@@ -116,8 +117,10 @@ class NumpyBackend(Backend):
         out[0] = np.count_nonzero(hits)
 
     def check_step(self, loss, grads, step, halted):
-        # A sum is finite only if every term is: one pass, no temporary array.
-        if halted[0] == 0 and not (math.isfinite(loss[0]) and math.isfinite(np.add.reduce(grads))):
+        # max and min propagate NaN and see every inf, without a temporary array (a sum could
+        # overflow on large finite gradients).
+        if halted[0] == 0 and not (math.isfinite(loss[0]) and math.isfinite(np.max(grads))
+                                   and math.isfinite(np.min(grads))):
             halted[0] = step
 
     # ------------------------------------------------------------------ optimizers
@@ -397,25 +400,30 @@ def _softmax_rows(be, Y, P):
 
 
 def _cross_entropy(be, Y, T, dY, out):
+    # Each row's loss is formed before any summing: differences of large sums would cancel and
+    # could even make a tiny loss negative.
     n, o = Y.shape
     row_max, row_sum = _softmax_rows(be, Y, dY)
-    # log-sum-exp per row, then loss_i = lse_i * sum(t_i) - t_i . y_i
     np.log(row_sum, out=row_sum)
-    row_sum += row_max
-    lse = row_sum
+    log_norm = row_sum  # log sum exp(y - max)
     if T.ndim == 1:
         flat = be._scratch("flat_index", (n,), np.intp)
         _label_positions(be, T, o, flat)
         picked = be._scratch("picked", (n,), Y.dtype)
         np.take(Y.reshape(-1), flat, out=picked)
-        value = float(np.add.reduce(lse) - np.add.reduce(picked)) / n
+        np.subtract(row_max, picked, out=picked)
+        picked += log_norm  # -log softmax of the true class
+        value = float(np.add.reduce(picked)) / n
         np.take(dY.reshape(-1), flat, out=picked)
         picked -= 1
         np.put(dY.reshape(-1), flat, picked)
     else:
+        log_p = be._scratch("log_softmax", Y.shape, Y.dtype)
+        np.subtract(Y, row_max[:, None], out=log_p)
+        log_p -= log_norm[:, None]
+        value = -float(np.vdot(T, log_p)) / n
         t_sum = be._scratch("t_sum", (n,), Y.dtype)
         np.add.reduce(T, axis=1, out=t_sum)
-        value = float(np.dot(lse, t_sum) - np.vdot(T, Y)) / n
         dY *= t_sum[:, None]
         dY -= T
     dY *= 1.0 / n
@@ -433,19 +441,22 @@ def _label_positions(be, labels, o, flat):
 
 
 def _binary_cross_entropy(be, Y, T, dY, out):
-    # per element: max(y, 0) - y t + log(1 + exp(-|y|)), stable for any logit
+    # per element: max(y, 0) - y t + log(1 + exp(-|y|)), stable for any logit, summed only
+    # once complete so that large terms cancel element by element, not in the totals.
     size = Y.size
-    soft = be._scratch("bce_soft", Y.shape, Y.dtype)
-    np.abs(Y, out=soft)
-    np.negative(soft, out=soft)
-    np.exp(soft, out=soft)
-    np.log1p(soft, out=soft)
+    elementwise = be._scratch("bce_loss", Y.shape, Y.dtype)
+    np.abs(Y, out=elementwise)
+    np.negative(elementwise, out=elementwise)
+    np.exp(elementwise, out=elementwise)
+    np.log1p(elementwise, out=elementwise)
     np.maximum(Y, 0, out=dY)
-    value = float(np.add.reduce(dY, axis=None) - np.vdot(Y, T) + np.add.reduce(soft, axis=None))
+    elementwise += dY
+    np.multiply(Y, T, out=dY)
+    elementwise -= dY
+    out[0] = float(np.add.reduce(elementwise, axis=None)) / size
     _sigmoid(be, Y, dY)
     dY -= T
     dY *= 1.0 / size
-    out[0] = value / size
 
 
 def _mse(be, Y, T, dY, out):
