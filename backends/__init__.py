@@ -40,14 +40,20 @@ def _load(name: str) -> Backend:
     try:
         module = importlib.import_module(module_name, __name__)
         backend = getattr(module, class_name)()
-    except ModuleNotFoundError as err:
-        hint = f'pip install "bpkernels[{extra}]"' if extra else "reinstall bpkernels"
-        reason = f"backend {name!r} is not available: {err}; install it with {hint}"
-        _unavailable[name] = reason
-        raise BackendUnavailable(reason) from None
     except BackendUnavailable as err:
         _unavailable[name] = str(err)
         raise
+    except ImportError as err:
+        # A missing third-party package is the user's to install; a missing module of our own
+        # or a broken library (a CUDA runtime that fails to load) is reported as it is.
+        missing = (err.name or "").split(".")[0]
+        if isinstance(err, ModuleNotFoundError) and missing and missing != "bpkernels":
+            hint = f'pip install "bpkernels[{extra}]"' if extra else "reinstall bpkernels"
+            reason = f"backend {name!r} needs the package {missing!r}: {hint}"
+        else:
+            reason = f"backend {name!r} failed to import: {err}"
+        _unavailable[name] = reason
+        raise BackendUnavailable(reason) from None
     _instances[name] = backend
     return backend
 
@@ -64,6 +70,7 @@ def get_backend(name: str | Backend = "auto") -> Backend:
                 return _load(candidate)
             except BackendUnavailable:
                 continue
+        raise BackendUnavailable("no backend can run here: " + "; ".join(_unavailable.values()))
     if name not in _REGISTRY:
         valid = ", ".join(("auto",) + backend_names())
         raise ValueError(f"unknown backend {name!r}; valid backends: {valid}")

@@ -29,7 +29,7 @@ def get_activation(name: str) -> Activation:
     if not isinstance(name, str):
         raise TypeError(f"activation must be a name (str), got {type(name).__name__}")
     try:
-        return ACTIVATIONS[name]
+        return ACTIVATIONS[name.lower()]
     except KeyError:
         raise ValueError(f"unknown activation {name!r}; valid activations: "
                          f"{', '.join(ACTIVATIONS)}") from None

@@ -62,6 +62,9 @@ def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path} is not a bpkernels checkpoint (not an .npz archive: "
+                              "truncated, corrupt or another format)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             if not isinstance(archive, np.lib.npyio.NpzFile) or "meta" not in archive.files:
@@ -104,13 +107,17 @@ def _check_consistent(path: Path, meta: dict, arrays: dict[str, np.ndarray]) -> 
 def load(path: str | os.PathLike, backend: str | None = None):
     """A model (with its optimizer, if one was saved) from a checkpoint, on ``backend``
     (default: the backend it was saved from if available here, else "auto")."""
-    from .backends import available_backends
+    from .backends import BackendUnavailable, get_backend
     from .model import MLP
     from .optim import optimizer_from_config
 
     meta, arrays = read(path)
     if backend is None:
-        backend = meta["backend"] if meta["backend"] in available_backends() else "auto"
+        # Only the saved backend is tried, so loading never imports every backend there is.
+        try:
+            backend = get_backend(meta["backend"]).name
+        except (BackendUnavailable, ValueError):
+            backend = "auto"
     model = MLP(meta["sizes"], meta["activations"], backend=backend, dtype=meta["dtype"],
                 seed=meta["seed"])
     be = model.backend

@@ -41,7 +41,7 @@ def test_sizes_must_be_a_list():
 
 def test_uninstalled_backend_names_the_extra(monkeypatch):
     from bpkernels import backends
-    monkeypatch.setitem(backends._REGISTRY, "fake", (".no_such_module", "X", "fakeextra"))
+    monkeypatch.setitem(backends._REGISTRY, "fake", ("no_such_package", "X", "fakeextra"))
     monkeypatch.delitem(backends._unavailable, "fake", raising=False)
     with pytest.raises(bpk.BackendUnavailable, match=r'pip install "bpkernels\[fakeextra\]"') as info:
         bpk.MLP([2, 2], backend="fake")
@@ -168,3 +168,22 @@ def test_import_needs_no_optional_dependency():
             "print(sorted(heavy & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_broken_backend_module_is_reported_as_is(monkeypatch):
+    # A module of our own that fails to import is a bug or a broken library, not a missing extra.
+    from bpkernels import backends
+    monkeypatch.setitem(backends._REGISTRY, "broken", (".no_such_module", "X", "someextra"))
+    monkeypatch.setattr(backends, "_unavailable", {})
+    with pytest.raises(bpk.BackendUnavailable, match="failed to import") as info:
+        bpk.get_backend("broken")
+    assert "pip install" not in str(info.value)
+
+
+def test_auto_with_no_backend_says_why(monkeypatch):
+    from bpkernels import backends
+    monkeypatch.setattr(backends, "_REGISTRY", {"gone": ("no_such_package", "X", "gone")})
+    monkeypatch.setattr(backends, "_instances", {})
+    monkeypatch.setattr(backends, "_unavailable", {})
+    with pytest.raises(bpk.BackendUnavailable, match=r"no backend can run here: .*bpkernels\[gone\]"):
+        bpk.get_backend("auto")

@@ -1,0 +1,426 @@
+"""The benchmark: epochs per second and numerical agreement of every backend and peer, side by
+side, in one run, with the GEMM floor timed in the same run.
+
+One workload definition (configs, synthetic data, initial weights, batch order) serves
+``bpk bench`` and the pytest-benchmark suites in ``benchmarks/``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .backends import available_backends, get_backend
+from .model import MLP, resolve_dtype
+from .optim import SGD
+from .train import fit
+
+LEARNING_RATE = 0.01
+PARITY_STEPS = 20  # steps compared with the float64 NumPy reference (5 epochs of 4 batches)
+SEED = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    """One benchmark workload: ReLU MLP of ``sizes``, softmax-CE, plain SGD, synthetic data."""
+
+    name: str
+    sizes: tuple[int, ...]
+    batch: int
+    samples: int
+
+    @property
+    def steps(self) -> int:
+        return -(-self.samples // self.batch)
+
+    def batch_rows(self) -> list[int]:
+        rows = [self.batch] * (self.samples // self.batch)
+        if self.samples % self.batch:
+            rows.append(self.samples % self.batch)
+        return rows
+
+    def flops_per_epoch(self) -> float:
+        """Multiply-adds x 2 of the GEMMs: forward, dW and dX (none for the first layer)."""
+        per_row = sum(2 * i * o * (3 if layer else 2)
+                      for layer, (i, o) in enumerate(zip(self.sizes[:-1], self.sizes[1:])))
+        return float(per_row) * self.samples
+
+    def quick(self) -> "Config":
+        """The same layers on a few batches: for smoke tests, not for numbers."""
+        return Config(self.name, self.sizes, self.batch, min(self.samples, 3 * self.batch + 1))
+
+
+CONFIGS = {
+    "S": Config("S", (64, 64, 10), 32, 16384),
+    "M": Config("M", (784, 256, 128, 10), 128, 60000),
+    "L": Config("L", (1024, 2048, 2048, 10), 512, 16384),
+}
+
+
+def parse_config(spec: str) -> Config:
+    """"S", "M", "L", or a custom ``layers:batch:samples`` like ``784-256-10:128:60000``."""
+    if spec in CONFIGS:
+        return CONFIGS[spec]
+    try:
+        layers, batch, samples = spec.split(":")
+        sizes = tuple(int(s) for s in layers.split("-"))
+        config = Config(spec, sizes, int(batch), int(samples))
+    except ValueError:
+        raise ValueError(f"unknown config {spec!r}; valid: {', '.join(CONFIGS)} or "
+                         "layers:batch:samples like 784-256-10:128:60000") from None
+    if len(sizes) < 2 or min(sizes) < 1 or config.batch < 1 or config.samples < 1:
+        raise ValueError(f"config {spec!r} needs at least two positive layer widths and a "
+                         "positive batch and sample count")
+    return config
+
+
+def workload(config: Config, dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic inputs and labels, the same for every backend and peer."""
+    rng = np.random.default_rng(SEED)
+    X = rng.standard_normal((config.samples, config.sizes[0])).astype(resolve_dtype(dtype))
+    y = rng.integers(0, config.sizes[-1], config.samples)
+    return X, y
+
+
+def batch_order(n: int, epoch: int, seed: int = SEED) -> np.ndarray:
+    """The row order ``fit`` uses for ``epoch``; peers replay it to see the same batches."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def initial_weights(config: Config) -> list[tuple[np.ndarray, np.ndarray]]:
+    return MLP(config.sizes, dtype="float64", seed=SEED).get_weights()
+
+
+# --------------------------------------------------------------------------- results
+@dataclass
+class Result:
+    name: str
+    kind: str  # "backend" | "peer" | "floor"
+    config: str
+    dtype: str
+    seconds_per_epoch: float
+    epochs_per_sec: float
+    samples_per_sec: float
+    gflops: float
+    compile_seconds: float | None
+    parity_rel_err: float | None
+    min_seconds: float
+    max_seconds: float
+    repeats: int
+    threads: int | None
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_times(cls, name: str, kind: str, config: Config, dtype: str, times: Sequence[float],
+                   **kwargs: Any) -> "Result":
+        median = statistics.median(times)
+        return cls(name=name, kind=kind, config=config.name, dtype=dtype,
+                   seconds_per_epoch=median, epochs_per_sec=1.0 / median,
+                   samples_per_sec=config.samples / median,
+                   gflops=config.flops_per_epoch() / median / 1e9,
+                   min_seconds=min(times), max_seconds=max(times), repeats=len(times), **kwargs)
+
+
+def relative_error(values: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float:
+    """Largest |a - b| / max|b| over paired arrays: one number for a whole trajectory or model."""
+    worst = 0.0
+    for a, b in zip(values, reference):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        scale = max(float(np.max(np.abs(b))), np.finfo(np.float64).tiny)
+        worst = max(worst, float(np.max(np.abs(a - b))) / scale)
+    return worst
+
+
+@dataclass
+class Trajectory:
+    """What parity compares: per-epoch losses and the final weights after PARITY_STEPS steps."""
+
+    losses: list[float]
+    weights: list[np.ndarray]
+
+    def error_against(self, reference: "Trajectory") -> float:
+        # The weights are judged as one parameter vector: biases start at zero and stay tiny
+        # sums of cancelling gradients, so scaling each by its own max|b| would measure noise.
+        flat = [np.concatenate([np.ravel(w) for w in t.weights]) for t in (self, reference)]
+        return max(relative_error([np.array(self.losses)], [np.array(reference.losses)]),
+                   relative_error(flat[:1], flat[1:]))
+
+
+def parity_workload(config: Config) -> tuple[np.ndarray, np.ndarray, int]:
+    """Four batches of the config's data, trained for five epochs: 20 comparable steps."""
+    X, y = workload(Config(config.name, config.sizes, config.batch, 4 * config.batch), "float64")
+    return X, y, PARITY_STEPS // 4
+
+
+def backend_trajectory(backend: str, config: Config, dtype: str) -> Trajectory:
+    X, y, epochs = parity_workload(config)
+    model = MLP(config.sizes, backend=backend, dtype=dtype, seed=SEED)
+    history = fit(model, X, y, optimizer=SGD(lr=LEARNING_RATE), epochs=epochs,
+                  batch_size=config.batch, seed=SEED)
+    return Trajectory(history["loss"], [a for W, b in model.get_weights() for a in (W, b)])
+
+
+# --------------------------------------------------------------------------- timing
+def time_backend(backend: str, config: Config, dtype: str, repeats: int,
+                 threads: int | None) -> Result:
+    X, y = workload(config, dtype)
+    model = MLP(config.sizes, backend=backend, dtype=dtype, seed=SEED)
+    opt = SGD(lr=LEARNING_RATE)
+    # The warm-up epoch absorbs JIT compilation and first-touch allocation.
+    warm = fit(model, X, y, optimizer=opt, epochs=1, batch_size=config.batch)["seconds"][0]
+    times = fit(model, X, y, optimizer=opt, epochs=repeats, batch_size=config.batch)["seconds"]
+    compile_seconds = max(0.0, warm - statistics.median(times))
+    return Result.from_times(backend, "backend", config, dtype, times,
+                             compile_seconds=compile_seconds, parity_rel_err=None, threads=threads)
+
+
+def gemm_floor_epoch(config: Config, dtype: str) -> Callable[[], None]:
+    """An epoch of the config's matrix products alone (forward, dW, dX for every step, the
+    last partial batch included), into preallocated buffers, by NumPy's BLAS: no training
+    epoch can be faster."""
+    dt = resolve_dtype(dtype)
+    rng = np.random.default_rng(SEED)
+    layers = list(zip(config.sizes[:-1], config.sizes[1:]))
+    Ws = [(rng.standard_normal((i, o)) * 0.05).astype(dt) for i, o in layers]
+    plans = {}
+    for rows in set(config.batch_rows()):
+        acts = [rng.standard_normal((rows, w)).astype(dt) for w in config.sizes]
+        grads = [np.empty((rows, w), dt) for w in config.sizes]
+        grads[-1][...] = acts[-1]
+        plans[rows] = (acts, grads, [np.empty_like(W) for W in Ws])
+    schedule = [plans[rows] for rows in config.batch_rows()]
+
+    def epoch() -> None:
+        for acts, grads, dWs in schedule:
+            for layer, W in enumerate(Ws):
+                np.matmul(acts[layer], W, out=acts[layer + 1])
+            for layer in reversed(range(len(Ws))):
+                np.matmul(acts[layer].T, grads[layer + 1], out=dWs[layer])
+                if layer:
+                    np.matmul(grads[layer + 1], Ws[layer].T, out=grads[layer])
+
+    return epoch
+
+
+def time_gemm_floor(config: Config, dtype: str, repeats: int, threads: int | None) -> Result:
+    epoch = gemm_floor_epoch(config, dtype)
+    epoch()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        epoch()
+        times.append(time.perf_counter() - start)
+    return Result.from_times("gemm-floor", "floor", config, dtype, times, compile_seconds=None,
+                             parity_rel_err=None, threads=threads)
+
+
+# --------------------------------------------------------------------------- the run
+@dataclass
+class BenchOptions:
+    backends: list[str]
+    configs: list[Config]
+    dtypes: list[str]
+    peers: list[str]
+    repeats: int = 5
+    threads: int | None = None
+
+
+def set_threads(threads: int | None) -> int | None:
+    """Apply a thread count to BLAS (threadpoolctl) and Numba; returns the count in force."""
+    if threads is None:
+        return _blas_threads()
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(limits=threads)
+    except ImportError:
+        raise ImportError('--threads needs threadpoolctl: pip install "bpkernels[bench]"') from None
+    for name in available_backends():
+        backend = get_backend(name)
+        if hasattr(backend, "set_threads"):
+            backend.set_threads(threads)
+    return threads
+
+
+def _blas_threads() -> int | None:
+    from .backends.numpy_backend import blas_info
+    return blas_info().get("threads")
+
+
+def run(options: BenchOptions, log: Callable[[str], None] = lambda s: None,
+        notes: list[str] | None = None) -> list[Result]:
+    """Every (backend or peer, config, dtype) once, plus one floor per (config, dtype). Peers
+    that cannot run here are skipped with a line appended to ``notes``."""
+    from . import peers
+
+    threads = set_threads(options.threads)
+    notes = [] if notes is None else notes
+    results: list[Result] = []
+    for config in options.configs:
+        for dtype in options.dtypes:
+            log(f"{config.name} {dtype}: float64 reference trajectory")
+            reference = backend_trajectory("numpy", config, "float64")
+            log(f"{config.name} {dtype}: gemm-floor")
+            results.append(time_gemm_floor(config, dtype, options.repeats, threads))
+            for backend in options.backends:
+                log(f"{config.name} {dtype}: {backend}")
+                result = time_backend(backend, config, dtype, options.repeats, threads)
+                result.parity_rel_err = backend_trajectory(backend, config, dtype).error_against(reference)
+                results.append(result)
+            for peer in options.peers:
+                log(f"{config.name} {dtype}: {peer}")
+                try:
+                    results.extend(peers.run_peer(peer, config, dtype, options.repeats,
+                                                  threads, reference))
+                except peers.PeerUnavailable as why:
+                    if str(why) not in notes:
+                        notes.append(str(why))
+    return results
+
+
+def machine_info(threads: int | None = None) -> dict[str, Any]:
+    from .backends.numpy_backend import blas_info
+    info: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "platform": platform.platform(), "python": platform.python_version(),
+        "cpu": _cpu_model(), "cores": os.cpu_count(), "threads": threads or _blas_threads(),
+        "blas": blas_info(), "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    for package in ("bpkernels", "numpy", "numba", "cupy", "torch", "scikit-learn"):
+        info[package] = _version(package)
+    gpu = _gpu_info()
+    if gpu:
+        info["gpu"] = gpu
+    return info
+
+
+def _version(package: str) -> str | None:
+    for dist in (package, f"{package}-cuda12x", f"{package}-cuda13x"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _gpu_info() -> dict[str, Any] | None:
+    if "cupy" not in available_backends():
+        return None
+    info = get_backend("cupy").device_info()
+    return {k: info.get(k) for k in ("name", "memory_gb", "cuda") if k in info}
+
+
+# --------------------------------------------------------------------------- output
+def ratios(results: Sequence[Result]) -> dict[int, tuple[float | None, float | None]]:
+    """(epoch time / GEMM floor, epochs/s relative to torch) for each result, by position."""
+    floor = {(r.config, r.dtype, r.name.endswith("cuda")): r.seconds_per_epoch
+             for r in results if r.kind == "floor"}
+    torch = {(r.config, r.dtype): r.epochs_per_sec for r in results if r.name == "torch"}
+    out = {}
+    for i, r in enumerate(results):
+        on_gpu = r.name in ("cupy", "torch-cuda")
+        f = floor.get((r.config, r.dtype, on_gpu))
+        t = torch.get((r.config, r.dtype))
+        out[i] = (r.seconds_per_epoch / f if f and r.kind != "floor" else None,
+                  r.epochs_per_sec / t if t else None)
+    return out
+
+
+def table(results: Sequence[Result]) -> str:
+    header = ("name", "kind", "config", "dtype", "s/epoch", "(min-max)", "epochs/s", "samples/s",
+              "GFLOP/s", "x floor", "x torch", "compile s", "parity")
+    rows = []
+    rel = ratios(results)
+    for i, r in enumerate(results):
+        floor_ratio, torch_ratio = rel[i]
+        rows.append((r.name, r.kind, r.config, r.dtype, f"{r.seconds_per_epoch:.4g}",
+                     f"{r.min_seconds:.3g}-{r.max_seconds:.3g}", f"{r.epochs_per_sec:.3g}",
+                     f"{r.samples_per_sec:,.0f}", f"{r.gflops:.3g}",
+                     "" if floor_ratio is None else f"{floor_ratio:.2f}",
+                     "" if torch_ratio is None else f"{torch_ratio:.2f}",
+                     "" if r.compile_seconds is None else f"{r.compile_seconds:.2f}",
+                     "" if r.parity_rel_err is None else f"{r.parity_rel_err:.1e}"))
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip()
+             for line in [header, *rows]]
+    notes = [f"note: {r.name} {r.config} {r.dtype}: {r.note}" for r in results if r.note]
+    return "\n".join(lines[:1] + ["  ".join("-" * w for w in widths)] + lines[1:] + notes)
+
+
+def to_json(results: Sequence[Result], machine: dict[str, Any],
+            notes: Sequence[str] = ()) -> dict[str, Any]:
+    rel = ratios(results)
+    out = []
+    for i, r in enumerate(results):
+        record = asdict(r)
+        record.update(record.pop("extra"))
+        record["floor_ratio"], record["torch_ratio"] = rel[i]
+        out.append(record)
+    return {"machine": machine, "results": out, "notes": list(notes)}
+
+
+def write_json(path: str, payload: dict[str, Any]) -> None:
+    """Atomically, like every file bpkernels writes."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def plot(results: Sequence[Result], path: str) -> None:
+    """A PNG bar chart of epochs/s per config (one panel each), the GEMM floor as a line."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError('--plot needs matplotlib: pip install "bpkernels[bench]"') from None
+    panels = sorted({(r.config, r.dtype) for r in results})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    for ax, (config, dtype) in zip(axes[0], panels):
+        runs = [r for r in results if (r.config, r.dtype) == (config, dtype) and r.kind != "floor"]
+        ax.bar([r.name for r in runs], [r.epochs_per_sec for r in runs], color="tab:blue")
+        for r in results:
+            if (r.config, r.dtype) == (config, dtype) and r.kind == "floor":
+                ax.axhline(r.epochs_per_sec, color="tab:red", linestyle="--", label=r.name)
+        ax.set_title(f"{config} {dtype}")
+        ax.set_ylabel("epochs/s (higher is better)")
+        ax.tick_params(axis="x", rotation=30)
+        ax.legend(loc="upper right", fontsize="small")
+    fig.tight_layout()
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def default_backends() -> list[str]:
+    return available_backends()
+
+
+def log_to_stderr(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
