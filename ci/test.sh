@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # CPU runner: a fresh virtual environment, the project installed from pyproject.toml with its
-# test extra, then the test command of README.md. Needs no GPU.
+# test extra, then the test command of README.md, then the benchmark smoke tests (agreement is
+# asserted, time never is). Needs no GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
@@ -9,3 +10,5 @@ python3 -m venv .venv
 python -m pip install --quiet --disable-pip-version-check -e ".[test]"
 bpk info
 python -m pytest -q
+BPK_BENCH_QUICK=1 python -m pytest benchmarks --benchmark-disable -q
+bpk bench --quick --dtypes float32,float64 --peers torch,sklearn
