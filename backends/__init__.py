@@ -17,8 +17,9 @@ class BackendUnavailable(ImportError):
 
 # name -> (module, class, pip extra that provides it); the order of preference for "auto"
 # is fastest first.
-# Numba and CuPy join here, ahead of NumPy, as their modules land.
 _REGISTRY: dict[str, tuple[str, str, str | None]] = {
+    "cupy": (".cupy_backend", "CupyBackend", "cuda12"),
+    "numba": (".numba_backend", "NumbaBackend", "numba"),
     "numpy": (".numpy_backend", "NumpyBackend", None),
 }
 

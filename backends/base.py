@@ -19,10 +19,14 @@ method's docstring. ``step`` is the 1-based count of updates including this one.
 ``halted`` is a device array of one int64: 0 while training is healthy; once a step's loss or
 gradient is not finite it holds that step's 1-based index and every later update is a no-op,
 so the weights of the last finite step survive without a host round trip per step.
+
+One method is optional: :meth:`Backend.train_epoch` runs a whole epoch at once, described by an
+:class:`EpochPlan`; by default it declines and the training loop calls the kernels one by one.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -30,6 +34,55 @@ import numpy as np
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu")
 LOSSES = ("mse", "cross_entropy", "binary_cross_entropy")
 LEAKY_RELU_SLOPE = 0.01
+
+
+@dataclass
+class EpochPlan:
+    """One epoch of training, for :meth:`Backend.train_epoch`: every buffer it reads and writes
+    (this backend's device arrays) and every number it needs. It stands for this loop of kernel
+    calls, ``ws`` being ``workspaces[0]`` for full batches and ``workspaces[1]`` for the last::
+
+        for s in range(steps):                    # rows = batch, the last step the rest
+            index = order[s * batch:s * batch + rows]
+            take_rows(X, index, ws.X); take_rows(T, index, ws.T)
+            Y = ws.A[-1] after dense_forward of every layer (activations[l], ws.Z[l] for gelu)
+            loss(loss, Y, ws.T, ws.dA[-1], step_loss[s:s + 1])
+            if metric: count_correct(Y, ws.T, step_correct[s:s + 1])
+            dense_backward of every layer, last first, into the views of ``grads``
+            check_step(step_loss[s:s + 1], grads, first_step + s, halted)
+            <optimizer>_step(params, grads, <state>, hp, first_step + s, halted)
+
+    Parameters (and gradients, and each state buffer) are flat: per layer, W (in x out,
+    row-major) then b (out,). Every epoch of one fit() passes the same buffers, except ``order``
+    (a new array each epoch) and the numbers (``first_step``; ``hp`` may be changed between
+    epochs by a callback). A backend may keep what it builds for them (compiled code, scratch
+    buffers, captured graphs) in ``cache``, which lives as long as the fit() does.
+    """
+
+    # the model
+    sizes: tuple[int, ...]           # layer widths, input first
+    activations: tuple[str, ...]     # one per layer; the output layer's is "identity"
+    params: Any                      # flat parameters, updated in place
+    grads: Any                       # flat gradients; hold the last step's afterwards
+    # the data
+    X: Any                           # (N, sizes[0]) every training row
+    T: Any                           # (N,) int64 labels or (N, sizes[-1]) targets
+    order: Any                       # (N,) int64: the rows of this epoch, in order
+    batch: int                       # rows per step; the last step takes the rest
+    steps: int
+    workspaces: tuple[Any, Any]      # (full, last): X, T, A, Z, dA as the per-kernel loop uses
+    # the loss and the per-step results
+    loss: str
+    metric: bool                     # whether count_correct runs
+    step_loss: Any                   # (steps,) written: each step's mean loss
+    step_correct: Any                # (steps,) written when metric
+    halted: Any                      # (1,) int64, the latch of check_step
+    # the optimizer
+    optimizer: str                   # "sgd", "adam", "adamw", "rmsprop" (decline any other)
+    hp: Any                          # its hyper-parameters, as the *_step kernels take them
+    state: dict[str, Any]            # its state buffers by name (momentum_buffer, exp_avg, ...)
+    first_step: int                  # 1-based optimizer step of this epoch's first step
+    cache: dict = field(default_factory=dict)
 
 
 class Backend(ABC):
@@ -140,3 +193,13 @@ class Backend(ABC):
         """torch.optim.RMSprop. hp: lr, alpha, eps, weight_decay, momentum, centered.
         ``momentum_buf`` is used when momentum > 0 and ``grad_avg`` when centered; each is None
         otherwise."""
+
+    # ------------------------------------------------------------------ optional
+    def train_epoch(self, plan: EpochPlan) -> bool:
+        """Run every step of ``plan`` at once (one compiled loop, a captured graph), writing
+        what the kernel loop it describes writes: ``step_loss``, ``step_correct``, ``halted``,
+        ``params``, ``grads`` and the state buffers, equal to that loop's up to the kernels' own
+        rounding. Returns True when done; False, the default, to decline (no such path here, or
+        not for this plan) before writing anything: the caller then runs the kernels one by
+        one."""
+        return False

@@ -223,6 +223,16 @@ def time_gemm_floor(config: Config, dtype: str, repeats: int, threads: int | Non
                              parity_rel_err=None, threads=threads)
 
 
+def time_gemm_floor_cuda(backend: str, config: Config, dtype: str, repeats: int) -> Result:
+    """The GEMM floor on the GPU: the same products by cuBLAS, timed under CUDA events (the
+    backend's ``gemm_floor_seconds``)."""
+    times = get_backend(backend).gemm_floor_seconds(config.sizes, config.batch_rows(), dtype,
+                                                    repeats)
+    return Result.from_times("gemm-floor-cuda", "floor", config, dtype, times,
+                             compile_seconds=None, parity_rel_err=None, threads=None,
+                             extra={"backend": backend})
+
+
 # --------------------------------------------------------------------------- the run
 @dataclass
 class BenchOptions:
@@ -270,6 +280,9 @@ def run(options: BenchOptions, log: Callable[[str], None] = lambda s: None,
             reference = backend_trajectory("numpy", config, "float64")
             log(f"{config.name} {dtype}: gemm-floor")
             results.append(time_gemm_floor(config, dtype, options.repeats, threads))
+            if "cupy" in options.backends:
+                log(f"{config.name} {dtype}: gemm-floor-cuda")
+                results.append(time_gemm_floor_cuda("cupy", config, dtype, options.repeats))
             for backend in options.backends:
                 log(f"{config.name} {dtype}: {backend}")
                 result = time_backend(backend, config, dtype, options.repeats, threads)

@@ -4,6 +4,7 @@ backend kernel over the flat parameter buffer. Update rules and defaults are tor
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, ClassVar
 
 
@@ -30,7 +31,7 @@ class Optimizer:
     def __init__(self) -> None:
         self.step_count = 0
         self.state: dict[str, Any] = {}
-        self._model_id: int | None = None
+        self._model: weakref.ref | None = None  # a weak reference: ids are reused after GC
 
     # -------------------------------------------------------------- state
     def needed_states(self) -> tuple[str, ...]:
@@ -39,14 +40,15 @@ class Optimizer:
 
     def bind(self, model) -> None:
         """Allocate zeroed state buffers on the model's backend, once per model."""
-        if self._model_id == id(model) and self.state_matches(model):
+        bound = self._model() if self._model is not None else None
+        if bound is model and self.state_matches(model):
             return
-        if self._model_id is not None and self._model_id != id(model):
+        if bound is not None and bound is not model:
             raise ValueError(f"this {type(self).__name__} is already bound to another model; "
                              "create one optimizer per model")
         be = model.backend
         self.state = {n: be.zeros(model.params.shape, model.dtype) for n in self.needed_states()}
-        self._model_id = id(model)
+        self._model = weakref.ref(model)
 
     def state_matches(self, model) -> bool:
         return all(s.shape == model.params.shape and s.dtype == model.dtype

@@ -7,13 +7,16 @@ host reads them once per epoch.
 from __future__ import annotations
 
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from .backends.base import EpochPlan
 from .losses import check_loss, has_accuracy, prepare_targets
 from .optim import Adam, Optimizer, make_optimizer
 from .validation import check_features, check_positive_int
@@ -84,12 +87,14 @@ def fit(model, X, y, *, loss: str = "cross_entropy", optimizer: str | Optimizer 
     history = History()
     bar = _Progress(bool(progress), epochs, X.shape[0])
     # Overflow on the way to divergence is reported once, as TrainingDiverged, not as warnings.
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"), loop.interrupt:
         try:
             for _ in range(epochs):
                 record = loop.epoch(opt, shuffle, seed, validation_data, bar.start())
                 history.epochs.append(record)
                 bar.end(record)
+                if loop.interrupt.requested:
+                    raise KeyboardInterrupt
                 if any(cb(record["epoch"], dict(record)) is True for cb in callbacks):
                     break
         finally:
@@ -120,6 +125,8 @@ class _EpochLoop:
         rows = np.full(self.steps, self.batch, dtype=np.float64)
         rows[-1] = last
         self.rows = rows
+        self.backend_cache: dict = {}  # the backend's own, for the fit (see EpochPlan.cache)
+        self.interrupt = _StepBoundaryInterrupt()
 
     def epoch(self, opt: Optimizer, shuffle: bool, seed: int, validation_data,
               on_step: Callable[[int], Any] | None = None) -> dict[str, float]:
@@ -140,9 +147,29 @@ class _EpochLoop:
     def run(self, opt: Optimizer, order: np.ndarray, epoch: int,
             on_step: Callable[[int], Any] | None = None) -> dict[str, float]:
         """The steps of one epoch in the given row order."""
-        be, model = self.backend, self.model
+        be = self.backend
         index = be.asarray(order.astype(np.int64))
         first_step = opt.step_count + 1
+        if be.train_epoch(self.plan(opt, index, first_step)):  # the whole epoch in one call
+            opt.step_count += self.steps
+            if on_step is not None:
+                on_step(self.n)
+        else:
+            self.run_steps(opt, index, on_step)
+        # The one host read of the epoch.
+        halted = int(be.to_host(self.halted)[0])
+        if halted:
+            opt.step_count = halted - 1  # the halted steps changed nothing
+            raise TrainingDiverged(epoch + 1, halted - first_step + 1, halted)
+        losses = be.to_host(self.step_loss).astype(np.float64)
+        record = {"epoch": epoch + 1, "loss": float(losses @ self.rows) / self.n}
+        if self.metric:
+            record["accuracy"] = float(be.to_host(self.step_correct).sum()) / self.n
+        return record
+
+    def run_steps(self, opt: Optimizer, index, on_step: Callable[[int], Any] | None) -> None:
+        """The steps of one epoch, kernel by kernel."""
+        be, model = self.backend, self.model
         for s in range(self.steps):
             ws = self.full if s < self.steps - 1 else self.last
             rows = index[s * self.batch:s * self.batch + ws.rows]
@@ -155,16 +182,48 @@ class _EpochLoop:
             opt.step(model, self.halted)
             if on_step is not None:
                 on_step(ws.rows)
-        # The one host read of the epoch.
-        halted = int(be.to_host(self.halted)[0])
-        if halted:
-            opt.step_count = halted - 1  # the halted steps changed nothing
-            raise TrainingDiverged(epoch + 1, halted - first_step + 1, halted)
-        losses = be.to_host(self.step_loss).astype(np.float64)
-        record = {"epoch": epoch + 1, "loss": float(losses @ self.rows) / self.n}
-        if self.metric:
-            record["accuracy"] = float(be.to_host(self.step_correct).sum()) / self.n
-        return record
+            if self.interrupt.requested:
+                raise KeyboardInterrupt  # between steps: weights and optimizer state agree
+
+    def plan(self, opt: Optimizer, index, first_step: int) -> EpochPlan:
+        """The epoch as Backend.train_epoch sees it (the same buffers as run_steps)."""
+        model = self.model
+        return EpochPlan(
+            sizes=model.sizes, activations=model.layer_activations, params=model.params,
+            grads=model.grads, X=self.X, T=self.T, order=index, batch=self.batch,
+            steps=self.steps, workspaces=(self.full, self.last), loss=self.loss,
+            metric=self.metric, step_loss=self.step_loss, step_correct=self.step_correct,
+            halted=self.halted, optimizer=opt.name, hp=opt, state=opt.state,
+            first_step=first_step, cache=self.backend_cache)
+
+
+class _StepBoundaryInterrupt:
+    """Ctrl-C during fit() takes effect between steps, never inside an optimizer update, so an
+    interrupted run leaves weights, optimizer state and step count consistent (and a checkpoint
+    saved then resumes cleanly). A second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> "_StepBoundaryInterrupt":
+        # Signal handlers can only be set from the main thread, and only the default one is
+        # replaced: an application's own SIGINT handling is left alone.
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        if self.requested and exc[0] is None:
+            raise KeyboardInterrupt  # asked for during the last step or the epoch's end
 
 
 def _resolve_optimizer(model, optimizer) -> Optimizer:

@@ -13,7 +13,11 @@ import numpy as np
 import pytest
 
 import bpkernels
+import cudasim
 
+# The CuPy backend's host code and CUDA kernels, run on the CPU (tests/cudasim): a backend
+# like any other to every test below, named "cupy-cudasim", wherever a C++ compiler is.
+cudasim.register()
 BACKENDS = tuple(bpkernels.available_backends())
 DTYPES = ("float32", "float64")
 

@@ -64,7 +64,10 @@ def test_round_trip_keeps_architecture_weights_and_optimizer(tmp_path, backend):
     for name, buf in model.optimizer.state.items():
         np.testing.assert_array_equal(model.backend.to_host(buf),
                                       loaded.backend.to_host(loaded.optimizer.state[name]))
-    np.testing.assert_array_equal(model.forward(X), loaded.forward(X))
+    # Bit for bit on the backend that saved it; on another, to float64 parity (DESIGN.md):
+    # its BLAS and erf may round differently.
+    tol = 0.0 if backend == model.backend.name else 1e-12
+    np.testing.assert_allclose(loaded.forward(X), model.forward(X), rtol=tol, atol=tol)
 
 
 def test_model_without_optimizer_round_trips(tmp_path):

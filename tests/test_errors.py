@@ -156,9 +156,12 @@ def test_bad_optimizer_arguments(make, match):
 def test_one_optimizer_per_model():
     X, y = _data()
     opt = bpk.Adam()
-    bpk.fit(bpk.MLP([3, 2]), X, y, optimizer=opt, epochs=1)
+    first = bpk.MLP([3, 2])
+    bpk.fit(first, X, y, optimizer=opt, epochs=1)
     with pytest.raises(ValueError, match="already bound to another model"):
         bpk.fit(bpk.MLP([3, 2]), X, y, optimizer=opt, epochs=1)
+    del first  # once its model is gone, an optimizer may serve another (ids are not reused)
+    bpk.fit(bpk.MLP([3, 2]), X, y, optimizer=opt, epochs=1)
 
 
 def test_import_needs_no_optional_dependency():

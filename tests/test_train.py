@@ -149,3 +149,36 @@ def test_divergence_stops_and_keeps_last_finite_weights(backend):
                     batch_size=8, shuffle=False)
         for (W, b), (W2, b2) in zip(model.get_weights(), replay.get_weights()):
             np.testing.assert_allclose(W, W2, rtol=1e-6)
+
+
+def test_ctrl_c_takes_effect_between_steps():
+    # SIGINT raised from inside a step (here: from the optimizer update) must not interrupt the
+    # update half-way: the step completes, then fit() raises KeyboardInterrupt.
+    import os
+    import signal
+    X, y = _blobs(40)
+    model = bpk.MLP([4, 6, 3], dtype="float64", seed=0)
+    opt = bpk.Adam(lr=1e-2)
+    real_update = opt._update
+    calls = []
+
+    def update_then_interrupt(*args):
+        real_update(*args)
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            calls.append("after")  # still inside the step: the signal was deferred
+
+    opt._update = update_then_interrupt
+    with pytest.raises(KeyboardInterrupt):
+        bpk.fit(model, X, y, optimizer=opt, epochs=2, batch_size=8)
+    assert calls[:4] == [1, 1, 1, "after"] and len(calls) == 4
+    assert opt.step_count == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # The weights are exactly those of three uninterrupted steps.
+    replay = bpk.MLP([4, 6, 3], dtype="float64", seed=0)
+    order = np.random.default_rng([0, 0]).permutation(40)[:24]
+    bpk.fit(replay, X[order], y[order], optimizer=bpk.Adam(lr=1e-2), epochs=1, batch_size=8,
+            shuffle=False)
+    for (W, b), (W2, b2) in zip(model.get_weights(), replay.get_weights()):
+        np.testing.assert_array_equal(W, W2)

@@ -1,0 +1,667 @@
+"""The compiled kernels of the Numba backend (numba_backend.py is the glue that calls them).
+
+Numba compiles a kernel the first time it is called, for the types of that call, and caches the
+machine code on disk (``cache=True``): a second process loads it instead of compiling. Importing
+this module compiles nothing.
+
+Kernels that may run in parallel take ``par``: None to run serially, or the fewest elements
+worth a parallel chunk. Their work is then a serial worker plus a small ``prange`` driver over
+chunks of at least ``par`` elements, which Numba shares out among its threads. The chunks depend
+on the sizes only, not on the number of threads, and so do the results. ``par=None`` is a type
+to Numba: the parallel drivers under such a call are pruned away, not even compiled.
+
+Every kernel also runs as plain Python under ``NUMBA_DISABLE_JIT=1`` (slowly): nothing here
+relies on a feature that only exists compiled.
+"""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+from .base import ACTIVATIONS, LEAKY_RELU_SLOPE, LOSSES
+
+# Compile flags, in one place. fastmath stays off: its no-NaN/no-inf assumptions would let LLVM
+# delete the finiteness tests of check_step and the NaN propagation of the activations, and its
+# reassociation would reorder the float64 sums that match the NumPy backend to ~1e-12. Nothing
+# here is compute-bound enough for it to pay (the GEMMs are BLAS).
+_FLAGS = dict(cache=True, nogil=True, error_model="numpy", boundscheck=False, fastmath=False)
+jit = numba.njit(**_FLAGS)
+pjit = numba.njit(parallel=True, **_FLAGS)
+# Inlined into its callers by Numba itself (for code LLVM judges too big to inline, but which
+# must be inlined into a loop for the loop to vectorize).
+inline = numba.njit(inline="always", **_FLAGS)
+
+MAX_CHUNKS = 64
+
+IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH, GELU = range(6)
+ACTIVATION_CODES = {name: code for code, name in
+                    enumerate(("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu"))}
+MSE, CROSS_ENTROPY, BINARY_CROSS_ENTROPY = range(3)
+LOSS_CODES = {"mse": MSE, "cross_entropy": CROSS_ENTROPY,
+              "binary_cross_entropy": BINARY_CROSS_ENTROPY}
+assert set(ACTIVATION_CODES) == set(ACTIVATIONS) and set(LOSS_CODES) == set(LOSSES)
+
+_SLOPE = LEAKY_RELU_SLOPE
+_SQRT_HALF = 0.7071067811865475244
+_ONE_OVER_SQRT_2PI = 0.3989422804014326779
+_INV_LN2 = 1.44269504088896338700
+_LN2_HI, _LN2_LO = 6.93147180369123816490e-01, 1.90821492927058770002e-10  # fdlibm's split
+_INV_FACTORIAL = tuple(1.0 / math.factorial(k) for k in range(14))
+_TANH_TAYLOR = (1.0, -1.0 / 3, 2.0 / 15, -17.0 / 315, 62.0 / 2835, -1382.0 / 155925,
+                21844.0 / 6081075, -929569.0 / 638512875, 6404582.0 / 10854718875)
+
+
+@jit
+def _chunks(size, par):
+    """Into how many chunks of at least ``par`` elements to split work of ``size`` (1: serial).
+    (Not the thread count: a compiled call of numba.get_num_threads() cannot be cached.)"""
+    return 1 if par is None or size < 2 * par else min(size // par, MAX_CHUNKS)
+
+
+@jit
+def _bounds(c, chunks, n):
+    return c * n // chunks, (c + 1) * n // chunks
+
+
+# ------------------------------------------------------------------------- activations
+# tanh (and sigmoid, from it) from arithmetic only: libm's tanh is a call per element (~17 ns),
+# this inlines into the activation loops, which LLVM then vectorizes (~2 ns in float64), and
+# agrees with libm to 5e-16 relative.
+
+@inline
+def _exp_neg(x):
+    """exp(-x) for 0 <= x <= 42: 2^-k exp(r) with |r| <= ln2 / 2, exp(r) by its Taylor
+    polynomial of degree 13 (error < 1e-17)."""
+    k = math.floor(x * _INV_LN2 + 0.5)
+    r = (k * _LN2_HI - x) + k * _LN2_LO
+    f = _INV_FACTORIAL
+    p = ((((((((((((f[13] * r + f[12]) * r + f[11]) * r + f[10]) * r + f[9]) * r + f[8]) * r
+                + f[7]) * r + f[6]) * r + f[5]) * r + f[4]) * r + f[3]) * r + f[2]) * r
+         + f[1]) * r + f[0]
+    return p / float(1 << int(k))
+
+
+@inline
+def _tanh(z):
+    a = min(abs(z), 21.0)  # tanh(21) rounds to 1 in float64; exp_neg's range
+    e = _exp_neg(2.0 * a)
+    # (1 - e) / (1 + e) loses digits to cancellation near 0, where the Taylor series is exact
+    c, a2 = _TANH_TAYLOR, a * a
+    small = a * ((((((((c[8] * a2 + c[7]) * a2 + c[6]) * a2 + c[5]) * a2 + c[4]) * a2 + c[3])
+                    * a2 + c[2]) * a2 + c[1]) * a2 + c[0])
+    t = math.copysign(small if a < 0.125 else (1.0 - e) / (1.0 + e), z)
+    return z if z != z else t
+
+
+@jit
+def _normal_cdf(z):
+    return 0.5 * (1.0 + math.erf(z * _SQRT_HALF))
+
+
+@jit
+def _gelu(z):
+    return z * _normal_cdf(z)
+
+
+@jit
+def _gelu_derivative(z):  # d/dz z Phi(z) = Phi(z) + z phi(z)
+    return _normal_cdf(z) + math.exp(z * z * -0.5) * _ONE_OVER_SQRT_2PI * z
+
+
+@jit
+def _relu(z):
+    return 0.0 if z <= 0 else z  # NaN stays NaN (as np.maximum), so divergence is not hidden
+
+
+@jit
+def _leaky_relu(z):
+    return z if z > 0 else z * _SLOPE
+
+
+@inline
+def _sigmoid(z):
+    return 0.5 * (1.0 + _tanh(0.5 * z))  # never overflows, unlike 1 / (1 + exp(-z))
+
+
+@jit
+def _activate(act, z):
+    """act(z) for an activation code."""
+    if act == RELU:
+        return _relu(z)
+    if act == LEAKY_RELU:
+        return _leaky_relu(z)
+    if act == SIGMOID:
+        return _sigmoid(z)
+    if act == TANH:
+        return _tanh(z)
+    if act == GELU:
+        return _gelu(z)
+    return z
+
+
+@jit
+def _derivative(act, a, z):
+    """act'(z), from the output ``a`` where that suffices (``z`` is read for gelu only).
+    At z == 0 torch's choice: relu' = 0, leaky_relu' = slope; a NaN ``a`` gives NaN."""
+    if act == RELU:
+        return 1.0 if a > 0 else (0.0 if a <= 0 else a)
+    if act == LEAKY_RELU:
+        return 1.0 if a > 0 else (_SLOPE if a <= 0 else a)
+    if act == SIGMOID:
+        return (1.0 - a) * a
+    if act == TANH:
+        return 1.0 - a * a
+    if act == GELU:
+        return _gelu_derivative(z)
+    return 1.0
+
+
+# ------------------------------------------------------------------------- dense layer
+# The per-element loops below branch on the activation outside the loop over columns, with one
+# copy of the loop per activation, so that each is a branch-free vector loop. (One loop that
+# branches per element runs ~6x slower: ReLU's select becomes a jump that random signs
+# mispredict.) The backward copies call _derivative with ``act``, not a constant (for which
+# Numba would compile a specialization): in each copy LLVM knows ``act`` and folds the rest.
+
+@jit
+def _bias_act_rows(Z, b, act, keep_z, A, r0, r1):
+    """Rows r0..r1: z = Z + b; Z = z when ``keep_z``; A = act(z). Without ``keep_z``, ``Z`` must
+    be ``A``: the loops then read and write A alone, which LLVM vectorizes without the overlap
+    test that fails (and falls back to scalar code) when two names hold one array."""
+    o = A.shape[1]
+    for r in range(r0, r1):
+        if keep_z:
+            for j in range(o):
+                Z[r, j] += b[j]
+                A[r, j] = _activate(act, Z[r, j])
+        elif act == RELU:
+            for j in range(o):
+                A[r, j] = _relu(A[r, j] + b[j])
+        elif act == LEAKY_RELU:
+            for j in range(o):
+                A[r, j] = _leaky_relu(A[r, j] + b[j])
+        elif act == SIGMOID:
+            for j in range(o):
+                A[r, j] = _sigmoid(A[r, j] + b[j])
+        elif act == TANH:
+            for j in range(o):
+                A[r, j] = _tanh(A[r, j] + b[j])
+        elif act == GELU:
+            for j in range(o):
+                A[r, j] = _gelu(A[r, j] + b[j])
+        else:
+            for j in range(o):
+                A[r, j] += b[j]
+
+
+@pjit
+def _bias_act_par(Z, b, act, keep_z, A, chunks):
+    for c in numba.prange(chunks):
+        r0, r1 = _bounds(c, chunks, Z.shape[0])
+        _bias_act_rows(Z, b, act, keep_z, A, r0, r1)
+
+
+@jit
+def dense_forward(X, W, b, act, Z, A, keep_z, par):
+    """Z = X @ W (BLAS) then, in one pass, Z += b and A = act(Z); ``Z`` is written only when
+    ``keep_z`` (else pass ``A`` as ``Z``: the product lands in A and is activated in place)."""
+    np.dot(X, W, Z)
+    chunks = _chunks(Z.size, par)
+    if par is None or chunks == 1:
+        _bias_act_rows(Z, b, act, keep_z, A, 0, Z.shape[0])
+    else:
+        _bias_act_par(Z, b, act, keep_z, A, chunks)
+
+
+@jit
+def _grad(dA, act, A, Z, r, j):
+    """dA[r, j] *= act'(A or Z at r, j); returns the product. In the dtype of dA, which for
+    float32 keeps the loop in single precision (LLVM folds the casts of 0, 1 and a)."""
+    dz = dA[r, j] * dA.dtype.type(_derivative(act, A[r, j], Z[r, j]))
+    dA[r, j] = dz
+    return dz
+
+
+@jit
+def _grad_rows(dA, act, A, Z, total, r0, r1):
+    """Rows r0..r1: dA *= act'(A or Z) in place, each row then added to the column sums
+    ``total``, row after row and in the dtype, as NumPy's add.reduce does."""
+    o = dA.shape[1]
+    for r in range(r0, r1):
+        if act == RELU:
+            for j in range(o):
+                total[j] += _grad(dA, act, A, Z, r, j)
+        elif act == LEAKY_RELU:
+            for j in range(o):
+                total[j] += _grad(dA, act, A, Z, r, j)
+        elif act == SIGMOID:
+            for j in range(o):
+                total[j] += _grad(dA, act, A, Z, r, j)
+        elif act == TANH:
+            for j in range(o):
+                total[j] += _grad(dA, act, A, Z, r, j)
+        elif act == GELU:
+            for j in range(o):
+                total[j] += _grad(dA, act, A, Z, r, j)
+        else:
+            for j in range(o):
+                total[j] += dA[r, j]
+
+
+@pjit
+def _grad_rows_par(dA, act, A, Z, totals, chunks):
+    for c in numba.prange(chunks):
+        r0, r1 = _bounds(c, chunks, dA.shape[0])
+        _grad_rows(dA, act, A, Z, totals[c], r0, r1)
+
+
+@jit
+def dense_backward(X, W, dA, act, A, Z, dW, db, dX, with_dx, par):
+    """dZ = dA * act'(.) in place with db = dZ.sum(0) in the same pass; dW = X.T @ dZ and, when
+    ``with_dx``, dX = dZ @ W.T (BLAS, transposes as views). ``Z`` is read for gelu only (pass
+    ``A`` otherwise), ``dX`` is written only when ``with_dx``."""
+    chunks = min(_chunks(dA.size, par), dA.shape[0])
+    totals = np.zeros((chunks, dA.shape[1]), dA.dtype)  # per chunk, added in chunk order
+    if par is None or chunks == 1:
+        _grad_rows(dA, act, A, Z, totals[0], 0, dA.shape[0])
+    else:
+        _grad_rows_par(dA, act, A, Z, totals, chunks)
+    for j in range(dA.shape[1]):
+        column = totals[0, j]
+        for c in range(1, chunks):
+            column += totals[c, j]
+        db[j] = column
+    np.dot(X.T, dA, dW)
+    if with_dx:
+        np.dot(dA, W.T, dX)
+
+
+# ------------------------------------------------------------------------- losses
+# Each writes dY = d(mean loss)/dY and out[0] = the mean loss. Row and element losses are formed
+# before they are summed (in float64): a difference of two large sums would cancel.
+
+@jit
+def _row_max(Y, r):
+    m = Y[r, 0]
+    for j in range(1, Y.shape[1]):
+        if Y[r, j] > m:
+            m = Y[r, j]
+    return m
+
+
+@jit
+def _exp_shifted(Y, r, m, dY):
+    """dY[r] = exp(Y[r] - m) (max-subtraction keeps exp finite); returns their float64 sum."""
+    s = 0.0
+    for j in range(Y.shape[1]):
+        e = math.exp(float(Y[r, j]) - m)
+        dY[r, j] = e
+        s += e
+    return s
+
+
+@jit
+def softmax_xent_labels(Y, labels, dY, out):
+    n, o = Y.shape
+    scale = 1.0 / n
+    total = 0.0
+    for r in range(n):
+        m = float(_row_max(Y, r))
+        s = _exp_shifted(Y, r, m, dY)
+        k = labels[r]
+        total += (m - Y[r, k]) + math.log(s)  # -log softmax of the true class
+        for j in range(o):
+            dY[r, j] = (dY[r, j] / s - (1.0 if j == k else 0.0)) * scale
+    out[0] = total / n
+
+
+@jit
+def softmax_xent_rows(Y, T, dY, out):
+    n, o = Y.shape
+    scale = 1.0 / n
+    total = 0.0
+    for r in range(n):
+        m = float(_row_max(Y, r))
+        s = _exp_shifted(Y, r, m, dY)
+        log_norm = math.log(s)
+        t_sum = 0.0
+        for j in range(o):
+            t = float(T[r, j])
+            t_sum += t
+            total -= t * ((Y[r, j] - m) - log_norm)
+        for j in range(o):
+            dY[r, j] = (dY[r, j] / s * t_sum - T[r, j]) * scale
+    out[0] = total / n
+
+
+@jit
+def binary_xent(Y, T, dY, out):
+    # max(y, 0) - y t + log(1 + exp(-|y|)) is finite for any logit
+    n, o = Y.shape
+    scale = 1.0 / (n * o)
+    total = 0.0
+    for r in range(n):
+        for j in range(o):
+            y, t = float(Y[r, j]), float(T[r, j])
+            total += (math.log1p(math.exp(-abs(y))) + max(y, 0.0)) - y * t
+            dY[r, j] = (_sigmoid(y) - t) * scale
+    out[0] = total / (n * o)
+
+
+@jit
+def mse(Y, T, dY, out):
+    n, o = Y.shape
+    scale = 2.0 / (n * o)
+    total = 0.0
+    for r in range(n):
+        for j in range(o):
+            d = float(Y[r, j]) - float(T[r, j])
+            total += d * d
+            dY[r, j] = d * scale
+    out[0] = total / (n * o)
+
+
+@jit
+def _argmax(Y, r):
+    """The first maximum of row r."""
+    best, k = Y[r, 0], 0
+    for j in range(1, Y.shape[1]):
+        if Y[r, j] > best:
+            best, k = Y[r, j], j
+    return k
+
+
+@jit
+def count_correct_labels(Y, labels, out):
+    """Targets (n,): class ids, or 0/1 for a single output."""
+    hits = 0
+    for r in range(Y.shape[0]):
+        if Y.shape[1] == 1:
+            hits += (Y[r, 0] > 0) == (labels[r] >= 0.5)
+        else:
+            hits += _argmax(Y, r) == labels[r]
+    out[0] = hits
+
+
+@jit
+def count_correct_rows(Y, T, out):
+    """Targets (n, o): probability rows (compared by argmax), or 0/1 for a single output."""
+    hits = 0
+    for r in range(Y.shape[0]):
+        if Y.shape[1] == 1:
+            hits += (Y[r, 0] > 0) == (T[r, 0] >= 0.5)
+        else:
+            hits += _argmax(Y, r) == _argmax(T, r)
+    out[0] = hits
+
+
+# ------------------------------------------------------------------------- divergence
+@jit
+def _finite(x):
+    bad = False
+    for i in range(x.size):
+        bad |= (x[i] - x[i]) != 0  # NaN for inf and NaN, 0 for any finite value
+    return not bad
+
+
+@pjit
+def _finite_par(x, chunks):
+    ok = np.empty(chunks, np.bool_)
+    for c in numba.prange(chunks):
+        i0, i1 = _bounds(c, chunks, x.size)
+        ok[c] = _finite(x[i0:i1])
+    return ok.all()
+
+
+@jit
+def check_step(loss, grads, step, halted, par):
+    if halted[0] != 0:
+        return
+    chunks = _chunks(grads.size, par)
+    if par is None or chunks == 1:
+        finite = _finite(grads)
+    else:
+        finite = _finite_par(grads, chunks)
+    if not (finite and math.isfinite(loss[0])):
+        halted[0] = step
+
+
+# ------------------------------------------------------------------------- optimizers
+# torch.optim's rules, one pass over the flat buffers, in the NumPy backend's order of
+# operations and, like it, in the dtype of the parameters: they agree to the last bits, and
+# float32 runs at full vector width (twice as fast as with float64 scalars). A rule's
+# hyper-parameters come as a tuple of floats in RULE_HP order; a state buffer the rule does not
+# use is an empty array. Workers take views of their chunk and count from 0: an index Numba
+# cannot prove non-negative gets a wrap-around test per access, which stops LLVM vectorizing.
+
+RULE_HP = {
+    "sgd": ("lr", "momentum", "dampening", "nesterov", "weight_decay"),
+    "adam": ("lr", "beta1", "beta2", "eps", "weight_decay", "decoupled"),
+    "rmsprop": ("lr", "alpha", "eps", "weight_decay", "momentum", "centered"),
+}
+RULE_STATE = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq"),
+              "rmsprop": ("square_avg", "momentum_buffer", "grad_avg")}
+
+
+@jit
+def _sgd(p, g, buf, hp, first):
+    cast = p.dtype.type
+    lr, momentum, undamped, weight_decay = cast(hp[0]), cast(hp[1]), cast(1.0 - hp[2]), cast(hp[4])
+    nesterov = hp[3] != 0
+    for i in range(p.size):
+        d = g[i]
+        if weight_decay != 0:
+            d = p[i] * weight_decay + d  # torch adds L2 decay before momentum
+        if momentum != 0:
+            m = d if first else buf[i] * momentum + d * undamped
+            buf[i] = m
+            d = d + m * momentum if nesterov else m
+        p[i] = p[i] - d * lr
+
+
+@jit
+def _adam(p, g, m, v, hp, step_size, root_bc2):
+    cast = p.dtype.type
+    beta1, beta2, eps, weight_decay = cast(hp[1]), cast(hp[2]), cast(hp[3]), cast(hp[4])
+    decay, decoupled = cast(1.0 - hp[0] * hp[4]), hp[5] != 0
+    new1, new2, step_size, root_bc2 = cast(1.0 - hp[1]), cast(1.0 - hp[2]), cast(step_size), \
+        cast(root_bc2)
+    for i in range(p.size):
+        d = g[i]
+        if weight_decay != 0:
+            if decoupled:
+                p[i] = p[i] * decay
+            else:
+                d = p[i] * weight_decay + d
+        m[i] = m[i] * beta1 + d * new1
+        v[i] = v[i] * beta2 + d * d * new2
+        # torch divides sqrt(v) by sqrt(bias correction) before adding eps
+        p[i] = p[i] - m[i] / (math.sqrt(v[i]) / root_bc2 + eps) * step_size
+
+
+@jit
+def _rmsprop(p, g, square_avg, buf, grad_avg, hp):
+    cast = p.dtype.type
+    lr, alpha, eps, weight_decay = cast(hp[0]), cast(hp[1]), cast(hp[2]), cast(hp[3])
+    momentum, new, centered = cast(hp[4]), cast(1.0 - hp[1]), hp[5] != 0
+    for i in range(p.size):
+        d = g[i]
+        if weight_decay != 0:
+            d = p[i] * weight_decay + d
+        square_avg[i] = square_avg[i] * alpha + d * d * new
+        if centered:
+            grad_avg[i] = grad_avg[i] * alpha + d * new
+            avg = math.sqrt(square_avg[i] - grad_avg[i] * grad_avg[i])
+        else:
+            avg = math.sqrt(square_avg[i])
+        d = d / (avg + eps)
+        if momentum > 0:
+            buf[i] = buf[i] * momentum + d
+            d = buf[i]
+        p[i] = p[i] - d * lr
+
+
+@jit
+def _update(p, g, states, sgd, adam, rmsprop, step):
+    s1, s2, s3 = states
+    if sgd is not None:
+        _sgd(p, g, s1, sgd, step == 1)  # the momentum buffer starts as the gradient
+    elif adam is not None:
+        step_size = adam[0] / (1.0 - adam[1] ** step)
+        _adam(p, g, s1, s2, adam, step_size, math.sqrt(1.0 - adam[2] ** step))
+    elif rmsprop is not None:
+        _rmsprop(p, g, s1, s2, s3, rmsprop)
+
+
+@pjit
+def _update_par(p, g, states, sgd, adam, rmsprop, step, chunks):
+    s1, s2, s3 = states
+    for c in numba.prange(chunks):
+        i0, i1 = _bounds(c, chunks, p.size)
+        # an unused state buffer is empty, and so is its slice
+        chunk = (s1[i0:i1], s2[i0:i1], s3[i0:i1])
+        _update(p[i0:i1], g[i0:i1], chunk, sgd, adam, rmsprop, step)
+
+
+@jit
+def optimizer_step(p, g, states, sgd, adam, rmsprop, step, halted, par):
+    """One update of the flat parameters ``p``, a no-op while halted[0] != 0, by the one rule
+    of sgd / adam / rmsprop whose hyper-parameters are given: the others are None, a type to
+    Numba, which then compiles that rule only. ``states``: three buffers in RULE_STATE order."""
+    if halted[0] != 0:
+        return
+    chunks = _chunks(p.size, par)
+    if par is None or chunks == 1:
+        _update(p, g, states, sgd, adam, rmsprop, step)
+    else:
+        _update_par(p, g, states, sgd, adam, rmsprop, step, chunks)
+
+
+# ------------------------------------------------------------------------- a whole epoch
+# What one epoch reads and writes comes in plain tuples (names as in base.EpochPlan):
+#   net   (params, grads, layers): flat buffers; layers int64 (layers, 7), LAYER_COLUMNS
+#   data  (X, order, batch): X (N, i), order (N,) int64, rows per step
+#   work  (X, A, dA, Z): per-step scratch, X (batch, i) and the flat A, dA and Z (gelu layers
+#         only) of every layer at layer offsets (x rows)
+#   out   (loss, correct, halted): (steps,), (steps,), (1,) int64
+# The targets come as one of two pairs (all targets, the batch's scratch), the other None:
+# ``labels`` int64 (N,), (batch,) or ``T`` (N, o), (batch, o).
+# (Not namedtuples: Numba's cache index pickles argument types, and a namedtuple class that
+# later changes or goes makes a stale index fail to load instead of being recompiled.)
+LAYER_COLUMNS = ("inputs", "outputs", "W", "b", "activation", "A", "Z")
+
+
+def layer_table(sizes, activations, batch):
+    """The layers table of ``net`` for a model and batch size, and the lengths of work's A
+    and Z."""
+    rows, w, a, z = [], 0, 0, 0
+    for i, o, act in zip(sizes[:-1], sizes[1:], activations):
+        gelu = act == "gelu"
+        rows.append((i, o, w, w + i * o, ACTIVATION_CODES[act], a, z if gelu else -1))
+        w, a, z = w + i * o + o, a + batch * o, z + (batch * o if gelu else 0)
+    return np.array(rows, dtype=np.int64), a, z
+
+
+@jit
+def _layer(net, work, layer, rows):
+    """Views of one layer: W, b, dW, db, A, dA, Z (Z is A where the layer keeps no Z)."""
+    params, grads, layers = net
+    _, A_all, dA_all, Z_all = work
+    i, o, w, b, _, a, z = layers[layer]
+    W, dW = params[w:w + i * o].reshape((i, o)), grads[w:w + i * o].reshape((i, o))
+    A = A_all[a:a + rows * o].reshape((rows, o))
+    dA = dA_all[a:a + rows * o].reshape((rows, o))
+    Z = A if z < 0 else Z_all[z:z + rows * o].reshape((rows, o))
+    return W, params[b:b + o], dW, grads[b:b + o], A, dA, Z
+
+
+@jit
+def _gather(src, index, dst):
+    """dst[r] = src[index[r]] for the rows of a batch. Four rows at a time: four streams of
+    cache misses in flight gather M's batches ~1.4x faster than one."""
+    rows, k = index.size, src.shape[1]
+    for r in range(0, rows - rows % 4, 4):
+        i0, i1, i2, i3 = index[r], index[r + 1], index[r + 2], index[r + 3]
+        for j in range(k):
+            dst[r, j] = src[i0, j]
+            dst[r + 1, j] = src[i1, j]
+            dst[r + 2, j] = src[i2, j]
+            dst[r + 3, j] = src[i3, j]
+    for r in range(rows - rows % 4, rows):
+        for j in range(k):
+            dst[r, j] = src[index[r], j]
+
+
+@jit
+def _forward(net, work, rows, par):
+    layers = net[2]
+    X = work[0][:rows]
+    for layer in range(layers.shape[0]):
+        W, b, _, _, A, _, Z = _layer(net, work, layer, rows)
+        act = layers[layer, 4]
+        dense_forward(X, W, b, act, Z, A, act == GELU, par)
+        X = A
+
+
+@jit
+def _backward(net, work, rows, par):
+    """Backward through every layer; returns whether every gradient is finite, each layer's
+    read right after BLAS wrote it, while it is still in cache (as check_step would find,
+    without another pass over all of them)."""
+    layers = net[2]
+    finite = True
+    for layer in range(layers.shape[0] - 1, -1, -1):
+        W, _, dW, db, A, dA, Z = _layer(net, work, layer, rows)
+        act = layers[layer, 4]
+        if layer == 0:
+            dense_backward(work[0][:rows], W, dA, act, A, Z, dW, db, dA, False, par)
+        else:
+            _, _, _, _, X, dX, _ = _layer(net, work, layer - 1, rows)
+            dense_backward(X, W, dA, act, A, Z, dW, db, dX, True, par)
+        finite = _finite(dW.ravel()) and _finite(db) and finite
+    return finite
+
+
+@jit
+def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, states, sgd, adam,
+                rmsprop, par):
+    """Every step of one epoch, as train.py's per-kernel loop runs them: gather the batch,
+    forward, loss (and hits), backward, check_step, then the optimizer update of step
+    ``first_step + s`` (a no-op once halted). The arguments that may be None (``labels`` or
+    ``T``; all but one of the rules, as in optimizer_step) are separate so that Numba compiles
+    the code of the given ones only."""
+    params, grads, layers = net
+    X_all, order, batch = data
+    step_losses, step_hits, halted = out
+    n = order.size
+    for s in range((n + batch - 1) // batch):
+        rows = min(batch, n - s * batch)
+        index = order[s * batch:s * batch + rows]
+        _gather(X_all, index, work[0])
+        _forward(net, work, rows, par)
+        _, _, _, _, Y, dY, _ = _layer(net, work, layers.shape[0] - 1, rows)
+        step_loss, step_correct = step_losses[s:s + 1], step_hits[s:s + 1]
+        if labels is not None:
+            all_labels, batch_labels = labels
+            for r in range(rows):
+                batch_labels[r] = all_labels[index[r]]
+            softmax_xent_labels(Y, batch_labels[:rows], dY, step_loss)
+            if metric:
+                count_correct_labels(Y, batch_labels[:rows], step_correct)
+        elif T is not None:
+            all_T, batch_T = T
+            _gather(all_T, index, batch_T)
+            if loss == CROSS_ENTROPY:
+                softmax_xent_rows(Y, batch_T[:rows], dY, step_loss)
+            elif loss == BINARY_CROSS_ENTROPY:
+                binary_xent(Y, batch_T[:rows], dY, step_loss)
+            else:
+                mse(Y, batch_T[:rows], dY, step_loss)
+            if metric:
+                count_correct_rows(Y, batch_T[:rows], step_correct)
+        finite = _backward(net, work, rows, par)
+        if halted[0] == 0 and not (finite and math.isfinite(step_loss[0])):
+            halted[0] = first_step + s  # check_step's latch
+        optimizer_step(params, grads, states, sgd, adam, rmsprop, first_step + s, halted, par)

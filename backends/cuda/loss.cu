@@ -1,0 +1,126 @@
+// Loss value and gradient in one pass, one thread per row (rows are short: the outputs of a
+// network), and the per-row hits of count_correct. Each writes a per-row value, which
+// colsum_chunks / colsum_store (dense.cu) then sum into the step's slot: every row's loss is
+// complete before any summing, so large terms cancel within a row, never in the totals.
+#include "common.cuh"
+
+// max of a row, NaN-propagating (NumPy's max): a NaN logit must give a NaN loss.
+__device__ __forceinline__ real row_max(const real* y, i64 o) {
+    real m = y[0];
+    for (i64 j = 1; j < o; ++j) m = (y[j] > m || y[j] != y[j]) && m == m ? y[j] : m;
+    return m;
+}
+
+// First index of the row's maximum, as NumPy's argmax (a NaN counts as the maximum).
+__device__ __forceinline__ i64 row_argmax(const real* y, i64 o) {
+    i64 best = 0;
+    for (i64 j = 1; j < o && y[best] == y[best]; ++j)
+        if (y[j] > y[best] || y[j] != y[j]) best = j;
+    return best;
+}
+
+// Writes dY's row as exp(y - max) and returns log sum exp(y - max): max-subtraction keeps
+// exp finite.
+__device__ __forceinline__ acc softmax_numerators(const real* y, i64 o, real m, real* d,
+                                                  acc* sum) {
+    acc s = 0;
+    for (i64 j = 0; j < o; ++j) {
+        acc e = exp((acc)y[j] - (acc)m);
+        d[j] = (real)e;
+        s += e;
+    }
+    *sum = s;
+    return log(s);
+}
+
+// Softmax cross-entropy with int64 labels: loss_i = max - y_label + log sum exp(y - max);
+// dY = (softmax - one_hot) * grad_scale (1 / n).
+extern "C" __global__ void xent_labels(const real* Y, const i64* labels, i64 n, i64 o,
+                                       real grad_scale, real* dY, real* row_loss) {
+    GRID_STRIDE(i, n) {
+        const real* y = Y + i * o;
+        real* d = dY + i * o;
+        real m = row_max(y, o);
+        acc s;
+        acc log_norm = softmax_numerators(y, o, m, d, &s);
+        i64 t = labels[i];
+        for (i64 j = 0; j < o; ++j) {
+            acc p = (acc)d[j] / s;
+            d[j] = (real)(j == t ? p - 1 : p) * grad_scale;
+        }
+        row_loss[i] = t >= 0 && t < o ? (real)((acc)m - (acc)y[t] + log_norm) : (real)nan("");
+    }
+}
+
+// Softmax cross-entropy with probability rows T: loss_i = -sum_j t_ij log_softmax_ij;
+// dY = (softmax * sum_j t_ij - T) * grad_scale.
+extern "C" __global__ void xent_probs(const real* Y, const real* T, i64 n, i64 o,
+                                      real grad_scale, real* dY, real* row_loss) {
+    GRID_STRIDE(i, n) {
+        const real* y = Y + i * o;
+        const real* t = T + i * o;
+        real* d = dY + i * o;
+        real m = row_max(y, o);
+        acc s;
+        acc log_norm = softmax_numerators(y, o, m, d, &s);
+        acc t_sum = 0, loss = 0;
+        for (i64 j = 0; j < o; ++j) {
+            t_sum += t[j];
+            loss -= (acc)t[j] * ((acc)y[j] - (acc)m - log_norm);
+        }
+        for (i64 j = 0; j < o; ++j)
+            d[j] = (real)((acc)d[j] / s * t_sum - (acc)t[j]) * grad_scale;
+        row_loss[i] = (real)loss;
+    }
+}
+
+// Sigmoid BCE on logits, per element max(y, 0) - y t + log(1 + exp(-|y|)): finite for any y.
+// dY = (sigmoid(y) - t) * grad_scale (1 / (n o)).
+extern "C" __global__ void bce(const real* Y, const real* T, i64 n, i64 o, real grad_scale,
+                               real* dY, real* row_loss) {
+    GRID_STRIDE(i, n) {
+        acc loss = 0;
+        for (i64 k = i * o; k < (i + 1) * o; ++k) {
+            acc y = Y[k], t = T[k];
+            loss += (y > 0 ? y : 0) - y * t + log1p(exp(-fabs(y)));
+            real sig = ((real)1 + tanh(Y[k] * (real)0.5)) * (real)0.5;
+            dY[k] = (sig - T[k]) * grad_scale;
+        }
+        row_loss[i] = (real)loss;
+    }
+}
+
+// Mean squared error: loss_i = sum_j (y - t)^2; dY = (y - t) * grad_scale (2 / (n o)).
+extern "C" __global__ void mse(const real* Y, const real* T, i64 n, i64 o, real grad_scale,
+                               real* dY, real* row_loss) {
+    GRID_STRIDE(i, n) {
+        acc loss = 0;
+        for (i64 k = i * o; k < (i + 1) * o; ++k) {
+            real diff = Y[k] - T[k];
+            loss += (acc)diff * (acc)diff;
+            dY[k] = diff * grad_scale;
+        }
+        row_loss[i] = (real)loss;
+    }
+}
+
+// hit[i] = 1 when row i is classified right: argmax(Y_i) == label, or for one output
+// (Y > 0) == (label >= 0.5).
+extern "C" __global__ void correct_labels(const real* Y, const i64* labels, i64 n, i64 o,
+                                          real* hit) {
+    GRID_STRIDE(i, n) {
+        bool right = o == 1 ? (Y[i] > 0) == (labels[i] >= 1)
+                            : row_argmax(Y + i * o, o) == labels[i];
+        hit[i] = right ? (real)1 : (real)0;
+    }
+}
+
+// The same with target rows T (n, o): argmax against argmax, or for one output
+// (Y > 0) == (T >= 0.5).
+extern "C" __global__ void correct_rows(const real* Y, const real* T, i64 n, i64 o, real* hit) {
+    GRID_STRIDE(i, n) {
+        bool right = o == 1 ? (Y[i] > 0) == (T[i] >= (real)0.5)
+                            : row_argmax(Y + i * o, o) == row_argmax(T + i * o, o);
+        hit[i] = right ? (real)1 : (real)0;
+    }
+}

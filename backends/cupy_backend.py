@@ -1,0 +1,573 @@
+"""CUDA GPUs through CuPy, float32 and float64.
+
+Products go to cuBLAS (``cupy.matmul`` into the buffers given, transposes as views; TF32 off
+unless asked for). Everything else is one kernel of ``cuda/*.cu`` per fused operation, compiled
+by NVRTC on first use per dtype and cached by CuPy. ``train_epoch`` captures one training step
+as a CUDA graph and replays it once per step (a second graph for a final partial batch): the
+step number, the step's result slot, the divergence latch and the hyper-parameters are all read
+on the device, so nothing waits on the host inside an epoch. A data set larger than the
+device's free memory stays in host memory and is fed batch by batch through pinned buffers,
+copied on a side stream while the previous step computes.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+import cupy
+import cupyx
+
+from . import BackendUnavailable
+from . import _cuda_sources as sources
+from .base import Backend, EpochPlan
+
+ACTIVATION_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4,
+                    "gelu": 5}
+BLOCK = 256              # threads per block of every launch
+ONE_PASS_ROWS = 64       # column sums over at most this many rows take one launch, not two
+SUM_CHUNK = 16           # rows per thread of colsum_chunks (as in cuda/dense.cu)
+RESIDENT_FRACTION = 0.5  # a data set stays on the device while it fits in this much free memory
+# The hyper-parameters of each optimizer kernel, in the order cuda/optim.cu reads them.
+HP_LAYOUT = {
+    "sgd": ("lr", "momentum", "dampening", "nesterov", "weight_decay"),
+    "adam": ("lr", "beta1", "beta2", "eps", "weight_decay", "decoupled"),
+    "rmsprop": ("lr", "alpha", "eps", "weight_decay", "momentum", "centered"),
+}
+_OPTIMIZER_KERNEL = {"sgd": "sgd", "adam": "adam", "adamw": "adam", "rmsprop": "rmsprop"}
+
+
+class HostArray:
+    """A data set kept in host memory because it does not fit on the device (see
+    ``CupyBackend.asarray``); ``take_rows`` and ``train_epoch`` stream its rows in batches."""
+
+    def __init__(self, host: np.ndarray) -> None:
+        self.host = host
+
+    shape = property(lambda self: self.host.shape)
+    dtype = property(lambda self: self.host.dtype)
+    ndim = property(lambda self: self.host.ndim)
+    size = property(lambda self: self.host.size)
+    nbytes = property(lambda self: self.host.nbytes)
+
+    def __len__(self) -> int:
+        return len(self.host)
+
+    def __getitem__(self, key) -> "HostArray":
+        return HostArray(self.host[key])
+
+
+class CupyBackend(Backend):
+    name = "cupy"
+
+    def __init__(self, tf32: bool | None = None, max_resident_bytes: int | None = None,
+                 graphs: bool = True) -> None:
+        """``tf32``: let cuBLAS round float32 products to TF32 (faster on Ampere and later,
+        about 1e-3 relative error; default: the environment variable BPK_CUDA_TF32=1, else
+        off). ``max_resident_bytes``: the largest data set kept on the device (default: half of
+        the free device memory when it is copied). ``graphs``: capture and replay training
+        steps (off: the kernels are launched one by one)."""
+        try:
+            count = cupy.cuda.runtime.getDeviceCount()
+        except RuntimeError as err:  # CUDARuntimeError: no driver, or too old for this CuPy
+            raise BackendUnavailable(f"backend 'cupy' cannot use a GPU here: {err}") from None
+        if count < 1:
+            raise BackendUnavailable("backend 'cupy' cannot use a GPU here: no CUDA device")
+        if tf32 is None:
+            tf32 = os.environ.get("BPK_CUDA_TF32", "0") not in ("", "0")
+        self.tf32 = bool(tf32)
+        self.max_resident_bytes = max_resident_bytes
+        self.graphs = graphs
+        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.runtime.getDevice())
+        self._properties = props
+        # Grid-stride kernels need no more blocks than keep every multiprocessor busy.
+        self._max_blocks = max(1, int(props["multiProcessorCount"]) * 16)
+        self._modules: dict[np.dtype, dict[str, Any]] = {}
+        self._scratch_cache: dict[tuple, Any] = {}
+        self._hp_cache: dict[tuple, Any] = {}
+
+    # ----------------------------------------------------------------- helpers
+    def _kernels(self, dtype) -> dict[str, Any]:
+        """Every kernel of every source, compiled for ``dtype`` on first use: all at once, so
+        nothing is compiled or loaded while a graph is being captured."""
+        dtype = np.dtype(dtype)
+        table = self._modules.get(dtype)
+        if table is None:
+            table = {}
+            for source in sources.SOURCES:
+                module = cupy.RawModule(code=sources.source(source),
+                                        options=sources.options(dtype))
+                for name in sources.kernel_names(source):
+                    table[name] = module.get_function(name)
+            self._modules[dtype] = table
+        return table
+
+    def _launch(self, dtype, name: str, threads: int, args: tuple) -> None:
+        blocks = min(max(1, -(-threads // BLOCK)), self._max_blocks)
+        self._kernels(dtype)[name]((blocks,), (BLOCK,), args)
+
+    def _any_kernels_dtype(self) -> np.dtype:
+        """A dtype whose module is (or will be) built, for the dtype-free kernels."""
+        return next(iter(self._modules), np.dtype(np.float32))
+
+    def _scratch(self, tag: str, shape: tuple[int, ...], dtype) -> Any:
+        key = (tag, shape, np.dtype(dtype))
+        buf = self._scratch_cache.get(key)
+        if buf is None:
+            buf = self._scratch_cache[key] = cupy.empty(shape, dtype)
+        return buf
+
+    def _matmul(self, a, b, out) -> None:
+        if out.dtype == np.float32:
+            # CuPy's compute type is process-wide: set ours before each float32 product.
+            linalg = cupy._core._routines_linalg
+            wanted = linalg.COMPUTE_TYPE_TF32 if self.tf32 else linalg.COMPUTE_TYPE_DEFAULT
+            if linalg.get_compute_type(np.float32) != wanted:
+                linalg.set_compute_type(np.float32, wanted)
+        cupy.matmul(a, b, out=out)
+
+    def _resident_limit(self) -> int:
+        if self.max_resident_bytes is not None:
+            return self.max_resident_bytes
+        free, _ = cupy.cuda.runtime.memGetInfo()
+        return int(free * RESIDENT_FRACTION)
+
+    # ----------------------------------------------------------------- plumbing
+    def asarray(self, host, dtype=None):
+        if isinstance(host, HostArray):
+            host = host.host
+        host = np.ascontiguousarray(host, dtype=dtype)
+        if host.nbytes > self._resident_limit():
+            return HostArray(host.copy())
+        return cupy.asarray(host)
+
+    def to_host(self, array):
+        if isinstance(array, HostArray):
+            return np.array(array.host, copy=True)
+        return cupy.asnumpy(array)
+
+    def empty(self, shape, dtype):
+        return cupy.empty(shape, dtype)
+
+    def zeros(self, shape, dtype):
+        return cupy.zeros(shape, dtype)
+
+    def copy(self, src, out):
+        if isinstance(src, HostArray):
+            out.set(np.ascontiguousarray(src.host, dtype=out.dtype).reshape(out.shape))
+        else:
+            out[...] = src
+
+    def take_rows(self, src, index, out):
+        if isinstance(src, HostArray) or isinstance(index, HostArray):
+            rows = self.to_host(index)  # a host wait: only for data kept on the host
+            host = src.host if isinstance(src, HostArray) else self.to_host(src)
+            out.set(np.ascontiguousarray(np.take(host, rows, axis=0), dtype=out.dtype))
+            return
+        self._gather(src, index, None, 0, out)
+
+    def _gather(self, src, index, slot, stride: int, out) -> None:
+        """out = src[index[slot * stride:][:rows]] (slot: a device step counter, or None)."""
+        if src.dtype != out.dtype:
+            raise TypeError(f"take_rows: src is {src.dtype} but out is {out.dtype}")
+        n = out.shape[0]
+        k = int(np.prod(src.shape[1:], dtype=np.int64))
+        if src.dtype == np.int64:
+            kernel, dtype = "gather_rows_i64", self._any_kernels_dtype()
+        else:
+            kernel, dtype = "gather_rows", src.dtype
+        self._launch(dtype, kernel, n * k, (src, np.int64(k), index, slot, np.int64(stride),
+                                            np.int64(n), out))
+
+    def synchronize(self):
+        cupy.cuda.runtime.deviceSynchronize()
+
+    def device_info(self):
+        props = self._properties
+        free, total = cupy.cuda.runtime.memGetInfo()
+        runtime = cupy.cuda.runtime.runtimeGetVersion()
+        name = props["name"]
+        return {
+            "device": "cuda", "name": name.decode() if isinstance(name, bytes) else str(name),
+            "total_memory": int(total), "memory_gb": round(total / 2**30, 1),
+            "free_memory": int(free),
+            "compute_capability": f"{props['major']}.{props['minor']}",
+            "multiprocessors": int(props["multiProcessorCount"]),
+            "cuda": f"{runtime // 1000}.{runtime % 1000 // 10}",
+            "driver": cupy.cuda.runtime.driverGetVersion(), "cupy": cupy.__version__,
+            "tf32": self.tf32, "graphs": self.graphs,
+        }
+
+    # ------------------------------------------------------------------ dense layer
+    def dense_forward(self, X, W, b, activation, A, Z=None):
+        pre = A if Z is None else Z
+        self._matmul(X, W, pre)
+        n, o = pre.shape
+        self._launch(pre.dtype, "bias_act_forward", n * o,
+                     (pre, b, np.int64(n), np.int64(o),
+                      np.int32(ACTIVATION_CODES[activation]), Z, A))
+
+    def dense_backward(self, X, W, dA, activation, A, Z, dW, db, dX=None):
+        if activation != "identity":
+            if activation == "gelu" and Z is None:
+                raise ValueError("dense_backward of gelu needs the pre-activation Z")
+            self._launch(dA.dtype, "act_grad", dA.size,
+                         (A, Z, np.int64(dA.size), np.int32(ACTIVATION_CODES[activation]), dA))
+        self._matmul(X.T, dA, dW)
+        self._colsum(dA, db, 1.0, None)
+        if dX is not None:
+            self._matmul(dA, W.T, dX)
+
+    def _colsum(self, M, out, scale: float, slot) -> None:
+        """out[slot * o:][:o] = scale * M.sum(0) for M (n, o), summed in double."""
+        n, o = M.shape
+        dt = M.dtype
+        if n <= ONE_PASS_ROWS:
+            self._launch(dt, "colsum_rows", o,
+                         (M, np.int64(n), np.int64(o), np.float64(scale), out, slot))
+            return
+        chunks = -(-n // SUM_CHUNK)
+        partial = self._scratch("colsum", (chunks, o), np.float64)
+        self._launch(dt, "colsum_chunks", chunks * o, (M, np.int64(n), np.int64(o), partial))
+        self._launch(dt, "colsum_store", o, (partial, np.int64(chunks), np.int64(o),
+                                             np.float64(scale), out, slot))
+
+    # ------------------------------------------------------------------ loss
+    def loss(self, kind, Y, T, dY, out):
+        self._loss(kind, Y, T, dY, out, None)
+
+    def _loss(self, kind: str, Y, T, dY, out, slot) -> None:
+        n, o = Y.shape
+        dt = Y.dtype
+        T = self._targets(T, dt)
+        if kind == "cross_entropy":
+            name = "xent_labels" if T.dtype == np.int64 else "xent_probs"
+            grad_scale, value_scale = 1.0 / n, 1.0 / n
+        elif kind == "binary_cross_entropy":
+            name, grad_scale, value_scale = "bce", 1.0 / (n * o), 1.0 / (n * o)
+        elif kind == "mse":
+            name, grad_scale, value_scale = "mse", 2.0 / (n * o), 1.0 / (n * o)
+        else:
+            raise ValueError(f"unknown loss {kind!r}")
+        rows = self._scratch("row_loss", (n, 1), dt)
+        self._launch(dt, name, n, (Y, T, np.int64(n), np.int64(o), dt.type(grad_scale), dY, rows))
+        self._colsum(rows, out, value_scale, slot)
+
+    def _targets(self, T, dtype):
+        """T as the kernels read it: int64 labels, or rows of the model dtype (converted only
+        when given otherwise, which the training loop never does)."""
+        if T.dtype.kind in "iu":
+            return T if T.dtype == np.int64 else T.astype(np.int64)
+        return T if T.dtype == dtype else T.astype(dtype)
+
+    def count_correct(self, Y, T, out):
+        self._count_correct(Y, T, out, None)
+
+    def _count_correct(self, Y, T, out, slot) -> None:
+        n, o = Y.shape
+        dt = Y.dtype
+        T = self._targets(T, dt)
+        hits = self._scratch("hits", (n, 1), dt)
+        name = "correct_labels" if T.dtype == np.int64 else "correct_rows"
+        self._launch(dt, name, n, (Y, T, np.int64(n), np.int64(o), hits))
+        self._colsum(hits, out, 1.0, slot)
+
+    def check_step(self, loss, grads, step, halted):
+        self._check_step(loss, None, grads, step, None, halted)
+
+    def _check_step(self, loss, slot, grads, step: int, step_dev, halted) -> None:
+        self._launch(grads.dtype, "check_step", grads.size,
+                     (loss, slot, grads, np.int64(grads.size), np.int64(step), step_dev, halted))
+
+    # ------------------------------------------------------------------ optimizers
+    def sgd_step(self, params, grads, momentum_buf, hp, step, halted):
+        self._sgd(params, grads, momentum_buf if hp.momentum else None,
+                  self._hp_device("sgd", hp), step, None, halted)
+
+    def adam_step(self, params, grads, m, v, hp, step, halted):
+        self._adam(params, grads, m, v, self._hp_device("adam", hp), step, None, halted)
+
+    def rmsprop_step(self, params, grads, square_avg, momentum_buf, grad_avg, hp, step, halted):
+        self._rmsprop(params, grads, square_avg, momentum_buf if hp.momentum > 0 else None,
+                      grad_avg if hp.centered else None, self._hp_device("rmsprop", hp), halted)
+
+    def _sgd(self, params, grads, buf, hp_dev, step: int, step_dev, halted) -> None:
+        self._launch(params.dtype, "sgd_step", params.size,
+                     (params, grads, buf, np.int64(params.size), hp_dev, np.int64(step),
+                      step_dev, halted))
+
+    def _adam(self, params, grads, m, v, hp_dev, step: int, step_dev, halted) -> None:
+        self._launch(params.dtype, "adam_step", params.size,
+                     (params, grads, m, v, np.int64(params.size), hp_dev, np.int64(step),
+                      step_dev, halted))
+
+    def _rmsprop(self, params, grads, square_avg, buf, grad_avg, hp_dev, halted) -> None:
+        self._launch(params.dtype, "rmsprop_step", params.size,
+                     (params, grads, square_avg, buf, grad_avg, np.int64(params.size), hp_dev,
+                      halted))
+
+    def _hp_device(self, kernel: str, hp) -> Any:
+        """The hyper-parameters as a device vector, uploaded once per distinct set of values."""
+        values = hp_values(kernel, hp)
+        buf = self._hp_cache.get(values)
+        if buf is None:
+            if len(self._hp_cache) > 64:  # a schedule that changes lr every step
+                self._hp_cache.clear()
+            buf = self._hp_cache[values] = cupy.asarray(np.array(values, np.float64))
+        return buf
+
+    # ------------------------------------------------------------------ benchmark
+    def gemm_floor_seconds(self, sizes, batch_rows, dtype, repeats: int) -> list[float]:
+        """Seconds of each of ``repeats`` epochs of the matrix products alone (forward, dW and
+        dX of every step, batches of ``batch_rows`` rows, layer widths ``sizes``), by cuBLAS
+        into preallocated buffers with this backend's TF32 setting, timed by CUDA events. The
+        epoch is captured once as a graph and replayed, so host launch overhead is excluded:
+        no training epoch can be faster."""
+        rng = np.random.default_rng(0)
+        dtype = np.dtype(dtype)
+        Ws = [cupy.asarray((rng.standard_normal((i, o)) * 0.05).astype(dtype))
+              for i, o in zip(sizes[:-1], sizes[1:])]
+        plans = {}
+        for rows in set(batch_rows):
+            acts = [cupy.asarray(rng.standard_normal((rows, w)).astype(dtype)) for w in sizes]
+            grads = [cupy.asarray(rng.standard_normal((rows, w)).astype(dtype)) for w in sizes]
+            plans[rows] = (acts, grads, [cupy.empty(W.shape, dtype) for W in Ws])
+
+        def epoch() -> None:
+            for acts, grads, dWs in (plans[rows] for rows in batch_rows):
+                for layer, W in enumerate(Ws):
+                    self._matmul(acts[layer], W, acts[layer + 1])
+                for layer in reversed(range(len(Ws))):
+                    self._matmul(acts[layer].T, grads[layer + 1], dWs[layer])
+                    if layer:
+                        self._matmul(grads[layer + 1], Ws[layer].T, grads[layer])
+
+        stream = cupy.cuda.Stream(non_blocking=True)
+        stream.wait_event(cupy.cuda.get_current_stream().record())
+        with stream:
+            epoch()  # cuBLAS's handle and its choice of algorithms, outside the capture
+            stream.begin_capture()
+            try:
+                epoch()
+            finally:
+                graph = stream.end_capture()
+            graph.launch(stream)
+            times = []
+            for _ in range(repeats):
+                start, end = cupy.cuda.Event(), cupy.cuda.Event()
+                start.record(stream)
+                graph.launch(stream)
+                end.record(stream)
+                end.synchronize()
+                times.append(cupy.cuda.get_elapsed_time(start, end) / 1e3)
+        return times
+
+    # ------------------------------------------------------------------ whole epochs
+    def train_epoch(self, plan: EpochPlan) -> bool:
+        if not self.graphs or plan.optimizer not in _OPTIMIZER_KERNEL:
+            return False
+        runner = plan.cache.get("cupy-graphs")
+        if runner is None or runner.key != _plan_key(plan):
+            runner = plan.cache["cupy-graphs"] = _GraphRunner(self, plan)
+        runner.run(plan)
+        return True
+
+
+def hp_values(kernel: str, hp) -> tuple[float, ...]:
+    """``hp``'s numbers in the order of HP_LAYOUT[kernel] (booleans as 0.0 / 1.0)."""
+    return tuple(float(getattr(hp, name, False)) for name in HP_LAYOUT[kernel])
+
+
+def _plan_key(plan: EpochPlan) -> tuple:
+    """What a captured graph bakes in: the buffers (by identity), shapes and choices that
+    decide which kernels run. Anything else (hyper-parameter values, the step, the order of
+    rows) is read on the device, so a new epoch replays the same graphs."""
+    full, last = plan.workspaces
+    buffers = (plan.params, plan.grads, plan.X, plan.T, plan.step_loss, plan.step_correct,
+               plan.halted, full, last, *plan.state.values())
+    hp = plan.hp
+    choices = (bool(getattr(hp, "momentum", 0)), bool(getattr(hp, "centered", False)))
+    return (tuple(id(b) for b in buffers), tuple(sorted(plan.state)), plan.sizes,
+            plan.activations, plan.loss, plan.metric, plan.optimizer, plan.batch, plan.steps,
+            plan.order.shape, choices)
+
+
+class _Feed:
+    """Double-buffered batches of one data array kept in host memory: rows gathered on the host
+    into pinned buffers, copied to device staging buffers on a side stream."""
+
+    def __init__(self, source: HostArray, batch: int) -> None:
+        shape = (batch,) + source.shape[1:]
+        self.source = source.host
+        self.pinned = [cupyx.empty_pinned(shape, source.dtype) for _ in range(2)]
+        self.staging = [cupy.empty(shape, source.dtype) for _ in range(2)]
+
+    def gather(self, rows: np.ndarray, k: int) -> None:
+        np.take(self.source, rows, axis=0, out=self.pinned[k][:len(rows)])
+
+    def upload(self, rows: int, k: int, stream) -> None:
+        self.staging[k][:rows].set(self.pinned[k][:rows], stream=stream)
+
+
+class _GraphRunner:
+    """One fit's captured steps: a graph per workspace (full batch, last partial batch) and,
+    for streamed data, per staging buffer; the device step counter they read; the epoch's row
+    order; the hyper-parameters; scratch buffers of their own (a graph holds their addresses,
+    so they live exactly as long as the graphs)."""
+
+    def __init__(self, be: CupyBackend, plan: EpochPlan) -> None:
+        self.be, self.key = be, _plan_key(plan)
+        self.stream = cupy.cuda.Stream(non_blocking=True)
+        self.counter = cupy.zeros((2,), np.int64)  # {step in the epoch, optimizer step}
+        self.order = cupy.zeros(plan.order.shape, np.int64)
+        self.kernel = _OPTIMIZER_KERNEL[plan.optimizer]
+        self.hp = cupy.zeros((len(HP_LAYOUT[self.kernel]),), np.float64)
+        self.hp_values: tuple | None = None
+        self.scratch: dict[tuple, Any] = {}
+        self.graphs: dict[tuple[int, int], Any] = {}
+        self.layers = _layer_views(plan.sizes, plan.params, plan.grads)
+        self.feeds = {name: _Feed(getattr(plan, name), plan.batch)
+                      for name in ("X", "T") if isinstance(getattr(plan, name), HostArray)}
+        if self.feeds:
+            self.copy_stream = cupy.cuda.Stream(non_blocking=True)
+            self.copied = [cupy.cuda.Event(disable_timing=True) for _ in range(2)]
+            self.consumed = [cupy.cuda.Event(disable_timing=True) for _ in range(2)]
+
+    # ------------------------------------------------------------------ per epoch
+    def run(self, plan: EpochPlan) -> None:
+        caller = cupy.cuda.get_current_stream()
+        order_host = self._host_order(plan) if self.feeds else None
+        fence = caller.record()  # everything queued before: weights, order, our own buffers
+        self.stream.wait_event(fence)
+        if self.feeds:
+            self.copy_stream.wait_event(fence)
+        with self.stream:
+            self._upload_hp(plan.hp)
+            self.counter.set(np.array([0, plan.first_step], np.int64))
+            if isinstance(plan.order, HostArray):
+                self.order.set(plan.order.host)
+            else:
+                self.order[...] = plan.order
+            if not self.graphs:
+                self._capture(plan)
+            if self.feeds:
+                self._run_streamed(plan, order_host)
+            else:
+                for s in range(plan.steps):
+                    self.graphs[(self._variant(plan, s), 0)].launch(self.stream)
+        caller.wait_event(self.stream.record())  # the caller's reads come after the epoch
+
+    def _variant(self, plan: EpochPlan, s: int) -> int:
+        full, last = plan.workspaces
+        return 1 if s == plan.steps - 1 and last is not full else 0
+
+    def _host_order(self, plan: EpochPlan) -> np.ndarray:
+        return plan.order.host if isinstance(plan.order, HostArray) else cupy.asnumpy(plan.order)
+
+    def _upload_hp(self, hp) -> None:
+        values = hp_values(self.kernel, hp)
+        if values != self.hp_values:
+            self.hp.set(np.array(values, np.float64))
+            self.hp_values = values
+
+    def _run_streamed(self, plan: EpochPlan, order: np.ndarray) -> None:
+        """Step s computes from staging buffer s % 2 while the rows of step s + 1 are gathered
+        on the host and copied into the other one. The host waits only for copies (before
+        refilling a pinned buffer), never for computation."""
+        self._feed(plan, order, 0)
+        for s in range(plan.steps):
+            k = s % 2
+            self.stream.wait_event(self.copied[k])
+            self.graphs[(self._variant(plan, s), k)].launch(self.stream)
+            self.consumed[k].record(self.stream)
+            if s + 1 < plan.steps:
+                self._feed(plan, order, s + 1)
+
+    def _feed(self, plan: EpochPlan, order: np.ndarray, s: int) -> None:
+        k = s % 2
+        rows = order[s * plan.batch:(s + 1) * plan.batch]
+        self.copied[k].synchronize()  # the pinned buffer's previous copy has finished
+        for feed in self.feeds.values():
+            feed.gather(rows, k)
+        self.copy_stream.wait_event(self.consumed[k])  # its staging buffer is no longer read
+        for feed in self.feeds.values():
+            feed.upload(len(rows), k, self.copy_stream)
+        self.copied[k].record(self.copy_stream)
+
+    # ------------------------------------------------------------------ capture
+    def _capture(self, plan: EpochPlan) -> None:
+        """Build the graphs. Each variant first runs its forward and backward pass once, not
+        captured, which compiles the kernels, creates cuBLAS's handle and allocates every
+        scratch buffer: a capture then allocates nothing. That pass writes only what every
+        step overwrites (the workspace, grads, the first step's result slots)."""
+        be = self.be
+        variants = [0] if plan.workspaces[1] is plan.workspaces[0] else [0, 1]
+        slots = [0, 1] if self.feeds else [0]
+        saved, be._scratch_cache = be._scratch_cache, self.scratch
+        try:
+            for v in variants:
+                for k in slots:
+                    self._step(plan, plan.workspaces[v], k, update=False)
+                    self.stream.begin_capture()
+                    try:
+                        self._step(plan, plan.workspaces[v], k, update=True)
+                    finally:
+                        graph = self.stream.end_capture()
+                    self.graphs[(v, k)] = graph
+        finally:
+            be._scratch_cache = saved
+
+    def _step(self, plan: EpochPlan, ws, k: int, update: bool) -> None:
+        """One training step as kernel launches on the current stream, reading the step's slot
+        and number from ``self.counter``."""
+        be = self.be
+        slot, step_dev = self.counter[0:1], self.counter[1:2]
+        for name, dst in (("X", ws.X), ("T", ws.T)):
+            feed = self.feeds.get(name)
+            if feed is not None:
+                dst[...] = feed.staging[k][:ws.rows]
+            else:
+                be._gather(getattr(plan, name), self.order, slot, plan.batch, dst)
+        X = ws.X
+        for (W, b, _, _), act, A, Z in zip(self.layers, plan.activations, ws.A, ws.Z):
+            be.dense_forward(X, W, b, act, A, Z)
+            X = A
+        Y = ws.A[-1]
+        be._loss(plan.loss, Y, ws.T, ws.dA[-1], plan.step_loss, slot)
+        if plan.metric:
+            be._count_correct(Y, ws.T, plan.step_correct, slot)
+        for layer in reversed(range(len(self.layers))):
+            W, _, dW, db = self.layers[layer]
+            X = ws.X if layer == 0 else ws.A[layer - 1]
+            dX = None if layer == 0 else ws.dA[layer - 1]
+            be.dense_backward(X, W, ws.dA[layer], plan.activations[layer], ws.A[layer],
+                              ws.Z[layer], dW, db, dX)
+        if not update:
+            return
+        be._check_step(plan.step_loss, slot, plan.grads, 0, step_dev, plan.halted)
+        self._update(plan, step_dev)
+        be._launch(plan.params.dtype, "advance_step", 1, (self.counter,))
+
+    def _update(self, plan: EpochPlan, step_dev) -> None:
+        be, hp, state = self.be, plan.hp, plan.state
+        p, g, halted = plan.params, plan.grads, plan.halted
+        if self.kernel == "sgd":
+            buf = state.get("momentum_buffer") if hp.momentum else None
+            be._sgd(p, g, buf, self.hp, 0, step_dev, halted)
+        elif self.kernel == "adam":
+            be._adam(p, g, state["exp_avg"], state["exp_avg_sq"], self.hp, 0, step_dev, halted)
+        else:
+            be._rmsprop(p, g, state["square_avg"],
+                        state.get("momentum_buffer") if hp.momentum > 0 else None,
+                        state.get("grad_avg") if hp.centered else None, self.hp, halted)
+
+
+def _layer_views(sizes, params, grads) -> list[tuple[Any, Any, Any, Any]]:
+    """(W, b, dW, db) per layer: views of the flat buffers, W (in, out) row-major then b."""
+    views, offset = [], 0
+    for i, o in zip(sizes[:-1], sizes[1:]):
+        w, b = slice(offset, offset + i * o), slice(offset + i * o, offset + i * o + o)
+        views.append((params[w].reshape(i, o), params[b], grads[w].reshape(i, o), grads[b]))
+        offset += i * o + o
+    return views

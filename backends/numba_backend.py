@@ -1,0 +1,192 @@
+"""The Numba backend: the contract's kernels compiled by Numba (``_numba_kernels.py``) on the
+CPU, float32 and float64, and a whole training epoch in one compiled call (``train_epoch``).
+
+GEMMs run inside the compiled kernels as ``np.dot(a, b, out)``, which Numba lowers to SciPy's
+BLAS, into the buffers passed in and with transposes as views. Threads: BLAS's for the GEMMs,
+Numba's for the (rare: see PARALLEL_MIN) parallel passes; ``NumbaBackend(threads=n)``,
+:meth:`NumbaBackend.set_threads` or NUMBA_NUM_THREADS set both.
+"""
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+import numba
+import numpy as np
+import scipy.linalg.cython_blas  # noqa: F401  (Numba's np.dot calls BLAS through SciPy)
+
+from . import _numba_kernels as K
+from .base import Backend, EpochPlan
+from .numpy_backend import blas_info
+
+
+# optimizer name -> the rule of the kernels
+_RULES = {"sgd": "sgd", "adam": "adam", "adamw": "adam", "rmsprop": "rmsprop"}
+
+
+def _hyper(rule: str, hp) -> tuple[tuple[float, ...] | None, ...]:
+    """The ``sgd``, ``adam``, ``rmsprop`` arguments of the kernels: ``rule``'s hyper-parameters
+    as floats in kernel order, None for the other rules."""
+    return tuple(tuple(float(getattr(hp, name)) for name in K.RULE_HP[rule]) if name == rule
+                 else None for name in K.RULE_HP)
+
+
+# A pass over fewer than 2 * PARALLEL_MIN elements runs serially. Measured on 2 cores with BLAS on
+# 2 threads: between GEMMs, BLAS's idle workers spin on the cores a parallel pass needs, and the
+# passes are memory-bound; at L's sizes (1M activations, 6.3M parameters) parallel passes gained
+# nothing (and cost 1.5x with libgomp's default active waiting), so only larger work uses them.
+PARALLEL_MIN = 1 << 22
+
+
+class NumbaBackend(Backend):
+    name = "numba"
+    dtypes = ("float32", "float64")
+
+    def __init__(self, threads: int | None = None) -> None:
+        """``threads``: as set_threads; by default NUMBA_NUM_THREADS where it is set (for BLAS
+        too), else Numba's and BLAS's own defaults (every core)."""
+        self._empty: dict[tuple, np.ndarray] = {}
+        if threads is None and os.environ.get("NUMBA_NUM_THREADS"):
+            threads = numba.config.NUMBA_NUM_THREADS
+        if threads is not None:
+            self.set_threads(threads)
+
+    # ----------------------------------------------------------------- threads
+    @property
+    def threads(self) -> int:
+        """Threads of the parallel kernels: NUMBA_NUM_THREADS, or what set_threads set (Numba
+        keeps this per calling thread)."""
+        return numba.get_num_threads()
+
+    def set_threads(self, n: int) -> None:
+        """Run the parallel kernels, and BLAS where threadpoolctl is installed, on ``n`` threads
+        (1 to NUMBA_NUM_THREADS)."""
+        limit = numba.config.NUMBA_NUM_THREADS
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+            raise TypeError(f"threads must be an integer, got {type(n).__name__}")
+        if not 1 <= n <= limit:
+            raise ValueError(f"threads must lie in 1..{limit} (NUMBA_NUM_THREADS), got {n}")
+        numba.set_num_threads(int(n))
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            return
+        threadpool_limits(int(n), user_api="blas")
+
+    def _par(self, size: int) -> int | None:
+        """The ``par`` argument of the kernels for work of ``size`` elements."""
+        return PARALLEL_MIN if size >= 2 * PARALLEL_MIN and numba.get_num_threads() > 1 else None
+
+    def _or_empty(self, buf, like) -> np.ndarray:
+        """``buf``, or an empty array of ``like``'s dtype where a kernel's buffer is unused (so
+        the kernel is compiled once, not once more for None)."""
+        if buf is not None:
+            return buf
+        key = (like.dtype, like.ndim)
+        empty = self._empty.get(key)
+        if empty is None:
+            empty = self._empty[key] = np.empty((0,) * like.ndim, like.dtype)
+        return empty
+
+    # ----------------------------------------------------------------- plumbing
+    def asarray(self, host, dtype=None):
+        return np.array(host, dtype=dtype, order="C", copy=True)
+
+    def to_host(self, array):
+        return np.array(array, copy=True)
+
+    def empty(self, shape, dtype):
+        return np.empty(shape, dtype)
+
+    def zeros(self, shape, dtype):
+        return np.zeros(shape, dtype)
+
+    def copy(self, src, out):
+        np.copyto(out, src, casting="unsafe")
+
+    def take_rows(self, src, index, out):
+        np.take(src, index, axis=0, out=out)
+
+    def synchronize(self):
+        pass
+
+    def device_info(self):
+        try:
+            layer = numba.threading_layer()
+        except ValueError:  # no parallel kernel has run yet
+            layer = numba.config.THREADING_LAYER
+        return {"device": "cpu", "name": platform.processor() or platform.machine(),
+                "cores": os.cpu_count(), "numpy": np.__version__, "numba": numba.__version__,
+                "threads": self.threads, "threading_layer": layer, "blas": blas_info()}
+
+    # ------------------------------------------------------------------ dense layer
+    def dense_forward(self, X, W, b, activation, A, Z=None):
+        K.dense_forward(X, W, b, K.ACTIVATION_CODES[activation], A if Z is None else Z, A,
+                        Z is not None, self._par(A.size))
+
+    def dense_backward(self, X, W, dA, activation, A, Z, dW, db, dX=None):
+        if Z is None and activation == "gelu":
+            raise ValueError("dense_backward of a gelu layer needs its pre-activation Z")
+        K.dense_backward(X, W, dA, K.ACTIVATION_CODES[activation], A, A if Z is None else Z,
+                         dW, db, dA if dX is None else dX, dX is not None, self._par(dA.size))
+
+    # ------------------------------------------------------------------ loss
+    def loss(self, kind, Y, T, dY, out):
+        if kind == "cross_entropy":
+            kernel = K.softmax_xent_labels if T.ndim == 1 else K.softmax_xent_rows
+        else:
+            kernel = K.binary_xent if kind == "binary_cross_entropy" else K.mse
+        kernel(Y, T, dY, out)
+
+    def count_correct(self, Y, T, out):
+        (K.count_correct_labels if T.ndim == 1 else K.count_correct_rows)(Y, T, out)
+
+    def check_step(self, loss, grads, step, halted):
+        K.check_step(loss, grads, int(step), halted, self._par(grads.size))
+
+    # ------------------------------------------------------------------ optimizers
+    def sgd_step(self, params, grads, momentum_buf, hp, step, halted):
+        self._step("sgd", params, grads, (momentum_buf,), hp, step, halted)
+
+    def adam_step(self, params, grads, m, v, hp, step, halted):
+        self._step("adam", params, grads, (m, v), hp, step, halted)
+
+    def rmsprop_step(self, params, grads, square_avg, momentum_buf, grad_avg, hp, step, halted):
+        self._step("rmsprop", params, grads, (square_avg, momentum_buf, grad_avg), hp, step,
+                   halted)
+
+    def _step(self, rule, params, grads, states, hp, step, halted):
+        K.optimizer_step(params, grads, self._states(states, params), *_hyper(rule, hp),
+                         int(step), halted, self._par(params.size))
+
+    def _states(self, states, params) -> tuple[np.ndarray, ...]:
+        """Three state buffers, an empty array for each one that is None or absent."""
+        states = list(states) + [None] * (3 - len(states))
+        return tuple(self._or_empty(buf, params) for buf in states)
+
+    # ------------------------------------------------------------------ a whole epoch
+    def train_epoch(self, plan: EpochPlan) -> bool:
+        rule = _RULES.get(plan.optimizer)
+        if rule is None:
+            return False
+        net, work, targets = plan.cache.get("numba") or \
+            plan.cache.setdefault("numba", self._epoch_buffers(plan))
+        labeled = plan.T.ndim == 1
+        states = self._states([plan.state.get(name) for name in K.RULE_STATE[rule]], plan.params)
+        widest = max(plan.params.size, plan.batch * max(plan.sizes))
+        K.train_epoch(net, (plan.X, plan.order, plan.batch), work,
+                      (plan.step_loss, plan.step_correct, plan.halted), plan.first_step,
+                      K.LOSS_CODES[plan.loss], plan.metric, targets if labeled else None,
+                      None if labeled else targets, states, *_hyper(rule, plan.hp),
+                      self._par(widest))
+        return True
+
+    def _epoch_buffers(self, plan: EpochPlan) -> tuple[Any, Any, tuple]:
+        """The epoch kernel's view of the model (flat buffers and a layer table), its per-step
+        scratch (the full workspace's X; flat A, dA and Z of every layer) and the targets pair
+        (all of them, the full workspace's T)."""
+        dtype, ws = plan.params.dtype, plan.workspaces[0]
+        layers, a_size, z_size = K.layer_table(plan.sizes, plan.activations, plan.batch)
+        work = (ws.X, np.empty(a_size, dtype), np.empty(a_size, dtype), np.empty(z_size, dtype))
+        return (plan.params, plan.grads, layers), work, (plan.T, ws.T)

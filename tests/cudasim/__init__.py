@@ -1,0 +1,74 @@
+"""Runs the CuPy backend without a GPU: its production CUDA kernels built for the CPU
+(compiler.py, cpu_emulation.h) behind a strict stand-in for CuPy (shim.py).
+
+``register()`` adds the backend ``cupy-cudasim`` to the registry: the real
+``backends/cupy_backend.py``, loaded a second time with ``cupy`` bound to the shim, so that the
+whole parametrized suite runs through its host code (buffers, launches, graph capture and
+replay, streams, transfers) and its kernels. Only tests do this; the package never does.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+from . import compiler, shim
+
+NAME = "cupy-cudasim"
+_why_not: list[str] = []
+
+
+def unavailable_reason() -> str | None:
+    """Why the emulation cannot run here (no host C++ compiler), or None."""
+    if not _why_not:
+        try:
+            compiler.host_compiler()
+            _why_not.append("")
+        except compiler.CompilerUnavailable as err:
+            _why_not.append(str(err))
+    return _why_not[0] or None
+
+
+def load_backend_module():
+    """A fresh copy of bpkernels.backends.cupy_backend whose ``cupy`` is the shim."""
+    import bpkernels.backends as package
+    path = Path(package.__file__).resolve().parent / "cupy_backend.py"
+    spec = importlib.util.spec_from_file_location("bpkernels.backends._cupy_backend_cudasim", path)
+    module = importlib.util.module_from_spec(spec)
+    replacements = shim.modules()
+    saved = {name: sys.modules.get(name) for name in replacements}
+    sys.modules.update(replacements)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        for name, previous in saved.items():
+            if previous is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = previous
+    return module
+
+
+_module = []
+
+
+def backend_module():
+    if not _module:
+        _module.append(load_backend_module())
+    return _module[0]
+
+
+def make_backend(**options):
+    """A CupyBackend on the shim, named ``cupy-cudasim``."""
+    backend = backend_module().CupyBackend(**options)
+    backend.name = NAME
+    return backend
+
+
+def register() -> bool:
+    """Add ``cupy-cudasim`` to the registry when the emulation can run here."""
+    if unavailable_reason() is not None:
+        return False
+    from bpkernels.backends import register as add
+    add(NAME, make_backend)
+    return True

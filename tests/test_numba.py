@@ -1,0 +1,270 @@
+"""What is specific to the Numba backend (the rest of the suite runs on it like on any backend):
+the whole-epoch kernel against the per-kernel loop, the parallel kernels against the serial
+ones, threads, the compile flags, and that "auto" picks it on a CPU."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import bpkernels as bpk
+from bpkernels.backends.base import Backend
+
+pytest.importorskip("numba")
+pytest.importorskip("scipy")
+from bpkernels.backends import _numba_kernels as K  # noqa: E402
+from bpkernels.backends.numba_backend import NumbaBackend  # noqa: E402
+
+JIT = os.environ.get("NUMBA_DISABLE_JIT", "0") in ("", "0")
+
+OPTIMIZERS = {
+    "sgd": lambda: bpk.SGD(lr=0.1),
+    "sgd-momentum-dampening-wd": lambda: bpk.SGD(lr=0.05, momentum=0.8, dampening=0.1,
+                                                 weight_decay=0.01),
+    "sgd-nesterov": lambda: bpk.SGD(lr=0.05, momentum=0.9, nesterov=True),
+    "adam-l2": lambda: bpk.Adam(lr=0.01, betas=(0.8, 0.99), weight_decay=0.01),
+    "adamw": lambda: bpk.AdamW(lr=0.01),
+    "rmsprop": lambda: bpk.RMSprop(lr=0.01),
+    "rmsprop-centered-momentum-wd": lambda: bpk.RMSprop(lr=0.005, momentum=0.5, centered=True,
+                                                        weight_decay=0.01),
+}
+# (loss, outputs, targets): every target kind the epoch kernel handles
+LOSSES = {
+    "cross_entropy-labels": ("cross_entropy", 3, "labels"),
+    "cross_entropy-probs": ("cross_entropy", 3, "probs"),
+    "binary_cross_entropy": ("binary_cross_entropy", 1, "binary"),
+    "mse": ("mse", 2, "values"),
+}
+
+
+def _problem(kind: str, outputs: int, n: int = 50, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, 5))
+    if kind == "labels":
+        y = rng.integers(0, outputs, n)
+    elif kind == "probs":
+        y = rng.dirichlet(np.ones(outputs), n)
+    elif kind == "binary":
+        y = (X[:, 0] > 0).astype(float)
+    else:
+        y = X[:, :outputs] @ rng.standard_normal((outputs, outputs))
+    return X, y
+
+
+def _train(per_kernel: bool, monkeypatch, make_opt, loss, outputs, kind, dtype="float64",
+           epochs=3, activation=("tanh", "gelu")):
+    """A 5-7-6-k model trained for a few epochs of batches of 16 (the last one 2 rows), by the
+    epoch kernel or, with ``per_kernel``, by train.py's loop of kernel calls."""
+    with monkeypatch.context() as patch:
+        if per_kernel:
+            patch.setattr(NumbaBackend, "train_epoch", Backend.train_epoch)
+        X, y = _problem(kind, outputs)
+        model = bpk.MLP([5, 7, 6, outputs], activation=list(activation), backend="numba",
+                        dtype=dtype, seed=1)
+        history = bpk.fit(model, X, y, loss=loss, optimizer=make_opt(), epochs=epochs,
+                          batch_size=16, seed=4)
+    return model, history
+
+
+def _assert_same_training(fused, per_kernel, rtol):
+    (m1, h1), (m2, h2) = fused, per_kernel
+    close = dict(rtol=rtol, atol=rtol * 1e-2)
+    np.testing.assert_allclose(h1["loss"], h2["loss"], **close)
+    if "accuracy" in h1.epochs[0]:
+        assert h1["accuracy"] == h2["accuracy"]
+    np.testing.assert_allclose(m1.params, m2.params, **close, err_msg="weights")
+    np.testing.assert_allclose(m1.grads, m2.grads, **close, err_msg="last step's gradients")
+    assert m1.optimizer.step_count == m2.optimizer.step_count
+    assert set(m1.optimizer.state) == set(m2.optimizer.state)
+    for name, buf in m1.optimizer.state.items():
+        np.testing.assert_allclose(buf, m2.optimizer.state[name], **close, err_msg=name)
+
+
+# ====================================================================== the epoch kernel
+def test_the_epoch_kernel_runs(monkeypatch):
+    """fit() on the Numba backend takes the one-call path (not the per-kernel fallback)."""
+    calls = []
+    original = NumbaBackend.train_epoch
+
+    def spy(self, plan):
+        done = original(self, plan)
+        calls.append(done)
+        return done
+
+    monkeypatch.setattr(NumbaBackend, "train_epoch", spy)
+    _train(False, monkeypatch, OPTIMIZERS["sgd"], *LOSSES["cross_entropy-labels"], epochs=2)
+    assert calls == [True, True]
+
+
+@pytest.mark.parametrize("loss_case", LOSSES)
+@pytest.mark.parametrize("opt_case", OPTIMIZERS)
+def test_epoch_kernel_matches_the_per_kernel_loop(monkeypatch, opt_case, loss_case):
+    """Same weights, gradients, optimizer state, per-epoch loss and accuracy after three epochs
+    (shuffled, a partial last batch), float64 to 1e-12: the two paths run the same kernels."""
+    args = (OPTIMIZERS[opt_case], *LOSSES[loss_case])
+    _assert_same_training(_train(False, monkeypatch, *args), _train(True, monkeypatch, *args),
+                          rtol=1e-12)
+
+
+@pytest.mark.parametrize("activation", [("relu", "leaky_relu"), ("sigmoid", "identity")])
+def test_epoch_kernel_matches_in_float32(monkeypatch, activation):
+    args = (OPTIMIZERS["adamw"], *LOSSES["cross_entropy-labels"])
+    kw = dict(dtype="float32", activation=activation)
+    _assert_same_training(_train(False, monkeypatch, *args, **kw),
+                          _train(True, monkeypatch, *args, **kw), rtol=1e-5)
+
+
+def test_epoch_kernel_divergence_latches_like_the_per_kernel_loop(monkeypatch):
+    """check_step runs before every update: the same step is reported and the same (last
+    finite) weights are kept."""
+    results = []
+    for per_kernel in (False, True):
+        with monkeypatch.context() as patch:
+            if per_kernel:
+                patch.setattr(NumbaBackend, "train_epoch", Backend.train_epoch)
+            X, y = _problem("values", 1, n=64)
+            model = bpk.MLP([5, 16, 1], backend="numba", dtype="float32", seed=0)
+            with pytest.raises(bpk.TrainingDiverged) as info:
+                bpk.fit(model, X, y * 1e3, loss="mse", optimizer=bpk.SGD(lr=10.0), epochs=50,
+                        batch_size=8)
+            results.append((info.value.global_step, model.optimizer.step_count,
+                            model.backend.to_host(model.params)))
+    (step, count, params), (step2, count2, params2) = results
+    assert (step, count) == (step2, count2) and count == step - 1
+    assert np.isfinite(params).all()
+    np.testing.assert_array_equal(params, params2)
+
+
+def test_an_optimizer_it_does_not_know_falls_back_to_the_kernels():
+    class Renamed(bpk.SGD):
+        name = "renamed-sgd"
+
+    X, y = _problem("labels", 3)
+    models = [bpk.MLP([5, 4, 3], backend="numba", dtype="float64", seed=2) for _ in range(2)]
+    bpk.fit(models[0], X, y, optimizer=Renamed(lr=0.1), epochs=2, batch_size=16)
+    bpk.fit(models[1], X, y, optimizer=bpk.SGD(lr=0.1), epochs=2, batch_size=16)
+    np.testing.assert_allclose(models[0].params, models[1].params, rtol=1e-12, atol=1e-14)
+
+
+# ====================================================================== parallel kernels
+# The backend runs a pass in parallel only above millions of elements; ``par`` (the fewest
+# elements per chunk) set low here runs the same drivers on small arrays.
+PAR = 64
+
+
+def test_parallel_dense_kernels_match_serial():
+    rng = np.random.default_rng(0)
+    X, W = rng.standard_normal((300, 40)), rng.standard_normal((40, 50)) / 7
+    b, dA0 = rng.standard_normal(50), rng.standard_normal((300, 50))
+    results = []
+    for par in (None, PAR):
+        Z, A = np.empty((300, 50)), np.empty((300, 50))
+        K.dense_forward(X, W, b, K.GELU, Z, A, True, par)
+        dA, dW, db, dX = dA0.copy(), np.empty((40, 50)), np.empty(50), np.empty((300, 40))
+        K.dense_backward(X, W, dA, K.GELU, A, Z, dW, db, dX, True, par)
+        results.append((Z, A, dA, dW, db, dX))
+    for serial, parallel in zip(*results):
+        # db sums each chunk's rows first, then the chunks: rounding may differ a little
+        np.testing.assert_allclose(parallel, serial, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("rule", ["sgd", "adam", "rmsprop"])
+def test_parallel_optimizer_and_check_match_serial(rule):
+    from bpkernels.backends.numba_backend import _hyper
+    hp = {"sgd": bpk.SGD(lr=0.1, momentum=0.9, weight_decay=0.1),
+          "adam": bpk.AdamW(lr=0.01), "rmsprop": bpk.RMSprop(momentum=0.5, centered=True)}[rule]
+    rng = np.random.default_rng(1)
+    p0, grads = rng.standard_normal(1001), [rng.standard_normal(1001) for _ in range(3)]
+    results = []
+    for par in (None, PAR):
+        p, states = p0.copy(), tuple(np.zeros(1001) for _ in range(3))
+        halted = np.zeros(1, np.int64)
+        for step, g in enumerate(grads, start=1):
+            K.check_step(np.ones(1), g, step, halted, par)
+            K.optimizer_step(p, g, states, *_hyper(rule, hp), step, halted, par)
+        g = grads[0].copy()
+        g[777] = np.inf
+        K.check_step(np.ones(1), g, 9, halted, par)
+        results.append((p, *states, halted))
+    for serial, parallel in zip(*results):
+        np.testing.assert_array_equal(parallel, serial)
+    assert results[1][-1][0] == 9
+
+
+# ====================================================================== threads and flags
+def test_threads_option_sets_numba_and_blas_threads():
+    import numba
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    be = bpk.get_backend("numba")
+    before = be.threads
+    try:
+        be.set_threads(1)
+        assert be.threads == numba.get_num_threads() == 1
+        pools = [p for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
+        assert pools and all(p["num_threads"] == 1 for p in pools)
+        assert be.device_info()["threads"] == 1
+    finally:
+        be.set_threads(before)
+    with pytest.raises(ValueError, match="threads"):
+        be.set_threads(0)
+    with pytest.raises(ValueError, match="threads"):
+        be.set_threads(numba.config.NUMBA_NUM_THREADS + 1)
+    with pytest.raises(TypeError):
+        be.set_threads(1.5)
+
+
+def test_numba_num_threads_is_the_default():
+    pytest.importorskip("threadpoolctl")
+    code = ("import bpkernels as bpk, threadpoolctl; b = bpk.get_backend('numba'); "
+            "blas = threadpoolctl.threadpool_info(); print(type(b).__name__, b.threads, "
+            "*[p['num_threads'] for p in blas if p['user_api'] == 'blas'])")
+    env = dict(os.environ, NUMBA_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True)
+    name, *threads = out.stdout.split()
+    assert name == "NumbaBackend" and threads and set(threads) == {"1"}  # Numba's and BLAS's
+
+
+@pytest.mark.skipif(not JIT, reason="NUMBA_DISABLE_JIT: no compiled kernels")
+def test_kernels_are_cached_and_compiled_without_fastmath():
+    from numba.core.caching import FunctionCache
+    from numba.core.registry import CPUDispatcher
+    dispatchers = [obj for obj in vars(K).values() if isinstance(obj, CPUDispatcher)]
+    assert len(dispatchers) > 20
+    for kernel in dispatchers:
+        assert isinstance(kernel._cache, FunctionCache), kernel  # cache=True
+        options = kernel.targetoptions
+        assert not options.get("fastmath"), kernel
+        assert options.get("error_model") == "numpy" and options.get("boundscheck") is False
+
+
+@pytest.mark.skipif(not JIT, reason="NUMBA_DISABLE_JIT: no compiled kernels")
+def test_a_second_process_loads_the_compiled_kernel(tmp_path):
+    code = ("import numpy as np; from bpkernels.backends import _numba_kernels as K; "
+            "Y = np.ones((2, 3)); K.mse(Y, Y, np.empty((2, 3)), np.empty(1)); "
+            "print(sum(K.mse.stats.cache_hits.values()), sum(K.mse.stats.cache_misses.values()))")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                           check=True).stdout.split() for _ in range(2)]
+    assert runs == [["0", "1"], ["1", "0"]]  # compiled once, then loaded from the cache
+
+
+def test_auto_picks_numba_on_a_cpu():
+    names = bpk.available_backends()
+    assert names.index("numba") < names.index("numpy")
+    if "cupy" not in names:
+        assert bpk.get_backend("auto").name == "numba"
+
+
+def test_missing_numba_names_the_extra(monkeypatch):
+    from bpkernels import backends
+    monkeypatch.setitem(sys.modules, "numba", None)  # import numba -> ModuleNotFoundError
+    monkeypatch.delitem(sys.modules, "bpkernels.backends.numba_backend", raising=False)
+    monkeypatch.delitem(backends._instances, "numba", raising=False)
+    monkeypatch.delitem(backends._unavailable, "numba", raising=False)
+    with pytest.raises(bpk.BackendUnavailable, match=r"bpkernels\[numba\]"):
+        bpk.get_backend("numba")
+    monkeypatch.delitem(backends._unavailable, "numba", raising=False)
