@@ -29,8 +29,8 @@ from .base import ACTIVATIONS, LEAKY_RELU_SLOPE, LOSSES
 _FLAGS = dict(cache=True, nogil=True, error_model="numpy", boundscheck=False, fastmath=False)
 jit = numba.njit(**_FLAGS)
 pjit = numba.njit(parallel=True, **_FLAGS)
-# Inlined into its callers by Numba itself (for code LLVM judges too big to inline, but which
-# must be inlined into a loop for the loop to vectorize).
+# Inlined into its callers by Numba itself: code that must be inlined into a loop for the loop
+# to vectorize but that LLVM judges too big to inline (tanh).
 inline = numba.njit(inline="always", **_FLAGS)
 
 MAX_CHUNKS = 64

@@ -18,7 +18,7 @@ import scipy.linalg.cython_blas  # noqa: F401  (Numba's np.dot calls BLAS throug
 
 from . import _numba_kernels as K
 from .base import Backend, EpochPlan
-from .numpy_backend import blas_info
+from .numpy_backend import HostMemory, blas_info
 
 
 # optimizer name -> the rule of the kernels
@@ -39,7 +39,7 @@ def _hyper(rule: str, hp) -> tuple[tuple[float, ...] | None, ...]:
 PARALLEL_MIN = 1 << 22
 
 
-class NumbaBackend(Backend):
+class NumbaBackend(HostMemory, Backend):
     name = "numba"
     dtypes = ("float32", "float64")
 
@@ -88,28 +88,6 @@ class NumbaBackend(Backend):
         if empty is None:
             empty = self._empty[key] = np.empty((0,) * like.ndim, like.dtype)
         return empty
-
-    # ----------------------------------------------------------------- plumbing
-    def asarray(self, host, dtype=None):
-        return np.array(host, dtype=dtype, order="C", copy=True)
-
-    def to_host(self, array):
-        return np.array(array, copy=True)
-
-    def empty(self, shape, dtype):
-        return np.empty(shape, dtype)
-
-    def zeros(self, shape, dtype):
-        return np.zeros(shape, dtype)
-
-    def copy(self, src, out):
-        np.copyto(out, src, casting="unsafe")
-
-    def take_rows(self, src, index, out):
-        np.take(src, index, axis=0, out=out)
-
-    def synchronize(self):
-        pass
 
     def device_info(self):
         try:

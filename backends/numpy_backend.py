@@ -36,20 +36,10 @@ _ONE_OVER_SQRT_2PI = 0.3989422804014326779
 _SQRT_HALF = 0.7071067811865475244
 
 
-class NumpyBackend(Backend):
-    name = "numpy"
+class HostMemory:
+    """The plumbing of a backend whose device arrays are NumPy arrays in host memory (NumPy,
+    Numba): put first among the bases, it implements the contract's plumbing methods."""
 
-    def __init__(self) -> None:
-        self._scratch_cache: dict[tuple, np.ndarray] = {}
-
-    def _scratch(self, tag: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-        key = (tag, shape, np.dtype(dtype))
-        buf = self._scratch_cache.get(key)
-        if buf is None:
-            buf = self._scratch_cache[key] = np.empty(shape, dtype)
-        return buf
-
-    # ----------------------------------------------------------------- plumbing
     def asarray(self, host, dtype=None):
         return np.array(host, dtype=dtype, order="C", copy=True)
 
@@ -70,6 +60,20 @@ class NumpyBackend(Backend):
 
     def synchronize(self):
         pass
+
+
+class NumpyBackend(HostMemory, Backend):
+    name = "numpy"
+
+    def __init__(self) -> None:
+        self._scratch_cache: dict[tuple, np.ndarray] = {}
+
+    def _scratch(self, tag: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        key = (tag, shape, np.dtype(dtype))
+        buf = self._scratch_cache.get(key)
+        if buf is None:
+            buf = self._scratch_cache[key] = np.empty(shape, dtype)
+        return buf
 
     def device_info(self):
         return {"device": "cpu", "name": platform.processor() or platform.machine(),
