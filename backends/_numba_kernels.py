@@ -126,22 +126,6 @@ def _sigmoid(z):
 
 
 @jit
-def _activate(act, z):
-    """act(z) for an activation code."""
-    if act == RELU:
-        return _relu(z)
-    if act == LEAKY_RELU:
-        return _leaky_relu(z)
-    if act == SIGMOID:
-        return _sigmoid(z)
-    if act == TANH:
-        return _tanh(z)
-    if act == GELU:
-        return _gelu(z)
-    return z
-
-
-@jit
 def _derivative(act, a, z):
     """act'(z), from the output ``a`` where that suffices (``z`` is read for gelu only).
     At z == 0 torch's choice: relu' = 0, leaky_relu' = slope; a NaN ``a`` gives NaN."""
@@ -173,10 +157,18 @@ def _bias_act_rows(Z, b, act, keep_z, A, r0, r1):
     o = A.shape[1]
     for r in range(r0, r1):
         if keep_z:
+            if act == GELU:  # the one activation whose layers keep Z
+                for j in range(o):
+                    z = Z[r, j] + b[j]
+                    Z[r, j] = z
+                    A[r, j] = _gelu(z)
+                continue
+            # Any other: A takes X @ W and is activated in place below, as without keep_z. (One
+            # generic loop here would compile every activation once more, for no caller.)
             for j in range(o):
+                A[r, j] = Z[r, j]
                 Z[r, j] += b[j]
-                A[r, j] = _activate(act, Z[r, j])
-        elif act == RELU:
+        if act == RELU:
             for j in range(o):
                 A[r, j] = _relu(A[r, j] + b[j])
         elif act == LEAKY_RELU:
