@@ -28,10 +28,14 @@ from .base import ACTIVATIONS, LEAKY_RELU_SLOPE, LOSSES
 # here is compute-bound enough for it to pay (the GEMMs are BLAS).
 _FLAGS = dict(cache=True, nogil=True, error_model="numpy", boundscheck=False, fastmath=False)
 jit = numba.njit(**_FLAGS)
-pjit = numba.njit(parallel=True, **_FLAGS)
+# Helpers only other kernels call get no Python entry point: the wrapper that unboxes their
+# arguments (the nested tuples of the epoch kernel above all) is a large part of compile time.
+_INTERNAL = dict(no_cpython_wrapper=True, no_cfunc_wrapper=True, **_FLAGS)
+helper = numba.njit(**_INTERNAL)
+phelper = numba.njit(parallel=True, **_INTERNAL)
 # Inlined into its callers by Numba itself: code that must be inlined into a loop for the loop
 # to vectorize but that LLVM judges too big to inline (tanh).
-inline = numba.njit(inline="always", **_FLAGS)
+inline = numba.njit(inline="always", **_INTERNAL)
 
 MAX_CHUNKS = 64
 
@@ -53,14 +57,14 @@ _TANH_TAYLOR = (1.0, -1.0 / 3, 2.0 / 15, -17.0 / 315, 62.0 / 2835, -1382.0 / 155
                 21844.0 / 6081075, -929569.0 / 638512875, 6404582.0 / 10854718875)
 
 
-@jit
+@helper
 def _chunks(size, par):
     """Into how many chunks of at least ``par`` elements to split work of ``size`` (1: serial).
     (Not the thread count: a compiled call of numba.get_num_threads() cannot be cached.)"""
     return 1 if par is None or size < 2 * par else min(size // par, MAX_CHUNKS)
 
 
-@jit
+@helper
 def _bounds(c, chunks, n):
     return c * n // chunks, (c + 1) * n // chunks
 
@@ -95,27 +99,27 @@ def _tanh(z):
     return z if z != z else t
 
 
-@jit
+@helper
 def _normal_cdf(z):
     return 0.5 * (1.0 + math.erf(z * _SQRT_HALF))
 
 
-@jit
+@helper
 def _gelu(z):
     return z * _normal_cdf(z)
 
 
-@jit
+@helper
 def _gelu_derivative(z):  # d/dz z Phi(z) = Phi(z) + z phi(z)
     return _normal_cdf(z) + math.exp(z * z * -0.5) * _ONE_OVER_SQRT_2PI * z
 
 
-@jit
+@helper
 def _relu(z):
     return 0.0 if z <= 0 else z  # NaN stays NaN (as np.maximum), so divergence is not hidden
 
 
-@jit
+@helper
 def _leaky_relu(z):
     return z if z > 0 else z * _SLOPE
 
@@ -125,7 +129,7 @@ def _sigmoid(z):
     return 0.5 * (1.0 + _tanh(0.5 * z))  # never overflows, unlike 1 / (1 + exp(-z))
 
 
-@jit
+@helper
 def _derivative(act, a, z):
     """act'(z), from the output ``a`` where that suffices (``z`` is read for gelu only).
     At z == 0 torch's choice: relu' = 0, leaky_relu' = slope; a NaN ``a`` gives NaN."""
@@ -149,7 +153,7 @@ def _derivative(act, a, z):
 # mispredict.) The backward copies call _derivative with ``act``, not a constant (for which
 # Numba would compile a specialization): in each copy LLVM knows ``act`` and folds the rest.
 
-@jit
+@helper
 def _bias_act_rows(Z, b, act, keep_z, A, r0, r1):
     """Rows r0..r1: z = Z + b; Z = z when ``keep_z``; A = act(z). Without ``keep_z``, ``Z`` must
     be ``A``: the loops then read and write A alone, which LLVM vectorizes without the overlap
@@ -188,7 +192,7 @@ def _bias_act_rows(Z, b, act, keep_z, A, r0, r1):
                 A[r, j] += b[j]
 
 
-@pjit
+@phelper
 def _bias_act_par(Z, b, act, keep_z, A, chunks):
     for c in numba.prange(chunks):
         r0, r1 = _bounds(c, chunks, Z.shape[0])
@@ -207,7 +211,7 @@ def dense_forward(X, W, b, act, Z, A, keep_z, par):
         _bias_act_par(Z, b, act, keep_z, A, chunks)
 
 
-@jit
+@helper
 def _grad(dA, act, A, Z, r, j):
     """dA[r, j] *= act'(A or Z at r, j); returns the product. In the dtype of dA, which for
     float32 keeps the loop in single precision (LLVM folds the casts of 0, 1 and a)."""
@@ -216,7 +220,7 @@ def _grad(dA, act, A, Z, r, j):
     return dz
 
 
-@jit
+@helper
 def _grad_rows(dA, act, A, Z, total, r0, r1):
     """Rows r0..r1: dA *= act'(A or Z) in place, each row then added to the column sums
     ``total``, row after row and in the dtype, as NumPy's add.reduce does."""
@@ -242,7 +246,7 @@ def _grad_rows(dA, act, A, Z, total, r0, r1):
                 total[j] += dA[r, j]
 
 
-@pjit
+@phelper
 def _grad_rows_par(dA, act, A, Z, totals, chunks):
     for c in numba.prange(chunks):
         r0, r1 = _bounds(c, chunks, dA.shape[0])
@@ -274,7 +278,7 @@ def dense_backward(X, W, dA, act, A, Z, dW, db, dX, with_dx, par):
 # Each writes dY = d(mean loss)/dY and out[0] = the mean loss. Row and element losses are formed
 # before they are summed (in float64): a difference of two large sums would cancel.
 
-@jit
+@helper
 def _row_max(Y, r):
     m = Y[r, 0]
     for j in range(1, Y.shape[1]):
@@ -283,7 +287,7 @@ def _row_max(Y, r):
     return m
 
 
-@jit
+@helper
 def _exp_shifted(Y, r, m, dY):
     """dY[r] = exp(Y[r] - m) (max-subtraction keeps exp finite); returns their float64 sum."""
     s = 0.0
@@ -355,7 +359,7 @@ def mse(Y, T, dY, out):
     out[0] = total / (n * o)
 
 
-@jit
+@helper
 def _argmax(Y, r):
     """The first maximum of row r."""
     best, k = Y[r, 0], 0
@@ -390,7 +394,7 @@ def count_correct_rows(Y, T, out):
 
 
 # ------------------------------------------------------------------------- divergence
-@jit
+@helper
 def _finite(x):
     bad = False
     for i in range(x.size):
@@ -398,7 +402,7 @@ def _finite(x):
     return not bad
 
 
-@pjit
+@phelper
 def _finite_par(x, chunks):
     ok = np.empty(chunks, np.bool_)
     for c in numba.prange(chunks):
@@ -437,7 +441,7 @@ RULE_STATE = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq"),
               "rmsprop": ("square_avg", "momentum_buffer", "grad_avg")}
 
 
-@jit
+@helper
 def _sgd(p, g, buf, hp, first):
     cast = p.dtype.type
     lr, momentum, undamped, weight_decay = cast(hp[0]), cast(hp[1]), cast(1.0 - hp[2]), cast(hp[4])
@@ -453,7 +457,7 @@ def _sgd(p, g, buf, hp, first):
         p[i] = p[i] - d * lr
 
 
-@jit
+@helper
 def _adam(p, g, m, v, hp, step_size, root_bc2):
     cast = p.dtype.type
     beta1, beta2, eps, weight_decay = cast(hp[1]), cast(hp[2]), cast(hp[3]), cast(hp[4])
@@ -473,7 +477,7 @@ def _adam(p, g, m, v, hp, step_size, root_bc2):
         p[i] = p[i] - m[i] / (math.sqrt(v[i]) / root_bc2 + eps) * step_size
 
 
-@jit
+@helper
 def _rmsprop(p, g, square_avg, buf, grad_avg, hp):
     cast = p.dtype.type
     lr, alpha, eps, weight_decay = cast(hp[0]), cast(hp[1]), cast(hp[2]), cast(hp[3])
@@ -495,7 +499,7 @@ def _rmsprop(p, g, square_avg, buf, grad_avg, hp):
         p[i] = p[i] - d * lr
 
 
-@jit
+@helper
 def _update(p, g, states, sgd, adam, rmsprop, step):
     s1, s2, s3 = states
     if sgd is not None:
@@ -507,7 +511,7 @@ def _update(p, g, states, sgd, adam, rmsprop, step):
         _rmsprop(p, g, s1, s2, s3, rmsprop)
 
 
-@pjit
+@phelper
 def _update_par(p, g, states, sgd, adam, rmsprop, step, chunks):
     s1, s2, s3 = states
     for c in numba.prange(chunks):
@@ -556,7 +560,7 @@ def layer_table(sizes, activations, batch):
     return np.array(rows, dtype=np.int64), a, z
 
 
-@jit
+@helper
 def _layer(net, work, layer, rows):
     """Views of one layer: W, b, dW, db, A, dA, Z (Z is A where the layer keeps no Z)."""
     params, grads, layers = net
@@ -569,7 +573,7 @@ def _layer(net, work, layer, rows):
     return W, params[b:b + o], dW, grads[b:b + o], A, dA, Z
 
 
-@jit
+@helper
 def _gather(src, index, dst):
     """dst[r] = src[index[r]] for the rows of a batch. Four rows at a time: four streams of
     cache misses in flight gather M's batches ~1.4x faster than one."""
@@ -586,7 +590,7 @@ def _gather(src, index, dst):
             dst[r, j] = src[index[r], j]
 
 
-@jit
+@helper
 def _forward(net, work, rows, par):
     layers = net[2]
     X = work[0][:rows]
@@ -597,7 +601,7 @@ def _forward(net, work, rows, par):
         X = A
 
 
-@jit
+@helper
 def _backward(net, work, rows, par):
     """Backward through every layer; returns whether every gradient is finite, each layer's
     read right after BLAS wrote it, while it is still in cache (as check_step would find,
@@ -606,12 +610,11 @@ def _backward(net, work, rows, par):
     finite = True
     for layer in range(layers.shape[0] - 1, -1, -1):
         W, _, dW, db, A, dA, Z = _layer(net, work, layer, rows)
-        act = layers[layer, 4]
-        if layer == 0:
-            dense_backward(work[0][:rows], W, dA, act, A, Z, dW, db, dA, False, par)
-        else:
+        with_dx = layer > 0  # a runtime flag: a literal True / False compiles dense_backward twice
+        X, dX = work[0][:rows], dA
+        if with_dx:
             _, _, _, _, X, dX, _ = _layer(net, work, layer - 1, rows)
-            dense_backward(X, W, dA, act, A, Z, dW, db, dX, True, par)
+        dense_backward(X, W, dA, layers[layer, 4], A, Z, dW, db, dX, with_dx, par)
         finite = _finite(dW.ravel()) and _finite(db) and finite
     return finite
 
