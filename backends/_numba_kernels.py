@@ -20,6 +20,7 @@ import math
 import numba
 import numpy as np
 
+from ._numba_blas import gemm
 from .base import ACTIVATIONS, LEAKY_RELU_SLOPE, LOSSES
 
 # Compile flags, in one place. fastmath stays off: its no-NaN/no-inf assumptions would let LLVM
@@ -201,9 +202,10 @@ def _bias_act_par(Z, b, act, keep_z, A, chunks):
 
 @jit
 def dense_forward(X, W, b, act, Z, A, keep_z, par):
-    """Z = X @ W (BLAS) then, in one pass, Z += b and A = act(Z); ``Z`` is written only when
-    ``keep_z`` (else pass ``A`` as ``Z``: the product lands in A and is activated in place)."""
-    np.dot(X, W, Z)
+    """Z = X @ W (by NumPy's BLAS) then, in one pass, Z += b and A = act(Z); ``Z`` is written
+    only when ``keep_z`` (else pass ``A`` as ``Z``: the product lands in A and is activated in
+    place)."""
+    gemm(X, W, Z)
     chunks = _chunks(Z.size, par)
     if par is None or chunks == 1:
         _bias_act_rows(Z, b, act, keep_z, A, 0, Z.shape[0])
@@ -269,9 +271,9 @@ def dense_backward(X, W, dA, act, A, Z, dW, db, dX, with_dx, par):
         for c in range(1, chunks):
             column += totals[c, j]
         db[j] = column
-    np.dot(X.T, dA, dW)
+    gemm(X.T, dA, dW)
     if with_dx:
-        np.dot(dA, W.T, dX)
+        gemm(dA, W.T, dX)
 
 
 # ------------------------------------------------------------------------- losses

@@ -1,8 +1,8 @@
 """The Numba backend: the contract's kernels compiled by Numba (``_numba_kernels.py``) on the
 CPU, float32 and float64, and a whole training epoch in one compiled call (``train_epoch``).
 
-GEMMs run inside the compiled kernels as ``np.dot(a, b, out)``, which Numba lowers to SciPy's
-BLAS, into the buffers passed in and with transposes as views. Threads: BLAS's for the GEMMs,
+GEMMs run inside the compiled kernels by the BLAS NumPy uses (``_numba_blas.py``), into the
+buffers passed in and with transposes as views. Threads: BLAS's for the GEMMs,
 Numba's for the (rare: see PARALLEL_MIN) parallel passes; ``NumbaBackend(threads=n)``,
 :meth:`NumbaBackend.set_threads` or NUMBA_NUM_THREADS set both.
 """
@@ -14,9 +14,9 @@ from typing import Any
 
 import numba
 import numpy as np
-import scipy.linalg.cython_blas  # noqa: F401  (Numba's np.dot calls BLAS through SciPy)
 
 from . import _numba_kernels as K
+from ._numba_blas import BLAS_SOURCE
 from .base import Backend, EpochPlan
 from .numpy_backend import HostMemory, blas_info
 
@@ -96,7 +96,8 @@ class NumbaBackend(HostMemory, Backend):
             layer = numba.config.THREADING_LAYER
         return {"device": "cpu", "name": platform.processor() or platform.machine(),
                 "cores": os.cpu_count(), "numpy": np.__version__, "numba": numba.__version__,
-                "threads": self.threads, "threading_layer": layer, "blas": blas_info()}
+                "threads": self.threads, "threading_layer": layer, "blas": blas_info(),
+                "gemm": BLAS_SOURCE}
 
     # ------------------------------------------------------------------ dense layer
     def dense_forward(self, X, W, b, activation, A, Z=None):

@@ -268,3 +268,76 @@ def test_missing_numba_names_the_extra(monkeypatch):
     with pytest.raises(bpk.BackendUnavailable, match=r"bpkernels\[numba\]"):
         bpk.get_backend("numba")
     monkeypatch.delitem(backends._unavailable, "numba", raising=False)
+
+
+# --------------------------------------------------------------------------- the GEMM
+GEMM_SHAPES = [(5, 7, 3), (1, 4, 1), (3, 1, 2), (33, 65, 17)]
+
+
+def _gemm_operands(m, k, n, dtype, rng):
+    """Every layout gemm takes: A and B C-ordered, or transposes (views) of C-ordered arrays."""
+    A = rng.standard_normal((m, k)).astype(dtype)
+    B = rng.standard_normal((k, n)).astype(dtype)
+    A_t = np.ascontiguousarray(A.T).T
+    B_t = np.ascontiguousarray(B.T).T
+    return [(A, B), (A_t, B), (A, B_t), (A_t, B_t)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", GEMM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gemm_matches_the_float64_product_in_every_layout(dtype, shape):
+    from bpkernels.backends._numba_blas import gemm
+    run = numba_jit_gemm() if JIT else gemm
+    tolerance = 1e-5 if dtype == "float32" else 1e-13
+    for a, b in _gemm_operands(*shape, dtype, np.random.default_rng(1)):
+        C = np.full((shape[0], shape[2]), np.nan, dtype)
+        run(a, b, C)
+        reference = a.astype(np.float64) @ b.astype(np.float64)
+        np.testing.assert_allclose(C, reference, rtol=tolerance, atol=tolerance)
+
+
+def numba_jit_gemm():
+    import numba
+    from bpkernels.backends._numba_blas import gemm
+
+    @numba.njit
+    def run(A, B, C):
+        gemm(A, B, C)
+    return run
+
+
+@pytest.mark.skipif(not JIT, reason="NUMBA_DISABLE_JIT: no compiled kernels")
+def test_gemm_uses_numpys_blas_here():
+    """NumPy's wheels ship an OpenBLAS with 64-bit CBLAS entry points; the kernels use it."""
+    from bpkernels.backends._numba_blas import BLAS_SOURCE
+    if "openblas" not in str(np.__config__.CONFIG["Build Dependencies"]["blas"]).lower():
+        pytest.skip("this NumPy is not built with OpenBLAS")
+    assert BLAS_SOURCE == "numpy"
+    assert bpk.get_backend("numba").device_info()["gemm"] == "numpy"
+
+
+@pytest.mark.skipif(not JIT, reason="NUMBA_DISABLE_JIT: no compiled kernels")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_gemm_fallback_for_a_numpy_without_cblas64(dtype):
+    """The fallback that the symbols point to where NumPy's BLAS has no 64-bit CBLAS: called
+    through its C address, as compiled kernels call it, in every layout."""
+    import ctypes
+
+    from numba import types
+
+    from bpkernels.backends import _numba_blas as blas
+    real = types.float32 if dtype == "float32" else types.float64
+    c_real = ctypes.c_float if dtype == "float32" else ctypes.c_double
+    i32, i64, ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
+    call = ctypes.CFUNCTYPE(None, i32, i32, i32, i64, i64, i64, c_real, ptr, i64, ptr, i64,
+                            c_real, ptr, i64)(blas._fallback_gemm(real))
+    m, k, n = 6, 5, 4
+    for a, b in _gemm_operands(m, k, n, dtype, np.random.default_rng(2)):
+        C = np.full((m, n), np.nan, dtype)
+        (trans_a, lda), (trans_b, ldb) = blas._storage(a), blas._storage(b)
+        call(blas._ROW_MAJOR, blas._TRANS if trans_a else blas._NO_TRANS,
+             blas._TRANS if trans_b else blas._NO_TRANS, m, n, k, 1.0, a.ctypes.data, lda,
+             b.ctypes.data, ldb, 0.0, C.ctypes.data, n)
+        reference = a.astype(np.float64) @ b.astype(np.float64)
+        tolerance = 1e-5 if dtype == "float32" else 1e-13
+        np.testing.assert_allclose(C, reference, rtol=tolerance, atol=tolerance)
