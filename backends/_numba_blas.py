@@ -22,7 +22,6 @@ import os
 import llvmlite.binding as llvm
 import numba
 import numpy as np
-import scipy.linalg.cython_blas  # noqa: F401  (np.dot in the fallback calls BLAS through SciPy)
 from numba import types
 from numba.extending import overload, register_jitable
 
@@ -70,6 +69,7 @@ def _fallback_gemm(real):
     """A compiled function with the CBLAS signature that computes the product by ``np.dot``,
     for the calls ``gemm`` makes: row-major storage, contiguous rows (ld = columns). The
     pointers are typed here, which changes nothing in the C calling convention."""
+    import scipy.linalg.cython_blas  # noqa: F401  (Numba's np.dot calls BLAS through SciPy)
     pointer, i32, i64 = types.CPointer(real), types.int32, types.int64
     signature = types.void(i32, i32, i32, i64, i64, i64, real, pointer, i64, pointer, i64, real,
                            pointer, i64)
