@@ -1,60 +1,29 @@
-"""The one parametrization source of the kernel, gradient and optimizer tests, and the one table
-of tolerances per dtype.
+"""The kernel, gradient and optimizer tests' fixtures, on top of the bpkernels pytest plugin
+(bpkernels/_pytest_plugin.py): the plugin's ``bpk_backend`` and ``bpk_dtype`` are the one
+parametrization source, and bpkernels.testing.TOLERANCES the one table of tolerances per dtype.
 
-A backend that joins the registry (``bpkernels.backends._REGISTRY``) and can run here is tested
-by the whole suite with no change to any test: every fixture below draws from
-``bpkernels.available_backends()``.
+A backend that joins the registry (``bpkernels.backends.register``) is tested by the whole suite
+with no change to any test; one that cannot run here shows up as skipped, with the reason.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
 import bpkernels
 import cudasim
+from bpkernels.testing import TOLERANCES, Tolerance
 
 # The CuPy backend's host code and CUDA kernels, run on the CPU (tests/cudasim): a backend
-# like any other to every test below, named "cupy-cudasim", wherever a C++ compiler is.
+# like any other to every test below, named "cupy-cudasim", wherever a C++ compiler is. The
+# plugin reads the registry when tests are collected, after this import.
 cudasim.register()
-BACKENDS = tuple(bpkernels.available_backends())
-DTYPES = ("float32", "float64")
 
 
-@dataclass(frozen=True)
-class Tol:
-    rtol: float
-    atol: float
-
-
-# Kernel results versus the float64 reference evaluated on the *same* inputs (float32 inputs are
-# widened exactly), so the only difference is the kernel's own rounding. Inputs in the tests are
-# of unit scale, so absolute and relative errors are comparable.
-#   float64: eps = 2.2e-16. The longest sums in the tests have 64 terms (dW, db over a batch of
-#            64 rows): their rounding is up to ~64 eps ~ 1.4e-14 of the sum of |terms|. 1e-12
-#            leaves room for BLAS summation order and the package's own erf (Cody's, ~1e-16),
-#            while a wrong formula (a missing factor, a wrong derivative) is off by >= 1e-8.
-#            Measured: the NumPy backend passes every test with 10x tighter bounds, not 100x.
-#   float32: eps = 1.2e-7. The same sums err by a few 1e-7 of their scale; rtol 1e-5 (~80 ulp)
-#            and atol 1e-6 cover that and results that cancel to ~0 (the GELU derivative near its
-#            zero at z ~ -0.75, dW entries summing terms of both signs). Measured: 10x tighter
-#            fails dW over 64 rows and 5-step momentum trajectories, so the headroom is 3-10x.
-#            A GPU backend must not use TF32 matmuls (errors ~1e-3) to pass it.
-TOL = {
-    "float64": Tol(rtol=1e-12, atol=1e-12),
-    "float32": Tol(rtol=1e-5, atol=1e-6),
-}
-
-
-@pytest.fixture(params=[(b, d) for b in BACKENDS for d in DTYPES],
-                ids=[f"{b}-{d}" for b in BACKENDS for d in DTYPES])
-def backend_dtype(request):
-    """(backend name, dtype name): every available backend with each dtype it supports."""
-    name, dtype = request.param
-    if dtype not in bpkernels.get_backend(name).dtypes:
-        pytest.skip(f"backend {name!r} does not support {dtype}")
-    return request.param
+@pytest.fixture
+def backend_dtype(bpk_backend, bpk_dtype):
+    """(backend name, dtype name): every registered backend with each dtype it supports."""
+    return bpk_backend, bpk_dtype
 
 
 @pytest.fixture
@@ -69,14 +38,14 @@ def dtype(backend_dtype):
 
 
 @pytest.fixture
-def tol(dtype) -> Tol:
-    return TOL[dtype.name]
+def tol(bpk_tolerance) -> Tolerance:
+    return bpk_tolerance
 
 
-@pytest.fixture(params=BACKENDS)
-def backend_name(request):
-    """Every available backend, alone: for float64 model-level tests (finite differences)."""
-    return request.param
+@pytest.fixture
+def backend_name(bpk_backend):
+    """Every registered backend, alone: for float64 model-level tests (finite differences)."""
+    return bpk_backend
 
 
 @pytest.fixture
@@ -107,6 +76,6 @@ def assert_close(tol):
 
 
 @pytest.fixture
-def tolerances() -> dict[str, Tol]:
+def tolerances() -> dict[str, Tolerance]:
     """The whole table, for tests that compare across dtypes (float32 model vs float64)."""
-    return TOL
+    return TOLERANCES
