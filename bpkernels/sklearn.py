@@ -1,0 +1,590 @@
+"""scikit-learn estimators around :class:`bpkernels.MLP`: ``MLPClassifier`` and ``MLPRegressor``.
+
+``from bpkernels.sklearn import MLPClassifier`` needs scikit-learn (``pip install
+"bpkernels[sklearn]"``); ``import bpkernels`` never imports this module.
+
+Choices where scikit-learn's own MLP leaves room, or where ours differs:
+
+- A binary problem has one output trained with ``binary_cross_entropy`` (sigmoid), as
+  scikit-learn does; more classes have one output each, trained with ``cross_entropy``
+  (softmax). Multilabel targets are refused. The regressor trains ``mse`` (the mean over all
+  elements, without scikit-learn's factor 1/2) and predicts arrays shaped like the ``y`` it was
+  fitted on.
+- ``batch_size`` is 32 by default; ``"auto"`` means ``min(200, n_samples)`` as in scikit-learn.
+- ``random_state`` gives one seed: an int is used as is, None or a RandomState draws one at fit
+  time. It sets the initial weights, the batch order of every epoch and the early-stopping split.
+- Stopping follows scikit-learn: training ends once the training loss (or, with
+  ``early_stopping``, the validation score: accuracy or R^2) has not improved by ``tol`` for more
+  than ``n_iter_no_change`` epochs in a row, else after ``max_iter`` epochs with a
+  ConvergenceWarning. Early stopping restores the weights of the best validation epoch (the
+  optimizer state stays that of the last epoch, as in scikit-learn).
+- ``fit`` with ``warm_start`` continues the fitted model with a fresh optimizer (as scikit-learn);
+  ``partial_fit`` trains one more epoch with the optimizer and its state carried over. Both need
+  the architecture, backend and dtype unchanged. ``loss_curve_`` and ``n_iter_`` then
+  accumulate; the stopping criterion starts afresh with every ``fit``.
+- Pickling stores the model as host arrays (architecture, weights, optimizer state), never
+  backend objects; unpickling rebuilds it on the same backend, or on "auto" where that one is
+  unavailable (as :func:`bpkernels.load` does).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+import warnings
+from typing import Any, Callable
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+try:
+    from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.metrics import r2_score
+    from sklearn.model_selection import train_test_split
+    from sklearn.utils import check_random_state
+    from sklearn.utils.multiclass import check_classification_targets, unique_labels
+    from sklearn.utils.validation import check_is_fitted
+except ImportError as err:
+    raise ImportError('bpkernels.sklearn needs scikit-learn: pip install "bpkernels[sklearn]" '
+                      f"({err})") from err
+
+try:
+    from sklearn.utils.validation import validate_data as _validate_data
+except ImportError:  # scikit-learn < 1.6 validates through a method instead
+    def _validate_data(estimator, X="no_validation", y="no_validation", **kwargs):
+        return estimator._validate_data(X, y, **kwargs)
+
+from .activations import hidden_activations
+from .backends import BackendUnavailable, get_backend
+from .model import MLP, resolve_dtype
+from .optim import Optimizer, make_optimizer
+from .train import fit as _train
+
+__all__ = ["MLPClassifier", "MLPRegressor"]
+
+# scikit-learn's name for the sigmoid, so its users' settings carry over.
+_ACTIVATION_ALIASES = {"logistic": "sigmoid"}
+_AUTO_BATCH = 200
+_DEFAULT_LEARNING_RATE = 1e-3
+
+
+class _BaseMLP(BaseEstimator):
+    """The estimator contract shared by the classifier and the regressor; subclasses say how
+    targets become model outputs and outputs become predictions."""
+
+    _stratify = False  # whether the early-stopping split keeps the class proportions
+
+    def __init__(self, hidden_layer_sizes=(100,), activation="relu", *, optimizer="adam",
+                 learning_rate=_DEFAULT_LEARNING_RATE, weight_decay=0.0, batch_size=32,
+                 max_iter=200, shuffle=True, random_state=None, tol=1e-4, n_iter_no_change=10,
+                 early_stopping=False, validation_fraction=0.1, backend="auto", dtype="float32",
+                 verbose=False, warm_start=False):
+        self.hidden_layer_sizes = hidden_layer_sizes
+        self.activation = activation
+        self.optimizer = optimizer
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.batch_size = batch_size
+        self.max_iter = max_iter
+        self.shuffle = shuffle
+        self.random_state = random_state
+        self.tol = tol
+        self.n_iter_no_change = n_iter_no_change
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.backend = backend
+        self.dtype = dtype
+        self.verbose = verbose
+        self.warm_start = warm_start
+
+    # ------------------------------------------------------------------ training
+    def fit(self, X: ArrayLike, y: ArrayLike) -> "_BaseMLP":
+        """Train for up to ``max_iter`` epochs (see the module docstring for when it stops)."""
+        return self._fit(X, y, incremental=False)
+
+    def _fit(self, X, y, incremental: bool):
+        settings = self._check_params()
+        if incremental and settings["early_stopping"]:
+            raise ValueError("partial_fit does not support early_stopping=True (it trains one "
+                             "epoch on the data given); use fit, or set early_stopping=False")
+        continuing = hasattr(self, "model_") and (incremental or settings["warm_start"])
+        if not continuing:
+            # A new model: if this fit fails, the estimator is unfitted, not half the old one.
+            self.__dict__.pop("model_", None)
+        X, y = _validate_data(self, X, y, reset=not continuing, dtype=(np.float64, np.float32),
+                              **self._y_checks())
+        T, n_outputs = self._encode_targets(y, continuing, incremental)
+        if continuing:
+            model = self.model_
+            self._check_same_architecture(model, settings, X.shape[1], n_outputs)
+        else:
+            model = MLP([X.shape[1], *settings["hidden_layer_sizes"], n_outputs],
+                        activation=settings["activation"], backend=settings["backend"],
+                        dtype=settings["dtype"], seed=_seed(self.random_state))
+        keep_optimizer = incremental and model.optimizer is not None
+        optimizer = None if keep_optimizer else self._make_optimizer(settings)
+        X = np.asarray(X, dtype=model.dtype)
+        loss = self._model_loss(n_outputs)
+
+        X_val = T_val = None
+        if settings["early_stopping"]:
+            X, X_val, T, T_val = self._validation_split(X, T, settings["validation_fraction"],
+                                                        model.seed)
+        batch_size = settings["batch_size"]
+        if batch_size == "auto":
+            batch_size = min(_AUTO_BATCH, X.shape[0])
+        epochs = 1 if incremental else settings["max_iter"]
+        score = None if X_val is None else \
+            (lambda: self._score_outputs(model.forward(X_val), T_val))
+        monitor = _StoppingMonitor(model, settings["tol"], settings["n_iter_no_change"], score)
+        try:
+            _train(model, X, T, loss=loss, optimizer=optimizer, epochs=epochs,
+                   batch_size=batch_size, shuffle=settings["shuffle"], seed=model.seed,
+                   callbacks=[monitor], progress=bool(settings["verbose"]))
+        except KeyboardInterrupt:
+            # scikit-learn's MLP keeps what was trained so far; so do we.
+            warnings.warn("Training interrupted by user.")
+        if monitor.best_weights is not None:
+            model.set_weights(monitor.best_weights)
+        if not incremental and not monitor.stopped and len(monitor.losses) == epochs:
+            warnings.warn(f"Stochastic Optimizer: Maximum iterations ({epochs}) reached and the "
+                          "optimization hasn't converged yet.", ConvergenceWarning)
+        self._store_fitted(model, monitor, continuing, n_outputs)
+        return self
+
+    def _store_fitted(self, model: MLP, monitor: "_StoppingMonitor", continuing: bool,
+                      n_outputs: int) -> None:
+        previous = self.loss_curve_ if continuing else []
+        self.model_ = model
+        self.n_outputs_ = n_outputs
+        self.loss_curve_ = previous + monitor.losses
+        self.loss_ = self.loss_curve_[-1] if self.loss_curve_ else math.nan
+        self.n_iter_ = model.epochs_trained
+        early = monitor.score is not None
+        self.best_loss_ = None if early else min(self.loss_curve_, default=math.inf)
+        self.validation_scores_ = monitor.scores if early else None
+        self.best_validation_score_ = monitor.best if early else None
+
+    def _validation_split(self, X, T, fraction: float, seed: int):
+        stratify = T.reshape(T.shape[0], -1)[:, 0] if self._stratify else None
+        X_train, X_val, T_train, T_val = train_test_split(
+            X, T, test_size=fraction, random_state=seed, stratify=stratify)
+        if X_val.shape[0] < 2:
+            raise ValueError(f"The validation set is too small ({X_val.shape[0]} sample of "
+                             f"{X.shape[0]}): increase 'validation_fraction' (now {fraction}) "
+                             "or the size of your dataset")
+        return X_train, X_val, T_train, T_val
+
+    def _make_optimizer(self, settings: dict) -> Optimizer:
+        spec = settings["optimizer"]
+        if isinstance(spec, str):
+            return make_optimizer(spec, lr=settings["learning_rate"],
+                                  weight_decay=settings["weight_decay"])
+        # A copy per fit: the estimator's parameter stays unbound, so clone() and refits work.
+        fresh = copy.copy(spec)
+        Optimizer.__init__(fresh)  # drops any state, step count and model binding
+        return fresh
+
+    def _check_same_architecture(self, model: MLP, settings: dict, n_features: int,
+                                 n_outputs: int) -> None:
+        wanted = ([n_features, *settings["hidden_layer_sizes"], n_outputs],
+                  list(settings["activation"]), settings["backend"], settings["dtype"])
+        have = (list(model.sizes), list(model.activations), model.backend.name, model.dtype.name)
+        if wanted != have:
+            raise ValueError(
+                "warm_start and partial_fit continue the fitted model, so sizes, activation, "
+                f"backend and dtype must stay as they were: fitted {have}, now {wanted}; "
+                "refit with warm_start=False to start a new model")
+
+    # ------------------------------------------------------------------ inference
+    def _outputs(self, X: ArrayLike) -> np.ndarray:
+        check_is_fitted(self, "model_")
+        X = _validate_data(self, X, reset=False, dtype=(np.float64, np.float32))
+        return self.model_.forward(np.asarray(X, dtype=self.model_.dtype))
+
+    # ------------------------------------------------------------------ parameters
+    def _check_params(self) -> dict[str, Any]:
+        """The constructor parameters, validated and resolved (scikit-learn validates at fit)."""
+        sizes = _check_hidden_layer_sizes(self.hidden_layer_sizes)
+        activation = self.activation
+        if isinstance(activation, str):
+            activation = _ACTIVATION_ALIASES.get(activation.lower(), activation)
+        elif isinstance(activation, (list, tuple)):
+            activation = [_ACTIVATION_ALIASES.get(a.lower(), a) if isinstance(a, str) else a
+                          for a in activation]
+        else:
+            raise TypeError("activation must be a name or one name per hidden layer, got "
+                            f"{type(activation).__name__}")
+        settings = {
+            "hidden_layer_sizes": sizes,
+            "activation": hidden_activations(activation, len(sizes)),
+            "learning_rate": _check_real("learning_rate", self.learning_rate, low=0.0,
+                                         low_open=True),
+            "weight_decay": _check_real("weight_decay", self.weight_decay, low=0.0),
+            "batch_size": "auto" if _is_auto(self.batch_size) else
+            _check_int("batch_size", self.batch_size, 1, 'an integer >= 1 or "auto"'),
+            "max_iter": _check_int("max_iter", self.max_iter, 1),
+            "shuffle": _check_bool("shuffle", self.shuffle),
+            "tol": _check_real("tol", self.tol, low=0.0),
+            "n_iter_no_change": _check_int("n_iter_no_change", self.n_iter_no_change, 1),
+            "early_stopping": _check_bool("early_stopping", self.early_stopping),
+            "validation_fraction": _check_real("validation_fraction", self.validation_fraction,
+                                               low=0.0, low_open=True, high=1.0),
+            "verbose": bool(self.verbose) if isinstance(self.verbose, (bool, np.bool_)) else
+            _check_int("verbose", self.verbose, 0, "a bool or an integer >= 0"),
+            "warm_start": _check_bool("warm_start", self.warm_start),
+            "dtype": resolve_dtype(self.dtype).name,
+        }
+        _check_random_state(self.random_state)
+        settings["backend"] = get_backend(self.backend).name
+        settings["optimizer"] = self._check_optimizer(settings)
+        return settings
+
+    def _check_optimizer(self, settings: dict):
+        spec = self.optimizer
+        if isinstance(spec, str):
+            make_optimizer(spec)  # the unknown-name error, naming the valid ones
+            return spec
+        if not isinstance(spec, Optimizer):
+            raise TypeError("optimizer must be a name (sgd, adam, adamw, rmsprop) or a "
+                            f"bpkernels Optimizer, got {type(spec).__name__}")
+        # With an instance its own hyper-parameters rule; a conflicting estimator setting is
+        # an error rather than silently ignored.
+        conflicts = [
+            f"{name}={settings[name]} but optimizer has {attr}={getattr(spec, attr, None)}"
+            for name, attr, default in (("learning_rate", "lr", _DEFAULT_LEARNING_RATE),
+                                        ("weight_decay", "weight_decay", 0.0))
+            if settings[name] != default and settings[name] != getattr(spec, attr, None)]
+        if conflicts:
+            raise ValueError("learning_rate and weight_decay apply to an optimizer given by name; "
+                             f"set them on the {type(spec).__name__} instance instead ("
+                             + "; ".join(conflicts) + ")")
+        return spec
+
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self) -> dict:
+        # A copy: object.__getstate__ hands out the instance's own __dict__.
+        state = dict(super().__getstate__())
+        if "model_" in state:
+            state["model_"] = _model_to_host(state["model_"])
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        if "model_" in state:
+            state["model_"] = _model_from_host(state["model_"])
+        super().__setstate__(state)
+
+    # ------------------------------------------------------------------ subclass hooks
+    def _y_checks(self) -> dict:
+        """Keyword arguments of validate_data for y."""
+        raise NotImplementedError
+
+    def _encode_targets(self, y, continuing: bool, incremental: bool):
+        raise NotImplementedError
+
+    def _model_loss(self, n_outputs: int) -> str:
+        raise NotImplementedError
+
+    def _score_outputs(self, outputs: np.ndarray, T: np.ndarray) -> float:
+        raise NotImplementedError
+
+
+class MLPClassifier(ClassifierMixin, _BaseMLP):
+    """A multilayer perceptron classifier trained by bpkernels on any backend.
+
+    Parameters (stored as given, validated by ``fit``):
+
+    - ``hidden_layer_sizes`` (100,): one width per hidden layer (an int for one layer, () none).
+    - ``activation`` "relu": identity, relu, leaky_relu, sigmoid (alias "logistic"), tanh,
+      gelu; or one name per hidden layer. The output layer is linear (logits).
+    - ``optimizer`` "adam": sgd, adam, adamw or rmsprop, built with ``learning_rate`` (1e-3)
+      and ``weight_decay`` (0.0); or a :class:`bpkernels.Optimizer`, copied unbound at every
+      fit and then using its own hyper-parameters (a differing non-default
+      ``learning_rate``/``weight_decay`` is an error).
+    - ``batch_size`` 32 or "auto" (min(200, n_samples)); ``max_iter`` 200 epochs;
+      ``shuffle`` True; ``random_state`` None.
+    - ``tol`` 1e-4, ``n_iter_no_change`` 10, ``early_stopping`` False,
+      ``validation_fraction`` 0.1: the stopping rule of scikit-learn's MLP.
+    - ``backend`` "auto", ``dtype`` "float32": where and in what precision it trains.
+    - ``verbose`` False: a progress bar (or line) per epoch; ``warm_start`` False.
+
+    Fitted attributes: ``classes_``, ``n_features_in_``, ``feature_names_in_`` (for named
+    columns), ``model_`` (the :class:`bpkernels.MLP`), ``n_outputs_``, ``loss_curve_``,
+    ``loss_``, ``n_iter_`` (epochs trained), ``best_loss_`` (without early stopping),
+    ``validation_scores_`` and ``best_validation_score_`` (with it, for the last fit).
+    """
+
+    _stratify = True
+
+    def partial_fit(self, X: ArrayLike, y: ArrayLike,
+                    classes: ArrayLike | None = None) -> "MLPClassifier":
+        """One epoch over X, y on the current model (a new one on the first call, which needs
+        ``classes``: every label that will ever appear, e.g. ``np.unique(y_all)``)."""
+        if not hasattr(self, "model_"):
+            if classes is None:
+                raise ValueError("classes must be passed on the first call to partial_fit "
+                                 "(every label that will ever appear, e.g. np.unique(y_all))")
+            self._partial_classes = unique_labels(classes)
+        elif classes is not None and not np.array_equal(unique_labels(classes), self.classes_):
+            raise ValueError(f"classes={classes!r} differs from the classes of the previous "
+                             f"calls, {self.classes_!r}")
+        try:
+            return self._fit(X, y, incremental=True)
+        finally:
+            self.__dict__.pop("_partial_classes", None)
+
+    def _y_checks(self) -> dict:
+        return {}
+
+    def _encode_targets(self, y, continuing: bool, incremental: bool):
+        check_classification_targets(y)
+        present = unique_labels(y)
+        if continuing:
+            classes = self.classes_
+            if not incremental and set(present) != set(classes):
+                raise ValueError("warm_start can only be used where y has the same classes as "
+                                 f"in the previous call to fit: previously {classes}, y has "
+                                 f"{present}")
+        else:
+            classes = getattr(self, "_partial_classes", present)
+        unknown = np.setdiff1d(present, classes)
+        if unknown.size:
+            raise ValueError(f"y has labels {unknown} that are not among the classes {classes}")
+        if len(classes) < 2:
+            raise ValueError(f"a classifier needs at least 2 classes in y, got 1 class: {classes}")
+        self.classes_ = classes
+        T = np.searchsorted(classes, y).astype(np.int64)
+        if len(classes) == 2:
+            return T.astype(np.float64).reshape(-1, 1), 1
+        return T, len(classes)
+
+    def _model_loss(self, n_outputs: int) -> str:
+        return "binary_cross_entropy" if n_outputs == 1 else "cross_entropy"
+
+    def _score_outputs(self, outputs: np.ndarray, T: np.ndarray) -> float:
+        return float(np.mean(_class_index(outputs) == np.asarray(T).reshape(-1)))
+
+    def decision_function(self, X: ArrayLike) -> np.ndarray:
+        """The logits in float64: shape (n,) for two classes (> 0 means ``classes_[1]``),
+        else (n, n_classes)."""
+        Y = self._outputs(X).astype(np.float64)
+        return Y[:, 0] if Y.shape[1] == 1 else Y
+
+    def predict_proba(self, X: ArrayLike) -> np.ndarray:
+        """Class probabilities in float64, columns in the order of ``classes_``: the softmax
+        of the logits, or sigmoid and its complement for two classes."""
+        Y = self._outputs(X).astype(np.float64)
+        if Y.shape[1] == 1:
+            # sigmoid(-z) rather than 1 - sigmoid(z): no cancellation for confident rows.
+            return np.hstack([_sigmoid(-Y), _sigmoid(Y)])
+        Y -= Y.max(axis=1, keepdims=True)  # exp stays finite
+        np.exp(Y, out=Y)
+        Y /= Y.sum(axis=1, keepdims=True)
+        return Y
+
+    def predict_log_proba(self, X: ArrayLike) -> np.ndarray:
+        """The log of :meth:`predict_proba`."""
+        return np.log(self.predict_proba(X))
+
+    def predict(self, X: ArrayLike) -> np.ndarray:
+        """The most likely class of each row, a label from ``classes_``."""
+        index = _class_index(self._outputs(X))  # first: it raises NotFittedError
+        return self.classes_[index]
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_label = False
+        return tags
+
+    def _more_tags(self) -> dict:  # scikit-learn < 1.6
+        return {"multilabel": False}
+
+
+class MLPRegressor(RegressorMixin, _BaseMLP):
+    """A multilayer perceptron regressor trained by bpkernels (loss ``mse``) on any backend.
+
+    Parameters and fitted attributes as :class:`MLPClassifier`'s (less ``classes_``; the
+    validation score is R^2). ``y`` may be 1-D or 2-D; ``predict`` returns float64 arrays
+    shaped like it.
+    """
+
+    def partial_fit(self, X: ArrayLike, y: ArrayLike) -> "MLPRegressor":
+        """One epoch over X, y on the current model (a new one on the first call)."""
+        return self._fit(X, y, incremental=True)
+
+    def _y_checks(self) -> dict:
+        return {"multi_output": True, "y_numeric": True}
+
+    def _encode_targets(self, y, continuing: bool, incremental: bool):
+        y = np.asarray(y, dtype=np.float64)
+        n_outputs = 1 if y.ndim == 1 else y.shape[1]
+        if n_outputs < 1:
+            raise ValueError(f"y must have at least one column, got shape {y.shape}")
+        self._y_is_2d = y.ndim == 2
+        return y.reshape(y.shape[0], n_outputs), n_outputs
+
+    def _model_loss(self, n_outputs: int) -> str:
+        return "mse"
+
+    def _score_outputs(self, outputs: np.ndarray, T: np.ndarray) -> float:
+        return float(r2_score(T, outputs))
+
+    def predict(self, X: ArrayLike) -> np.ndarray:
+        """Predictions in float64 (scikit-learn's convention), shaped like the fitted ``y``."""
+        Y = self._outputs(X).astype(np.float64)
+        return Y if self._y_is_2d else Y[:, 0]
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        return tags
+
+    def _more_tags(self) -> dict:  # scikit-learn < 1.6
+        return {"multioutput": True}
+
+
+class _StoppingMonitor:
+    """The fit() callback that implements scikit-learn's stopping rule: more than ``patience``
+    epochs in a row without an improvement of ``tol`` in the training loss (or, when ``score``
+    is given, the validation score) ends training. With a score it keeps the best weights."""
+
+    def __init__(self, model: MLP, tol: float, patience: int,
+                 score: Callable[[], float] | None) -> None:
+        self.model, self.tol, self.patience, self.score = model, tol, patience, score
+        self.losses: list[float] = []
+        self.scores: list[float] = []
+        self.best = -math.inf if score is not None else math.inf
+        self.best_weights = None
+        self.bad_epochs = 0
+        self.stopped = False
+
+    def __call__(self, epoch: int, record: dict) -> bool:
+        self.losses.append(record["loss"])
+        if self.score is None:
+            loss = record["loss"]
+            self.bad_epochs = self.bad_epochs + 1 if loss > self.best - self.tol else 0
+            self.best = min(self.best, loss)
+        else:
+            score = self.score()
+            self.scores.append(score)
+            self.bad_epochs = self.bad_epochs + 1 if score < self.best + self.tol else 0
+            if score > self.best:
+                self.best = score
+                self.best_weights = self.model.get_weights()
+        self.stopped = self.bad_epochs > self.patience
+        return self.stopped
+
+
+# ---------------------------------------------------------------------- host form of a model
+
+def _model_to_host(model: MLP) -> dict[str, Any]:
+    """Architecture, weights and optimizer (hyper-parameters, state, steps) as host objects."""
+    be = model.backend
+    state = {"sizes": list(model.sizes), "activations": list(model.activations),
+             "dtype": model.dtype.name, "backend": be.name, "seed": model.seed,
+             "epochs_trained": model.epochs_trained, "params": be.to_host(model.params),
+             "optimizer": None}
+    opt = model.optimizer
+    if opt is not None:
+        unbound = copy.copy(opt)
+        Optimizer.__init__(unbound)  # hyper-parameters only: no device buffers, no model link
+        state["optimizer"] = {"optimizer": unbound, "step_count": opt.step_count,
+                              "state": {k: be.to_host(v) for k, v in opt.state.items()}}
+    return state
+
+
+def _model_from_host(state: dict[str, Any]) -> MLP:
+    try:
+        backend = get_backend(state["backend"]).name
+    except (BackendUnavailable, ValueError):
+        backend = "auto"
+    model = MLP(state["sizes"], state["activations"], backend=backend, dtype=state["dtype"],
+                seed=state["seed"])
+    be = model.backend
+    be.copy(be.asarray(state["params"]), model.params)
+    model.epochs_trained = state["epochs_trained"]
+    saved = state["optimizer"]
+    if saved is not None:
+        opt = saved["optimizer"]
+        opt.bind(model)
+        for name, host in saved["state"].items():
+            be.copy(be.asarray(host), opt.state[name])
+        opt.step_count = saved["step_count"]
+        model.optimizer = opt
+    return model
+
+
+# ---------------------------------------------------------------------- helpers
+
+def _seed(random_state) -> int:
+    """The model's seed: an int random_state as is, else one drawn from it (None: NumPy's
+    global RNG), as scikit-learn's check_random_state would."""
+    if isinstance(random_state, numbers.Integral):
+        return int(random_state)
+    return int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
+
+
+def _class_index(outputs: np.ndarray) -> np.ndarray:
+    if outputs.shape[1] == 1:
+        return (outputs[:, 0] > 0).astype(np.int64)
+    return np.argmax(outputs, axis=1)
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return np.exp(-np.logaddexp(0.0, -z))
+
+
+def _check_hidden_layer_sizes(value) -> tuple[int, ...]:
+    sizes = (value,) if isinstance(value, numbers.Integral) else value
+    if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__iter__"):
+        raise TypeError("hidden_layer_sizes must be an int or a sequence of ints (one width per "
+                        f"hidden layer, e.g. (100,) or (64, 32)), got {type(value).__name__}")
+    sizes = tuple(sizes)
+    if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1
+               for s in sizes):
+        raise ValueError("hidden_layer_sizes must hold positive integers (one width per hidden "
+                         f"layer, e.g. (100,) or (64, 32); () for none), got {value!r}")
+    return tuple(int(s) for s in sizes)
+
+
+def _check_int(name: str, value, minimum: int, allowed: str = "") -> int:
+    allowed = allowed or f"an integer >= {minimum}"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be {allowed}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return int(value)
+
+
+def _is_auto(value) -> bool:
+    return isinstance(value, str) and value == "auto"
+
+
+def _check_random_state(value) -> None:
+    allowed = "None, an integer >= 0 or a numpy RandomState"
+    if value is None or isinstance(value, np.random.RandomState):
+        return
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"random_state must be {allowed}, got {value!r}")
+    if not 0 <= value < 2**32:
+        raise ValueError(f"random_state must be {allowed} (below 2**32), got {value!r}")
+
+
+def _check_real(name: str, value, low: float, low_open: bool = False,
+                high: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    too_low = value <= low if low_open else value < low
+    if not math.isfinite(value) or too_low or (high is not None and value >= high):
+        bounds = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'})"
+        raise ValueError(f"{name} must be finite and lie in {bounds}, got {value}")
+    return value
+
+
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
