@@ -161,23 +161,26 @@ def parity_workload(config: Config) -> tuple[np.ndarray, np.ndarray, int]:
     return X, y, PARITY_STEPS // 4
 
 
-def backend_trajectory(backend: str, config: Config, dtype: str) -> Trajectory:
+def backend_trajectory(backend: str, config: Config, dtype: str, comm: Any = None) -> Trajectory:
     X, y, epochs = parity_workload(config)
     model = MLP(config.sizes, backend=backend, dtype=dtype, seed=SEED)
     history = fit(model, X, y, optimizer=SGD(lr=LEARNING_RATE), epochs=epochs,
-                  batch_size=config.batch, seed=SEED)
+                  batch_size=config.batch, seed=SEED, comm=comm)
     return Trajectory(history["loss"], [a for W, b in model.get_weights() for a in (W, b)])
 
 
 # --------------------------------------------------------------------------- timing
 def time_backend(backend: str, config: Config, dtype: str, repeats: int,
-                 threads: int | None) -> Result:
+                 threads: int | None, comm: Any = None) -> Result:
+    """``comm``: train data-parallel over its ranks (``bpk bench --ranks``, distributed.py)."""
     X, y = workload(config, dtype)
     model = MLP(config.sizes, backend=backend, dtype=dtype, seed=SEED)
     opt = SGD(lr=LEARNING_RATE)
     # The warm-up epoch absorbs JIT compilation and first-touch allocation.
-    warm = fit(model, X, y, optimizer=opt, epochs=1, batch_size=config.batch)["seconds"][0]
-    times = fit(model, X, y, optimizer=opt, epochs=repeats, batch_size=config.batch)["seconds"]
+    warm = fit(model, X, y, optimizer=opt, epochs=1, batch_size=config.batch,
+               comm=comm)["seconds"][0]
+    times = fit(model, X, y, optimizer=opt, epochs=repeats, batch_size=config.batch,
+                comm=comm)["seconds"]
     compile_seconds = max(0.0, warm - statistics.median(times))
     return Result.from_times(backend, "backend", config, dtype, times,
                              compile_seconds=compile_seconds, parity_rel_err=None, threads=threads)
@@ -377,6 +380,20 @@ def table(results: Sequence[Result]) -> str:
              for line in [header, *rows]]
     notes = [f"note: {r.name} {r.config} {r.dtype}: {r.note}" for r in results if r.note]
     return "\n".join(lines[:1] + ["  ".join("-" * w for w in widths)] + lines[1:] + notes)
+
+
+def scaling_table(results: Sequence[Result]) -> str:
+    """The table of ``bpk bench --ranks``: one row per (backend, config, dtype, ranks)."""
+    header = ("name", "config", "dtype", "ranks", "s/epoch", "(min-max)", "samples/s",
+              "speedup", "efficiency", "parity")
+    rows = [(r.name, r.config, r.dtype, str(r.extra["ranks"]), f"{r.seconds_per_epoch:.4g}",
+             f"{r.min_seconds:.3g}-{r.max_seconds:.3g}", f"{r.samples_per_sec:,.0f}",
+             f"{r.extra['speedup']:.2f}", f"{r.extra['efficiency']:.0%}",
+             "" if r.parity_rel_err is None else f"{r.parity_rel_err:.1e}") for r in results]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip()
+             for line in [header, *rows]]
+    return "\n".join(lines[:1] + ["  ".join("-" * w for w in widths)] + lines[1:])
 
 
 def to_json(results: Sequence[Result], machine: dict[str, Any],

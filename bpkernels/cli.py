@@ -24,6 +24,7 @@ import numpy as np
 
 import bpkernels
 from . import datasets
+from . import distributed
 from .activations import ACTIVATIONS, get_activation
 from .backends import backend_names, get_backend
 from .backends.base import LOSSES
@@ -191,6 +192,10 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", default=None, metavar="PATH", help="write a PNG bar chart")
     bench.add_argument("--quick", action="store_true",
                        help="a few batches per config and 2 repeats: a smoke test, not numbers")
+    bench.add_argument("--ranks", type=_rank_counts, default=None, metavar="LIST",
+                       help="MPI process counts like 1,2: time data-parallel training under "
+                            "mpiexec for each and report samples/s and scaling efficiency "
+                            "(--threads per rank, default 1; needs bpkernels[mpi])")
     bench.set_defaults(handler=_cmd_bench)
 
     info = commands.add_parser("info", help="versions, CPU, BLAS, backends and GPUs",
@@ -320,6 +325,39 @@ class _Saver:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    comm = distributed.launched_world()  # under `mpirun -n N` (N >= 2): data-parallel
+    if comm is not None:
+        distributed.use_local_gpu(comm, args.backend)
+        if comm.Get_rank() != 0:
+            args.quiet, args.save = True, None  # rank 0 alone prints and writes checkpoints
+    # Under MPI a failure of any rank before training is raised on every rank: none waits.
+    model, loss, classify, train, test, optimizer = distributed.on_every_rank(
+        comm, _prepare_training, args)
+    saver = _Saver(model, args.save)
+    start = time.perf_counter()
+    try:
+        history = fit(model, *train, loss=loss, optimizer=optimizer, epochs=args.epochs,
+                      batch_size=args.batch_size, seed=args.seed, validation_data=test,
+                      callbacks=[saver], progress=not (args.no_progress or args.quiet),
+                      comm=comm)
+    except KeyboardInterrupt:
+        return _interrupted(saver)
+    except TrainingDiverged as err:
+        saver.save()  # the model holds the weights of the last finite step
+        kept = f"; the last finite weights were saved to {args.save}" if args.save else ""
+        _error(f"{err}{kept}")
+        return EXIT_DIVERGED
+    seconds = time.perf_counter() - start
+    saver.final()
+    if not args.quiet:
+        _print_summary(args, model, loss, classify, train, test, history, seconds,
+                       ranks=1 if comm is None else comm.Get_size())
+    return 0
+
+
+def _prepare_training(args: argparse.Namespace) -> tuple:
+    """The options checked, the data loaded, split and standardized, the model built or
+    resumed and the optimizer chosen: (model, loss, classify, train, test, optimizer)."""
     _check_options(args)
     # The checkpoint before the data: a bad --resume fails before the data is loaded.
     model = _resume(args) if args.resume else None
@@ -342,25 +380,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         _check_fits(model, args.resume, args.data, X.shape[1], n_out, loss, y)
     optimizer = _choose_optimizer(args, model)
-    saver = _Saver(model, args.save)
-    start = time.perf_counter()
-    try:
-        history = fit(model, X_tr, y_tr, loss=loss, optimizer=optimizer, epochs=args.epochs,
-                      batch_size=args.batch_size, seed=args.seed, validation_data=(X_te, y_te),
-                      callbacks=[saver], progress=not (args.no_progress or args.quiet))
-    except KeyboardInterrupt:
-        return _interrupted(saver)
-    except TrainingDiverged as err:
-        saver.save()  # the model holds the weights of the last finite step
-        kept = f"; the last finite weights were saved to {args.save}" if args.save else ""
-        _error(f"{err}{kept}")
-        return EXIT_DIVERGED
-    seconds = time.perf_counter() - start
-    saver.final()
-    if not args.quiet:
-        _print_summary(args, model, loss, classify, (X_tr, y_tr), (X_te, y_te), history,
-                       seconds)
-    return 0
+    return model, loss, classify, (X_tr, y_tr), (X_te, y_te), optimizer
 
 
 def _interrupted(saver: _Saver) -> int:
@@ -381,7 +401,7 @@ def _interrupted(saver: _Saver) -> int:
 
 
 def _print_summary(args, model, loss: str, classify: bool, train, test, history,
-                   seconds: float) -> None:
+                   seconds: float, ranks: int = 1) -> None:
     """The run's report on stdout; ``seconds`` is the wall time of fit() (validation and
     checkpoints included), samples/s the training steps' own throughput."""
     X_tr, y_tr = train
@@ -413,6 +433,8 @@ def _print_summary(args, model, loss: str, classify: bool, train, test, history,
         lines.append(f"test accuracy: {test_metrics['accuracy']:.4f}")
     lines.append(f"seconds: {seconds:.2f}")
     lines.append(f"samples/s: {rate:,.0f}")
+    if ranks > 1:
+        lines.append(f"MPI ranks: {ranks} (data-parallel)")
     if args.save:
         lines.append(f"checkpoint: {args.save}")
     print("\n".join(lines), flush=True)
@@ -421,6 +443,13 @@ def _print_summary(args, model, loss: str, classify: bool, train, test, history,
 # ---------------------------------------------------------------------------- bpk bench
 def _names(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _rank_counts(text: str) -> list[int]:
+    counts = [_count(1)(part) for part in _names(text)]
+    if not counts:
+        raise argparse.ArgumentTypeError(f"expected process counts like 1,2, got {text!r}")
+    return sorted(set(counts))
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -441,6 +470,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{option} {path}: folder {Path(path).parent} does not exist")
     if args.quick:
         configs = [c.quick() for c in configs]
+    if args.ranks:
+        return _bench_ranks(args, backends, configs)
     options = bench.BenchOptions(backends=list(backends), configs=configs, dtypes=args.dtypes,
                                  peers=args.peers, repeats=2 if args.quick else args.repeats,
                                  threads=args.threads)
@@ -456,6 +487,24 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         bench.write_json(args.json, bench.to_json(results, machine, notes))
     if args.plot:
         bench.plot(results, args.plot)
+    return 0
+
+
+def _bench_ranks(args: argparse.Namespace, backends: list[str], configs: list) -> int:
+    """`bpk bench --ranks`: the scaling of data-parallel training over MPI process counts."""
+    from . import bench
+    if args.peers or args.plot:
+        raise ValueError("--ranks times bpkernels itself under mpiexec; drop --peers and --plot")
+    distributed.mpiexec_command(1)  # fails early, naming the extra, when there is no MPI
+    results = distributed.scaling_benchmark(backends, configs, args.dtypes, args.ranks,
+                                            2 if args.quick else args.repeats, args.threads,
+                                            log=bench.log_to_stderr)
+    machine = bench.machine_info(args.threads or 1)
+    print(f"{machine['cpu']}, {machine['cores']} cores, {args.threads or 1} thread(s) per rank, "
+          f"{machine['date']}", flush=True)
+    print(bench.scaling_table(results), flush=True)
+    if args.json:
+        bench.write_json(args.json, bench.to_json(results, machine))
     return 0
 
 
@@ -572,6 +621,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- entry point
 def _error(message: str, prefix: str = "bpk: error:") -> None:
+    if distributed.launched_rank() not in (None, 0):
+        return  # under mpirun, rank 0 reports: errors reach every rank alike (see _cmd_train)
     # Exactly one line, whatever the message holds.
     text = " ".join(str(message).split("\n")).strip()
     print(f"{prefix} {text}", file=sys.stderr, flush=True)

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from . import distributed
 from .backends.base import EpochPlan
 from .losses import check_loss, has_accuracy, prepare_targets
 from .optim import Adam, Optimizer, make_optimizer
@@ -53,11 +54,12 @@ class History:
         return {key: self[key] for key in (self.epochs[0] if self.epochs else {})}
 
 
+@distributed.abort_job_on_failure  # with comm=: a failure on one rank ends the job, no hang
 def fit(model, X, y, *, loss: str = "cross_entropy", optimizer: str | Optimizer | None = None,
         epochs: int = 10, batch_size: int = 32, shuffle: bool = True, seed: int = 0,
         validation_data: tuple[Any, Any] | None = None,
         callbacks: Iterable[Callable[[int, dict], Any]] | None = None,
-        progress: bool = False) -> History:
+        progress: bool = False, comm: Any = None) -> History:
     """Train ``model`` on X, y; returns the History of the epochs run.
 
     ``optimizer``: an Optimizer, a name ("sgd", "adam", "adamw", "rmsprop") or None for the
@@ -66,6 +68,8 @@ def fit(model, X, y, *, loss: str = "cross_entropy", optimizer: str | Optimizer 
     sees the batches an uninterrupted one would. A final partial batch is trained, not dropped.
     Epochs and steps are counted from 1 in records and errors. Each callback is called as
     ``callback(epoch, record)`` after every epoch; one that returns True stops training.
+    ``comm``: an mpi4py communicator (``MPI.COMM_WORLD``) to train data-parallel across its
+    ranks, each calling fit() alike (see bpkernels.distributed); only rank 0 shows progress.
     """
     check_loss(loss)
     epochs = check_positive_int(epochs, "epochs", 0)
@@ -83,9 +87,12 @@ def fit(model, X, y, *, loss: str = "cross_entropy", optimizer: str | Optimizer 
     opt.bind(model)
     model.optimizer = opt
 
-    loop = _EpochLoop(model, X, T, loss, batch_size)
+    dist = None if comm is None else distributed.DataParallel(
+        comm, model, X, T, loss=loss, optimizer=opt, batch_size=batch_size, epochs=epochs,
+        shuffle=shuffle, seed=seed)
+    loop = _EpochLoop(model, X, T, loss, batch_size, dist)
     history = History()
-    bar = _Progress(bool(progress), epochs, X.shape[0])
+    bar = _Progress(bool(progress) and (dist is None or dist.rank == 0), epochs, X.shape[0])
     # Overflow on the way to divergence is reported once, as TrainingDiverged, not as warnings.
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"), loop.interrupt:
         try:
@@ -93,9 +100,12 @@ def fit(model, X, y, *, loss: str = "cross_entropy", optimizer: str | Optimizer 
                 record = loop.epoch(opt, shuffle, seed, validation_data, bar.start())
                 history.epochs.append(record)
                 bar.end(record)
-                if loop.interrupt.requested:
+                if loop.interrupt.requested and dist is None:
                     raise KeyboardInterrupt
-                if any(cb(record["epoch"], dict(record)) is True for cb in callbacks):
+                stop = any(cb(record["epoch"], dict(record)) is True for cb in callbacks)
+                if dist is not None:  # every rank stops (or acts on a Ctrl-C) alike
+                    stop = dist.agree_to_stop(stop, loop.interrupt.requested)
+                if stop:
                     break
         finally:
             bar.close()
@@ -105,26 +115,29 @@ def fit(model, X, y, *, loss: str = "cross_entropy", optimizer: str | Optimizer 
 class _EpochLoop:
     """The device-side state of one fit(): data, workspaces and per-step result slots."""
 
-    def __init__(self, model, X: np.ndarray, T: np.ndarray, loss: str, batch_size: int) -> None:
+    def __init__(self, model, X: np.ndarray, T: np.ndarray, loss: str, batch_size: int,
+                 dist: distributed.DataParallel | None = None) -> None:
         be = self.backend = model.backend
-        self.model, self.loss = model, loss
+        self.model, self.loss, self.dist = model, loss, dist
         self.n = X.shape[0]
         self.batch = min(batch_size, self.n)
         self.steps = math.ceil(self.n / self.batch)
         self.X = be.asarray(X, model.dtype)
         self.T = be.asarray(T)
-        self.full = model.workspace(self.batch, T.shape[1:], T.dtype)
-        last = self.n - (self.steps - 1) * self.batch
-        self.last = self.full if last == self.batch else model.workspace(last, T.shape[1:], T.dtype)
+        rows = np.full(self.steps, self.batch, dtype=np.float64)
+        rows[-1] = self.n - (self.steps - 1) * self.batch
+        self.batch_rows = rows
+        # The rows this process trains per step: under MPI its shard of each batch.
+        self.rows = rows if dist is None else dist.shard_rows(rows)
+        full, last = int(self.rows[0]), int(self.rows[-1])
+        self.full = model.workspace(full, T.shape[1:], T.dtype)
+        self.last = self.full if last == full else model.workspace(last, T.shape[1:], T.dtype)
         self.step_loss = be.zeros((self.steps,), model.dtype)
         self.step_correct = be.zeros((self.steps,), model.dtype)
         self.loss_slots = [self.step_loss[s:s + 1] for s in range(self.steps)]
         self.correct_slots = [self.step_correct[s:s + 1] for s in range(self.steps)]
         self.halted = be.zeros((1,), np.int64)
         self.metric = has_accuracy(loss, model.sizes[-1])
-        rows = np.full(self.steps, self.batch, dtype=np.float64)
-        rows[-1] = last
-        self.rows = rows
         self.backend_cache: dict = {}  # the backend's own, for the fit (see EpochPlan.cache)
         self.interrupt = _StepBoundaryInterrupt()
 
@@ -148,9 +161,13 @@ class _EpochLoop:
             on_step: Callable[[int], Any] | None = None) -> dict[str, float]:
         """The steps of one epoch in the given row order."""
         be = self.backend
+        if self.dist is not None:
+            order = self.dist.local_order(order, self.batch_rows)
         index = be.asarray(order.astype(np.int64))
         first_step = opt.step_count + 1
-        if be.train_epoch(self.plan(opt, index, first_step)):  # the whole epoch in one call
+        # The whole epoch in one call, where the backend can (not under MPI: the gradient is
+        # all-reduced between backward and update).
+        if self.dist is None and be.train_epoch(self.plan(opt, index, first_step)):
             opt.step_count += self.steps
             if on_step is not None:
                 on_step(self.n)
@@ -162,9 +179,13 @@ class _EpochLoop:
             opt.step_count = halted - 1  # the halted steps changed nothing
             raise TrainingDiverged(epoch + 1, halted - first_step + 1, halted)
         losses = be.to_host(self.step_loss).astype(np.float64)
-        record = {"epoch": epoch + 1, "loss": float(losses @ self.rows) / self.n}
+        loss_sum = float(losses @ self.rows)
+        correct = float(be.to_host(self.step_correct).sum()) if self.metric else 0.0
+        if self.dist is not None:
+            loss_sum, correct = self.dist.end_epoch(loss_sum, correct)
+        record = {"epoch": epoch + 1, "loss": loss_sum / self.n}
         if self.metric:
-            record["accuracy"] = float(be.to_host(self.step_correct).sum()) / self.n
+            record["accuracy"] = correct / self.n
         return record
 
     def run_steps(self, opt: Optimizer, index, on_step: Callable[[int], Any] | None) -> None:
@@ -172,17 +193,20 @@ class _EpochLoop:
         be, model = self.backend, self.model
         for s in range(self.steps):
             ws = self.full if s < self.steps - 1 else self.last
-            rows = index[s * self.batch:s * self.batch + ws.rows]
-            be.take_rows(self.X, rows, ws.X)
-            be.take_rows(self.T, rows, ws.T)
-            model._forward_backward(ws, self.loss, self.loss_slots[s])
-            if self.metric:
-                be.count_correct(ws.A[-1], ws.T, self.correct_slots[s])
+            if ws.rows:  # under MPI, a short last batch can leave this rank no rows
+                rows = index[s * self.full.rows:s * self.full.rows + ws.rows]
+                be.take_rows(self.X, rows, ws.X)
+                be.take_rows(self.T, rows, ws.T)
+                model._forward_backward(ws, self.loss, self.loss_slots[s])
+                if self.metric:
+                    be.count_correct(ws.A[-1], ws.T, self.correct_slots[s])
+            if self.dist is not None:
+                self.dist.all_reduce(model.grads, self.loss_slots[s], ws.rows / self.batch_rows[s])
             be.check_step(self.loss_slots[s], model.grads, opt.step_count + 1, self.halted)
             opt.step(model, self.halted)
             if on_step is not None:
-                on_step(ws.rows)
-            if self.interrupt.requested:
+                on_step(int(self.batch_rows[s]))
+            if self.interrupt.requested and self.dist is None:  # under MPI: at the epoch's end
                 raise KeyboardInterrupt  # between steps: weights and optimizer state agree
 
     def plan(self, opt: Optimizer, index, first_step: int) -> EpochPlan:

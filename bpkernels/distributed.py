@@ -1,0 +1,470 @@
+"""Data-parallel training on MPI: ``fit(..., comm=MPI.COMM_WORLD)`` and ``mpirun -n N bpk train``.
+
+Every rank holds the whole data set and the same model (same seed, or the same checkpoint:
+checked at the start). Each global batch, drawn from ``(seed, epoch)`` as without MPI, is cut
+into contiguous shards, one per rank (uneven where the batch does not divide; a short last batch
+may leave a rank no rows). A rank computes the mean-loss gradient of its shard, scales it by
+``shard rows / batch rows``, and the flat gradient buffer is summed over the ranks in one
+all-reduce per step: every rank then holds the gradient of the whole batch's mean loss and takes
+the same optimizer step, so training equals single-process training up to summation order.
+
+Collectives per epoch besides the step's all-reduce: one to sum the epoch's loss and hits (and
+to check that the weights are still identical everywhere), one to agree on stopping (Ctrl-C or a
+callback). Host backends reduce in place through MPI; CuPy through NCCL on the device (untested
+on hardware); any other backend through a host copy.
+
+Failures never leave ranks waiting: an error raised on only some ranks inside fit() prints one
+line naming the rank and aborts the job (``MPI_Abort``); errors every rank meets at the same
+point (:class:`DistributedError`, divergence, an agreed Ctrl-C) are raised normally on all.
+mpi4py is imported only here, and only when a communicator is used.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import traceback
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+# How MPI launchers tell a process its rank and the job's size (MPICH/Hydra, Intel MPI and
+# srun's PMI set PMI_*, Open MPI OMPI_COMM_WORLD_*, MVAPICH MV2_*); read without importing MPI.
+_RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
+_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+_MPI_EXTRA = 'pip install "bpkernels[mpi]"'
+# The data check hashes this many evenly spaced rows, not the whole set: it catches ranks that
+# loaded different data without reading gigabytes at every fit().
+_FINGERPRINT_ROWS = 1024
+
+
+class DistributedError(ValueError):
+    """A bad MPI launch (settings or weights differing across ranks, too many ranks), or weights
+    that drifted apart; raised alike on every rank."""
+
+
+class AgreedInterrupt(KeyboardInterrupt):
+    """Ctrl-C under MPI, acted on by every rank at the same epoch boundary."""
+
+
+# --------------------------------------------------------------------------- the launch
+def launched_size() -> int | None:
+    """How many processes the MPI launcher that started this one started, or None."""
+    return _launcher_number(_SIZE_VARIABLES)
+
+
+def launched_rank() -> int | None:
+    """This process's rank when an MPI launcher started 2 or more processes, else None."""
+    size = launched_size()
+    return _launcher_number(_RANK_VARIABLES) if size is not None and size > 1 else None
+
+
+def _launcher_number(names: Sequence[str]) -> int | None:
+    for name in names:
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return None
+
+
+def launched_world():
+    """``MPI.COMM_WORLD`` when an MPI launcher started 2 or more processes, else None."""
+    size = launched_size()
+    if size is None or size < 2:
+        return None
+    MPI = import_mpi(f"mpirun started {size} processes")
+    world = MPI.COMM_WORLD
+    if world.Get_size() != size:
+        raise DistributedError(
+            f"the MPI launcher started {size} processes but MPI reports {world.Get_size()}: "
+            "mpi4py uses another MPI library than the mpirun that started it; launch with the "
+            "mpiexec of the same installation (for the PyPI wheels: the one beside python)")
+    return world
+
+
+def import_mpi(why: str):
+    """The module ``mpi4py.MPI``, or ImportError naming the pip extra."""
+    try:
+        from mpi4py import MPI
+    except ImportError as err:
+        raise ImportError(f"{why}, which needs mpi4py and an MPI library ({err}): "
+                          f"{_MPI_EXTRA}") from None
+    return MPI
+
+
+def use_local_gpu(comm, backend: str | None = None) -> None:
+    """Make this rank's current CUDA device the ``local rank``-th of its node, so that the
+    ranks of a node train on different GPUs. Call it before building the model; it does
+    nothing when ``backend`` names a CPU backend or CuPy or a GPU is missing."""
+    if backend not in (None, "auto", "cupy"):
+        return
+    try:
+        import cupy
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception:  # no CuPy, no driver: the CPU backends need no device
+        return
+    if count:
+        MPI = import_mpi("use_local_gpu")
+        local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        cupy.cuda.Device(local.Get_rank() % count).use()
+        local.Free()
+
+
+def mpiexec_command(ranks: int) -> list[str]:
+    """The command that starts ``ranks`` processes: ``$BPK_MPIEXEC`` (e.g. ``srun``) if set,
+    else the mpiexec installed beside this Python (the PyPI MPI wheels put it there) or on the
+    PATH; Open MPI's gets ``--oversubscribe`` so that more ranks than cores may run."""
+    custom = os.environ.get("BPK_MPIEXEC", "").split()
+    if custom:
+        return custom + ["-n", str(ranks)]
+    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    found = beside if os.access(beside, os.X_OK) else \
+        shutil.which("mpiexec") or shutil.which("mpirun")
+    if found is None:
+        raise FileNotFoundError(f"no mpiexec found beside {sys.executable} or on the PATH: "
+                                f"{_MPI_EXTRA}, or set BPK_MPIEXEC")
+    command = [found, "-n", str(ranks)]
+    if _is_open_mpi(found):
+        command.append("--oversubscribe")
+    return command
+
+
+@functools.lru_cache(maxsize=None)
+def _is_open_mpi(mpiexec: str) -> bool:
+    try:
+        text = subprocess.run([mpiexec, "--version"], capture_output=True, text=True,
+                              timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return any(name in text for name in ("Open MPI", "OpenRTE", "PRRTE"))
+
+
+# --------------------------------------------------------------------------- failures
+def abort_job_on_failure(fit: Callable) -> Callable:
+    """Wrap ``fit`` so that, when called with ``comm=``, an exception raised on only some
+    ranks ends the whole MPI job (one line on stderr naming the rank, then ``MPI_Abort``)
+    instead of leaving the other ranks waiting in a collective forever."""
+
+    @functools.wraps(fit)
+    def run(*args, **kwargs):
+        comm = kwargs.get("comm")
+        if comm is None:
+            return fit(*args, **kwargs)
+        check_comm(comm)
+        try:
+            return fit(*args, **kwargs)
+        except BaseException as err:
+            if _raised_on_every_rank(err):
+                raise
+            abort(comm, err)
+    return run
+
+
+def _raised_on_every_rank(err: BaseException) -> bool:
+    from .train import TrainingDiverged  # the latch is agreed: every rank halts at one step
+    return isinstance(err, (DistributedError, AgreedInterrupt, TrainingDiverged))
+
+
+def abort(comm, err: BaseException) -> None:
+    """Print one line naming this rank and ``err``, then end every rank of ``comm``'s job."""
+    what = "interrupted" if isinstance(err, KeyboardInterrupt) else \
+        f"{type(err).__name__}: {' '.join(str(err).split())}"
+    print(f"bpkernels: rank {comm.Get_rank()} of {comm.Get_size()} failed: {what}; aborting "
+          "the MPI job", file=sys.stderr, flush=True)
+    if os.environ.get("BPK_DEBUG"):
+        traceback.print_exception(type(err), err, err.__traceback__)
+    comm.Abort(1)
+
+
+def check_comm(comm) -> None:
+    MPI = import_mpi("fit(comm=...)")
+    if not isinstance(comm, MPI.Intracomm):
+        raise TypeError("comm must be an mpi4py intracommunicator such as MPI.COMM_WORLD, got "
+                        f"{type(comm).__name__}")
+
+
+def on_every_rank(comm, func: Callable, *args: Any) -> Any:
+    """``func(*args)`` run by every rank of ``comm`` (or plainly when ``comm`` is None). If it
+    raises on any rank, it raises on every rank: the failed ranks their own error, the others
+    a DistributedError naming the first failed rank. For work before training (options, data)
+    that one rank could fail while the others go on to wait for it."""
+    if comm is None:
+        return func(*args)
+    try:
+        result, failure = func(*args), None
+    except Exception as err:
+        result, failure = None, err
+    failures = comm.allgather(None if failure is None else
+                              f"{type(failure).__name__}: {' '.join(str(failure).split())}")
+    if failure is not None:
+        raise failure
+    for rank, text in enumerate(failures):
+        if text is not None:
+            raise DistributedError(f"rank {rank} of {comm.Get_size()} failed: {text}")
+    return result
+
+
+# --------------------------------------------------------------------------- training
+def shard(rows: int, rank: int, ranks: int) -> tuple[int, int]:
+    """(start, count) of ``rank``'s contiguous part of a batch of ``rows``: the first
+    ``rows % ranks`` ranks take one row more; a rank gets no rows when rows < ranks."""
+    base, extra = divmod(rows, ranks)
+    return rank * base + min(rank, extra), base + (rank < extra)
+
+
+class DataParallel:
+    """fit()'s side of one data-parallel run on ``comm``: the launch check, the shards, the
+    gradient all-reduce and the per-epoch agreement (see the module's docstring)."""
+
+    def __init__(self, comm, model, X: np.ndarray, T: np.ndarray, *, loss: str, optimizer,
+                 batch_size: int, epochs: int, shuffle: bool, seed: int) -> None:
+        self.MPI = import_mpi("fit(comm=...)")
+        self.comm, self.model = comm, model
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        settings = {
+            "sizes": list(model.sizes), "activations": list(model.layer_activations),
+            "dtype": model.dtype.name, "backend": model.backend.name, "loss": loss,
+            "optimizer": optimizer.config(), "batch_size": batch_size, "epochs": epochs,
+            "shuffle": bool(shuffle), "seed": seed, "samples": int(X.shape[0]),
+            "data (a fingerprint of X and y)": _fingerprint(X, T),
+            "weights (a digest)": self.weights_digest(),
+            "optimizer state (a digest)": _digest(model.backend.to_host(optimizer.state[name])
+                                                  for name in sorted(optimizer.state)),
+            "optimizer steps taken": optimizer.step_count,
+            "epochs trained": model.epochs_trained,
+        }
+        _check_same(settings, comm.allgather(settings))
+        batch = min(batch_size, X.shape[0])
+        if X.shape[0] < self.size:
+            raise DistributedError(f"{self.size} ranks but only {X.shape[0]} training samples: "
+                                   "every rank needs a row of each batch; launch at most "
+                                   f"{X.shape[0]} ranks")
+        if batch < self.size:
+            raise DistributedError(f"batch_size {batch_size} is smaller than the {self.size} "
+                                   "ranks, which each train a shard of every batch; use "
+                                   f"batch_size >= {self.size}")
+        self.reducer = _make_reducer(comm, model, self.MPI)
+
+    def shard_rows(self, batch_rows: np.ndarray) -> np.ndarray:
+        """This rank's rows of each step, from the rows of each whole batch."""
+        return np.array([shard(int(b), self.rank, self.size)[1] for b in batch_rows],
+                        dtype=batch_rows.dtype)
+
+    def local_order(self, order: np.ndarray, batch_rows: np.ndarray) -> np.ndarray:
+        """The rows this rank trains in an epoch of ``order``: its shard of every batch, in
+        step order (all but the last batch have ``batch_rows[0]`` rows)."""
+        batch, steps = int(batch_rows[0]), len(batch_rows)
+        start, count = shard(batch, self.rank, self.size)
+        full = order[:(steps - 1) * batch].reshape(steps - 1, batch)[:, start:start + count]
+        base = (steps - 1) * batch
+        start, count = shard(int(batch_rows[-1]), self.rank, self.size)
+        return np.concatenate([full.ravel(), order[base + start:base + start + count]])
+
+    def all_reduce(self, grads, loss, weight: float) -> None:
+        """``grads`` (this rank's shard's mean-loss gradient) becomes the sum over the ranks
+        of ``weight * grads``: the whole batch's gradient when ``weight`` is shard rows over
+        batch rows. A rank with no rows passes weight 0. A non-finite ``loss`` turns the
+        gradient into NaN on every rank, so that check_step halts all of them at this step."""
+        self.reducer(grads, loss, weight)
+
+    def end_epoch(self, loss_sum: float, correct: float) -> tuple[float, float]:
+        """The epoch's summed loss and hit count over every rank (added in rank order, so
+        every rank gets the same numbers). Also checks that the weights are still identical
+        on every rank: an MPI library whose all-reduce rounds differently per rank would let
+        them drift apart silently."""
+        gathered = self.comm.allgather((loss_sum, correct, self.weights_digest()))
+        digests = {digest for _, _, digest in gathered}
+        if len(digests) > 1:
+            raise DistributedError(
+                f"after epoch {self.model.epochs_trained + 1} the weights differ across ranks: "
+                "this MPI library's all-reduce does not give every rank the same sum")
+        return sum(g[0] for g in gathered), sum(g[1] for g in gathered)
+
+    def agree_to_stop(self, stop: bool, interrupted: bool) -> bool:
+        """Whether any rank's callbacks asked to stop; raises AgreedInterrupt on every rank
+        when any rank saw Ctrl-C."""
+        flags = self.comm.allgather((bool(stop), bool(interrupted)))
+        if any(interrupt for _, interrupt in flags):
+            raise AgreedInterrupt()
+        return any(stop for stop, _ in flags)
+
+    def weights_digest(self) -> str:
+        return _digest([self.model.backend.to_host(self.model.params)])
+
+
+def _digest(arrays) -> str:
+    h = hashlib.blake2b(digest_size=12)
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.view(np.uint8).ravel())
+    return h.hexdigest()
+
+
+def _fingerprint(X: np.ndarray, T: np.ndarray) -> str:
+    rows = np.unique(np.linspace(0, X.shape[0] - 1, min(X.shape[0], _FINGERPRINT_ROWS))
+                     .astype(np.int64))
+    return _digest([np.array(X.shape), X[rows], np.array(T.shape), T[rows]])
+
+
+def _check_same(mine: dict[str, Any], everyone: list[dict[str, Any]]) -> None:
+    for name, value in mine.items():
+        for rank, theirs in enumerate(everyone):
+            if theirs[name] != everyone[0][name]:
+                hint = " (build the model with the same seed on every rank, or load the same " \
+                       "checkpoint)" if "weights" in name or "optimizer" in name else ""
+                raise DistributedError(
+                    f"fit() under MPI: {name} differs across ranks: rank 0 has "
+                    f"{everyone[0][name]!r}, rank {rank} has {theirs[name]!r}; every rank must "
+                    f"train the same model on the same data with the same options{hint}")
+
+
+# --------------------------------------------------------------------------- all-reduce
+def _make_reducer(comm, model, MPI) -> Callable[[Any, Any, float], None]:
+    if isinstance(model.params, np.ndarray):
+        return _HostAllreduce(comm, MPI)
+    if model.backend.name == "cupy":
+        try:
+            return _NcclAllreduce(comm, model)
+        except ImportError:
+            pass  # CuPy without NCCL: through the host, slower but correct
+    return _StagedAllreduce(comm, model.backend, MPI)
+
+
+class _HostAllreduce:
+    """NumPy and Numba: the flat gradient buffer reduced in place, nothing allocated."""
+
+    def __init__(self, comm, MPI) -> None:
+        self.comm, self.in_place, self.sum = comm, MPI.IN_PLACE, MPI.SUM
+
+    def __call__(self, grads: np.ndarray, loss: np.ndarray, weight: float) -> None:
+        if weight == 0.0:
+            grads.fill(0.0)
+        else:
+            grads *= weight + 0.0 * float(loss[0])  # 0 * inf or NaN poisons: see all_reduce
+        self.comm.Allreduce(self.in_place, grads, op=self.sum)
+
+
+class _NcclAllreduce:
+    """CuPy: NCCL sums the device buffer in place, queued on the current stream (the one the
+    per-step kernels run on), so the host never waits. The communicator is set up once, from
+    a unique id broadcast over MPI. Untested on GPU hardware: no GPU in our CI."""
+
+    def __init__(self, comm, model) -> None:
+        import cupy
+        from cupy.cuda import nccl
+        self.cupy, self.nccl = cupy, nccl
+        unique_id = comm.bcast(nccl.get_unique_id() if comm.Get_rank() == 0 else None, root=0)
+        self.device_comm = nccl.NcclCommunicator(comm.Get_size(), unique_id, comm.Get_rank())
+        self.dtype = {"float32": nccl.NCCL_FLOAT32, "float64": nccl.NCCL_FLOAT64}[model.dtype.name]
+        self.factor = cupy.zeros((1,), model.dtype)
+
+    def __call__(self, grads, loss, weight: float) -> None:
+        if weight == 0.0:
+            grads.fill(0)
+        else:
+            self.cupy.multiply(loss, 0, out=self.factor)  # stays on the device: no host wait
+            self.factor += weight
+            grads *= self.factor
+        stream = self.cupy.cuda.get_current_stream()
+        self.device_comm.allReduce(grads.data.ptr, grads.data.ptr, grads.size, self.dtype,
+                                   self.nccl.NCCL_SUM, stream.ptr)
+
+
+class _StagedAllreduce:
+    """Any other backend: through a host copy, by the contract's to_host and copy."""
+
+    def __init__(self, comm, backend, MPI) -> None:
+        self.comm, self.backend, self.in_place, self.sum = comm, backend, MPI.IN_PLACE, MPI.SUM
+
+    def __call__(self, grads, loss, weight: float) -> None:
+        be = self.backend
+        host = be.to_host(grads)
+        host *= 0.0 if weight == 0.0 else weight + 0.0 * float(be.to_host(loss)[0])
+        self.comm.Allreduce(self.in_place, host, op=self.sum)
+        be.copy(be.asarray(host), grads)
+
+
+# --------------------------------------------------------------------------- scaling benchmark
+_RESULT_MARK = "bpk-bench-result: "
+
+
+def scaling_benchmark(backends: Sequence[str], configs: Sequence, dtypes: Sequence[str],
+                      ranks: Sequence[int], repeats: int, threads: int | None,
+                      log: Callable[[str], None] = lambda s: None) -> list:
+    """``bpk bench --ranks``: each (backend, config, dtype) timed under mpiexec once per rank
+    count, the same workload each time (bench.time_backend with ``comm``, rank 0's epoch
+    times), each rank on ``threads`` BLAS/Numba threads (default 1). ``extra`` of each Result
+    holds ranks, threads per rank, speedup and efficiency (samples/s per rank relative to the
+    smallest rank count's). Parity: the run's 20 SGD steps against the float64 reference."""
+    from .bench import Result
+    results = []
+    for config in configs:
+        for dtype in dtypes:
+            for backend in backends:
+                runs = []
+                for count in ranks:
+                    log(f"{config.name} {dtype}: {backend} on {count} rank(s)")
+                    record = _launch_bench_worker(count, threads or 1, {
+                        "backend": backend, "config": [config.name, list(config.sizes),
+                                                       config.batch, config.samples],
+                        "dtype": dtype, "repeats": repeats})
+                    runs.append(Result(**record))
+                base = runs[0]
+                for count, result in zip(ranks, runs):
+                    speedup = result.samples_per_sec / base.samples_per_sec
+                    result.extra = {"ranks": count, "threads_per_rank": threads or 1,
+                                    "speedup": speedup,
+                                    "efficiency": speedup * ranks[0] / count}
+                    results.append(result)
+    return results
+
+
+def _launch_bench_worker(ranks: int, threads: int, task: dict[str, Any]) -> dict[str, Any]:
+    env = dict(os.environ)
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                 "NUMBA_NUM_THREADS"):
+        env[name] = str(threads)
+    command = mpiexec_command(ranks) + [sys.executable, "-m", "bpkernels.distributed",
+                                        "bench-worker", json.dumps(task)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    lines = [line[len(_RESULT_MARK):] for line in done.stdout.splitlines()
+             if line.startswith(_RESULT_MARK)]
+    if done.returncode != 0 or len(lines) != 1:
+        tail = (done.stderr.strip() or done.stdout.strip())[-2000:]
+        raise RuntimeError(f"{' '.join(command[:3])} ... bench-worker exited with "
+                           f"{done.returncode}: {tail}")
+    record = json.loads(lines[0])
+    record["threads"] = threads
+    return record
+
+
+def _bench_worker(task: dict[str, Any]) -> None:
+    """One rank of a scaling run: time the epochs, replay the parity steps; rank 0 prints the
+    Result as one JSON line."""
+    from dataclasses import asdict
+    from . import bench
+    MPI = import_mpi("the bench worker")
+    comm = MPI.COMM_WORLD
+    try:
+        config = bench.Config(task["config"][0], tuple(task["config"][1]), *task["config"][2:])
+        backend, dtype = task["backend"], task["dtype"]
+        result = bench.time_backend(backend, config, dtype, task["repeats"], None, comm=comm)
+        trajectory = bench.backend_trajectory(backend, config, dtype, comm=comm)
+        if comm.Get_rank() == 0:
+            reference = bench.backend_trajectory("numpy", config, "float64")
+            result.parity_rel_err = trajectory.error_against(reference)
+            print(_RESULT_MARK + json.dumps(asdict(result)), flush=True)
+        comm.Barrier()
+    except BaseException as err:
+        abort(comm, err)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["bench-worker"] or len(sys.argv) != 3:
+        sys.exit("usage: mpiexec -n N python -m bpkernels.distributed bench-worker TASK_JSON")
+    _bench_worker(json.loads(sys.argv[2]))
