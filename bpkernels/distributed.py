@@ -28,7 +28,7 @@ import shutil
 import subprocess
 import sys
 import traceback
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 import numpy as np
 
@@ -169,7 +169,7 @@ def _raised_on_every_rank(err: BaseException) -> bool:
     return isinstance(err, (DistributedError, AgreedInterrupt, TrainingDiverged))
 
 
-def abort(comm, err: BaseException) -> None:
+def abort(comm, err: BaseException) -> NoReturn:
     """Print one line naming this rank and ``err``, then end every rank of ``comm``'s job."""
     what = "interrupted" if isinstance(err, KeyboardInterrupt) else \
         f"{type(err).__name__}: {' '.join(str(err).split())}"
@@ -178,6 +178,9 @@ def abort(comm, err: BaseException) -> None:
     if os.environ.get("BPK_DEBUG"):
         traceback.print_exception(type(err), err, err.__traceback__)
     comm.Abort(1)
+    # MPICH's MPI_Abort can return to the caller while the process manager tears the job
+    # down; this rank must not go on to write results as if training had finished.
+    os._exit(1)
 
 
 def check_comm(comm) -> None:
