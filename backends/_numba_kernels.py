@@ -20,7 +20,7 @@ import math
 import numba
 import numpy as np
 
-from ._numba_blas import gemm
+from ._numba_blas import gemm_t
 from .base import ACTIVATIONS, LEAKY_RELU_SLOPE, LOSSES
 
 # Compile flags, in one place. fastmath stays off: its no-NaN/no-inf assumptions would let LLVM
@@ -205,7 +205,7 @@ def dense_forward(X, W, b, act, Z, A, keep_z, par):
     """Z = X @ W (by NumPy's BLAS) then, in one pass, Z += b and A = act(Z); ``Z`` is written
     only when ``keep_z`` (else pass ``A`` as ``Z``: the product lands in A and is activated in
     place)."""
-    gemm(X, W, Z)
+    gemm_t(X, False, W, False, Z)
     chunks = _chunks(Z.size, par)
     if par is None or chunks == 1:
         _bias_act_rows(Z, b, act, keep_z, A, 0, Z.shape[0])
@@ -261,19 +261,22 @@ def dense_backward(X, W, dA, act, A, Z, dW, db, dX, with_dx, par):
     ``with_dx``, dX = dZ @ W.T (BLAS, transposes as views). ``Z`` is read for gelu only (pass
     ``A`` otherwise), ``dX`` is written only when ``with_dx``."""
     chunks = min(_chunks(dA.size, par), dA.shape[0])
-    totals = np.zeros((chunks, dA.shape[1]), dA.dtype)  # per chunk, added in chunk order
     if par is None or chunks == 1:
-        _grad_rows(dA, act, A, Z, totals[0], 0, dA.shape[0])
+        db[:] = 0.0
+        _grad_rows(dA, act, A, Z, db, 0, dA.shape[0])
     else:
+        # Per-chunk sums, added in chunk order. Allocated per call, but only on this path,
+        # for work of millions of elements, beside which an allocation is noise.
+        totals = np.zeros((chunks, dA.shape[1]), dA.dtype)
         _grad_rows_par(dA, act, A, Z, totals, chunks)
-    for j in range(dA.shape[1]):
-        column = totals[0, j]
-        for c in range(1, chunks):
-            column += totals[c, j]
-        db[j] = column
-    gemm(X.T, dA, dW)
+        for j in range(dA.shape[1]):
+            column = totals[0, j]
+            for c in range(1, chunks):
+                column += totals[c, j]
+            db[j] = column
+    gemm_t(X, True, dA, False, dW)
     if with_dx:
-        gemm(dA, W.T, dX)
+        gemm_t(dA, False, W, True, dX)
 
 
 # ------------------------------------------------------------------------- losses

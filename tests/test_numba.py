@@ -306,6 +306,45 @@ def numba_jit_gemm():
     return run
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", GEMM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gemm_t_matches_the_float64_product_for_every_transpose_flag(dtype, shape):
+    from bpkernels.backends._numba_blas import gemm_t
+    run = numba_jit_gemm_t() if JIT else gemm_t
+    tolerance = 1e-5 if dtype == "float32" else 1e-13
+    m, k, n = shape
+    rng = np.random.default_rng(3)
+    for trans_a in (False, True):
+        for trans_b in (False, True):
+            A = rng.standard_normal((k, m) if trans_a else (m, k)).astype(dtype)
+            B = rng.standard_normal((n, k) if trans_b else (k, n)).astype(dtype)
+            C = np.full((m, n), np.nan, dtype)
+            run(A, trans_a, B, trans_b, C)
+            a64, b64 = A.astype(np.float64), B.astype(np.float64)
+            reference = (a64.T if trans_a else a64) @ (b64.T if trans_b else b64)
+            np.testing.assert_allclose(C, reference, rtol=tolerance, atol=tolerance)
+    if JIT:  # the flags are values, not types: one compiled GEMM serves every call above
+        assert len(run.overloads) == 1
+
+
+def numba_jit_gemm_t():
+    import numba
+    from bpkernels.backends._numba_blas import gemm_t
+
+    @numba.njit
+    def run(A, trans_a, B, trans_b, C):
+        gemm_t(A, trans_a, B, trans_b, C)
+    return run
+
+
+def test_gemm_t_refuses_mismatched_shapes():
+    from bpkernels.backends._numba_blas import gemm_t
+    run = numba_jit_gemm_t() if JIT else gemm_t
+    A, B = np.ones((3, 4)), np.ones((5, 2))
+    with pytest.raises(ValueError):
+        run(A, False, B, False, np.empty((3, 2)))
+
+
 @pytest.mark.skipif(not JIT, reason="NUMBA_DISABLE_JIT: no compiled kernels")
 def test_gemm_uses_numpys_blas_here():
     """NumPy's wheels ship an OpenBLAS with 64-bit CBLAS entry points; the kernels use it."""
