@@ -1,0 +1,192 @@
+"""The thread budget of bpkernels: one count for NumPy's BLAS and Numba's parallel kernels.
+
+``set_num_threads(n)`` keeps the whole process on at most ``n`` threads from then on;
+``limit_threads(n)`` does it for a block and then restores the counts it found (also when the
+block raises). ``get_num_threads()`` says what is in force.
+
+- BLAS: through threadpoolctl where it is installed (every BLAS loaded in the process), else
+  through the thread functions of the OpenBLAS that NumPy's wheels bundle (by ctypes); where
+  neither can reach NumPy's BLAS, setting a count raises an ImportError naming threadpoolctl.
+  BLAS libraries keep one count per process.
+- Numba: ``numba.set_num_threads`` holds per calling thread and cannot exceed the pool Numba
+  starts with (NUMBA_NUM_THREADS, every core by default). The count is a budget, so Numba gets
+  ``min(n, NUMBA_NUM_THREADS)`` rather than an error, while BLAS gets ``n``. Numba is never
+  imported here (it takes seconds): where it is not imported yet the Numba backend applies the
+  recorded count when it is created, and ``limit_threads()`` (no count) applies the process's
+  count to the thread that enters it, which is how a training run in another thread honors it.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import glob
+import numbers
+import os
+import sys
+import threading
+from functools import lru_cache
+from typing import Callable, Iterator
+
+import numpy as np
+
+__all__ = ["set_num_threads", "get_num_threads", "limit_threads", "requested_num_threads"]
+
+_lock = threading.RLock()
+_requested: int | None = None  # the count in force by set_num_threads / limit_threads
+
+
+def set_num_threads(n: int) -> None:
+    """Run bpkernels (NumPy's BLAS and the Numba backend) on at most ``n`` threads from now on.
+    ``n``: an integer >= 1; Numba takes at most its pool size (NUMBA_NUM_THREADS)."""
+    global _requested
+    n = _check_count(n)
+    with _lock:
+        _limit_blas(n)
+        _requested = n
+        _apply_numba(n)
+
+
+def get_num_threads() -> int:
+    """The thread count in force: the one set by :func:`set_num_threads` or the innermost
+    :func:`limit_threads` block, else the count NumPy's BLAS runs on now (its default: the
+    cores, or OPENBLAS_NUM_THREADS / OMP_NUM_THREADS), else the number of cores."""
+    if _requested is not None:
+        return _requested
+    blas = _blas_threads()
+    return blas if blas is not None else os.cpu_count() or 1
+
+
+def requested_num_threads() -> int | None:
+    """The count set by set_num_threads or limit_threads, None while the libraries' own
+    defaults rule (for the Numba backend, which applies it when it is created)."""
+    return _requested
+
+
+@contextlib.contextmanager
+def limit_threads(n: int | None = None) -> Iterator[None]:
+    """``with limit_threads(n):`` runs the block on at most ``n`` threads (as set_num_threads),
+    then restores the previous counts, also when the block raises. ``n=None`` changes no count
+    but applies the process's count (if one was set) to Numba in the calling thread for the
+    block: Numba keeps its count per thread, and training may run in a thread of its own.
+    BLAS's count is one per process, so blocks in concurrent threads should use the same n."""
+    global _requested
+    if n is not None:
+        n = _check_count(n)
+    with _lock:
+        previous = _requested
+        count = previous if n is None else n
+        if count is None:
+            restore_blas, numba_before = None, None
+        else:
+            restore_blas = None if n is None else _limit_blas(n)
+            _requested = count
+            numba_before = _numba_threads()
+            try:
+                _apply_numba(count)
+            except BaseException:
+                _requested = previous
+                if restore_blas is not None:
+                    restore_blas()
+                raise
+    try:
+        yield
+    finally:
+        if count is not None:
+            with _lock:
+                if restore_blas is not None:
+                    restore_blas()
+                _requested = previous
+                _restore_numba(numba_before, previous)
+
+
+def _check_count(n: object) -> int:
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"the thread count must be an integer >= 1, got {n!r}")
+    if n < 1:
+        raise ValueError(f"the thread count must be an integer >= 1, got {n}")
+    return int(n)
+
+
+# ---------------------------------------------------------------------------------- Numba
+def _numba():
+    """The numba module where something has imported it already, else None."""
+    return sys.modules.get("numba")
+
+
+def _numba_threads() -> int | None:
+    numba = _numba()
+    return None if numba is None else numba.get_num_threads()
+
+
+def _apply_numba(n: int) -> None:
+    numba = _numba()
+    if numba is not None:
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+
+
+def _restore_numba(before: int | None, requested: int | None) -> None:
+    numba = _numba()
+    if numba is None:
+        return
+    if before is None:
+        # Numba was imported inside the block: it starts out on the process's count, or its
+        # own default (the whole pool).
+        before = numba.config.NUMBA_NUM_THREADS if requested is None else \
+            min(requested, numba.config.NUMBA_NUM_THREADS)
+    numba.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------- BLAS
+def _limit_blas(n: int) -> Callable[[], None]:
+    """Put BLAS on ``n`` threads; returns what restores the counts it had."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        get, set_ = _numpy_openblas()
+        before = get()
+        set_(n)
+        return lambda: set_(before)
+    return threadpool_limits(limits=n, user_api="blas").restore_original_limits
+
+
+def _blas_threads() -> int | None:
+    """The most threads any BLAS in the process runs on now; None where none can be asked."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        try:
+            get, _ = _numpy_openblas()
+        except ImportError:
+            return None
+        return get()
+    counts = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+    return max(counts) if counts else None
+
+
+# OpenBLAS's thread functions under the names of the builds NumPy's wheels ship: NumPy >= 2
+# bundles scipy-openblas (64- or 32-bit integers), NumPy 1.x openblas64_ or plain OpenBLAS.
+_OPENBLAS_NAMES = (("scipy_openblas", "64_"), ("scipy_openblas", ""), ("openblas", "64_"),
+                   ("openblas", ""))
+
+
+@lru_cache(maxsize=None)
+def _numpy_openblas() -> tuple[Callable[[], int], Callable[[int], None]]:
+    """(get, set) of the thread count of the OpenBLAS bundled with NumPy, found where
+    backends/_numba_blas.py finds it (numpy.libs beside the package, numpy/.dylibs on macOS)."""
+    package = os.path.dirname(np.__file__)
+    for folder in (os.path.join(package, os.pardir, "numpy.libs"), os.path.join(package, ".dylibs")):
+        for path in sorted(glob.glob(os.path.join(folder, "*openblas*"))):
+            try:
+                library = ctypes.CDLL(path)  # already loaded by NumPy: the same handle
+            except OSError:
+                continue
+            for prefix, suffix in _OPENBLAS_NAMES:
+                get = getattr(library, f"{prefix}_get_num_threads{suffix}", None)
+                set_ = getattr(library, f"{prefix}_set_num_threads{suffix}", None)
+                if get is not None and set_ is not None:
+                    get.argtypes, get.restype = [], ctypes.c_int
+                    set_.argtypes, set_.restype = [ctypes.c_int], None
+                    return get, set_
+    raise ImportError("bpkernels cannot reach the thread count of the BLAS that NumPy "
+                      f"{np.__version__} uses (not a bundled OpenBLAS); install threadpoolctl to "
+                      "limit it: pip install threadpoolctl")
