@@ -59,6 +59,7 @@ from .activations import hidden_activations
 from .backends import BackendUnavailable, get_backend
 from .model import MLP, resolve_dtype
 from .optim import Optimizer, make_optimizer
+from .threads import limit_threads
 from .train import fit as _train
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
@@ -79,7 +80,7 @@ class _BaseMLP(BaseEstimator):
                  learning_rate=_DEFAULT_LEARNING_RATE, weight_decay=0.0, batch_size=32,
                  max_iter=200, shuffle=True, random_state=None, tol=1e-4, n_iter_no_change=10,
                  early_stopping=False, validation_fraction=0.1, backend="auto", dtype="float32",
-                 verbose=False, warm_start=False):
+                 verbose=False, warm_start=False, threads=None):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
         self.optimizer = optimizer
@@ -97,6 +98,7 @@ class _BaseMLP(BaseEstimator):
         self.dtype = dtype
         self.verbose = verbose
         self.warm_start = warm_start
+        self.threads = threads
 
     # ------------------------------------------------------------------ training
     def fit(self, X: ArrayLike, y: ArrayLike) -> "_BaseMLP":
@@ -105,6 +107,10 @@ class _BaseMLP(BaseEstimator):
 
     def _fit(self, X, y, incremental: bool):
         settings = self._check_params()
+        with limit_threads(settings["threads"]):
+            return self._fit_checked(X, y, incremental, settings)
+
+    def _fit_checked(self, X, y, incremental: bool, settings: dict[str, Any]):
         if incremental and settings["early_stopping"]:
             raise ValueError("partial_fit does not support early_stopping=True (it trains one "
                              "epoch on the data given); use fit, or set early_stopping=False")
@@ -201,7 +207,8 @@ class _BaseMLP(BaseEstimator):
     def _outputs(self, X: ArrayLike) -> np.ndarray:
         check_is_fitted(self, "model_")
         X = _validate_data(self, X, reset=False, dtype=(np.float64, np.float32))
-        return self.model_.forward(np.asarray(X, dtype=self.model_.dtype))
+        with limit_threads(_check_threads(self.threads)):
+            return self.model_.forward(np.asarray(X, dtype=self.model_.dtype))
 
     # ------------------------------------------------------------------ parameters
     def _check_params(self) -> dict[str, Any]:
@@ -235,6 +242,7 @@ class _BaseMLP(BaseEstimator):
             _check_int("verbose", self.verbose, 0, "a bool or an integer >= 0"),
             "warm_start": _check_bool("warm_start", self.warm_start),
             "dtype": resolve_dtype(self.dtype).name,
+            "threads": _check_threads(self.threads),
         }
         _check_random_state(self.random_state)
         settings["backend"] = get_backend(self.backend).name
@@ -309,6 +317,9 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
       ``validation_fraction`` 0.1: the stopping rule of scikit-learn's MLP.
     - ``backend`` "auto", ``dtype`` "float32": where and in what precision it trains.
     - ``verbose`` False: a progress bar (or line) per epoch; ``warm_start`` False.
+    - ``threads`` None: the most threads (BLAS and Numba) that fit, partial_fit and the
+      predictions run on, the previous counts restored afterwards (see
+      :func:`bpkernels.set_num_threads`); None leaves the counts as they are.
 
     Fitted attributes: ``classes_``, ``n_features_in_``, ``feature_names_in_`` (for named
     columns), ``model_`` (the :class:`bpkernels.MLP`), ``n_outputs_``, ``loss_curve_``,
@@ -556,6 +567,10 @@ def _check_int(name: str, value, minimum: int, allowed: str = "") -> int:
     if value < minimum:
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
     return int(value)
+
+
+def _check_threads(value) -> int | None:
+    return None if value is None else _check_int("threads", value, 1, "None or an integer >= 1")
 
 
 def _is_auto(value) -> bool:
