@@ -159,6 +159,9 @@ def _build_parser() -> argparse.ArgumentParser:
                           f"(default: {DEFAULT_EPOCHS})")
     opt.add_argument("--batch-size", type=_count(1), default=DEFAULT_BATCH_SIZE, metavar="N",
                      help=f"rows per step (default: {DEFAULT_BATCH_SIZE})")
+    opt.add_argument("--threads", type=_count(1), default=None, metavar="N",
+                     help="at most N threads for BLAS and Numba (under mpiexec: per rank; "
+                          "default: as the libraries choose)")
     io = train.add_argument_group("checkpoints and output")
     io.add_argument("--save", default=None, metavar="PATH",
                     help="checkpoint written after every epoch, at the end, on Ctrl-C and "
@@ -186,8 +189,10 @@ def _build_parser() -> argparse.ArgumentParser:
                             "skipped with a note when not installed (default: none)")
     bench.add_argument("--repeats", type=_count(1), default=5, metavar="N",
                        help="timed epochs per entry (default: 5)")
-    bench.add_argument("--threads", type=_count(1), default=None, metavar="N",
-                       help="BLAS, Numba and torch threads (default: as the libraries choose)")
+    bench.add_argument("--threads", type=_thread_counts, default=None, metavar="LIST",
+                       help="BLAS, Numba and torch threads: a count, or counts like 1,2 to time "
+                            "every entry with each (epochs interleaved) and report the speedup "
+                            "over the fewest (default: as the libraries choose)")
     bench.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     bench.add_argument("--plot", default=None, metavar="PATH", help="write a PNG bar chart")
     bench.add_argument("--quick", action="store_true",
@@ -325,6 +330,12 @@ class _Saver:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from .threads import limit_threads
+    with limit_threads(args.threads):
+        return _train_command(args)
+
+
+def _train_command(args: argparse.Namespace) -> int:
     comm = distributed.launched_world()  # under `mpirun -n N` (N >= 2): data-parallel
     if comm is not None:
         distributed.use_local_gpu(comm, args.backend)
@@ -452,6 +463,13 @@ def _rank_counts(text: str) -> list[int]:
     return sorted(set(counts))
 
 
+def _thread_counts(text: str) -> list[int]:
+    counts = [_count(1)(part) for part in _names(text)]
+    if not counts:
+        raise argparse.ArgumentTypeError(f"expected thread counts like 2 or 1,2, got {text!r}")
+    return sorted(set(counts))
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from . import bench, peers
     from .backends import available_backends
@@ -471,14 +489,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.quick:
         configs = [c.quick() for c in configs]
     if args.ranks:
-        return _bench_ranks(args, backends, configs)
+        if args.threads is not None and len(args.threads) > 1:
+            raise ValueError("--ranks takes one --threads count (threads per rank), got "
+                             f"{','.join(map(str, args.threads))}")
+        return _bench_ranks(args, backends, configs, args.threads[0] if args.threads else None)
     options = bench.BenchOptions(backends=list(backends), configs=configs, dtypes=args.dtypes,
                                  peers=args.peers, repeats=2 if args.quick else args.repeats,
                                  threads=args.threads)
     notes: list[str] = []
     results = bench.run(options, log=bench.log_to_stderr, notes=notes)
-    machine = bench.machine_info(options.threads)
-    print(f"{machine['cpu']}, {machine['cores']} cores, {machine['threads']} threads, "
+    machine = bench.machine_info(args.threads)
+    counts = machine["threads"]
+    counts = ",".join(map(str, counts)) if isinstance(counts, list) else counts
+    print(f"{machine['cpu']}, {machine['cores']} cores, {counts} threads, "
           f"{machine['date']}", flush=True)
     print(bench.table(results), flush=True)
     for note in notes:
@@ -490,17 +513,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_ranks(args: argparse.Namespace, backends: list[str], configs: list) -> int:
+def _bench_ranks(args: argparse.Namespace, backends: list[str], configs: list,
+                 threads: int | None) -> int:
     """`bpk bench --ranks`: the scaling of data-parallel training over MPI process counts."""
     from . import bench
     if args.peers or args.plot:
         raise ValueError("--ranks times bpkernels itself under mpiexec; drop --peers and --plot")
     distributed.mpiexec_command(1)  # fails early, naming the extra, when there is no MPI
     results = distributed.scaling_benchmark(backends, configs, args.dtypes, args.ranks,
-                                            2 if args.quick else args.repeats, args.threads,
+                                            2 if args.quick else args.repeats, threads,
                                             log=bench.log_to_stderr)
-    machine = bench.machine_info(args.threads or 1)
-    print(f"{machine['cpu']}, {machine['cores']} cores, {args.threads or 1} thread(s) per rank, "
+    machine = bench.machine_info(threads or 1)
+    print(f"{machine['cpu']}, {machine['cores']} cores, {threads or 1} thread(s) per rank, "
           f"{machine['date']}", flush=True)
     print(bench.scaling_table(results), flush=True)
     if args.json:
