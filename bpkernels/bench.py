@@ -21,6 +21,7 @@ import numpy as np
 from .backends import available_backends, get_backend
 from .model import MLP, resolve_dtype
 from .optim import SGD
+from .threads import get_num_threads, limit_threads, set_num_threads
 from .train import fit
 
 LEARNING_RATE = 0.01
@@ -186,6 +187,51 @@ def time_backend(backend: str, config: Config, dtype: str, repeats: int,
                              compile_seconds=compile_seconds, parity_rel_err=None, threads=threads)
 
 
+def time_backend_threads(backend: str, config: Config, dtype: str, repeats: int,
+                         counts: Sequence[int | None]) -> list[Result]:
+    """``time_backend`` once per thread count (None: the libraries' defaults), each on a model
+    of its own, one Result per count."""
+    X, y = workload(config, dtype)
+
+    def make_epoch() -> Callable[[], float]:
+        model = MLP(config.sizes, backend=backend, dtype=dtype, seed=SEED)
+        opt = SGD(lr=LEARNING_RATE)
+        return lambda: fit(model, X, y, optimizer=opt, epochs=1,
+                           batch_size=config.batch)["seconds"][0]
+
+    results = []
+    for count, (warm, times) in zip(counts, _interleaved(make_epoch, counts, repeats)):
+        # The warm-up epoch absorbs JIT compilation and first-touch allocation.
+        results.append(Result.from_times(
+            backend, "backend", config, dtype, times, parity_rel_err=None,
+            compile_seconds=max(0.0, warm - statistics.median(times)),
+            threads=_threads_in_force(count)))
+    return results
+
+
+def _interleaved(make_epoch: Callable[[], Callable[[], float]], counts: Sequence[int | None],
+                 repeats: int) -> list[tuple[float, list[float]]]:
+    """For each thread count: the seconds of a warm-up epoch and of ``repeats`` timed ones, the
+    counts taking turns epoch by epoch, so that load coming and going on a shared machine
+    weighs on every count alike and their ratio holds. ``make_epoch()`` (called under each
+    count) gives a function that runs one epoch and returns its seconds."""
+    runs = []
+    for count in counts:
+        with limit_threads(count):
+            epoch = make_epoch()
+            runs.append((count, epoch, epoch(), []))
+    for _ in range(repeats):
+        for count, epoch, _, times in runs:
+            with limit_threads(count):
+                times.append(epoch())
+    return [(warm, times) for _, _, warm, times in runs]
+
+
+def _threads_in_force(count: int | None) -> int:
+    with limit_threads(count):
+        return get_num_threads()
+
+
 def gemm_floor_epoch(config: Config, dtype: str) -> Callable[[], None]:
     """An epoch of the config's matrix products alone (forward, dW, dX for every step, the
     last partial batch included), into preallocated buffers, by NumPy's BLAS: no training
@@ -214,16 +260,19 @@ def gemm_floor_epoch(config: Config, dtype: str) -> Callable[[], None]:
     return epoch
 
 
-def time_gemm_floor(config: Config, dtype: str, repeats: int, threads: int | None) -> Result:
-    epoch = gemm_floor_epoch(config, dtype)
-    epoch()
-    times = []
-    for _ in range(repeats):
+def time_gemm_floor(config: Config, dtype: str, repeats: int,
+                    counts: Sequence[int | None] = (None,)) -> list[Result]:
+    """The GEMM floor once per thread count (None: BLAS's default), one Result per count."""
+    floor = gemm_floor_epoch(config, dtype)
+
+    def timed() -> float:
         start = time.perf_counter()
-        epoch()
-        times.append(time.perf_counter() - start)
-    return Result.from_times("gemm-floor", "floor", config, dtype, times, compile_seconds=None,
-                             parity_rel_err=None, threads=threads)
+        floor()
+        return time.perf_counter() - start
+
+    return [Result.from_times("gemm-floor", "floor", config, dtype, times, compile_seconds=None,
+                              parity_rel_err=None, threads=_threads_in_force(count))
+            for count, (_, times) in zip(counts, _interleaved(lambda: timed, counts, repeats))]
 
 
 def time_gemm_floor_cuda(backend: str, config: Config, dtype: str, repeats: int) -> Result:
@@ -244,37 +293,33 @@ class BenchOptions:
     dtypes: list[str]
     peers: list[str]
     repeats: int = 5
-    threads: int | None = None
+    # A thread count, or several: every entry is then timed with each, its epochs interleaved.
+    # None: the libraries' own defaults.
+    threads: int | Sequence[int] | None = None
+
+    def thread_counts(self) -> list[int | None]:
+        if self.threads is None or isinstance(self.threads, int):
+            return [self.threads]
+        return sorted(set(self.threads))
 
 
-def set_threads(threads: int | None) -> int | None:
-    """Apply a thread count to BLAS (threadpoolctl) and Numba; returns the count in force."""
-    if threads is None:
-        return _blas_threads()
-    try:
-        from threadpoolctl import threadpool_limits
-        threadpool_limits(limits=threads)
-    except ImportError:
-        raise ImportError('--threads needs threadpoolctl: pip install "bpkernels[bench]"') from None
-    for name in available_backends():
-        backend = get_backend(name)
-        if hasattr(backend, "set_threads"):
-            backend.set_threads(threads)
-    return threads
-
-
-def _blas_threads() -> int | None:
-    from .backends.numpy_backend import blas_info
-    return blas_info().get("threads")
+def set_threads(threads: int | None) -> int:
+    """Put BLAS and Numba on ``threads`` threads (None: leave them) for the rest of the
+    process, as bpkernels.set_num_threads; returns the count in force. ``run`` limits the
+    threads for its own duration instead."""
+    if threads is not None:
+        set_num_threads(threads)
+    return get_num_threads()
 
 
 def run(options: BenchOptions, log: Callable[[str], None] = lambda s: None,
         notes: list[str] | None = None) -> list[Result]:
-    """Every (backend or peer, config, dtype) once, plus one floor per (config, dtype). Peers
-    that cannot run here are skipped with a line appended to ``notes``."""
+    """Every (backend or peer, config, dtype, thread count) once, plus one floor per (config,
+    dtype, thread count). Peers that cannot run here are skipped with a line appended to
+    ``notes``. The thread counts are limited for the run only, then restored."""
     from . import peers
 
-    threads = set_threads(options.threads)
+    counts = options.thread_counts()
     notes = [] if notes is None else notes
     results: list[Result] = []
     for config in options.configs:
@@ -282,32 +327,42 @@ def run(options: BenchOptions, log: Callable[[str], None] = lambda s: None,
             log(f"{config.name} {dtype}: float64 reference trajectory")
             reference = backend_trajectory("numpy", config, "float64")
             log(f"{config.name} {dtype}: gemm-floor")
-            results.append(time_gemm_floor(config, dtype, options.repeats, threads))
+            results.extend(time_gemm_floor(config, dtype, options.repeats, counts))
             if "cupy" in options.backends:
                 log(f"{config.name} {dtype}: gemm-floor-cuda")
                 results.append(time_gemm_floor_cuda("cupy", config, dtype, options.repeats))
             for backend in options.backends:
                 log(f"{config.name} {dtype}: {backend}")
-                result = time_backend(backend, config, dtype, options.repeats, threads)
-                result.parity_rel_err = backend_trajectory(backend, config, dtype).error_against(reference)
-                results.append(result)
+                timed = time_backend_threads(backend, config, dtype, options.repeats, counts)
+                for count, result in zip(counts, timed):
+                    with limit_threads(count):
+                        trajectory = backend_trajectory(backend, config, dtype)
+                    result.parity_rel_err = trajectory.error_against(reference)
+                    results.append(result)
             for peer in options.peers:
                 log(f"{config.name} {dtype}: {peer}")
-                try:
-                    results.extend(peers.run_peer(peer, config, dtype, options.repeats,
-                                                  threads, reference))
-                except peers.PeerUnavailable as why:
-                    if str(why) not in notes:
-                        notes.append(str(why))
+                for count in counts:
+                    try:
+                        with limit_threads(count):
+                            results.extend(peers.run_peer(peer, config, dtype, options.repeats,
+                                                          get_num_threads(), reference))
+                    except peers.PeerUnavailable as why:
+                        if str(why) not in notes:
+                            notes.append(str(why))
+                        break
     return results
 
 
-def machine_info(threads: int | None = None) -> dict[str, Any]:
+def machine_info(threads: int | Sequence[int] | None = None) -> dict[str, Any]:
+    """``threads``: the count(s) of the run (a list where several), else the one in force."""
     from .backends.numpy_backend import blas_info
+    if threads is not None and not isinstance(threads, int):
+        threads = sorted(set(threads))
+        threads = threads[0] if len(threads) == 1 else threads
     info: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "platform": platform.platform(), "python": platform.python_version(),
-        "cpu": _cpu_model(), "cores": os.cpu_count(), "threads": threads or _blas_threads(),
+        "cpu": _cpu_model(), "cores": os.cpu_count(), "threads": threads or get_num_threads(),
         "blas": blas_info(), "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     for package in ("bpkernels", "numpy", "numba", "cupy", "torch", "scikit-learn"):
@@ -347,34 +402,62 @@ def _gpu_info() -> dict[str, Any] | None:
 
 # --------------------------------------------------------------------------- output
 def ratios(results: Sequence[Result]) -> dict[int, tuple[float | None, float | None]]:
-    """(epoch time / GEMM floor, epochs/s relative to torch) for each result, by position."""
-    floor = {(r.config, r.dtype, r.name.endswith("cuda")): r.seconds_per_epoch
+    """(epoch time / GEMM floor, epochs/s relative to torch) for each result, by position; both
+    at the result's thread count (the GPU floor has none)."""
+    floor = {(r.config, r.dtype, r.name.endswith("cuda"), r.threads): r.seconds_per_epoch
              for r in results if r.kind == "floor"}
-    torch = {(r.config, r.dtype): r.epochs_per_sec for r in results if r.name == "torch"}
+    torch = {(r.config, r.dtype, r.threads): r.epochs_per_sec for r in results
+             if r.name == "torch"}
     out = {}
     for i, r in enumerate(results):
         on_gpu = r.name in ("cupy", "torch-cuda")
-        f = floor.get((r.config, r.dtype, on_gpu))
-        t = torch.get((r.config, r.dtype))
+        f = floor.get((r.config, r.dtype, on_gpu, None if on_gpu else r.threads))
+        t = torch.get((r.config, r.dtype, r.threads))
         out[i] = (r.seconds_per_epoch / f if f and r.kind != "floor" else None,
                   r.epochs_per_sec / t if t else None)
     return out
 
 
+def thread_ratios(results: Sequence[Result]) -> dict[int, float | None]:
+    """For each result, by position: its epochs/s over those of the same entry (name, config,
+    dtype) at the fewest threads of the run; None where the entry ran at one count only."""
+    fewest: dict[tuple, Result] = {}
+    counts: dict[tuple, set] = {}
+    for r in results:
+        key = (r.name, r.kind, r.config, r.dtype)
+        counts.setdefault(key, set()).add(r.threads)
+        if r.threads is not None and (key not in fewest or r.threads < fewest[key].threads):
+            fewest[key] = r
+    out = {}
+    for i, r in enumerate(results):
+        key = (r.name, r.kind, r.config, r.dtype)
+        base = fewest.get(key)
+        out[i] = r.epochs_per_sec / base.epochs_per_sec \
+            if base is not None and r.threads is not None and len(counts[key]) > 1 else None
+    return out
+
+
 def table(results: Sequence[Result]) -> str:
-    header = ("name", "kind", "config", "dtype", "s/epoch", "(min-max)", "epochs/s", "samples/s",
-              "GFLOP/s", "x floor", "x torch", "compile s", "parity")
+    """One row per result; with several thread counts, a column of the speedup over the
+    fewest threads (``x 1 thr``: epochs/s relative to the same entry on 1 thread)."""
+    rel, scaling = ratios(results), thread_ratios(results)
+    counts = sorted({r.threads for r in results if r.threads is not None})
+    scaled = len(counts) > 1
+    header = ("name", "kind", "config", "dtype", "threads", "s/epoch", "(min-max)", "epochs/s",
+              "samples/s", "GFLOP/s", "x floor", "x torch", "compile s", "parity") + \
+        ((f"x {counts[0]} thr",) if scaled else ())
     rows = []
-    rel = ratios(results)
     for i, r in enumerate(results):
         floor_ratio, torch_ratio = rel[i]
-        rows.append((r.name, r.kind, r.config, r.dtype, f"{r.seconds_per_epoch:.4g}",
+        rows.append((r.name, r.kind, r.config, r.dtype, "" if r.threads is None else r.threads,
+                     f"{r.seconds_per_epoch:.4g}",
                      f"{r.min_seconds:.3g}-{r.max_seconds:.3g}", f"{r.epochs_per_sec:.3g}",
                      f"{r.samples_per_sec:,.0f}", f"{r.gflops:.3g}",
                      "" if floor_ratio is None else f"{floor_ratio:.2f}",
                      "" if torch_ratio is None else f"{torch_ratio:.2f}",
                      "" if r.compile_seconds is None else f"{r.compile_seconds:.2f}",
-                     "" if r.parity_rel_err is None else f"{r.parity_rel_err:.1e}"))
+                     "" if r.parity_rel_err is None else f"{r.parity_rel_err:.1e}") +
+                    (("" if scaling[i] is None else f"{scaling[i]:.2f}",) if scaled else ()))
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip()
              for line in [header, *rows]]
@@ -398,12 +481,13 @@ def scaling_table(results: Sequence[Result]) -> str:
 
 def to_json(results: Sequence[Result], machine: dict[str, Any],
             notes: Sequence[str] = ()) -> dict[str, Any]:
-    rel = ratios(results)
+    rel, scaling = ratios(results), thread_ratios(results)
     out = []
     for i, r in enumerate(results):
         record = asdict(r)
         record.update(record.pop("extra"))
         record["floor_ratio"], record["torch_ratio"] = rel[i]
+        record["thread_ratio"] = scaling[i]  # epochs/s over the same entry's at the fewest threads
         out.append(record)
     return {"machine": machine, "results": out, "notes": list(notes)}
 
@@ -430,13 +514,18 @@ def plot(results: Sequence[Result], path: str) -> None:
     except ImportError:
         raise ImportError('--plot needs matplotlib: pip install "bpkernels[bench]"') from None
     panels = sorted({(r.config, r.dtype) for r in results})
+    several = len({r.threads for r in results if r.kind != "floor"}) > 1
+
+    def label(r: Result) -> str:
+        return f"{r.name} ({r.threads} thr)" if several else r.name
+
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
     for ax, (config, dtype) in zip(axes[0], panels):
         runs = [r for r in results if (r.config, r.dtype) == (config, dtype) and r.kind != "floor"]
-        ax.bar([r.name for r in runs], [r.epochs_per_sec for r in runs], color="tab:blue")
+        ax.bar([label(r) for r in runs], [r.epochs_per_sec for r in runs], color="tab:blue")
         for r in results:
             if (r.config, r.dtype) == (config, dtype) and r.kind == "floor":
-                ax.axhline(r.epochs_per_sec, color="tab:red", linestyle="--", label=r.name)
+                ax.axhline(r.epochs_per_sec, color="tab:red", linestyle="--", label=label(r))
         ax.set_title(f"{config} {dtype}")
         ax.set_ylabel("epochs/s (higher is better)")
         ax.tick_params(axis="x", rotation=30)
