@@ -1,0 +1,247 @@
+"""The thread budget (bpkernels.threads): one count for BLAS and Numba, set for the process or
+for a block and restored after it, honored by the Numba backend in the thread that trains, by
+the scikit-learn estimators, `bpk train` and `bpk bench`. Counts only; no timing here (speed is
+the benchmark's to show)."""
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import bpkernels as bpk
+from bpkernels import bench, cli, threads
+from bpkernels.threads import get_num_threads, limit_threads, set_num_threads
+
+
+@pytest.fixture(autouse=True)
+def restore_counts():
+    """Whatever a test sets, the suite after it runs on the counts it had before."""
+    with limit_threads(get_num_threads()):
+        yield
+
+
+def blas_counts() -> set[int]:
+    """The thread count of every BLAS in the process, as the libraries report it."""
+    try:
+        import threadpoolctl
+    except ImportError:
+        get, _ = threads._numpy_openblas()
+        return {get()}
+    return {p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"}
+
+
+def numba_or_skip():
+    if "numba" not in bpk.available_backends():
+        pytest.skip("the Numba backend is not available here")
+    import numba
+    return numba
+
+
+# ------------------------------------------------------------------------ set, get, restore
+def test_set_and_get_round_trip():
+    for n in (1, 2, 1):
+        set_num_threads(n)
+        assert get_num_threads() == n
+        assert blas_counts() == {n}
+    set_num_threads(np.int64(2))  # any integer type
+    assert get_num_threads() == 2 and isinstance(get_num_threads(), int)
+
+
+def test_exported_from_the_package():
+    assert bpk.set_num_threads is set_num_threads and bpk.get_num_threads is get_num_threads
+    assert {"set_num_threads", "get_num_threads"} <= set(bpk.__all__)
+
+
+def test_limit_threads_restores_on_exit_and_on_exception():
+    set_num_threads(2)
+    with limit_threads(1):
+        assert get_num_threads() == 1 and blas_counts() == {1}
+        with limit_threads(2):  # nested blocks unwind in order
+            assert get_num_threads() == 2 and blas_counts() == {2}
+        assert get_num_threads() == 1 and blas_counts() == {1}
+    assert get_num_threads() == 2 and blas_counts() == {2}
+    with pytest.raises(RuntimeError, match="inside"):
+        with limit_threads(1):
+            assert blas_counts() == {1}
+            raise RuntimeError("inside the block")
+    assert get_num_threads() == 2 and blas_counts() == {2}
+
+
+def test_limit_threads_none_changes_nothing():
+    before = (threads.requested_num_threads(), blas_counts())
+    with limit_threads(None):
+        assert (threads.requested_num_threads(), blas_counts()) == before
+    assert (threads.requested_num_threads(), blas_counts()) == before
+
+
+@pytest.mark.parametrize("bad, error", [(0, ValueError), (-2, ValueError), (1.5, TypeError),
+                                        ("2", TypeError), (True, TypeError), (None, TypeError)])
+def test_bad_counts_are_refused_with_what_is_allowed(bad, error):
+    before = (get_num_threads(), blas_counts())
+    with pytest.raises(error, match="integer >= 1"):
+        set_num_threads(bad)
+    if bad is not None:  # limit_threads(None) is valid: it keeps the counts
+        with pytest.raises(error, match="integer >= 1"):
+            with limit_threads(bad):
+                pass
+    assert (get_num_threads(), blas_counts()) == before
+
+
+# ------------------------------------------------------------------------ BLAS without threadpoolctl
+def test_blas_through_numpys_openblas_without_threadpoolctl(monkeypatch):
+    monkeypatch.setitem(sys.modules, "threadpoolctl", None)  # import threadpoolctl now fails
+    try:
+        get, _ = threads._numpy_openblas()
+    except ImportError as err:  # a NumPy without a bundled OpenBLAS (MKL, Accelerate)
+        assert "pip install threadpoolctl" in str(err)
+        with pytest.raises(ImportError, match="pip install threadpoolctl"):
+            set_num_threads(1)
+        return
+    with limit_threads(1):
+        assert get() == 1 and get_num_threads() == 1
+        with limit_threads(2):
+            assert get() == 2
+        assert get() == 1
+    set_num_threads(2)
+    assert get() == 2
+
+
+def test_no_reachable_blas_names_the_package_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "threadpoolctl", None)
+    monkeypatch.setattr(threads.glob, "glob", lambda pattern: [])
+    threads._numpy_openblas.cache_clear()
+    try:
+        with pytest.raises(ImportError, match="pip install threadpoolctl"):
+            set_num_threads(1)
+        assert isinstance(get_num_threads(), int)  # asking never fails
+    finally:
+        threads._numpy_openblas.cache_clear()
+
+
+# ------------------------------------------------------------------------ Numba
+def test_numba_follows_and_is_clamped_to_its_pool():
+    numba = numba_or_skip()
+    be = bpk.get_backend("numba")
+    pool = numba.config.NUMBA_NUM_THREADS
+    with limit_threads(1):
+        assert numba.get_num_threads() == be.threads == 1
+    with limit_threads(pool + 3):  # a budget above the pool: Numba takes the pool, BLAS n
+        assert numba.get_num_threads() == pool
+        assert get_num_threads() == pool + 3 and blas_counts() == {pool + 3}
+
+
+def test_numba_in_the_training_thread_honors_the_process_count():
+    numba = numba_or_skip()
+    set_num_threads(1)
+    seen = {}
+
+    def train() -> None:
+        # Numba keeps its count per thread: a fresh thread starts on the whole pool, and
+        # limit_threads() (what fit uses) applies the process's count there.
+        seen["fresh"] = numba.get_num_threads()
+        model = bpk.MLP([4, 8, 3], backend="numba", seed=0)
+        X, y = np.ones((16, 4), np.float32), np.arange(16) % 3
+        with limit_threads():
+            bpk.fit(model, X, y, epochs=1, callbacks=[
+                lambda epoch, record: seen.setdefault("training", numba.get_num_threads())])
+        seen["after"] = numba.get_num_threads()
+
+    worker = threading.Thread(target=train)
+    worker.start()
+    worker.join()
+    assert seen == {"fresh": numba.config.NUMBA_NUM_THREADS, "training": 1,
+                    "after": numba.config.NUMBA_NUM_THREADS}
+
+
+def test_a_count_set_before_numba_is_imported_rules_the_backend():
+    numba_or_skip()
+    code = ("import sys, bpkernels as bpk; bpk.set_num_threads(1); "
+            "imported = 'numba' in sys.modules; be = bpk.get_backend('numba'); import numba; "
+            "print(imported, numba.get_num_threads(), be.threads, bpk.get_num_threads())")
+    # NUMBA_NUM_THREADS alone would put BLAS and Numba on 2: the budget set in code wins.
+    env = dict(os.environ, NUMBA_NUM_THREADS="2")
+    env.pop("OPENBLAS_NUM_THREADS", None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True)
+    assert out.stdout.split() == ["False", "1", "1", "1"]  # never imports Numba itself
+
+
+# ------------------------------------------------------------------------ scikit-learn
+def test_estimator_threads_parameter():
+    pytest.importorskip("sklearn")
+    from sklearn.base import clone
+    from bpkernels.sklearn import MLPClassifier, MLPRegressor
+
+    for Estimator in (MLPClassifier, MLPRegressor):
+        assert Estimator().get_params()["threads"] is None
+        est = Estimator(threads=1)
+        assert est.get_params()["threads"] == 1 and clone(est).get_params()["threads"] == 1
+    X = np.random.default_rng(0).standard_normal((40, 3))
+    y = (X[:, 0] > 0).astype(int)
+    set_num_threads(2)
+    seen = []
+    est = MLPClassifier((8,), max_iter=2, backend="numpy", random_state=0, threads=1)
+    original = est._fit_checked
+
+    def spy(*args, **kwargs):
+        seen.append((get_num_threads(), blas_counts()))
+        return original(*args, **kwargs)
+
+    est._fit_checked = spy
+    with pytest.warns(Warning):  # ConvergenceWarning: 2 epochs
+        est.fit(X, y)
+    assert seen == [(1, {1})]
+    assert est.predict(X).shape == (40,)
+    assert get_num_threads() == 2 and blas_counts() == {2}  # restored after fit and predict
+    for bad, error in ((0, ValueError), ("2", TypeError)):
+        with pytest.raises(error, match="threads must be None or an integer >= 1"):
+            MLPClassifier(threads=bad).fit(X, y)
+
+
+# ------------------------------------------------------------------------ command line
+def test_bpk_train_threads(capsys, tmp_path):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data.npz"
+    np.savez(data, X=rng.standard_normal((60, 4)), y=rng.integers(0, 2, 60))
+    set_num_threads(2)
+    code = cli.main(["train", "--data", str(data), "--epochs", "1", "--layers", "8",
+                     "--threads", "1", "--backend", "numpy", "--quiet"])
+    assert code == 0
+    assert get_num_threads() == 2 and blas_counts() == {2}
+    assert cli.main(["train", "--data", str(data), "--threads", "0"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--threads" in err[0] and ">= 1" in err[0]
+
+
+def test_bench_times_each_thread_count(capsys, tmp_path):
+    path = tmp_path / "bench.json"
+    code = cli.main(["bench", "--quick", "--configs", "20-16-4:8:30", "--backends", "numpy",
+                     "--threads", "2,1", "--json", str(path)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "x 1 thr" in out.splitlines()[1]
+    records = json.loads(path.read_text())["results"]
+    rows = {(r["name"], r["threads"]): r for r in records}
+    assert set(rows) == {(name, n) for name in ("gemm-floor", "numpy") for n in (1, 2)}
+    for name in ("gemm-floor", "numpy"):
+        assert rows[name, 1]["thread_ratio"] == 1.0
+        assert rows[name, 2]["thread_ratio"] == pytest.approx(
+            rows[name, 2]["epochs_per_sec"] / rows[name, 1]["epochs_per_sec"])
+    assert rows["numpy", 2]["floor_ratio"] == pytest.approx(
+        rows["numpy", 2]["seconds_per_epoch"] / rows["gemm-floor", 2]["seconds_per_epoch"])
+
+
+def test_bench_run_restores_the_counts():
+    set_num_threads(2)
+    options = bench.BenchOptions(backends=["numpy"], configs=[bench.parse_config("8-4:4:9")],
+                                 dtypes=["float32"], peers=[], repeats=1, threads=[1])
+    results = bench.run(options)
+    assert {r.threads for r in results} == {1}
+    assert all(ratio is None for ratio in bench.thread_ratios(results).values())
+    assert get_num_threads() == 2 and blas_counts() == {2}
+    with pytest.raises(ValueError, match="--ranks takes one --threads count"):
+        cli._cmd_bench(cli._build_parser().parse_args(
+            ["bench", "--ranks", "1,2", "--threads", "1,2", "--backends", "numpy"]))
