@@ -7,10 +7,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from . import interop
 from .activations import ACTIVATIONS, hidden_activations
 from .backends import get_backend
+from .backends.base import Backend
 from .losses import check_loss, has_accuracy, prepare_targets
-from .validation import check_features, check_numeric
 
 DTYPES = ("float32", "float64")
 # Inference and evaluation run in chunks of this many rows: bounded memory for any input size.
@@ -59,9 +60,7 @@ class MLP:
         self.layer_activations = self.activations + ("identity",)
         self.dtype = resolve_dtype(dtype)
         self.backend = get_backend(backend)
-        if self.dtype.name not in self.backend.dtypes:
-            raise ValueError(f"backend {self.backend.name!r} does not support {self.dtype.name}; "
-                             f"it supports {', '.join(self.backend.dtypes)}")
+        _check_backend_dtype(self.backend, self.dtype)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.seed = int(seed)
@@ -139,61 +138,94 @@ class MLP:
         self.backend.loss(loss, Y, ws.T, ws.dA[-1], loss_out)
         self._backward(ws)
 
-    def _chunks(self, X: np.ndarray, T: np.ndarray | None = None):
-        """Yield (workspace, rows) with each chunk of X (and T) copied into the workspace."""
+    def _upload(self, host: np.ndarray, out) -> None:
+        """``out[...] = host`` for a host array (a copy to the device on a GPU backend)."""
         be = self.backend
-        for start in range(0, X.shape[0], _CHUNK_ROWS):
-            rows = slice(start, min(start + _CHUNK_ROWS, X.shape[0]))
+        be.copy(host if interop.host_backend(be) else be.asarray(host), out)
+
+    def _chunks(self, X: interop.Array, T: np.ndarray | None = None):
+        """Yield (workspace, rows, X rows): the chunk of X in place where the backend can read
+        it (else copied into the workspace), its targets copied into the workspace."""
+        for start in range(0, X.rows, _CHUNK_ROWS):
+            rows = slice(start, min(start + _CHUNK_ROWS, X.rows))
             n = rows.stop - rows.start
             ws = self.workspace(n) if T is None else self.workspace(n, T.shape[1:], T.dtype)
-            be.copy(be.asarray(X[rows]), ws.X)
+            chunk = X.data[rows]  # rows of a C-contiguous array: C-contiguous
+            if not X.resident:
+                self._upload(chunk, ws.X)
+                chunk = ws.X
             if T is not None:
-                be.copy(be.asarray(T[rows]), ws.T)
-            yield ws, rows
+                self._upload(T[rows], ws.T)
+            yield ws, rows, chunk
 
-    # ---------------------------------------------------------------- public API
-    def forward(self, X) -> np.ndarray:
-        """Outputs (logits for classifiers) for the rows of X, as a NumPy array."""
-        X = check_features(X, self.sizes[0])
-        out = np.empty((X.shape[0], self.sizes[-1]), self.dtype)
-        for ws, rows in self._chunks(X):
-            out[rows] = self.backend.to_host(self._forward(ws, ws.X))
+    def _outputs(self, X: interop.Array) -> Any:
+        """The outputs for the rows of X: a NumPy array, or a device array for device X."""
+        be = self.backend
+        shape = (X.rows, self.sizes[-1])
+        out = be.empty(shape, self.dtype) if X.device else np.empty(shape, self.dtype)
+        direct = X.device or interop.host_backend(be)  # ``out`` is the backend's own array
+        for ws, rows, chunk in self._chunks(X):
+            Y = self._forward(ws, chunk)
+            if direct:
+                be.copy(Y, out[rows])
+            else:
+                out[rows] = be.to_host(Y)
         return out
 
-    def predict(self, X) -> np.ndarray:
-        """Class ids: the argmax of the outputs, or ``output > 0`` for a single output."""
-        Y = self.forward(X)
-        if Y.shape[1] == 1:
-            return (Y[:, 0] > 0).astype(np.int64)
-        return np.argmax(Y, axis=1).astype(np.int64)
-
-    def evaluate(self, X, y, loss: str) -> dict[str, float]:
-        """Mean loss (and accuracy where it applies) over the whole of X, y."""
-        X = check_features(X, self.sizes[0])
-        T = prepare_targets(loss, y, X.shape[0], self.sizes[-1], self.dtype)
+    def _evaluate(self, X: interop.Array, T: np.ndarray, loss: str) -> dict[str, float]:
         be, total, correct = self.backend, 0.0, 0.0
         metric = has_accuracy(loss, self.sizes[-1])
-        for ws, _ in self._chunks(X, T):
-            Y = self._forward(ws, ws.X)
+        for ws, _, chunk in self._chunks(X, T):
+            Y = self._forward(ws, chunk)
             be.loss(loss, Y, ws.T, ws.dA[-1], ws.loss)
             total += float(be.to_host(ws.loss)[0]) * ws.rows
             if metric:
                 be.count_correct(Y, ws.T, ws.correct)
                 correct += float(be.to_host(ws.correct)[0])
-        result = {"loss": total / X.shape[0]}
+        result = {"loss": total / X.rows}
         if metric:
-            result["accuracy"] = correct / X.shape[0]
+            result["accuracy"] = correct / X.rows
         return result
 
-    def loss_and_grads(self, X, y, loss: str) -> tuple[float, list[tuple[np.ndarray, np.ndarray]]]:
-        """The mean loss over the rows of X, y and its gradients ``[(dW, db), ...]``."""
+    def _prepare(self, X, y, loss: str) -> tuple[interop.Array, np.ndarray]:
+        """Checked inputs and host targets (see bpkernels.interop)."""
         check_loss(loss)
-        X = check_features(X, self.sizes[0])
-        T = prepare_targets(loss, y, X.shape[0], self.sizes[-1], self.dtype)
+        X = interop.features(X, self.backend, self.dtype, self.sizes[0])
+        y = interop.targets(y, self.backend)
+        return X, prepare_targets(loss, y, X.rows, self.sizes[-1], self.dtype)
+
+    # ---------------------------------------------------------------- public API
+    # Inputs: NumPy arrays or any array of another library (see bpkernels.interop for the rules:
+    # in place where possible, one conversion otherwise, never a hidden device-to-host copy).
+    def forward(self, X) -> Any:
+        """Outputs (logits for classifiers) for the rows of X: a NumPy array for host X, a
+        device array of the backend (CuPy on "cupy") for device X."""
+        return self._outputs(interop.features(X, self.backend, self.dtype, self.sizes[0]))
+
+    def predict(self, X) -> Any:
+        """Class ids (int64): the argmax of the outputs, or ``output > 0`` for a single output;
+        a NumPy array for host X, a device array for device X."""
+        X = interop.features(X, self.backend, self.dtype, self.sizes[0])
+        Y = self._outputs(X)
+        if X.device:  # the contract has no argmax kernel: the (n, outputs) logits come back
+            return self.backend.asarray(_class_ids(self.backend.to_host(Y)))
+        return _class_ids(Y)
+
+    def evaluate(self, X, y, loss: str) -> dict[str, float]:
+        """Mean loss (and accuracy where it applies) over the whole of X, y."""
+        X, T = self._prepare(X, y, loss)
+        return self._evaluate(X, T, loss)
+
+    def loss_and_grads(self, X, y, loss: str) -> tuple[float, list[tuple[np.ndarray, np.ndarray]]]:
+        """The mean loss over the rows of X, y and its gradients ``[(dW, db), ...]`` (NumPy)."""
+        X, T = self._prepare(X, y, loss)
         be = self.backend
-        ws = self.workspace(X.shape[0], T.shape[1:], T.dtype)
-        be.copy(be.asarray(X), ws.X)
-        be.copy(be.asarray(T), ws.T)
+        ws = self.workspace(X.rows, T.shape[1:], T.dtype)
+        if X.resident:
+            be.copy(X.data, ws.X)
+        else:
+            self._upload(X.data, ws.X)
+        self._upload(T, ws.T)
         self._forward_backward(ws, loss, ws.loss)
         value = float(be.to_host(ws.loss)[0])
         grads = [(be.to_host(dW), be.to_host(db)) for dW, db in self._gradients]
@@ -205,26 +237,59 @@ class MLP:
         return [(W.copy(), b.copy()) for W, b in self._views(host)]
 
     def set_weights(self, weights: Sequence[tuple[Any, Any]]) -> None:
-        """Replace every layer's ``(W, b)``. All are validated before any is written, so a bad
-        list leaves the model untouched; float arrays are converted to the model's dtype."""
+        """Replace every layer's ``(W, b)``: float arrays of any library (see
+        bpkernels.interop), converted to the model's dtype. All are checked before any is
+        written, so a bad list leaves the model untouched."""
         if not isinstance(weights, (list, tuple)) or len(weights) != len(self._layout):
             got = len(weights) if isinstance(weights, (list, tuple)) else type(weights).__name__
             raise ValueError(f"set_weights needs a list of {len(self._layout)} (W, b) pairs, got {got}")
-        flat = np.empty(self.n_params, self.dtype)
-        for layer, ((i, o), pair, (W_dst, b_dst)) in enumerate(
-                zip(self._layout, weights, self._views(flat))):
+        sources = []
+        for layer, ((i, o), pair) in enumerate(zip(self._layout, weights)):
             if not isinstance(pair, (list, tuple)) or len(pair) != 2:
                 raise ValueError(f"layer {layer}: expected a (W, b) pair, got {type(pair).__name__}")
-            for name, value, dst in (("W", pair[0], W_dst), ("b", pair[1], b_dst)):
-                arr = check_numeric(value, f"layer {layer} {name}")
-                if arr.dtype.kind != "f":
-                    raise TypeError(f"layer {layer} {name} must be a float array, got dtype {arr.dtype}")
-                if arr.shape != dst.shape:
-                    raise ValueError(f"layer {layer} {name} must have shape {dst.shape}, got {arr.shape}")
-                if not np.isfinite(arr).all():
-                    raise ValueError(f"layer {layer} {name} contains NaN or inf")
-                dst[...] = arr
-        self.backend.copy(self.backend.asarray(flat), self.params)
+            for name, value, shape in (("W", pair[0], (i, o)), ("b", pair[1], (o,))):
+                sources.append(interop.parameter(value, self.backend, self.dtype, shape,
+                                                 f"layer {layer} {name}"))
+        destinations = [view for W, b in self._weights for view in (W, b)]
+        for src, dst in zip(sources, destinations):
+            self.backend.copy(src, dst)
+
+    def to(self, backend: str | Backend, dtype: Any = None) -> "MLP":
+        """Move the model to ``backend`` and/or ``dtype`` (default: keep it), in place, and
+        return it (as torch.nn.Module.to does): weights, gradients, the optimizer's state and
+        step count, and the epochs trained. The numbers are the same: bit for bit where the
+        dtype stays, rounded by the cast from float64 to float32, exact from float32 to
+        float64; training on continues as it would have where it was, up to the backends' own
+        rounding. Everything is checked first (the backend's name and availability, the dtype,
+        that every value fits the new dtype): on error the model is as it was. The old
+        backend's workspaces are dropped."""
+        target = get_backend(backend)
+        new_dtype = self.dtype if dtype is None else resolve_dtype(dtype)
+        _check_backend_dtype(target, new_dtype)
+        if target is self.backend and new_dtype == self.dtype:
+            return self
+        state = self.optimizer.state if self.optimizer is not None else {}
+        buffers = {"params": self.params, "grads": self.grads,
+                   **{f"optimizer state {name}": buf for name, buf in state.items()}}
+        moved = {}
+        for name, buf in buffers.items():
+            host = self.backend.to_host(buf)
+            with np.errstate(over="ignore"):  # overflow is reported below
+                cast = host.astype(new_dtype)
+            if name != "grads" and not np.isfinite(cast).all():  # grads: rewritten every step
+                i = int(np.argmin(np.isfinite(cast)))
+                raise ValueError(f"cannot move the model to {new_dtype}: its {name}[{i}] = "
+                                 f"{host[i]} does not fit in {new_dtype}")
+            moved[name] = target.asarray(cast, new_dtype)
+        # Nothing below can fail: the model changes all at once.
+        self.backend, self.dtype = target, new_dtype
+        self.params, self.grads = moved.pop("params"), moved.pop("grads")
+        self._weights = self._views(self.params)
+        self._gradients = self._views(self.grads)
+        self._workspaces = OrderedDict()
+        if self.optimizer is not None:
+            self.optimizer.state = {name: moved[f"optimizer state {name}"] for name in state}
+        return self
 
     def save(self, path) -> None:
         """Write the model (and its optimizer state) to one portable file, atomically."""
@@ -234,6 +299,19 @@ class MLP:
     def __repr__(self) -> str:
         return (f"MLP(sizes={list(self.sizes)}, activation={list(self.activations)}, "
                 f"backend={self.backend.name!r}, dtype={self.dtype.name!r}, seed={self.seed})")
+
+
+def _check_backend_dtype(backend: Backend, dtype: np.dtype) -> None:
+    if dtype.name not in backend.dtypes:
+        raise ValueError(f"backend {backend.name!r} does not support {dtype.name}; "
+                         f"it supports {', '.join(backend.dtypes)}")
+
+
+def _class_ids(Y: np.ndarray) -> np.ndarray:
+    """The argmax of each row of outputs, or ``output > 0`` for a single output, as int64."""
+    if Y.shape[1] == 1:
+        return (Y[:, 0] > 0).astype(np.int64)
+    return np.argmax(Y, axis=1).astype(np.int64)
 
 
 def _check_sizes(sizes: Sequence[int]) -> tuple[int, ...]:

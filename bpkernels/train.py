@@ -16,11 +16,11 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from . import distributed
+from . import distributed, interop
 from .backends.base import EpochPlan
-from .losses import check_loss, has_accuracy, prepare_targets
+from .losses import check_loss, has_accuracy
 from .optim import Adam, Optimizer, make_optimizer
-from .validation import check_features, check_positive_int
+from .validation import check_positive_int
 
 
 class TrainingDiverged(FloatingPointError):
@@ -70,13 +70,19 @@ def fit(model, X, y, *, loss: str = "cross_entropy", optimizer: str | Optimizer 
     ``callback(epoch, record)`` after every epoch; one that returns True stops training.
     ``comm``: an mpi4py communicator (``MPI.COMM_WORLD``) to train data-parallel across its
     ranks, each calling fit() alike (see bpkernels.distributed); only rank 0 shows progress.
+
+    X, y and validation_data may be arrays of any library (see bpkernels.interop): X already in
+    the model's memory as a C-contiguous array of its dtype is trained on in place, never
+    copied; any other X is converted once.
     """
     check_loss(loss)
     epochs = check_positive_int(epochs, "epochs", 0)
     batch_size = check_positive_int(batch_size, "batch_size", 1)
     seed = check_positive_int(seed, "seed", 0)
-    X = check_features(X, model.sizes[0])
-    T = prepare_targets(loss, y, X.shape[0], model.sizes[-1], model.dtype)
+    X, T = model._prepare(X, y, loss)
+    if comm is not None and X.device:
+        raise ValueError("fit(comm=...) takes X as a host array (each rank reads its shard of "
+                         "the batches from it); device arrays are for single-process fit()")
     if validation_data is not None:
         validation_data = _check_validation(model, validation_data, loss)
     callbacks = list(callbacks or [])
@@ -88,11 +94,11 @@ def fit(model, X, y, *, loss: str = "cross_entropy", optimizer: str | Optimizer 
     model.optimizer = opt
 
     dist = None if comm is None else distributed.DataParallel(
-        comm, model, X, T, loss=loss, optimizer=opt, batch_size=batch_size, epochs=epochs,
+        comm, model, X.data, T, loss=loss, optimizer=opt, batch_size=batch_size, epochs=epochs,
         shuffle=shuffle, seed=seed)
     loop = _EpochLoop(model, X, T, loss, batch_size, dist)
     history = History()
-    bar = _Progress(bool(progress) and (dist is None or dist.rank == 0), epochs, X.shape[0])
+    bar = _Progress(bool(progress) and (dist is None or dist.rank == 0), epochs, X.rows)
     # Overflow on the way to divergence is reported once, as TrainingDiverged, not as warnings.
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"), loop.interrupt:
         try:
@@ -115,15 +121,16 @@ def fit(model, X, y, *, loss: str = "cross_entropy", optimizer: str | Optimizer 
 class _EpochLoop:
     """The device-side state of one fit(): data, workspaces and per-step result slots."""
 
-    def __init__(self, model, X: np.ndarray, T: np.ndarray, loss: str, batch_size: int,
+    def __init__(self, model, X: interop.Array, T: np.ndarray, loss: str, batch_size: int,
                  dist: distributed.DataParallel | None = None) -> None:
         be = self.backend = model.backend
         self.model, self.loss, self.dist = model, loss, dist
-        self.n = X.shape[0]
+        self.n = X.rows
         self.batch = min(batch_size, self.n)
         self.steps = math.ceil(self.n / self.batch)
-        self.X = be.asarray(X, model.dtype)
-        self.T = be.asarray(T)
+        # Data in the model's memory is trained on in place: the kernels only read it.
+        self.X = X.data if X.resident else be.asarray(X.data, model.dtype)
+        self.T = T if interop.host_backend(be) else be.asarray(T)
         rows = np.full(self.steps, self.batch, dtype=np.float64)
         rows[-1] = self.n - (self.steps - 1) * self.batch
         self.batch_rows = rows
@@ -152,7 +159,7 @@ class _EpochLoop:
         record["seconds"] = time.perf_counter() - start
         record["samples_per_sec"] = self.n / max(record["seconds"], 1e-12)
         if validation_data is not None:
-            val = model.evaluate(*validation_data, loss=self.loss)
+            val = model._evaluate(*validation_data, loss=self.loss)
             record.update({f"val_{k}": v for k, v in val.items()})
         model.epochs_trained += 1
         return record
@@ -256,12 +263,11 @@ def _resolve_optimizer(model, optimizer) -> Optimizer:
     return make_optimizer(optimizer)
 
 
-def _check_validation(model, data, loss):
+def _check_validation(model, data, loss) -> tuple[interop.Array, np.ndarray]:
+    """The checked validation inputs and their host targets, prepared once for every epoch."""
     if not isinstance(data, (tuple, list)) or len(data) != 2:
         raise ValueError("validation_data must be a pair (X_val, y_val)")
-    X_val = check_features(data[0], model.sizes[0])
-    prepare_targets(loss, data[1], X_val.shape[0], model.sizes[-1], model.dtype)
-    return X_val, data[1]
+    return model._prepare(data[0], data[1], loss)
 
 
 class _Progress:
