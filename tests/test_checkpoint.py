@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import bpkernels as bpk
+from bpkernels.testing import TOLERANCES
 
 BACKENDS = bpk.available_backends()
 OPTIMIZERS = [
@@ -68,6 +69,32 @@ def test_round_trip_keeps_architecture_weights_and_optimizer(tmp_path, backend):
     # its BLAS and erf may round differently.
     tol = 0.0 if backend == model.backend.name else 1e-12
     np.testing.assert_allclose(loaded.forward(X), model.forward(X), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("make_opt", OPTIMIZERS, ids=["sgd", "adam", "adamw", "rmsprop"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loaded_on_any_backend_training_goes_on_as_on_the_original(tmp_path, backend, dtype,
+                                                                    make_opt):
+    if dtype not in bpk.get_backend(backend).dtypes:
+        pytest.skip(f"backend {backend!r} does not support {dtype}")
+    X, y = _data()
+    original = bpk.MLP([6, 8, 3], activation="tanh", dtype=dtype, seed=2)
+    bpk.fit(original, X, y, optimizer=make_opt(), epochs=2, batch_size=16, seed=5)
+    original.save(tmp_path / "ckpt.npz")
+    loaded = bpk.load(tmp_path / "ckpt.npz", backend=backend)
+    assert loaded.backend.name == backend
+    _assert_same_weights(original, loaded)  # the file's numbers, bit for bit
+
+    h_loaded = bpk.fit(loaded, X, y, epochs=2, batch_size=16, seed=5)
+    h_original = bpk.fit(original, X, y, epochs=2, batch_size=16, seed=5)
+    tol = TOLERANCES[dtype]  # the backends' own rounding
+    np.testing.assert_allclose(h_loaded["loss"], h_original["loss"], rtol=tol.rtol, atol=tol.atol)
+    assert loaded.optimizer.step_count == original.optimizer.step_count == 16
+    for (W, b), (rW, rb) in zip(loaded.get_weights(), original.get_weights()):
+        scale = max(np.abs(rW).max(), np.abs(rb).max())  # as bpkernels.testing judges weights
+        assert np.abs(W - rW).max() <= tol.atol + tol.rtol * scale
+        assert np.abs(b - rb).max() <= tol.atol + tol.rtol * scale
 
 
 def test_model_without_optimizer_round_trips(tmp_path):
