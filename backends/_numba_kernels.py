@@ -131,42 +131,65 @@ def _sigmoid(z):
 
 
 @helper
-def _derivative(act, a, z):
-    """act'(z), from the output ``a`` where that suffices (``z`` is read for gelu only).
-    At z == 0 torch's choice: relu' = 0, leaky_relu' = slope; a NaN ``a`` gives NaN."""
-    if act == RELU:
-        return 1.0 if a > 0 else (0.0 if a <= 0 else a)
-    if act == LEAKY_RELU:
-        return 1.0 if a > 0 else (_SLOPE if a <= 0 else a)
-    if act == SIGMOID:
-        return (1.0 - a) * a
-    if act == TANH:
-        return 1.0 - a * a
-    if act == GELU:
-        return _gelu_derivative(z)
-    return 1.0
+def _relu_derivative(a):  # at 0 torch's choice, 0; a NaN output gives NaN
+    return 1.0 if a > 0 else (0.0 if a <= 0 else a)
+
+
+@helper
+def _leaky_relu_derivative(a):  # at 0 torch's choice, the slope
+    return 1.0 if a > 0 else (_SLOPE if a <= 0 else a)
+
+
+@helper
+def _sigmoid_derivative(a):
+    return (1.0 - a) * a
+
+
+@helper
+def _tanh_derivative(a):
+    return 1.0 - a * a
 
 
 # ------------------------------------------------------------------------- dense layer
 # The per-element loops below branch on the activation outside the loop over columns, with one
 # copy of the loop per activation, so that each is a branch-free vector loop. (One loop that
 # branches per element runs ~6x slower: ReLU's select becomes a jump that random signs
-# mispredict.) The backward copies call _derivative with ``act``, not a constant (for which
-# Numba would compile a specialization): in each copy LLVM knows ``act`` and folds the rest.
+# mispredict.)
+#
+# ``kinds`` says which activations a call may meet: a tuple indexed by activation code, True
+# for each one and None for the others (``activation_kinds``). It is a type to Numba, and the
+# loop copies of the None ones are pruned before they are compiled: a ReLU network compiles
+# the ReLU and identity loops only, which cuts the first compile by seconds. A kernel called
+# with an ``act`` its ``kinds`` lacks leaves A (or dA) as the product: the glue never does.
+
+def activation_kinds(codes) -> tuple:
+    """The ``kinds`` argument for activations ``codes`` (the identity of the output layer is
+    always included)."""
+    present = set(codes) | {IDENTITY}
+    return tuple(True if code in present else None for code in range(len(ACTIVATION_CODES)))
+
 
 @helper
-def _bias_act_rows(Z, b, act, keep_z, A, r0, r1):
+def _bias_act_rows(Z, b, act, keep_z, A, r0, r1, kinds):
+    _bias_act_rows_of(Z, b, act, keep_z, A, r0, r1, *kinds)
+
+
+@helper
+def _bias_act_rows_of(Z, b, act, keep_z, A, r0, r1, identity, relu, leaky_relu, sigmoid, tanh,
+                      gelu):
     """Rows r0..r1: z = Z + b; Z = z when ``keep_z``; A = act(z). Without ``keep_z``, ``Z`` must
     be ``A``: the loops then read and write A alone, which LLVM vectorizes without the overlap
-    test that fails (and falls back to scalar code) when two names hold one array."""
+    test that fails (and falls back to scalar code) when two names hold one array. The last six
+    arguments are ``kinds``, one by one (pruning sees arguments, not tuple items)."""
     o = A.shape[1]
     for r in range(r0, r1):
         if keep_z:
             if act == GELU:  # the one activation whose layers keep Z
-                for j in range(o):
-                    z = Z[r, j] + b[j]
-                    Z[r, j] = z
-                    A[r, j] = _gelu(z)
+                if gelu is not None:
+                    for j in range(o):
+                        z = Z[r, j] + b[j]
+                        Z[r, j] = z
+                        A[r, j] = _gelu(z)
                 continue
             # Any other: A takes X @ W and is activated in place below, as without keep_z. (One
             # generic loop here would compile every activation once more, for no caller.)
@@ -174,101 +197,118 @@ def _bias_act_rows(Z, b, act, keep_z, A, r0, r1):
                 A[r, j] = Z[r, j]
                 Z[r, j] += b[j]
         if act == RELU:
-            for j in range(o):
-                A[r, j] = _relu(A[r, j] + b[j])
+            if relu is not None:
+                for j in range(o):
+                    A[r, j] = _relu(A[r, j] + b[j])
         elif act == LEAKY_RELU:
-            for j in range(o):
-                A[r, j] = _leaky_relu(A[r, j] + b[j])
+            if leaky_relu is not None:
+                for j in range(o):
+                    A[r, j] = _leaky_relu(A[r, j] + b[j])
         elif act == SIGMOID:
-            for j in range(o):
-                A[r, j] = _sigmoid(A[r, j] + b[j])
+            if sigmoid is not None:
+                for j in range(o):
+                    A[r, j] = _sigmoid(A[r, j] + b[j])
         elif act == TANH:
-            for j in range(o):
-                A[r, j] = _tanh(A[r, j] + b[j])
+            if tanh is not None:
+                for j in range(o):
+                    A[r, j] = _tanh(A[r, j] + b[j])
         elif act == GELU:
-            for j in range(o):
-                A[r, j] = _gelu(A[r, j] + b[j])
+            if gelu is not None:
+                for j in range(o):
+                    A[r, j] = _gelu(A[r, j] + b[j])
         else:
             for j in range(o):
                 A[r, j] += b[j]
 
 
 @phelper
-def _bias_act_par(Z, b, act, keep_z, A, chunks):
+def _bias_act_par(Z, b, act, keep_z, A, chunks, kinds):
     for c in numba.prange(chunks):
         r0, r1 = _bounds(c, chunks, Z.shape[0])
-        _bias_act_rows(Z, b, act, keep_z, A, r0, r1)
+        _bias_act_rows(Z, b, act, keep_z, A, r0, r1, kinds)
 
 
 @jit
-def dense_forward(X, W, b, act, Z, A, keep_z, par):
+def dense_forward(X, W, b, act, Z, A, keep_z, par, kinds):
     """Z = X @ W (by NumPy's BLAS) then, in one pass, Z += b and A = act(Z); ``Z`` is written
     only when ``keep_z`` (else pass ``A`` as ``Z``: the product lands in A and is activated in
     place)."""
     gemm_t(X, False, W, False, Z)
     chunks = _chunks(Z.size, par)
     if par is None or chunks == 1:
-        _bias_act_rows(Z, b, act, keep_z, A, 0, Z.shape[0])
+        _bias_act_rows(Z, b, act, keep_z, A, 0, Z.shape[0], kinds)
     else:
-        _bias_act_par(Z, b, act, keep_z, A, chunks)
+        _bias_act_par(Z, b, act, keep_z, A, chunks, kinds)
 
 
 @helper
-def _grad(dA, act, A, Z, r, j):
-    """dA[r, j] *= act'(A or Z at r, j); returns the product. In the dtype of dA, which for
-    float32 keeps the loop in single precision (LLVM folds the casts of 0, 1 and a)."""
-    dz = dA[r, j] * dA.dtype.type(_derivative(act, A[r, j], Z[r, j]))
+def _scale(dA, r, j, derivative):
+    """dA[r, j] *= derivative, returning the product. In the dtype of dA, which for float32
+    keeps the loop in single precision (LLVM folds the casts of 0, 1 and a)."""
+    dz = dA[r, j] * dA.dtype.type(derivative)
     dA[r, j] = dz
     return dz
 
 
 @helper
-def _grad_rows(dA, act, A, Z, total, r0, r1):
-    """Rows r0..r1: dA *= act'(A or Z) in place, each row then added to the column sums
-    ``total``, row after row and in the dtype, as NumPy's add.reduce does."""
+def _grad_rows(dA, act, A, Z, total, r0, r1, kinds):
+    _grad_rows_of(dA, act, A, Z, total, r0, r1, *kinds)
+
+
+@helper
+def _grad_rows_of(dA, act, A, Z, total, r0, r1, identity, relu, leaky_relu, sigmoid, tanh,
+                  gelu):
+    """Rows r0..r1: dA *= act'(A, or Z for gelu) in place, each row then added to the column
+    sums ``total``, row after row and in the dtype, as NumPy's add.reduce does. The last six
+    arguments are ``kinds``, as in _bias_act_rows_of."""
     o = dA.shape[1]
     for r in range(r0, r1):
         if act == RELU:
-            for j in range(o):
-                total[j] += _grad(dA, act, A, Z, r, j)
+            if relu is not None:
+                for j in range(o):
+                    total[j] += _scale(dA, r, j, _relu_derivative(A[r, j]))
         elif act == LEAKY_RELU:
-            for j in range(o):
-                total[j] += _grad(dA, act, A, Z, r, j)
+            if leaky_relu is not None:
+                for j in range(o):
+                    total[j] += _scale(dA, r, j, _leaky_relu_derivative(A[r, j]))
         elif act == SIGMOID:
-            for j in range(o):
-                total[j] += _grad(dA, act, A, Z, r, j)
+            if sigmoid is not None:
+                for j in range(o):
+                    total[j] += _scale(dA, r, j, _sigmoid_derivative(A[r, j]))
         elif act == TANH:
-            for j in range(o):
-                total[j] += _grad(dA, act, A, Z, r, j)
+            if tanh is not None:
+                for j in range(o):
+                    total[j] += _scale(dA, r, j, _tanh_derivative(A[r, j]))
         elif act == GELU:
-            for j in range(o):
-                total[j] += _grad(dA, act, A, Z, r, j)
+            if gelu is not None:
+                for j in range(o):
+                    total[j] += _scale(dA, r, j, _gelu_derivative(Z[r, j]))
         else:
             for j in range(o):
                 total[j] += dA[r, j]
 
 
 @phelper
-def _grad_rows_par(dA, act, A, Z, totals, chunks):
+def _grad_rows_par(dA, act, A, Z, totals, chunks, kinds):
     for c in numba.prange(chunks):
         r0, r1 = _bounds(c, chunks, dA.shape[0])
-        _grad_rows(dA, act, A, Z, totals[c], r0, r1)
+        _grad_rows(dA, act, A, Z, totals[c], r0, r1, kinds)
 
 
 @jit
-def dense_backward(X, W, dA, act, A, Z, dW, db, dX, with_dx, par):
+def dense_backward(X, W, dA, act, A, Z, dW, db, dX, with_dx, par, kinds):
     """dZ = dA * act'(.) in place with db = dZ.sum(0) in the same pass; dW = X.T @ dZ and, when
     ``with_dx``, dX = dZ @ W.T (BLAS, transposes as views). ``Z`` is read for gelu only (pass
     ``A`` otherwise), ``dX`` is written only when ``with_dx``."""
     chunks = min(_chunks(dA.size, par), dA.shape[0])
     if par is None or chunks == 1:
         db[:] = 0.0
-        _grad_rows(dA, act, A, Z, db, 0, dA.shape[0])
+        _grad_rows(dA, act, A, Z, db, 0, dA.shape[0], kinds)
     else:
         # Per-chunk sums, added in chunk order. Allocated per call, but only on this path,
         # for work of millions of elements, beside which an allocation is noise.
         totals = np.zeros((chunks, dA.shape[1]), dA.dtype)
-        _grad_rows_par(dA, act, A, Z, totals, chunks)
+        _grad_rows_par(dA, act, A, Z, totals, chunks, kinds)
         for j in range(dA.shape[1]):
             column = totals[0, j]
             for c in range(1, chunks):
@@ -596,18 +636,18 @@ def _gather(src, index, dst):
 
 
 @helper
-def _forward(net, work, rows, par):
+def _forward(net, work, rows, par, kinds):
     layers = net[2]
     X = work[0][:rows]
     for layer in range(layers.shape[0]):
         W, b, _, _, A, _, Z = _layer(net, work, layer, rows)
         act = layers[layer, 4]
-        dense_forward(X, W, b, act, Z, A, act == GELU, par)
+        dense_forward(X, W, b, act, Z, A, act == GELU, par, kinds)
         X = A
 
 
 @helper
-def _backward(net, work, rows, par):
+def _backward(net, work, rows, par, kinds):
     """Backward through every layer; returns whether every gradient is finite, each layer's
     read right after BLAS wrote it, while it is still in cache (as check_step would find,
     without another pass over all of them)."""
@@ -619,14 +659,14 @@ def _backward(net, work, rows, par):
         X, dX = work[0][:rows], dA
         if with_dx:
             _, _, _, _, X, dX, _ = _layer(net, work, layer - 1, rows)
-        dense_backward(X, W, dA, layers[layer, 4], A, Z, dW, db, dX, with_dx, par)
+        dense_backward(X, W, dA, layers[layer, 4], A, Z, dW, db, dX, with_dx, par, kinds)
         finite = _finite(dW.ravel()) and _finite(db) and finite
     return finite
 
 
 @jit
 def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, states, sgd, adam,
-                rmsprop, par):
+                rmsprop, par, kinds):
     """Every step of one epoch, as train.py's per-kernel loop runs them: gather the batch,
     forward, loss (and hits), backward, check_step, then the optimizer update of step
     ``first_step + s`` (a no-op once halted). The arguments that may be None (``labels`` or
@@ -640,7 +680,7 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, state
         rows = min(batch, n - s * batch)
         index = order[s * batch:s * batch + rows]
         _gather(X_all, index, work[0])
-        _forward(net, work, rows, par)
+        _forward(net, work, rows, par, kinds)
         _, _, _, _, Y, dY, _ = _layer(net, work, layers.shape[0] - 1, rows)
         step_loss, step_correct = step_losses[s:s + 1], step_hits[s:s + 1]
         if labels is not None:
@@ -661,7 +701,7 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, state
                 mse(Y, batch_T[:rows], dY, step_loss)
             if metric:
                 count_correct_rows(Y, batch_T[:rows], step_correct)
-        finite = _backward(net, work, rows, par)
+        finite = _backward(net, work, rows, par, kinds)
         if halted[0] == 0 and not (finite and math.isfinite(step_loss[0])):
             halted[0] = first_step + s  # check_step's latch
         optimizer_step(params, grads, states, sgd, adam, rmsprop, first_step + s, halted, par)

@@ -32,6 +32,9 @@ def _hyper(rule: str, hp) -> tuple[tuple[float, ...] | None, ...]:
                  else None for name in K.RULE_HP)
 
 
+# The ``kinds`` of a single activation: one compiled copy of a layer kernel per activation met.
+_KINDS = {name: K.activation_kinds([code]) for name, code in K.ACTIVATION_CODES.items()}
+
 # A pass over fewer than 2 * PARALLEL_MIN elements runs serially. Measured on 2 cores with BLAS on
 # 2 threads: between GEMMs, BLAS's idle workers spin on the cores a parallel pass needs, and the
 # passes are memory-bound; at L's sizes (1M activations, 6.3M parameters) parallel passes gained
@@ -102,13 +105,14 @@ class NumbaBackend(HostMemory, Backend):
     # ------------------------------------------------------------------ dense layer
     def dense_forward(self, X, W, b, activation, A, Z=None):
         K.dense_forward(X, W, b, K.ACTIVATION_CODES[activation], A if Z is None else Z, A,
-                        Z is not None, self._par(A.size))
+                        Z is not None, self._par(A.size), _KINDS[activation])
 
     def dense_backward(self, X, W, dA, activation, A, Z, dW, db, dX=None):
         if Z is None and activation == "gelu":
             raise ValueError("dense_backward of a gelu layer needs its pre-activation Z")
         K.dense_backward(X, W, dA, K.ACTIVATION_CODES[activation], A, A if Z is None else Z,
-                         dW, db, dA if dX is None else dX, dX is not None, self._par(dA.size))
+                         dW, db, dA if dX is None else dX, dX is not None, self._par(dA.size),
+                         _KINDS[activation])
 
     # ------------------------------------------------------------------ loss
     def loss(self, kind, Y, T, dY, out):
@@ -158,7 +162,8 @@ class NumbaBackend(HostMemory, Backend):
                       (plan.step_loss, plan.step_correct, plan.halted), plan.first_step,
                       K.LOSS_CODES[plan.loss], plan.metric, targets if labeled else None,
                       None if labeled else targets, states, *_hyper(rule, plan.hp),
-                      self._par(widest))
+                      self._par(widest),
+                      K.activation_kinds(K.ACTIVATION_CODES[a] for a in plan.activations))
         return True
 
     def _epoch_buffers(self, plan: EpochPlan) -> tuple[Any, Any, tuple]:

@@ -162,13 +162,38 @@ def test_parallel_dense_kernels_match_serial():
     results = []
     for par in (None, PAR):
         Z, A = np.empty((300, 50)), np.empty((300, 50))
-        K.dense_forward(X, W, b, K.GELU, Z, A, True, par)
+        kinds = K.activation_kinds([K.GELU])
+        K.dense_forward(X, W, b, K.GELU, Z, A, True, par, kinds)
         dA, dW, db, dX = dA0.copy(), np.empty((40, 50)), np.empty(50), np.empty((300, 40))
-        K.dense_backward(X, W, dA, K.GELU, A, Z, dW, db, dX, True, par)
+        K.dense_backward(X, W, dA, K.GELU, A, Z, dW, db, dX, True, par, kinds)
         results.append((Z, A, dA, dW, db, dX))
     for serial, parallel in zip(*results):
         # db sums each chunk's rows first, then the chunks: rounding may differ a little
         np.testing.assert_allclose(parallel, serial, rtol=1e-13, atol=1e-13)
+
+
+_COMPILED_LOOPS = """
+import numpy as np
+from bpkernels.backends import _numba_kernels as K
+X, W, b = np.ones((4, 3)), np.ones((3, 5)), np.zeros(5)
+A = np.empty((4, 5))
+K.dense_forward(X, W, b, K.RELU, A, A, False, None, K.activation_kinds([K.RELU]))
+for sig, res in K._bias_act_rows_of.overloads.items():
+    ir = res.library.get_llvm_str()
+    print([str(t) for t in sig[-6:]], "erf" in ir, "exp" in ir)
+"""
+
+
+@pytest.mark.skipif(not JIT, reason="NUMBA_DISABLE_JIT: no compiled kernels")
+def test_a_layer_kernel_compiles_the_loops_of_its_kinds_only(tmp_path):
+    # The first compile is what a user waits for; a ReLU network must not pay for the loops of
+    # GELU (erf), tanh and sigmoid (exp). A fresh cache, so that the helpers really compile.
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), OPENBLAS_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", _COMPILED_LOOPS], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    kinds = ["bool" if k else "none" for k in K.activation_kinds([K.RELU])]
+    assert done.stdout.splitlines() == [f"{kinds} False False"]
 
 
 @pytest.mark.parametrize("rule", ["sgd", "adam", "rmsprop"])
