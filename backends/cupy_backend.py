@@ -8,6 +8,10 @@ step number, the step's result slot, the divergence latch and the hyper-paramete
 on the device, so nothing waits on the host inside an epoch. A data set larger than the
 device's free memory stays in host memory and is fed batch by batch through pinned buffers,
 copied on a side stream while the previous step computes.
+
+For data-parallel training (bpkernels.distributed) the backend offers NCCL (``nccl``, None
+when this CuPy was built without it), the stream its kernels are queued on, and one kernel that
+weighs a rank's gradient before the all-reduce; the MPI side stays in bpkernels.distributed.
 """
 from __future__ import annotations
 
@@ -18,6 +22,11 @@ import numpy as np
 
 import cupy
 import cupyx
+
+try:  # optional in CuPy: absent when built or installed without NCCL (as cupyx checks)
+    from cupy.cuda import nccl as _nccl
+except ImportError:
+    _nccl = None
 
 from . import BackendUnavailable
 from . import _cuda_sources as sources
@@ -86,6 +95,7 @@ class CupyBackend(Backend):
         self._modules: dict[np.dtype, dict[str, Any]] = {}
         self._scratch_cache: dict[tuple, Any] = {}
         self._hp_cache: dict[tuple, Any] = {}
+        self.nccl = _nccl
 
     # ----------------------------------------------------------------- helpers
     def _kernels(self, dtype) -> dict[str, Any]:
@@ -316,6 +326,17 @@ class CupyBackend(Backend):
                 self._hp_cache.clear()
             buf = self._hp_cache[values] = cupy.asarray(np.array(values, np.float64))
         return buf
+
+    # ------------------------------------------------------------------ data-parallel
+    def weigh_grads(self, grads, loss, weight: float) -> None:
+        """``grads *= weight`` before a gradient all-reduce, NaN when ``loss[0]`` is not
+        finite, zeros when ``weight`` is 0 (cuda/optim.cu): one launch, no host wait."""
+        self._launch(grads.dtype, "weigh_grads", grads.size,
+                     (grads, np.int64(grads.size), loss, np.float64(weight)))
+
+    def stream_ptr(self) -> int:
+        """The stream this backend's kernels are queued on now, for NCCL calls to join."""
+        return cupy.cuda.get_current_stream().ptr
 
     # ------------------------------------------------------------------ benchmark
     def gemm_floor_seconds(self, sizes, batch_rows, dtype, repeats: int) -> list[float]:

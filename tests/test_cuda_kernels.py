@@ -352,6 +352,27 @@ def _update(k, kind, hp, params, grads, buffers, hp_dev, counter, halted, size):
                        I64(size), hp_dev, halted)
 
 
+@pytest.mark.parametrize("size", [1, 300])
+def test_weigh_grads_before_a_data_parallel_all_reduce(k, dtype, size):
+    """grads *= weight exactly as NumPy's in-place multiply by a Python float rounds it (the
+    host ranks' reducer); NaN everywhere when the rank's loss is not finite, so the summed
+    gradient halts every rank; zeros for weight 0, even over stale NaN."""
+    g = np.random.default_rng(size).standard_normal(size).astype(dtype)
+    for weight in (0.3, 1.0, 5 / 16):
+        grads = dev(g)
+        k.weigh_grads(size, grads, I64(size), dev([0.7], dtype), np.float64(weight))
+        expected = g.copy()
+        expected *= weight
+        np.testing.assert_array_equal(host(grads), expected)
+    for bad in (np.inf, -np.inf, np.nan):
+        grads = dev(g)
+        k.weigh_grads(size, grads, I64(size), dev([bad], dtype), np.float64(0.5))
+        assert np.isnan(host(grads)).all()
+    stale = dev(np.full(size, np.nan, dtype))
+    k.weigh_grads(size, stale, I64(size), dev([np.nan], dtype), np.float64(0.0))
+    np.testing.assert_array_equal(host(stale), np.zeros(size, dtype))
+
+
 # ====================================================================== the emulation itself
 def test_launch_arguments_are_checked_against_the_kernel_types(dtype):
     """A float64 value for a float parameter, a Python float where a float32 is expected, an

@@ -1,4 +1,5 @@
-// The divergence latch and the optimizer updates, each one launch over the whole flat buffer.
+// The divergence latch, the optimizer updates and the weighting of a data-parallel gradient, each
+// one launch over the whole flat buffer.
 //
 // Everything that changes from step to step is read on the device, so that one captured graph
 // replays every step: the step number (from step_dev when given, for Adam's bias corrections
@@ -23,6 +24,20 @@ extern "C" __global__ void check_step(const real* loss, const i64* slot, const r
             atomicCAS(halted, 0ULL, now);
             return;
         }
+    }
+}
+
+// Before a data-parallel step's gradient all-reduce (bpkernels.distributed, NCCL): grads *= weight,
+// this rank's rows over the batch's, so that the sum over the ranks is the whole batch's gradient.
+// A non-finite loss on this rank (loss[0]) makes the factor NaN: the sum is then NaN on every rank
+// and every rank's check_step halts at this step, although only this rank saw the bad loss.
+// weight 0 (a rank without rows this step) writes zeros, whatever stale values grads holds. The
+// factor is rounded to the element type before use, as NumPy's grads *= factor does.
+extern "C" __global__ void weigh_grads(real* grads, i64 size, const real* loss, double weight) {
+    const bool none = weight == 0;
+    const real factor = (real)(weight + 0.0 * (double)loss[0]);  // 0 * inf and 0 * NaN are NaN
+    GRID_STRIDE(k, size) {
+        grads[k] = none ? (real)0 : grads[k] * factor;
     }
 }
 
