@@ -304,6 +304,19 @@ def test_cupy_without_a_gpu_says_why(fresh_registry, monkeypatch, capsys):
     assert "cupy: unavailable: backend 'cupy' cannot use a GPU here" in capsys.readouterr().out
 
 
+def test_nccl_is_offered_where_cupy_has_it_and_its_calls_join_the_kernels_stream():
+    """bpkernels.distributed sums gradients with NCCL where the backend offers it (a CuPy built
+    without NCCL has no cupy.cuda.nccl: the staged path); the all-reduce is queued on the
+    stream the backend's kernels use. The NCCL stand-in itself runs under mpiexec
+    (tests/test_mpi.py)."""
+    with_nccl, without = make(), make(nccl=False)
+    assert with_nccl.nccl.NCCL_FLOAT64 == 8 and without.nccl is None
+    assert with_nccl.stream_ptr() == shim.Stream.null.ptr
+    side = shim.Stream(non_blocking=True)
+    with side:
+        assert with_nccl.stream_ptr() == side.ptr
+
+
 def test_device_info_describes_the_gpu():
     info = make().device_info()
     assert info["device"] == "cuda" and info["name"] and info["total_memory"] > 0

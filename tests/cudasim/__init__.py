@@ -5,6 +5,7 @@
 ``backends/cupy_backend.py``, loaded a second time with ``cupy`` bound to the shim, so that the
 whole parametrized suite runs through its host code (buffers, launches, graph capture and
 replay, streams, transfers) and its kernels. Only tests do this; the package never does.
+``make_backend(nccl=False)`` gives the backend of a CuPy installed without NCCL.
 """
 from __future__ import annotations
 
@@ -29,13 +30,14 @@ def unavailable_reason() -> str | None:
     return _why_not[0] or None
 
 
-def load_backend_module():
-    """A fresh copy of bpkernels.backends.cupy_backend whose ``cupy`` is the shim."""
+def load_backend_module(nccl: bool = True):
+    """A fresh copy of bpkernels.backends.cupy_backend whose ``cupy`` is the shim (with its
+    ``cupy.cuda.nccl`` unless ``nccl`` is False)."""
     import bpkernels.backends as package
     path = Path(package.__file__).resolve().parent / "cupy_backend.py"
     spec = importlib.util.spec_from_file_location("bpkernels.backends._cupy_backend_cudasim", path)
     module = importlib.util.module_from_spec(spec)
-    replacements = shim.modules()
+    replacements = shim.modules(nccl=nccl)
     saved = {name: sys.modules.get(name) for name in replacements}
     sys.modules.update(replacements)
     try:
@@ -49,18 +51,19 @@ def load_backend_module():
     return module
 
 
-_module = []
+_modules: dict[bool, object] = {}
 
 
-def backend_module():
-    if not _module:
-        _module.append(load_backend_module())
-    return _module[0]
+def backend_module(nccl: bool = True):
+    if nccl not in _modules:
+        _modules[nccl] = load_backend_module(nccl)
+    return _modules[nccl]
 
 
-def make_backend(**options):
-    """A CupyBackend on the shim, named ``cupy-cudasim``."""
-    backend = backend_module().CupyBackend(**options)
+def make_backend(nccl: bool = True, **options):
+    """A CupyBackend on the shim, named ``cupy-cudasim`` (``nccl``: whether its CuPy has
+    NCCL)."""
+    backend = backend_module(nccl).CupyBackend(**options)
     backend.name = NAME
     return backend
 

@@ -17,7 +17,10 @@ instead:
 - during graph capture nothing may allocate device memory, synchronise, or use another
   stream; a replayed graph whose memory was freed fails;
 - a device array never converts to NumPy implicitly, and offers no arithmetic: only what the
-  backend is allowed to use exists.
+  backend is allowed to use exists;
+- ``cupy.cuda.nccl`` (``modules(nccl=True)``) sums device memory across the processes of an MPI
+  job (see "NCCL" below): a call is queued on its stream like a kernel, runs when the host
+  waits, and refuses a pointer, size or element type that a GPU would read as garbage.
 
 ``STATS`` counts what happened (kernels, GEMMs, graph launches, captures, host waits,
 allocations, transfers) for tests that check, for example, one replay per step and no host
@@ -27,6 +30,8 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import hashlib
+import os
 import threading
 import time
 import types
@@ -63,21 +68,25 @@ _capturing: list["Stream"] = []        # the one stream being captured, if any
 _pinned: list[tuple[int, int, weakref.ref]] = []
 _all_streams: "weakref.WeakSet[Stream]" = weakref.WeakSet()
 _allocated = [0]
+_live: "weakref.WeakSet[Memory]" = weakref.WeakSet()  # for NCCL's pointer arguments
 _compute_type = {np.dtype(np.float32): 1, np.dtype(np.float64): 1}
 
 
 # ----------------------------------------------------------------------------- memory
 class Memory:
-    """One device allocation: a NaN-filled range with guard bytes on each side."""
+    """One device allocation: a NaN-filled range with guard bytes on each side. It remembers
+    its element type, so that NCCL, which gets bare pointers, can refuse a mismatch."""
 
-    def __init__(self, nbytes: int) -> None:
+    def __init__(self, nbytes: int, dtype=np.uint8) -> None:
         if _capturing:
             raise SimError("device memory allocated during graph capture: the graph would "
                            "hold memory the pool may hand out again")
-        self.nbytes = nbytes
+        self.nbytes, self.dtype = nbytes, np.dtype(dtype)
         self.raw = np.full(nbytes + 2 * GUARD, _CANARY, np.uint8)
         self.raw[GUARD:GUARD + nbytes] = _POISON
+        self.address = self.raw.ctypes.data + GUARD
         _allocated[0] += nbytes
+        _live.add(self)
         STATS["allocations"] += 1
         weakref.finalize(self, _free, nbytes)
 
@@ -94,7 +103,7 @@ def _new(shape, dtype) -> "ndarray":
     dtype = np.dtype(dtype)
     shape = tuple(int(s) for s in (shape if isinstance(shape, (tuple, list)) else (shape,)))
     count = int(np.prod(shape, dtype=np.int64))
-    mem = Memory(count * dtype.itemsize)
+    mem = Memory(count * dtype.itemsize, dtype)
     view = mem.raw[GUARD:GUARD + count * dtype.itemsize].view(dtype).reshape(shape)
     return ndarray(view, mem)
 
@@ -568,6 +577,165 @@ def get_compute_type(dtype) -> int:
     return _compute_type[np.dtype(dtype)]
 
 
+# ----------------------------------------------------------------------------- NCCL
+# What a GPU would do: NCCL runs a collective as device work queued on the stream it is given,
+# and (since NCCL 2.9) a collective issued on a capturing stream becomes a node of the graph,
+# performed again by every replay. The stand-in does the same: allReduce queues an op on the
+# stream (or appends it to the graph being captured, where only the capturing stream may be
+# used), and the op sums over MPI when it runs, that is when some host wait drives the stream.
+# So every rank must queue collectives and replay graphs in one order, as with real NCCL. One
+# difference: real NCCL progresses on the GPU while the host goes on, here it progresses at host
+# waits; ranks that wait for their streams at different points (one in a host MPI collective,
+# another in a stream sync) can deadlock here where a GPU would not. bpkernels' ranks all wait
+# at the same points (the epoch's end).
+# Constants as nccl.h defines them and cupy.cuda.nccl exports them.
+NCCL_INT32, NCCL_INT64, NCCL_FLOAT32, NCCL_FLOAT64 = 2, 4, 7, 8
+NCCL_SUM, NCCL_PROD, NCCL_MAX, NCCL_MIN, NCCL_AVG = 0, 1, 2, 3, 4
+_NCCL_TYPES = {NCCL_INT32: np.dtype(np.int32), NCCL_INT64: np.dtype(np.int64),
+               NCCL_FLOAT32: np.dtype(np.float32), NCCL_FLOAT64: np.dtype(np.float64)}
+_NCCL_TYPE_NAMES = {NCCL_INT32: "NCCL_INT32", NCCL_INT64: "NCCL_INT64",
+                    NCCL_FLOAT32: "NCCL_FLOAT32", NCCL_FLOAT64: "NCCL_FLOAT64"}
+_NCCL_OPS = {NCCL_SUM: "SUM", NCCL_PROD: "PROD", NCCL_MAX: "MAX", NCCL_MIN: "MIN",
+             NCCL_AVG: "SUM"}
+_UNIQUE_ID_LENGTH = 128  # NCCL_UNIQUE_ID_BYTES
+
+
+class NcclError(RuntimeError):
+    pass
+
+
+def get_unique_id() -> tuple[int, ...]:
+    """As CuPy's: the 128 bytes of an ncclUniqueId as a tuple of ints (to send to the others)."""
+    return tuple(os.urandom(_UNIQUE_ID_LENGTH))
+
+
+class NcclCommunicator:
+    """``NcclCommunicator(ndev, unique_id, rank)`` over MPI. The processes that pass the same
+    unique id find each other by splitting ``MPI.COMM_WORLD``, which is collective: every
+    process of the MPI job creates one at the same time (bpkernels does: one per fit, on every
+    rank). A real NCCL init with a wrong ``ndev`` or a rank given twice never completes; here
+    it raises NcclError on every process of the id."""
+
+    def __init__(self, ndev: int, commId, rank: int) -> None:
+        if _capturing:
+            raise SimError("an NCCL communicator created during graph capture")
+        if not (isinstance(commId, tuple) and len(commId) == _UNIQUE_ID_LENGTH and
+                all(isinstance(b, int) for b in commId)):
+            raise TypeError("NcclCommunicator: commId must be the tuple get_unique_id() gave")
+        if not (_is_int(ndev) and _is_int(rank) and ndev >= 1 and 0 <= rank < ndev):
+            raise NcclError(f"NCCL_ERROR_INVALID_ARGUMENT: rank {rank!r} of ndev {ndev!r}")
+        from mpi4py import MPI
+        self._mpi = MPI
+        digest = hashlib.blake2b(bytes(b % 256 for b in commId), digest_size=3).digest()
+        self._comm = MPI.COMM_WORLD.Split(int.from_bytes(digest, "little"), rank)
+        joined = self._comm.allgather((ndev, rank))
+        if sorted(r for _, r in joined) != list(range(ndev)) or {n for n, _ in joined} != {ndev}:
+            self._comm.Free()
+            raise NcclError(f"NCCL_ERROR_INVALID_USAGE: the processes of one unique id gave "
+                            f"(ndev, rank) {sorted(joined)}; a real init would never complete")
+        self._ndev, self._rank = ndev, rank
+
+    def size(self) -> int:
+        return self._ndev
+
+    def rank_id(self) -> int:
+        return self._rank
+
+    def destroy(self) -> None:
+        if self._comm is not None:
+            self._comm.Free()
+            self._comm = None
+
+    def allReduce(self, sendbuf: int, recvbuf: int, count: int, datatype: int, op: int,
+                  stream: int) -> None:
+        """Queue ``recvbuf[:count] = op over the ranks of sendbuf[:count]`` on ``stream``."""
+        for name, value in (("sendbuf", sendbuf), ("recvbuf", recvbuf), ("count", count),
+                            ("datatype", datatype), ("op", op), ("stream", stream)):
+            if not _is_int(value):
+                raise TypeError(f"allReduce: {name} is an int (pointers are .data.ptr, the "
+                                f"stream is .ptr), got {type(value).__name__}")
+        if self._comm is None:
+            raise NcclError("NCCL_ERROR_INVALID_ARGUMENT: the communicator was destroyed")
+        if datatype not in _NCCL_TYPES or op not in _NCCL_OPS or count < 0:
+            raise NcclError(f"NCCL_ERROR_INVALID_ARGUMENT: datatype {datatype}, op {op}, "
+                            f"count {count}")
+        dtype = _NCCL_TYPES[datatype]
+        source = _device_range(sendbuf, count, dtype, _NCCL_TYPE_NAMES[datatype], "sendbuf")
+        target = _device_range(recvbuf, count, dtype, _NCCL_TYPE_NAMES[datatype], "recvbuf")
+        if sendbuf != recvbuf and np.shares_memory(source._a, target._a):
+            raise SimError("allReduce: sendbuf and recvbuf overlap without being the same "
+                           "buffer (in place means the same pointer)")
+        call, mpi_op = (count, datatype, op), getattr(self._mpi, _NCCL_OPS[op])
+
+        def run():
+            if self._comm is None:
+                raise SimError("an NCCL allReduce ran on a destroyed communicator")
+            calls = self._comm.allgather(call)
+            if len(set(calls)) > 1:
+                raise SimError(f"NCCL allReduce calls differ across ranks (count, datatype, op "
+                               f"by rank: {calls}): a GPU would hang or sum garbage")
+            host = np.array(source._a, copy=True)  # the interconnect: through host memory
+            self._comm.Allreduce(self._mpi.IN_PLACE, host, op=mpi_op)
+            if op == NCCL_AVG:
+                host /= self._ndev
+            np.copyto(target._a, host)
+        _enqueue(run, [source, target], "nccl_allreduces", stream=_stream_at(stream))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _device_range(pointer: int, count: int, dtype: np.dtype, type_name: str,
+                  what: str) -> ndarray:
+    """The ``count`` elements at ``pointer`` as a device array; SimError where a GPU would read
+    or write memory that is not this buffer, or read its bytes as another type."""
+    for mem in list(_live):
+        offset = pointer - mem.address
+        if 0 <= offset < max(mem.nbytes, 1):
+            break
+    else:
+        raise SimError(f"allReduce: {what} {pointer:#x} is not in any live device allocation")
+    if mem.dtype != dtype:
+        raise SimError(f"allReduce: {type_name} over {what}'s {mem.dtype} memory: a GPU would "
+                       "sum its bytes as another type")
+    nbytes = count * dtype.itemsize
+    if offset % dtype.itemsize:
+        raise SimError(f"allReduce: {what} is not aligned to a {type_name} element")
+    if offset + nbytes > mem.nbytes:
+        raise SimError(f"allReduce: {count} {type_name} elements at {what} run past the end of "
+                       f"its allocation ({mem.nbytes - offset} bytes left)")
+    view = mem.raw[GUARD + offset:GUARD + offset + nbytes].view(dtype)
+    return ndarray(view, mem)
+
+
+def _stream_at(pointer: int) -> Stream:
+    if pointer == 0:
+        return Stream.null
+    for stream in list(_all_streams):
+        if stream.ptr == pointer:
+            return stream
+    raise SimError(f"stream {pointer:#x} is not a live stream")
+
+
+class Device:
+    """``cupy.cuda.Device(i).use()``: makes ``i`` the current device (runtime.getDevice). Every
+    simulated device shares one memory and one set of streams: DEVICE_COUNT > 1 only lets a
+    test check which device each MPI rank picks."""
+
+    def __init__(self, device=None) -> None:
+        self.id = _current_device[0] if device is None else int(device)
+        if not 0 <= self.id < DEVICE_COUNT:
+            raise CUDARuntimeError(f"cudaErrorInvalidDevice: invalid device ordinal {self.id}")
+
+    def use(self) -> None:
+        _current_device[0] = self.id
+
+
+DEVICE_COUNT = 1
+_current_device = [0]
+
+
 # ----------------------------------------------------------------------------- module API
 def empty(shape, dtype=np.float64, order="C") -> ndarray:
     return _new(shape, dtype)
@@ -623,8 +791,9 @@ def _mem_get_info() -> tuple[int, int]:
     return TOTAL_MEMORY - _allocated[0], TOTAL_MEMORY
 
 
-def modules() -> dict[str, types.ModuleType]:
-    """sys.modules entries under which the backend finds this shim as ``cupy`` and ``cupyx``."""
+def modules(nccl: bool = True) -> dict[str, types.ModuleType]:
+    """sys.modules entries under which the backend finds this shim as ``cupy`` and ``cupyx``;
+    ``nccl=False`` leaves out ``cupy.cuda.nccl``, as a CuPy installed without NCCL does."""
     cupy = types.ModuleType("cupy")
     cuda = types.ModuleType("cupy.cuda")
     runtime = types.ModuleType("cupy.cuda.runtime")
@@ -643,10 +812,11 @@ def modules() -> dict[str, types.ModuleType]:
 
     cuda.Stream, cuda.Event, cuda.runtime, cuda.graph = Stream, Event, runtime, graph
     cuda.get_current_stream, cuda.get_elapsed_time = get_current_stream, get_elapsed_time
+    cuda.Device = Device
 
     runtime.CUDARuntimeError = CUDARuntimeError
-    runtime.getDeviceCount = lambda: 1
-    runtime.getDevice = lambda: 0
+    runtime.getDeviceCount = lambda: DEVICE_COUNT
+    runtime.getDevice = lambda: _current_device[0]
     runtime.getDeviceProperties = _properties
     runtime.memGetInfo = _mem_get_info
     runtime.runtimeGetVersion = lambda: 12080
@@ -660,6 +830,14 @@ def modules() -> dict[str, types.ModuleType]:
     linalg.COMPUTE_TYPE_PEDANTIC = COMPUTE_TYPE_PEDANTIC
     linalg.COMPUTE_TYPE_TF32 = COMPUTE_TYPE_TF32
     cupyx.empty_pinned = empty_pinned
-    return {"cupy": cupy, "cupy.cuda": cuda, "cupy.cuda.runtime": runtime,
-            "cupy.cuda.graph": graph, "cupy._core": core,
-            "cupy._core._routines_linalg": linalg, "cupyx": cupyx}
+    found = {"cupy": cupy, "cupy.cuda": cuda, "cupy.cuda.runtime": runtime,
+             "cupy.cuda.graph": graph, "cupy._core": core,
+             "cupy._core._routines_linalg": linalg, "cupyx": cupyx}
+    if nccl:
+        library = cuda.nccl = found["cupy.cuda.nccl"] = types.ModuleType("cupy.cuda.nccl")
+        library.NcclCommunicator, library.NcclError = NcclCommunicator, NcclError
+        library.get_unique_id, library.get_version = get_unique_id, lambda: 22105
+        for name in ("NCCL_INT32", "NCCL_INT64", "NCCL_FLOAT32", "NCCL_FLOAT64", "NCCL_SUM",
+                     "NCCL_PROD", "NCCL_MAX", "NCCL_MIN", "NCCL_AVG"):
+            setattr(library, name, globals()[name])
+    return found
