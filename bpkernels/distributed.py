@@ -10,12 +10,17 @@ the same optimizer step, so training equals single-process training up to summat
 
 Collectives per epoch besides the step's all-reduce: one to sum the epoch's loss and hits (and
 to check that the weights are still identical everywhere), one to agree on stopping (Ctrl-C or a
-callback). Host backends reduce in place through MPI; CuPy through NCCL on the device (untested
-on hardware); any other backend through a host copy.
+callback). Host backends reduce in place through MPI; CuPy through NCCL on the device (run in CI
+on a CPU stand-in of CuPy and NCCL, tests/cudasim; not yet on GPU hardware); any other backend,
+and CuPy without NCCL, through a host copy. Every rank must take the same way: it is one of the
+settings checked at the start.
 
-Failures never leave ranks waiting: an error raised on only some ranks inside fit() prints one
-line naming the rank and aborts the job (``MPI_Abort``); errors every rank meets at the same
-point (:class:`DistributedError`, divergence, an agreed Ctrl-C) are raised normally on all.
+Failures never leave ranks waiting. An error raised before fit()'s first collective (a bad
+argument or data, on some ranks or all) is raised on every rank: the failed ranks raise their
+own, the others a DistributedError naming the first failed rank. Later, an error raised on only
+some ranks prints one line naming the rank and aborts the job (``MPI_Abort``); errors every rank
+meets at the same point (:class:`DistributedError`, divergence, an agreed Ctrl-C) are raised
+normally on all.
 mpi4py is imported only here, and only when a communicator is used.
 """
 from __future__ import annotations
@@ -27,6 +32,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import traceback
 from typing import Any, Callable, NoReturn, Sequence
 
@@ -98,19 +104,24 @@ def import_mpi(why: str):
 
 def use_local_gpu(comm, backend: str | None = None) -> None:
     """Make this rank's current CUDA device the ``local rank``-th of its node, so that the
-    ranks of a node train on different GPUs. Call it before building the model; it does
-    nothing when ``backend`` names a CPU backend or CuPy or a GPU is missing."""
-    if backend not in (None, "auto", "cupy"):
-        return
+    ranks of a node train on different GPUs. It is collective: call it on every rank of
+    ``comm``, before building the model. It selects nothing where ``backend`` names a CPU
+    backend or CuPy or a GPU is missing."""
+    count = 0
+    if backend in (None, "auto", "cupy"):
+        try:
+            import cupy
+            count = cupy.cuda.runtime.getDeviceCount()
+        except Exception:  # no CuPy, no driver: the CPU backends need no device
+            count = 0
+    # Split_type is collective: every rank joins it, whatever it found. A rank without a GPU
+    # (or with another --backend) that skipped it would leave the others waiting in it.
+    MPI = import_mpi("use_local_gpu")
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
     try:
-        import cupy
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception:  # no CuPy, no driver: the CPU backends need no device
-        return
-    if count:
-        MPI = import_mpi("use_local_gpu")
-        local = comm.Split_type(MPI.COMM_TYPE_SHARED)
-        cupy.cuda.Device(local.Get_rank() % count).use()
+        if count:
+            cupy.cuda.Device(local.Get_rank() % count).use()
+    finally:
         local.Free()
 
 
@@ -144,10 +155,36 @@ def _is_open_mpi(mpiexec: str) -> bool:
 
 
 # --------------------------------------------------------------------------- failures
+class _Launch:
+    """One fit() under MPI on this rank: whether it has passed its first collective (the
+    settings check in DataParallel)."""
+
+    def __init__(self) -> None:
+        self.started = False
+
+
+class _Failed:
+    """What a rank that failed before fit()'s first collective sends there instead of its
+    settings, so that the ranks waiting in it learn of the failure and raise too."""
+
+    def __init__(self, err: BaseException) -> None:
+        self.text = f"{type(err).__name__}: {' '.join(str(err).split())}"
+
+
+_launches = threading.local()
+
+
+def _launch_stack() -> list[_Launch]:
+    if not hasattr(_launches, "stack"):
+        _launches.stack = []
+    return _launches.stack
+
+
 def abort_job_on_failure(fit: Callable) -> Callable:
-    """Wrap ``fit`` so that, when called with ``comm=``, an exception raised on only some
-    ranks ends the whole MPI job (one line on stderr naming the rank, then ``MPI_Abort``)
-    instead of leaving the other ranks waiting in a collective forever."""
+    """Wrap ``fit`` so that, when called with ``comm=``, no failure leaves ranks waiting in a
+    collective forever: an exception before fit()'s first collective is sent to it and raised
+    on every rank; a later exception raised on only some ranks ends the whole MPI job (one
+    line on stderr naming the rank, then ``MPI_Abort``)."""
 
     @functools.wraps(fit)
     def run(*args, **kwargs):
@@ -155,12 +192,21 @@ def abort_job_on_failure(fit: Callable) -> Callable:
         if comm is None:
             return fit(*args, **kwargs)
         check_comm(comm)
+        launch = _Launch()
+        _launch_stack().append(launch)
         try:
             return fit(*args, **kwargs)
         except BaseException as err:
             if _raised_on_every_rank(err):
                 raise
+            if not launch.started and isinstance(err, Exception):
+                # Every other rank is failing here too or waits in the first collective:
+                # join it with the failure, and every rank raises.
+                comm.allgather(_Failed(err))
+                raise
             abort(comm, err)
+        finally:
+            _launch_stack().pop()
     return run
 
 
@@ -239,8 +285,16 @@ class DataParallel:
                                                   for name in sorted(optimizer.state)),
             "optimizer steps taken": optimizer.step_count,
             "epochs trained": model.epochs_trained,
+            # NCCL on some ranks and MPI on others would wait in different collectives.
+            "gradient all-reduce": _reducer_kind(model),
         }
-        _check_same(settings, comm.allgather(settings))
+        everyone = comm.allgather(settings)
+        if _launch_stack():
+            _launch_stack()[-1].started = True
+        for rank, theirs in enumerate(everyone):
+            if isinstance(theirs, _Failed):
+                raise DistributedError(f"rank {rank} of {self.size} failed: {theirs.text}")
+        _check_same(settings, everyone)
         batch = min(batch_size, X.shape[0])
         if X.shape[0] < self.size:
             raise DistributedError(f"{self.size} ranks but only {X.shape[0]} training samples: "
@@ -250,7 +304,7 @@ class DataParallel:
             raise DistributedError(f"batch_size {batch_size} is smaller than the {self.size} "
                                    "ranks, which each train a shard of every batch; use "
                                    f"batch_size >= {self.size}")
-        self.reducer = _make_reducer(comm, model, self.MPI)
+        self.reducer = _make_reducer(settings["gradient all-reduce"], comm, model, self.MPI)
 
     def shard_rows(self, batch_rows: np.ndarray) -> np.ndarray:
         """This rank's rows of each step, from the rows of each whole batch."""
@@ -327,14 +381,21 @@ def _check_same(mine: dict[str, Any], everyone: list[dict[str, Any]]) -> None:
 
 
 # --------------------------------------------------------------------------- all-reduce
-def _make_reducer(comm, model, MPI) -> Callable[[Any, Any, float], None]:
+_HOST, _NCCL, _STAGED = ("MPI, in place", "NCCL, on the device",
+                         "MPI, staged through host memory")
+
+
+def _reducer_kind(model) -> str:
     if isinstance(model.params, np.ndarray):
+        return _HOST
+    return _NCCL if getattr(model.backend, "nccl", None) is not None else _STAGED
+
+
+def _make_reducer(kind: str, comm, model, MPI) -> Callable[[Any, Any, float], None]:
+    if kind == _HOST:
         return _HostAllreduce(comm, MPI)
-    if model.backend.name == "cupy":
-        try:
-            return _NcclAllreduce(comm, model)
-        except ImportError:
-            pass  # CuPy without NCCL: through the host, slower but correct
+    if kind == _NCCL:
+        return _NcclAllreduce(comm, model)
     return _StagedAllreduce(comm, model.backend, MPI)
 
 
@@ -353,29 +414,29 @@ class _HostAllreduce:
 
 
 class _NcclAllreduce:
-    """CuPy: NCCL sums the device buffer in place, queued on the current stream (the one the
-    per-step kernels run on), so the host never waits. The communicator is set up once, from
-    a unique id broadcast over MPI. Untested on GPU hardware: no GPU in our CI."""
+    """CuPy: NCCL sums the device buffer in place, queued on the stream the per-step kernels
+    run on, after one kernel that weighs this rank's gradient (backend.weigh_grads): no host
+    wait, no allocation per step. The communicator is set up once, from a unique id broadcast
+    over MPI. CI runs this on a CPU stand-in of CuPy and NCCL (tests/cudasim); not yet run on
+    GPU hardware.
+
+    Under ``comm`` fit() launches the step kernel by kernel, not as the backend's captured
+    graph (train.py skips train_epoch): the all-reduce sits between backward and update, and
+    the reducer, not the backend, owns it. NCCL >= 2.9 could be captured inside the step's
+    graph, saving the ~30 launches per step; that needs EpochPlan to carry the reducer and
+    each rank's per-variant weight, left for when a GPU can measure the gain."""
 
     def __init__(self, comm, model) -> None:
-        import cupy
-        from cupy.cuda import nccl
-        self.cupy, self.nccl = cupy, nccl
+        self.backend = be = model.backend
+        self.nccl = nccl = be.nccl
         unique_id = comm.bcast(nccl.get_unique_id() if comm.Get_rank() == 0 else None, root=0)
         self.device_comm = nccl.NcclCommunicator(comm.Get_size(), unique_id, comm.Get_rank())
         self.dtype = {"float32": nccl.NCCL_FLOAT32, "float64": nccl.NCCL_FLOAT64}[model.dtype.name]
-        self.factor = cupy.zeros((1,), model.dtype)
 
     def __call__(self, grads, loss, weight: float) -> None:
-        if weight == 0.0:
-            grads.fill(0)
-        else:
-            self.cupy.multiply(loss, 0, out=self.factor)  # stays on the device: no host wait
-            self.factor += weight
-            grads *= self.factor
-        stream = self.cupy.cuda.get_current_stream()
+        self.backend.weigh_grads(grads, loss, weight)
         self.device_comm.allReduce(grads.data.ptr, grads.data.ptr, grads.size, self.dtype,
-                                   self.nccl.NCCL_SUM, stream.ptr)
+                                   self.nccl.NCCL_SUM, self.backend.stream_ptr())
 
 
 class _StagedAllreduce:
@@ -387,7 +448,10 @@ class _StagedAllreduce:
     def __call__(self, grads, loss, weight: float) -> None:
         be = self.backend
         host = be.to_host(grads)
-        host *= 0.0 if weight == 0.0 else weight + 0.0 * float(be.to_host(loss)[0])
+        if weight == 0.0:
+            host.fill(0.0)  # as the other reducers do: 0 * a stale NaN is NaN
+        else:
+            host *= weight + 0.0 * float(be.to_host(loss)[0])
         self.comm.Allreduce(self.in_place, host, op=self.sum)
         be.copy(be.asarray(host), grads)
 
@@ -456,6 +520,7 @@ def _bench_worker(task: dict[str, Any]) -> None:
     try:
         config = bench.Config(task["config"][0], tuple(task["config"][1]), *task["config"][2:])
         backend, dtype = task["backend"], task["dtype"]
+        use_local_gpu(comm, backend)  # as bpk train does: else every rank runs on GPU 0
         result = bench.time_backend(backend, config, dtype, task["repeats"], None, comm=comm)
         trajectory = bench.backend_trajectory(backend, config, dtype, comm=comm)
         if comm.Get_rank() == 0:

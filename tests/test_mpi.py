@@ -2,11 +2,17 @@
 3 processes (3 on 2 cores: an uneven split, and a short last batch that leaves a rank no rows).
 
 Each launch trains from fixed seeds (tests/mpi_fit.py) and every rank reports what it ended
-with; the reference is the same training in this process without MPI. In float64 the only
-difference is summation order (each rank sums its shard's rows, then the all-reduce sums the
-ranks), a few ulps per step: after the ~20 steps here the weights agree to about 1e-15
-relative to the layer's largest weight, so 1e-12 is a loose bound that a wrong shard, a
-missing or doubled row, a wrong weighting or a skipped step (all O(1e-3) or more) would break.
+with; the reference is the same training in this process without MPI, by the NumPy backend in
+float64. In float64 the only difference is summation order (each rank sums its shard's rows,
+then the all-reduce sums the ranks; other backends' kernels sum in their own order), a few ulps
+per step: after the ~20 steps here the weights agree to about 1e-15 relative to the layer's
+largest weight, so 1e-12 is a loose bound that a wrong shard, a missing or doubled row, a wrong
+weighting or a skipped step (all O(1e-3) or more) would break. A float32 case is held to 1e-5
+(it lands near 2e-7, float32's rounding over its 18 steps).
+
+The CuPy backend runs here on the CPU stand-in of CuPy and NCCL (tests/cudasim): its NCCL path
+(device buffers summed by the stand-in's allReduce, queued on the stream, after the weigh_grads
+kernel) and its staged path (a CuPy without NCCL), with what the simulated device did per step.
 
 Timeouts below only keep a hang from blocking the suite; nothing asserts how long a run took.
 """
@@ -23,6 +29,7 @@ import numpy as np
 import pytest
 
 import bpkernels as bpk
+import cudasim
 from bpkernels import checkpoint, cli, distributed
 
 import mpi_fit
@@ -30,6 +37,8 @@ import mpi_fit
 HERE = Path(__file__).resolve().parent
 HANG_GUARD_S = 180
 RTOL = 1e-12
+RTOL_FLOAT32 = 1e-5
+CUPY_CASES = [c for c in mpi_fit.CASES if mpi_fit.CASES[c][0].startswith("cupy")]
 # One BLAS and Numba thread per rank: 3 ranks already oversubscribe 2 cores.
 ENV = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1",
            MKL_NUM_THREADS="1")
@@ -57,6 +66,11 @@ def run_script(ranks: int, task: str, out: Path) -> tuple[subprocess.CompletedPr
     reports = [json.loads((out / f"rank{r}.json").read_text()) if (out / f"rank{r}.json").exists()
                else None for r in range(ranks)]
     return done, reports
+
+
+def needs_cudasim(case: str = "cupy") -> None:
+    if case.startswith("cupy") and cudasim.unavailable_reason() is not None:
+        pytest.skip(f"CPU emulation of CUDA: {cudasim.unavailable_reason()}")
 
 
 def bpk_command() -> list[str]:
@@ -125,30 +139,113 @@ def parity_reports(request, tmp_path_factory):
     return _reports[ranks]
 
 
-@pytest.mark.parametrize("case", [c for c in mpi_fit.CASES if c != "numpy-diverges"])
+@pytest.mark.parametrize("case", [c for c in mpi_fit.CASES if c not in mpi_fit.DIVERGING])
 def test_data_parallel_training_equals_single_process_training(parity_reports, case):
-    reference = mpi_fit.train(case)
+    needs_cudasim(case)
+    reference = mpi_fit.train(case, reference=True)
+    rtol = RTOL_FLOAT32 if case in mpi_fit.FLOAT32 else RTOL
     first = parity_reports[0][case]
     for rank, report in enumerate(parity_reports):
-        # Every rank applied the same all-reduced gradients: bit-identical weights and history.
-        assert report[case] == first, f"rank {rank} ended differently from rank 0"
+        # Every rank applied the same all-reduced gradients: bit-identical weights and history
+        # (what the device did may differ: a rank without rows in a step launches less).
+        for key in ("diverged", "history", "weights"):
+            assert report[case][key] == first[key], f"rank {rank}'s {key} differ from rank 0's"
     assert first["diverged"] is None
-    assert rel_error(first["weights"], reference["weights"]) < RTOL
+    assert rel_error(first["weights"], reference["weights"]) < rtol
     np.testing.assert_allclose(first["history"]["loss"], reference["history"]["loss"],
-                               rtol=RTOL, atol=0)
+                               rtol=rtol, atol=0)
     if "accuracy" in reference["history"]:
         assert first["history"]["accuracy"] == reference["history"]["accuracy"]
 
 
-def test_divergence_on_one_ranks_shard_halts_every_rank_at_the_same_step(parity_reports):
+@pytest.mark.parametrize("case", mpi_fit.DIVERGING)
+def test_divergence_on_one_ranks_shard_halts_every_rank_at_the_same_step(parity_reports, case):
     # Only the rank holding row 37 sees its loss overflow (its gradient stays finite): the
     # poisoned all-reduce must halt all ranks at the step a single process halts at, with
     # the weights of the last finite step.
-    reference = mpi_fit.train("numpy-diverges")
+    needs_cudasim(case)
+    reference = mpi_fit.train(case, reference=True)
     assert reference["diverged"] is not None
     for report in parity_reports:
-        assert report["numpy-diverges"]["diverged"] == reference["diverged"]
-        assert rel_error(report["numpy-diverges"]["weights"], reference["weights"]) < RTOL
+        assert report[case]["diverged"] == reference["diverged"]
+        assert rel_error(report[case]["weights"], reference["weights"]) < RTOL
+
+
+@pytest.mark.parametrize("case", CUPY_CASES)
+def test_cupy_steps_under_mpi_launch_kernels_and_never_wait_or_allocate(parity_reports, case):
+    """Under comm, fit() runs the CuPy backend kernel by kernel (no graph: the all-reduce sits
+    between backward and update); with NCCL one all-reduce is queued per step and a step's host
+    code neither allocates nor waits for the device. Without NCCL the gradient goes through
+    the host every step: the same count shows those waits, so the check can fail."""
+    needs_cudasim(case)
+    staged = mpi_fit.CASES[case][0] == "cupy-cudasim-nonccl"
+    for report in parity_reports:
+        device = report[case]["device"]
+        assert device["fit"]["captures"] == device["fit"]["graph_launches"] == 0
+        within, intervals = device["within_epochs"], device["intervals"]
+        assert intervals > 0 or case in mpi_fit.DIVERGING
+        if staged:
+            assert device["fit"]["nccl_allreduces"] == 0
+            assert within["host_waits"] >= intervals > 0
+        else:
+            assert device["fit"]["nccl_allreduces"] == device["steps"] > 0
+            assert within["nccl_allreduces"] == intervals
+            assert within["allocations"] == within["host_waits"] == 0
+
+
+def test_the_nccl_stand_in_sums_on_the_stream_replays_in_graphs_and_refuses_bad_calls(tmp_path):
+    needs_cudasim()
+    ranks = 3
+    done, reports = run_script(ranks, "nccl", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    own = [np.arange(5) + 10.0 * r for r in range(ranks)]
+    total = sum(own)
+    for rank, report in enumerate(reports):
+        for dtype in ("float32", "float64"):
+            got = report[f"sum {dtype}"]
+            assert got["queued"] == own[rank].tolist()  # device work: runs when the host waits
+            assert got["summed"] == total.tolist()
+            # Out of place, queued after the sum on the same stream: the max of the sums.
+            assert got["max"] == total[:3].tolist() + own[rank][3:].tolist()
+        # Capture runs nothing; each replay sums again (NCCL >= 2.9 in CUDA graphs).
+        assert report["graph"] == {"after capture": own[rank][:2].tolist(),
+                                   "after 2 replays": (ranks * total[:2]).tolist()}
+        refused = report["refused"]
+        expected = {
+            "dtype": "SimError: allReduce: NCCL_FLOAT64 over sendbuf's float32 memory",
+            "size": "SimError: allReduce: 6 NCCL_FLOAT64 elements at sendbuf run past the end",
+            "host pointer": "is not in any live device allocation",
+            "array for pointer": "TypeError: allReduce: sendbuf is an int",
+            "counts differ": "SimError: NCCL allReduce calls differ across ranks",
+            "another stream in capture": "SimError: work queued on another stream during graph "
+                                         "capture",
+            "destroyed": "NcclError: NCCL_ERROR_INVALID_ARGUMENT: the communicator was destroyed",
+        }
+        assert set(refused) == set(expected)
+        for what, text in expected.items():
+            assert refused[what] is not None and text in refused[what], (what, refused[what])
+
+
+def test_use_local_gpu_returns_on_every_rank_when_ranks_see_different_gpus(tmp_path):
+    # Rank 1 sees no GPU, then names a CPU backend: it must still join the collective that
+    # the rank with a GPU enters (it used to skip it, leaving rank 0 waiting forever).
+    needs_cudasim()
+    done, reports = run_script(2, "local-gpu", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    assert reports == [{"ranks back": [0, 1]}] * 2
+
+
+def test_bench_worker_puts_each_rank_of_a_node_on_its_own_gpu(tmp_path):
+    # `bpk bench --ranks 2 --backends cupy` on a node with two GPUs: bpk train picked each
+    # rank's GPU, the bench worker did not (both ranks on GPU 0). On the CuPy stand-in, the
+    # registry's "cupy" backend trains through its NCCL path and matches the NumPy reference.
+    needs_cudasim()
+    done, reports = run_script(2, "bench-worker", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    assert [report["device"] for report in reports] == [0, 1]
+    result = reports[0]["result"]
+    assert reports[1]["result"] is None  # rank 0 reports
+    assert result["name"] == "cupy" and result["parity_rel_err"] < RTOL
 
 
 # --------------------------------------------------------------------------- bad launches, failures
@@ -161,13 +258,23 @@ def test_bad_launches_raise_the_same_clear_error_on_every_rank(tmp_path):
         "data differs": "data (a fingerprint of X and y) differs across ranks",
         "too many ranks": "3 ranks but only 2 training samples",
         "batch below ranks": "batch_size 2 is smaller than the 3 ranks",
+        "NCCL on rank 0 only": "gradient all-reduce differs across ranks: rank 0 has 'NCCL, on "
+                               "the device', rank 1 has 'MPI, staged through host memory'",
+        "bad labels everywhere": "ValueError: cross_entropy labels must lie in 0..2",
     }
+    if cudasim.unavailable_reason() is not None:
+        del expected["NCCL on rank 0 only"]
     for what, text in expected.items():
         messages = {report[what] for report in reports}
         assert len(messages) == 1, f"{what}: ranks disagree: {messages}"
         message = messages.pop()
         assert message is not None and text in message, f"{what}: {message}"
     assert "same seed" in reports[0]["seed differs"]
+    # Bad data on one rank, met before fit()'s first collective: that rank raises its own
+    # error, the others a DistributedError naming it; no rank aborts the job or waits.
+    bad = [report["bad labels on the last rank"] for report in reports]
+    assert bad[-1].startswith("ValueError: cross_entropy labels must lie in 0..2")
+    assert bad[:-1] == [f"rank 2 of 3 failed: {bad[-1]}"] * 2
 
 
 def test_a_rank_that_raises_ends_the_job_with_one_line_naming_it(tmp_path):
