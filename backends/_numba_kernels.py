@@ -228,8 +228,8 @@ def _bias_act_par(Z, b, act, keep_z, A, chunks, kinds):
         _bias_act_rows(Z, b, act, keep_z, A, r0, r1, kinds)
 
 
-@jit
-def dense_forward(X, W, b, act, Z, A, keep_z, par, kinds):
+@helper
+def _dense_forward(X, W, b, act, Z, A, keep_z, par, kinds):
     """Z = X @ W (by NumPy's BLAS) then, in one pass, Z += b and A = act(Z); ``Z`` is written
     only when ``keep_z`` (else pass ``A`` as ``Z``: the product lands in A and is activated in
     place)."""
@@ -239,6 +239,11 @@ def dense_forward(X, W, b, act, Z, A, keep_z, par, kinds):
         _bias_act_rows(Z, b, act, keep_z, A, 0, Z.shape[0], kinds)
     else:
         _bias_act_par(Z, b, act, keep_z, A, chunks, kinds)
+
+
+@jit
+def dense_forward(X, W, b, act, Z, A, keep_z, par, kinds):
+    _dense_forward(X, W, b, act, Z, A, keep_z, par, kinds)
 
 
 @helper
@@ -295,8 +300,8 @@ def _grad_rows_par(dA, act, A, Z, totals, chunks, kinds):
         _grad_rows(dA, act, A, Z, totals[c], r0, r1, kinds)
 
 
-@jit
-def dense_backward(X, W, dA, act, A, Z, dW, db, dX, with_dx, par, kinds):
+@helper
+def _dense_backward(X, W, dA, act, A, Z, dW, db, dX, with_dx, par, kinds):
     """dZ = dA * act'(.) in place with db = dZ.sum(0) in the same pass; dW = X.T @ dZ and, when
     ``with_dx``, dX = dZ @ W.T (BLAS, transposes as views). ``Z`` is read for gelu only (pass
     ``A`` otherwise), ``dX`` is written only when ``with_dx``."""
@@ -317,6 +322,11 @@ def dense_backward(X, W, dA, act, A, Z, dW, db, dX, with_dx, par, kinds):
     gemm_t(X, True, dA, False, dW)
     if with_dx:
         gemm_t(dA, False, W, True, dX)
+
+
+@jit
+def dense_backward(X, W, dA, act, A, Z, dW, db, dX, with_dx, par, kinds):
+    _dense_backward(X, W, dA, act, A, Z, dW, db, dX, with_dx, par, kinds)
 
 
 # ------------------------------------------------------------------------- losses
@@ -343,8 +353,8 @@ def _exp_shifted(Y, r, m, dY):
     return s
 
 
-@jit
-def softmax_xent_labels(Y, labels, dY, out):
+@helper
+def _softmax_xent_labels(Y, labels, dY, out):
     n, o = Y.shape
     scale = 1.0 / n
     total = 0.0
@@ -359,7 +369,12 @@ def softmax_xent_labels(Y, labels, dY, out):
 
 
 @jit
-def softmax_xent_rows(Y, T, dY, out):
+def softmax_xent_labels(Y, labels, dY, out):
+    _softmax_xent_labels(Y, labels, dY, out)
+
+
+@helper
+def _softmax_xent_rows(Y, T, dY, out):
     n, o = Y.shape
     scale = 1.0 / n
     total = 0.0
@@ -378,7 +393,12 @@ def softmax_xent_rows(Y, T, dY, out):
 
 
 @jit
-def binary_xent(Y, T, dY, out):
+def softmax_xent_rows(Y, T, dY, out):
+    _softmax_xent_rows(Y, T, dY, out)
+
+
+@helper
+def _binary_xent(Y, T, dY, out):
     # max(y, 0) - y t + log(1 + exp(-|y|)) is finite for any logit
     n, o = Y.shape
     scale = 1.0 / (n * o)
@@ -392,7 +412,12 @@ def binary_xent(Y, T, dY, out):
 
 
 @jit
-def mse(Y, T, dY, out):
+def binary_xent(Y, T, dY, out):
+    _binary_xent(Y, T, dY, out)
+
+
+@helper
+def _mse(Y, T, dY, out):
     n, o = Y.shape
     scale = 2.0 / (n * o)
     total = 0.0
@@ -402,6 +427,11 @@ def mse(Y, T, dY, out):
             total += d * d
             dY[r, j] = d * scale
     out[0] = total / (n * o)
+
+
+@jit
+def mse(Y, T, dY, out):
+    _mse(Y, T, dY, out)
 
 
 @helper
@@ -414,8 +444,8 @@ def _argmax(Y, r):
     return k
 
 
-@jit
-def count_correct_labels(Y, labels, out):
+@helper
+def _count_correct_labels(Y, labels, out):
     """Targets (n,): class ids, or 0/1 for a single output."""
     hits = 0
     for r in range(Y.shape[0]):
@@ -427,7 +457,12 @@ def count_correct_labels(Y, labels, out):
 
 
 @jit
-def count_correct_rows(Y, T, out):
+def count_correct_labels(Y, labels, out):
+    _count_correct_labels(Y, labels, out)
+
+
+@helper
+def _count_correct_rows(Y, T, out):
     """Targets (n, o): probability rows (compared by argmax), or 0/1 for a single output."""
     hits = 0
     for r in range(Y.shape[0]):
@@ -436,6 +471,11 @@ def count_correct_rows(Y, T, out):
         else:
             hits += _argmax(Y, r) == _argmax(T, r)
     out[0] = hits
+
+
+@jit
+def count_correct_rows(Y, T, out):
+    _count_correct_rows(Y, T, out)
 
 
 # ------------------------------------------------------------------------- divergence
@@ -566,8 +606,8 @@ def _update_par(p, g, states, sgd, adam, rmsprop, step, chunks):
         _update(p[i0:i1], g[i0:i1], chunk, sgd, adam, rmsprop, step)
 
 
-@jit
-def optimizer_step(p, g, states, sgd, adam, rmsprop, step, halted, par):
+@helper
+def _optimizer_step(p, g, states, sgd, adam, rmsprop, step, halted, par):
     """One update of the flat parameters ``p``, a no-op while halted[0] != 0, by the one rule
     of sgd / adam / rmsprop whose hyper-parameters are given: the others are None, a type to
     Numba, which then compiles that rule only. ``states``: three buffers in RULE_STATE order."""
@@ -578,6 +618,11 @@ def optimizer_step(p, g, states, sgd, adam, rmsprop, step, halted, par):
         _update(p, g, states, sgd, adam, rmsprop, step)
     else:
         _update_par(p, g, states, sgd, adam, rmsprop, step, chunks)
+
+
+@jit
+def optimizer_step(p, g, states, sgd, adam, rmsprop, step, halted, par):
+    _optimizer_step(p, g, states, sgd, adam, rmsprop, step, halted, par)
 
 
 # ------------------------------------------------------------------------- a whole epoch
@@ -642,7 +687,7 @@ def _forward(net, work, rows, par, kinds):
     for layer in range(layers.shape[0]):
         W, b, _, _, A, _, Z = _layer(net, work, layer, rows)
         act = layers[layer, 4]
-        dense_forward(X, W, b, act, Z, A, act == GELU, par, kinds)
+        _dense_forward(X, W, b, act, Z, A, act == GELU, par, kinds)
         X = A
 
 
@@ -659,7 +704,7 @@ def _backward(net, work, rows, par, kinds):
         X, dX = work[0][:rows], dA
         if with_dx:
             _, _, _, _, X, dX, _ = _layer(net, work, layer - 1, rows)
-        dense_backward(X, W, dA, layers[layer, 4], A, Z, dW, db, dX, with_dx, par, kinds)
+        _dense_backward(X, W, dA, layers[layer, 4], A, Z, dW, db, dX, with_dx, par, kinds)
         finite = _finite(dW.ravel()) and _finite(db) and finite
     return finite
 
@@ -687,21 +732,21 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, state
             all_labels, batch_labels = labels
             for r in range(rows):
                 batch_labels[r] = all_labels[index[r]]
-            softmax_xent_labels(Y, batch_labels[:rows], dY, step_loss)
+            _softmax_xent_labels(Y, batch_labels[:rows], dY, step_loss)
             if metric:
-                count_correct_labels(Y, batch_labels[:rows], step_correct)
+                _count_correct_labels(Y, batch_labels[:rows], step_correct)
         elif T is not None:
             all_T, batch_T = T
             _gather(all_T, index, batch_T)
             if loss == CROSS_ENTROPY:
-                softmax_xent_rows(Y, batch_T[:rows], dY, step_loss)
+                _softmax_xent_rows(Y, batch_T[:rows], dY, step_loss)
             elif loss == BINARY_CROSS_ENTROPY:
-                binary_xent(Y, batch_T[:rows], dY, step_loss)
+                _binary_xent(Y, batch_T[:rows], dY, step_loss)
             else:
-                mse(Y, batch_T[:rows], dY, step_loss)
+                _mse(Y, batch_T[:rows], dY, step_loss)
             if metric:
-                count_correct_rows(Y, batch_T[:rows], step_correct)
+                _count_correct_rows(Y, batch_T[:rows], step_correct)
         finite = _backward(net, work, rows, par, kinds)
         if halted[0] == 0 and not (finite and math.isfinite(step_loss[0])):
             halted[0] = first_step + s  # check_step's latch
-        optimizer_step(params, grads, states, sgd, adam, rmsprop, first_step + s, halted, par)
+        _optimizer_step(params, grads, states, sgd, adam, rmsprop, first_step + s, halted, par)
