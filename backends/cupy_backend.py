@@ -152,6 +152,18 @@ class CupyBackend(Backend):
             return HostArray(host.copy())
         return cupy.asarray(host)
 
+    def from_device(self, obj) -> Any:
+        """``obj``, a CUDA array of another library (``__cuda_array_interface__``, or DLPack on
+        a CUDA device), as a CuPy array on the same memory, without a copy (for
+        bpkernels.interop). ValueError if it is on another GPU than this backend's."""
+        array = cupy.asarray(obj) if hasattr(obj, "__cuda_array_interface__") \
+            else cupy.from_dlpack(obj)
+        device = cupy.cuda.runtime.getDevice()
+        if array.data.device_id != device:
+            raise ValueError(f"the array is on CUDA device {array.data.device_id} but the "
+                             f"backend computes on device {device}: move one of them")
+        return array
+
     def to_host(self, array):
         if isinstance(array, HostArray):
             return np.array(array.host, copy=True)

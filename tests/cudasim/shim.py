@@ -109,6 +109,8 @@ def _new(shape, dtype) -> "ndarray":
 
 
 class _Pointer:
+    device_id = 0
+
     def __init__(self, array: "ndarray") -> None:
         self.ptr = array._a.ctypes.data
 
@@ -211,6 +213,13 @@ class ndarray:
         if not self._a.flags.c_contiguous:
             raise RuntimeError("Cannot set to non-contiguous array")
         _copy_from_host(self, arr, stream or get_current_stream())
+
+    @property
+    def __cuda_array_interface__(self) -> dict:
+        # Its "device" pointer is host memory: only this shim may read it (asarray, from_dlpack).
+        return {"shape": self.shape, "typestr": self.dtype.str, "version": 3, "stream": None,
+                "data": (self._a.ctypes.data, False),
+                "strides": None if self._a.flags.c_contiguous else self.strides}
 
     # --- what CuPy refuses (or what would hide a host round trip)
     def __array__(self, *args, **kwargs):
@@ -747,9 +756,16 @@ def zeros(shape, dtype=np.float64, order="C") -> ndarray:
     return out
 
 
+def _foreign(a) -> bool:
+    return hasattr(a, "__cuda_array_interface__") or hasattr(a, "__dlpack_device__")
+
+
 def asarray(a, dtype=None, order=None) -> ndarray:
     if isinstance(a, ndarray):
         return a if dtype is None or np.dtype(dtype) == a.dtype else a.astype(dtype)
+    if _foreign(a) and not isinstance(a, np.ndarray):
+        raise SimError(f"cudasim: device memory of another library ({type(a).__name__}) is not "
+                       "modelled; only cudasim arrays are device arrays here")
     host = np.ascontiguousarray(a, dtype=dtype)
     out = _new(host.shape, host.dtype)
     _copy_from_host(out, host, get_current_stream())
@@ -760,6 +776,13 @@ def array(obj, dtype=None, copy=True, order="K") -> ndarray:
     if isinstance(obj, ndarray):
         return obj.astype(dtype or obj.dtype)
     return asarray(obj, dtype)
+
+
+def from_dlpack(obj) -> ndarray:
+    if isinstance(obj, ndarray):
+        return obj
+    raise SimError(f"cudasim: DLPack import of another library's memory ({type(obj).__name__}) "
+                   "is not modelled; only cudasim arrays are device arrays here")
 
 
 def asnumpy(a, stream=None, order="C", out=None, *, blocking=True) -> np.ndarray:
@@ -805,7 +828,7 @@ def modules(nccl: bool = True) -> dict[str, types.ModuleType]:
     cupy.__version__ = "cudasim"
     cupy.ndarray, cupy.RawModule, cupy.RawKernel = ndarray, RawModule, RawKernel
     cupy.empty, cupy.zeros, cupy.asarray, cupy.array = empty, zeros, asarray, array
-    cupy.asnumpy, cupy.matmul = asnumpy, matmul
+    cupy.asnumpy, cupy.matmul, cupy.from_dlpack = asnumpy, matmul, from_dlpack
     cupy.cuda, cupy._core = cuda, core
     for name in ("float32", "float64", "int64", "int32", "bool_"):
         setattr(cupy, name, getattr(np, name))
