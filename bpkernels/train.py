@@ -20,6 +20,7 @@ from . import distributed, interop
 from .backends.base import EpochPlan
 from .losses import check_loss, has_accuracy
 from .optim import Adam, Optimizer, make_optimizer
+from .threads import limit_threads
 from .validation import check_positive_int
 
 
@@ -59,7 +60,7 @@ def fit(model, X, y, *, loss: str = "cross_entropy", optimizer: str | Optimizer 
         epochs: int = 10, batch_size: int = 32, shuffle: bool = True, seed: int = 0,
         validation_data: tuple[Any, Any] | None = None,
         callbacks: Iterable[Callable[[int, dict], Any]] | None = None,
-        progress: bool = False, comm: Any = None) -> History:
+        progress: bool = False, comm: Any = None, threads: int | None = None) -> History:
     """Train ``model`` on X, y; returns the History of the epochs run.
 
     ``optimizer``: an Optimizer, a name ("sgd", "adam", "adamw", "rmsprop") or None for the
@@ -70,6 +71,8 @@ def fit(model, X, y, *, loss: str = "cross_entropy", optimizer: str | Optimizer 
     ``callback(epoch, record)`` after every epoch; one that returns True stops training.
     ``comm``: an mpi4py communicator (``MPI.COMM_WORLD``) to train data-parallel across its
     ranks, each calling fit() alike (see bpkernels.distributed); only rank 0 shows progress.
+    ``threads``: train on at most this many threads (BLAS and Numba), restoring the counts
+    found afterwards (bpkernels.threads.limit_threads); None keeps the process's count.
 
     X, y and validation_data may be arrays of any library (see bpkernels.interop): X already in
     the model's memory as a C-contiguous array of its dtype is trained on in place, never
@@ -79,6 +82,8 @@ def fit(model, X, y, *, loss: str = "cross_entropy", optimizer: str | Optimizer 
     epochs = check_positive_int(epochs, "epochs", 0)
     batch_size = check_positive_int(batch_size, "batch_size", 1)
     seed = check_positive_int(seed, "seed", 0)
+    if threads is not None:
+        threads = check_positive_int(threads, "threads", 1)
     X, T = model._prepare(X, y, loss)
     if comm is not None and X.device:
         raise ValueError("fit(comm=...) takes X as a host array (each rank reads its shard of "
@@ -100,7 +105,8 @@ def fit(model, X, y, *, loss: str = "cross_entropy", optimizer: str | Optimizer 
     history = History()
     bar = _Progress(bool(progress) and (dist is None or dist.rank == 0), epochs, X.rows)
     # Overflow on the way to divergence is reported once, as TrainingDiverged, not as warnings.
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"), loop.interrupt:
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"), loop.interrupt, \
+            limit_threads(threads):
         try:
             for _ in range(epochs):
                 record = loop.epoch(opt, shuffle, seed, validation_data, bar.start())

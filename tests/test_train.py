@@ -182,3 +182,33 @@ def test_ctrl_c_takes_effect_between_steps():
             shuffle=False)
     for (W, b), (W2, b2) in zip(model.get_weights(), replay.get_weights()):
         np.testing.assert_array_equal(W, W2)
+
+
+# --------------------------------------------------------------------------- threads=
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fit_threads_runs_on_that_count_and_restores_the_one_before(backend):
+    from bpkernels.threads import get_num_threads, limit_threads
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((40, 5)), rng.integers(0, 3, 40)
+    seen = []
+    with limit_threads(2):
+        model = bpk.MLP([5, 8, 3], backend=backend, dtype="float64", seed=1)
+        history = bpk.fit(model, X, y, optimizer="sgd", epochs=2, batch_size=16, threads=1,
+                          callbacks=[lambda epoch, record: seen.append(get_num_threads())])
+        assert get_num_threads() == 2
+    assert seen == [1, 1]
+    # The count changes where the work runs, never the numbers.
+    reference = bpk.MLP([5, 8, 3], backend=backend, dtype="float64", seed=1)
+    again = bpk.fit(reference, X, y, optimizer="sgd", epochs=2, batch_size=16)
+    np.testing.assert_allclose(history["loss"], again["loss"], rtol=1e-12)
+
+
+@pytest.mark.parametrize("bad, error", [(0, ValueError), (True, TypeError), (1.5, TypeError)])
+def test_fit_refuses_a_bad_thread_count_before_training(bad, error):
+    model = bpk.MLP([3, 2], dtype="float64")
+    before = model.get_weights()
+    with pytest.raises(error, match="threads"):
+        bpk.fit(model, np.ones((4, 3)), np.array([0, 1, 0, 1]), threads=bad)
+    for (W0, b0), (W1, b1) in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(W0, W1)
+        np.testing.assert_array_equal(b0, b1)
