@@ -11,9 +11,12 @@ import os
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .model import MLP
 
 FORMAT = "bpkernels-checkpoint"
 VERSION = 1
@@ -104,7 +107,7 @@ def _check_consistent(path: Path, meta: dict, arrays: dict[str, np.ndarray]) -> 
         raise CheckpointError(f"{path}: the weights contain NaN or inf")
 
 
-def load(path: str | os.PathLike, backend: str | None = None):
+def load(path: str | os.PathLike, backend: str | None = None) -> "MLP":
     """A model (with its optimizer, if one was saved) from a checkpoint, on ``backend``
     (default: the backend it was saved from if available here, else "auto")."""
     from .backends import BackendUnavailable, get_backend

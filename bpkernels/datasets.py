@@ -342,7 +342,7 @@ def load(spec: PathLike, *, label: int | str = -1, seed: int = 0) -> Arrays:
     raise ValueError(f"unknown data set {str(spec)!r}; {accepted}")
 
 
-def standardize(X_train, *others) -> tuple[np.ndarray, ...]:
+def standardize(X_train: np.ndarray, *others: np.ndarray) -> tuple[np.ndarray, ...]:
     """Scale X_train and each of ``others`` by X_train's column mean and std.
 
     Constant columns are only centred.  The relative tolerance catches a
@@ -385,8 +385,9 @@ def _stratified(y: np.ndarray, n_test: int, rng: np.random.Generator):
     return rng.permutation(train), rng.permutation(test)
 
 
-def train_test_split(X, y, test_size: float | int = 0.2, *, seed: int = 0,
-                     stratify: bool = False):
+def train_test_split(X: np.ndarray, y: np.ndarray, test_size: float | int = 0.2, *,
+                     seed: int = 0, stratify: bool = False
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Seeded split into ``(X_train, X_test, y_train, y_test)``.
 
     ``stratify=True`` keeps each class's share in both sides (integer labels).

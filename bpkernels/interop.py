@@ -51,6 +51,10 @@ from .backends.base import Backend
 from .backends.numpy_backend import HostMemory
 from .validation import check_feature_shape, check_numeric, check_number_kind
 
+# What the public API takes where it reads an array: anything the rules above accept. An alias of
+# Any (no static type spans NumPy, DLPack and CUDA array interface objects), named for readers.
+ArrayLike = Any
+
 HOST, CUDA = "host", "cuda"
 # DLPack's DLDeviceType codes (dlpack.h): which of them NumPy can read, which are CUDA's.
 _DLPACK_HOST = {1: "cpu", 3: "cuda_host", 11: "rocm_host"}

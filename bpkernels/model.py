@@ -2,8 +2,9 @@
 and backward passes as calls of the backend contract."""
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -11,7 +12,11 @@ from . import interop
 from .activations import ACTIVATIONS, hidden_activations
 from .backends import get_backend
 from .backends.base import Backend
+from .interop import ArrayLike
 from .losses import check_loss, has_accuracy, prepare_targets
+
+if TYPE_CHECKING:
+    from .optim import Optimizer
 
 DTYPES = ("float32", "float64")
 # Inference and evaluation run in chunks of this many rows: bounded memory for any input size.
@@ -64,7 +69,7 @@ class MLP:
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.seed = int(seed)
-        self.optimizer = None
+        self.optimizer: Optimizer | None = None  # set by fit() or load()
         self.epochs_trained = 0
         self._layout = [(i, o) for i, o in zip(self.sizes[:-1], self.sizes[1:])]
         self.n_params = sum(i * o + o for i, o in self._layout)
@@ -100,7 +105,8 @@ class MLP:
             parts += [W.ravel(), np.zeros(o)]
         return np.concatenate(parts)
 
-    def workspace(self, rows: int, target_shape: tuple | None = None, target_dtype=None) -> Workspace:
+    def workspace(self, rows: int, target_shape: tuple | None = None,
+                  target_dtype: Any = None) -> Workspace:
         key = (rows, target_shape, None if target_dtype is None else np.dtype(target_dtype))
         ws = self._workspaces.get(key)
         if ws is None:
@@ -197,12 +203,12 @@ class MLP:
     # ---------------------------------------------------------------- public API
     # Inputs: NumPy arrays or any array of another library (see bpkernels.interop for the rules:
     # in place where possible, one conversion otherwise, never a hidden device-to-host copy).
-    def forward(self, X) -> Any:
+    def forward(self, X: ArrayLike) -> Any:
         """Outputs (logits for classifiers) for the rows of X: a NumPy array for host X, a
         device array of the backend (CuPy on "cupy") for device X."""
         return self._outputs(interop.features(X, self.backend, self.dtype, self.sizes[0]))
 
-    def predict(self, X) -> Any:
+    def predict(self, X: ArrayLike) -> Any:
         """Class ids (int64): the argmax of the outputs, or ``output > 0`` for a single output;
         a NumPy array for host X, a device array for device X."""
         X = interop.features(X, self.backend, self.dtype, self.sizes[0])
@@ -211,12 +217,13 @@ class MLP:
             return self.backend.asarray(_class_ids(self.backend.to_host(Y)))
         return _class_ids(Y)
 
-    def evaluate(self, X, y, loss: str) -> dict[str, float]:
+    def evaluate(self, X: ArrayLike, y: ArrayLike, loss: str) -> dict[str, float]:
         """Mean loss (and accuracy where it applies) over the whole of X, y."""
         X, T = self._prepare(X, y, loss)
         return self._evaluate(X, T, loss)
 
-    def loss_and_grads(self, X, y, loss: str) -> tuple[float, list[tuple[np.ndarray, np.ndarray]]]:
+    def loss_and_grads(self, X: ArrayLike, y: ArrayLike,
+                       loss: str) -> tuple[float, list[tuple[np.ndarray, np.ndarray]]]:
         """The mean loss over the rows of X, y and its gradients ``[(dW, db), ...]`` (NumPy)."""
         X, T = self._prepare(X, y, loss)
         be = self.backend
@@ -268,7 +275,7 @@ class MLP:
         _check_backend_dtype(target, new_dtype)
         if target is self.backend and new_dtype == self.dtype:
             return self
-        state = self.optimizer.state if self.optimizer is not None else {}
+        state: dict[str, Any] = self.optimizer.state if self.optimizer is not None else {}
         buffers = {"params": self.params, "grads": self.grads,
                    **{f"optimizer state {name}": buf for name, buf in state.items()}}
         moved = {}
@@ -291,7 +298,7 @@ class MLP:
             self.optimizer.state = {name: moved[f"optimizer state {name}"] for name in state}
         return self
 
-    def save(self, path) -> None:
+    def save(self, path: str | os.PathLike) -> None:
         """Write the model (and its optimizer state) to one portable file, atomically."""
         from .checkpoint import save
         save(self, path)

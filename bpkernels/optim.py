@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from .model import MLP
 
 
 def _check_number(name: str, value: Any, low: float = 0.0, high: float = math.inf,
@@ -38,7 +41,7 @@ class Optimizer:
         """The state buffers this configuration uses (e.g. no momentum buffer without momentum)."""
         return self.state_names
 
-    def bind(self, model) -> None:
+    def bind(self, model: "MLP") -> None:
         """Allocate zeroed state buffers on the model's backend, once per model."""
         bound = self._model() if self._model is not None else None
         if bound is model and self.state_matches(model):
@@ -50,11 +53,11 @@ class Optimizer:
         self.state = {n: be.zeros(model.params.shape, model.dtype) for n in self.needed_states()}
         self._model = weakref.ref(model)
 
-    def state_matches(self, model) -> bool:
+    def state_matches(self, model: "MLP") -> bool:
         return all(s.shape == model.params.shape and s.dtype == model.dtype
                    for s in self.state.values()) and set(self.state) == set(self.needed_states())
 
-    def step(self, model, halted) -> None:
+    def step(self, model: "MLP", halted: Any) -> None:
         """One update of ``model.params`` from ``model.grads`` (skipped on device when halted)."""
         self.step_count += 1
         self._update(model.backend, model.params, model.grads, self.step_count, halted)
@@ -89,13 +92,13 @@ class SGD(Optimizer):
         if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
             raise ValueError("nesterov momentum requires momentum > 0 and dampening == 0")
 
-    def needed_states(self):
+    def needed_states(self) -> tuple[str, ...]:
         return self.state_names if self.momentum else ()
 
     def _update(self, backend, params, grads, step, halted):
         backend.sgd_step(params, grads, self.state.get("momentum_buffer"), self, step, halted)
 
-    def hyperparameters(self):
+    def hyperparameters(self) -> dict[str, Any]:
         return {"lr": self.lr, "momentum": self.momentum, "dampening": self.dampening,
                 "nesterov": self.nesterov, "weight_decay": self.weight_decay}
 
@@ -126,7 +129,7 @@ class Adam(Optimizer):
         backend.adam_step(params, grads, self.state["exp_avg"], self.state["exp_avg_sq"],
                           self, step, halted)
 
-    def hyperparameters(self):
+    def hyperparameters(self) -> dict[str, Any]:
         return {"lr": self.lr, "betas": [self.beta1, self.beta2], "eps": self.eps,
                 "weight_decay": self.weight_decay}
 
@@ -156,7 +159,7 @@ class RMSprop(Optimizer):
         self.momentum = _check_number("momentum", momentum)
         self.centered = bool(centered)
 
-    def needed_states(self):
+    def needed_states(self) -> tuple[str, ...]:
         names = ["square_avg"]
         if self.momentum > 0:
             names.append("momentum_buffer")
@@ -169,7 +172,7 @@ class RMSprop(Optimizer):
                              self.state.get("momentum_buffer"), self.state.get("grad_avg"),
                              self, step, halted)
 
-    def hyperparameters(self):
+    def hyperparameters(self) -> dict[str, Any]:
         return {"lr": self.lr, "alpha": self.alpha, "eps": self.eps,
                 "weight_decay": self.weight_decay, "momentum": self.momentum,
                 "centered": self.centered}

@@ -12,16 +12,20 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 
 from . import distributed, interop
+from .interop import ArrayLike
 from .backends.base import EpochPlan
 from .losses import check_loss, has_accuracy
 from .optim import Adam, Optimizer, make_optimizer
 from .threads import limit_threads
 from .validation import check_positive_int
+
+if TYPE_CHECKING:
+    from .model import MLP
 
 
 class TrainingDiverged(FloatingPointError):
@@ -56,7 +60,7 @@ class History:
 
 
 @distributed.abort_job_on_failure  # with comm=: a failure on one rank ends the job, no hang
-def fit(model, X, y, *, loss: str = "cross_entropy", optimizer: str | Optimizer | None = None,
+def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy", optimizer: str | Optimizer | None = None,
         epochs: int = 10, batch_size: int = 32, shuffle: bool = True, seed: int = 0,
         validation_data: tuple[Any, Any] | None = None,
         callbacks: Iterable[Callable[[int, dict], Any]] | None = None,
@@ -114,7 +118,7 @@ def fit(model, X, y, *, loss: str = "cross_entropy", optimizer: str | Optimizer 
                 bar.end(record)
                 if loop.interrupt.requested and dist is None:
                     raise KeyboardInterrupt
-                stop = any(cb(record["epoch"], dict(record)) is True for cb in callbacks)
+                stop = any(cb(int(record["epoch"]), dict(record)) is True for cb in callbacks)
                 if dist is not None:  # every rank stops (or acts on a Ctrl-C) alike
                     stop = dist.agree_to_stop(stop, loop.interrupt.requested)
                 if stop:
@@ -241,7 +245,7 @@ class _StepBoundaryInterrupt:
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self._previous: Any = None
 
     def _handler(self, signum, frame) -> None:
         if self.requested:
@@ -283,7 +287,7 @@ class _Progress:
 
     def __init__(self, enabled: bool, epochs: int, n: int) -> None:
         self.enabled, self.epochs, self.n, self.done = enabled, epochs, n, 0
-        self.bar = None
+        self.bar: Any = None
         self._tqdm = None
         if enabled:
             try:
