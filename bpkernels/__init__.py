@@ -5,6 +5,7 @@ from .backends import BackendUnavailable, available_backends, get_backend
 from .checkpoint import CheckpointError, load
 from .model import MLP
 from .optim import SGD, Adam, AdamW, Optimizer, RMSprop
+from .threads import get_num_threads, set_num_threads
 from .train import History, TrainingDiverged, fit
 
 __version__ = "0.1.0"
@@ -13,4 +14,5 @@ __all__ = [
     "MLP", "fit", "load", "History", "SGD", "Adam", "AdamW", "RMSprop", "Optimizer",
     "available_backends", "get_backend", "BackendUnavailable", "CheckpointError",
     "TrainingDiverged", "__version__",
+    "set_num_threads", "get_num_threads",
 ]
