@@ -139,14 +139,13 @@ def test_numba_in_the_training_thread_honors_the_process_count():
     seen = {}
 
     def train() -> None:
-        # Numba keeps its count per thread: a fresh thread starts on the whole pool, and
-        # limit_threads() (what fit uses) applies the process's count there.
+        # Numba keeps its count per thread: a fresh thread starts on the whole pool, and fit
+        # (through limit_threads()) applies the process's count there for the training.
         seen["fresh"] = numba.get_num_threads()
         model = bpk.MLP([4, 8, 3], backend="numba", seed=0)
         X, y = np.ones((16, 4), np.float32), np.arange(16) % 3
-        with limit_threads():
-            bpk.fit(model, X, y, epochs=1, callbacks=[
-                lambda epoch, record: seen.setdefault("training", numba.get_num_threads())])
+        bpk.fit(model, X, y, epochs=1, callbacks=[
+            lambda epoch, record: seen.setdefault("training", numba.get_num_threads())])
         seen["after"] = numba.get_num_threads()
 
     worker = threading.Thread(target=train)
