@@ -23,7 +23,7 @@ import llvmlite.binding as llvm
 import numba
 import numpy as np
 from numba import types
-from numba.extending import overload, register_jitable
+from numba.extending import overload
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 # The 64-bit-integer CBLAS entry points of the OpenBLAS builds NumPy's wheels ship
@@ -108,7 +108,12 @@ _sgemm = types.ExternalFunction(_SYMBOL.format("s"), _signature(types.float32))
 _dgemm = types.ExternalFunction(_SYMBOL.format("d"), _signature(types.float64))
 
 
-@register_jitable
+# Helpers of the GEMM overloads, inlined into them by Numba: compiled on their own, each would be
+# optimized by LLVM again in every kernel above it (compile time, see _numba_kernels.inline).
+_inline = numba.njit(inline="always", cache=True, nogil=True)
+
+
+@_inline
 def _storage(M):
     """(transposed, leading dimension) of a matrix whose rows or columns are contiguous: a
     C-ordered array, or the transpose (a view) of one."""
@@ -138,7 +143,7 @@ def gemm_t(A, trans_a, B, trans_b, C):
 _GEMM_JIT = dict(cache=True, nogil=True, no_cpython_wrapper=True)
 
 
-@register_jitable
+@_inline
 def _call(routine, trans_a, lda, trans_b, ldb, A, B, C, k):
     m, n = C.shape
     if m == 0 or n == 0:
