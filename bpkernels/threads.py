@@ -62,6 +62,21 @@ def requested_num_threads() -> int | None:
     return _requested
 
 
+class _Block:
+    """An open ``limit_threads(n)`` block: what closing it restores."""
+
+    def __init__(self, previous: int | None, restore_blas: Callable[[], None]) -> None:
+        self.previous, self.restore_blas = previous, restore_blas
+
+
+# The open limit_threads(n) blocks of every thread, oldest first. Blocks in concurrent threads
+# can close in any order: one that closes under a newer block hands what it would restore to
+# that block, so the newer block's count stays in force and the last to close restores the
+# counts found before the first (a plain restore-on-exit would undo the newer block's count,
+# then reinstate the older block's for good).
+_blocks: list[_Block] = []
+
+
 @contextlib.contextmanager
 def limit_threads(n: int | None = None) -> Iterator[None]:
     """``with limit_threads(n):`` runs the block on at most ``n`` threads (as set_num_threads),
@@ -72,31 +87,43 @@ def limit_threads(n: int | None = None) -> Iterator[None]:
     global _requested
     if n is not None:
         n = _check_count(n)
+    block = None
     with _lock:
-        previous = _requested
-        count = previous if n is None else n
-        if count is None:
-            restore_blas, numba_before = None, None
-        else:
-            restore_blas = None if n is None else _limit_blas(n)
-            _requested = count
+        count = _requested if n is None else n
+        numba_before = None
+        if n is not None:
+            restore_blas = _limit_blas(n)
             numba_before = _numba_threads()
             try:
-                _apply_numba(count)
+                _apply_numba(n)
             except BaseException:
-                _requested = previous
-                if restore_blas is not None:
-                    restore_blas()
+                restore_blas()
                 raise
+            block = _Block(_requested, restore_blas)
+            _blocks.append(block)
+            _requested = n
+        elif count is not None:
+            numba_before = _numba_threads()
+            _apply_numba(count)
     try:
         yield
     finally:
         if count is not None:
             with _lock:
-                if restore_blas is not None:
-                    restore_blas()
-                _requested = previous
-                _restore_numba(numba_before, previous)
+                if block is not None:
+                    _close(block)
+                _restore_numba(numba_before, _requested)
+
+
+def _close(block: _Block) -> None:
+    global _requested
+    i = _blocks.index(block)
+    del _blocks[i]
+    if i < len(_blocks):  # a newer block is open: it restores what this one would have
+        _blocks[i].previous, _blocks[i].restore_blas = block.previous, block.restore_blas
+        return
+    block.restore_blas()
+    _requested = block.previous
 
 
 def _check_count(n: object) -> int:
@@ -140,13 +167,38 @@ def _restore_numba(before: int | None, requested: int | None) -> None:
 def _limit_blas(n: int) -> Callable[[], None]:
     """Put BLAS on ``n`` threads; returns what restores the counts it had."""
     try:
-        from threadpoolctl import threadpool_limits
+        import threadpoolctl
     except ImportError:
         get, set_ = _numpy_openblas()
         before = get()
         set_(n)
         return lambda: set_(before)
-    return threadpool_limits(limits=n, user_api="blas").restore_original_limits
+    with _blas_control(threadpoolctl):
+        limiter = threadpoolctl.threadpool_limits(limits=n, user_api="blas")
+
+    def restore() -> None:
+        with _blas_control(threadpoolctl):
+            limiter.restore_original_limits()
+    return restore
+
+
+@contextlib.contextmanager
+def _blas_control(threadpoolctl) -> Iterator[None]:
+    """Let the calling thread set the count of an OpenBLAS with its own thread pool: threadpoolctl
+    (3.8) lets only the first thread that sets one (while it lives) do so, and silently ignores
+    every other thread, so a limit set in a worker thread would do nothing. The count
+    bpkernels sets is the process's, set under _lock: take control for the call, then give it
+    back so that the application's own threadpoolctl calls keep working."""
+    clear = getattr(getattr(threadpoolctl, "OpenBLASController", None),
+                    "clear_controlling_thread", None)
+    if clear is None:  # an older threadpoolctl: any thread sets the count
+        yield
+        return
+    clear(force=True)
+    try:
+        yield
+    finally:
+        clear()
 
 
 def _blas_threads() -> int | None:

@@ -77,6 +77,69 @@ def test_limit_threads_none_changes_nothing():
     assert (threads.requested_num_threads(), blas_counts()) == before
 
 
+def test_a_block_in_another_thread_limits_blas():
+    # threadpoolctl >= 3.8 lets one thread (the first to set a count: here the main one) set a
+    # process-wide OpenBLAS count and silently ignores every other thread. A fit(threads=1)
+    # in a worker thread must still put BLAS on 1 thread, and restore it after.
+    set_num_threads(2)
+    seen = {}
+
+    def worker():
+        with limit_threads(1):
+            seen["inside"] = (get_num_threads(), blas_counts())
+        seen["after"] = blas_counts()
+        set_num_threads(1)
+        seen["set"] = blas_counts()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen == {"inside": (1, {1}), "after": {2}, "set": {1}}
+    set_num_threads(2)  # and the main thread still can
+    assert blas_counts() == {2}
+
+
+def _overlapping(first, second):
+    """Run ``with first:`` in one thread and ``with second:`` in another, the second block
+    entered after the first and left last (blocks of concurrent fits end in any order).
+    Returns what is in force while only the second is open."""
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def one():
+        with first():
+            first_in.set()
+            second_in.wait()
+        first_out.set()
+
+    def two():
+        first_in.wait()
+        with second():
+            second_in.set()
+            first_out.wait()
+            seen["inside"] = (threads.requested_num_threads(), blas_counts())
+
+    workers = [threading.Thread(target=one), threading.Thread(target=two)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return seen["inside"]
+
+
+def test_blocks_of_concurrent_threads_that_end_out_of_order_restore_the_counts():
+    set_num_threads(2)
+    # The same n in two threads (as concurrent estimators with threads=1): the count holds
+    # while either block is open and is gone when both are closed.
+    assert _overlapping(lambda: limit_threads(1), lambda: limit_threads(1)) == (1, {1})
+    assert (threads.requested_num_threads(), blas_counts()) == (2, {2})
+    # A fit() with threads=None (limit_threads()) beside a limited block changes no count.
+    _overlapping(lambda: limit_threads(1), lambda: limit_threads())
+    assert (threads.requested_num_threads(), blas_counts()) == (2, {2})
+    assert _overlapping(lambda: limit_threads(), lambda: limit_threads(1)) == (1, {1})
+    assert (threads.requested_num_threads(), blas_counts()) == (2, {2})
+
+
 @pytest.mark.parametrize("bad, error", [(0, ValueError), (-2, ValueError), (1.5, TypeError),
                                         ("2", TypeError), (True, TypeError), (None, TypeError)])
 def test_bad_counts_are_refused_with_what_is_allowed(bad, error):
