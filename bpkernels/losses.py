@@ -45,7 +45,13 @@ def prepare_targets(loss: str, y, n_rows: int, n_outputs: int, dtype) -> np.ndar
         bad = np.argwhere((y < 0) | (y > 1))[0]
         raise ValueError(f"binary_cross_entropy targets must lie in [0, 1]; y{list(bad)} = "
                          f"{y[tuple(bad)]}")
-    return np.ascontiguousarray(y, dtype=dtype)
+    with np.errstate(over="ignore"):  # overflow is reported below, once
+        T = np.ascontiguousarray(y, dtype=dtype)
+    if not np.isfinite(T).all():  # finite before the cast: 1e300 in float32
+        bad = tuple(int(i) for i in np.argwhere(~np.isfinite(T))[0])
+        raise ValueError(f"y[{', '.join(map(str, bad))}] = {y[bad]} overflows {T.dtype}, the "
+                         "model's dtype; targets must be finite in it")
+    return T
 
 
 def _class_labels(y: np.ndarray, n_classes: int) -> np.ndarray:

@@ -302,6 +302,24 @@ def test_a_value_the_cast_makes_infinite_is_refused(backend_name):
         model.set_weights([(np.full(W.shape, 1e40), b), model.get_weights()[1]])
 
 
+def test_a_target_the_cast_makes_infinite_is_refused(backend_name):
+    # Targets too: an mse target of 1e300 is inf in float32 (evaluate answered inf, fit raised
+    # TrainingDiverged and blamed the learning rate).
+    model = bpk.MLP(SIZES, backend=backend_name, dtype="float32")
+    X, y = _data()
+    rows = np.eye(3)[y]
+    rows[5, 2] = 1e300
+    weights = model.get_weights()
+    for call in (lambda: model.evaluate(X, rows, "mse"),
+                 lambda: model.loss_and_grads(X, DLPackOnly(rows), "mse"),
+                 lambda: bpk.fit(model, X, rows, loss="mse", epochs=1),
+                 lambda: bpk.fit(model, X, y, validation_data=(X, rows))):
+        with pytest.raises(ValueError, match=r"y\[5, 2\] = 1e\+300 overflows float32, the "
+                                             r"model's dtype"):
+            call()
+    _assert_untouched(model, weights)
+
+
 # ------------------------------------------------------------------ device data on CPU backends
 DEVICE_OBJECTS = {"cuda_array_interface": lambda shape: FakeCuda(shape),
                   "dlpack-kDLCUDA": lambda shape: FakeDLPackDevice(shape)}
