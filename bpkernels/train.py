@@ -99,8 +99,7 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
         if not callable(cb):
             raise TypeError(f"callbacks must be callables (epoch, record), got {type(cb).__name__}")
     opt = _resolve_optimizer(model, optimizer)
-    opt.bind(model)
-    model.optimizer = opt
+    opt.bind(model)  # allocates the optimizer's state; the model takes it once training starts
 
     dist = None if comm is None else distributed.DataParallel(
         comm, model, X.data, T, loss=loss, optimizer=opt, batch_size=batch_size, epochs=epochs,
@@ -111,6 +110,7 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
     # Overflow on the way to divergence is reported once, as TrainingDiverged, not as warnings.
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"), loop.interrupt, \
             limit_threads(threads):
+        model.optimizer = opt  # nothing failed before: from here on steps are taken
         try:
             for _ in range(epochs):
                 record = loop.epoch(opt, shuffle, seed, validation_data, bar.start())

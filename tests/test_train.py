@@ -212,3 +212,25 @@ def test_fit_refuses_a_bad_thread_count_before_training(bad, error):
     for (W0, b0), (W1, b1) in zip(before, model.get_weights()):
         np.testing.assert_array_equal(W0, W1)
         np.testing.assert_array_equal(b0, b1)
+
+
+def test_a_fit_that_cannot_start_leaves_the_models_optimizer(monkeypatch):
+    # fit(optimizer=..., threads=...) where the thread count cannot be applied (no threadpoolctl
+    # and no OpenBLAS that bpkernels can reach) fails before any step: the model keeps the
+    # optimizer it had, with its state and step count, not a fresh one that never trained.
+    from bpkernels import threads
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((20, 3)), rng.integers(0, 2, 20)
+    model = bpk.MLP([3, 4, 2], dtype="float64")
+    bpk.fit(model, X, y, optimizer=bpk.Adam(lr=1e-2), epochs=1, batch_size=8)
+    opt, steps = model.optimizer, model.optimizer.step_count
+    state = {name: buf.copy() for name, buf in opt.state.items()}
+
+    def unreachable(n):
+        raise ImportError("install threadpoolctl")
+    monkeypatch.setattr(threads, "_limit_blas", unreachable)
+    with pytest.raises(ImportError, match="threadpoolctl"):
+        bpk.fit(model, X, y, optimizer="sgd", epochs=1, threads=1)
+    assert model.optimizer is opt and opt.step_count == steps and set(opt.state) == set(state)
+    for name, buf in opt.state.items():
+        np.testing.assert_array_equal(buf, state[name])
