@@ -60,10 +60,10 @@ def _class_labels(y: np.ndarray, n_classes: int) -> np.ndarray:
         if not whole.all():
             i = int(np.argmin(whole))
             raise ValueError(f"cross_entropy labels must be integers (class ids); y[{i}] = {y[i]}")
-    labels = y.astype(np.int64)
-    out_of_range = (labels < 0) | (labels >= n_classes)
+    # Checked before the cast: int64 holds neither 1e20 nor uint64's 2**63.
+    out_of_range = (y < 0) | (y >= n_classes)
     if out_of_range.any():
         i = int(np.argmax(out_of_range))
         raise ValueError(f"cross_entropy labels must lie in 0..{n_classes - 1} (the model has "
-                         f"{n_classes} outputs); y[{i}] = {labels[i]}")
-    return labels
+                         f"{n_classes} outputs); y[{i}] = {y[i]}")
+    return y.astype(np.int64)

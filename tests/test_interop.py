@@ -5,6 +5,8 @@ do; and models moved between backends and dtypes with their numbers.
 The protocols are exercised by small wrappers that expose exactly one of them; PyTorch CPU
 tensors are tried where torch is installed. Results are judged against the float64 reference.
 """
+import warnings
+
 import numpy as np
 import pytest
 
@@ -259,6 +261,14 @@ def test_labels_become_int64_and_float_targets_the_model_dtype(model):
         assert model.evaluate(X, labels, "cross_entropy") == model.evaluate(X, y, "cross_entropy")
     with pytest.raises(ValueError, match=r"labels must be integers .* y\[0\] = 0.5"):
         model.evaluate(X, ArrayOnly(np.full(23, 0.5)), "cross_entropy")
+    # A label no int64 holds is named as given, with no cast warning on the way.
+    for value, shown in ((1e20, r"1e\+20"), (np.uint64(2**63), "9223372036854775808")):
+        labels = y.astype(np.asarray(value).dtype)
+        labels[4] = value
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(ValueError, match=r"labels must lie in 0..2 .*; y\[4\] = " + shown):
+                model.evaluate(X, labels, "cross_entropy")
 
 
 # ------------------------------------------------------------------ checks for every kind
