@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import threading
 from typing import Any, Callable
 
 import numpy as np
@@ -66,7 +67,18 @@ class NumpyBackend(HostMemory, Backend):
     name = "numpy"
 
     def __init__(self) -> None:
-        self._scratch_cache: dict[tuple, np.ndarray] = {}
+        # Scratch buffers per thread: the backend is one object per process, and models
+        # trained at once in several threads would write each other's scratch (NumPy releases
+        # the GIL inside its kernels). Keyed by thread id (a threading.local cannot be copied).
+        self._scratch_caches: dict[int, dict[tuple, np.ndarray]] = {}
+
+    @property
+    def _scratch_cache(self) -> dict[tuple, np.ndarray]:
+        """The calling thread's scratch buffers."""
+        cache = self._scratch_caches.get(threading.get_ident())
+        if cache is None:
+            cache = self._scratch_caches.setdefault(threading.get_ident(), {})
+        return cache
 
     def _scratch(self, tag: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         key = (tag, shape, np.dtype(dtype))
