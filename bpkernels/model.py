@@ -70,6 +70,7 @@ class MLP:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.seed = int(seed)
         self.optimizer: Optimizer | None = None  # set by fit() or load()
+        self._training = False  # while fit() runs on this model
         self.epochs_trained = 0
         self._layout = [(i, o) for i, o in zip(self.sizes[:-1], self.sizes[1:])]
         self.n_params = sum(i * o + o for i, o in self._layout)
@@ -270,6 +271,10 @@ class MLP:
         rounding. Everything is checked first (the backend's name and availability, the dtype,
         that every value fits the new dtype): on error the model is as it was. The old
         backend's workspaces are dropped."""
+        if getattr(self, "_training", False):
+            raise RuntimeError("model.to() cannot move a model while fit() trains it (the "
+                               "training loop holds its buffers); call it after fit() returns, "
+                               "or stop training from the callback by returning True")
         target = get_backend(backend)
         new_dtype = self.dtype if dtype is None else resolve_dtype(dtype)
         _check_backend_dtype(target, new_dtype)

@@ -88,6 +88,9 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
     seed = check_positive_int(seed, "seed", 0)
     if threads is not None:
         threads = check_positive_int(threads, "threads", 1)
+    if getattr(model, "_training", False):
+        raise RuntimeError("fit() is already training this model (called from a callback, or "
+                           "from another thread?); call it again once that fit() has returned")
     X, T = model._prepare(X, y, loss)
     if comm is not None and X.device:
         raise ValueError("fit(comm=...) takes X as a host array (each rank reads its shard of "
@@ -111,6 +114,7 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"), loop.interrupt, \
             limit_threads(threads):
         model.optimizer = opt  # nothing failed before: from here on steps are taken
+        model._training = True  # the loop holds the model's buffers: model.to() must wait
         try:
             for _ in range(epochs):
                 record = loop.epoch(opt, shuffle, seed, validation_data, bar.start())
@@ -124,6 +128,7 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
                 if stop:
                     break
         finally:
+            model._training = False
             bar.close()
     return history
 

@@ -272,3 +272,39 @@ def test_models_trained_in_concurrent_threads_train_as_alone(backend):
         for (W, b), (W0, b0) in zip(together[seed], alone[seed]):
             np.testing.assert_array_equal(W, W0)
             np.testing.assert_array_equal(b, b0)
+
+
+# --------------------------------------------------------------------------- during fit()
+def test_a_model_is_not_moved_or_refitted_while_fit_trains_it():
+    # The epoch loop holds the model's buffers: a move from a callback would leave the rest
+    # of training updating arrays the model no longer owns, silently lost.
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((32, 4)), rng.integers(0, 2, 32)
+    model = bpk.MLP([4, 6, 2], dtype="float64")
+    errors = []
+
+    def meddle(epoch, record):
+        for attempt in (lambda: model.to("numpy", "float32"),
+                        lambda: bpk.fit(model, X, y, epochs=1)):
+            try:
+                attempt()
+            except RuntimeError as err:
+                errors.append(str(err))
+
+    bpk.fit(model, X, y, optimizer="sgd", epochs=2, batch_size=16, callbacks=[meddle])
+    assert len(errors) == 4
+    assert "model.to() cannot move a model while fit() trains it" in errors[0]
+    assert "fit() is already training this model" in errors[1]
+    assert model.dtype.name == "float64"
+    model.to("numpy", "float32")  # after fit() returns, it moves
+    assert model.dtype.name == "float32"
+    bpk.fit(model, X, y, epochs=1)
+
+
+def test_a_failed_fit_leaves_the_model_movable():
+    model = bpk.MLP([3, 2], dtype="float64")
+    with pytest.raises(RuntimeError, match="callback failed"):
+        bpk.fit(model, np.ones((4, 3)), np.array([0, 1, 0, 1]), epochs=2,
+                callbacks=[lambda e, r: (_ for _ in ()).throw(RuntimeError("callback failed"))])
+    model.to("numpy", "float32")
+    assert model.dtype.name == "float32"
