@@ -1,6 +1,13 @@
 """The benchmark: epochs per second and numerical agreement of every backend and peer, side by
 side, in one run, with the GEMM floor timed in the same run.
 
+The floor, every backend and every peer of one (config, dtype) take turns epoch by epoch: after
+one warm-up epoch each (which gives the compile time), each *round* times one epoch of every
+entry at every thread count. A ratio ("x floor": epoch time over the floor's; "x torch": epochs/s
+over PyTorch's) is computed per round, from epochs timed seconds apart, and summarised by its
+median over the rounds, so load that comes and goes on a shared machine weighs on both sides of
+a ratio alike. The seconds per epoch are still the median over the rounds of each entry alone.
+
 One workload definition (configs, synthetic data, initial weights, batch order) serves
 ``bpk bench`` and the pytest-benchmark suites in ``benchmarks/``.
 """
@@ -22,7 +29,7 @@ from .backends import available_backends, get_backend
 from .model import MLP, resolve_dtype
 from .optim import SGD
 from .threads import get_num_threads, limit_threads, set_num_threads
-from .train import fit
+from .train import _EpochLoop, fit
 
 LEARNING_RATE = 0.01
 PARITY_STEPS = 20  # steps compared with the float64 NumPy reference (5 epochs of 4 batches)
@@ -119,6 +126,9 @@ class Result:
     threads: int | None
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # The seconds of each round's epoch, in round order, where the entry took turns with the
+    # floor (``run``); None where it was timed alone (the CUDA floor, ``bpk bench --ranks``).
+    round_seconds: list[float] | None = None
 
     @classmethod
     def from_times(cls, name: str, kind: str, config: Config, dtype: str, times: Sequence[float],
@@ -187,36 +197,65 @@ def time_backend(backend: str, config: Config, dtype: str, repeats: int,
                              compile_seconds=compile_seconds, parity_rel_err=None, threads=threads)
 
 
-def time_backend_threads(backend: str, config: Config, dtype: str, repeats: int,
-                         counts: Sequence[int | None]) -> list[Result]:
-    """``time_backend`` once per thread count (None: the libraries' defaults), each on a model
-    of its own, one Result per count."""
-    X, y = workload(config, dtype)
+EpochFactory = Callable[[], Callable[[], float]]
+
+
+def backend_epochs(backend: str, config: Config, dtype: str,
+                   data: tuple[np.ndarray, np.ndarray]) -> EpochFactory:
+    """For ``_interleaved``: makes a model of ``backend`` and gives a function that trains its
+    next epoch on ``data`` (X, y) and returns the epoch's seconds, as ``fit`` times it."""
+    X, y = data
 
     def make_epoch() -> Callable[[], float]:
         model = MLP(config.sizes, backend=backend, dtype=dtype, seed=SEED)
-        opt = SGD(lr=LEARNING_RATE)
-        return lambda: fit(model, X, y, optimizer=opt, epochs=1,
-                           batch_size=config.batch)["seconds"][0]
+        return _open_fit(model, X, y, SGD(lr=LEARNING_RATE), config.batch)
 
-    results = []
-    for count, (warm, times) in zip(counts, _interleaved(make_epoch, counts, repeats)):
-        # The warm-up epoch absorbs JIT compilation and first-touch allocation.
-        results.append(Result.from_times(
-            backend, "backend", config, dtype, times, parity_rel_err=None,
-            compile_seconds=max(0.0, warm - statistics.median(times)),
-            threads=_threads_in_force(count)))
-    return results
+    return make_epoch
 
 
-def _interleaved(make_epoch: Callable[[], Callable[[], float]], counts: Sequence[int | None],
+def _open_fit(model: MLP, X: np.ndarray, y: np.ndarray, opt: SGD,
+              batch: int) -> Callable[[], float]:
+    """``fit``'s epochs one call at a time, on one epoch loop: a ``fit(epochs=1)`` per epoch
+    would redo per-fit work inside each timed epoch (CuPy captures its step graphs anew, Numba
+    allocates its epoch scratch), which one ``fit(epochs=n)`` pays once."""
+    Xp, T = model._prepare(X, y, "cross_entropy")
+    opt.bind(model)
+    model.optimizer = opt
+    loop = _EpochLoop(model, Xp, T, "cross_entropy", batch)
+
+    def epoch() -> float:
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            return loop.epoch(opt, True, SEED, None)["seconds"]
+
+    return epoch
+
+
+def floor_epochs(config: Config, dtype: str) -> EpochFactory:
+    """For ``_interleaved``: the GEMM floor's epoch (``gemm_floor_epoch``), timed."""
+    def make_epoch() -> Callable[[], float]:
+        floor = gemm_floor_epoch(config, dtype)
+
+        def timed() -> float:
+            start = time.perf_counter()
+            floor()
+            return time.perf_counter() - start
+
+        return timed
+
+    return make_epoch
+
+
+def _interleaved(entries: Sequence[tuple[int | None, EpochFactory]],
                  repeats: int) -> list[tuple[float, list[float]]]:
-    """For each thread count: the seconds of a warm-up epoch and of ``repeats`` timed ones, the
-    counts taking turns epoch by epoch, so that load coming and going on a shared machine
-    weighs on every count alike and their ratio holds. ``make_epoch()`` (called under each
-    count) gives a function that runs one epoch and returns its seconds."""
+    """For each entry ``(count, make_epoch)``: the seconds of a warm-up epoch and of ``repeats``
+    timed ones. ``make_epoch()`` gives a function that runs one epoch and returns its seconds;
+    it is made, warmed up and called under the entry's thread count (None: the libraries'
+    defaults). The entries take turns epoch by epoch, in the order given, ``repeats`` rounds:
+    load coming and going on a shared machine then weighs on every entry alike, and the ratio
+    of two entries' epochs of one round holds where their medians, taken minutes apart, would
+    not."""
     runs = []
-    for count in counts:
+    for count, make_epoch in entries:
         with limit_threads(count):
             epoch = make_epoch()
             runs.append((count, epoch, epoch(), []))
@@ -260,21 +299,6 @@ def gemm_floor_epoch(config: Config, dtype: str) -> Callable[[], None]:
     return epoch
 
 
-def time_gemm_floor(config: Config, dtype: str, repeats: int,
-                    counts: Sequence[int | None] = (None,)) -> list[Result]:
-    """The GEMM floor once per thread count (None: BLAS's default), one Result per count."""
-    floor = gemm_floor_epoch(config, dtype)
-
-    def timed() -> float:
-        start = time.perf_counter()
-        floor()
-        return time.perf_counter() - start
-
-    return [Result.from_times("gemm-floor", "floor", config, dtype, times, compile_seconds=None,
-                              parity_rel_err=None, threads=_threads_in_force(count))
-            for count, (_, times) in zip(counts, _interleaved(lambda: timed, counts, repeats))]
-
-
 def time_gemm_floor_cuda(backend: str, config: Config, dtype: str, repeats: int) -> Result:
     """The GEMM floor on the GPU: the same products by cuBLAS, timed under CUDA events (the
     backend's ``gemm_floor_seconds``)."""
@@ -315,10 +339,11 @@ def set_threads(threads: int | None) -> int:
 def run(options: BenchOptions, log: Callable[[str], None] = lambda s: None,
         notes: list[str] | None = None) -> list[Result]:
     """Every (backend or peer, config, dtype, thread count) once, plus one floor per (config,
-    dtype, thread count). Peers that cannot run here are skipped with a line appended to
+    dtype, thread count). The floor, backends and peers of one (config, dtype), at every thread
+    count, take turns epoch by epoch (``_interleaved``); each Result keeps its ``round_seconds``
+    for the per-round ratios of ``ratios``. The CUDA floor (with cupy) is timed by CUDA events
+    before them, apart. Peers that cannot run here are skipped with a line appended to
     ``notes``. The thread counts are limited for the run only, then restored."""
-    from . import peers
-
     counts = options.thread_counts()
     notes = [] if notes is None else notes
     results: list[Result] = []
@@ -326,31 +351,84 @@ def run(options: BenchOptions, log: Callable[[str], None] = lambda s: None,
         for dtype in options.dtypes:
             log(f"{config.name} {dtype}: float64 reference trajectory")
             reference = backend_trajectory("numpy", config, "float64")
-            log(f"{config.name} {dtype}: gemm-floor")
-            results.extend(time_gemm_floor(config, dtype, options.repeats, counts))
+            cuda_floor = []
             if "cupy" in options.backends:
                 log(f"{config.name} {dtype}: gemm-floor-cuda")
-                results.append(time_gemm_floor_cuda("cupy", config, dtype, options.repeats))
-            for backend in options.backends:
-                log(f"{config.name} {dtype}: {backend}")
-                timed = time_backend_threads(backend, config, dtype, options.repeats, counts)
-                for count, result in zip(counts, timed):
-                    with limit_threads(count):
-                        trajectory = backend_trajectory(backend, config, dtype)
-                    result.parity_rel_err = trajectory.error_against(reference)
-                    results.append(result)
-            for peer in options.peers:
-                log(f"{config.name} {dtype}: {peer}")
-                for count in counts:
-                    try:
-                        with limit_threads(count):
-                            results.extend(peers.run_peer(peer, config, dtype, options.repeats,
-                                                          get_num_threads(), reference))
-                    except peers.PeerUnavailable as why:
-                        if str(why) not in notes:
-                            notes.append(str(why))
-                        break
+                cuda_floor.append(time_gemm_floor_cuda("cupy", config, dtype, options.repeats))
+            entries = _entries(options, config, dtype, counts, notes)
+            log(f"{config.name} {dtype}: {', '.join(dict.fromkeys(e.name for e in entries))} "
+                f"in turns, {options.repeats} round(s)")
+            timed = _interleaved([(e.count, e.make_epoch) for e in entries], options.repeats)
+            block = {}
+            for entry, (warm, times) in zip(entries, timed):
+                block[entry.name, entry.count] = result = Result.from_times(
+                    entry.name, entry.kind, config, dtype, times, parity_rel_err=None,
+                    # The warm-up epoch absorbs JIT compilation and first-touch allocation.
+                    compile_seconds=max(0.0, warm - statistics.median(times))
+                    if entry.kind == "backend" else None,
+                    threads=entry.threads, extra=dict(entry.extra), round_seconds=list(times))
+                if entry.parity is not None:
+                    with limit_threads(entry.count):
+                        result.parity_rel_err, result.note = entry.parity(reference)
+            # Reported as before: floor(s), CUDA floor, then each backend and peer, by count.
+            names = list(dict.fromkeys(e.name for e in entries))
+            floor = [block[names[0], count] for count in counts]
+            rest = [block[name, count] for name in names[1:] for count in counts
+                    if (name, count) in block]
+            results.extend(floor + cuda_floor + rest)
     return results
+
+
+@dataclass
+class _Entry:
+    """One contender of an interleaved block: ``parity(reference)`` gives its relative error
+    against the float64 reference and a note (None: the floor, which trains nothing)."""
+
+    name: str
+    kind: str
+    count: int | None  # the thread count it is built, timed and checked under
+    threads: int | None  # the count it reports
+    make_epoch: EpochFactory
+    parity: Callable[[Trajectory], tuple[float, str]] | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _entries(options: BenchOptions, config: Config, dtype: str, counts: Sequence[int | None],
+             notes: list[str]) -> list[_Entry]:
+    """The floor, the backends and the peers of one (config, dtype), at every count, in the
+    order of their turns: count by count, so that epochs of one count run side by side."""
+    from . import peers
+
+    data = workload(config, dtype)
+    entries = []
+    unavailable: set[str] = set()
+    for count in counts:
+        threads = _threads_in_force(count)
+        entries.append(_Entry("gemm-floor", "floor", count, threads,
+                              floor_epochs(config, dtype), None))
+        for backend in options.backends:
+            entries.append(_Entry(backend, "backend", count, threads,
+                                  backend_epochs(backend, config, dtype, data),
+                                  _backend_parity(backend, config, dtype)))
+        for peer in options.peers:
+            if peer in unavailable:
+                continue
+            try:
+                found = peers.peer_entries(peer, config, dtype, threads, data)
+            except peers.PeerUnavailable as why:
+                unavailable.add(peer)
+                if str(why) not in notes:
+                    notes.append(str(why))
+                continue
+            entries += [_Entry(p.name, "peer", count, p.threads, p.make_epoch, p.parity, p.extra)
+                        for p in found]
+    return entries
+
+
+def _backend_parity(backend: str, config: Config,
+                    dtype: str) -> Callable[[Trajectory], tuple[float, str]]:
+    return lambda reference: (
+        backend_trajectory(backend, config, dtype).error_against(reference), "")
 
 
 def machine_info(threads: int | Sequence[int] | None = None) -> dict[str, Any]:
@@ -403,19 +481,28 @@ def _gpu_info() -> dict[str, Any] | None:
 # --------------------------------------------------------------------------- output
 def ratios(results: Sequence[Result]) -> dict[int, tuple[float | None, float | None]]:
     """(epoch time / GEMM floor, epochs/s relative to torch) for each result, by position; both
-    at the result's thread count (the GPU floor has none)."""
-    floor = {(r.config, r.dtype, r.name.endswith("cuda"), r.threads): r.seconds_per_epoch
+    at the result's thread count (the GPU floor has none). Each is the median over the rounds
+    of the ratio within a round where both sides took turns (``round_seconds``), else the
+    ratio of their medians (the CUDA floor is timed apart)."""
+    floor = {(r.config, r.dtype, r.name.endswith("cuda"), r.threads): r
              for r in results if r.kind == "floor"}
-    torch = {(r.config, r.dtype, r.threads): r.epochs_per_sec for r in results
-             if r.name == "torch"}
+    torch = {(r.config, r.dtype, r.threads): r for r in results if r.name == "torch"}
     out = {}
     for i, r in enumerate(results):
         on_gpu = r.name in ("cupy", "torch-cuda")
         f = floor.get((r.config, r.dtype, on_gpu, None if on_gpu else r.threads))
         t = torch.get((r.config, r.dtype, r.threads))
-        out[i] = (r.seconds_per_epoch / f if f and r.kind != "floor" else None,
-                  r.epochs_per_sec / t if t else None)
+        out[i] = (paired_ratio(r, f) if f is not None and r.kind != "floor" else None,
+                  paired_ratio(t, r) if t is not None else None)
     return out
+
+
+def paired_ratio(a: Result, b: Result) -> float:
+    """``a``'s seconds per epoch over ``b``'s: the median of the per-round ratios where both
+    have ``round_seconds`` of one block, else the ratio of the medians."""
+    if a.round_seconds and b.round_seconds and len(a.round_seconds) == len(b.round_seconds):
+        return statistics.median(x / y for x, y in zip(a.round_seconds, b.round_seconds))
+    return a.seconds_per_epoch / b.seconds_per_epoch
 
 
 def thread_ratios(results: Sequence[Result]) -> dict[int, float | None]:
@@ -486,6 +573,7 @@ def to_json(results: Sequence[Result], machine: dict[str, Any],
     for i, r in enumerate(results):
         record = asdict(r)
         record.update(record.pop("extra"))
+        # Medians of the per-round ratios (see ``ratios``): round_seconds gives them back.
         record["floor_ratio"], record["torch_ratio"] = rel[i]
         record["thread_ratio"] = scaling[i]  # epochs/s over the same entry's at the fewest threads
         out.append(record)

@@ -176,7 +176,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "bench", help="epochs/s and parity of every backend and peer, with the GEMM floor",
         description="Time training epochs of each backend (and peers) on the benchmark configs, "
                     "beside the GEMM floor timed in the same run, and check each against the "
-                    "float64 NumPy reference. Median of --repeats epochs after a warm-up epoch.")
+                    "float64 NumPy reference. After one warm-up epoch each, the floor, the "
+                    "backends and the peers of a config and dtype take turns epoch by epoch "
+                    "for --repeats rounds; s/epoch is each one's median. 'x floor' (epoch "
+                    "time over the floor's) and 'x torch' (epochs/s over PyTorch's) are "
+                    "computed within each round and their median is shown, so load that comes "
+                    "and goes weighs on both sides of a ratio alike.")
     bench.add_argument("--backends", type=_names, default=None, metavar="LIST",
                        help="comma list (default: every available backend)")
     bench.add_argument("--configs", type=_names, default=["S", "M", "L"], metavar="LIST",
@@ -188,7 +193,7 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="torch, sklearn: the same runs by PyTorch and scikit-learn, "
                             "skipped with a note when not installed (default: none)")
     bench.add_argument("--repeats", type=_count(1), default=5, metavar="N",
-                       help="timed epochs per entry (default: 5)")
+                       help="timed rounds: epochs per entry (default: 5)")
     bench.add_argument("--threads", type=_thread_counts, default=None, metavar="LIST",
                        help="BLAS, Numba and torch threads: a count, or counts like 1,2 to time "
                             "every entry with each (epochs interleaved) and report the speedup "

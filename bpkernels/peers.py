@@ -5,25 +5,47 @@ Neither is a dependency: a peer that is not installed gives a note, not an error
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import time
 import warnings
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .bench import (LEARNING_RATE, SEED, Config, Result, Trajectory, batch_order,
-                    initial_weights, parity_workload, workload)
+from .bench import (LEARNING_RATE, SEED, Config, Trajectory, batch_order, initial_weights,
+                    parity_workload)
 
 PEERS = ("torch", "sklearn")
 
 
-def run_peer(peer: str, config: Config, dtype: str, repeats: int, threads: int | None,
-             reference: Trajectory) -> list[Result]:
+@dataclass
+class PeerEntry:
+    """One peer run of the benchmark, timed like a backend by ``bench._interleaved``.
+
+    ``make_epoch()`` builds the peer's model (on the run's data, from the shared initial
+    weights) and gives a function that trains its next epoch and returns the epoch's seconds.
+    ``parity(reference)`` replays the 20 parity steps on a model of its own and returns their
+    relative error against ``reference`` and a note on how the peer computed ("" if none)."""
+
+    name: str
+    threads: int | None
+    make_epoch: Callable[[], Callable[[], float]]
+    parity: Callable[[Trajectory], tuple[float, str]]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def peer_entries(peer: str, config: Config, dtype: str, threads: int | None,
+                 data: tuple[np.ndarray, np.ndarray]) -> list[PeerEntry]:
+    """The entries of ``peer`` on ``data`` (the run's X, y in ``dtype``) at ``threads``:
+    torch gives one on the CPU and one on CUDA where present. Raises PeerUnavailable where the
+    peer is not installed."""
     if peer not in PEERS:
         raise ValueError(f"unknown peer {peer!r}; valid peers: {', '.join(PEERS)}")
     if peer == "torch":
-        return _run_torch(config, dtype, repeats, threads, reference)
-    return [_run_sklearn(config, dtype, repeats, threads, reference)]
+        return _torch_entries(config, dtype, threads, data)
+    return [_sklearn_entry(config, dtype, threads, data)]
 
 
 class PeerUnavailable(ImportError):
@@ -31,17 +53,31 @@ class PeerUnavailable(ImportError):
 
 
 # --------------------------------------------------------------------------- torch
-def _run_torch(config, dtype, repeats, threads, reference) -> list[Result]:
+def _torch_entries(config: Config, dtype: str, threads: int | None,
+                   data: tuple[np.ndarray, np.ndarray]) -> list[PeerEntry]:
     try:
         import torch
     except ImportError:
         raise PeerUnavailable("torch skipped: PyTorch is not installed (pip install torch)") from None
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return [PeerEntry("torch" if device == "cpu" else "torch-cuda",
+                      threads if device == "cpu" else None,
+                      _torch_make_epoch(torch, device, config, dtype, threads, data),
+                      _torch_parity(torch, device, config, dtype, threads),
+                      {"torch": torch.__version__}) for device in devices]
+
+
+@contextlib.contextmanager
+def _torch_threads(torch, threads: int | None) -> Iterator[None]:
+    """torch keeps a thread pool of its own, which limit_threads does not reach; entries of
+    other counts take turns with this one, so the count is set for each epoch and given back."""
+    before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
-    results = [_time_torch(torch, "cpu", config, dtype, repeats, reference)]
-    if torch.cuda.is_available():
-        results.append(_time_torch(torch, "cuda", config, dtype, repeats, reference))
-    return results
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _torch_model(torch, config: Config, dtype: str, device: str):
@@ -59,15 +95,18 @@ def _torch_model(torch, config: Config, dtype: str, device: str):
     return torch.nn.Sequential(*layers)
 
 
-def _torch_epochs(torch, model, X, y, config: Config, epochs: int, device: str,
-                  on_epoch: Callable[[float, float], None]) -> None:
-    """Train like ``fit``: same batches, SGD, mean cross-entropy; the epoch loss is kept on the
-    device and read once per epoch, as bpkernels does."""
+def _torch_trainer(torch, model, X, y, config: Config,
+                   device: str) -> Callable[[], tuple[float, float]]:
+    """Trains like ``fit``, one epoch a call: same batches, SGD, mean cross-entropy; the epoch
+    loss is kept on the device and read once per epoch, as bpkernels does. Each call returns
+    (seconds, loss) of its epoch."""
     opt = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
     loss_fn = torch.nn.CrossEntropyLoss()
     n = X.shape[0]
-    for epoch in range(epochs):
-        order = torch.from_numpy(batch_order(n, epoch)).to(device)
+    epochs = itertools.count()
+
+    def epoch() -> tuple[float, float]:
+        order = torch.from_numpy(batch_order(n, next(epochs))).to(device)
         start = time.perf_counter()
         total = torch.zeros((), dtype=torch.float64, device=device)
         for s in range(0, n, config.batch):
@@ -78,64 +117,77 @@ def _torch_epochs(torch, model, X, y, config: Config, epochs: int, device: str,
             opt.step()
             total += loss.detach() * rows.shape[0]
         epoch_loss = float(total) / n  # synchronises, like reading a bpkernels epoch loss
-        on_epoch(time.perf_counter() - start, epoch_loss)
+        return time.perf_counter() - start, epoch_loss
+
+    return epoch
 
 
-def _time_torch(torch, device: str, config: Config, dtype: str, repeats: int,
-                reference: Trajectory) -> Result:
-    name = "torch" if device == "cpu" else "torch-cuda"
-    X, y = workload(config, dtype)
-    Xt, yt = torch.from_numpy(X).to(device), torch.from_numpy(y).to(device)
-    model = _torch_model(torch, config, dtype, device)
-    times: list[float] = []
-    _torch_epochs(torch, model, Xt, yt, config, 1 + repeats, device,
-                  lambda seconds, _: times.append(seconds))
-    result = Result.from_times(name, "peer", config, dtype, times[1:],
-                               compile_seconds=None, parity_rel_err=None,
-                               threads=torch.get_num_threads() if device == "cpu" else None)
-    # Parity: the same 20 steps as the backends, compared with the float64 NumPy reference.
-    Xp, yp, epochs = parity_workload(config)
-    model = _torch_model(torch, config, dtype, device)
-    losses: list[float] = []
-    _torch_epochs(torch, model, torch.from_numpy(Xp.astype(dtype)).to(device),
-                  torch.from_numpy(yp).to(device), config, epochs, device,
-                  lambda _, loss: losses.append(loss))
-    weights = []
-    for module in model:
-        if isinstance(module, torch.nn.Linear):
-            weights += [module.weight.detach().cpu().numpy().T, module.bias.detach().cpu().numpy()]
-    result.parity_rel_err = Trajectory(losses, weights).error_against(reference)
-    result.extra["torch"] = torch.__version__
-    return result
+def _torch_make_epoch(torch, device: str, config: Config, dtype: str, threads: int | None,
+                      data: tuple[np.ndarray, np.ndarray]) -> Callable[[], Callable[[], float]]:
+    def make_epoch() -> Callable[[], float]:
+        X, y = (torch.from_numpy(a).to(device) for a in data)
+        train = _torch_trainer(torch, _torch_model(torch, config, dtype, device), X, y, config,
+                               device)
+
+        def epoch() -> float:
+            with _torch_threads(torch, threads):
+                return train()[0]
+
+        return epoch
+
+    return make_epoch
+
+
+def _torch_parity(torch, device: str, config: Config, dtype: str,
+                  threads: int | None) -> Callable[[Trajectory], tuple[float, str]]:
+    def parity(reference: Trajectory) -> tuple[float, str]:
+        Xp, yp, epochs = parity_workload(config)
+        model = _torch_model(torch, config, dtype, device)
+        train = _torch_trainer(torch, model, torch.from_numpy(Xp.astype(dtype)).to(device),
+                               torch.from_numpy(yp).to(device), config, device)
+        with _torch_threads(torch, threads):
+            losses = [train()[1] for _ in range(epochs)]
+        weights = []
+        for module in model:
+            if isinstance(module, torch.nn.Linear):
+                weights += [module.weight.detach().cpu().numpy().T,
+                            module.bias.detach().cpu().numpy()]
+        return Trajectory(losses, weights).error_against(reference), ""
+
+    return parity
 
 
 # --------------------------------------------------------------------------- scikit-learn
-def _run_sklearn(config, dtype, repeats, threads, reference) -> Result:
+def _sklearn_entry(config: Config, dtype: str, threads: int | None,
+                   data: tuple[np.ndarray, np.ndarray]) -> PeerEntry:
     try:
         from sklearn.neural_network import MLPClassifier
     except ImportError:
         raise PeerUnavailable('sklearn skipped: scikit-learn is not installed '
                               '(pip install "bpkernels[sklearn]")') from None
-    X, y = workload(config, dtype)
-    times: list[float] = []
-    _sklearn_epochs(MLPClassifier, config, X, y, 1 + repeats, lambda s, _: times.append(s))
-    result = Result.from_times("sklearn", "peer", config, dtype, times[1:], compile_seconds=None,
-                               parity_rel_err=None, threads=threads)
-    Xp, yp, epochs = parity_workload(config)
-    losses: list[float] = []
-    clf = _sklearn_epochs(MLPClassifier, config, Xp.astype(dtype), yp, epochs,
-                          lambda _, loss: losses.append(loss))
-    weights = [a for W, b in zip(clf.coefs_, clf.intercepts_) for a in (W, b)]
-    result.parity_rel_err = Trajectory(losses, weights).error_against(reference)
-    if np.dtype(dtype) != np.float64 and clf.coefs_[0].dtype == np.float64:
-        result.note = "scikit-learn computed in float64"
-    return result
+    X, y = data
+
+    def make_epoch() -> Callable[[], float]:
+        train = _sklearn_trainer(_sklearn_model(MLPClassifier, config, X, y), X, y)
+        return lambda: train()[0]
+
+    def parity(reference: Trajectory) -> tuple[float, str]:
+        Xp, yp, epochs = parity_workload(config)
+        Xp = Xp.astype(dtype)
+        clf = _sklearn_model(MLPClassifier, config, Xp, yp)
+        train = _sklearn_trainer(clf, Xp, yp)
+        losses = [train()[1] for _ in range(epochs)]
+        weights = [a for W, b in zip(clf.coefs_, clf.intercepts_) for a in (W, b)]
+        note = "scikit-learn computed in float64" \
+            if np.dtype(dtype) != np.float64 and clf.coefs_[0].dtype == np.float64 else ""
+        return Trajectory(losses, weights).error_against(reference), note
+
+    return PeerEntry("sklearn", threads, make_epoch, parity)
 
 
-def _sklearn_epochs(MLPClassifier, config: Config, X, y, epochs: int,
-                    on_epoch: Callable[[float, float], None]):
-    """partial_fit over pre-shuffled rows with shuffle=False: the same batches as fit. SGD with
-    no momentum, no L2 and a constant rate is plain SGD, as in the other runs."""
+def _sklearn_model(MLPClassifier, config: Config, X: np.ndarray, y: np.ndarray):
+    """SGD with no momentum, no L2 and a constant rate is plain SGD, as in the other runs;
+    shuffle=False, as the trainer feeds pre-shuffled rows."""
     classes = np.arange(config.sizes[-1])
     clf = MLPClassifier(hidden_layer_sizes=config.sizes[1:-1], activation="relu", solver="sgd",
                         learning_rate="constant", learning_rate_init=LEARNING_RATE,
@@ -148,12 +200,21 @@ def _sklearn_epochs(MLPClassifier, config: Config, X, y, epochs: int,
     weights = initial_weights(config)
     clf.coefs_ = [W.astype(X.dtype) for W, _ in weights]
     clf.intercepts_ = [b.astype(X.dtype) for _, b in weights]
+    return clf
+
+
+def _sklearn_trainer(clf, X: np.ndarray, y: np.ndarray) -> Callable[[], tuple[float, float]]:
+    """partial_fit over the epoch's pre-shuffled rows: the same batches as fit, one epoch a
+    call; each call returns (seconds, loss) of its epoch."""
     n = X.shape[0]
-    for epoch in range(epochs):
-        order = batch_order(n, epoch)
+    epochs = itertools.count()
+
+    def epoch() -> tuple[float, float]:
+        order = batch_order(n, next(epochs))
         Xe, ye = X[order], y[order]
         start = time.perf_counter()
         clf.partial_fit(Xe, ye)
         seconds = time.perf_counter() - start
-        on_epoch(seconds, float(clf.loss_))
-    return clf
+        return seconds, float(clf.loss_)
+
+    return epoch

@@ -52,11 +52,14 @@ def test_one_record_per_name_config_dtype_and_json_fields(quick_run, tmp_path):
         assert record["kind"] in ("backend", "peer", "floor")
         assert record["min_seconds"] <= record["seconds_per_epoch"] <= record["max_seconds"]
         assert math.isclose(record["epochs_per_sec"] * record["seconds_per_epoch"], 1.0)
-    # Ratios are derivable from the JSON alone, and the stored ones agree with that.
-    floor = {r["dtype"]: r["seconds_per_epoch"] for r in loaded["results"] if r["kind"] == "floor"}
+    # Ratios are derivable from the JSON alone (the median of the per-round ratios), and the
+    # stored ones agree with that.
+    floor = {r["dtype"]: r["round_seconds"] for r in loaded["results"] if r["kind"] == "floor"}
     for record in loaded["results"]:
+        assert len(record["round_seconds"]) == record["repeats"] == 2
         if record["kind"] == "backend":
-            assert record["floor_ratio"] == pytest.approx(record["seconds_per_epoch"] / floor[record["dtype"]])
+            per_round = [t / f for t, f in zip(record["round_seconds"], floor[record["dtype"]])]
+            assert record["floor_ratio"] == pytest.approx(sum(per_round) / 2)
 
 
 def test_missing_peers_are_noted_not_fatal(quick_run):
@@ -95,6 +98,97 @@ def test_floor_does_the_products_of_an_epoch(monkeypatch):
     # 3 steps x (2 forward + 2 dW + 1 dX)
     assert len(calls) == 15
     assert ((4, 3), (3, 5)) in calls and ((2, 5), (5, 2)) in calls and ((5, 4), (4, 2)) in calls
+
+
+def _result(name: str, kind: str, seconds: list[float] | None, threads: int | None = 1,
+            median: float | None = None) -> bench.Result:
+    config = bench.Config("t", (3, 5, 2), 4, 10)
+    result = bench.Result.from_times(name, kind, config, "float32", seconds or [median],
+                                     compile_seconds=None, parity_rel_err=None, threads=threads)
+    result.round_seconds = seconds
+    return result
+
+
+def test_ratios_are_medians_of_the_per_round_ratios():
+    # Round 2 ran under load (everything slower), round 3 only the floor was slow. Worked by
+    # hand: numpy / floor per round 3/1, 5/2, 4/4 -> median 2.5 (the ratio of the medians,
+    # 4/2, would be 2); torch / numpy per round 2/3, 10/5, 2/4 -> median 2/3 (medians: 0.5);
+    # torch / floor 2/1, 10/2, 2/4 -> median 2 (so the floor runs at 2x torch's epochs/s).
+    results = [_result("gemm-floor", "floor", [1.0, 2.0, 4.0]),
+               _result("numpy", "backend", [3.0, 5.0, 4.0]),
+               _result("torch", "peer", [2.0, 10.0, 2.0])]
+    rel = bench.ratios(results)
+    assert rel[0] == (None, pytest.approx(2.0))
+    assert rel[1] == (pytest.approx(2.5), pytest.approx(2 / 3))
+    assert rel[2] == (pytest.approx(2.0), pytest.approx(1.0))
+    records = bench.to_json(results, {})["results"]
+    assert [r["floor_ratio"] for r in records] == [None, rel[1][0], rel[2][0]]
+    assert records[1]["round_seconds"] == [3.0, 5.0, 4.0]
+    assert "2.50" in bench.table(results).splitlines()[3]
+
+
+def test_ratios_against_an_entry_timed_apart_are_ratios_of_medians():
+    # The CUDA floor is timed by CUDA events on its own: no rounds to pair with.
+    results = [_result("gemm-floor-cuda", "floor", None, threads=None, median=2.0),
+               _result("cupy", "backend", [3.0, 5.0, 4.0], threads=None)]
+    assert bench.ratios(results)[1][0] == pytest.approx(4.0 / 2.0)
+
+
+def test_interleaved_warms_up_each_entry_then_takes_turns_under_its_count():
+    calls = []
+
+    def factory(name):
+        def make_epoch():
+            calls.append(("make", name, bpk.get_num_threads()))
+            seconds = iter([10.0, 1.0, 2.0, 3.0])
+
+            def epoch():
+                calls.append(("epoch", name, bpk.get_num_threads()))
+                return next(seconds)
+            return epoch
+        return make_epoch
+
+    timed = bench._interleaved([(1, factory("floor")), (1, factory("a")), (2, factory("b"))], 3)
+    assert timed == [(10.0, [1.0, 2.0, 3.0])] * 3
+    assert calls == [("make", "floor", 1), ("epoch", "floor", 1), ("make", "a", 1),
+                     ("epoch", "a", 1), ("make", "b", 2), ("epoch", "b", 2)] + \
+        [("epoch", "floor", 1), ("epoch", "a", 1), ("epoch", "b", 2)] * 3
+
+
+def test_run_times_floor_backends_and_peers_in_turns(monkeypatch):
+    """bench.run with fake epochs: one warm-up each, then rounds of floor, backend A, backend
+    B, peer, count by count; the reported ratios are those of the rounds."""
+    from bpkernels import peers
+    calls = []
+    seconds = {"gemm-floor": [1.0, 2.0, 4.0], "numpy": [3.0, 5.0, 4.0],
+               "numba": [2.0, 2.0, 2.0], "torch": [2.0, 10.0, 2.0]}
+
+    def fake(name):
+        def make_epoch():
+            count = bpk.get_num_threads()
+            times = iter([9.0] + seconds[name])
+            return lambda: calls.append((name, count)) or next(times)
+        return make_epoch
+
+    trajectory = bench.Trajectory([1.0], [np.ones(2)])
+    monkeypatch.setattr(bench, "backend_trajectory", lambda *args, **kwargs: trajectory)
+    monkeypatch.setattr(bench, "floor_epochs", lambda config, dtype: fake("gemm-floor"))
+    monkeypatch.setattr(bench, "backend_epochs", lambda name, *args: fake(name))
+    monkeypatch.setattr(peers, "peer_entries", lambda peer, config, dtype, threads, data: [
+        peers.PeerEntry(peer, threads, fake(peer), lambda reference: (0.0, ""))])
+    options = bench.BenchOptions(backends=["numpy", "numba"], configs=[bench.Config("t", (3, 5, 2), 4, 10)],
+                                 dtypes=["float32"], peers=["torch"], repeats=3, threads=[1, 2])
+    results = bench.run(options)
+    block = [(name, count) for count in (1, 2) for name in ("gemm-floor", "numpy", "numba", "torch")]
+    assert calls == block * 4  # the warm-up round, then 3 timed rounds
+    assert [(r.name, r.threads) for r in results] == [
+        ("gemm-floor", 1), ("gemm-floor", 2), ("numpy", 1), ("numpy", 2), ("numba", 1),
+        ("numba", 2), ("torch", 1), ("torch", 2)]
+    rel = bench.ratios(results)
+    numpy_1 = results.index(next(r for r in results if r.name == "numpy"))
+    assert rel[numpy_1] == (pytest.approx(2.5), pytest.approx(2 / 3))
+    assert all(r.parity_rel_err == 0.0 for r in results if r.kind != "floor")
+    assert [r.compile_seconds for r in results if r.name == "numpy"] == [5.0, 5.0]
 
 
 @pytest.mark.parametrize("spec, match", [("X", "unknown config"), ("10-5:8", "unknown config"),
