@@ -2,9 +2,9 @@
 CPU, float32 and float64, and a whole training epoch in one compiled call (``train_epoch``).
 
 GEMMs run inside the compiled kernels by the BLAS NumPy uses (``_numba_blas.py``), into the
-buffers passed in and with transposes as views. Threads: BLAS's for the GEMMs,
-Numba's for the (rare: see PARALLEL_MIN) parallel passes; ``NumbaBackend(threads=n)``,
-:meth:`NumbaBackend.set_threads` or NUMBA_NUM_THREADS set both.
+buffers passed in, transposes as BLAS flags. Threads: BLAS's for the GEMMs, Numba's for the
+(rare: see PARALLEL_MIN) parallel passes; ``bpkernels.set_num_threads`` (the public way),
+``NumbaBackend(threads=n)``, :meth:`NumbaBackend.set_threads` or NUMBA_NUM_THREADS set both.
 """
 from __future__ import annotations
 

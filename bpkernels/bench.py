@@ -28,7 +28,7 @@ import numpy as np
 from .backends import available_backends, get_backend
 from .model import MLP, resolve_dtype
 from .optim import SGD
-from .threads import get_num_threads, limit_threads, set_num_threads
+from .threads import get_num_threads, limit_threads
 from .train import _EpochLoop, fit
 
 LEARNING_RATE = 0.01
@@ -325,15 +325,6 @@ class BenchOptions:
         if self.threads is None or isinstance(self.threads, int):
             return [self.threads]
         return sorted(set(self.threads))
-
-
-def set_threads(threads: int | None) -> int:
-    """Put BLAS and Numba on ``threads`` threads (None: leave them) for the rest of the
-    process, as bpkernels.set_num_threads; returns the count in force. ``run`` limits the
-    threads for its own duration instead."""
-    if threads is not None:
-        set_num_threads(threads)
-    return get_num_threads()
 
 
 def run(options: BenchOptions, log: Callable[[str], None] = lambda s: None,
