@@ -38,8 +38,9 @@ phelper = numba.njit(parallel=True, **_INTERNAL)
 # loop for the loop to vectorize but that LLVM judges too big to inline (tanh). And compile
 # time: a helper compiled on its own is linked into each caller's module and optimized by LLVM
 # once more at every level above it, so small helpers and one-call wrappers are cheaper inlined
-# (together ~20% of the epoch kernel's first compile). Helpers called from several places with
-# different types, or with loops that vectorize on their own, stay separate.
+# (together ~30% of the epoch kernel's first compile). Helpers called from several places with
+# different types (_layer), or with loops that vectorize on their own, stay separate, and so do
+# the dense layer passes: inlined into the epoch kernel, they ran M's epochs ~15% slower.
 inline = numba.njit(inline="always", **_INTERNAL)
 
 MAX_CHUNKS = 64
@@ -357,7 +358,7 @@ def _exp_shifted(Y, r, m, dY):
     return s
 
 
-@helper
+@inline
 def _softmax_xent_labels(Y, labels, dY, out):
     n, o = Y.shape
     scale = 1.0 / n
@@ -377,7 +378,7 @@ def softmax_xent_labels(Y, labels, dY, out):
     _softmax_xent_labels(Y, labels, dY, out)
 
 
-@helper
+@inline
 def _softmax_xent_rows(Y, T, dY, out):
     n, o = Y.shape
     scale = 1.0 / n
@@ -401,7 +402,7 @@ def softmax_xent_rows(Y, T, dY, out):
     _softmax_xent_rows(Y, T, dY, out)
 
 
-@helper
+@inline
 def _binary_xent(Y, T, dY, out):
     # max(y, 0) - y t + log(1 + exp(-|y|)) is finite for any logit
     n, o = Y.shape
@@ -420,7 +421,7 @@ def binary_xent(Y, T, dY, out):
     _binary_xent(Y, T, dY, out)
 
 
-@helper
+@inline
 def _mse(Y, T, dY, out):
     n, o = Y.shape
     scale = 2.0 / (n * o)
@@ -448,7 +449,7 @@ def _argmax(Y, r):
     return k
 
 
-@helper
+@inline
 def _count_correct_labels(Y, labels, out):
     """Targets (n,): class ids, or 0/1 for a single output."""
     hits = 0
@@ -465,7 +466,7 @@ def count_correct_labels(Y, labels, out):
     _count_correct_labels(Y, labels, out)
 
 
-@helper
+@inline
 def _count_correct_rows(Y, T, out):
     """Targets (n, o): probability rows (compared by argmax), or 0/1 for a single output."""
     hits = 0
@@ -610,7 +611,7 @@ def _update_par(p, g, states, sgd, adam, rmsprop, step, chunks):
         _update(p[i0:i1], g[i0:i1], chunk, sgd, adam, rmsprop, step)
 
 
-@helper
+@inline
 def _optimizer_step(p, g, states, sgd, adam, rmsprop, step, halted, par):
     """One update of the flat parameters ``p``, a no-op while halted[0] != 0, by the one rule
     of sgd / adam / rmsprop whose hyper-parameters are given: the others are None, a type to
@@ -684,7 +685,7 @@ def _gather(src, index, dst):
             dst[r, j] = src[index[r], j]
 
 
-@helper
+@inline
 def _forward(net, work, rows, par, kinds):
     layers = net[2]
     X = work[0][:rows]
@@ -695,7 +696,7 @@ def _forward(net, work, rows, par, kinds):
         X = A
 
 
-@helper
+@inline
 def _backward(net, work, rows, par, kinds):
     """Backward through every layer; returns whether every gradient is finite, each layer's
     read right after BLAS wrote it, while it is still in cache (as check_step would find,
