@@ -30,6 +30,7 @@ class Optimizer:
 
     name: ClassVar[str] = ""
     state_names: ClassVar[tuple[str, ...]] = ()
+    lr: float  # every rule has a learning rate; a callback may change it between epochs
 
     def __init__(self) -> None:
         self.step_count = 0
