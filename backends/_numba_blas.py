@@ -132,29 +132,32 @@ def gemm(A, B, C):
     np.dot(A, B, C)
 
 
-def gemm_t(A, trans_a, B, trans_b, C):
-    """C = op(A) @ op(B) into C, op transposing where ``trans_a`` / ``trans_b``: A, B and C
-    C-ordered (rows may be padded), one dtype. The kernels call this rather than ``gemm`` with
-    transposed views: a view's layout is part of its Numba type, so each transposed call would
-    compile another copy of the GEMM, while runtime flags share one."""
-    np.dot(A.T if trans_a else A, B.T if trans_b else B, C)
+def gemm_t(A, trans_a, B, trans_b, C, alpha, beta):
+    """C = alpha op(A) @ op(B) + beta C into C, op transposing where ``trans_a`` / ``trans_b``:
+    A, B and C C-ordered (rows may be padded), one dtype. With beta = 0, C is only written
+    (NaN there does not leak in). The kernels call this rather than ``gemm`` with transposed
+    views: a view's layout is part of its Numba type, so each transposed call would compile
+    another copy of the GEMM, while runtime flags share one. So do alpha and beta, which the
+    kernels always pass: one compiled GEMM per dtype."""
+    product = np.dot(A.T if trans_a else A, B.T if trans_b else B)
+    C[...] = product * alpha if beta == 0 else product * alpha + C * beta
 
 
 _GEMM_JIT = dict(cache=True, nogil=True, no_cpython_wrapper=True)
 
 
 @_inline
-def _call(routine, trans_a, lda, trans_b, ldb, A, B, C, k):
+def _call(routine, trans_a, lda, trans_b, ldb, A, B, C, k, alpha, beta):
     m, n = C.shape
     if m == 0 or n == 0:
         return
     trans_c, ldc = _storage(C)
     if trans_c:
         raise ValueError("gemm needs a C-ordered output")
-    one, zero = C.dtype.type(1.0), C.dtype.type(0.0)
+    cast = C.dtype.type
     routine(np.int32(_ROW_MAJOR), np.int32(_TRANS if trans_a else _NO_TRANS),
-            np.int32(_TRANS if trans_b else _NO_TRANS), m, n, k, one, A.ctypes.data, lda,
-            B.ctypes.data, ldb, zero, C.ctypes.data, ldc)
+            np.int32(_TRANS if trans_b else _NO_TRANS), m, n, k, cast(alpha), A.ctypes.data,
+            lda, B.ctypes.data, ldb, cast(beta), C.ctypes.data, ldc)
 
 
 @overload(gemm, jit_options=_GEMM_JIT)
@@ -168,15 +171,15 @@ def _gemm_compiled(A, B, C):
             raise ValueError("gemm: shapes do not match")
         trans_a, lda = _storage(A)
         trans_b, ldb = _storage(B)
-        _call(routine, trans_a, lda, trans_b, ldb, A, B, C, k)
+        _call(routine, trans_a, lda, trans_b, ldb, A, B, C, k, 1.0, 0.0)
     return gemm_impl
 
 
 @overload(gemm_t, jit_options=_GEMM_JIT)
-def _gemm_t_compiled(A, trans_a, B, trans_b, C):
+def _gemm_t_compiled(A, trans_a, B, trans_b, C, alpha, beta):
     routine = _sgemm if C.dtype == types.float32 else _dgemm
 
-    def gemm_t_impl(A, trans_a, B, trans_b, C):
+    def gemm_t_impl(A, trans_a, B, trans_b, C, alpha, beta):
         m, n = C.shape
         k = A.shape[0] if trans_a else A.shape[1]
         if (A.shape[1] if trans_a else A.shape[0]) != m or \
@@ -187,5 +190,5 @@ def _gemm_t_compiled(A, trans_a, B, trans_b, C):
         b_transposed, ldb = _storage(B)
         if a_transposed or b_transposed:
             raise ValueError("gemm_t needs C-ordered operands")
-        _call(routine, trans_a, lda, trans_b, ldb, A, B, C, k)
+        _call(routine, trans_a, lda, trans_b, ldb, A, B, C, k, alpha, beta)
     return gemm_t_impl

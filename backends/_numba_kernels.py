@@ -298,7 +298,7 @@ def _dense_forward(X, W, b, act, Z, A, keep_z, par, kinds):
     """Z = X @ W (by NumPy's BLAS) then, in one pass, Z += b and A = act(Z); ``Z`` is written
     only when ``keep_z`` (else pass ``A`` as ``Z``: the product lands in A and is activated in
     place)."""
-    gemm_t(X, False, W, False, Z)
+    gemm_t(X, False, W, False, Z, 1.0, 0.0)
     chunks = _chunks(Z.size, par)
     if par is None or chunks == 1:
         _bias_act_rows(Z, b, act, keep_z, A, 0, Z.shape[0], kinds)
@@ -366,10 +366,9 @@ def _grad_rows_par(dA, act, A, Z, totals, chunks, kinds):
 
 
 @helper
-def _dense_backward(X, W, dA, act, A, Z, dW, db, dX, with_dx, par, kinds):
-    """dZ = dA * act'(.) in place with db = dZ.sum(0) in the same pass; dW = X.T @ dZ and, when
-    ``with_dx``, dX = dZ @ W.T (BLAS, transposes as views). ``Z`` is read for gelu only (pass
-    ``A`` otherwise), ``dX`` is written only when ``with_dx``."""
+def _dense_dz(dA, act, A, Z, db, par, kinds):
+    """dZ = dA * act'(.) in place, with db = dZ.sum(0) in the same pass. ``Z`` is read for
+    gelu only (pass ``A`` otherwise)."""
     chunks = min(_chunks(dA.size, par), dA.shape[0])
     if par is None or chunks == 1:
         db[:] = 0.0
@@ -384,9 +383,17 @@ def _dense_backward(X, W, dA, act, A, Z, dW, db, dX, with_dx, par, kinds):
             for c in range(1, chunks):
                 column += totals[c, j]
             db[j] = column
-    gemm_t(X, True, dA, False, dW)
+
+
+@helper
+def _dense_backward(X, W, dA, act, A, Z, dW, db, dX, with_dx, par, kinds):
+    """dZ = dA * act'(.) in place with db = dZ.sum(0) in the same pass; dW = X.T @ dZ and, when
+    ``with_dx``, dX = dZ @ W.T (BLAS, transposes as flags). ``Z`` is read for gelu only (pass
+    ``A`` otherwise), ``dX`` is written only when ``with_dx``."""
+    _dense_dz(dA, act, A, Z, db, par, kinds)
+    gemm_t(X, True, dA, False, dW, 1.0, 0.0)
     if with_dx:
-        gemm_t(dA, False, W, True, dX)
+        gemm_t(dA, False, W, True, dX, 1.0, 0.0)
 
 
 @jit
@@ -757,20 +764,72 @@ def _forward(net, work, rows, par, kinds):
 
 
 @inline
-def _backward(net, work, rows, par, kinds):
-    """Backward through every layer; returns whether every gradient is finite, each layer's
-    read right after BLAS wrote it, while it is still in cache (as check_step would find,
-    without another pass over all of them)."""
+def _largest(sums, n):
+    """The largest of sums[:n] (>= 0), inf if one is NaN."""
+    largest = 0.0
+    for j in range(n):
+        if not sums[j] <= largest:
+            largest = sums[j] if sums[j] == sums[j] else math.inf
+    return largest
+
+
+@helper
+def _abs_column_sums_max(M, sums):
+    """The largest column sum of |M| (accumulated in ``sums``), inf where M holds inf or NaN.
+    Column by column, so that the row loop vectorizes (a scalar sum would not, without
+    fastmath's reordering)."""
+    o = M.shape[1]
+    sums[:o] = 0.0
+    for r in range(M.shape[0]):
+        for j in range(o):
+            sums[j] += abs(M[r, j])
+    return _largest(sums, o)
+
+
+@inline
+def _backward(net, work, rows, par, kinds, sums):
+    """Backward through every layer but the weight gradients (``_weight_gradients``): dZ and
+    db of every layer and dX, top down. Returns (whether every db is finite, whether every dW
+    is sure to be finite). The second without computing dW: |dW[i, j]| = |sum_r X[r, i]
+    dZ[r, j]| <= (sum_r |X[r, i]|) (sum_r |dZ[r, j]|), and a bound a quarter of the dtype's
+    largest value leaves room for every rounding of BLAS's sums (a factor (1 + eps)^rows). With
+    no inf or NaN in X or dZ and that bound kept, no dW can be inf or NaN: check_step's scan of
+    every weight gradient (~20 us a step on M) is then not needed, and plain SGD may update W
+    inside the GEMM that computes dW (``train_epoch``). Sums in the dtype (float32's
+    vectorize twice as wide): one that overflows is inf, which only costs the shortcut."""
+    layers = net[2]
+    limit = 8.5e37 if net[0].itemsize == 4 else 4.4e307
+    finite, sure = True, True
+    for layer in range(layers.shape[0] - 1, -1, -1):
+        W, _, _, db, A, dA, Z = _layer(net, work, layer, rows)
+        _dense_dz(dA, layers[layer, 4], A, Z, db, par, kinds)
+        finite = _finite(db) and finite
+        X = work[0][:rows]
+        if layer > 0:
+            _, _, _, _, X, dX, _ = _layer(net, work, layer - 1, rows)
+            gemm_t(dA, False, W, True, dX, 1.0, 0.0)
+        if sure:
+            sure = _abs_column_sums_max(X, sums) * _abs_column_sums_max(dA, sums) <= limit
+    return finite, sure
+
+
+@inline
+def _weight_gradients(net, work, rows, alpha, beta, into_weights, scan):
+    """dW = X.T @ dZ for every layer, after ``_backward``; with ``into_weights``, W = beta W +
+    alpha X.T @ dZ instead, dW left as it was. Returns whether every dW is finite, each read
+    right after BLAS wrote it, while still in cache, where ``scan`` (else True)."""
     layers = net[2]
     finite = True
-    for layer in range(layers.shape[0] - 1, -1, -1):
-        W, _, dW, db, A, dA, Z = _layer(net, work, layer, rows)
-        with_dx = layer > 0  # a runtime flag: a literal True / False compiles dense_backward twice
-        X, dX = work[0][:rows], dA
-        if with_dx:
-            _, _, _, _, X, dX, _ = _layer(net, work, layer - 1, rows)
-        _dense_backward(X, W, dA, layers[layer, 4], A, Z, dW, db, dX, with_dx, par, kinds)
-        finite = _finite(dW.ravel()) and _finite(db) and finite
+    X = work[0][:rows]
+    for layer in range(layers.shape[0]):
+        W, _, dW, _, A, dZ, _ = _layer(net, work, layer, rows)
+        if into_weights:
+            gemm_t(X, True, dZ, False, W, alpha, beta)
+        else:
+            gemm_t(X, True, dZ, False, dW, 1.0, 0.0)
+            if scan:
+                finite = _finite(dW.ravel()) and finite
+        X = A
     return finite
 
 
@@ -789,7 +848,12 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, state
     step_losses, step_hits, halted = _borrowed(out[0]), _borrowed(out[1]), _borrowed(out[2])
     states = (_borrowed(states[0]), _borrowed(states[1]), _borrowed(states[2]))
     n = order.size
-    for s in range((n + batch - 1) // batch):
+    widest = 0
+    for layer in range(layers.shape[0]):
+        widest = max(widest, layers[layer, 0], layers[layer, 1])
+    sums = _borrowed(np.empty(widest, params.dtype))
+    steps = (n + batch - 1) // batch
+    for s in range(steps):
         rows = min(batch, n - s * batch)
         index = order[s * batch:s * batch + rows]
         _gather(X_all, index, work[0])
@@ -814,7 +878,25 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, state
                 _mse(Y, batch_T[:rows], dY, step_loss)
             if metric:
                 _count_correct_rows(Y, batch_T[:rows], step_correct)
-        finite = _backward(net, work, rows, par, kinds)
-        if halted[0] == 0 and not (finite and math.isfinite(step_loss[0])):
+        finite, sure = _backward(net, work, rows, par, kinds, sums)
+        finite = finite and math.isfinite(step_loss[0])
+        # Plain SGD (no momentum) updates W inside dW's GEMM, W = (1 - lr wd) W - lr X.T @ dZ,
+        # as its update would (but for the rounding of dW, which is not stored): no separate
+        # pass over every weight and its gradient, which no longer sit in cache by then (~100
+        # us a step on M). Only where the step is sure to be finite: check_step's latch would
+        # otherwise have to undo it. Not on the epoch's last step, whose gradients stay in
+        # ``grads`` as the per-kernel loop leaves them.
+        fused, alpha, beta = False, 1.0, 0.0
+        if sgd is not None:
+            if sgd[1] == 0 and sure and finite and halted[0] == 0 and s + 1 < steps:
+                fused, alpha, beta = True, -sgd[0], 1.0 - sgd[0] * sgd[4]
+        finite = _weight_gradients(net, work, rows, alpha, beta, fused, not sure) and finite
+        if fused:
+            for layer in range(layers.shape[0]):  # the biases, by the rule itself
+                b, o = layers[layer, 3], layers[layer, 1]
+                _update(params[b:b + o], grads[b:b + o], states, sgd, adam, rmsprop,
+                        first_step + s)
+            continue
+        if halted[0] == 0 and not finite:
             halted[0] = first_step + s  # check_step's latch
         _optimizer_step(params, grads, states, sgd, adam, rmsprop, first_step + s, halted, par)

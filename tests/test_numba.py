@@ -22,6 +22,8 @@ JIT = os.environ.get("NUMBA_DISABLE_JIT", "0") in ("", "0")
 
 OPTIMIZERS = {
     "sgd": lambda: bpk.SGD(lr=0.1),
+    # plain SGD: the epoch kernel updates W inside dW's GEMM (W = (1 - lr wd) W - lr dW)
+    "sgd-wd": lambda: bpk.SGD(lr=0.1, weight_decay=0.05),
     "sgd-momentum-dampening-wd": lambda: bpk.SGD(lr=0.05, momentum=0.8, dampening=0.1,
                                                  weight_decay=0.01),
     "sgd-nesterov": lambda: bpk.SGD(lr=0.05, momentum=0.9, nesterov=True),
@@ -136,6 +138,35 @@ def test_epoch_kernel_divergence_latches_like_the_per_kernel_loop(monkeypatch):
     assert (step, count) == (step2, count2) and count == step - 1
     assert np.isfinite(params).all()
     np.testing.assert_array_equal(params, params2)
+
+
+@pytest.mark.skipif(not JIT, reason="NUMBA_DISABLE_JIT: no compiled kernels")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_bound_on_weight_gradients_sees_every_column_and_every_inf_or_nan(dtype):
+    """The epoch kernel skips check_step's scan of dW (and fuses plain SGD's update into its
+    GEMM) when max column sum |X| * max column sum |dZ| is small: each must be an upper bound,
+    and inf wherever an inf or a NaN could reach dW."""
+    import numba
+
+    from bpkernels.backends import _numba_kernels as K
+
+    @numba.njit
+    def largest(M, sums):
+        return K._abs_column_sums_max(M, sums)
+
+    rng = np.random.default_rng(5)
+    M = rng.standard_normal((9, 6)).astype(dtype)
+    sums = np.empty(8, dtype)
+    expected = np.abs(M.astype(np.float64)).sum(axis=0).max()
+    assert largest(M, sums) == pytest.approx(expected, rel=1e-6)
+    X, dZ = rng.standard_normal((9, 4)), rng.standard_normal((9, 3))
+    bound = np.abs(X).sum(axis=0).max() * np.abs(dZ).sum(axis=0).max()
+    assert np.abs(X.T @ dZ).max() <= bound
+    for bad in (np.nan, np.inf, -np.inf):
+        for column in (0, 5):
+            spoiled = M.copy()
+            spoiled[4, column] = bad
+            assert largest(spoiled, sums) == np.inf, (bad, column)
 
 
 def test_an_optimizer_it_does_not_know_falls_back_to_the_kernels():
@@ -344,7 +375,7 @@ def test_gemm_t_matches_the_float64_product_for_every_transpose_flag(dtype, shap
             A = rng.standard_normal((k, m) if trans_a else (m, k)).astype(dtype)
             B = rng.standard_normal((n, k) if trans_b else (k, n)).astype(dtype)
             C = np.full((m, n), np.nan, dtype)
-            run(A, trans_a, B, trans_b, C)
+            run(A, trans_a, B, trans_b, C, 1.0, 0.0)
             a64, b64 = A.astype(np.float64), B.astype(np.float64)
             reference = (a64.T if trans_a else a64) @ (b64.T if trans_b else b64)
             np.testing.assert_allclose(C, reference, rtol=tolerance, atol=tolerance)
@@ -357,9 +388,23 @@ def numba_jit_gemm_t():
     from bpkernels.backends._numba_blas import gemm_t
 
     @numba.njit
-    def run(A, trans_a, B, trans_b, C):
-        gemm_t(A, trans_a, B, trans_b, C)
+    def run(A, trans_a, B, trans_b, C, alpha, beta):
+        gemm_t(A, trans_a, B, trans_b, C, alpha, beta)
     return run
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_gemm_t_scales_the_product_and_adds_the_scaled_output(dtype):
+    """C = alpha op(A) op(B) + beta C: the fused SGD update of the epoch kernel."""
+    from bpkernels.backends._numba_blas import gemm_t
+    run = numba_jit_gemm_t() if JIT else gemm_t
+    tolerance = 1e-5 if dtype == "float32" else 1e-13
+    rng = np.random.default_rng(4)
+    A, B = rng.standard_normal((7, 5)).astype(dtype), rng.standard_normal((7, 3)).astype(dtype)
+    C = rng.standard_normal((5, 3)).astype(dtype)
+    expected = -0.25 * (A.astype(np.float64).T @ B) + 0.75 * C.astype(np.float64)
+    run(A, True, B, False, C, -0.25, 0.75)
+    np.testing.assert_allclose(C, expected, rtol=tolerance, atol=tolerance)
 
 
 def test_gemm_t_refuses_mismatched_shapes():
@@ -367,7 +412,7 @@ def test_gemm_t_refuses_mismatched_shapes():
     run = numba_jit_gemm_t() if JIT else gemm_t
     A, B = np.ones((3, 4)), np.ones((5, 2))
     with pytest.raises(ValueError):
-        run(A, False, B, False, np.empty((3, 2)))
+        run(A, False, B, False, np.empty((3, 2)), 1.0, 0.0)
 
 
 @pytest.mark.skipif(not JIT, reason="NUMBA_DISABLE_JIT: no compiled kernels")
