@@ -787,7 +787,7 @@ def _abs_column_sums_max(M, sums):
 
 
 @inline
-def _backward(net, work, rows, par, kinds, sums):
+def _backward(net, work, rows, par, kinds, sums, bound):
     """Backward through every layer but the weight gradients (``_weight_gradients``): dZ and
     db of every layer and dX, top down. Returns (whether every db is finite, whether every dW
     is sure to be finite). The second without computing dW: |dW[i, j]| = |sum_r X[r, i]
@@ -796,10 +796,11 @@ def _backward(net, work, rows, par, kinds, sums):
     no inf or NaN in X or dZ and that bound kept, no dW can be inf or NaN: check_step's scan of
     every weight gradient (~20 us a step on M) is then not needed, and plain SGD may update W
     inside the GEMM that computes dW (``train_epoch``). Sums in the dtype (float32's
-    vectorize twice as wide): one that overflows is inf, which only costs the shortcut."""
+    vectorize twice as wide): one that overflows is inf, which only costs the shortcut.
+    Without ``bound``, none is formed and the second is False."""
     layers = net[2]
     limit = 8.5e37 if net[0].itemsize == 4 else 4.4e307
-    finite, sure = True, True
+    finite, sure = True, bound
     for layer in range(layers.shape[0] - 1, -1, -1):
         W, _, _, db, A, dA, Z = _layer(net, work, layer, rows)
         _dense_dz(dA, layers[layer, 4], A, Z, db, par, kinds)
@@ -835,12 +836,13 @@ def _weight_gradients(net, work, rows, alpha, beta, into_weights, scan):
 
 @jit
 def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, states, sgd, adam,
-                rmsprop, par, kinds):
+                rmsprop, bound, par, kinds):
     """Every step of one epoch, as train.py's per-kernel loop runs them: gather the batch,
     forward, loss (and hits), backward, check_step, then the optimizer update of step
     ``first_step + s`` (a no-op once halted). The arguments that may be None (``labels`` or
     ``T``; all but one of the rules, as in optimizer_step) are separate so that Numba compiles
-    the code of the given ones only."""
+    the code of the given ones only. ``bound``: whether to bound the weight gradients rather
+    than scan them (``_backward``), and so to fuse a plain SGD update into their GEMM."""
     params, grads, layers = _borrowed(net[0]), _borrowed(net[1]), _borrowed(net[2])
     net = (params, grads, layers)
     X_all, order, batch = _borrowed(data[0]), _borrowed(data[1]), data[2]
@@ -878,7 +880,7 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, state
                 _mse(Y, batch_T[:rows], dY, step_loss)
             if metric:
                 _count_correct_rows(Y, batch_T[:rows], step_correct)
-        finite, sure = _backward(net, work, rows, par, kinds, sums)
+        finite, sure = _backward(net, work, rows, par, kinds, sums, bound)
         finite = finite and math.isfinite(step_loss[0])
         # Plain SGD (no momentum) updates W inside dW's GEMM, W = (1 - lr wd) W - lr X.T @ dZ,
         # as its update would (but for the rounding of dW, which is not stored): no separate

@@ -40,6 +40,11 @@ _KINDS = {name: K.activation_kinds([code]) for name, code in K.ACTIVATION_CODES.
 # passes are memory-bound; at L's sizes (1M activations, 6.3M parameters) parallel passes gained
 # nothing (and cost 1.5x with libgomp's default active waiting), so only larger work uses them.
 PARALLEL_MIN = 1 << 22
+# From this many parameters on, the epoch kernel bounds the weight gradients rather than scan
+# them for inf and NaN, and fuses plain SGD's update into their GEMM (_numba_kernels._backward
+# and train_epoch). Fewer parameters and their gradients stay in cache from step to step, where
+# the scan and the update pass cost less than the bound's own passes.
+BOUND_MIN_PARAMS = 1 << 16
 
 
 class NumbaBackend(HostMemory, Backend):
@@ -172,7 +177,7 @@ class NumbaBackend(HostMemory, Backend):
                       (plan.step_loss, plan.step_correct, plan.halted), plan.first_step,
                       K.LOSS_CODES[plan.loss], plan.metric, targets if labeled else None,
                       None if labeled else targets, states, *_hyper(rule, plan.hp),
-                      self._par(widest),
+                      plan.params.size >= BOUND_MIN_PARAMS, self._par(widest),
                       K.activation_kinds(K.ACTIVATION_CODES[a] for a in plan.activations))
         return True
 

@@ -16,6 +16,7 @@ from bpkernels.backends.base import Backend
 pytest.importorskip("numba")
 pytest.importorskip("scipy")
 from bpkernels.backends import _numba_kernels as K  # noqa: E402
+from bpkernels.backends import numba_backend  # noqa: E402
 from bpkernels.backends.numba_backend import NumbaBackend  # noqa: E402
 
 JIT = os.environ.get("NUMBA_DISABLE_JIT", "0") in ("", "0")
@@ -57,10 +58,13 @@ def _problem(kind: str, outputs: int, n: int = 50, seed: int = 0):
 
 
 def _train(per_kernel: bool, monkeypatch, make_opt, loss, outputs, kind, dtype="float64",
-           epochs=3, activation=("tanh", "gelu")):
+           epochs=3, activation=("tanh", "gelu"), bound=False):
     """A 5-7-6-k model trained for a few epochs of batches of 16 (the last one 2 rows), by the
-    epoch kernel or, with ``per_kernel``, by train.py's loop of kernel calls."""
+    epoch kernel or, with ``per_kernel``, by train.py's loop of kernel calls. ``bound``: the
+    epoch kernel bounds the weight gradients (and fuses plain SGD into their GEMM) as it does
+    for large models only."""
     with monkeypatch.context() as patch:
+        patch.setattr(numba_backend, "BOUND_MIN_PARAMS", 0 if bound else 1 << 62)
         if per_kernel:
             patch.setattr(NumbaBackend, "train_epoch", Backend.train_epoch)
         X, y = _problem(kind, outputs)
@@ -101,14 +105,16 @@ def test_the_epoch_kernel_runs(monkeypatch):
     assert calls == [True, True]
 
 
+@pytest.mark.parametrize("bound", [False, True], ids=["scan", "bound"])
 @pytest.mark.parametrize("loss_case", LOSSES)
 @pytest.mark.parametrize("opt_case", OPTIMIZERS)
-def test_epoch_kernel_matches_the_per_kernel_loop(monkeypatch, opt_case, loss_case):
+def test_epoch_kernel_matches_the_per_kernel_loop(monkeypatch, opt_case, loss_case, bound):
     """Same weights, gradients, optimizer state, per-epoch loss and accuracy after three epochs
-    (shuffled, a partial last batch), float64 to 1e-12: the two paths run the same kernels."""
+    (shuffled, a partial last batch), float64 to 1e-12: the two paths run the same kernels
+    (with ``bound``, plain SGD's update inside dW's GEMM rounds dW no more: still 1e-12)."""
     args = (OPTIMIZERS[opt_case], *LOSSES[loss_case])
-    _assert_same_training(_train(False, monkeypatch, *args), _train(True, monkeypatch, *args),
-                          rtol=1e-12)
+    _assert_same_training(_train(False, monkeypatch, *args, bound=bound),
+                          _train(True, monkeypatch, *args), rtol=1e-12)
 
 
 @pytest.mark.parametrize("activation", [("relu", "leaky_relu"), ("sigmoid", "identity")])
@@ -119,12 +125,14 @@ def test_epoch_kernel_matches_in_float32(monkeypatch, activation):
                           _train(True, monkeypatch, *args, **kw), rtol=1e-5)
 
 
-def test_epoch_kernel_divergence_latches_like_the_per_kernel_loop(monkeypatch):
+@pytest.mark.parametrize("bound", [False, True], ids=["scan", "bound"])
+def test_epoch_kernel_divergence_latches_like_the_per_kernel_loop(monkeypatch, bound):
     """check_step runs before every update: the same step is reported and the same (last
-    finite) weights are kept."""
+    finite) weights are kept (with ``bound``, no update is fused into a step that diverges)."""
     results = []
     for per_kernel in (False, True):
         with monkeypatch.context() as patch:
+            patch.setattr(numba_backend, "BOUND_MIN_PARAMS", 0 if bound else 1 << 62)
             if per_kernel:
                 patch.setattr(NumbaBackend, "train_epoch", Backend.train_epoch)
             X, y = _problem("values", 1, n=64)
