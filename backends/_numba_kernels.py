@@ -58,7 +58,9 @@ def _borrowed(typingctx, array):
     buffer) bumps the array's reference count with an atomic add and drops it again later.
     The epoch kernel takes ~20 views per layer per step: on S those atomics cost ~18% of the
     epoch. Views of a borrowed array carry no count, so they cost nothing. Safe where the
-    array outlives the borrow: the epoch kernel's caller holds every buffer it passes."""
+    array outlives the borrow: the epoch kernel's caller holds every buffer it passes. Never
+    for an array the kernel allocates itself: Numba frees it after its last use by name, and
+    the borrow would go on reading freed memory."""
     if not isinstance(array, types.Array):
         return None
 
@@ -701,8 +703,9 @@ def optimizer_step(p, g, states, sgd, adam, rmsprop, step, halted, par):
 # What one epoch reads and writes comes in plain tuples (names as in base.EpochPlan):
 #   net   (params, grads, layers): flat buffers; layers int64 (layers, 7), LAYER_COLUMNS
 #   data  (X, order, batch): X (N, i), order (N,) int64, rows per step
-#   work  (X, A, dA, Z): per-step scratch, X (batch, i) and the flat A, dA and Z (gelu layers
-#         only) of every layer at layer offsets (x rows)
+#   work  (X, A, dA, Z, sums): per-step scratch, X (batch, i) and the flat A, dA and Z (gelu
+#         layers only) of every layer at layer offsets (x rows); sums (the widest layer,) in
+#         the dtype, for _backward's bound. Per step, the kernels see (X, A, dA, Z).
 #   out   (loss, correct, halted): (steps,), (steps,), (1,) int64
 # The targets come as one of two pairs (all targets, the batch's scratch), the other None:
 # ``labels`` int64 (N,), (batch,) or ``T`` (N, o), (batch, o).
@@ -846,14 +849,11 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, state
     params, grads, layers = _borrowed(net[0]), _borrowed(net[1]), _borrowed(net[2])
     net = (params, grads, layers)
     X_all, order, batch = _borrowed(data[0]), _borrowed(data[1]), data[2]
+    sums = _borrowed(work[4])
     work = (_borrowed(work[0]), _borrowed(work[1]), _borrowed(work[2]), _borrowed(work[3]))
     step_losses, step_hits, halted = _borrowed(out[0]), _borrowed(out[1]), _borrowed(out[2])
     states = (_borrowed(states[0]), _borrowed(states[1]), _borrowed(states[2]))
     n = order.size
-    widest = 0
-    for layer in range(layers.shape[0]):
-        widest = max(widest, layers[layer, 0], layers[layer, 1])
-    sums = _borrowed(np.empty(widest, params.dtype))
     steps = (n + batch - 1) // batch
     for s in range(steps):
         rows = min(batch, n - s * batch)
