@@ -107,6 +107,7 @@ if numba.config.DISABLE_JIT:  # plain Python
     def _as_matrix(flat, rows, cols):  # noqa: F811
         return flat[:rows * cols].reshape((rows, cols))
 
+
 IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH, GELU = range(6)
 ACTIVATION_CODES = {name: code for code, name in
                     enumerate(("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu"))}
@@ -776,6 +777,22 @@ def _largest(sums, n):
     return largest
 
 
+@inline
+def _bound_limit(itemsize, rows):
+    """How large the bound (sum_r |X[r, i]|) (sum_r |dZ[r, j]|), each sum as computed in the
+    dtype, may be with every computed dW[i, j] sure to be finite. A sum of n terms computed in
+    any order is within gamma = n u / (1 - n u) of the exact one, relative to the sum of the
+    terms' magnitudes (u: the unit roundoff); so the exact bound is at most the computed one
+    over (1 - gamma)^2, and BLAS's dW at most (1 + gamma) times the exact bound. Half the
+    largest value of the dtype as the margin; no limit at all (-1) where n u nears 1."""
+    largest = 3.4028234663852886e38 if itemsize == 4 else 1.7976931348623157e308
+    nu = (rows + 1) * (2.0 ** -24 if itemsize == 4 else 2.0 ** -53)
+    if nu >= 0.5:
+        return -1.0
+    gamma = nu / (1.0 - nu)
+    return largest / 2 * (1.0 - gamma) ** 2 / (1.0 + gamma)
+
+
 @helper
 def _abs_column_sums_max(M, sums):
     """The largest column sum of |M| (accumulated in ``sums``), inf where M holds inf or NaN.
@@ -794,15 +811,15 @@ def _backward(net, work, rows, par, kinds, sums, bound):
     """Backward through every layer but the weight gradients (``_weight_gradients``): dZ and
     db of every layer and dX, top down. Returns (whether every db is finite, whether every dW
     is sure to be finite). The second without computing dW: |dW[i, j]| = |sum_r X[r, i]
-    dZ[r, j]| <= (sum_r |X[r, i]|) (sum_r |dZ[r, j]|), and a bound a quarter of the dtype's
-    largest value leaves room for every rounding of BLAS's sums (a factor (1 + eps)^rows). With
+    dZ[r, j]| <= (sum_r |X[r, i]|) (sum_r |dZ[r, j]|), and ``_bound_limit`` leaves room for
+    every rounding, BLAS's and the column sums' own, in any order of summation. With
     no inf or NaN in X or dZ and that bound kept, no dW can be inf or NaN: check_step's scan of
     every weight gradient (~20 us a step on M) is then not needed, and plain SGD may update W
     inside the GEMM that computes dW (``train_epoch``). Sums in the dtype (float32's
     vectorize twice as wide): one that overflows is inf, which only costs the shortcut.
     Without ``bound``, none is formed and the second is False."""
     layers = net[2]
-    limit = 8.5e37 if net[0].itemsize == 4 else 4.4e307
+    limit = _bound_limit(net[0].itemsize, rows)
     finite, sure = True, bound
     for layer in range(layers.shape[0] - 1, -1, -1):
         W, _, _, db, A, dA, Z = _layer(net, work, layer, rows)
