@@ -100,12 +100,40 @@ def _as_matrix(typingctx, flat, rows, cols):
     return matrix(flat, rows, cols), codegen
 
 
+@intrinsic
+def _bits(typingctx, array):
+    """A borrowed view (no meminfo, as ``_borrowed``) of a float array's data as integers of
+    the same width: the floats' bits, each still in place. (An array's ``view`` compiles a
+    function of its own for each type, ~0.5 s of the epoch kernel's first compile.)"""
+    if not (isinstance(array, types.Array) and isinstance(array.dtype, types.Float)):
+        return None
+    bits = array.copy(dtype=types.int32 if array.dtype.bitwidth == 32 else types.int64)
+
+    def codegen(context, builder, signature, args):
+        source = cgutils.create_struct_proxy(array)(context, builder, value=args[0])
+        out = cgutils.create_struct_proxy(bits)(context, builder)
+        for field in ("nitems", "itemsize", "shape", "strides"):
+            setattr(out, field, getattr(source, field))
+        out.data = builder.bitcast(source.data, out.data.type)
+        out.meminfo = cgutils.get_null_value(out.meminfo.type)
+        out.parent = cgutils.get_null_value(out.parent.type)
+        return out._getvalue()
+
+    return bits(array), codegen
+
+
+_MAGNITUDE_32, _MAGNITUDE_64 = (1 << 31) - 1, (1 << 63) - 1  # every bit of a float but its sign
+
+
 if numba.config.DISABLE_JIT:  # plain Python
     def _borrowed(array):  # noqa: F811  (nothing to count)
         return array
 
     def _as_matrix(flat, rows, cols):  # noqa: F811
         return flat[:rows * cols].reshape((rows, cols))
+
+    def _bits(array):  # noqa: F811
+        return array.view(np.int32 if array.itemsize == 4 else np.int64)
 
 
 IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH, GELU = range(6)
@@ -757,6 +785,40 @@ def _gather(src, index, dst):
 
 
 @inline
+def _gather_largest(src, index, dst, scratch):
+    """_gather, returning the largest |x| of the rows gathered: inf if one is inf, NaN if one
+    is NaN. (``_backward``'s bound for the first layer, from the pass that writes the batch
+    rather than one more over it.) On the floats' bits: without its sign bit a float's bits
+    order as its magnitude does, inf above every finite value and NaN above inf, and an
+    integer maximum vectorizes, where a float one would not without fastmath. ``scratch``:
+    one element of the dtype, to read the result back as a float."""
+    rows = index.size
+    src_bits, dst_bits = _bits(src), _bits(dst)
+    k = src_bits.shape[1]
+    magnitude = src_bits.dtype.type(_MAGNITUDE_32 if src.itemsize == 4 else _MAGNITUDE_64)
+    m0 = m1 = m2 = m3 = magnitude & 0
+    for r in range(0, rows - rows % 4, 4):
+        i0, i1, i2, i3 = index[r], index[r + 1], index[r + 2], index[r + 3]
+        for j in range(k):
+            x0, x1, x2, x3 = src_bits[i0, j], src_bits[i1, j], src_bits[i2, j], src_bits[i3, j]
+            dst_bits[r, j] = x0
+            dst_bits[r + 1, j] = x1
+            dst_bits[r + 2, j] = x2
+            dst_bits[r + 3, j] = x3
+            m0 = max(m0, x0 & magnitude)
+            m1 = max(m1, x1 & magnitude)
+            m2 = max(m2, x2 & magnitude)
+            m3 = max(m3, x3 & magnitude)
+    for r in range(rows - rows % 4, rows):
+        for j in range(k):
+            x = src_bits[index[r], j]
+            dst_bits[r, j] = x
+            m0 = max(m0, x & magnitude)
+    _bits(scratch)[0] = max(max(m0, m1), max(m2, m3))
+    return scratch[0]
+
+
+@inline
 def _forward(net, work, rows, par, kinds):
     layers = net[2]
     X = work[0][:rows]
@@ -807,7 +869,7 @@ def _abs_column_sums_max(M, sums):
 
 
 @inline
-def _backward(net, work, rows, par, kinds, sums, bound):
+def _backward(net, work, rows, par, kinds, sums, bound, input_bound):
     """Backward through every layer but the weight gradients (``_weight_gradients``): dZ and
     db of every layer and dX, top down. Returns (whether every db is finite, whether every dW
     is sure to be finite). The second without computing dW: |dW[i, j]| = |sum_r X[r, i]
@@ -816,8 +878,10 @@ def _backward(net, work, rows, par, kinds, sums, bound):
     no inf or NaN in X or dZ and that bound kept, no dW can be inf or NaN: check_step's scan of
     every weight gradient (~20 us a step on M) is then not needed, and plain SGD may update W
     inside the GEMM that computes dW (``train_epoch``). Sums in the dtype (float32's
-    vectorize twice as wide): one that overflows is inf, which only costs the shortcut.
-    Without ``bound``, none is formed and the second is False."""
+    vectorize twice as wide): one that overflows is inf, which only costs the shortcut. For
+    the first layer, ``input_bound`` (rows * the batch's largest |x|, from the gather) stands
+    for the column sums of |X|: no smaller than any of them. Without ``bound``, none is formed
+    and the second is False."""
     layers = net[2]
     limit = _bound_limit(net[0].itemsize, rows)
     finite, sure = True, bound
@@ -830,7 +894,8 @@ def _backward(net, work, rows, par, kinds, sums, bound):
             _, _, _, _, X, dX, _ = _layer(net, work, layer - 1, rows)
             gemm_t(dA, False, W, True, dX, 1.0, 0.0)
         if sure:
-            sure = _abs_column_sums_max(X, sums) * _abs_column_sums_max(dA, sums) <= limit
+            x_bound = input_bound if layer == 0 else _abs_column_sums_max(X, sums)
+            sure = x_bound * _abs_column_sums_max(dA, sums) <= limit
     return finite, sure
 
 
@@ -875,7 +940,8 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, state
     for s in range(steps):
         rows = min(batch, n - s * batch)
         index = order[s * batch:s * batch + rows]
-        _gather(X_all, index, work[0])
+        # (the largest |x| costs the gather nothing measurable: one copy of it serves both)
+        input_bound = _gather_largest(X_all, index, work[0], sums) * rows
         _forward(net, work, rows, par, kinds)
         _, _, _, _, Y, dY, _ = _layer(net, work, layers.shape[0] - 1, rows)
         step_loss, step_correct = step_losses[s:s + 1], step_hits[s:s + 1]
@@ -897,7 +963,7 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, state
                 _mse(Y, batch_T[:rows], dY, step_loss)
             if metric:
                 _count_correct_rows(Y, batch_T[:rows], step_correct)
-        finite, sure = _backward(net, work, rows, par, kinds, sums, bound)
+        finite, sure = _backward(net, work, rows, par, kinds, sums, bound, input_bound)
         finite = finite and math.isfinite(step_loss[0])
         # Plain SGD (no momentum) updates W inside dW's GEMM, W = (1 - lr wd) W - lr X.T @ dZ,
         # as its update would (but for the rounding of dW, which is not stored): no separate

@@ -177,6 +177,42 @@ def test_the_bound_on_weight_gradients_sees_every_column_and_every_inf_or_nan(dt
             assert largest(spoiled, sums) == np.inf, (bad, column)
 
 
+@pytest.mark.skipif(not JIT, reason="NUMBA_DISABLE_JIT: no compiled kernels")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_gather_finds_the_largest_magnitude_and_every_inf_or_nan(dtype):
+    """The first layer's bound is rows * the largest |x| of the batch, found by the gather on
+    the floats' bits: it must copy every bit and see negative values, infs and NaNs."""
+    import numba
+
+    from bpkernels.backends import _numba_kernels as K
+
+    @numba.njit
+    def gather(src, index, dst, scratch):
+        return K._gather_largest(src, index, dst, scratch)
+
+    rng = np.random.default_rng(6)
+    src = rng.standard_normal((40, 7)).astype(dtype)
+    src[3, 2] = -7.5  # the largest magnitude, negative
+    src[5, 1] = -0.0
+    scratch = np.empty(1, dtype)
+    for rows in (9, 8, 1):  # four rows at a time, then the rest
+        index = rng.permutation(40)[:rows]
+        index[0] = 3
+        dst = np.full((rows, 7), 99, dtype)
+        assert gather(src, index, dst, scratch) == 7.5
+        assert dst.tobytes() == src[index].tobytes()
+    index = np.array([0, 1, 2, 3, 4])
+    assert gather(src, index, np.empty((5, 7), dtype), scratch) == 7.5
+    for bad, expected in ((np.inf, np.inf), (-np.inf, np.inf), (np.nan, np.nan)):
+        for row in range(5):  # each of the four-row loop's maxima, then the rest
+            spoiled = src.copy()
+            spoiled[row, 6] = bad
+            found = gather(spoiled, index, np.empty((5, 7), dtype), scratch)
+            np.testing.assert_equal(found, expected, err_msg=f"{bad} in row {row}")
+    # The bound it stands for: rows * largest |x| >= every column sum of |X|.
+    assert len(index) * 7.5 >= np.abs(src[index].astype(np.float64)).sum(axis=0).max()
+
+
 def test_an_optimizer_it_does_not_know_falls_back_to_the_kernels():
     class Renamed(bpk.SGD):
         name = "renamed-sgd"
