@@ -24,6 +24,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 from numba.np.arrayobj import populate_array
 
+from . import _numba_pool as pool
 from ._numba_blas import gemm_t
 from .base import ACTIVATIONS, LEAKY_RELU_SLOPE, LOSSES
 
@@ -785,17 +786,15 @@ def _gather(src, index, dst):
 
 
 @inline
-def _gather_largest(src, index, dst, scratch):
-    """_gather, returning the largest |x| of the rows gathered: inf if one is inf, NaN if one
-    is NaN. (``_backward``'s bound for the first layer, from the pass that writes the batch
-    rather than one more over it.) On the floats' bits: without its sign bit a float's bits
-    order as its magnitude does, inf above every finite value and NaN above inf, and an
-    integer maximum vectorizes, where a float one would not without fastmath. ``scratch``:
-    one element of the dtype, to read the result back as a float."""
-    rows = index.size
-    src_bits, dst_bits = _bits(src), _bits(dst)
-    k = src_bits.shape[1]
-    magnitude = src_bits.dtype.type(_MAGNITUDE_32 if src.itemsize == 4 else _MAGNITUDE_64)
+def _gather_bits(src_bits, index, dst_bits):
+    """_gather on the floats' bits (``_bits``), returning the largest of them without the
+    sign bit: the bits of the largest |x| gathered, inf's if one is inf, a NaN's if one is NaN.
+    (``_backward``'s bound for the first layer, from the pass that writes the batch rather than
+    one more over it.) Without its sign bit a float's bits order as its magnitude does, inf
+    above every finite value and NaN above inf; and an integer maximum vectorizes, where a
+    float one would not without fastmath. The rows of dst_bits are as wide as it is."""
+    rows, k = index.size, dst_bits.shape[1]
+    magnitude = src_bits.dtype.type(_MAGNITUDE_32 if src_bits.itemsize == 4 else _MAGNITUDE_64)
     m0 = m1 = m2 = m3 = magnitude & 0
     for r in range(0, rows - rows % 4, 4):
         i0, i1, i2, i3 = index[r], index[r + 1], index[r + 2], index[r + 3]
@@ -814,8 +813,93 @@ def _gather_largest(src, index, dst, scratch):
             x = src_bits[index[r], j]
             dst_bits[r, j] = x
             m0 = max(m0, x & magnitude)
-    _bits(scratch)[0] = max(max(m0, m1), max(m2, m3))
+    return max(max(m0, m1), max(m2, m3))
+
+
+@inline
+def _gather_largest_bits(src, index, dst):
+    return _gather_bits(_bits(src), index, _bits(dst))
+
+
+@inline
+def _as_float(bits, scratch):
+    """The float of ``scratch``'s dtype whose bits ``bits`` are."""
+    _bits(scratch)[0] = bits
     return scratch[0]
+
+
+@inline
+def _gather_largest(src, index, dst, scratch):
+    """_gather, returning the largest |x| of the rows gathered (``_gather_largest_bits``).
+    ``scratch``: one element of the dtype."""
+    return _as_float(_gather_largest_bits(src, index, dst), scratch)
+
+
+@inline
+def _gather_shared(workers, X_all, order, first, rows, dst, scratch):
+    """``_gather_largest`` of the batch order[first:first + rows], its rows split between
+    this thread and ``workers`` of the pool (``_numba_pool``): each core writes its share of
+    the batch, ~40% faster on M than one core writing all of it."""
+    control = pool.control_address()
+    pool.lock(control)
+    parts = workers + 1
+    for worker in range(workers):
+        block = pool.block_of(control, worker)
+        r0, r1 = _bounds(worker + 1, parts, rows)
+        pool.store(block, pool.SOURCE, X_all.ctypes.data)
+        pool.store(block, pool.SOURCE_STRIDE, X_all.strides[0] // X_all.itemsize)
+        pool.store(block, pool.DESTINATION, dst.ctypes.data)
+        pool.store(block, pool.ORDER, order.ctypes.data + first * order.itemsize)
+        pool.store(block, pool.ROWS_START, r0)
+        pool.store(block, pool.ROWS_END, r1)
+        pool.store(block, pool.COLUMNS, dst.shape[1])
+        pool.store(block, pool.ITEMSIZE, X_all.itemsize)
+        pool.post(block, pool.GATHER, X_all.shape[0], 0, 0)
+    r0, r1 = _bounds(0, parts, rows)
+    largest = _gather_largest_bits(X_all, order[first + r0:first + r1], dst[r0:r1])
+    for worker in range(workers):
+        block = pool.block_of(control, worker)
+        pool.wait(block, pool.load(block, pool.POSTED))
+        largest = max(largest, pool.load(block, pool.RESULT))
+    pool.unlock(control)
+    return _as_float(largest, scratch)
+
+
+@inline
+def _gather_task(block, src_bits, dst_bits, order):
+    r0, r1 = pool.load(block, pool.ROWS_START), pool.load(block, pool.ROWS_END)
+    return _gather_bits(src_bits, order[r0:r1], dst_bits[r0:r1])
+
+
+@jit
+def pool_worker(control, worker):
+    """A worker thread of ``_numba_pool``: runs the tasks posted to its block (BLAS's jobs,
+    shares of the epoch kernel's gathers) until told to stop."""
+    block = pool.block_of(control, worker)
+    done = 0
+    while True:
+        number = pool.next_task(block, done)
+        kind = pool.load(block, pool.KIND)
+        if kind == pool.BLAS_JOB:
+            pool.run_job(pool.load(block, pool.JOB), worker + 1, pool.load(block, pool.JOB_DATA),
+                         pool.load(block, pool.JOB_ARGUMENT))
+        elif kind == pool.GATHER:
+            source, source_rows = pool.load(block, pool.SOURCE), pool.load(block, pool.JOB)
+            stride, columns = pool.load(block, pool.SOURCE_STRIDE), pool.load(block, pool.COLUMNS)
+            destination = pool.load(block, pool.DESTINATION)
+            rows = pool.load(block, pool.ROWS_END)
+            order = pool.int64_matrix_at(pool.load(block, pool.ORDER), 1, rows)[0]
+            if pool.load(block, pool.ITEMSIZE) == 4:
+                largest = _gather_task(block, pool.int32_matrix_at(source, source_rows, stride),
+                                       pool.int32_matrix_at(destination, rows, columns), order)
+            else:
+                largest = _gather_task(block, pool.int64_matrix_at(source, source_rows, stride),
+                                       pool.int64_matrix_at(destination, rows, columns), order)
+            pool.store(block, pool.RESULT, largest)
+        pool.store(block, pool.DONE, number)
+        done = number
+        if kind == pool.STOP:
+            return
 
 
 @inline
@@ -921,13 +1005,15 @@ def _weight_gradients(net, work, rows, alpha, beta, into_weights, scan):
 
 @jit
 def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, states, sgd, adam,
-                rmsprop, bound, par, kinds):
+                rmsprop, bound, workers, par, kinds):
     """Every step of one epoch, as train.py's per-kernel loop runs them: gather the batch,
     forward, loss (and hits), backward, check_step, then the optimizer update of step
     ``first_step + s`` (a no-op once halted). The arguments that may be None (``labels`` or
     ``T``; all but one of the rules, as in optimizer_step) are separate so that Numba compiles
     the code of the given ones only. ``bound``: whether to bound the weight gradients rather
-    than scan them (``_backward``), and so to fuse a plain SGD update into their GEMM."""
+    than scan them (``_backward``), and so to fuse a plain SGD update into their GEMM.
+    ``workers``: how many of ``_numba_pool``'s threads share each gather; None where the pool
+    is not used (its code then not compiled)."""
     params, grads, layers = _borrowed(net[0]), _borrowed(net[1]), _borrowed(net[2])
     net = (params, grads, layers)
     X_all, order, batch = _borrowed(data[0]), _borrowed(data[1]), data[2]
@@ -941,7 +1027,11 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, state
         rows = min(batch, n - s * batch)
         index = order[s * batch:s * batch + rows]
         # (the largest |x| costs the gather nothing measurable: one copy of it serves both)
-        input_bound = _gather_largest(X_all, index, work[0], sums) * rows
+        if workers is not None:
+            input_bound = _gather_shared(workers, X_all, order, s * batch, rows, work[0], sums)
+        else:
+            input_bound = _gather_largest(X_all, index, work[0], sums)
+        input_bound *= rows
         _forward(net, work, rows, par, kinds)
         _, _, _, _, Y, dY, _ = _layer(net, work, layers.shape[0] - 1, rows)
         step_loss, step_correct = step_losses[s:s + 1], step_hits[s:s + 1]

@@ -58,13 +58,14 @@ def _problem(kind: str, outputs: int, n: int = 50, seed: int = 0):
 
 
 def _train(per_kernel: bool, monkeypatch, make_opt, loss, outputs, kind, dtype="float64",
-           epochs=3, activation=("tanh", "gelu"), bound=False):
+           epochs=3, activation=("tanh", "gelu"), bound=False, pool=False):
     """A 5-7-6-k model trained for a few epochs of batches of 16 (the last one 2 rows), by the
     epoch kernel or, with ``per_kernel``, by train.py's loop of kernel calls. ``bound``: the
     epoch kernel bounds the weight gradients (and fuses plain SGD into their GEMM) as it does
     for large models only."""
     with monkeypatch.context() as patch:
         patch.setattr(numba_backend, "BOUND_MIN_PARAMS", 0 if bound else 1 << 62)
+        _use_pool(patch, pool)
         if per_kernel:
             patch.setattr(NumbaBackend, "train_epoch", Backend.train_epoch)
         X, y = _problem(kind, outputs)
@@ -73,6 +74,17 @@ def _train(per_kernel: bool, monkeypatch, make_opt, loss, outputs, kind, dtype="
         history = bpk.fit(model, X, y, loss=loss, optimizer=make_opt(), epochs=epochs,
                           batch_size=16, seed=4)
     return model, history
+
+
+def _use_pool(patch, pool):
+    """With ``pool``, the epoch kernel shares its gathers with a worker thread of
+    _numba_pool (which then runs BLAS's parallel jobs for the rest of the process), whatever
+    BLAS's thread count; without, it gathers alone."""
+    patch.setattr(numba_backend, "POOL_MIN_PARAMS", 0 if pool else 1 << 62)
+    if pool:
+        if not numba_backend.pool.available():
+            pytest.skip("no BLAS thread callback here (NumPy's OpenBLAS < 0.3.28 or not Linux)")
+        patch.setattr(numba_backend.pool, "blas_threads", lambda: 2)
 
 
 def _assert_same_training(fused, per_kernel, rtol):
@@ -105,34 +117,37 @@ def test_the_epoch_kernel_runs(monkeypatch):
     assert calls == [True, True]
 
 
-@pytest.mark.parametrize("bound", [False, True], ids=["scan", "bound"])
+@pytest.mark.parametrize("mode", ["scan", "bound", "pool"])
 @pytest.mark.parametrize("loss_case", LOSSES)
 @pytest.mark.parametrize("opt_case", OPTIMIZERS)
-def test_epoch_kernel_matches_the_per_kernel_loop(monkeypatch, opt_case, loss_case, bound):
+def test_epoch_kernel_matches_the_per_kernel_loop(monkeypatch, opt_case, loss_case, mode):
     """Same weights, gradients, optimizer state, per-epoch loss and accuracy after three epochs
     (shuffled, a partial last batch), float64 to 1e-12: the two paths run the same kernels
-    (with ``bound``, plain SGD's update inside dW's GEMM rounds dW no more: still 1e-12)."""
+    (with the bound, plain SGD's update inside dW's GEMM rounds dW no more: still 1e-12; with
+    the pool, a worker thread gathers part of each batch)."""
     args = (OPTIMIZERS[opt_case], *LOSSES[loss_case])
-    _assert_same_training(_train(False, monkeypatch, *args, bound=bound),
-                          _train(True, monkeypatch, *args), rtol=1e-12)
+    fused = _train(False, monkeypatch, *args, bound=mode != "scan", pool=mode == "pool")
+    _assert_same_training(fused, _train(True, monkeypatch, *args), rtol=1e-12)
 
 
+@pytest.mark.parametrize("pool", [False, True], ids=["alone", "pool"])
 @pytest.mark.parametrize("activation", [("relu", "leaky_relu"), ("sigmoid", "identity")])
-def test_epoch_kernel_matches_in_float32(monkeypatch, activation):
+def test_epoch_kernel_matches_in_float32(monkeypatch, activation, pool):
     args = (OPTIMIZERS["adamw"], *LOSSES["cross_entropy-labels"])
-    kw = dict(dtype="float32", activation=activation)
+    kw = dict(dtype="float32", activation=activation, bound=pool, pool=pool)
     _assert_same_training(_train(False, monkeypatch, *args, **kw),
                           _train(True, monkeypatch, *args, **kw), rtol=1e-5)
 
 
-@pytest.mark.parametrize("bound", [False, True], ids=["scan", "bound"])
-def test_epoch_kernel_divergence_latches_like_the_per_kernel_loop(monkeypatch, bound):
+@pytest.mark.parametrize("mode", ["scan", "bound", "pool"])
+def test_epoch_kernel_divergence_latches_like_the_per_kernel_loop(monkeypatch, mode):
     """check_step runs before every update: the same step is reported and the same (last
     finite) weights are kept (with ``bound``, no update is fused into a step that diverges)."""
     results = []
     for per_kernel in (False, True):
         with monkeypatch.context() as patch:
-            patch.setattr(numba_backend, "BOUND_MIN_PARAMS", 0 if bound else 1 << 62)
+            patch.setattr(numba_backend, "BOUND_MIN_PARAMS", 0 if mode != "scan" else 1 << 62)
+            _use_pool(patch, mode == "pool")
             if per_kernel:
                 patch.setattr(NumbaBackend, "train_epoch", Backend.train_epoch)
             X, y = _problem("values", 1, n=64)
@@ -211,6 +226,80 @@ def test_the_gather_finds_the_largest_magnitude_and_every_inf_or_nan(dtype):
             np.testing.assert_equal(found, expected, err_msg=f"{bad} in row {row}")
     # The bound it stands for: rows * largest |x| >= every column sum of |X|.
     assert len(index) * 7.5 >= np.abs(src[index].astype(np.float64)).sum(axis=0).max()
+
+
+@pytest.mark.skipif(not JIT, reason="NUMBA_DISABLE_JIT: no compiled kernels")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_gather_shared_with_the_pool_copies_every_row_and_sees_every_nan(dtype):
+    """The epoch kernel's gather split between this thread and a worker of _numba_pool: the
+    worker's rows are copied bit for bit, and its largest |x| (an inf, a NaN) reaches the
+    bound."""
+    import numba
+
+    from bpkernels.backends import _numba_pool as pool
+
+    if not pool.available():
+        pytest.skip("no BLAS thread callback here (NumPy's OpenBLAS < 0.3.28 or not Linux)")
+    workers = pool.ensure(K.pool_worker, 1)
+
+    @numba.njit
+    def gather(workers, X, order, first, rows, dst, scratch):
+        return K._gather_shared(workers, X, order, first, rows, dst, scratch)
+
+    rng = np.random.default_rng(7)
+    X = rng.standard_normal((60, 9)).astype(dtype)
+    order = rng.permutation(60)
+    scratch = np.empty(1, dtype)
+    for first, rows in ((0, 16), (16, 7), (59, 1)):
+        dst = np.full((16, 9), 99, dtype)
+        largest = gather(workers, X, order, first, rows, dst, scratch)
+        batch = X[order[first:first + rows]]
+        assert dst[:rows].tobytes() == batch.tobytes() and (dst[rows:] == 99).all()
+        assert largest == np.abs(batch).max()
+    for bad, expected in ((np.inf, np.inf), (np.nan, np.nan)):
+        for row in (1, 14):  # in this thread's share, in the worker's
+            spoiled = X.copy()
+            spoiled[order[row], 4] = bad
+            found = gather(workers, spoiled, order, 0, 16, np.empty((16, 9), dtype), scratch)
+            np.testing.assert_equal(found, expected, err_msg=f"{bad} in row {row}")
+
+
+@pytest.mark.skipif(not JIT, reason="NUMBA_DISABLE_JIT: no compiled kernels")
+def test_blas_on_the_pool_computes_what_numpy_computes_from_any_thread():
+    """Once the pool runs BLAS's parallel jobs, every product in the process goes through it:
+    from other threads at once (they take turns), and with more BLAS threads than workers
+    (OpenBLAS's own threads then take the call)."""
+    import threading
+
+    from bpkernels.backends import _numba_pool as pool
+
+    if not pool.available():
+        pytest.skip("no BLAS thread callback here (NumPy's OpenBLAS < 0.3.28 or not Linux)")
+    pool.ensure(K.pool_worker, 1)
+    rng = np.random.default_rng(8)
+    A, B = rng.standard_normal((300, 500)), rng.standard_normal((500, 400))
+    expected = np.einsum("ik,kj->ij", A, B)  # no BLAS
+    results, errors = [], []
+
+    def products():
+        try:
+            for _ in range(20):
+                results.append(np.abs(A @ B - expected).max())
+        except Exception as error:  # noqa: BLE001  (reported below)
+            errors.append(error)
+
+    threads = [threading.Thread(target=products) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads) and not errors
+    assert len(results) == 60 and max(results) < 1e-9
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    with threadpoolctl.threadpool_limits(4, user_api="blas"):
+        assert np.abs(A @ B - expected).max() < 1e-9  # 4 jobs, 1 worker: OpenBLAS's threads
+    assert pool.ensure(K.pool_worker, 1) >= 1  # and the pool takes them back
+    assert np.abs(A @ B - expected).max() < 1e-9
 
 
 def test_an_optimizer_it_does_not_know_falls_back_to_the_kernels():

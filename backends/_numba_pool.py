@@ -1,0 +1,366 @@
+"""Worker threads of our own for BLAS's parallel jobs and the epoch kernel's shared passes.
+
+Inside the epoch kernel, BLAS's worker threads spin on the other cores between GEMMs while the
+kernel's own passes (above all the gather of each batch) run on one core: a parallel pass of
+Numba's would have to wake threads of its own onto cores that BLAS's workers spin on, and it
+loses more than it gains. NumPy's OpenBLAS (0.3.28 and newer) lets a program run its parallel
+jobs on threads of its own (``openblas_set_threads_callback_function``). Once a large model
+trains with the Numba backend, ``ensure`` starts one worker per BLAS thread but the caller's
+and installs ``_blas_jobs`` there for the rest of the process: the workers then run both
+BLAS's jobs and the kernel's share of each gather (``post``), and OpenBLAS's own threads sleep.
+For the rest of the process, not per epoch: OpenBLAS's threads spin for ~0.1 s after each call
+they serve, and an epoch started in that time (after a NumPy product, the benchmark's floor)
+ran ~40% slower with its workers competing for the cores.
+
+Measured on M (2 cores): the GEMMs run as fast as under OpenBLAS's own threads, and a gather
+shared between the cores costs ~40% less than on one.
+
+The control block: int64 slots in one array that lives as long as the process, which compiled
+code reaches through a symbol of our own registered with LLVM (``control_address``), so that
+cached code names no address. A header (the lock, the worker count), then one block per
+worker: what its caller posts (two cache lines) and what the worker answers (the next line:
+no false sharing). The caller, holding the lock, writes a task's fields, then its number; the
+worker spins on that number, runs the task and stores the number as done. A worker idle for a
+few milliseconds sleeps on a futex, and ``post`` wakes it. Linux on x86-64 only (the futex
+call and the spin hint); elsewhere ``available`` is False and BLAS keeps its own threads.
+"""
+from __future__ import annotations
+
+import atexit
+import ctypes
+import os
+import platform
+import sys
+import threading
+
+import llvmlite.binding as llvm
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+from numba.np.arrayobj import populate_array
+
+from ._numba_blas import _numpy_blas_libraries
+
+# Header slots, then per worker: what the caller posts (slots 0-15), what it answers (16-23).
+LOCK, WORKERS, HEADER = 0, 8, 16
+(POSTED, KIND, JOB, JOB_DATA, JOB_ARGUMENT, SOURCE, DESTINATION, ORDER, ROWS_START, ROWS_END,
+ COLUMNS, SOURCE_STRIDE, ITEMSIZE) = range(13)
+DONE, RESULT, SLEEPING, BLOCK = 16, 17, 18, 24
+STOP, BLAS_JOB, GATHER = 0, 1, 2
+MAX_WORKERS = 63
+_SPINS = 1 << 15  # pause hints (~40-140 cycles each) before an idle worker sleeps: ~1-4 ms
+_SYS_FUTEX, _FUTEX_WAIT, _FUTEX_WAKE = 202, 128, 129  # x86-64; the _PRIVATE operations
+
+_SYMBOLS = {"control": "bpkernels_pool_control", "exec_blas": "bpkernels_exec_blas",
+            "set_callback": "bpkernels_set_blas_callback"}
+_CONTROL = np.zeros(HEADER + MAX_WORKERS * BLOCK, np.int64)
+llvm.add_symbol(_SYMBOLS["control"], _CONTROL.ctypes.data)
+_I64, _I32 = ir.IntType(64), ir.IntType(32)
+
+
+def _openblas():
+    """ctypes functions of NumPy's OpenBLAS: (set_threads_callback_function, get_num_threads,
+    exec_blas), or None where it has no callback (OpenBLAS before 0.3.28, MKL, Accelerate)."""
+    for path in _numpy_blas_libraries():
+        try:
+            library = ctypes.CDLL(path)  # already loaded by NumPy: the same handle
+        except OSError:
+            continue
+        for prefix in ("scipy_openblas_", "openblas_"):
+            set_callback = getattr(library, f"{prefix}set_threads_callback_function64_", None)
+            get_threads = getattr(library, f"{prefix}get_num_threads64_", None)
+            run = getattr(library, "exec_blas", None)
+            if set_callback and get_threads and run:
+                set_callback.argtypes, set_callback.restype = [ctypes.c_void_p], None
+                get_threads.argtypes, get_threads.restype = [], ctypes.c_int
+                return set_callback, get_threads, run
+    return None
+
+
+_BLAS = _openblas() if sys.platform.startswith("linux") and platform.machine() == "x86_64" \
+    and not numba.config.DISABLE_JIT else None
+if _BLAS is not None:
+    llvm.add_symbol(_SYMBOLS["exec_blas"], ctypes.cast(_BLAS[2], ctypes.c_void_p).value)
+    llvm.add_symbol(_SYMBOLS["set_callback"], ctypes.cast(_BLAS[0], ctypes.c_void_p).value)
+
+
+def _external(name, returns, *arguments):
+    """A call of the C function at the symbol ``name``, for the intrinsics below."""
+    def call(builder, *values):
+        callee = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(returns, list(arguments)), name)
+        return builder.call(callee, list(values))
+    return call
+
+
+@intrinsic
+def control_address(typingctx):
+    """The control block's address."""
+    def codegen(context, builder, signature, args):
+        block = builder.module.globals.get(_SYMBOLS["control"])
+        if block is None:
+            block = ir.GlobalVariable(builder.module, _I64, _SYMBOLS["control"])
+            block.linkage = "external"
+        return builder.ptrtoint(block, _I64)
+    return types.int64(), codegen
+
+
+def _int64s(context, builder, signature, args):
+    return [context.cast(builder, v, t, types.int64) for v, t in zip(args, signature.args)]
+
+
+def _slot(builder, address, slot):
+    return builder.inttoptr(builder.add(address, builder.mul(slot, _I64(8))), _I64.as_pointer())
+
+
+# Sequentially consistent, all of them: the sleep handshake (a worker stores SLEEPING and then
+# reads POSTED, a caller stores POSTED and then reads SLEEPING) needs it, and a task costs a
+# few of them against microseconds of work.
+@intrinsic
+def load(typingctx, address, slot):
+    """Slot ``slot`` of the int64s at ``address``."""
+    def codegen(context, builder, signature, args):
+        address_, slot_ = _int64s(context, builder, signature, args)
+        return builder.load_atomic(_slot(builder, address_, slot_), "seq_cst", 8)
+    return types.int64(address, slot), codegen
+
+
+@intrinsic
+def store(typingctx, address, slot, value):
+    """Slot ``slot`` of the int64s at ``address`` = value."""
+    def codegen(context, builder, signature, args):
+        address_, slot_, value_ = _int64s(context, builder, signature, args)
+        builder.store_atomic(value_, _slot(builder, address_, slot_), "seq_cst", 8)
+        return context.get_dummy_value()
+    return types.void(address, slot, value), codegen
+
+
+@intrinsic
+def try_lock(typingctx, address, slot):
+    """Whether this call turned slot ``slot`` from 0 to 1."""
+    def codegen(context, builder, signature, args):
+        address_, slot_ = _int64s(context, builder, signature, args)
+        swapped = builder.cmpxchg(_slot(builder, address_, slot_), _I64(0), _I64(1), "seq_cst",
+                                  "seq_cst")
+        return builder.extract_value(swapped, 1)
+    return types.boolean(address, slot), codegen
+
+
+@intrinsic
+def pause(typingctx):
+    """The spin-wait hint: lets the core's other thread run while this one spins."""
+    def codegen(context, builder, signature, args):
+        _external("llvm.x86.sse2.pause", ir.VoidType())(builder)
+        return context.get_dummy_value()
+    return types.void(), codegen
+
+
+@intrinsic
+def futex(typingctx, address, slot, operation, value):
+    """futex(2) on the low 32 bits of slot ``slot``: wait while it holds ``value``, or wake one
+    waiter."""
+    def codegen(context, builder, signature, args):
+        address_, slot_, operation_, value_ = _int64s(context, builder, signature, args)
+        word = builder.ptrtoint(_slot(builder, address_, slot_), _I64)
+        call = _external("syscall", _I64, _I64, _I64, _I64, _I64, _I64, _I64)
+        return call(builder, _I64(_SYS_FUTEX), word, operation_,
+                    builder.and_(value_, _I64(0xFFFFFFFF)), _I64(0), _I64(0))
+    return types.int64(address, slot, operation, value), codegen
+
+
+@intrinsic
+def run_job(typingctx, function, position, data, argument):
+    """OpenBLAS's ``dojob(position, data, argument)``, a C function at address ``function``."""
+    def codegen(context, builder, signature, args):
+        function_, position_, data_, argument_ = _int64s(context, builder, signature, args)
+        pointer = ir.IntType(8).as_pointer()
+        callee = builder.inttoptr(
+            function_, ir.FunctionType(ir.VoidType(), [_I32, pointer, _I32]).as_pointer())
+        builder.call(callee, [builder.trunc(position_, _I32), builder.inttoptr(data_, pointer),
+                              builder.trunc(argument_, _I32)])
+        return context.get_dummy_value()
+    return types.void(function, position, data, argument), codegen
+
+
+@intrinsic
+def own_threads(typingctx, jobs, data):
+    """OpenBLAS's exec_blas(jobs, queue) on its own threads: our callback out for the call."""
+    def codegen(context, builder, signature, args):
+        jobs_, data_ = _int64s(context, builder, signature, args)
+        pointer = ir.IntType(8).as_pointer()
+        set_callback = _external(_SYMBOLS["set_callback"], ir.VoidType(), pointer)
+        set_callback(builder, ir.Constant(pointer, None))
+        _external(_SYMBOLS["exec_blas"], _I32, _I64, pointer)(
+            builder, jobs_, builder.inttoptr(data_, pointer))
+        return context.get_dummy_value()
+    return types.void(jobs, data), codegen
+
+
+def _matrix_at(dtype):
+    """An intrinsic: the C-ordered (rows, columns) matrix of ``dtype`` at an address, with no
+    meminfo (memory the caller owns and keeps alive: a task's arrays)."""
+    matrix = types.Array(dtype, 2, "C")
+
+    @intrinsic
+    def matrix_at(typingctx, address, rows, columns):
+        def codegen(context, builder, signature, args):
+            address_, rows_, columns_ = _int64s(context, builder, signature, args)
+            out = cgutils.create_struct_proxy(matrix)(context, builder)
+            itemsize = context.get_constant(types.intp, np.dtype(str(dtype)).itemsize)
+            populate_array(out, data=builder.inttoptr(address_, out.data.type),
+                           shape=[rows_, columns_],
+                           strides=[builder.mul(columns_, itemsize), itemsize],
+                           itemsize=itemsize, meminfo=None, parent=None)
+            return out._getvalue()
+        return matrix(address, rows, columns), codegen
+    return matrix_at
+
+
+int32_matrix_at, int64_matrix_at = _matrix_at(types.int32), _matrix_at(types.int64)
+
+_jit = dict(nogil=True, cache=True)
+_inline = numba.njit(inline="always", **_jit)
+
+
+@_inline
+def block_of(control, worker):
+    return control + 8 * (HEADER + worker * BLOCK)
+
+
+@_inline
+def lock(control):
+    while not try_lock(control, LOCK):
+        pause()
+
+
+@_inline
+def unlock(control):
+    store(control, LOCK, 0)
+
+
+@_inline
+def post(block, kind, job, data, argument):
+    """Post a task to the worker of ``block``, its other fields already stored (the caller
+    holds the lock), and wake the worker if it sleeps. Returns the task's number."""
+    number = load(block, POSTED) + 1
+    store(block, KIND, kind)
+    store(block, JOB, job)
+    store(block, JOB_DATA, data)
+    store(block, JOB_ARGUMENT, argument)
+    store(block, POSTED, number)
+    if load(block, SLEEPING) != 0:
+        futex(block, POSTED, _FUTEX_WAKE, 1)
+    return number
+
+
+@_inline
+def wait(block, number):
+    """Spin until the worker of ``block`` has done task ``number``."""
+    while load(block, DONE) != number:
+        pause()
+
+
+@_inline
+def next_task(block, done):
+    """Spin, then sleep, until a task after ``done`` is posted to ``block``; its number."""
+    spins = 0
+    while True:
+        number = load(block, POSTED)
+        if number != done:
+            return number
+        spins += 1
+        if spins < _SPINS:
+            pause()
+            continue
+        store(block, SLEEPING, 1)
+        if load(block, POSTED) == done:  # a post after this sees SLEEPING, and wakes us
+            futex(block, POSTED, _FUTEX_WAIT, done)
+        store(block, SLEEPING, 0)
+        spins = 0
+
+
+def _blas_jobs(sync, job, jobs, job_size, data, argument):
+    """OpenBLAS's threads callback: its ``jobs`` jobs at once, the first on the calling thread,
+    job i on worker i - 1. Each must run beside the others (they wait on one another's packed
+    blocks). With fewer workers than that (BLAS's thread count raised since ``ensure``), the
+    call goes to OpenBLAS's own threads, and the next ``ensure`` puts the callback back."""
+    control = control_address()
+    lock(control)
+    if jobs - 1 > load(control, WORKERS):
+        unlock(control)
+        own_threads(jobs, data)
+        return
+    for worker in range(jobs - 1):
+        post(block_of(control, worker), BLAS_JOB, job, data + (worker + 1) * job_size, argument)
+    run_job(job, 0, data, argument)
+    for worker in range(jobs - 1):
+        block = block_of(control, worker)
+        wait(block, load(block, POSTED))
+    unlock(control)
+
+
+_CALLBACK_SIGNATURE = types.void(types.int32, types.int64, types.int32, types.int64, types.int64,
+                                 types.int32)
+_callback = None  # _blas_jobs compiled, on the first ensure: a cfunc compiles when made
+_started: list[threading.Thread] = []
+_guard = threading.Lock()
+
+
+def available() -> bool:
+    return _BLAS is not None
+
+
+def blas_threads() -> int:
+    return _BLAS[1]() if _BLAS is not None else 1
+
+
+def ensure(worker_function, workers: int) -> int:
+    """At least ``workers`` threads running ``worker_function(control, worker)`` and BLAS's
+    parallel jobs routed to them, from now on; returns how many run (0: no pool here)."""
+    if _BLAS is None or workers < 1:
+        return 0
+    global _callback
+    workers = min(workers, MAX_WORKERS)
+    with _guard:
+        if _callback is None:
+            _callback = numba.cfunc(_CALLBACK_SIGNATURE, **_jit)(_blas_jobs)
+        if len(_started) < workers:
+            control = _CONTROL.ctypes.data
+            if not _started:
+                # Compiled here, not in a thread: a compile error there would leave callers
+                # spinning on a worker that never answers. Told to stop, it returns at once.
+                _CONTROL[HEADER + KIND], _CONTROL[HEADER + POSTED] = STOP, 1
+                worker_function(control, 0)
+                _CONTROL[:] = 0
+            for worker in range(len(_started), workers):
+                thread = threading.Thread(target=worker_function, args=(control, worker),
+                                          name=f"bpkernels-blas-{worker}", daemon=True)
+                thread.start()
+                _started.append(thread)
+            _CONTROL[WORKERS] = len(_started)  # read by callers under the lock, never lowered
+        _BLAS[0](_callback.address)
+    return len(_started)
+
+
+def _shutdown() -> None:
+    """At exit: BLAS's jobs back to OpenBLAS's threads (ours, daemons, end with the process)."""
+    if _BLAS is not None:
+        _BLAS[0](None)
+
+
+def _after_fork_in_child() -> None:
+    """A child has none of the workers: BLAS gets its own threads back."""
+    global _guard
+    _guard = threading.Lock()
+    if _BLAS is not None:
+        _BLAS[0](None)
+    _CONTROL[:] = 0
+    _started.clear()
+
+
+atexit.register(_shutdown)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
