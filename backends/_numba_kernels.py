@@ -829,20 +829,15 @@ def _as_float(bits, scratch):
 
 
 @inline
-def _gather_largest(src, index, dst, scratch):
-    """_gather, returning the largest |x| of the rows gathered (``_gather_largest_bits``).
-    ``scratch``: one element of the dtype."""
-    return _as_float(_gather_largest_bits(src, index, dst), scratch)
-
-
-@inline
 def _gather_shared(workers, X_all, order, first, rows, dst, scratch):
-    """``_gather_largest`` of the batch order[first:first + rows], its rows split between
-    this thread and ``workers`` of the pool (``_numba_pool``): each core writes its share of
-    the batch, ~40% faster on M than one core writing all of it."""
+    """``_gather_largest_bits`` of the batch order[first:first + rows], as a float (the
+    largest |x|, inf if one is inf, NaN if one is NaN), its rows split between
+    this thread and ``workers`` threads of the pool (``_numba_pool``; none: this thread
+    alone): each core writes its share of the batch, ~40% faster on M than one writing all."""
     control = pool.control_address()
-    pool.lock(control)
     parts = workers + 1
+    if workers > 0:
+        pool.lock(control)
     for worker in range(workers):
         block = pool.block_of(control, worker)
         r0, r1 = _bounds(worker + 1, parts, rows)
@@ -861,7 +856,8 @@ def _gather_shared(workers, X_all, order, first, rows, dst, scratch):
         block = pool.block_of(control, worker)
         pool.wait(block, pool.load(block, pool.POSTED))
         largest = max(largest, pool.load(block, pool.RESULT))
-    pool.unlock(control)
+    if workers > 0:
+        pool.unlock(control)
     return _as_float(largest, scratch)
 
 
@@ -1012,8 +1008,8 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, state
     ``T``; all but one of the rules, as in optimizer_step) are separate so that Numba compiles
     the code of the given ones only. ``bound``: whether to bound the weight gradients rather
     than scan them (``_backward``), and so to fuse a plain SGD update into their GEMM.
-    ``workers``: how many of ``_numba_pool``'s threads share each gather; None where the pool
-    is not used (its code then not compiled)."""
+    ``workers``: with ``bound``, how many of ``_numba_pool``'s threads share each gather (0:
+    none), else None (the code of both then not compiled)."""
     params, grads, layers = _borrowed(net[0]), _borrowed(net[1]), _borrowed(net[2])
     net = (params, grads, layers)
     X_all, order, batch = _borrowed(data[0]), _borrowed(data[1]), data[2]
@@ -1026,12 +1022,12 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, state
     for s in range(steps):
         rows = min(batch, n - s * batch)
         index = order[s * batch:s * batch + rows]
-        # (the largest |x| costs the gather nothing measurable: one copy of it serves both)
-        if workers is not None:
-            input_bound = _gather_shared(workers, X_all, order, s * batch, rows, work[0], sums)
-        else:
-            input_bound = _gather_largest(X_all, index, work[0], sums)
-        input_bound *= rows
+        if workers is not None:  # a large model's gather, with the bound of its first layer
+            input_bound = rows * _gather_shared(workers, X_all, order, s * batch, rows,
+                                                work[0], sums)
+        else:  # (on S's 64 columns, the bound's maximum slowed the gather down ~7%)
+            _gather(X_all, index, work[0])
+            input_bound = math.inf
         _forward(net, work, rows, par, kinds)
         _, _, _, _, Y, dY, _ = _layer(net, work, layers.shape[0] - 1, rows)
         step_loss, step_correct = step_losses[s:s + 1], step_hits[s:s + 1]

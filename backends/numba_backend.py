@@ -46,9 +46,10 @@ PARALLEL_MIN = 1 << 22
 # and train_epoch). Fewer parameters and their gradients stay in cache from step to step, where
 # the scan and the update pass cost less than the bound's own passes.
 BOUND_MIN_PARAMS = 1 << 16
-# From as many parameters on, BLAS's parallel jobs and a share of the epoch kernel's gather
-# run on worker threads of our own (_numba_pool), where NumPy's OpenBLAS allows it: M's epochs
-# ~5% faster. Smaller models' GEMMs run on one thread, their batches gather in microseconds.
+# From as many parameters on (and BOUND_MIN_PARAMS), BLAS's parallel jobs and a share of the
+# epoch kernel's gather run on worker threads of our own (_numba_pool), where NumPy's OpenBLAS
+# allows it: M's epochs ~5% faster. Smaller models' GEMMs run on one thread, and their batches
+# gather in microseconds.
 POOL, POOL_MIN_PARAMS = True, 1 << 16
 
 
@@ -178,14 +179,17 @@ class NumbaBackend(HostMemory, Backend):
         labeled = plan.T.ndim == 1
         states = self._states([plan.state.get(name) for name in K.RULE_STATE[rule]], plan.params)
         widest = max(plan.params.size, plan.batch * max(plan.sizes))
+        large = plan.params.size >= BOUND_MIN_PARAMS
         workers = None
-        if POOL and plan.params.size >= POOL_MIN_PARAMS:
-            workers = pool.ensure(K.pool_worker, pool.blas_threads() - 1) or None
+        if large:
+            workers = 0
+            if POOL and plan.params.size >= POOL_MIN_PARAMS:
+                workers = pool.ensure(K.pool_worker, pool.blas_threads() - 1)
         K.train_epoch(net, (plan.X, plan.order, plan.batch), work,
                       (plan.step_loss, plan.step_correct, plan.halted), plan.first_step,
                       K.LOSS_CODES[plan.loss], plan.metric, targets if labeled else None,
                       None if labeled else targets, states, *_hyper(rule, plan.hp),
-                      plan.params.size >= BOUND_MIN_PARAMS, workers, self._par(widest),
+                      large, workers, self._par(widest),
                       K.activation_kinds(K.ACTIVATION_CODES[a] for a in plan.activations))
         return True
 
