@@ -50,7 +50,8 @@ BOUND_MIN_PARAMS = 1 << 16
 # epoch kernel's gather run on worker threads of our own (_numba_pool), where NumPy's OpenBLAS
 # allows it: M's epochs ~5% faster. Smaller models' GEMMs run on one thread, and their batches
 # gather in microseconds.
-POOL, POOL_MIN_PARAMS = True, 1 << 16
+# BPK_BLAS_POOL=0 in the environment keeps OpenBLAS's own threads.
+POOL, POOL_MIN_PARAMS = os.environ.get("BPK_BLAS_POOL", "1") != "0", 1 << 16
 
 
 class NumbaBackend(HostMemory, Backend):

@@ -302,6 +302,41 @@ def test_blas_on_the_pool_computes_what_numpy_computes_from_any_thread():
     assert np.abs(A @ B - expected).max() < 1e-9
 
 
+@pytest.mark.skipif(not JIT, reason="NUMBA_DISABLE_JIT: no compiled kernels")
+def test_the_pool_wakes_its_sleeping_workers_and_a_forked_child_has_blas():
+    """Workers idle for a few milliseconds sleep (futex) and wake for the next product; a
+    forked child, which has none of the threads, gets OpenBLAS's own threads back."""
+    import time
+
+    from bpkernels.backends import _numba_pool as pool
+
+    if not pool.available() or not hasattr(os, "fork"):
+        pytest.skip("no BLAS thread callback here (NumPy's OpenBLAS < 0.3.28 or not Linux)")
+    pool.ensure(K.pool_worker, 1)
+    rng = np.random.default_rng(9)
+    A, B = rng.standard_normal((400, 400)), rng.standard_normal((400, 400))
+    expected = np.einsum("ik,kj->ij", A, B)
+    time.sleep(0.2)
+    assert np.abs(A @ B - expected).max() < 1e-9
+    slept = [pool._CONTROL[pool.HEADER + pool.SLEEPING]]
+    child = os.fork()
+    if child == 0:  # the child: a product, then out without running the parent's tests
+        os._exit(0 if np.abs(A @ B - expected).max() < 1e-9 else 1)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(child, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(child, 9)
+        pytest.fail("the forked child hung on a BLAS call")
+    assert os.waitstatus_to_exitcode(status) == 0
+    time.sleep(0.2)
+    slept.append(pool._CONTROL[pool.HEADER + pool.SLEEPING])
+    assert 1 in slept  # a worker was asleep (the wake path above then ran)
+
+
 def test_an_optimizer_it_does_not_know_falls_back_to_the_kernels():
     class Renamed(bpk.SGD):
         name = "renamed-sgd"
