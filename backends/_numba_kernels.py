@@ -872,6 +872,7 @@ def pool_worker(control, worker):
     """A worker thread of ``_numba_pool``: runs the tasks posted to its block (BLAS's jobs,
     shares of the epoch kernel's gathers) until told to stop."""
     block = pool.block_of(control, worker)
+    pool.store(block, pool.READY, 1)
     done = 0
     while True:
         number = pool.next_task(block, done)
@@ -892,6 +893,8 @@ def pool_worker(control, worker):
                 largest = _gather_task(block, pool.int64_matrix_at(source, source_rows, stride),
                                        pool.int64_matrix_at(destination, rows, columns), order)
             pool.store(block, pool.RESULT, largest)
+        elif kind == pool.STOP:
+            pool.store(block, pool.RESULT, pool.LAYOUT)
         pool.store(block, pool.DONE, number)
         done = number
         if kind == pool.STOP:

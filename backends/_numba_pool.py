@@ -5,8 +5,8 @@ kernel's own passes (above all the gather of each batch) run on one core: a para
 Numba's would have to wake threads of its own onto cores that BLAS's workers spin on, and it
 loses more than it gains. NumPy's OpenBLAS (0.3.28 and newer) lets a program run its parallel
 jobs on threads of its own (``openblas_set_threads_callback_function``). Once a large model
-trains with the Numba backend, ``ensure`` starts one worker per BLAS thread but the caller's
-and installs ``_blas_jobs`` there for the rest of the process: the workers then run both
+trains with the Numba backend, ``ensure`` starts a worker per core but the caller's and
+installs ``_blas_jobs`` there for the rest of the process: the workers then run both
 BLAS's jobs and the kernel's share of each gather (``post``), and OpenBLAS's own threads sleep.
 For the rest of the process, not per epoch: OpenBLAS's threads spin for ~0.1 s after each call
 they serve, and an epoch started in that time (after a NumPy product, the benchmark's floor)
@@ -32,6 +32,7 @@ import os
 import platform
 import sys
 import threading
+import time
 
 import llvmlite.binding as llvm
 import numba
@@ -45,18 +46,25 @@ from numba.np.arrayobj import populate_array
 from ._numba_blas import _numpy_blas_libraries
 
 # Header slots, then per worker: what the caller posts (slots 0-15), what it answers (16-23).
-LOCK, WORKERS, HEADER = 0, 8, 16
+LOCK, WORKERS, SLEEP_LIMIT, HEADER = 0, 8, 10, 16  # SLEEP_LIMIT: a timespec, 2 slots
 (POSTED, KIND, JOB, JOB_DATA, JOB_ARGUMENT, SOURCE, DESTINATION, ORDER, ROWS_START, ROWS_END,
  COLUMNS, SOURCE_STRIDE, ITEMSIZE) = range(13)
-DONE, RESULT, SLEEPING, BLOCK = 16, 17, 18, 24
+DONE, RESULT, SLEEPING, READY, BLOCK = 16, 17, 18, 19, 24
 STOP, BLAS_JOB, GATHER = 0, 1, 2
 MAX_WORKERS = 63
 _SPINS = 1 << 15  # pause hints (~40-140 cycles each) before an idle worker sleeps: ~1-4 ms
-_SYS_FUTEX, _FUTEX_WAIT, _FUTEX_WAKE = 202, 128, 129  # x86-64; the _PRIVATE operations
+_YIELD_EVERY = 1 << 10  # pause hints between sched_yield calls of a waiting caller
+_SYS_SCHED_YIELD, _SYS_FUTEX, _FUTEX_WAIT, _FUTEX_WAKE = 24, 202, 128, 129  # x86-64, _PRIVATE
+# The layout above is compiled into the cached kernels of _numba_kernels, whose cache does not
+# see this file change: a worker told to stop answers with LAYOUT, which ``ensure`` checks.
+LAYOUT = hash((LOCK, WORKERS, SLEEP_LIMIT, HEADER, POSTED, KIND, JOB, JOB_DATA, JOB_ARGUMENT,
+               SOURCE, DESTINATION, ORDER, ROWS_START, ROWS_END, COLUMNS, SOURCE_STRIDE,
+               ITEMSIZE, DONE, RESULT, SLEEPING, READY, BLOCK, STOP, BLAS_JOB, GATHER)) % (1 << 62)
 
 _SYMBOLS = {"control": "bpkernels_pool_control", "exec_blas": "bpkernels_exec_blas",
             "set_callback": "bpkernels_set_blas_callback"}
 _CONTROL = np.zeros(HEADER + MAX_WORKERS * BLOCK, np.int64)
+_SLEEP_LIMIT = (0, 100_000_000)  # a sleeping worker looks again after 0.1 s, woken or not
 llvm.add_symbol(_SYMBOLS["control"], _CONTROL.ctypes.data)
 _I64, _I32 = ir.IntType(64), ir.IntType(32)
 
@@ -87,13 +95,17 @@ if _BLAS is not None:
     llvm.add_symbol(_SYMBOLS["set_callback"], ctypes.cast(_BLAS[0], ctypes.c_void_p).value)
 
 
-def _external(name, returns, *arguments):
+def _external(name, returns, *arguments, var_arg=False):
     """A call of the C function at the symbol ``name``, for the intrinsics below."""
     def call(builder, *values):
         callee = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(returns, list(arguments)), name)
+            builder.module, ir.FunctionType(returns, list(arguments), var_arg=var_arg), name)
         return builder.call(callee, list(values))
     return call
+
+
+def _syscall(builder, number, *values):
+    return _external("syscall", _I64, _I64, var_arg=True)(builder, _I64(number), *values)
 
 
 @intrinsic
@@ -159,16 +171,24 @@ def pause(typingctx):
 
 
 @intrinsic
-def futex(typingctx, address, slot, operation, value):
-    """futex(2) on the low 32 bits of slot ``slot``: wait while it holds ``value``, or wake one
-    waiter."""
+def futex(typingctx, address, slot, operation, value, limit):
+    """futex(2) on the low 32 bits of slot ``slot``: wait while it holds ``value``, for at most
+    the timespec at address ``limit`` (0: none), or wake one waiter."""
     def codegen(context, builder, signature, args):
-        address_, slot_, operation_, value_ = _int64s(context, builder, signature, args)
+        address_, slot_, operation_, value_, limit_ = _int64s(context, builder, signature, args)
         word = builder.ptrtoint(_slot(builder, address_, slot_), _I64)
-        call = _external("syscall", _I64, _I64, _I64, _I64, _I64, _I64, _I64)
-        return call(builder, _I64(_SYS_FUTEX), word, operation_,
-                    builder.and_(value_, _I64(0xFFFFFFFF)), _I64(0), _I64(0))
-    return types.int64(address, slot, operation, value), codegen
+        return _syscall(builder, _SYS_FUTEX, word, operation_,
+                        builder.and_(value_, _I64(0xFFFFFFFF)), limit_, _I64(0), _I64(0))
+    return types.int64(address, slot, operation, value, limit), codegen
+
+
+@intrinsic
+def sched_yield(typingctx):
+    """sched_yield(2): a waiting caller gives its core to a descheduled worker."""
+    def codegen(context, builder, signature, args):
+        _syscall(builder, _SYS_SCHED_YIELD)
+        return context.get_dummy_value()
+    return types.void(), codegen
 
 
 @intrinsic
@@ -197,6 +217,18 @@ def own_threads(typingctx, jobs, data):
             builder, jobs_, builder.inttoptr(data_, pointer))
         return context.get_dummy_value()
     return types.void(jobs, data), codegen
+
+
+@intrinsic
+def install(typingctx, callback):
+    """openblas_set_threads_callback_function(callback), from compiled code."""
+    def codegen(context, builder, signature, args):
+        (callback_,) = _int64s(context, builder, signature, args)
+        pointer = ir.IntType(8).as_pointer()
+        _external(_SYMBOLS["set_callback"], ir.VoidType(), pointer)(
+            builder, builder.inttoptr(callback_, pointer))
+        return context.get_dummy_value()
+    return types.void(callback), codegen
 
 
 def _matrix_at(dtype):
@@ -232,8 +264,13 @@ def block_of(control, worker):
 
 @_inline
 def lock(control):
+    spins = 0
     while not try_lock(control, LOCK):
-        pause()
+        spins += 1
+        if spins % _YIELD_EVERY == 0:
+            sched_yield()
+        else:
+            pause()
 
 
 @_inline
@@ -252,20 +289,27 @@ def post(block, kind, job, data, argument):
     store(block, JOB_ARGUMENT, argument)
     store(block, POSTED, number)
     if load(block, SLEEPING) != 0:
-        futex(block, POSTED, _FUTEX_WAKE, 1)
+        futex(block, POSTED, _FUTEX_WAKE, 1, 0)
     return number
 
 
 @_inline
 def wait(block, number):
-    """Spin until the worker of ``block`` has done task ``number``."""
+    """Spin until the worker of ``block`` has done task ``number`` (giving the core away now
+    and then, for a worker that the system has descheduled)."""
+    spins = 0
     while load(block, DONE) != number:
-        pause()
+        spins += 1
+        if spins % _YIELD_EVERY == 0:
+            sched_yield()
+        else:
+            pause()
 
 
 @_inline
 def next_task(block, done):
     """Spin, then sleep, until a task after ``done`` is posted to ``block``; its number."""
+    limit = control_address() + 8 * SLEEP_LIMIT
     spins = 0
     while True:
         number = load(block, POSTED)
@@ -277,7 +321,7 @@ def next_task(block, done):
             continue
         store(block, SLEEPING, 1)
         if load(block, POSTED) == done:  # a post after this sees SLEEPING, and wakes us
-            futex(block, POSTED, _FUTEX_WAIT, done)
+            futex(block, POSTED, _FUTEX_WAIT, done, limit)
         store(block, SLEEPING, 0)
         spins = 0
 
@@ -290,8 +334,10 @@ def _blas_jobs(sync, job, jobs, job_size, data, argument):
     control = control_address()
     lock(control)
     if jobs - 1 > load(control, WORKERS):
-        unlock(control)
+        # under the lock: a caller in callback mode must not run beside OpenBLAS's threads,
+        # which would share their job slots and buffers (ensure reinstalls under it too)
         own_threads(jobs, data)
+        unlock(control)
         return
     for worker in range(jobs - 1):
         post(block_of(control, worker), BLAS_JOB, job, data + (worker + 1) * job_size, argument)
@@ -309,6 +355,26 @@ _started: list[threading.Thread] = []
 _guard = threading.Lock()
 
 
+@numba.njit(**_jit)
+def _install_locked(control, callback, workers):
+    """Publish the worker count and install the callback, under the lock: never while a
+    caller runs a call on OpenBLAS's own threads (``_blas_jobs``' fallback)."""
+    lock(control)
+    store(control, WORKERS, max(workers, load(control, WORKERS)))
+    install(callback)
+    unlock(control)
+
+
+@numba.njit(**_jit)
+def _hold(control):
+    lock(control)
+
+
+@numba.njit(**_jit)
+def _release(control):
+    unlock(control)
+
+
 def available() -> bool:
     return _BLAS is not None
 
@@ -319,30 +385,47 @@ def blas_threads() -> int:
 
 def ensure(worker_function, workers: int) -> int:
     """At least ``workers`` threads running ``worker_function(control, worker)`` and BLAS's
-    parallel jobs routed to them, from now on; returns how many run (0: no pool here)."""
+    parallel jobs routed to them, from now on; returns how many to use (0: no pool here). The
+    first call should come while no other thread is inside BLAS (OpenBLAS's condition for
+    setting the callback)."""
     if _BLAS is None or workers < 1:
         return 0
     global _callback
     workers = min(workers, MAX_WORKERS)
+    control = _CONTROL.ctypes.data
     with _guard:
         if _callback is None:
+            _CONTROL[SLEEP_LIMIT:SLEEP_LIMIT + 2] = _SLEEP_LIMIT
+            # Compiled here, not in a thread: a compile error there would leave callers
+            # spinning on a worker that never answers. Told to stop, it returns at once,
+            # answering with the layout it was compiled for.
+            _CONTROL[HEADER + KIND], _CONTROL[HEADER + POSTED] = STOP, 1
+            worker_function(control, 0)
+            if _CONTROL[HEADER + RESULT] != LAYOUT:
+                raise RuntimeError("bpkernels: the Numba cache holds kernels compiled for "
+                                   "another version of backends/_numba_pool.py; delete it "
+                                   "(NUMBA_CACHE_DIR or the backends' __pycache__)")
+            _CONTROL[HEADER:] = 0
             _callback = numba.cfunc(_CALLBACK_SIGNATURE, **_jit)(_blas_jobs)
-        if len(_started) < workers:
-            control = _CONTROL.ctypes.data
-            if not _started:
-                # Compiled here, not in a thread: a compile error there would leave callers
-                # spinning on a worker that never answers. Told to stop, it returns at once.
-                _CONTROL[HEADER + KIND], _CONTROL[HEADER + POSTED] = STOP, 1
-                worker_function(control, 0)
-                _CONTROL[:] = 0
-            for worker in range(len(_started), workers):
-                thread = threading.Thread(target=worker_function, args=(control, worker),
-                                          name=f"bpkernels-blas-{worker}", daemon=True)
-                thread.start()
-                _started.append(thread)
-            _CONTROL[WORKERS] = len(_started)  # read by callers under the lock, never lowered
-        _BLAS[0](_callback.address)
-    return len(_started)
+        # As many as OpenBLAS may ask for (a thread count up to the cores), so that raising
+        # BLAS's threads later does not send calls to its own threads (the fallback of
+        # _blas_jobs); idle ones sleep.
+        wanted = min(max(workers, (os.cpu_count() or 1) - 1), MAX_WORKERS)
+        started = len(_started)
+        for worker in range(started, wanted):
+            thread = threading.Thread(target=worker_function, args=(control, worker),
+                                      name=f"bpkernels-blas-{worker}", daemon=True)
+            thread.start()
+            _started.append(thread)
+        # Published once in compiled code: a caller holding the GIL (a product from a C
+        # extension) must not wait on a worker still starting up in Python.
+        for worker in range(started, wanted):
+            while not _CONTROL[HEADER + worker * BLOCK + READY]:
+                if not _started[worker].is_alive():
+                    raise RuntimeError(f"bpkernels: BLAS worker {worker} did not start")
+                time.sleep(0)
+        _install_locked(control, _callback.address, len(_started))
+    return workers
 
 
 def _shutdown() -> None:
@@ -351,16 +434,30 @@ def _shutdown() -> None:
         _BLAS[0](None)
 
 
+def _before_fork() -> None:
+    """No BLAS call in flight on the pool while the process forks: OpenBLAS's own fork handler
+    shuts its threads down, and a job of ours running meanwhile would keep one from ending."""
+    if _started:
+        _hold(_CONTROL.ctypes.data)
+
+
+def _after_fork_in_parent() -> None:
+    if _started:
+        _release(_CONTROL.ctypes.data)
+
+
 def _after_fork_in_child() -> None:
     """A child has none of the workers: BLAS gets its own threads back."""
-    global _guard
+    global _guard, _callback
     _guard = threading.Lock()
     if _BLAS is not None:
         _BLAS[0](None)
     _CONTROL[:] = 0
+    _callback = None
     _started.clear()
 
 
 atexit.register(_shutdown)
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)

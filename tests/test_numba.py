@@ -242,7 +242,7 @@ def test_a_gather_shared_with_the_pool_copies_every_row_and_sees_every_nan(dtype
         pytest.skip("no BLAS thread callback here (NumPy's OpenBLAS < 0.3.28 or not Linux)")
     workers = pool.ensure(K.pool_worker, 1)
 
-    @numba.njit
+    @numba.njit(nogil=True)  # (a caller holding the GIL could wait on a worker starting up)
     def gather(workers, X, order, first, rows, dst, scratch):
         return K._gather_shared(workers, X, order, first, rows, dst, scratch)
 
