@@ -263,14 +263,22 @@ def block_of(control, worker):
 
 
 @_inline
+def _spin(spins):
+    """One round of a caller's wait: the pause hint, and now and then the core given away,
+    for a worker or lock holder that the system has descheduled. Returns the rounds so far."""
+    spins += 1
+    if spins % _YIELD_EVERY == 0:
+        sched_yield()
+    else:
+        pause()
+    return spins
+
+
+@_inline
 def lock(control):
     spins = 0
     while not try_lock(control, LOCK):
-        spins += 1
-        if spins % _YIELD_EVERY == 0:
-            sched_yield()
-        else:
-            pause()
+        spins = _spin(spins)
 
 
 @_inline
@@ -295,15 +303,10 @@ def post(block, kind, job, data, argument):
 
 @_inline
 def wait(block, number):
-    """Spin until the worker of ``block`` has done task ``number`` (giving the core away now
-    and then, for a worker that the system has descheduled)."""
+    """Spin until the worker of ``block`` has done task ``number``."""
     spins = 0
     while load(block, DONE) != number:
-        spins += 1
-        if spins % _YIELD_EVERY == 0:
-            sched_yield()
-        else:
-            pause()
+        spins = _spin(spins)
 
 
 @_inline
