@@ -184,7 +184,8 @@ class NumbaBackend(HostMemory, Backend):
         workers = None
         if large:
             workers = 0
-            if POOL and plan.params.size >= POOL_MIN_PARAMS:
+            # (fit's data is C-ordered; a worker reads rows from their address, so only then)
+            if POOL and plan.params.size >= POOL_MIN_PARAMS and plan.X.flags.c_contiguous:
                 workers = pool.ensure(K.pool_worker, pool.blas_threads() - 1)
         K.train_epoch(net, (plan.X, plan.order, plan.batch), work,
                       (plan.step_loss, plan.step_correct, plan.halted), plan.first_step,
