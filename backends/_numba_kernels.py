@@ -45,7 +45,9 @@ phelper = numba.njit(parallel=True, **_INTERNAL)
 # once more at every level above it, so small helpers and one-call wrappers are cheaper inlined
 # (together ~30% of the epoch kernel's first compile). Helpers called from several places with
 # different types (_layer), or with loops that vectorize on their own, stay separate, and so do
-# the dense layer passes: inlined into the epoch kernel, they ran M's epochs ~15% slower.
+# the dense layers' row passes (_bias_act_rows_of, _grad_rows_of): inlined into the epoch
+# kernel, they ran M's epochs ~15% slower. Their wrappers (_dense_forward, _dense_dz) are
+# inlined: compiled on their own they cost the first compile ~0.3 s.
 inline = numba.njit(inline="always", **_INTERNAL)
 
 MAX_CHUNKS = 64
@@ -325,7 +327,7 @@ def _bias_act_par(Z, b, act, keep_z, A, chunks, kinds):
         _bias_act_rows(Z, b, act, keep_z, A, r0, r1, kinds)
 
 
-@helper
+@inline
 def _dense_forward(X, W, b, act, Z, A, keep_z, par, kinds):
     """Z = X @ W (by NumPy's BLAS) then, in one pass, Z += b and A = act(Z); ``Z`` is written
     only when ``keep_z`` (else pass ``A`` as ``Z``: the product lands in A and is activated in
@@ -397,7 +399,7 @@ def _grad_rows_par(dA, act, A, Z, totals, chunks, kinds):
         _grad_rows(dA, act, A, Z, totals[c], r0, r1, kinds)
 
 
-@helper
+@inline
 def _dense_dz(dA, act, A, Z, db, par, kinds):
     """dZ = dA * act'(.) in place, with db = dZ.sum(0) in the same pass. ``Z`` is read for
     gelu only (pass ``A`` otherwise)."""
@@ -834,7 +836,7 @@ def _gather_shared(workers, X_all, order, first, rows, dst, scratch):
     largest |x|, inf if one is inf, NaN if one is NaN), its rows split between
     this thread and ``workers`` threads of the pool (``_numba_pool``; none: this thread
     alone): each core writes its share of the batch, ~40% faster on M than one writing all."""
-    control = pool.control_address()
+    control = pool.control_address() if workers > 0 else 0  # (no intrinsics without JIT)
     parts = workers + 1
     if workers > 0:
         pool.lock(control)

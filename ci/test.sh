@@ -10,5 +10,7 @@ python3 -m venv .venv
 python -m pip install --quiet --disable-pip-version-check -e ".[test]"
 bpk info
 python -m pytest -q
+# The Numba kernels' pure-Python fallbacks (NUMBA_DISABLE_JIT, for debugging) run as well
+NUMBA_DISABLE_JIT=1 python -m pytest -q tests/test_numba.py tests/test_kernels.py
 BPK_BENCH_QUICK=1 python -m pytest benchmarks --benchmark-disable -q
 bpk bench --quick --dtypes float32,float64 --peers torch,sklearn
