@@ -819,23 +819,33 @@ def _gather_bits(src_bits, index, dst_bits):
 
 
 @inline
-def _gather_largest_bits(src, index, dst):
-    return _gather_bits(_bits(src), index, _bits(dst))
-
-
-@inline
 def _as_float(bits, scratch):
     """The float of ``scratch``'s dtype whose bits ``bits`` are."""
     _bits(scratch)[0] = bits
     return scratch[0]
 
 
-@inline
-def _gather_shared(workers, X_all, order, first, rows, dst, scratch):
-    """``_gather_largest_bits`` of the batch order[first:first + rows], as a float (the
-    largest |x|, inf if one is inf, NaN if one is NaN), its rows split between
-    this thread and ``workers`` threads of the pool (``_numba_pool``; none: this thread
-    alone): each core writes its share of the batch, ~40% faster on M than one writing all."""
+@helper
+def _gather_rows(source, source_rows, stride, destination, columns, order, r0, r1, itemsize):
+    """``_gather_bits`` of rows r0..r1 of a batch, by addresses: the data set (source_rows,
+    ``stride`` elements apart) at ``source``, the batch (columns wide) at ``destination``, its
+    row numbers (int64) at ``order``. Addresses and sizes, not arrays, so that one compiled copy
+    serves every dtype and model, in the epoch kernel and in the pool's workers (pool_worker):
+    the first compile of a large model's kernel is ~1 s shorter than with a gather of its own."""
+    index = pool.int64_matrix_at(order, 1, r1)[0][r0:r1]
+    if itemsize == 4:
+        return np.int64(_gather_bits(pool.int32_matrix_at(source, source_rows, stride), index,
+                                     pool.int32_matrix_at(destination, r1, columns)[r0:r1]))
+    return _gather_bits(pool.int64_matrix_at(source, source_rows, stride), index,
+                        pool.int64_matrix_at(destination, r1, columns)[r0:r1])
+
+
+@helper
+def _gather_split(workers, source, source_rows, stride, destination, columns, order, rows,
+                  itemsize):
+    """``_gather_rows`` of a whole batch, its rows split between this thread and ``workers``
+    threads of the pool (``_numba_pool``; none: this thread alone): each core writes its share
+    of the batch, ~40% faster on M than one writing all."""
     control = pool.control_address() if workers > 0 else 0  # (no intrinsics without JIT)
     parts = workers + 1
     if workers > 0:
@@ -843,30 +853,37 @@ def _gather_shared(workers, X_all, order, first, rows, dst, scratch):
     for worker in range(workers):
         block = pool.block_of(control, worker)
         r0, r1 = _bounds(worker + 1, parts, rows)
-        pool.store(block, pool.SOURCE, X_all.ctypes.data)
-        pool.store(block, pool.SOURCE_STRIDE, X_all.strides[0] // X_all.itemsize)
-        pool.store(block, pool.DESTINATION, dst.ctypes.data)
-        pool.store(block, pool.ORDER, order.ctypes.data + first * order.itemsize)
+        pool.store(block, pool.SOURCE, source)
+        pool.store(block, pool.SOURCE_STRIDE, stride)
+        pool.store(block, pool.DESTINATION, destination)
+        pool.store(block, pool.ORDER, order)
         pool.store(block, pool.ROWS_START, r0)
         pool.store(block, pool.ROWS_END, r1)
-        pool.store(block, pool.COLUMNS, dst.shape[1])
-        pool.store(block, pool.ITEMSIZE, X_all.itemsize)
-        pool.post(block, pool.GATHER, X_all.shape[0], 0, 0)
+        pool.store(block, pool.COLUMNS, columns)
+        pool.store(block, pool.ITEMSIZE, itemsize)
+        pool.post(block, pool.GATHER, source_rows, 0, 0)
     r0, r1 = _bounds(0, parts, rows)
-    largest = _gather_largest_bits(X_all, order[first + r0:first + r1], dst[r0:r1])
+    largest = _gather_rows(source, source_rows, stride, destination, columns, order, r0, r1,
+                           itemsize)
     for worker in range(workers):
         block = pool.block_of(control, worker)
         pool.wait(block, pool.load(block, pool.POSTED))
         largest = max(largest, pool.load(block, pool.RESULT))
     if workers > 0:
         pool.unlock(control)
-    return _as_float(largest, scratch)
+    return largest
 
 
 @inline
-def _gather_task(block, src_bits, dst_bits, order):
-    r0, r1 = pool.load(block, pool.ROWS_START), pool.load(block, pool.ROWS_END)
-    return _gather_bits(src_bits, order[r0:r1], dst_bits[r0:r1])
+def _gather_shared(workers, X_all, order, first, rows, dst, scratch):
+    """dst[:rows] = X_all[order[first:first + rows]] by ``_gather_split`` (X_all C-ordered);
+    returns the largest |x| gathered, inf if one is inf, NaN if one is NaN (a float of
+    ``scratch``'s dtype)."""
+    largest = _gather_split(workers, np.int64(X_all.ctypes.data), X_all.shape[0],
+                            X_all.strides[0] // X_all.itemsize, np.int64(dst.ctypes.data),
+                            dst.shape[1], np.int64(order.ctypes.data) + first * order.itemsize,
+                            rows, X_all.itemsize)
+    return _as_float(largest, scratch)
 
 
 @jit
@@ -883,17 +900,12 @@ def pool_worker(control, worker):
             pool.run_job(pool.load(block, pool.JOB), worker + 1, pool.load(block, pool.JOB_DATA),
                          pool.load(block, pool.JOB_ARGUMENT))
         elif kind == pool.GATHER:
-            source, source_rows = pool.load(block, pool.SOURCE), pool.load(block, pool.JOB)
-            stride, columns = pool.load(block, pool.SOURCE_STRIDE), pool.load(block, pool.COLUMNS)
-            destination = pool.load(block, pool.DESTINATION)
-            rows = pool.load(block, pool.ROWS_END)
-            order = pool.int64_matrix_at(pool.load(block, pool.ORDER), 1, rows)[0]
-            if pool.load(block, pool.ITEMSIZE) == 4:
-                largest = _gather_task(block, pool.int32_matrix_at(source, source_rows, stride),
-                                       pool.int32_matrix_at(destination, rows, columns), order)
-            else:
-                largest = _gather_task(block, pool.int64_matrix_at(source, source_rows, stride),
-                                       pool.int64_matrix_at(destination, rows, columns), order)
+            largest = _gather_rows(
+                pool.load(block, pool.SOURCE), pool.load(block, pool.JOB),
+                pool.load(block, pool.SOURCE_STRIDE), pool.load(block, pool.DESTINATION),
+                pool.load(block, pool.COLUMNS), pool.load(block, pool.ORDER),
+                pool.load(block, pool.ROWS_START), pool.load(block, pool.ROWS_END),
+                pool.load(block, pool.ITEMSIZE))
             pool.store(block, pool.RESULT, largest)
         elif kind == pool.STOP:
             pool.store(block, pool.RESULT, pool.LAYOUT)
@@ -965,11 +977,12 @@ def _backward(net, work, rows, par, kinds, sums, bound, input_bound):
     inside the GEMM that computes dW (``train_epoch``). Sums in the dtype (float32's
     vectorize twice as wide): one that overflows is inf, which only costs the shortcut. For
     the first layer, ``input_bound`` (rows * the batch's largest |x|, from the gather) stands
-    for the column sums of |X|: no smaller than any of them. Without ``bound``, none is formed
-    and the second is False."""
+    for the column sums of |X|: no smaller than any of them. With ``bound`` None, none is
+    formed (nor its code compiled) and the second is False."""
     layers = net[2]
-    limit = _bound_limit(net[0].itemsize, rows)
-    finite, sure = True, bound
+    finite, sure, limit = True, bound is not None, 0.0
+    if bound is not None:
+        limit = _bound_limit(net[0].itemsize, rows)
     for layer in range(layers.shape[0] - 1, -1, -1):
         W, _, _, db, A, dA, Z = _layer(net, work, layer, rows)
         _dense_dz(dA, layers[layer, 4], A, Z, db, par, kinds)
@@ -978,9 +991,10 @@ def _backward(net, work, rows, par, kinds, sums, bound, input_bound):
         if layer > 0:
             _, _, _, _, X, dX, _ = _layer(net, work, layer - 1, rows)
             gemm_t(dA, False, W, True, dX, 1.0, 0.0)
-        if sure:
-            x_bound = input_bound if layer == 0 else _abs_column_sums_max(X, sums)
-            sure = x_bound * _abs_column_sums_max(dA, sums) <= limit
+        if bound is not None:
+            if sure:
+                x_bound = input_bound if layer == 0 else _abs_column_sums_max(X, sums)
+                sure = x_bound * _abs_column_sums_max(dA, sums) <= limit
     return finite, sure
 
 
@@ -1006,15 +1020,17 @@ def _weight_gradients(net, work, rows, alpha, beta, into_weights, scan):
 
 @jit
 def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, states, sgd, adam,
-                rmsprop, bound, workers, par, kinds):
+                rmsprop, workers, par, kinds):
     """Every step of one epoch, as train.py's per-kernel loop runs them: gather the batch,
     forward, loss (and hits), backward, check_step, then the optimizer update of step
     ``first_step + s`` (a no-op once halted). The arguments that may be None (``labels`` or
     ``T``; all but one of the rules, as in optimizer_step) are separate so that Numba compiles
-    the code of the given ones only. ``bound``: whether to bound the weight gradients rather
-    than scan them (``_backward``), and so to fuse a plain SGD update into their GEMM.
-    ``workers``: with ``bound``, how many of ``_numba_pool``'s threads share each gather (0:
-    none), else None (the code of both then not compiled)."""
+    the code of the given ones only. ``workers``, for large models: how many of
+    ``_numba_pool``'s threads share each gather (0: none), which then bounds the weight
+    gradients rather than scanning them (``_backward``) and fuses a plain SGD update into their
+    GEMM; None for small models, which gather alone and scan (the code of the others then not
+    compiled). The batch is gathered by address (``_gather_rows``): X must be C-ordered
+    unless ``workers`` is None."""
     params, grads, layers = _borrowed(net[0]), _borrowed(net[1]), _borrowed(net[2])
     net = (params, grads, layers)
     X_all, order, batch = _borrowed(data[0]), _borrowed(data[1]), data[2]
@@ -1054,7 +1070,7 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, state
                 _mse(Y, batch_T[:rows], dY, step_loss)
             if metric:
                 _count_correct_rows(Y, batch_T[:rows], step_correct)
-        finite, sure = _backward(net, work, rows, par, kinds, sums, bound, input_bound)
+        finite, sure = _backward(net, work, rows, par, kinds, sums, workers, input_bound)
         finite = finite and math.isfinite(step_loss[0])
         # Plain SGD (no momentum) updates W inside dW's GEMM, W = (1 - lr wd) W - lr X.T @ dZ,
         # as its update would (but for the rounding of dW, which is not stored): no separate
@@ -1063,11 +1079,11 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, state
         # otherwise have to undo it. Not on the epoch's last step, whose gradients stay in
         # ``grads`` as the per-kernel loop leaves them.
         fused, alpha, beta = False, 1.0, 0.0
-        if sgd is not None:
+        if sgd is not None and workers is not None:
             if sgd[1] == 0 and sure and finite and halted[0] == 0 and s + 1 < steps:
                 fused, alpha, beta = True, -sgd[0], 1.0 - sgd[0] * sgd[4]
         finite = _weight_gradients(net, work, rows, alpha, beta, fused, not sure) and finite
-        if fused:
+        if sgd is not None and workers is not None and fused:
             for layer in range(layers.shape[0]):  # the biases, by the rule itself
                 b, o = layers[layer, 3], layers[layer, 1]
                 _update(params[b:b + o], grads[b:b + o], states, sgd, adam, rmsprop,

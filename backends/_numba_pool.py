@@ -253,6 +253,16 @@ def _matrix_at(dtype):
 
 int32_matrix_at, int64_matrix_at = _matrix_at(types.int32), _matrix_at(types.int64)
 
+if numba.config.DISABLE_JIT:  # plain Python: the same views, by ctypes
+    def _python_matrix_at(ctype):
+        def matrix_at(address, rows, columns):
+            flat = (ctype * int(rows * columns)).from_address(int(address))
+            return np.ctypeslib.as_array(flat).reshape(rows, columns)
+        return matrix_at
+
+    int32_matrix_at = _python_matrix_at(ctypes.c_int32)  # noqa: F811
+    int64_matrix_at = _python_matrix_at(ctypes.c_int64)  # noqa: F811
+
 _jit = dict(nogil=True, cache=True)
 _inline = numba.njit(inline="always", **_jit)
 

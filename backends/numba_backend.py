@@ -180,18 +180,17 @@ class NumbaBackend(HostMemory, Backend):
         labeled = plan.T.ndim == 1
         states = self._states([plan.state.get(name) for name in K.RULE_STATE[rule]], plan.params)
         widest = max(plan.params.size, plan.batch * max(plan.sizes))
-        large = plan.params.size >= BOUND_MIN_PARAMS
         workers = None
-        if large:
+        # (fit's data is C-ordered; the large models' gather reads rows by address)
+        if plan.params.size >= BOUND_MIN_PARAMS and plan.X.flags.c_contiguous:
             workers = 0
-            # (fit's data is C-ordered; a worker reads rows from their address, so only then)
-            if POOL and plan.params.size >= POOL_MIN_PARAMS and plan.X.flags.c_contiguous:
+            if POOL and plan.params.size >= POOL_MIN_PARAMS:
                 workers = pool.ensure(K.pool_worker, pool.blas_threads() - 1)
         K.train_epoch(net, (plan.X, plan.order, plan.batch), work,
                       (plan.step_loss, plan.step_correct, plan.halted), plan.first_step,
                       K.LOSS_CODES[plan.loss], plan.metric, targets if labeled else None,
                       None if labeled else targets, states, *_hyper(rule, plan.hp),
-                      large, workers, self._par(widest),
+                      workers, self._par(widest),
                       K.activation_kinds(K.ACTIVATION_CODES[a] for a in plan.activations))
         return True
 
