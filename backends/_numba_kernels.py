@@ -355,16 +355,18 @@ def _scale(dA, r, j, derivative):
 
 
 @inline
-def _grad_rows(dA, act, A, Z, total, r0, r1, kinds):
-    _grad_rows_of(dA, act, A, Z, total, r0, r1, *kinds)
+def _grad_rows(dA, act, A, Z, total, magnitudes, r0, r1, kinds):
+    _grad_rows_of(dA, act, A, Z, total, magnitudes, r0, r1, *kinds)
 
 
 @helper
-def _grad_rows_of(dA, act, A, Z, total, r0, r1, identity, relu, leaky_relu, sigmoid, tanh,
-                  gelu):
+def _grad_rows_of(dA, act, A, Z, total, magnitudes, r0, r1, identity, relu, leaky_relu, sigmoid,
+                  tanh, gelu):
     """Rows r0..r1: dA *= act'(A, or Z for gelu) in place, each row then added to the column
-    sums ``total``, row after row and in the dtype, as NumPy's add.reduce does. The last six
-    arguments are ``kinds``, as in _bias_act_rows_of."""
+    sums ``total``, row after row and in the dtype, as NumPy's add.reduce does. Unless
+    ``magnitudes`` is None, its rows 0 and 1 also sum the column's |dZ| and |A| (for
+    ``_backward``'s bound), from the row just written, still in cache. The last six arguments
+    are ``kinds``, as in _bias_act_rows_of."""
     o = dA.shape[1]
     for r in range(r0, r1):
         if act == RELU:
@@ -390,13 +392,17 @@ def _grad_rows_of(dA, act, A, Z, total, r0, r1, identity, relu, leaky_relu, sigm
         else:
             for j in range(o):
                 total[j] += dA[r, j]
+        if magnitudes is not None:  # (a loop of its own: in the one above, LLVM would need
+            for j in range(o):      # more overlap tests than it makes, and not vectorize)
+                magnitudes[0, j] += abs(dA[r, j])
+                magnitudes[1, j] += abs(A[r, j])
 
 
 @phelper
 def _grad_rows_par(dA, act, A, Z, totals, chunks, kinds):
     for c in numba.prange(chunks):
         r0, r1 = _bounds(c, chunks, dA.shape[0])
-        _grad_rows(dA, act, A, Z, totals[c], r0, r1, kinds)
+        _grad_rows(dA, act, A, Z, totals[c], None, r0, r1, kinds)
 
 
 @inline
@@ -406,7 +412,7 @@ def _dense_dz(dA, act, A, Z, db, par, kinds):
     chunks = min(_chunks(dA.size, par), dA.shape[0])
     if par is None or chunks == 1:
         db[:] = 0.0
-        _grad_rows(dA, act, A, Z, db, 0, dA.shape[0], kinds)
+        _grad_rows(dA, act, A, Z, db, None, 0, dA.shape[0], kinds)
     else:
         # Per-chunk sums, added in chunk order. Allocated per call, but only on this path,
         # for work of millions of elements, beside which an allocation is noise.
@@ -736,7 +742,7 @@ def optimizer_step(p, g, states, sgd, adam, rmsprop, step, halted, par):
 #   net   (params, grads, layers): flat buffers; layers int64 (layers, 7), LAYER_COLUMNS
 #   data  (X, order, batch): X (N, i), order (N,) int64, rows per step
 #   work  (X, A, dA, Z, sums): per-step scratch, X (batch, i) and the flat A, dA and Z (gelu
-#         layers only) of every layer at layer offsets (x rows); sums (the widest layer,) in
+#         layers only) of every layer at layer offsets (x rows); sums (2 x the widest layer,) in
 #         the dtype, for _backward's bound. Per step, the kernels see (X, A, dA, Z).
 #   out   (loss, correct, halted): (steps,), (steps,), (1,) int64
 # The targets come as one of two pairs (all targets, the batch's scratch), the other None:
@@ -966,7 +972,7 @@ def _abs_column_sums_max(M, sums):
 
 
 @inline
-def _backward(net, work, rows, par, kinds, sums, bound, input_bound):
+def _backward(net, work, rows, par, kinds, sums, bound, scan, input_bound):
     """Backward through every layer but the weight gradients (``_weight_gradients``): dZ and
     db of every layer and dX, top down. Returns (whether every db is finite, whether every dW
     is sure to be finite). The second without computing dW: |dW[i, j]| = |sum_r X[r, i]
@@ -977,24 +983,41 @@ def _backward(net, work, rows, par, kinds, sums, bound, input_bound):
     inside the GEMM that computes dW (``train_epoch``). Sums in the dtype (float32's
     vectorize twice as wide): one that overflows is inf, which only costs the shortcut. For
     the first layer, ``input_bound`` (rows * the batch's largest |x|, from the gather) stands
-    for the column sums of |X|: no smaller than any of them. With ``bound`` None, none is
-    formed (nor its code compiled) and the second is False."""
+    for the column sums of |X|: no smaller than any of them. The others come from the pass
+    that forms dZ, which reads and writes every element they sum (``_grad_rows_of``): dZ's of
+    this layer, and A's, the layer above's X. With ``bound`` None, none is formed (nor its
+    code compiled) and the second is False. ``scan``: None where ``bound`` is not (and so
+    not compiled either), True otherwise; Numba prunes by None, not by other values."""
     layers = net[2]
-    finite, sure, limit = True, bound is not None, 0.0
+    finite, sure, limit, above = True, bound is not None, 0.0, 0.0
     if bound is not None:
         limit = _bound_limit(net[0].itemsize, rows)
-    for layer in range(layers.shape[0] - 1, -1, -1):
+    top = layers.shape[0] - 1
+    for layer in range(top, -1, -1):
         W, _, _, db, A, dA, Z = _layer(net, work, layer, rows)
-        _dense_dz(dA, layers[layer, 4], A, Z, db, par, kinds)
+        if bound is not None and par is None:
+            # The column sums of |dZ| and of |A| (the X of the layer above) in dZ's pass
+            o = dA.shape[1]
+            magnitudes = _as_matrix(sums, 2, o)
+            magnitudes[:, :] = 0.0
+            db[:] = 0.0
+            _grad_rows(dA, layers[layer, 4], A, Z, db, magnitudes, 0, rows, kinds)
+            if layer < top:
+                sure = sure and _largest(magnitudes[1], o) * above <= limit
+            above = _largest(magnitudes[0], o)
+        if scan is not None or par is not None:
+            _dense_dz(dA, layers[layer, 4], A, Z, db, par, kinds)
         finite = _finite(db) and finite
         X = work[0][:rows]
         if layer > 0:
             _, _, _, _, X, dX, _ = _layer(net, work, layer - 1, rows)
             gemm_t(dA, False, W, True, dX, 1.0, 0.0)
-        if bound is not None:
+        if bound is not None and par is not None:  # the parallel passes sum no magnitudes
             if sure:
                 x_bound = input_bound if layer == 0 else _abs_column_sums_max(X, sums)
                 sure = x_bound * _abs_column_sums_max(dA, sums) <= limit
+    if bound is not None and par is None:
+        sure = sure and input_bound * above <= limit
     return finite, sure
 
 
@@ -1020,7 +1043,7 @@ def _weight_gradients(net, work, rows, alpha, beta, into_weights, scan):
 
 @jit
 def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, states, sgd, adam,
-                rmsprop, workers, par, kinds):
+                rmsprop, workers, scan, par, kinds):
     """Every step of one epoch, as train.py's per-kernel loop runs them: gather the batch,
     forward, loss (and hits), backward, check_step, then the optimizer update of step
     ``first_step + s`` (a no-op once halted). The arguments that may be None (``labels`` or
@@ -1029,8 +1052,9 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, state
     ``_numba_pool``'s threads share each gather (0: none), which then bounds the weight
     gradients rather than scanning them (``_backward``) and fuses a plain SGD update into their
     GEMM; None for small models, which gather alone and scan (the code of the others then not
-    compiled). The batch is gathered by address (``_gather_rows``): X must be C-ordered
-    unless ``workers`` is None."""
+    compiled). ``scan``: True for small models, else None (for the same reason: Numba prunes
+    by None only). A large model's batch is gathered by address (``_gather_rows``): X must
+    then be C-ordered."""
     params, grads, layers = _borrowed(net[0]), _borrowed(net[1]), _borrowed(net[2])
     net = (params, grads, layers)
     X_all, order, batch = _borrowed(data[0]), _borrowed(data[1]), data[2]
@@ -1046,7 +1070,7 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, state
         if workers is not None:  # a large model's gather, with the bound of its first layer
             input_bound = rows * _gather_shared(workers, X_all, order, s * batch, rows,
                                                 work[0], sums)
-        else:  # (on S's 64 columns, the bound's maximum slowed the gather down ~7%)
+        if scan is not None:  # (on S's 64 columns, the bound's maximum slowed the gather ~7%)
             _gather(X_all, index, work[0])
             input_bound = math.inf
         _forward(net, work, rows, par, kinds)
@@ -1070,7 +1094,7 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, state
                 _mse(Y, batch_T[:rows], dY, step_loss)
             if metric:
                 _count_correct_rows(Y, batch_T[:rows], step_correct)
-        finite, sure = _backward(net, work, rows, par, kinds, sums, workers, input_bound)
+        finite, sure = _backward(net, work, rows, par, kinds, sums, workers, scan, input_bound)
         finite = finite and math.isfinite(step_loss[0])
         # Plain SGD (no momentum) updates W inside dW's GEMM, W = (1 - lr wd) W - lr X.T @ dZ,
         # as its update would (but for the rounding of dW, which is not stored): no separate

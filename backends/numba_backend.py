@@ -190,16 +190,16 @@ class NumbaBackend(HostMemory, Backend):
                       (plan.step_loss, plan.step_correct, plan.halted), plan.first_step,
                       K.LOSS_CODES[plan.loss], plan.metric, targets if labeled else None,
                       None if labeled else targets, states, *_hyper(rule, plan.hp),
-                      workers, self._par(widest),
+                      workers, True if workers is None else None, self._par(widest),
                       K.activation_kinds(K.ACTIVATION_CODES[a] for a in plan.activations))
         return True
 
     def _epoch_buffers(self, plan: EpochPlan) -> tuple[Any, Any, tuple]:
         """The epoch kernel's view of the model (flat buffers and a layer table), its per-step
-        scratch (the full workspace's X; flat A, dA and Z of every layer; a row as wide as the
-        widest layer) and the targets pair (all of them, the full workspace's T)."""
+        scratch (the full workspace's X; flat A, dA and Z of every layer; two rows as wide as
+        the widest layer) and the targets pair (all of them, the full workspace's T)."""
         dtype, ws = plan.params.dtype, plan.workspaces[0]
         layers, a_size, z_size = K.layer_table(plan.sizes, plan.activations, plan.batch)
         work = (ws.X, np.empty(a_size, dtype), np.empty(a_size, dtype), np.empty(z_size, dtype),
-                np.empty(max(plan.sizes), dtype))
+                np.empty(2 * max(plan.sizes), dtype))
         return (plan.params, plan.grads, layers), work, (plan.T, ws.T)

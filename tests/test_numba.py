@@ -192,6 +192,74 @@ def test_the_bound_on_weight_gradients_sees_every_column_and_every_inf_or_nan(dt
             assert largest(spoiled, sums) == np.inf, (bad, column)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", ["small", "first-layer-large", "hidden-large", "nan", "inf"])
+def test_backward_bounds_the_weight_gradients_layer_by_layer(dtype, case):
+    """_backward's verdict that every dW is finite (the sums of |dZ| and |A| come from the pass
+    that forms dZ) against the bound computed in float64 NumPy, layer by layer: the first
+    layer's |X| sums as rows * the largest |x|, the others' from the layer below's A."""
+    import numba
+
+    sizes, rows = (6, 5, 4, 3), 8
+    rng = np.random.default_rng(11)
+    layers, a_size, _ = K.layer_table(sizes, ("relu", "tanh", "identity"), rows)
+    params = rng.standard_normal(int(layers[-1, 3] + sizes[-1])).astype(dtype)
+    A, dA = np.zeros(a_size, dtype), np.zeros(a_size, dtype)
+    views = []
+    for i, o, w, _, _, a, _ in layers:
+        views.append((params[w:w + i * o].reshape(i, o), A[a:a + rows * o].reshape(rows, o),
+                      dA[a:a + rows * o].reshape(rows, o)))
+    big = {"float32": (1e18, 1e22, 1e37), "float64": (1e150, 1e160, 1e306)}[dtype]
+    scale = {"first-layer-large": (1.0, big[0]), "hidden-large": (big[2], 1e3)}.get(case, (1, 1))
+    top_A, top_dA = views[2][1], views[2][2]
+    top_A[:] = rng.standard_normal(top_A.shape)
+    top_dA[:] = rng.standard_normal(top_dA.shape) * scale[1]
+    views[0][1][:] = np.abs(rng.standard_normal((rows, 5))) * scale[0]  # relu outputs
+    views[1][1][:] = np.tanh(rng.standard_normal((rows, 4)))
+    if case in ("nan", "inf"):
+        views[0][1][3, 2] = np.nan if case == "nan" else np.inf
+    X = rng.standard_normal((rows, 6)).astype(dtype)
+    input_bound = rows * float(np.abs(X).max()) * (big[1] if case == "first-layer-large" else 1)
+    limit = {np.float32: 3.4e38, np.float64: 1.79e308}[np.dtype(dtype).type] / 2
+
+    # float64 reference: dZ top down, then max column sum |X| * max column sum |dZ| per layer
+    derivative = (lambda a: (a > 0).astype(float), lambda a: 1 - a * a, lambda a: np.ones_like(a))
+    dZ, sure, upstream = [None] * 3, True, top_dA.astype(np.float64)
+    for layer in (2, 1, 0):
+        W, A_l, _ = views[layer]
+        with np.errstate(invalid="ignore", over="ignore"):
+            dZ[layer] = upstream * derivative[layer](A_l.astype(np.float64))
+            upstream = dZ[layer] @ W.astype(np.float64).T
+            x_sums = input_bound if layer == 0 else \
+                np.abs(views[layer - 1][1].astype(np.float64)).sum(axis=0).max()
+            bound = x_sums * np.abs(dZ[layer]).sum(axis=0).max()
+        sure = sure and bound <= limit * 0.99
+    if case == "small":
+        assert sure
+    elif case in ("nan", "inf"):
+        assert not sure
+    # the test's scales put each layer's bound far from the limit, on either side
+    assert case not in ("first-layer-large", "hidden-large") or not sure
+
+    @numba.njit
+    def backward(net, work, rows, sums, bound, scan, input_bound, kinds):
+        return K._backward(net, work, rows, None, kinds, sums, bound, scan, input_bound)
+
+    net = (params, np.zeros_like(params), layers)
+    work = (X, A, dA, np.zeros(0, dtype))
+    kinds = K.activation_kinds(K.ACTIVATION_CODES[a] for a in ("relu", "tanh"))
+    finite, verdict = backward(net, work, rows, np.empty(12, dtype), 0, None, input_bound,
+                               kinds)
+    # (an inf in A reaches dW only: relu'(inf) = 1 keeps dZ and db finite; a NaN reaches db)
+    assert verdict == sure and finite == (case != "nan")
+    if case == "small":  # dZ of every layer formed in place, in the dtype
+        for layer in (2, 1, 0):
+            np.testing.assert_allclose(views[layer][2], dZ[layer], rtol=1e-4, atol=1e-5)
+    # without a bound there is no verdict
+    assert backward(net, work, rows, np.empty(12, dtype), None, True, input_bound,
+                    kinds)[1] is False
+
+
 @pytest.mark.skipif(not JIT, reason="NUMBA_DISABLE_JIT: no compiled kernels")
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_the_gather_finds_the_largest_magnitude_and_every_inf_or_nan(dtype):
