@@ -942,6 +942,10 @@ def _largest(sums, n):
     return largest
 
 
+_FLOAT32_MAX, _FLOAT64_MAX = float(np.finfo(np.float32).max), float(np.finfo(np.float64).max)
+_FLOAT32_ROUNDOFF, _FLOAT64_ROUNDOFF = 2.0 ** -24, 2.0 ** -53
+
+
 @inline
 def _bound_limit(itemsize, rows):
     """How large the bound (sum_r |X[r, i]|) (sum_r |dZ[r, j]|), each sum as computed in the
@@ -950,8 +954,8 @@ def _bound_limit(itemsize, rows):
     terms' magnitudes (u: the unit roundoff); so the exact bound is at most the computed one
     over (1 - gamma)^2, and BLAS's dW at most (1 + gamma) times the exact bound. Half the
     largest value of the dtype as the margin; no limit at all (-1) where n u nears 1."""
-    largest = 3.4028234663852886e38 if itemsize == 4 else 1.7976931348623157e308
-    nu = (rows + 1) * (2.0 ** -24 if itemsize == 4 else 2.0 ** -53)
+    largest = _FLOAT32_MAX if itemsize == 4 else _FLOAT64_MAX
+    nu = (rows + 1) * (_FLOAT32_ROUNDOFF if itemsize == 4 else _FLOAT64_ROUNDOFF)
     if nu >= 0.5:
         return -1.0
     gamma = nu / (1.0 - nu)
