@@ -175,6 +175,18 @@ def _gemm_compiled(A, B, C):
     return gemm_impl
 
 
+@_inline
+def _inner_size(A, trans_a, B, trans_b, C):
+    """k of C (m, n) = op(A) (m, k) @ op(B) (k, n), after checking that the shapes agree."""
+    m, n = C.shape
+    k = A.shape[0] if trans_a else A.shape[1]
+    if (A.shape[1] if trans_a else A.shape[0]) != m or \
+            (B.shape[1] if trans_b else B.shape[0]) != k or \
+            (B.shape[0] if trans_b else B.shape[1]) != n:
+        raise ValueError("gemm: shapes do not match")
+    return k
+
+
 @overload(gemm_t, jit_options=_GEMM_JIT)
 def _gemm_t_compiled(A, trans_a, B, trans_b, C, alpha, beta):
     routine = _sgemm if C.dtype == types.float32 else _dgemm
@@ -182,12 +194,8 @@ def _gemm_t_compiled(A, trans_a, B, trans_b, C, alpha, beta):
     # _storage's tests: a third of the code, and ~0.25 s less of the epoch kernel's first compile.
     if A.layout == B.layout == C.layout == "C":
         def gemm_t_contiguous(A, trans_a, B, trans_b, C, alpha, beta):
+            k = _inner_size(A, trans_a, B, trans_b, C)
             m, n = C.shape
-            k = A.shape[0] if trans_a else A.shape[1]
-            if (A.shape[1] if trans_a else A.shape[0]) != m or \
-                    (B.shape[1] if trans_b else B.shape[0]) != k or \
-                    (B.shape[0] if trans_b else B.shape[1]) != n:
-                raise ValueError("gemm: shapes do not match")
             if m == 0 or n == 0:
                 return
             cast = C.dtype.type
@@ -198,12 +206,7 @@ def _gemm_t_compiled(A, trans_a, B, trans_b, C, alpha, beta):
         return gemm_t_contiguous
 
     def gemm_t_impl(A, trans_a, B, trans_b, C, alpha, beta):
-        m, n = C.shape
-        k = A.shape[0] if trans_a else A.shape[1]
-        if (A.shape[1] if trans_a else A.shape[0]) != m or \
-                (B.shape[1] if trans_b else B.shape[0]) != k or \
-                (B.shape[0] if trans_b else B.shape[1]) != n:
-            raise ValueError("gemm: shapes do not match")
+        k = _inner_size(A, trans_a, B, trans_b, C)
         a_transposed, lda = _storage(A)
         b_transposed, ldb = _storage(B)
         if a_transposed or b_transposed:

@@ -598,9 +598,22 @@ def numba_jit_gemm():
     return run
 
 
+def _padded(M, pad):
+    """M as the first columns of a wider C-ordered array (rows ``pad`` elements apart beyond
+    its own width): to Numba, an array of layout 'A', not 'C'."""
+    if not pad:
+        return M
+    wide = np.full((M.shape[0], M.shape[1] + pad), np.nan, M.dtype)
+    wide[:, :M.shape[1]] = M
+    return wide[:, :M.shape[1]]
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("shape", GEMM_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_gemm_t_matches_the_float64_product_for_every_transpose_flag(dtype, shape):
+@pytest.mark.parametrize("pad", [0, 3], ids=["contiguous", "padded-rows"])
+def test_gemm_t_matches_the_float64_product_for_every_transpose_flag(dtype, shape, pad):
+    """Both compiled GEMMs: the one for C-typed operands (the epoch kernel's) and the general
+    one, for rows wider apart than their length."""
     from bpkernels.backends._numba_blas import gemm_t
     run = numba_jit_gemm_t() if JIT else gemm_t
     tolerance = 1e-5 if dtype == "float32" else 1e-13
@@ -608,15 +621,15 @@ def test_gemm_t_matches_the_float64_product_for_every_transpose_flag(dtype, shap
     rng = np.random.default_rng(3)
     for trans_a in (False, True):
         for trans_b in (False, True):
-            A = rng.standard_normal((k, m) if trans_a else (m, k)).astype(dtype)
-            B = rng.standard_normal((n, k) if trans_b else (k, n)).astype(dtype)
-            C = np.full((m, n), np.nan, dtype)
+            A = _padded(rng.standard_normal((k, m) if trans_a else (m, k)).astype(dtype), pad)
+            B = _padded(rng.standard_normal((n, k) if trans_b else (k, n)).astype(dtype), pad)
+            C = _padded(np.full((m, n), np.nan, dtype), pad)
             run(A, trans_a, B, trans_b, C, 1.0, 0.0)
             a64, b64 = A.astype(np.float64), B.astype(np.float64)
             reference = (a64.T if trans_a else a64) @ (b64.T if trans_b else b64)
             np.testing.assert_allclose(C, reference, rtol=tolerance, atol=tolerance)
-    if JIT:  # the flags are values, not types: one compiled GEMM serves every call above
-        assert len(run.overloads) == 1
+    if JIT and not pad:  # the flags are values, not types: one compiled GEMM serves them all
+        assert len(run.overloads) == 1  # (a padded array of one row is C-ordered: other types)
 
 
 def numba_jit_gemm_t():
@@ -643,12 +656,13 @@ def test_gemm_t_scales_the_product_and_adds_the_scaled_output(dtype):
     np.testing.assert_allclose(C, expected, rtol=tolerance, atol=tolerance)
 
 
-def test_gemm_t_refuses_mismatched_shapes():
+@pytest.mark.parametrize("pad", [0, 3], ids=["contiguous", "padded-rows"])
+def test_gemm_t_refuses_mismatched_shapes(pad):
     from bpkernels.backends._numba_blas import gemm_t
     run = numba_jit_gemm_t() if JIT else gemm_t
-    A, B = np.ones((3, 4)), np.ones((5, 2))
-    with pytest.raises(ValueError):
-        run(A, False, B, False, np.empty((3, 2)), 1.0, 0.0)
+    A, B = _padded(np.ones((3, 4)), pad), _padded(np.ones((5, 2)), pad)
+    with pytest.raises(ValueError, match="shapes do not match" if JIT else ""):
+        run(A, False, B, False, _padded(np.empty((3, 2)), pad), 1.0, 0.0)
 
 
 @pytest.mark.skipif(not JIT, reason="NUMBA_DISABLE_JIT: no compiled kernels")
