@@ -36,6 +36,25 @@ def _hyper(rule: str, hp) -> tuple[tuple[float, ...] | None, ...]:
 # The ``kinds`` of a single activation: one compiled copy of a layer kernel per activation met.
 _KINDS = {name: K.activation_kinds([code]) for name, code in K.ACTIVATION_CODES.items()}
 
+
+class _ReadOnlyAlias:
+    """A read-only array's memory as a writeable array (``np.asarray`` of it), which keeps the
+    array alive."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.__array_interface__ = dict(array.__array_interface__,
+                                        data=(array.__array_interface__["data"][0], False))
+        self.array = array
+
+
+def _writeable(array: Any) -> Any:
+    """``array``, or a writeable alias of it where it is read-only (a memory map, a broadcast
+    or a frozen array): Numba compiles a kernel once more for read-only arguments (the epoch
+    kernel: seconds), though no kernel writes to its inputs."""
+    if isinstance(array, np.ndarray) and not array.flags.writeable:
+        return np.asarray(_ReadOnlyAlias(array))
+    return array
+
 # A pass over fewer than 2 * PARALLEL_MIN elements runs serially. Measured on 2 cores with BLAS on
 # 2 threads: between GEMMs, BLAS's idle workers spin on the cores a parallel pass needs, and the
 # passes are memory-bound; at L's sizes (1M activations, 6.3M parameters) parallel passes gained
@@ -63,6 +82,7 @@ class NumbaBackend(HostMemory, Backend):
         one is in force (for Numba, at most NUMBA_NUM_THREADS), else NUMBA_NUM_THREADS where it
         is set (for BLAS too), else Numba's and BLAS's own defaults (every core)."""
         self._empty: dict[tuple, np.ndarray] = {}
+        self._last_kinds = _KINDS["identity"]
         if threads is None:
             import sys
             # bpkernels.set_num_threads records its count without importing Numba and has set
@@ -125,16 +145,27 @@ class NumbaBackend(HostMemory, Backend):
                 "gemm": BLAS_SOURCE}
 
     # ------------------------------------------------------------------ dense layer
+    def _kinds(self, activation: str) -> tuple:
+        """The ``kinds`` of a layer kernel's call. An identity layer (a network's output) takes
+        those of the last other layer called, a network's hidden layer as a rule: then the
+        layers of a network share one compiled copy of the kernel (and its row pass, with the
+        epoch kernel), not one more for the output layer (~0.7 s of a first evaluate). The
+        identity's loop is in every copy, and computes the same in each."""
+        if activation != "identity":
+            self._last_kinds = _KINDS[activation]
+        return self._last_kinds
+
     def dense_forward(self, X, W, b, activation, A, Z=None):
-        K.dense_forward(X, W, b, K.ACTIVATION_CODES[activation], A if Z is None else Z, A,
-                        Z is not None, self._par(A.size), _KINDS[activation])
+        K.dense_forward(_writeable(X), _writeable(W), _writeable(b),
+                        K.ACTIVATION_CODES[activation], A if Z is None else Z, A, Z is not None,
+                        self._par(A.size), self._kinds(activation))
 
     def dense_backward(self, X, W, dA, activation, A, Z, dW, db, dX=None):
         if Z is None and activation == "gelu":
             raise ValueError("dense_backward of a gelu layer needs its pre-activation Z")
-        K.dense_backward(X, W, dA, K.ACTIVATION_CODES[activation], A, A if Z is None else Z,
-                         dW, db, dA if dX is None else dX, dX is not None, self._par(dA.size),
-                         _KINDS[activation])
+        K.dense_backward(_writeable(X), _writeable(W), dA, K.ACTIVATION_CODES[activation], A,
+                         A if Z is None else Z, dW, db, dA if dX is None else dX,
+                         dX is not None, self._par(dA.size), self._kinds(activation))
 
     # ------------------------------------------------------------------ loss
     def loss(self, kind, Y, T, dY, out):
@@ -142,10 +173,11 @@ class NumbaBackend(HostMemory, Backend):
             kernel = K.softmax_xent_labels if T.ndim == 1 else K.softmax_xent_rows
         else:
             kernel = K.binary_xent if kind == "binary_cross_entropy" else K.mse
-        kernel(Y, T, dY, out)
+        kernel(_writeable(Y), _writeable(T), dY, out)
 
     def count_correct(self, Y, T, out):
-        (K.count_correct_labels if T.ndim == 1 else K.count_correct_rows)(Y, T, out)
+        (K.count_correct_labels if T.ndim == 1 else K.count_correct_rows)(
+            _writeable(Y), _writeable(T), out)
 
     def check_step(self, loss, grads, step, halted):
         K.check_step(loss, grads, int(step), halted, self._par(grads.size))
@@ -186,7 +218,7 @@ class NumbaBackend(HostMemory, Backend):
             workers = 0
             if POOL and plan.params.size >= POOL_MIN_PARAMS:
                 workers = pool.ensure(K.pool_worker, pool.blas_threads() - 1)
-        K.train_epoch(net, (plan.X, plan.order, plan.batch), work,
+        K.train_epoch(net, (_writeable(plan.X), plan.order, plan.batch), work,
                       (plan.step_loss, plan.step_correct, plan.halted), plan.first_step,
                       K.LOSS_CODES[plan.loss], plan.metric, targets if labeled else None,
                       None if labeled else targets, states, *_hyper(rule, plan.hp),
