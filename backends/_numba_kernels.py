@@ -15,12 +15,13 @@ relies on a feature that only exists compiled.
 """
 from __future__ import annotations
 
+import gc
 import math
 
 import numba
 import numpy as np
 
-from numba.core import cgutils, types
+from numba.core import cgutils, event, types
 from numba.extending import intrinsic
 from numba.np.arrayobj import populate_array
 
@@ -51,6 +52,34 @@ phelper = numba.njit(parallel=True, **_INTERNAL)
 inline = numba.njit(inline="always", **_INTERNAL)
 
 MAX_CHUNKS = 64
+
+
+class _CollectorPause(event.Listener):
+    """Python's cyclic garbage collector paused while Numba compiles a kernel of this package.
+    A compile allocates millions of short-lived objects (IR, types, llvmlite's IR), and the
+    collector's full passes over them were ~10% of the epoch kernel's first compile. Numba
+    compiles under one lock, one compile at a time: so a depth count suffices, and the
+    collector is restored, as it was, when the outermost compile ends, errors included."""
+
+    def __init__(self) -> None:
+        self.depth, self.was_enabled = 0, False
+
+    def on_start(self, compile_event) -> None:
+        dispatcher = compile_event.data["dispatcher"]
+        if self.depth or dispatcher.py_func.__module__.startswith(__package__):
+            if self.depth == 0:
+                self.was_enabled = gc.isenabled()
+                gc.disable()
+            self.depth += 1
+
+    def on_end(self, compile_event) -> None:
+        if self.depth:
+            self.depth -= 1
+            if self.depth == 0 and self.was_enabled:
+                gc.enable()
+
+
+event.register("numba:compile", _CollectorPause())
 
 
 @intrinsic
@@ -702,8 +731,10 @@ def _update(p, g, states, sgd, adam, rmsprop, step):
     if sgd is not None:
         _sgd(p, g, s1, sgd, step == 1)  # the momentum buffer starts as the gradient
     elif adam is not None:
-        step_size = adam[0] / (1.0 - adam[1] ** step)
-        _adam(p, g, s1, s2, adam, step_size, math.sqrt(1.0 - adam[2] ** step))
+        # math.pow, as Python's float ** int (the NumPy backend's) computes it; Numba's ** by
+        # an integer multiplies instead (other last bits), and costs its own compile
+        step_size = adam[0] / (1.0 - math.pow(adam[1], step))
+        _adam(p, g, s1, s2, adam, step_size, math.sqrt(1.0 - math.pow(adam[2], step)))
     elif rmsprop is not None:
         _rmsprop(p, g, s1, s2, s3, rmsprop)
 
@@ -959,7 +990,7 @@ def _bound_limit(itemsize, rows):
     if nu >= 0.5:
         return -1.0
     gamma = nu / (1.0 - nu)
-    return largest / 2 * (1.0 - gamma) ** 2 / (1.0 + gamma)
+    return largest / 2 * ((1.0 - gamma) * (1.0 - gamma)) / (1.0 + gamma)  # (** compiles ~0.1 s)
 
 
 @helper
@@ -1039,8 +1070,8 @@ def _weight_gradients(net, work, rows, alpha, beta, into_weights, scan):
             gemm_t(X, True, dZ, False, W, alpha, beta)
         else:
             gemm_t(X, True, dZ, False, dW, 1.0, 0.0)
-            if scan:
-                finite = _finite(dW.ravel()) and finite
+            if scan:  # dW flat, as the gradients hold it (dW.ravel() alone took ~0.2 s to compile)
+                finite = _finite(net[1][layers[layer, 2]:layers[layer, 3]]) and finite
         X = A
     return finite
 
