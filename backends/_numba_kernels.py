@@ -33,7 +33,10 @@ from .base import ACTIVATIONS, LEAKY_RELU_SLOPE, LOSSES
 # delete the finiteness tests of check_step and the NaN propagation of the activations, and its
 # reassociation would reorder the float64 sums that match the NumPy backend to ~1e-12. Nothing
 # here is compute-bound enough for it to pay (the GEMMs are BLAS).
-_FLAGS = dict(cache=True, nogil=True, error_model="numpy", boundscheck=False, fastmath=False)
+# _nrt (Numba's reference counting) is given, not left to be inherited from the caller: see
+# train_epoch, which has none.
+_FLAGS = dict(cache=True, nogil=True, error_model="numpy", boundscheck=False, fastmath=False,
+              _nrt=True)
 jit = numba.njit(**_FLAGS)
 # Helpers only other kernels call get no Python entry point: the wrapper that unboxes their
 # arguments (the nested tuples of the epoch kernel above all) is a large part of compile time.
@@ -83,30 +86,6 @@ event.register("numba:compile", _CollectorPause())
 
 
 @intrinsic
-def _borrowed(typingctx, array):
-    """``array`` without its reference count: the same data, shape and strides, no meminfo.
-
-    Every view Numba takes of an array (a slice, a reshape, a layer's W out of the flat
-    buffer) bumps the array's reference count with an atomic add and drops it again later.
-    The epoch kernel takes ~20 views per layer per step: on S those atomics cost ~18% of the
-    epoch. Views of a borrowed array carry no count, so they cost nothing. Safe where the
-    array outlives the borrow: the epoch kernel's caller holds every buffer it passes. Never
-    for an array the kernel allocates itself: Numba frees it after its last use by name, and
-    the borrow would go on reading freed memory."""
-    if not isinstance(array, types.Array):
-        return None
-
-    def codegen(context, builder, signature, args):
-        source = cgutils.create_struct_proxy(array)(context, builder, value=args[0])
-        borrowed = cgutils.create_struct_proxy(array)(context, builder, value=args[0])
-        borrowed.meminfo = cgutils.get_null_value(source.meminfo.type)
-        borrowed.parent = cgutils.get_null_value(source.parent.type)
-        return borrowed._getvalue()
-
-    return array(array), codegen
-
-
-@intrinsic
 def _as_matrix(typingctx, flat, rows, cols):
     """The C-ordered (rows, cols) matrix over the first rows * cols items of the contiguous
     1-D ``flat``, which must hold that many, sharing its data and reference count. What
@@ -126,7 +105,8 @@ def _as_matrix(typingctx, flat, rows, cols):
         populate_array(out, data=source.data, shape=[rows_, cols_],
                        strides=[builder.mul(cols_, itemsize), itemsize], itemsize=itemsize,
                        meminfo=source.meminfo, parent=None)
-        context.nrt.incref(builder, flat, args[0])  # a view: one more reference to the data
+        if context.enable_nrt:  # (not in the epoch kernel, compiled without reference counts)
+            context.nrt.incref(builder, flat, args[0])  # a view: one more reference to the data
         return out._getvalue()
 
     return matrix(flat, rows, cols), codegen
@@ -134,9 +114,10 @@ def _as_matrix(typingctx, flat, rows, cols):
 
 @intrinsic
 def _bits(typingctx, array):
-    """A borrowed view (no meminfo, as ``_borrowed``) of a float array's data as integers of
-    the same width: the floats' bits, each still in place. (An array's ``view`` compiles a
-    function of its own for each type, ~0.5 s of the epoch kernel's first compile.)"""
+    """A view without a reference count (no meminfo: valid while the array lives) of a float
+    array's data as integers of the same width: the floats' bits, each still in place. (An
+    array's ``view`` compiles a function of its own for each type, ~0.5 s of the epoch
+    kernel's first compile.)"""
     if not (isinstance(array, types.Array) and isinstance(array.dtype, types.Float)):
         return None
     bits = array.copy(dtype=types.int32 if array.dtype.bitwidth == 32 else types.int64)
@@ -158,9 +139,6 @@ _MAGNITUDE_32, _MAGNITUDE_64 = (1 << 31) - 1, (1 << 63) - 1  # every bit of a fl
 
 
 if numba.config.DISABLE_JIT:  # plain Python
-    def _borrowed(array):  # noqa: F811  (nothing to count)
-        return array
-
     def _as_matrix(flat, rows, cols):  # noqa: F811
         return flat[:rows * cols].reshape((rows, cols))
 
@@ -443,15 +421,22 @@ def _dense_dz(dA, act, A, Z, db, par, kinds):
         db[:] = 0.0
         _grad_rows(dA, act, A, Z, db, None, 0, dA.shape[0], kinds)
     else:
-        # Per-chunk sums, added in chunk order. Allocated per call, but only on this path,
-        # for work of millions of elements, beside which an allocation is noise.
-        totals = np.zeros((chunks, dA.shape[1]), dA.dtype)
-        _grad_rows_par(dA, act, A, Z, totals, chunks, kinds)
-        for j in range(dA.shape[1]):
-            column = totals[0, j]
-            for c in range(1, chunks):
-                column += totals[c, j]
-            db[j] = column
+        _dense_dz_par(dA, act, A, Z, db, chunks, kinds)
+
+
+@helper
+def _dense_dz_par(dA, act, A, Z, db, chunks, kinds):
+    """_dense_dz's pass in ``chunks`` parallel chunks, db from per-chunk column sums added in
+    chunk order. They are allocated per call, but only on this path, for work of millions of
+    elements, beside which an allocation is noise (and in a helper of its own: the epoch
+    kernel, which calls it, has no reference counting to free them)."""
+    totals = np.zeros((chunks, dA.shape[1]), dA.dtype)
+    _grad_rows_par(dA, act, A, Z, totals, chunks, kinds)
+    for j in range(dA.shape[1]):
+        column = totals[0, j]
+        for c in range(1, chunks):
+            column += totals[c, j]
+        db[j] = column
 
 
 @helper
@@ -1076,7 +1061,14 @@ def _weight_gradients(net, work, rows, alpha, beta, into_weights, scan):
     return finite
 
 
-@jit
+# Without reference counting (_nrt=False). Every view Numba takes of an array (a slice, a
+# layer's W out of the flat buffer) would bump the array's count with an atomic add and drop
+# it again later: the epoch kernel takes ~20 views per layer per step, and on S those atomics
+# cost ~18% of the epoch. Without them, its arrays carry no meminfo (nor do their views, in the
+# helpers it calls), and their code is not emitted either: its first compile is ~6% shorter.
+# Safe because it allocates nothing (the parallel pass that does is a helper of its own) and
+# every buffer it reads outlives the call: its caller holds them all.
+@numba.njit(**dict(_FLAGS, _nrt=False))
 def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, states, sgd, adam,
                 rmsprop, workers, scan, par, kinds):
     """Every step of one epoch, as train.py's per-kernel loop runs them: gather the batch,
@@ -1090,13 +1082,11 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, state
     compiled). ``scan``: True for small models, else None (for the same reason: Numba prunes
     by None only). A large model's batch is gathered by address (``_gather_rows``): X must
     then be C-ordered."""
-    params, grads, layers = _borrowed(net[0]), _borrowed(net[1]), _borrowed(net[2])
-    net = (params, grads, layers)
-    X_all, order, batch = _borrowed(data[0]), _borrowed(data[1]), data[2]
-    sums = _borrowed(work[4])
-    work = (_borrowed(work[0]), _borrowed(work[1]), _borrowed(work[2]), _borrowed(work[3]))
-    step_losses, step_hits, halted = _borrowed(out[0]), _borrowed(out[1]), _borrowed(out[2])
-    states = (_borrowed(states[0]), _borrowed(states[1]), _borrowed(states[2]))
+    params, grads, layers = net
+    X_all, order, batch = data
+    sums = work[4]
+    work = work[:4]
+    step_losses, step_hits, halted = out
     n = order.size
     steps = (n + batch - 1) // batch
     for s in range(steps):
@@ -1112,14 +1102,14 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, state
         _, _, _, _, Y, dY, _ = _layer(net, work, layers.shape[0] - 1, rows)
         step_loss, step_correct = step_losses[s:s + 1], step_hits[s:s + 1]
         if labels is not None:
-            all_labels, batch_labels = _borrowed(labels[0]), _borrowed(labels[1])
+            all_labels, batch_labels = labels
             for r in range(rows):
                 batch_labels[r] = all_labels[index[r]]
             _softmax_xent_labels(Y, batch_labels[:rows], dY, step_loss)
             if metric:
                 _count_correct_labels(Y, batch_labels[:rows], step_correct)
         elif T is not None:
-            all_T, batch_T = _borrowed(T[0]), _borrowed(T[1])
+            all_T, batch_T = T
             _gather(all_T, index, batch_T)
             if loss == CROSS_ENTROPY:
                 _softmax_xent_rows(Y, batch_T[:rows], dY, step_loss)

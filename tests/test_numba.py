@@ -3,6 +3,7 @@ the whole-epoch kernel against the per-kernel loop, the parallel kernels against
 ones, threads, the compile flags, and that "auto" picks it on a CPU."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -127,6 +128,29 @@ def test_epoch_kernel_matches_the_per_kernel_loop(monkeypatch, opt_case, loss_ca
     the pool, a worker thread gathers part of each batch)."""
     args = (OPTIMIZERS[opt_case], *LOSSES[loss_case])
     fused = _train(False, monkeypatch, *args, bound=mode != "scan", pool=mode == "pool")
+    _assert_same_training(fused, _train(True, monkeypatch, *args), rtol=1e-12)
+
+
+@pytest.mark.skipif(not JIT, reason="NUMBA_DISABLE_JIT: the parallel passes run serially")
+@pytest.mark.parametrize("mode", ["scan", "bound"])
+def test_epoch_kernel_with_parallel_passes_matches_the_per_kernel_loop(monkeypatch, mode):
+    """Where the work is large enough (here: made so), the epoch kernel runs the parallel
+    passes: dZ's per-chunk column sums (the one pass that allocates, a helper of its own: the
+    epoch kernel itself is compiled without reference counting) and the chunked update."""
+    import numba
+    if numba.get_num_threads() < 2:
+        pytest.skip("one thread: the kernels run serially")
+    monkeypatch.setattr(numba_backend, "PARALLEL_MIN", 8)
+    pars, kernel = [], K.train_epoch
+
+    def spy(*args):
+        pars.append(args[-2])
+        return kernel(*args)
+
+    monkeypatch.setattr(K, "train_epoch", spy)
+    args = (OPTIMIZERS["adam-l2"], *LOSSES["cross_entropy-labels"])
+    fused = _train(False, monkeypatch, *args, bound=mode == "bound")
+    assert pars and set(pars) == {8}
     _assert_same_training(fused, _train(True, monkeypatch, *args), rtol=1e-12)
 
 
@@ -589,6 +613,37 @@ def test_a_second_process_loads_the_compiled_kernel(tmp_path):
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                            check=True).stdout.split() for _ in range(2)]
     assert runs == [["0", "1"], ["1", "0"]]  # compiled once, then loaded from the cache
+
+
+@pytest.mark.skipif(not JIT, reason="NUMBA_DISABLE_JIT: no compiled kernels")
+def test_the_garbage_collector_pauses_while_a_kernel_compiles_and_is_restored(tmp_path):
+    code = """if True:
+        import gc, json, numba, numpy as np
+        from numba.core import event
+        from bpkernels.backends import _numba_kernels as K
+        seen = []
+        class Spy(event.Listener):  # registered after the package's own listener
+            def on_start(self, e):
+                seen.append([e.data["dispatcher"].py_func.__name__, gc.isenabled()])
+            def on_end(self, e):
+                pass
+        event.register("numba:compile", Spy())
+        Y = np.ones((2, 3))
+        K.mse(Y, Y, np.empty((2, 3)), np.empty(1))
+        after = gc.isenabled()
+        numba.njit(lambda x: x + 1)(1)  # not the package's: the collector stays on
+        gc.disable()
+        Y = Y.astype(np.float32)
+        K.mse(Y, Y, np.empty((2, 3), np.float32), np.empty(1, np.float32))
+        print(json.dumps([seen, after, gc.isenabled()]))
+    """
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True)
+    seen, after, after_disabled = json.loads(out.stdout)
+    assert seen == [["mse", False], ["<lambda>", True], ["mse", False]]
+    assert after is True  # enabled again once the compile ended
+    assert after_disabled is False  # a collector the caller turned off stays off
 
 
 def test_auto_picks_numba_on_a_cpu():
