@@ -85,31 +85,66 @@ class _CollectorPause(event.Listener):
 event.register("numba:compile", _CollectorPause())
 
 
+def _view_args(context, builder, signature, args):
+    """The source array's struct, and the other arguments as intp."""
+    source = cgutils.create_struct_proxy(signature.args[0])(context, builder, value=args[0])
+    return source, [context.cast(builder, v, t, types.intp)
+                    for v, t in zip(args[1:], signature.args[1:])]
+
+
+def _finish_view(context, builder, signature, args, out):
+    if context.enable_nrt:  # (not in the epoch kernel, compiled without reference counts)
+        context.nrt.incref(builder, signature.args[0], args[0])  # one more reference to the data
+    return out._getvalue()
+
+
+# Views by intrinsics rather than slices: a slice handles negative and clipped bounds and
+# steps, which these never need, and its code was a sixth of the epoch kernel's (~100 LLVM
+# instructions each, where these take ~15): less to lower and for LLVM to optimize in every
+# first compile. Like any slice under boundscheck=False, they trust their bounds, which the
+# callers derive from the layer table and the batch.
 @intrinsic
-def _as_matrix(typingctx, flat, rows, cols):
-    """The C-ordered (rows, cols) matrix over the first rows * cols items of the contiguous
-    1-D ``flat``, which must hold that many, sharing its data and reference count. What
-    ``flat.reshape((rows, cols))`` gives, built inline: reshape goes through a C helper call
-    (its general case handles any strides), ~5% of S's epoch at 36 reshapes a step."""
+def _as_matrix(typingctx, flat, start, rows, cols):
+    """The C-ordered (rows, cols) matrix over rows * cols items of the contiguous 1-D
+    ``flat`` from ``start`` on, which it must hold, sharing its data and reference count: what
+    ``flat[start:start + rows * cols].reshape((rows, cols))`` gives (reshape also goes through
+    a C helper call, ~5% of S's epoch at 36 reshapes a step)."""
     if not (isinstance(flat, types.Array) and flat.ndim == 1 and flat.layout == "C"):
         return None
     matrix = flat.copy(ndim=2, layout="C")
 
     def codegen(context, builder, signature, args):
-        source = cgutils.create_struct_proxy(flat)(context, builder, value=args[0])
+        source, (start_, rows_, cols_) = _view_args(context, builder, signature, args)
         out = cgutils.create_struct_proxy(matrix)(context, builder)
-        rows_, cols_ = (context.cast(builder, v, t, types.intp)
-                        for v, t in zip(args[1:], signature.args[1:]))
         itemsize = context.get_constant(types.intp, context.get_abi_sizeof(
             context.get_data_type(flat.dtype)))
-        populate_array(out, data=source.data, shape=[rows_, cols_],
+        populate_array(out, data=builder.gep(source.data, [start_]), shape=[rows_, cols_],
                        strides=[builder.mul(cols_, itemsize), itemsize], itemsize=itemsize,
                        meminfo=source.meminfo, parent=None)
-        if context.enable_nrt:  # (not in the epoch kernel, compiled without reference counts)
-            context.nrt.incref(builder, flat, args[0])  # a view: one more reference to the data
-        return out._getvalue()
+        return _finish_view(context, builder, signature, args, out)
 
-    return matrix(flat, rows, cols), codegen
+    return matrix(flat, start, rows, cols), codegen
+
+
+@intrinsic
+def _span(typingctx, array, start, length):
+    """``array[start:start + length]`` of a C-ordered 1-D or 2-D array (rows, for 2-D), which
+    must hold them, sharing its data and reference count."""
+    if not (isinstance(array, types.Array) and array.ndim in (1, 2) and array.layout == "C"):
+        return None
+
+    def codegen(context, builder, signature, args):
+        source, (start_, length_) = _view_args(context, builder, signature, args)
+        out = cgutils.create_struct_proxy(array)(context, builder)
+        shape = cgutils.unpack_tuple(builder, source.shape)
+        first = start_ if array.ndim == 1 else builder.mul(start_, shape[1])
+        populate_array(out, data=builder.gep(source.data, [first]),
+                       shape=[length_] + shape[1:],
+                       strides=cgutils.unpack_tuple(builder, source.strides),
+                       itemsize=source.itemsize, meminfo=source.meminfo, parent=None)
+        return _finish_view(context, builder, signature, args, out)
+
+    return array(array, start, length), codegen
 
 
 @intrinsic
@@ -139,8 +174,11 @@ _MAGNITUDE_32, _MAGNITUDE_64 = (1 << 31) - 1, (1 << 63) - 1  # every bit of a fl
 
 
 if numba.config.DISABLE_JIT:  # plain Python
-    def _as_matrix(flat, rows, cols):  # noqa: F811
-        return flat[:rows * cols].reshape((rows, cols))
+    def _as_matrix(flat, start, rows, cols):  # noqa: F811
+        return flat[start:start + rows * cols].reshape((rows, cols))
+
+    def _span(array, start, length):  # noqa: F811
+        return array[start:start + length]
 
     def _bits(array):  # noqa: F811
         return array.view(np.int32 if array.itemsize == 4 else np.int64)
@@ -413,12 +451,20 @@ def _grad_rows_par(dA, act, A, Z, totals, chunks, kinds):
 
 
 @inline
+def _zero(x):
+    """x[:] = 0 for a 1-D x, as a loop (the slice's broadcast assignment is ~300 LLVM
+    instructions to compile)."""
+    for i in range(x.size):
+        x[i] = 0
+
+
+@inline
 def _dense_dz(dA, act, A, Z, db, par, kinds):
     """dZ = dA * act'(.) in place, with db = dZ.sum(0) in the same pass. ``Z`` is read for
     gelu only (pass ``A`` otherwise)."""
     chunks = min(_chunks(dA.size, par), dA.shape[0])
     if par is None or chunks == 1:
-        db[:] = 0.0
+        _zero(db)
         _grad_rows(dA, act, A, Z, db, None, 0, dA.shape[0], kinds)
     else:
         _dense_dz_par(dA, act, A, Z, db, chunks, kinds)
@@ -785,11 +831,10 @@ def _layer(net, work, layer, rows):
     params, grads, layers = net
     _, A_all, dA_all, Z_all = work
     i, o, w, b, _, a, z = layers[layer]
-    W, dW = _as_matrix(params[w:w + i * o], i, o), _as_matrix(grads[w:w + i * o], i, o)
-    A = _as_matrix(A_all[a:a + rows * o], rows, o)
-    dA = _as_matrix(dA_all[a:a + rows * o], rows, o)
-    Z = A if z < 0 else _as_matrix(Z_all[z:z + rows * o], rows, o)
-    return W, params[b:b + o], dW, grads[b:b + o], A, dA, Z
+    W, dW = _as_matrix(params, w, i, o), _as_matrix(grads, w, i, o)
+    A, dA = _as_matrix(A_all, a, rows, o), _as_matrix(dA_all, a, rows, o)
+    Z = A if z < 0 else _as_matrix(Z_all, z, rows, o)
+    return W, _span(params, b, o), dW, _span(grads, b, o), A, dA, Z
 
 
 @inline
@@ -854,12 +899,13 @@ def _gather_rows(source, source_rows, stride, destination, columns, order, r0, r
     row numbers (int64) at ``order``. Addresses and sizes, not arrays, so that one compiled copy
     serves every dtype and model, in the epoch kernel and in the pool's workers (pool_worker):
     the first compile of a large model's kernel is ~1 s shorter than with a gather of its own."""
-    index = pool.int64_matrix_at(order, 1, r1)[0][r0:r1]
+    index = _span(pool.int64_matrix_at(order, 1, r1)[0], r0, r1 - r0)
     if itemsize == 4:
         return np.int64(_gather_bits(pool.int32_matrix_at(source, source_rows, stride), index,
-                                     pool.int32_matrix_at(destination, r1, columns)[r0:r1]))
+                                     _span(pool.int32_matrix_at(destination, r1, columns), r0,
+                                           r1 - r0)))
     return _gather_bits(pool.int64_matrix_at(source, source_rows, stride), index,
-                        pool.int64_matrix_at(destination, r1, columns)[r0:r1])
+                        _span(pool.int64_matrix_at(destination, r1, columns), r0, r1 - r0))
 
 
 @helper
@@ -940,7 +986,7 @@ def pool_worker(control, worker):
 @inline
 def _forward(net, work, rows, par, kinds):
     layers = net[2]
-    X = work[0][:rows]
+    X = _span(work[0], 0, rows)
     for layer in range(layers.shape[0]):
         W, b, _, _, A, _, Z = _layer(net, work, layer, rows)
         act = layers[layer, 4]
@@ -1018,9 +1064,9 @@ def _backward(net, work, rows, par, kinds, sums, bound, scan, input_bound):
         if bound is not None and par is None:
             # The column sums of |dZ| and of |A| (the X of the layer above) in dZ's pass
             o = dA.shape[1]
-            magnitudes = _as_matrix(sums, 2, o)
-            magnitudes[:, :] = 0.0
-            db[:] = 0.0
+            magnitudes = _as_matrix(sums, 0, 2, o)
+            _zero(_span(sums, 0, 2 * o))
+            _zero(db)
             _grad_rows(dA, layers[layer, 4], A, Z, db, magnitudes, 0, rows, kinds)
             if layer < top:
                 sure = sure and _largest(magnitudes[1], o) * above <= limit
@@ -1028,7 +1074,7 @@ def _backward(net, work, rows, par, kinds, sums, bound, scan, input_bound):
         if scan is not None or par is not None:
             _dense_dz(dA, layers[layer, 4], A, Z, db, par, kinds)
         finite = _finite(db) and finite
-        X = work[0][:rows]
+        X = _span(work[0], 0, rows)
         if layer > 0:
             _, _, _, _, X, dX, _ = _layer(net, work, layer - 1, rows)
             gemm_t(dA, False, W, True, dX, 1.0, 0.0)
@@ -1048,15 +1094,15 @@ def _weight_gradients(net, work, rows, alpha, beta, into_weights, scan):
     right after BLAS wrote it, while still in cache, where ``scan`` (else True)."""
     layers = net[2]
     finite = True
-    X = work[0][:rows]
+    X = _span(work[0], 0, rows)
     for layer in range(layers.shape[0]):
         W, _, dW, _, A, dZ, _ = _layer(net, work, layer, rows)
         if into_weights:
             gemm_t(X, True, dZ, False, W, alpha, beta)
         else:
             gemm_t(X, True, dZ, False, dW, 1.0, 0.0)
-            if scan:  # dW flat, as the gradients hold it (dW.ravel() alone took ~0.2 s to compile)
-                finite = _finite(net[1][layers[layer, 2]:layers[layer, 3]]) and finite
+            if scan:  # dW flat, as the gradients hold it (dW.ravel() took ~0.2 s to compile)
+                finite = _finite(_span(net[1], layers[layer, 2], dW.size)) and finite
         X = A
     return finite
 
@@ -1091,7 +1137,7 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, state
     steps = (n + batch - 1) // batch
     for s in range(steps):
         rows = min(batch, n - s * batch)
-        index = order[s * batch:s * batch + rows]
+        index = _span(order, s * batch, rows)
         if workers is not None:  # a large model's gather, with the bound of its first layer
             input_bound = rows * _gather_shared(workers, X_all, order, s * batch, rows,
                                                 work[0], sums)
@@ -1100,25 +1146,25 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, state
             input_bound = math.inf
         _forward(net, work, rows, par, kinds)
         _, _, _, _, Y, dY, _ = _layer(net, work, layers.shape[0] - 1, rows)
-        step_loss, step_correct = step_losses[s:s + 1], step_hits[s:s + 1]
+        step_loss, step_correct = _span(step_losses, s, 1), _span(step_hits, s, 1)
         if labels is not None:
-            all_labels, batch_labels = labels
+            all_labels, batch_labels = labels[0], _span(labels[1], 0, rows)
             for r in range(rows):
                 batch_labels[r] = all_labels[index[r]]
-            _softmax_xent_labels(Y, batch_labels[:rows], dY, step_loss)
+            _softmax_xent_labels(Y, batch_labels, dY, step_loss)
             if metric:
-                _count_correct_labels(Y, batch_labels[:rows], step_correct)
+                _count_correct_labels(Y, batch_labels, step_correct)
         elif T is not None:
-            all_T, batch_T = T
+            all_T, batch_T = T[0], _span(T[1], 0, rows)
             _gather(all_T, index, batch_T)
             if loss == CROSS_ENTROPY:
-                _softmax_xent_rows(Y, batch_T[:rows], dY, step_loss)
+                _softmax_xent_rows(Y, batch_T, dY, step_loss)
             elif loss == BINARY_CROSS_ENTROPY:
-                _binary_xent(Y, batch_T[:rows], dY, step_loss)
+                _binary_xent(Y, batch_T, dY, step_loss)
             else:
-                _mse(Y, batch_T[:rows], dY, step_loss)
+                _mse(Y, batch_T, dY, step_loss)
             if metric:
-                _count_correct_rows(Y, batch_T[:rows], step_correct)
+                _count_correct_rows(Y, batch_T, step_correct)
         finite, sure = _backward(net, work, rows, par, kinds, sums, workers, scan, input_bound)
         finite = finite and math.isfinite(step_loss[0])
         # Plain SGD (no momentum) updates W inside dW's GEMM, W = (1 - lr wd) W - lr X.T @ dZ,
@@ -1135,7 +1181,7 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, state
         if sgd is not None and workers is not None and fused:
             for layer in range(layers.shape[0]):  # the biases, by the rule itself
                 b, o = layers[layer, 3], layers[layer, 1]
-                _update(params[b:b + o], grads[b:b + o], states, sgd, adam, rmsprop,
+                _update(_span(params, b, o), _span(grads, b, o), states, sgd, adam, rmsprop,
                         first_step + s)
             continue
         if halted[0] == 0 and not finite:
