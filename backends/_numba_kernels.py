@@ -1038,31 +1038,55 @@ def _abs_column_sums_max(M, sums):
 
 
 @inline
-def _backward(net, work, rows, par, kinds, sums, bound, scan, input_bound):
-    """Backward through every layer but the weight gradients (``_weight_gradients``): dZ and
-    db of every layer and dX, top down. Returns (whether every db is finite, whether every dW
-    is sure to be finite). The second without computing dW: |dW[i, j]| = |sum_r X[r, i]
-    dZ[r, j]| <= (sum_r |X[r, i]|) (sum_r |dZ[r, j]|), and ``_bound_limit`` leaves room for
-    every rounding, BLAS's and the column sums' own, in any order of summation. With
-    no inf or NaN in X or dZ and that bound kept, no dW can be inf or NaN: check_step's scan of
-    every weight gradient (~20 us a step on M) is then not needed, and plain SGD may update W
-    inside the GEMM that computes dW (``train_epoch``). Sums in the dtype (float32's
-    vectorize twice as wide): one that overflows is inf, which only costs the shortcut. For
-    the first layer, ``input_bound`` (rows * the batch's largest |x|, from the gather) stands
-    for the column sums of |X|: no smaller than any of them. The others come from the pass
-    that forms dZ, which reads and writes every element they sum (``_grad_rows_of``): dZ's of
-    this layer, and A's, the layer above's X. With ``bound`` None, none is formed (nor its
-    code compiled) and the second is False. ``scan``: None where ``bound`` is not (and so
-    not compiled either), True otherwise; Numba prunes by None, not by other values."""
+def _input_gradient(net, work, layer, rows, W, dZ):
+    """dX = dZ @ W.T of ``layer`` into the dA of the layer below; returns the layer's X."""
+    if layer == 0:
+        return _span(work[0], 0, rows)
+    _, _, _, _, X, dX, _ = _layer(net, work, layer - 1, rows)
+    gemm_t(dZ, False, W, True, dX, 1.0, 0.0)
+    return X
+
+
+@inline
+def _backward_scan(net, work, rows, par, kinds):
+    """Backward through every layer but the weight gradients (``_weight_gradients``), for a
+    small model, whose weight gradients check_step's scan checks: dZ and db of every layer
+    and dX, top down. Returns whether every db is finite. (Apart from the large models'
+    ``_backward`` because Numba inlines a callee whole, the branches the caller prunes
+    included, and its copy costs ~blocks x variables: ~0.3 s of S's first compile.)"""
     layers = net[2]
-    finite, sure, limit, above = True, bound is not None, 0.0, 0.0
-    if bound is not None:
-        limit = _bound_limit(net[0].itemsize, rows)
+    finite = True
+    for layer in range(layers.shape[0] - 1, -1, -1):
+        W, _, _, db, A, dA, Z = _layer(net, work, layer, rows)
+        _dense_dz(dA, layers[layer, 4], A, Z, db, par, kinds)
+        finite = _finite(db) and finite
+        _input_gradient(net, work, layer, rows, W, dA)
+    return finite
+
+
+@inline
+def _backward(net, work, rows, par, kinds, sums, input_bound):
+    """``_backward_scan`` for a large model, bounding its weight gradients rather than
+    scanning them. Returns (whether every db is finite, whether every dW is sure to be
+    finite). The second without computing dW: |dW[i, j]| = |sum_r X[r, i] dZ[r, j]| <=
+    (sum_r |X[r, i]|) (sum_r |dZ[r, j]|), and ``_bound_limit`` leaves room for every rounding,
+    BLAS's and the column sums' own, in any order of summation. With no inf or NaN in X or dZ
+    and that bound kept, no dW can be inf or NaN: check_step's scan of every weight gradient
+    (~20 us a step on M) is then not needed, and plain SGD may update W inside the GEMM that
+    computes dW (``train_epoch``). Sums in the dtype (float32's vectorize twice as wide): one
+    that overflows is inf, which only costs the shortcut. For the first layer, ``input_bound``
+    (rows * the batch's largest |x|, from the gather) stands for the column sums of |X|: no
+    smaller than any of them. The others come from the pass that forms dZ, which reads and
+    writes every element they sum (``_grad_rows_of``): dZ's of this layer, and A's, the layer
+    above's X; or, where the passes run in parallel (which sum no magnitudes), from passes
+    of their own."""
+    layers = net[2]
+    finite, sure, above = True, True, 0.0
+    limit = _bound_limit(net[0].itemsize, rows)
     top = layers.shape[0] - 1
     for layer in range(top, -1, -1):
         W, _, _, db, A, dA, Z = _layer(net, work, layer, rows)
-        if bound is not None and par is None:
-            # The column sums of |dZ| and of |A| (the X of the layer above) in dZ's pass
+        if par is None:  # the column sums of |dZ| and of |A| (the layer above's X) as dZ forms
             o = dA.shape[1]
             magnitudes = _as_matrix(sums, 0, 2, o)
             _zero(_span(sums, 0, 2 * o))
@@ -1071,18 +1095,14 @@ def _backward(net, work, rows, par, kinds, sums, bound, scan, input_bound):
             if layer < top:
                 sure = sure and _largest(magnitudes[1], o) * above <= limit
             above = _largest(magnitudes[0], o)
-        if scan is not None or par is not None:
+        else:
             _dense_dz(dA, layers[layer, 4], A, Z, db, par, kinds)
         finite = _finite(db) and finite
-        X = _span(work[0], 0, rows)
-        if layer > 0:
-            _, _, _, _, X, dX, _ = _layer(net, work, layer - 1, rows)
-            gemm_t(dA, False, W, True, dX, 1.0, 0.0)
-        if bound is not None and par is not None:  # the parallel passes sum no magnitudes
-            if sure:
-                x_bound = input_bound if layer == 0 else _abs_column_sums_max(X, sums)
-                sure = x_bound * _abs_column_sums_max(dA, sums) <= limit
-    if bound is not None and par is None:
+        X = _input_gradient(net, work, layer, rows, W, dA)
+        if par is not None and sure:
+            x_bound = input_bound if layer == 0 else _abs_column_sums_max(X, sums)
+            sure = x_bound * _abs_column_sums_max(dA, sums) <= limit
+    if par is None:
         sure = sure and input_bound * above <= limit
     return finite, sure
 
@@ -1143,7 +1163,6 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, state
                                                 work[0], sums)
         if scan is not None:  # (on S's 64 columns, the bound's maximum slowed the gather ~7%)
             _gather(X_all, index, work[0])
-            input_bound = math.inf
         _forward(net, work, rows, par, kinds)
         _, _, _, _, Y, dY, _ = _layer(net, work, layers.shape[0] - 1, rows)
         step_loss, step_correct = _span(step_losses, s, 1), _span(step_hits, s, 1)
@@ -1165,7 +1184,10 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, state
                 _mse(Y, batch_T, dY, step_loss)
             if metric:
                 _count_correct_rows(Y, batch_T, step_correct)
-        finite, sure = _backward(net, work, rows, par, kinds, sums, workers, scan, input_bound)
+        if workers is not None:  # (two ifs: Numba prunes each by an argument that is None)
+            finite, sure = _backward(net, work, rows, par, kinds, sums, input_bound)
+        if scan is not None:
+            finite, sure = _backward_scan(net, work, rows, par, kinds), False
         finite = finite and math.isfinite(step_loss[0])
         # Plain SGD (no momentum) updates W inside dW's GEMM, W = (1 - lr wd) W - lr X.T @ dZ,
         # as its update would (but for the rounding of dW, which is not stored): no separate

@@ -271,22 +271,29 @@ def test_backward_bounds_the_weight_gradients_layer_by_layer(dtype, case):
     assert case not in ("first-layer-large", "hidden-large") or not sure
 
     @numba.njit
-    def backward(net, work, rows, sums, bound, scan, input_bound, kinds):
-        return K._backward(net, work, rows, None, kinds, sums, bound, scan, input_bound)
+    def backward(net, work, rows, sums, input_bound, kinds):
+        return K._backward(net, work, rows, None, kinds, sums, input_bound)
+
+    @numba.njit
+    def backward_scan(net, work, rows, kinds):
+        return K._backward_scan(net, work, rows, None, kinds)
 
     net = (params, np.zeros_like(params), layers)
     work = (X, A, dA, np.zeros(0, dtype))
     kinds = K.activation_kinds(K.ACTIVATION_CODES[a] for a in ("relu", "tanh"))
-    finite, verdict = backward(net, work, rows, np.empty(12, dtype), 0, None, input_bound,
-                               kinds)
+    dA_before = dA.copy()
+    finite, verdict = backward(net, work, rows, np.empty(12, dtype), input_bound, kinds)
     # (an inf in A reaches dW only: relu'(inf) = 1 keeps dZ and db finite; a NaN reaches db)
     assert verdict == sure and finite == (case != "nan")
     if case == "small":  # dZ of every layer formed in place, in the dtype
         for layer in (2, 1, 0):
             np.testing.assert_allclose(views[layer][2], dZ[layer], rtol=1e-4, atol=1e-5)
-    # without a bound there is no verdict
-    assert backward(net, work, rows, np.empty(12, dtype), None, True, input_bound,
-                    kinds)[1] is False
+    # a small model's backward (no bound, so no verdict) forms the same dZ, dX and db
+    dA_bound, db_bound = dA.copy(), net[1].copy()
+    dA[:] = dA_before
+    assert backward_scan(net, work, rows, kinds) == finite
+    np.testing.assert_array_equal(dA, dA_bound)
+    np.testing.assert_array_equal(net[1], db_bound)
 
 
 @pytest.mark.skipif(not JIT, reason="NUMBA_DISABLE_JIT: no compiled kernels")
