@@ -51,7 +51,12 @@ phelper = numba.njit(parallel=True, **_INTERNAL)
 # different types (_layer), or with loops that vectorize on their own, stay separate, and so do
 # the dense layers' row passes (_bias_act_rows_of, _grad_rows_of): inlined into the epoch
 # kernel, they ran M's epochs ~15% slower. Their wrappers (_dense_forward, _dense_dz) are
-# inlined: compiled on their own they cost the first compile ~0.3 s.
+# inlined: compiled on their own they cost the first compile ~0.3 s. The loss and hit kernels
+# stay separate too: the epoch kernel and the per-kernel entry points (evaluate's) then share
+# one compiled copy, and the first evaluate after a fit compiles ~0.25 s less. Inlining has a
+# cost of its own: Numba copies the callee block by block, each time with all its variables,
+# and with the branches the caller will prune (so a callee whose branches some models never
+# take is better split: _backward_scan).
 inline = numba.njit(inline="always", **_INTERNAL)
 
 MAX_CHUNKS = 64
@@ -525,7 +530,7 @@ def _exp_shifted(Y, r, m, dY):
     return s
 
 
-@inline
+@helper
 def _softmax_xent_labels(Y, labels, dY, out):
     n, o = Y.shape
     scale = 1.0 / n
@@ -545,7 +550,7 @@ def softmax_xent_labels(Y, labels, dY, out):
     _softmax_xent_labels(Y, labels, dY, out)
 
 
-@inline
+@helper
 def _softmax_xent_rows(Y, T, dY, out):
     n, o = Y.shape
     scale = 1.0 / n
@@ -569,7 +574,7 @@ def softmax_xent_rows(Y, T, dY, out):
     _softmax_xent_rows(Y, T, dY, out)
 
 
-@inline
+@helper
 def _binary_xent(Y, T, dY, out):
     # max(y, 0) - y t + log(1 + exp(-|y|)) is finite for any logit
     n, o = Y.shape
@@ -588,7 +593,7 @@ def binary_xent(Y, T, dY, out):
     _binary_xent(Y, T, dY, out)
 
 
-@inline
+@helper
 def _mse(Y, T, dY, out):
     n, o = Y.shape
     scale = 2.0 / (n * o)
@@ -616,7 +621,7 @@ def _argmax(Y, r):
     return k
 
 
-@inline
+@helper
 def _count_correct_labels(Y, labels, out):
     """Targets (n,): class ids, or 0/1 for a single output."""
     hits = 0
@@ -633,7 +638,7 @@ def count_correct_labels(Y, labels, out):
     _count_correct_labels(Y, labels, out)
 
 
-@inline
+@helper
 def _count_correct_rows(Y, T, out):
     """Targets (n, o): probability rows (compared by argmax), or 0/1 for a single output."""
     hits = 0
