@@ -27,6 +27,7 @@ from numba.np.arrayobj import populate_array
 
 from . import _numba_pool as pool
 from ._numba_blas import gemm_t
+from ._numba_unlinked import unlinked
 from .base import ACTIVATIONS, LEAKY_RELU_SLOPE, LOSSES
 
 # Compile flags, in one place. fastmath stays off: its no-NaN/no-inf assumptions would let LLVM
@@ -40,23 +41,34 @@ _FLAGS = dict(cache=True, nogil=True, error_model="numpy", boundscheck=False, fa
 jit = numba.njit(**_FLAGS)
 # Helpers only other kernels call get no Python entry point: the wrapper that unboxes their
 # arguments (the nested tuples of the epoch kernel above all) is a large part of compile time.
+# And they are called by symbol (_numba_unlinked): Numba would link each one's code into every
+# caller's module, where LLVM optimized it and generated its machine code once more at every
+# level above it (three-quarters of the epoch kernel's module; M's first compile -19%, S's
+# -12% without).
 _INTERNAL = dict(no_cpython_wrapper=True, no_cfunc_wrapper=True, **_FLAGS)
-helper = numba.njit(**_INTERNAL)
-phelper = numba.njit(parallel=True, **_INTERNAL)
+
+
+def helper(function):
+    return unlinked(numba.njit(**_INTERNAL)(function))
+
+
+def phelper(function):
+    return unlinked(numba.njit(parallel=True, **_INTERNAL)(function))
+
+
 # Inlined into its callers by Numba itself, for two reasons. Code that must be inlined into a
 # loop for the loop to vectorize but that LLVM judges too big to inline (tanh). And compile
-# time: a helper compiled on its own is linked into each caller's module and optimized by LLVM
-# once more at every level above it, so small helpers and one-call wrappers are cheaper inlined
-# (together ~30% of the epoch kernel's first compile). Helpers called from several places with
-# different types (_layer), or with loops that vectorize on their own, stay separate, and so do
-# the dense layers' row passes (_bias_act_rows_of, _grad_rows_of): inlined into the epoch
-# kernel, they ran M's epochs ~15% slower. Their wrappers (_dense_forward, _dense_dz) are
-# inlined: compiled on their own they cost the first compile ~0.3 s. The loss and hit kernels
-# stay separate too: the epoch kernel and the per-kernel entry points (evaluate's) then share
-# one compiled copy, and the first evaluate after a fit compiles ~0.25 s less. Inlining has a
-# cost of its own: Numba copies the callee block by block, each time with all its variables,
-# and with the branches the caller will prune (so a callee whose branches some models never
-# take is better split: _backward_scan).
+# time: each function compiled on its own has a fixed cost (~0.1 s: its pipeline, its LLVM
+# module), so small helpers and one-call wrappers are cheaper inlined. Helpers called from
+# several places with different types (_layer), or with loops that vectorize on their own,
+# stay separate, and so do the dense layers' row passes (_bias_act_rows_of, _grad_rows_of):
+# inlined into the epoch kernel, they ran M's epochs ~15% slower. Their wrappers
+# (_dense_forward, _dense_dz) are inlined: compiled on their own they cost the first compile
+# ~0.3 s. The loss and hit kernels stay separate too: the epoch kernel and the per-kernel
+# entry points (evaluate's) then share one compiled copy, and the first evaluate after a fit
+# compiles ~0.25 s less. Inlining has a cost of its own: Numba copies the callee block by
+# block, each time with all its variables, and with the branches the caller will prune (so a
+# callee whose branches some models never take is better split: _backward_scan).
 inline = numba.njit(inline="always", **_INTERNAL)
 
 MAX_CHUNKS = 64

@@ -481,7 +481,7 @@ from bpkernels.backends import _numba_kernels as K
 X, W, b = np.ones((4, 3)), np.ones((3, 5)), np.zeros(5)
 A = np.empty((4, 5))
 K.dense_forward(X, W, b, K.RELU, A, A, False, None, K.activation_kinds([K.RELU]))
-for sig, res in K._bias_act_rows_of.overloads.items():
+for sig, res in K._bias_act_rows_of.dispatcher.overloads.items():
     ir = res.library.get_llvm_str()
     print([str(t) for t in sig[-6:]], "erf" in ir, "exp" in ir)
 """
@@ -602,8 +602,9 @@ def test_numba_num_threads_is_the_default():
 def test_kernels_are_cached_and_compiled_without_fastmath():
     from numba.core.caching import FunctionCache
     from numba.core.registry import CPUDispatcher
-    dispatchers = [obj for obj in vars(K).values() if isinstance(obj, CPUDispatcher)]
-    assert len(dispatchers) > 20
+    dispatchers = [getattr(obj, "dispatcher", obj) for obj in vars(K).values()]
+    dispatchers = [obj for obj in dispatchers if isinstance(obj, CPUDispatcher)]
+    assert len(dispatchers) > 30
     for kernel in dispatchers:
         assert isinstance(kernel._cache, FunctionCache), kernel  # cache=True
         options = kernel.targetoptions
@@ -620,6 +621,79 @@ def test_a_second_process_loads_the_compiled_kernel(tmp_path):
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                            check=True).stdout.split() for _ in range(2)]
     assert runs == [["0", "1"], ["1", "0"]]  # compiled once, then loaded from the cache
+
+
+@pytest.mark.skipif(not JIT, reason="NUMBA_DISABLE_JIT: no compiled kernels")
+def test_a_helper_is_called_by_symbol_not_copied_into_its_caller():
+    """``unlinked`` helpers: the caller's module declares the helper and defines none of its
+    code, and the call still computes what the helper does, for each type it is called with;
+    an error the helper raises reaches the caller's caller."""
+    import numba
+
+    from bpkernels.backends._numba_unlinked import unlinked
+
+    @numba.njit
+    def largest(M, sums):
+        return K._abs_column_sums_max(M, sums)
+
+    @numba.njit
+    def overflowing(x):
+        return K._finite_par(x, 2)
+
+    for dtype in ("float32", "float64"):
+        M = np.arange(-6.0, 6.0).reshape(4, 3).astype(dtype)
+        assert largest(M, np.empty(3, dtype)) == np.abs(M).sum(axis=0).max()
+    helper = K._abs_column_sums_max.dispatcher
+    for sig, caller in largest.overloads.items():
+        module = caller.library._final_module
+        defined = {f.name for f in module.functions if not f.is_declaration}
+        declared = {f.name for f in module.functions if f.is_declaration}
+        assert not any(h.fndesc.mangled_name in defined for h in helper.overloads.values())
+        assert any(name.startswith("bpkernels__abs_column_sums_max_") for name in declared)
+    assert len(largest.overloads) == 2 and len(helper.overloads) == 2
+    x = np.array([1.0, np.inf, 3.0, 4.0])  # a parallel helper too
+    assert overflowing(x) is False and overflowing(np.ones(4)) is True
+
+    def checked_sqrt(x):
+        if x < 0:
+            raise ValueError("negative")
+        return np.sqrt(x)
+    helper = unlinked(numba.njit(no_cpython_wrapper=True)(checked_sqrt))
+
+    @numba.njit
+    def root(x):
+        return helper(x) + 1.0
+
+    assert root(9.0) == 4.0
+    with pytest.raises(ValueError, match="negative"):
+        root(-1.0)
+
+
+_CACHED_EPOCH = """
+import numpy as np, bpkernels as bpk
+from bpkernels.backends import _numba_kernels as K
+rng = np.random.default_rng(0)
+X, y = rng.standard_normal((96, 5)).astype(np.float32), rng.integers(0, 3, 96)
+model = bpk.MLP([5, 8, 3], backend="numba", dtype="float32", seed=0)
+bpk.fit(model, X, y, optimizer=bpk.Adam(lr=0.01), epochs=2, batch_size=16, seed=0)
+stats = K.train_epoch.stats
+print(sum(stats.cache_hits.values()), sum(stats.cache_misses.values()),
+      model.params.tobytes().hex())
+"""
+
+
+@pytest.mark.skipif(not JIT, reason="NUMBA_DISABLE_JIT: no compiled kernels")
+def test_a_second_process_loads_the_epoch_kernel_with_the_helpers_it_calls_by_symbol(tmp_path):
+    # The cached epoch kernel names its helpers by symbols that only exist once the helpers
+    # are compiled (or loaded) in this process: loading it must name them first, and train
+    # bit for bit as the process that compiled it.
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), OPENBLAS_NUM_THREADS="1")
+    runs = [subprocess.run([sys.executable, "-c", _CACHED_EPOCH], capture_output=True,
+                           text=True, env=env, timeout=300) for _ in range(2)]
+    assert [run.returncode for run in runs] == [0, 0], runs[-1].stderr
+    (hits0, misses0, params0), (hits1, misses1, params1) = (r.stdout.split() for r in runs)
+    assert (hits0, misses0, hits1, misses1) == ("0", "1", "1", "0")
+    assert params1 == params0
 
 
 @pytest.mark.skipif(not JIT, reason="NUMBA_DISABLE_JIT: no compiled kernels")

@@ -1,0 +1,106 @@
+"""Calls from one compiled kernel to another that do not copy the callee into the caller.
+
+Numba links every compiled function a kernel calls into the kernel's own LLVM module, where
+LLVM optimizes it and generates its machine code again; and again in every kernel above that
+one. The epoch kernel's module was three-quarters helpers (11,200 lines on M, 2,800 its
+own), each compiled once on its own and once more there, and the pool worker and the
+batch gather each compiled the gather of rows once more. ``unlinked(helper)`` is a function
+that compiled code calls like ``helper``, which compiles ``helper`` for the call's types as
+Numba would, and calls the machine code compiled then: by a symbol of our own, named after
+the helper and its argument types, that names the compiled function in the running process
+(``llvm.add_symbol``), as _numba_blas names BLAS's GEMMs.
+
+A kernel loaded from Numba's cache by another process finds the symbol because Numba runs a
+cached kernel's ``reload_init`` functions before it loads the kernel's machine code: each
+unlinked call adds one, which compiles (or loads from the cache) the helper and names it.
+
+The price: LLVM no longer sees the helper's code from the caller, so never inlines it nor
+learns what it leaves untouched. The helpers called this way are loops over whole arrays,
+which it inlined nowhere anyway.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+from typing import NamedTuple
+
+import llvmlite.binding as llvm
+import numba
+from numba.core import cgutils, types
+from numba.core.imputils import impl_ret_new_ref
+from numba.extending import intrinsic
+
+_named: dict[str, int] = {}  # symbol -> address, in this process
+
+
+def _symbol(dispatcher, argtypes) -> str:
+    function = dispatcher.py_func
+    key = f"{function.__module__}.{function.__qualname__}{tuple(map(str, argtypes))}"
+    return "bpkernels_" + function.__name__ + "_" + hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+def _compiled(dispatcher, argtypes):
+    """The compile result of ``dispatcher`` for ``argtypes``, compiled (or loaded) if need be."""
+    dispatcher.compile(argtypes)
+    return dispatcher.overloads[argtypes]
+
+
+def _name(dispatcher, argtypes, symbol) -> None:
+    """Name the machine code of ``dispatcher`` for ``argtypes`` ``symbol``, compiling it first
+    if need be."""
+    if symbol not in _named:
+        result = _compiled(dispatcher, argtypes)
+        address = result.library.get_pointer_to_function(result.fndesc.mangled_name)
+        llvm.add_symbol(symbol, address)
+        _named[symbol] = address
+
+
+class _Reload(NamedTuple):
+    """A cached kernel's reload_init: a helper it calls named before its code loads. By the
+    symbol its code was compiled with, whatever ``_symbol`` would say today."""
+    module: str
+    name: str
+    argtypes: tuple
+    symbol: str
+
+    def __call__(self) -> None:
+        helper = getattr(importlib.import_module(self.module), self.name)
+        _name(helper.dispatcher, self.argtypes, self.symbol)
+
+
+def unlinked(dispatcher):
+    """``dispatcher`` (a helper without a Python entry point) as compiled code calls it, but by
+    a symbol rather than with its code copied in. Plain Python (NUMBA_DISABLE_JIT) calls the
+    function itself."""
+    if numba.config.DISABLE_JIT:
+        return dispatcher
+    function = dispatcher.py_func
+
+    def typer(typingctx, *args):
+        argtypes = tuple(types.unliteral(a) for a in args)
+        restype = _compiled(dispatcher, argtypes).signature.return_type
+        symbol = _symbol(dispatcher, argtypes)
+
+        def codegen(context, builder, signature, values):
+            _name(dispatcher, argtypes, symbol)
+            context.active_code_library._reload_init.add(
+                _Reload(function.__module__, function.__name__, argtypes, symbol))
+            fnty = context.call_conv.get_function_type(restype, argtypes)
+            callee = cgutils.get_or_insert_function(builder.module, fnty, symbol)
+            status, value = context.call_conv.call_function(builder, callee, restype,
+                                                            argtypes, values)
+            with cgutils.if_unlikely(builder, status.is_error):
+                context.call_conv.return_status_propagate(builder, status)
+            return impl_ret_new_ref(context, builder, restype, value)  # as Numba's own calls
+        return restype(*argtypes), codegen
+
+    # An intrinsic's typer takes the call's arguments one by one, by name: one of the
+    # helper's arity (a typer of *args would get them packed in a tuple).
+    names = ", ".join(inspect.signature(function).parameters)
+    scope = {"typer": typer}
+    exec(f"def {function.__name__}(typingctx, {names}):\n"
+         f"    return typer(typingctx, {names})", scope)
+    call = intrinsic(scope[function.__name__])
+    call.dispatcher = dispatcher
+    return call
