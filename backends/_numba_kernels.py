@@ -27,7 +27,7 @@ from numba.np.arrayobj import populate_array
 
 from . import _numba_pool as pool
 from ._numba_blas import gemm_t
-from ._numba_unlinked import unlinked
+from ._numba_unlinked import address, by_address, unlinked
 from .base import ACTIVATIONS, LEAKY_RELU_SLOPE, LOSSES
 
 # Compile flags, in one place. fastmath stays off: its no-NaN/no-inf assumptions would let LLVM
@@ -909,28 +909,58 @@ def _as_float(bits, scratch):
     return scratch[0]
 
 
-@helper
-def _gather_rows(source, source_rows, stride, destination, columns, order, r0, r1, itemsize):
-    """``_gather_bits`` of rows r0..r1 of a batch, by addresses: the data set (source_rows,
-    ``stride`` elements apart) at ``source``, the batch (columns wide) at ``destination``, its
-    row numbers (int64) at ``order``. Addresses and sizes, not arrays, so that one compiled copy
-    serves every dtype and model, in the epoch kernel and in the pool's workers (pool_worker):
-    the first compile of a large model's kernel is ~1 s shorter than with a gather of its own."""
+@inline
+def _gather_rows(source, order, destination, r0, r1):
+    """``_gather_bits`` of rows r0..r1 of a batch into ``destination`` (the batch), its row
+    numbers at the address ``order``."""
     index = _span(pool.int64_matrix_at(order, 1, r1)[0], r0, r1 - r0)
-    if itemsize == 4:
-        return np.int64(_gather_bits(pool.int32_matrix_at(source, source_rows, stride), index,
-                                     _span(pool.int32_matrix_at(destination, r1, columns), r0,
-                                           r1 - r0)))
-    return _gather_bits(pool.int64_matrix_at(source, source_rows, stride), index,
-                        _span(pool.int64_matrix_at(destination, r1, columns), r0, r1 - r0))
+    return np.int64(_gather_bits(source, index, _span(destination, r0, r1 - r0)))
+
+
+# The row gathers of the large models' batches, one per width of float, by addresses and sizes
+# rather than arrays: one compiled copy of each serves every model, in the epoch kernel and in
+# the pool's workers (pool_worker), which call the one of the model's dtype by its address
+# (``_row_gather``), so that only that one is compiled. Arguments: the data set (source_rows,
+# ``stride`` elements apart) at ``source``, the batch (columns wide) at ``destination``, its
+# row numbers (int64) at ``order``, and the rows r0..r1 to gather.
+@helper
+def _gather_rows_32(source, source_rows, stride, destination, columns, order, r0, r1):
+    return _gather_rows(pool.int32_matrix_at(source, source_rows, stride), order,
+                        pool.int32_matrix_at(destination, r1, columns), r0, r1)
 
 
 @helper
-def _gather_split(workers, source, source_rows, stride, destination, columns, order, rows,
-                  itemsize):
-    """``_gather_rows`` of a whole batch, its rows split between this thread and ``workers``
-    threads of the pool (``_numba_pool``; none: this thread alone): each core writes its share
-    of the batch, ~40% faster on M than one writing all."""
+def _gather_rows_64(source, source_rows, stride, destination, columns, order, r0, r1):
+    return _gather_rows(pool.int64_matrix_at(source, source_rows, stride), order,
+                        pool.int64_matrix_at(destination, r1, columns), r0, r1)
+
+
+_GATHER_ARGUMENTS = (types.int64,) * 8
+_call_gather = by_address(types.int64, _GATHER_ARGUMENTS)
+
+
+@intrinsic
+def _row_gather(typingctx, X_all):
+    """The address of the row gather of ``X_all``'s dtype, for ``_call_gather``."""
+    gather = _gather_rows_32 if X_all.dtype.bitwidth == 32 else _gather_rows_64
+
+    def codegen(context, builder, signature, args):
+        return address(context, builder, gather, _GATHER_ARGUMENTS)
+    return types.int64(X_all), codegen
+
+
+if numba.config.DISABLE_JIT:
+    def _row_gather(X_all):  # noqa: F811 (the function itself, which _call_gather calls)
+        return _gather_rows_32 if X_all.itemsize == 4 else _gather_rows_64
+
+
+@helper
+def _gather_split(workers, gather, source, source_rows, stride, destination, columns, order,
+                  rows):
+    """A row gather (``gather``, from ``_row_gather``) of a whole batch, its rows split
+    between this thread and ``workers`` threads of the pool (``_numba_pool``; none: this
+    thread alone): each core writes its share of the batch, ~40% faster on M than one
+    writing all."""
     control = pool.control_address() if workers > 0 else 0  # (no intrinsics without JIT)
     parts = workers + 1
     if workers > 0:
@@ -939,17 +969,17 @@ def _gather_split(workers, source, source_rows, stride, destination, columns, or
         block = pool.block_of(control, worker)
         r0, r1 = _bounds(worker + 1, parts, rows)
         pool.store(block, pool.SOURCE, source)
+        pool.store(block, pool.SOURCE_ROWS, source_rows)
         pool.store(block, pool.SOURCE_STRIDE, stride)
         pool.store(block, pool.DESTINATION, destination)
         pool.store(block, pool.ORDER, order)
         pool.store(block, pool.ROWS_START, r0)
         pool.store(block, pool.ROWS_END, r1)
         pool.store(block, pool.COLUMNS, columns)
-        pool.store(block, pool.ITEMSIZE, itemsize)
-        pool.post(block, pool.GATHER, source_rows, 0, 0)
+        pool.post(block, pool.GATHER, gather, 0, 0)
     r0, r1 = _bounds(0, parts, rows)
-    largest = _gather_rows(source, source_rows, stride, destination, columns, order, r0, r1,
-                           itemsize)
+    largest = _call_gather(gather, (source, source_rows, stride, destination, columns, order,
+                                    r0, r1))
     for worker in range(workers):
         block = pool.block_of(control, worker)
         pool.wait(block, pool.load(block, pool.POSTED))
@@ -964,10 +994,10 @@ def _gather_shared(workers, X_all, order, first, rows, dst, scratch):
     """dst[:rows] = X_all[order[first:first + rows]] by ``_gather_split`` (X_all C-ordered);
     returns the largest |x| gathered, inf if one is inf, NaN if one is NaN (a float of
     ``scratch``'s dtype)."""
-    largest = _gather_split(workers, np.int64(X_all.ctypes.data), X_all.shape[0],
-                            X_all.strides[0] // X_all.itemsize, np.int64(dst.ctypes.data),
-                            dst.shape[1], np.int64(order.ctypes.data) + first * order.itemsize,
-                            rows, X_all.itemsize)
+    largest = _gather_split(workers, _row_gather(X_all), np.int64(X_all.ctypes.data),
+                            X_all.shape[0], X_all.strides[0] // X_all.itemsize,
+                            np.int64(dst.ctypes.data), dst.shape[1],
+                            np.int64(order.ctypes.data) + first * order.itemsize, rows)
     return _as_float(largest, scratch)
 
 
@@ -985,12 +1015,11 @@ def pool_worker(control, worker):
             pool.run_job(pool.load(block, pool.JOB), worker + 1, pool.load(block, pool.JOB_DATA),
                          pool.load(block, pool.JOB_ARGUMENT))
         elif kind == pool.GATHER:
-            largest = _gather_rows(
-                pool.load(block, pool.SOURCE), pool.load(block, pool.JOB),
+            largest = _call_gather(pool.load(block, pool.JOB), (
+                pool.load(block, pool.SOURCE), pool.load(block, pool.SOURCE_ROWS),
                 pool.load(block, pool.SOURCE_STRIDE), pool.load(block, pool.DESTINATION),
                 pool.load(block, pool.COLUMNS), pool.load(block, pool.ORDER),
-                pool.load(block, pool.ROWS_START), pool.load(block, pool.ROWS_END),
-                pool.load(block, pool.ITEMSIZE))
+                pool.load(block, pool.ROWS_START), pool.load(block, pool.ROWS_END)))
             pool.store(block, pool.RESULT, largest)
         elif kind == pool.STOP:
             pool.store(block, pool.RESULT, pool.LAYOUT)
@@ -1163,7 +1192,7 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, state
     gradients rather than scanning them (``_backward``) and fuses a plain SGD update into their
     GEMM; None for small models, which gather alone and scan (the code of the others then not
     compiled). ``scan``: True for small models, else None (for the same reason: Numba prunes
-    by None only). A large model's batch is gathered by address (``_gather_rows``): X must
+    by None only). A large model's batch is gathered by address (``_gather_split``): X must
     then be C-ordered."""
     params, grads, layers = net
     X_all, order, batch = data

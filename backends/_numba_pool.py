@@ -48,7 +48,7 @@ from ._numba_blas import _numpy_blas_libraries
 # Header slots, then per worker: what the caller posts (slots 0-15), what it answers (16-23).
 LOCK, WORKERS, SLEEP_LIMIT, HEADER = 0, 8, 10, 16  # SLEEP_LIMIT: a timespec, 2 slots
 (POSTED, KIND, JOB, JOB_DATA, JOB_ARGUMENT, SOURCE, DESTINATION, ORDER, ROWS_START, ROWS_END,
- COLUMNS, SOURCE_STRIDE, ITEMSIZE) = range(13)
+ COLUMNS, SOURCE_STRIDE, SOURCE_ROWS) = range(13)
 DONE, RESULT, SLEEPING, READY, BLOCK = 16, 17, 18, 19, 24
 STOP, BLAS_JOB, GATHER = 0, 1, 2
 MAX_WORKERS = 63
@@ -59,7 +59,7 @@ _SYS_SCHED_YIELD, _SYS_FUTEX, _FUTEX_WAIT, _FUTEX_WAKE = 24, 202, 128, 129  # x8
 # see this file change: a worker told to stop answers with LAYOUT, which ``ensure`` checks.
 LAYOUT = hash((LOCK, WORKERS, SLEEP_LIMIT, HEADER, POSTED, KIND, JOB, JOB_DATA, JOB_ARGUMENT,
                SOURCE, DESTINATION, ORDER, ROWS_START, ROWS_END, COLUMNS, SOURCE_STRIDE,
-               ITEMSIZE, DONE, RESULT, SLEEPING, READY, BLOCK, STOP, BLAS_JOB, GATHER)) % (1 << 62)
+               SOURCE_ROWS, DONE, RESULT, SLEEPING, READY, BLOCK, STOP, BLAS_JOB, GATHER)) % (1 << 62)
 
 _SYMBOLS = {"control": "bpkernels_pool_control", "exec_blas": "bpkernels_exec_blas",
             "set_callback": "bpkernels_set_blas_callback"}

@@ -69,6 +69,28 @@ class _Reload(NamedTuple):
         _name(helper.dispatcher, self.argtypes, self.symbol)
 
 
+def _declare(context, builder, dispatcher, argtypes):
+    """In an intrinsic's codegen: ``dispatcher`` compiled for ``argtypes`` (if need be) and
+    named, declared in the module being built, and named again before a cached copy of that
+    module loads. Returns the LLVM function."""
+    function = dispatcher.py_func
+    symbol = _symbol(dispatcher, argtypes)
+    _name(dispatcher, argtypes, symbol)
+    context.active_code_library._reload_init.add(
+        _Reload(function.__module__, function.__name__, argtypes, symbol))
+    restype = dispatcher.overloads[argtypes].signature.return_type
+    fnty = context.call_conv.get_function_type(restype, argtypes)
+    return cgutils.get_or_insert_function(builder.module, fnty, symbol)
+
+
+def _call(context, builder, callee, restype, argtypes, values):
+    """Call ``callee`` as Numba calls a compiled function: an error it raises propagates."""
+    status, value = context.call_conv.call_function(builder, callee, restype, argtypes, values)
+    with cgutils.if_unlikely(builder, status.is_error):
+        context.call_conv.return_status_propagate(builder, status)
+    return impl_ret_new_ref(context, builder, restype, value)  # as Numba's own calls
+
+
 def unlinked(dispatcher):
     """``dispatcher`` (a helper without a Python entry point) as compiled code calls it, but by
     a symbol rather than with its code copied in. Plain Python (NUMBA_DISABLE_JIT) calls the
@@ -80,19 +102,10 @@ def unlinked(dispatcher):
     def typer(typingctx, *args):
         argtypes = tuple(types.unliteral(a) for a in args)
         restype = _compiled(dispatcher, argtypes).signature.return_type
-        symbol = _symbol(dispatcher, argtypes)
 
         def codegen(context, builder, signature, values):
-            _name(dispatcher, argtypes, symbol)
-            context.active_code_library._reload_init.add(
-                _Reload(function.__module__, function.__name__, argtypes, symbol))
-            fnty = context.call_conv.get_function_type(restype, argtypes)
-            callee = cgutils.get_or_insert_function(builder.module, fnty, symbol)
-            status, value = context.call_conv.call_function(builder, callee, restype,
-                                                            argtypes, values)
-            with cgutils.if_unlikely(builder, status.is_error):
-                context.call_conv.return_status_propagate(builder, status)
-            return impl_ret_new_ref(context, builder, restype, value)  # as Numba's own calls
+            callee = _declare(context, builder, dispatcher, argtypes)
+            return _call(context, builder, callee, restype, argtypes, values)
         return restype(*argtypes), codegen
 
     # An intrinsic's typer takes the call's arguments one by one, by name: one of the
@@ -103,4 +116,30 @@ def unlinked(dispatcher):
          f"    return typer(typingctx, {names})", scope)
     call = intrinsic(scope[function.__name__])
     call.dispatcher = dispatcher
+    return call
+
+
+def address(context, builder, helper, argtypes):
+    """In an intrinsic's codegen: the address (an int64) of the unlinked ``helper`` compiled
+    for ``argtypes``, which ``by_address`` calls. For a callee chosen at run time, compiled
+    only for the types some caller asks for."""
+    callee = _declare(context, builder, helper.dispatcher, argtypes)
+    return builder.ptrtoint(callee, context.get_value_type(types.int64))
+
+
+def by_address(restype, argtypes):
+    """An intrinsic: ``call(function, arguments)`` calls the function at ``function`` (from
+    ``address``), compiled for ``argtypes`` and returning ``restype``, with the tuple
+    ``arguments``. Plain Python: ``function`` is the function itself."""
+    if numba.config.DISABLE_JIT:
+        return lambda function, arguments: function(*arguments)
+
+    @intrinsic
+    def call(typingctx, function, arguments):
+        def codegen(context, builder, signature, values):
+            fnty = context.call_conv.get_function_type(restype, argtypes)
+            callee = builder.inttoptr(values[0], fnty.as_pointer())
+            values = [builder.extract_value(values[1], i) for i in range(len(argtypes))]
+            return _call(context, builder, callee, restype, argtypes, values)
+        return restype(types.int64, types.Tuple(argtypes)), codegen
     return call
