@@ -1110,7 +1110,7 @@ def _backward_scan(net, work, rows, par, kinds):
     return finite
 
 
-@inline
+@helper
 def _backward(net, work, rows, par, kinds, sums, input_bound):
     """``_backward_scan`` for a large model, bounding its weight gradients rather than
     scanning them. Returns (whether every db is finite, whether every dW is sure to be
@@ -1125,7 +1125,8 @@ def _backward(net, work, rows, par, kinds, sums, input_bound):
     smaller than any of them. The others come from the pass that forms dZ, which reads and
     writes every element they sum (``_grad_rows_of``): dZ's of this layer, and A's, the layer
     above's X; or, where the passes run in parallel (which sum no magnitudes), from passes
-    of their own."""
+    of their own. (Compiled on its own rather than inlined: M's first compile ~0.1 s
+    shorter. The small models' ``_backward_scan`` is cheaper inlined.)"""
     layers = net[2]
     finite, sure, above = True, True, 0.0
     limit = _bound_limit(net[0].itemsize, rows)
