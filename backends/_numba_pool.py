@@ -339,13 +339,32 @@ def next_task(block, done):
         spins = 0
 
 
+# Calls of ours to _blas_jobs, from Python (``_control``), told apart from OpenBLAS's, whose job
+# counts are positive: one compiled function rather than one more per operation (~0.15 s of a
+# large model's first compile each).
+INSTALL, HOLD, RELEASE = -1, -2, -3
+
+
 def _blas_jobs(sync, job, jobs, job_size, data, argument):
     """OpenBLAS's threads callback: its ``jobs`` jobs at once, the first on the calling thread,
     job i on worker i - 1. Each must run beside the others (they wait on one another's packed
     blocks). With fewer workers than that (BLAS's thread count raised since ``ensure``), the
-    call goes to OpenBLAS's own threads, and the next ``ensure`` puts the callback back."""
+    call goes to OpenBLAS's own threads, and the next ``ensure`` puts the callback back.
+    Our own calls: INSTALL publishes ``argument`` workers and installs the callback at
+    ``data``, under the lock, never while a caller runs a call on OpenBLAS's own threads (the
+    fallback); HOLD takes the lock and keeps it, RELEASE lets it go."""
     control = control_address()
+    if jobs == RELEASE:
+        unlock(control)
+        return
     lock(control)
+    if jobs == HOLD:
+        return
+    if jobs == INSTALL:
+        store(control, WORKERS, max(argument, load(control, WORKERS)))
+        install(data)
+        unlock(control)
+        return
     if jobs - 1 > load(control, WORKERS):
         # under the lock: a caller in callback mode must not run beside OpenBLAS's threads,
         # which would share their job slots and buffers (ensure reinstalls under it too)
@@ -368,24 +387,11 @@ _started: list[threading.Thread] = []
 _guard = threading.Lock()
 
 
-@numba.njit(**_jit)
-def _install_locked(control, callback, workers):
-    """Publish the worker count and install the callback, under the lock: never while a
-    caller runs a call on OpenBLAS's own threads (``_blas_jobs``' fallback)."""
-    lock(control)
-    store(control, WORKERS, max(workers, load(control, WORKERS)))
-    install(callback)
-    unlock(control)
-
-
-@numba.njit(**_jit)
-def _hold(control):
-    lock(control)
-
-
-@numba.njit(**_jit)
-def _release(control):
-    unlock(control)
+def _control(operation: int, data: int = 0, argument: int = 0) -> None:
+    """One of our own operations (INSTALL, HOLD, RELEASE) by the compiled callback."""
+    call = ctypes.CFUNCTYPE(None, ctypes.c_int32, ctypes.c_int64, ctypes.c_int32, ctypes.c_int64,
+                            ctypes.c_int64, ctypes.c_int32)(_callback.address)
+    call(0, 0, operation, 0, data, argument)
 
 
 def available() -> bool:
@@ -437,7 +443,7 @@ def ensure(worker_function, workers: int) -> int:
                 if not _started[worker].is_alive():
                     raise RuntimeError(f"bpkernels: BLAS worker {worker} did not start")
                 time.sleep(0)
-        _install_locked(control, _callback.address, len(_started))
+        _control(INSTALL, _callback.address, len(_started))
     return workers
 
 
@@ -451,12 +457,12 @@ def _before_fork() -> None:
     """No BLAS call in flight on the pool while the process forks: OpenBLAS's own fork handler
     shuts its threads down, and a job of ours running meanwhile would keep one from ending."""
     if _started:
-        _hold(_CONTROL.ctypes.data)
+        _control(HOLD)
 
 
 def _after_fork_in_parent() -> None:
     if _started:
-        _release(_CONTROL.ctypes.data)
+        _control(RELEASE)
 
 
 def _after_fork_in_child() -> None:
