@@ -38,7 +38,9 @@ from .base import ACTIVATIONS, LEAKY_RELU_SLOPE, LOSSES
 # train_epoch, which has none.
 _FLAGS = dict(cache=True, nogil=True, error_model="numpy", boundscheck=False, fastmath=False,
               _nrt=True)
-jit = numba.njit(**_FLAGS)
+# Kernels Python calls, and nothing calls as a C function: no C wrapper (a third of the epoch
+# kernel's LLVM module, now that its helpers are not linked into it).
+jit = numba.njit(no_cfunc_wrapper=True, **_FLAGS)
 # Helpers only other kernels call get no Python entry point: the wrapper that unboxes their
 # arguments (the nested tuples of the epoch kernel above all) is a large part of compile time.
 # And they are called by symbol (_numba_unlinked): Numba would link each one's code into every
@@ -1181,7 +1183,7 @@ def _weight_gradients(net, work, rows, alpha, beta, into_weights, scan):
 # helpers it calls), and their code is not emitted either: its first compile is ~6% shorter.
 # Safe because it allocates nothing (the parallel pass that does is a helper of its own) and
 # every buffer it reads outlives the call: its caller holds them all.
-@numba.njit(**dict(_FLAGS, _nrt=False))
+@numba.njit(**dict(_FLAGS, _nrt=False, no_cfunc_wrapper=True))
 def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, states, sgd, adam,
                 rmsprop, workers, scan, par, kinds):
     """Every step of one epoch, as train.py's per-kernel loop runs them: gather the batch,
