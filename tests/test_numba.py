@@ -669,6 +669,34 @@ def test_a_helper_is_called_by_symbol_not_copied_into_its_caller():
         root(-1.0)
 
 
+_ONE_GATHER = """
+import numba, numpy as np
+from bpkernels.backends import _numba_kernels as K
+
+@numba.njit
+def gather(X, order, dst, scratch):
+    return K._gather_shared(0, X, order, 0, order.size, dst, scratch)
+
+X = np.arange(-6, 6, dtype=np.float32).reshape(4, 3)
+dst = np.empty((2, 3), np.float32)
+largest = gather(X, np.array([3, 0]), dst, np.empty(1, np.float32))
+print(largest, dst.tolist(), len(K._gather_rows_32.dispatcher.overloads),
+      len(K._gather_rows_64.dispatcher.overloads))
+"""
+
+
+@pytest.mark.skipif(not JIT, reason="NUMBA_DISABLE_JIT: no compiled kernels")
+def test_a_large_models_gather_is_called_by_address_and_compiled_for_its_dtype_only(tmp_path):
+    # The pool's workers call the gather by its address, which the epoch kernel hands them:
+    # so nothing compiles the other dtype's gather. A fresh cache and process, so that
+    # nothing else compiled it first.
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), OPENBLAS_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", _ONE_GATHER], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[0] == "6.0 [[3.0, 4.0, 5.0], [-6.0, -5.0, -4.0]] 1 0"
+
+
 _CACHED_EPOCH = """
 import numpy as np, bpkernels as bpk
 from bpkernels.backends import _numba_kernels as K
