@@ -15,8 +15,9 @@ cached kernel's ``reload_init`` functions before it loads the kernel's machine c
 unlinked call adds one, which compiles (or loads from the cache) the helper and names it.
 
 The price: LLVM no longer sees the helper's code from the caller, so never inlines it nor
-learns what it leaves untouched. The helpers called this way are loops over whole arrays,
-which it inlined nowhere anyway.
+learns what it leaves untouched. The helpers called this way are passes over whole arrays
+and a few small ones called once per layer and step: in interleaved runs, S's and M's epochs
+took as long as with the helpers linked (M's first compile -19%, S's -12%).
 """
 from __future__ import annotations
 
@@ -93,8 +94,8 @@ def _call(context, builder, callee, restype, argtypes, values):
 
 def unlinked(dispatcher):
     """``dispatcher`` (a helper without a Python entry point) as compiled code calls it, but by
-    a symbol rather than with its code copied in. Plain Python (NUMBA_DISABLE_JIT) calls the
-    function itself."""
+    a symbol rather than with its code copied in; ``.dispatcher`` is the helper. Plain Python
+    (NUMBA_DISABLE_JIT) calls the function itself."""
     if numba.config.DISABLE_JIT:
         return dispatcher
     function = dispatcher.py_func
