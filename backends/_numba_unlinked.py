@@ -29,10 +29,10 @@ from typing import NamedTuple
 import llvmlite.binding as llvm
 import numba
 from numba.core import cgutils, types
-from numba.core.imputils import impl_ret_new_ref
+from numba.core.imputils import fix_returning_optional, impl_ret_new_ref
 from numba.extending import intrinsic
 
-_named: dict[str, int] = {}  # symbol -> address, in this process
+_named: dict[str, object] = {}  # symbol -> the dispatcher it names, in this process
 
 
 def _symbol(dispatcher, argtypes) -> str:
@@ -47,27 +47,43 @@ def _compiled(dispatcher, argtypes):
     return dispatcher.overloads[argtypes]
 
 
-def _name(dispatcher, argtypes, symbol) -> None:
+def _name(dispatcher, argtypes, symbol):
     """Name the machine code of ``dispatcher`` for ``argtypes`` ``symbol``, compiling it first
-    if need be."""
-    if symbol not in _named:
-        result = _compiled(dispatcher, argtypes)
-        address = result.library.get_pointer_to_function(result.fndesc.mangled_name)
-        llvm.add_symbol(symbol, address)
-        _named[symbol] = address
+    if need be; returns its compile result."""
+    named = _named.get(symbol)
+    if named is not None and named is not dispatcher:
+        # (two closures of one factory: one name and qualname, other code)
+        raise TypeError(f"unlinked helpers {named} and {dispatcher} would share the symbol "
+                        f"{symbol}: each must be a function of its own, at module level")
+    result = _compiled(dispatcher, argtypes)
+    if named is None:
+        llvm.add_symbol(symbol, result.library.get_pointer_to_function(result.fndesc.mangled_name))
+        _named[symbol] = dispatcher
+    return result
 
 
 class _Reload(NamedTuple):
     """A cached kernel's reload_init: a helper it calls named before its code loads. By the
-    symbol its code was compiled with, whatever ``_symbol`` would say today."""
+    symbol its code was compiled with, whatever ``_symbol`` would say today; and refused if
+    the helper now returns another type (Numba's cache of a kernel does not see its helpers'
+    files change)."""
     module: str
     name: str
     argtypes: tuple
     symbol: str
+    restype: object
 
     def __call__(self) -> None:
-        helper = getattr(importlib.import_module(self.module), self.name)
-        _name(helper.dispatcher, self.argtypes, self.symbol)
+        helper = getattr(getattr(importlib.import_module(self.module), self.name, None),
+                         "dispatcher", None)
+        returns = None if helper is None else \
+            _compiled(helper, self.argtypes).signature.return_type
+        if returns != self.restype:
+            raise RuntimeError(
+                f"bpkernels: the Numba cache holds a kernel compiled against another version "
+                f"of {self.module}.{self.name}; delete it (NUMBA_CACHE_DIR or the backends' "
+                f"__pycache__)")
+        _name(helper, self.argtypes, self.symbol)
 
 
 def _declare(context, builder, dispatcher, argtypes):
@@ -76,10 +92,9 @@ def _declare(context, builder, dispatcher, argtypes):
     module loads. Returns the LLVM function."""
     function = dispatcher.py_func
     symbol = _symbol(dispatcher, argtypes)
-    _name(dispatcher, argtypes, symbol)
+    restype = _name(dispatcher, argtypes, symbol).signature.return_type
     context.active_code_library._reload_init.add(
-        _Reload(function.__module__, function.__name__, argtypes, symbol))
-    restype = dispatcher.overloads[argtypes].signature.return_type
+        _Reload(function.__module__, function.__name__, argtypes, symbol, restype))
     fnty = context.call_conv.get_function_type(restype, argtypes)
     return cgutils.get_or_insert_function(builder.module, fnty, symbol)
 
@@ -89,6 +104,7 @@ def _call(context, builder, callee, restype, argtypes, values):
     status, value = context.call_conv.call_function(builder, callee, restype, argtypes, values)
     with cgutils.if_unlikely(builder, status.is_error):
         context.call_conv.return_status_propagate(builder, status)
+    value = fix_returning_optional(context, builder, restype(*argtypes), status, value)
     return impl_ret_new_ref(context, builder, restype, value)  # as Numba's own calls
 
 
@@ -99,6 +115,11 @@ def unlinked(dispatcher):
     if numba.config.DISABLE_JIT:
         return dispatcher
     function = dispatcher.py_func
+    parameters = inspect.signature(function).parameters.values()
+    if any(p.kind is not p.POSITIONAL_OR_KEYWORD or p.default is not p.empty
+           for p in parameters):
+        raise TypeError(f"unlinked helper {function.__qualname__}: plain positional "
+                        "parameters only (no defaults, *args or keyword-only ones)")
 
     def typer(typingctx, *args):
         argtypes = tuple(types.unliteral(a) for a in args)
