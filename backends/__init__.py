@@ -19,7 +19,7 @@ class BackendUnavailable(ImportError):
 # is fastest first.
 _REGISTRY: dict[str, tuple[str, str, str | None]] = {
     "cupy": (".cupy_backend", "CupyBackend", "cuda12"),
-    "numba": (".numba_backend", "NumbaBackend", "numba"),
+    "numba": (".numba", "NumbaBackend", "numba"),
     "numpy": (".numpy_backend", "NumpyBackend", None),
 }
 

@@ -16,9 +16,9 @@ from bpkernels.backends.base import Backend
 
 pytest.importorskip("numba")
 pytest.importorskip("scipy")
-from bpkernels.backends import _numba_kernels as K  # noqa: E402
-from bpkernels.backends import numba_backend  # noqa: E402
-from bpkernels.backends.numba_backend import NumbaBackend  # noqa: E402
+from bpkernels.backends.numba import kernels as K  # noqa: E402
+from bpkernels.backends.numba import backend as numba_backend  # noqa: E402
+from bpkernels.backends.numba.backend import NumbaBackend  # noqa: E402
 
 JIT = os.environ.get("NUMBA_DISABLE_JIT", "0") in ("", "0")
 
@@ -200,7 +200,7 @@ def test_the_bound_on_weight_gradients_sees_every_column_and_every_inf_or_nan(dt
     and inf wherever an inf or a NaN could reach dW."""
     import numba
 
-    from bpkernels.backends import _numba_kernels as K
+    from bpkernels.backends.numba import kernels as K
 
     @numba.njit
     def largest(M, sums):
@@ -303,7 +303,7 @@ def test_the_gather_finds_the_largest_magnitude_and_every_inf_or_nan(dtype):
     the floats' bits: it must copy every bit and see negative values, infs and NaNs."""
     import numba
 
-    from bpkernels.backends import _numba_kernels as K
+    from bpkernels.backends.numba import kernels as K
 
     @numba.njit
     def gather(src, index, dst, scratch):  # no worker: this thread alone
@@ -340,7 +340,7 @@ def test_a_gather_shared_with_the_pool_copies_every_row_and_sees_every_nan(dtype
     bound."""
     import numba
 
-    from bpkernels.backends import _numba_pool as pool
+    from bpkernels.backends.numba._native import pool
 
     if not pool.available():
         pytest.skip("no BLAS thread callback here (NumPy's OpenBLAS < 0.3.28 or not Linux)")
@@ -375,7 +375,7 @@ def test_blas_on_the_pool_computes_what_numpy_computes_from_any_thread():
     (OpenBLAS's own threads then take the call)."""
     import threading
 
-    from bpkernels.backends import _numba_pool as pool
+    from bpkernels.backends.numba._native import pool
 
     if not pool.available():
         pytest.skip("no BLAS thread callback here (NumPy's OpenBLAS < 0.3.28 or not Linux)")
@@ -412,7 +412,7 @@ def test_the_pool_wakes_its_sleeping_workers_and_a_forked_child_has_blas():
     forked child, which has none of the threads, gets OpenBLAS's own threads back."""
     import time
 
-    from bpkernels.backends import _numba_pool as pool
+    from bpkernels.backends.numba._native import pool
 
     if not pool.available() or not hasattr(os, "fork"):
         pytest.skip("no BLAS thread callback here (NumPy's OpenBLAS < 0.3.28 or not Linux)")
@@ -477,7 +477,7 @@ def test_parallel_dense_kernels_match_serial():
 
 _COMPILED_LOOPS = """
 import numpy as np
-from bpkernels.backends import _numba_kernels as K
+from bpkernels.backends.numba import kernels as K
 X, W, b = np.ones((4, 3)), np.ones((3, 5)), np.zeros(5)
 A = np.empty((4, 5))
 K.dense_forward(X, W, b, K.RELU, A, A, False, None, K.activation_kinds([K.RELU]))
@@ -543,7 +543,7 @@ def test_read_only_inputs_and_output_layers_reuse_the_compiled_kernels(activatio
 
 @pytest.mark.parametrize("rule", ["sgd", "adam", "rmsprop"])
 def test_parallel_optimizer_and_check_match_serial(rule):
-    from bpkernels.backends.numba_backend import _hyper
+    from bpkernels.backends.numba.backend import _hyper
     hp = {"sgd": bpk.SGD(lr=0.1, momentum=0.9, weight_decay=0.1),
           "adam": bpk.AdamW(lr=0.01), "rmsprop": bpk.RMSprop(momentum=0.5, centered=True)}[rule]
     rng = np.random.default_rng(1)
@@ -614,7 +614,7 @@ def test_kernels_are_cached_and_compiled_without_fastmath():
 
 @pytest.mark.skipif(not JIT, reason="NUMBA_DISABLE_JIT: no compiled kernels")
 def test_a_second_process_loads_the_compiled_kernel(tmp_path):
-    code = ("import numpy as np; from bpkernels.backends import _numba_kernels as K; "
+    code = ("import numpy as np; from bpkernels.backends.numba import kernels as K; "
             "Y = np.ones((2, 3)); K.mse(Y, Y, np.empty((2, 3)), np.empty(1)); "
             "print(sum(K.mse.stats.cache_hits.values()), sum(K.mse.stats.cache_misses.values()))")
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
@@ -630,7 +630,7 @@ def test_a_helper_is_called_by_symbol_not_copied_into_its_caller():
     an error the helper raises reaches the caller's caller."""
     import numba
 
-    from bpkernels.backends._numba_unlinked import unlinked
+    from bpkernels.backends.numba._native.unlinked import unlinked
 
     @numba.njit
     def largest(M, sums):
@@ -689,7 +689,7 @@ def test_an_unlinked_helper_returns_optionals_and_refuses_what_it_cannot_name():
     import numba
     from numba.core import types
 
-    from bpkernels.backends._numba_unlinked import _Reload, unlinked
+    from bpkernels.backends.numba._native.unlinked import _Reload, unlinked
 
     def positive(x):
         return x if x > 0 else None
@@ -737,7 +737,7 @@ def test_an_unlinked_helper_returns_optionals_and_refuses_what_it_cannot_name():
 
 _ONE_GATHER = """
 import numba, numpy as np
-from bpkernels.backends import _numba_kernels as K
+from bpkernels.backends.numba import kernels as K
 
 @numba.njit
 def gather(X, order, dst, scratch):
@@ -765,7 +765,7 @@ def test_a_large_models_gather_is_called_by_address_and_compiled_for_its_dtype_o
 
 _CACHED_EPOCH = """
 import sys, numpy as np, bpkernels as bpk
-from bpkernels.backends import _numba_kernels as K
+from bpkernels.backends.numba import kernels as K
 sizes = [int(size) for size in sys.argv[1].split(",")]
 rng = np.random.default_rng(0)
 X, y = rng.standard_normal((96, sizes[0])).astype(np.float32), rng.integers(0, 3, 96)
@@ -799,7 +799,7 @@ def test_the_garbage_collector_pauses_while_a_kernel_compiles_and_is_restored(tm
     code = """if True:
         import gc, json, numba, numpy as np
         from numba.core import event
-        from bpkernels.backends import _numba_kernels as K
+        from bpkernels.backends.numba import kernels as K
         seen = []
         class Spy(event.Listener):  # registered after the package's own listener
             def on_start(self, e):
@@ -837,7 +837,8 @@ def test_auto_picks_numba_on_a_cpu():
 def test_missing_numba_names_the_extra(monkeypatch):
     from bpkernels import backends
     monkeypatch.setitem(sys.modules, "numba", None)  # import numba -> ModuleNotFoundError
-    monkeypatch.delitem(sys.modules, "bpkernels.backends.numba_backend", raising=False)
+    for name in [m for m in sys.modules if m.startswith("bpkernels.backends.numba")]:
+        monkeypatch.delitem(sys.modules, name)
     monkeypatch.delitem(backends._instances, "numba", raising=False)
     monkeypatch.delitem(backends._unavailable, "numba", raising=False)
     with pytest.raises(bpk.BackendUnavailable, match=r"bpkernels\[numba\]"):
@@ -861,7 +862,7 @@ def _gemm_operands(m, k, n, dtype, rng):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("shape", GEMM_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_gemm_matches_the_float64_product_in_every_layout(dtype, shape):
-    from bpkernels.backends._numba_blas import gemm
+    from bpkernels.backends.numba._native.blas import gemm
     run = numba_jit_gemm() if JIT else gemm
     tolerance = 1e-5 if dtype == "float32" else 1e-13
     for a, b in _gemm_operands(*shape, dtype, np.random.default_rng(1)):
@@ -873,7 +874,7 @@ def test_gemm_matches_the_float64_product_in_every_layout(dtype, shape):
 
 def numba_jit_gemm():
     import numba
-    from bpkernels.backends._numba_blas import gemm
+    from bpkernels.backends.numba._native.blas import gemm
 
     @numba.njit
     def run(A, B, C):
@@ -897,7 +898,7 @@ def _padded(M, pad):
 def test_gemm_t_matches_the_float64_product_for_every_transpose_flag(dtype, shape, pad):
     """Both compiled GEMMs: the one for C-typed operands (the epoch kernel's) and the general
     one, for rows wider apart than their length."""
-    from bpkernels.backends._numba_blas import gemm_t
+    from bpkernels.backends.numba._native.blas import gemm_t
     run = numba_jit_gemm_t() if JIT else gemm_t
     tolerance = 1e-5 if dtype == "float32" else 1e-13
     m, k, n = shape
@@ -917,7 +918,7 @@ def test_gemm_t_matches_the_float64_product_for_every_transpose_flag(dtype, shap
 
 def numba_jit_gemm_t():
     import numba
-    from bpkernels.backends._numba_blas import gemm_t
+    from bpkernels.backends.numba._native.blas import gemm_t
 
     @numba.njit
     def run(A, trans_a, B, trans_b, C, alpha, beta):
@@ -928,7 +929,7 @@ def numba_jit_gemm_t():
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_gemm_t_scales_the_product_and_adds_the_scaled_output(dtype):
     """C = alpha op(A) op(B) + beta C: the fused SGD update of the epoch kernel."""
-    from bpkernels.backends._numba_blas import gemm_t
+    from bpkernels.backends.numba._native.blas import gemm_t
     run = numba_jit_gemm_t() if JIT else gemm_t
     tolerance = 1e-5 if dtype == "float32" else 1e-13
     rng = np.random.default_rng(4)
@@ -941,7 +942,7 @@ def test_gemm_t_scales_the_product_and_adds_the_scaled_output(dtype):
 
 @pytest.mark.parametrize("pad", [0, 3], ids=["contiguous", "padded-rows"])
 def test_gemm_t_refuses_mismatched_shapes(pad):
-    from bpkernels.backends._numba_blas import gemm_t
+    from bpkernels.backends.numba._native.blas import gemm_t
     run = numba_jit_gemm_t() if JIT else gemm_t
     A, B = _padded(np.ones((3, 4)), pad), _padded(np.ones((5, 2)), pad)
     with pytest.raises(ValueError, match="shapes do not match" if JIT else ""):
@@ -951,7 +952,7 @@ def test_gemm_t_refuses_mismatched_shapes(pad):
 @pytest.mark.skipif(not JIT, reason="NUMBA_DISABLE_JIT: no compiled kernels")
 def test_gemm_uses_numpys_blas_here():
     """NumPy's wheels ship an OpenBLAS with 64-bit CBLAS entry points; the kernels use it."""
-    from bpkernels.backends._numba_blas import BLAS_SOURCE
+    from bpkernels.backends.numba._native.blas import BLAS_SOURCE
     if "openblas" not in str(np.__config__.CONFIG["Build Dependencies"]["blas"]).lower():
         pytest.skip("this NumPy is not built with OpenBLAS")
     assert BLAS_SOURCE == "numpy"
@@ -967,7 +968,7 @@ def test_gemm_fallback_for_a_numpy_without_cblas64(dtype):
 
     from numba import types
 
-    from bpkernels.backends import _numba_blas as blas
+    from bpkernels.backends.numba._native import blas
     real = types.float32 if dtype == "float32" else types.float64
     c_real = ctypes.c_float if dtype == "float32" else ctypes.c_double
     i32, i64, ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p

@@ -15,11 +15,11 @@ from typing import Any
 import numba
 import numpy as np
 
-from . import _numba_kernels as K
-from . import _numba_pool as pool
-from ._numba_blas import BLAS_SOURCE
-from .base import Backend, EpochPlan
-from .numpy_backend import HostMemory, blas_info
+from . import kernels as K
+from ._native import pool
+from ._native.blas import BLAS_SOURCE
+from ..base import Backend, EpochPlan
+from ..numpy_backend import HostMemory, blas_info
 
 
 # optimizer name -> the rule of the kernels

@@ -25,10 +25,10 @@ from numba.core import cgutils, event, types
 from numba.extending import intrinsic
 from numba.np.arrayobj import populate_array
 
-from . import _numba_pool as pool
-from ._numba_blas import gemm_t
-from ._numba_unlinked import address, by_address, unlinked
-from .base import ACTIVATIONS, LEAKY_RELU_SLOPE, LOSSES
+from ._native import pool
+from ._native.blas import gemm_t
+from ._native.unlinked import address, by_address, unlinked
+from ..base import ACTIVATIONS, LEAKY_RELU_SLOPE, LOSSES
 
 # Compile flags, in one place. fastmath stays off: its no-NaN/no-inf assumptions would let LLVM
 # delete the finiteness tests of check_step and the NaN propagation of the activations, and its

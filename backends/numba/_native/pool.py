@@ -43,7 +43,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 from numba.np.arrayobj import populate_array
 
-from ._numba_blas import _numpy_blas_libraries
+from .blas import _numpy_blas_libraries
 
 # Header slots, then per worker: what the caller posts (slots 0-15), what it answers (16-23).
 LOCK, WORKERS, SLEEP_LIMIT, HEADER = 0, 8, 10, 16  # SLEEP_LIMIT: a timespec, 2 slots
