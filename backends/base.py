@@ -31,9 +31,39 @@ from typing import Any
 
 import numpy as np
 
-ACTIVATIONS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu")
-LOSSES = ("mse", "cross_entropy", "binary_cross_entropy")
+@dataclass(frozen=True)
+class ActivationSpec:
+    name: str
+    code: int             # its index in ACTIVATION_TABLE: what every kernel switches on
+    derivative_from: str  # "output": act' from a = act(z); "input": from z (the layer keeps Z)
+
+
+ACTIVATION_TABLE = tuple(ActivationSpec(name, code, source) for code, (name, source) in enumerate((
+    ("identity", "output"), ("relu", "output"), ("leaky_relu", "output"),
+    ("sigmoid", "output"), ("tanh", "output"), ("gelu", "input"), ("silu", "input"))))
+ACTIVATIONS = tuple(a.name for a in ACTIVATION_TABLE)
+ACTIVATION_CODES = {a.name: a.code for a in ACTIVATION_TABLE}
+KEEPS_Z = frozenset(a.name for a in ACTIVATION_TABLE if a.derivative_from == "input")
 LEAKY_RELU_SLOPE = 0.01
+
+
+@dataclass(frozen=True)
+class OptimizerRule:
+    name: str                 # the kernel's rule
+    hyper: tuple[str, ...]    # its hyper-parameters, in kernel order
+    state: tuple[str, ...]    # its state buffers, in kernel order
+
+
+RULES = {rule.name: rule for rule in (
+    OptimizerRule("sgd", ("lr", "momentum", "dampening", "nesterov", "weight_decay"),
+                  ("momentum_buffer",)),
+    OptimizerRule("adam", ("lr", "beta1", "beta2", "eps", "weight_decay", "decoupled"),
+                  ("exp_avg", "exp_avg_sq")),
+    OptimizerRule("rmsprop", ("lr", "alpha", "eps", "weight_decay", "momentum", "centered"),
+                  ("square_avg", "momentum_buffer", "grad_avg")))}
+OPTIMIZER_RULES = {"sgd": "sgd", "adam": "adam", "adamw": "adam", "rmsprop": "rmsprop"}
+LOSSES = ("mse", "cross_entropy", "binary_cross_entropy")
+LOSS_CODES = {name: code for code, name in enumerate(LOSSES)}
 
 
 @dataclass

@@ -21,6 +21,7 @@ ACTIVATIONS: dict[str, Activation] = {
     "sigmoid": Activation("sigmoid", True, "glorot"),
     "tanh": Activation("tanh", True, "glorot"),
     "gelu": Activation("gelu", False, "he"),
+    "silu": Activation("silu", False, "he"),
 }
 assert tuple(ACTIVATIONS) == _NAMES, "activations.py and backends/base.py disagree"
 

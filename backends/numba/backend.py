@@ -1,8 +1,10 @@
-"""The Numba backend: the contract's kernels compiled by Numba (``_numba_kernels.py``) on the
-CPU, float32 and float64, and a whole training epoch in one compiled call (``train_epoch``).
+"""The Numba backend: the contract's kernels compiled by Numba on the CPU (``layers.py``,
+``losses.py``, ``optim.py``), float32 and float64, and a whole training epoch in one compiled
+call (``epoch.py``). ``jit.py`` chooses native or plain mode (docs/numba.md).
 
-GEMMs run inside the compiled kernels by the BLAS NumPy uses (``_numba_blas.py``), into the
-buffers passed in, transposes as BLAS flags. Threads: BLAS's for the GEMMs, Numba's for the
+GEMMs run inside the compiled kernels, into the buffers passed in, transposes as BLAS flags:
+by the BLAS NumPy uses in native mode (``_native/blas.py``), by Numba's ``np.dot`` in plain
+mode. Threads: BLAS's for the GEMMs, Numba's for the
 (rare: see PARALLEL_MIN) parallel passes; ``bpkernels.set_num_threads`` (the public way),
 ``NumbaBackend(threads=n)``, :meth:`NumbaBackend.set_threads` or NUMBA_NUM_THREADS set both.
 """
@@ -15,26 +17,26 @@ from typing import Any
 import numba
 import numpy as np
 
-from . import kernels as K
-from ._native import pool
-from ._native.blas import BLAS_SOURCE
-from ..base import Backend, EpochPlan
+from . import epoch, jit, layers, losses, optim
+from ..base import ACTIVATION_CODES, KEEPS_Z, LOSS_CODES, OPTIMIZER_RULES, RULES, Backend, \
+    EpochPlan
 from ..numpy_backend import HostMemory, blas_info
 
-
-# optimizer name -> the rule of the kernels
-_RULES = {"sgd": "sgd", "adam": "adam", "adamw": "adam", "rmsprop": "rmsprop"}
+if jit.NATIVE is not None:
+    from ._native import pool
+else:
+    pool = None
 
 
 def _hyper(rule: str, hp) -> tuple[tuple[float, ...] | None, ...]:
     """The ``sgd``, ``adam``, ``rmsprop`` arguments of the kernels: ``rule``'s hyper-parameters
-    as floats in kernel order, None for the other rules."""
-    return tuple(tuple(float(getattr(hp, name)) for name in K.RULE_HP[rule]) if name == rule
-                 else None for name in K.RULE_HP)
+    as floats in the order of its ``base.RULES`` row, None for the other rules."""
+    return tuple(tuple(float(getattr(hp, name)) for name in RULES[rule].hyper) if name == rule
+                 else None for name in RULES)
 
 
 # The ``kinds`` of a single activation: one compiled copy of a layer kernel per activation met.
-_KINDS = {name: K.activation_kinds([code]) for name, code in K.ACTIVATION_CODES.items()}
+_KINDS = {name: layers.activation_kinds([code]) for name, code in ACTIVATION_CODES.items()}
 
 
 class _ReadOnlyAlias:
@@ -61,13 +63,13 @@ def _writeable(array: Any) -> Any:
 # nothing (and cost 1.5x with libgomp's default active waiting), so only larger work uses them.
 PARALLEL_MIN = 1 << 22
 # From this many parameters on, the epoch kernel bounds the weight gradients rather than scan
-# them for inf and NaN, and fuses plain SGD's update into their GEMM (_numba_kernels._backward
-# and train_epoch). Fewer parameters and their gradients stay in cache from step to step, where
+# them for inf and NaN, and fuses plain SGD's update into their GEMM (epoch._backward
+# and epoch.train_epoch). Fewer parameters and their gradients stay in cache from step to step, where
 # the scan and the update pass cost less than the bound's own passes.
 BOUND_MIN_PARAMS = 1 << 16
 # From as many parameters on (and BOUND_MIN_PARAMS), BLAS's parallel jobs and a share of the
-# epoch kernel's gather run on worker threads of our own (_numba_pool), where NumPy's OpenBLAS
-# allows it: M's epochs ~5% faster. Smaller models' GEMMs run on one thread, and their batches
+# epoch kernel's gather run on worker threads of our own (_native/pool.py), in native mode and
+# where NumPy's OpenBLAS allows it: M's epochs ~5% faster. Smaller models' GEMMs run on one thread, and their batches
 # gather in microseconds.
 # BPK_BLAS_POOL=0 in the environment keeps OpenBLAS's own threads.
 POOL, POOL_MIN_PARAMS = os.environ.get("BPK_BLAS_POOL", "1") != "0", 1 << 16
@@ -142,7 +144,8 @@ class NumbaBackend(HostMemory, Backend):
         return {"device": "cpu", "name": platform.processor() or platform.machine(),
                 "cores": os.cpu_count(), "numpy": np.__version__, "numba": numba.__version__,
                 "threads": self.threads, "threading_layer": layer, "blas": blas_info(),
-                "gemm": BLAS_SOURCE}
+                "gemm": jit.BLAS_SOURCE, "mode": jit.MODE, "mode_reason": jit.MODE_REASON,
+                "blas_pool": pool.status() if pool is not None else "off (plain mode)"}
 
     # ------------------------------------------------------------------ dense layer
     def _kinds(self, activation: str) -> tuple:
@@ -156,31 +159,31 @@ class NumbaBackend(HostMemory, Backend):
         return self._last_kinds
 
     def dense_forward(self, X, W, b, activation, A, Z=None):
-        K.dense_forward(_writeable(X), _writeable(W), _writeable(b),
-                        K.ACTIVATION_CODES[activation], A if Z is None else Z, A, Z is not None,
-                        self._par(A.size), self._kinds(activation))
+        layers.dense_forward(_writeable(X), _writeable(W), _writeable(b),
+                             ACTIVATION_CODES[activation], A if Z is None else Z, A,
+                             Z is not None, self._par(A.size), self._kinds(activation))
 
     def dense_backward(self, X, W, dA, activation, A, Z, dW, db, dX=None):
-        if Z is None and activation == "gelu":
-            raise ValueError("dense_backward of a gelu layer needs its pre-activation Z")
-        K.dense_backward(_writeable(X), _writeable(W), dA, K.ACTIVATION_CODES[activation], A,
-                         A if Z is None else Z, dW, db, dA if dX is None else dX,
-                         dX is not None, self._par(dA.size), self._kinds(activation))
+        if Z is None and activation in KEEPS_Z:
+            raise ValueError(f"dense_backward of a {activation} layer needs its pre-activation Z")
+        layers.dense_backward(_writeable(X), _writeable(W), dA, ACTIVATION_CODES[activation], A,
+                              A if Z is None else Z, dW, db, dA if dX is None else dX,
+                              dX is not None, self._par(dA.size), self._kinds(activation))
 
     # ------------------------------------------------------------------ loss
     def loss(self, kind, Y, T, dY, out):
         if kind == "cross_entropy":
-            kernel = K.softmax_xent_labels if T.ndim == 1 else K.softmax_xent_rows
+            kernel = losses.softmax_xent_labels if T.ndim == 1 else losses.softmax_xent_rows
         else:
-            kernel = K.binary_xent if kind == "binary_cross_entropy" else K.mse
+            kernel = losses.binary_xent if kind == "binary_cross_entropy" else losses.mse
         kernel(_writeable(Y), _writeable(T), dY, out)
 
     def count_correct(self, Y, T, out):
-        (K.count_correct_labels if T.ndim == 1 else K.count_correct_rows)(
+        (losses.count_correct_labels if T.ndim == 1 else losses.count_correct_rows)(
             _writeable(Y), _writeable(T), out)
 
     def check_step(self, loss, grads, step, halted):
-        K.check_step(loss, grads, int(step), halted, self._par(grads.size))
+        optim.check_step(loss, grads, int(step), halted, self._par(grads.size))
 
     # ------------------------------------------------------------------ optimizers
     def sgd_step(self, params, grads, momentum_buf, hp, step, halted):
@@ -194,8 +197,8 @@ class NumbaBackend(HostMemory, Backend):
                    halted)
 
     def _step(self, rule, params, grads, states, hp, step, halted):
-        K.optimizer_step(params, grads, self._states(states, params), *_hyper(rule, hp),
-                         int(step), halted, self._par(params.size))
+        optim.optimizer_step(params, grads, self._states(states, params), *_hyper(rule, hp),
+                             int(step), halted, self._par(params.size))
 
     def _states(self, states, params) -> tuple[np.ndarray, ...]:
         """Three state buffers, an empty array for each one that is None or absent."""
@@ -204,26 +207,27 @@ class NumbaBackend(HostMemory, Backend):
 
     # ------------------------------------------------------------------ a whole epoch
     def train_epoch(self, plan: EpochPlan) -> bool:
-        rule = _RULES.get(plan.optimizer)
+        rule = OPTIMIZER_RULES.get(plan.optimizer)
         if rule is None:
             return False
         net, work, targets = plan.cache.get("numba") or \
             plan.cache.setdefault("numba", self._epoch_buffers(plan))
         labeled = plan.T.ndim == 1
-        states = self._states([plan.state.get(name) for name in K.RULE_STATE[rule]], plan.params)
+        states = self._states([plan.state.get(name) for name in RULES[rule].state], plan.params)
         widest = max(plan.params.size, plan.batch * max(plan.sizes))
         workers = None
-        # (fit's data is C-ordered; the large models' gather reads rows by address)
-        if plan.params.size >= BOUND_MIN_PARAMS and plan.X.flags.c_contiguous:
+        # (fit's data is C-ordered; the large models' gather reads rows by address, a native
+        # trick: plain mode runs every model as a small one)
+        if pool is not None and plan.params.size >= BOUND_MIN_PARAMS and plan.X.flags.c_contiguous:
             workers = 0
             if POOL and plan.params.size >= POOL_MIN_PARAMS:
-                workers = pool.ensure(K.pool_worker, pool.blas_threads() - 1)
-        K.train_epoch(net, (_writeable(plan.X), plan.order, plan.batch), work,
-                      (plan.step_loss, plan.step_correct, plan.halted), plan.first_step,
-                      K.LOSS_CODES[plan.loss], plan.metric, targets if labeled else None,
-                      None if labeled else targets, states, *_hyper(rule, plan.hp),
-                      workers, True if workers is None else None, self._par(widest),
-                      K.activation_kinds(K.ACTIVATION_CODES[a] for a in plan.activations))
+                workers = pool.ensure(epoch.pool_worker, pool.blas_threads() - 1)
+        epoch.train_epoch(net, (_writeable(plan.X), plan.order, plan.batch), work,
+                          (plan.step_loss, plan.step_correct, plan.halted), plan.first_step,
+                          LOSS_CODES[plan.loss], plan.metric, targets if labeled else None,
+                          None if labeled else targets, states, *_hyper(rule, plan.hp),
+                          workers, True if workers is None else None, self._par(widest),
+                          layers.activation_kinds(ACTIVATION_CODES[a] for a in plan.activations))
         return True
 
     def _epoch_buffers(self, plan: EpochPlan) -> tuple[Any, Any, tuple]:
@@ -231,7 +235,7 @@ class NumbaBackend(HostMemory, Backend):
         scratch (the full workspace's X; flat A, dA and Z of every layer; two rows as wide as
         the widest layer) and the targets pair (all of them, the full workspace's T)."""
         dtype, ws = plan.params.dtype, plan.workspaces[0]
-        layers, a_size, z_size = K.layer_table(plan.sizes, plan.activations, plan.batch)
+        table, a_size, z_size = epoch.layer_table(plan.sizes, plan.activations, plan.batch)
         work = (ws.X, np.empty(a_size, dtype), np.empty(a_size, dtype), np.empty(z_size, dtype),
                 np.empty(2 * max(plan.sizes), dtype))
-        return (plan.params, plan.grads, layers), work, (plan.T, ws.T)
+        return (plan.params, plan.grads, table), work, (plan.T, ws.T)

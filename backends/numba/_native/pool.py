@@ -30,6 +30,7 @@ import atexit
 import ctypes
 import os
 import platform
+import re
 import sys
 import threading
 import time
@@ -88,8 +89,46 @@ def _openblas():
     return None
 
 
-_BLAS = _openblas() if sys.platform.startswith("linux") and platform.machine() == "x86_64" \
-    and not numba.config.DISABLE_JIT else None
+# The OpenBLAS releases whose exec_blas job records and threads callback this pool was tested
+# with (the job layout is OpenBLAS's internal; its callback is public since 0.3.28).
+TESTED_OPENBLAS = ((0, 3, 31),)
+
+
+def openblas_version() -> tuple[int, ...] | None:
+    """The release of NumPy's OpenBLAS, from its config string ("OpenBLAS 0.3.31..."), or None."""
+    for path in _numpy_blas_libraries():
+        try:
+            library = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in ("scipy_openblas_get_config64_", "openblas_get_config64_",
+                     "openblas_get_config"):
+            config = getattr(library, name, None)
+            if config is not None:
+                config.restype = ctypes.c_char_p
+                found = re.search(rb"OpenBLAS (\d+)\.(\d+)\.(\d+)", config() or b"")
+                return tuple(int(v) for v in found.groups()) if found else None
+    return None
+
+
+def _why_not() -> str | None:
+    """Why the pool cannot run here, or None where it can."""
+    if not (sys.platform.startswith("linux") and platform.machine() == "x86_64"):
+        return "Linux on x86-64 only"
+    version = openblas_version()
+    if version is None:
+        return "NumPy's BLAS is not an OpenBLAS this pool knows"
+    if version not in TESTED_OPENBLAS and os.environ.get("BPK_NUMBA_NATIVE") != "1":
+        tested = ", ".join(".".join(map(str, v)) for v in TESTED_OPENBLAS)
+        return (f"not tested with OpenBLAS {'.'.join(map(str, version))} (tested: {tested}; "
+                f"BPK_NUMBA_NATIVE=1 tries it)")
+    if _openblas() is None:
+        return "NumPy's OpenBLAS has no threads callback (0.3.28 and newer have)"
+    return None
+
+
+_WHY_NOT = _why_not()
+_BLAS = _openblas() if _WHY_NOT is None else None
 if _BLAS is not None:
     llvm.add_symbol(_SYMBOLS["exec_blas"], ctypes.cast(_BLAS[2], ctypes.c_void_p).value)
     llvm.add_symbol(_SYMBOLS["set_callback"], ctypes.cast(_BLAS[0], ctypes.c_void_p).value)
@@ -398,6 +437,30 @@ def available() -> bool:
     return _BLAS is not None
 
 
+def status() -> str:
+    """Whether the pool runs BLAS's jobs here, and why not (for ``bpk info``)."""
+    if _BLAS is None:
+        return f"off ({_WHY_NOT})"
+    return f"on ({len(_started)} workers)" if _started else "ready (starts with a large model)"
+
+
+def _self_test() -> bool:
+    """A product big enough for OpenBLAS to share out, computed through the pool, against the
+    same product by OpenBLAS's own threads moments before; on any difference the pool is
+    switched off for good (BLAS gets its own threads back, ``status`` says why)."""
+    global _BLAS, _WHY_NOT
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((256, 384)), rng.standard_normal((384, 320))
+    _BLAS[0](None)
+    expected = a @ b
+    _control(INSTALL, _callback.address, len(_started))
+    if np.allclose(a @ b, expected, rtol=1e-12, atol=1e-12):
+        return True
+    _BLAS[0](None)
+    _BLAS, _WHY_NOT = None, "its self-test gave wrong products"
+    return False
+
+
 def blas_threads() -> int:
     return _BLAS[1]() if _BLAS is not None else 1
 
@@ -443,13 +506,16 @@ def ensure(worker_function, workers: int) -> int:
                 if not _started[worker].is_alive():
                     raise RuntimeError(f"bpkernels: BLAS worker {worker} did not start")
                 time.sleep(0)
+        first = started == 0
         _control(INSTALL, _callback.address, len(_started))
+        if first and not _self_test():
+            return 0
     return workers
 
 
 def _shutdown() -> None:
     """At exit: BLAS's jobs back to OpenBLAS's threads (ours, daemons, end with the process)."""
-    if _BLAS is not None:
+    if _BLAS is not None and _started:
         _BLAS[0](None)
 
 

@@ -1,0 +1,300 @@
+"""A whole epoch in one compiled call: gather, forward, loss, backward, check and update, per
+step, as train.py's loop of kernel calls runs them (base.EpochPlan).
+
+Large models (see backend.BOUND_MIN_PARAMS) bound their weight gradients rather than scan them,
+fuse plain SGD's update into dW's GEMM, and in native mode share each batch's gather with the
+BLAS pool's workers (``_native/gather.py``); small models scan.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..base import ACTIVATION_CODES, KEEPS_Z
+from .jit import NATIVE, as_matrix, epoch, gemm_t, helper, inline, span
+from .layers import GELU, SILU, _dense_dz, _dense_forward, _grad_rows, _zero
+from .losses import (BINARY_CROSS_ENTROPY, CROSS_ENTROPY, _binary_xent, _count_correct_labels,
+                     _count_correct_rows, _mse, _softmax_xent_labels, _softmax_xent_rows)
+from .optim import _finite, _optimizer_step, _update
+
+if NATIVE is not None:
+    from ._native.gather import gather_shared, pool_worker
+else:  # (the large models' shared gather is native only: plain mode never passes workers)
+    gather_shared = pool_worker = None
+
+# What one epoch reads and writes comes in plain tuples (names as in base.EpochPlan):
+#   net   (params, grads, layers): flat buffers; layers int64 (layers, 7), LAYER_COLUMNS
+#   data  (X, order, batch): X (N, i), order (N,) int64, rows per step
+#   work  (X, A, dA, Z, sums): per-step scratch, X (batch, i) and the flat A, dA and Z (layers
+#         of base.KEEPS_Z only) of every layer at layer offsets (x rows); sums (2 x the widest layer,) in
+#         the dtype, for _backward's bound. Per step, the kernels see (X, A, dA, Z).
+#   out   (loss, correct, halted): (steps,), (steps,), (1,) int64
+# The targets come as one of two pairs (all targets, the batch's scratch), the other None:
+# ``labels`` int64 (N,), (batch,) or ``T`` (N, o), (batch, o).
+# (Not namedtuples: Numba's cache index pickles argument types, and a namedtuple class that
+# later changes or goes makes a stale index fail to load instead of being recompiled.)
+LAYER_COLUMNS = ("inputs", "outputs", "W", "b", "activation", "A", "Z")
+
+
+def layer_table(sizes, activations, batch):
+    """The layers table of ``net`` for a model and batch size, and the lengths of work's A
+    and Z."""
+    rows, w, a, z = [], 0, 0, 0
+    for i, o, act in zip(sizes[:-1], sizes[1:], activations):
+        keeps_z = act in KEEPS_Z
+        rows.append((i, o, w, w + i * o, ACTIVATION_CODES[act], a, z if keeps_z else -1))
+        w, a, z = w + i * o + o, a + batch * o, z + (batch * o if keeps_z else 0)
+    return np.array(rows, dtype=np.int64), a, z
+
+
+@helper
+def _layer(net, work, layer, rows):
+    """Views of one layer: W, b, dW, db, A, dA, Z (Z is A where the layer keeps no Z)."""
+    params, grads, layers = net
+    _, A_all, dA_all, Z_all = work
+    i, o, w, b, _, a, z = layers[layer]
+    W, dW = as_matrix(params, w, i, o), as_matrix(grads, w, i, o)
+    A, dA = as_matrix(A_all, a, rows, o), as_matrix(dA_all, a, rows, o)
+    Z = A if z < 0 else as_matrix(Z_all, z, rows, o)
+    return W, span(params, b, o), dW, span(grads, b, o), A, dA, Z
+
+
+@inline
+def _gather(src, index, dst):
+    """dst[r] = src[index[r]] for the rows of a batch. Four rows at a time: four streams of
+    cache misses in flight gather M's batches ~1.4x faster than one."""
+    rows, k = index.size, src.shape[1]
+    for r in range(0, rows - rows % 4, 4):
+        i0, i1, i2, i3 = index[r], index[r + 1], index[r + 2], index[r + 3]
+        for j in range(k):
+            dst[r, j] = src[i0, j]
+            dst[r + 1, j] = src[i1, j]
+            dst[r + 2, j] = src[i2, j]
+            dst[r + 3, j] = src[i3, j]
+    for r in range(rows - rows % 4, rows):
+        for j in range(k):
+            dst[r, j] = src[index[r], j]
+
+
+@inline
+def _forward(net, work, rows, par, kinds):
+    layers = net[2]
+    X = span(work[0], 0, rows)
+    for layer in range(layers.shape[0]):
+        W, b, _, _, A, _, Z = _layer(net, work, layer, rows)
+        act = layers[layer, 4]
+        _dense_forward(X, W, b, act, Z, A, act == GELU or act == SILU, par, kinds)
+        X = A
+
+
+@inline
+def _largest(sums, n):
+    """The largest of sums[:n] (>= 0), inf if one is NaN."""
+    largest = 0.0
+    for j in range(n):
+        if not sums[j] <= largest:
+            largest = sums[j] if sums[j] == sums[j] else math.inf
+    return largest
+
+
+_FLOAT32_MAX, _FLOAT64_MAX = float(np.finfo(np.float32).max), float(np.finfo(np.float64).max)
+_FLOAT32_ROUNDOFF, _FLOAT64_ROUNDOFF = 2.0 ** -24, 2.0 ** -53
+
+
+@inline
+def _bound_limit(itemsize, rows):
+    """How large the bound (sum_r |X[r, i]|) (sum_r |dZ[r, j]|), each sum as computed in the
+    dtype, may be with every computed dW[i, j] sure to be finite. A sum of n terms computed in
+    any order is within gamma = n u / (1 - n u) of the exact one, relative to the sum of the
+    terms' magnitudes (u: the unit roundoff); so the exact bound is at most the computed one
+    over (1 - gamma)^2, and BLAS's dW at most (1 + gamma) times the exact bound. Half the
+    largest value of the dtype as the margin; no limit at all (-1) where n u nears 1."""
+    largest = _FLOAT32_MAX if itemsize == 4 else _FLOAT64_MAX
+    nu = (rows + 1) * (_FLOAT32_ROUNDOFF if itemsize == 4 else _FLOAT64_ROUNDOFF)
+    if nu >= 0.5:
+        return -1.0
+    gamma = nu / (1.0 - nu)
+    return largest / 2 * ((1.0 - gamma) * (1.0 - gamma)) / (1.0 + gamma)  # (** compiles ~0.1 s)
+
+
+@helper
+def _abs_column_sums_max(M, sums):
+    """The largest column sum of |M| (accumulated in ``sums``), inf where M holds inf or NaN.
+    Column by column, so that the row loop vectorizes (a scalar sum would not, without
+    fastmath's reordering)."""
+    o = M.shape[1]
+    sums[:o] = 0.0
+    for r in range(M.shape[0]):
+        for j in range(o):
+            sums[j] += abs(M[r, j])
+    return _largest(sums, o)
+
+
+@inline
+def _input_gradient(net, work, layer, rows, W, dZ):
+    """dX = dZ @ W.T of ``layer`` into the dA of the layer below; returns the layer's X."""
+    if layer == 0:
+        return span(work[0], 0, rows)
+    _, _, _, _, X, dX, _ = _layer(net, work, layer - 1, rows)
+    gemm_t(dZ, False, W, True, dX, 1.0, 0.0)
+    return X
+
+
+@inline
+def _backward_scan(net, work, rows, par, kinds):
+    """Backward through every layer but the weight gradients (``_weight_gradients``), for a
+    small model, whose weight gradients check_step's scan checks: dZ and db of every layer
+    and dX, top down. Returns whether every db is finite. (Apart from the large models'
+    ``_backward`` because Numba inlines a callee whole, the branches the caller prunes
+    included, and its copy costs ~blocks x variables: ~0.3 s of S's first compile.)"""
+    layers = net[2]
+    finite = True
+    for layer in range(layers.shape[0] - 1, -1, -1):
+        W, _, _, db, A, dA, Z = _layer(net, work, layer, rows)
+        _dense_dz(dA, layers[layer, 4], A, Z, db, par, kinds)
+        finite = _finite(db) and finite
+        _input_gradient(net, work, layer, rows, W, dA)
+    return finite
+
+
+@helper
+def _backward(net, work, rows, par, kinds, sums, input_bound):
+    """``_backward_scan`` for a large model, bounding its weight gradients rather than
+    scanning them. Returns (whether every db is finite, whether every dW is sure to be
+    finite). The second without computing dW: |dW[i, j]| = |sum_r X[r, i] dZ[r, j]| <=
+    (sum_r |X[r, i]|) (sum_r |dZ[r, j]|), and ``_bound_limit`` leaves room for every rounding,
+    BLAS's and the column sums' own, in any order of summation. With no inf or NaN in X or dZ
+    and that bound kept, no dW can be inf or NaN: check_step's scan of every weight gradient
+    (~20 us a step on M) is then not needed, and plain SGD may update W inside the GEMM that
+    computes dW (``train_epoch``). Sums in the dtype (float32's vectorize twice as wide): one
+    that overflows is inf, which only costs the shortcut. For the first layer, ``input_bound``
+    (rows * the batch's largest |x|, from the gather) stands for the column sums of |X|: no
+    smaller than any of them. The others come from the pass that forms dZ, which reads and
+    writes every element they sum (``_grad_rows_of``): dZ's of this layer, and A's, the layer
+    above's X; or, where the passes run in parallel (which sum no magnitudes), from passes
+    of their own. (Compiled on its own rather than inlined: M's first compile ~0.1 s
+    shorter. The small models' ``_backward_scan`` is cheaper inlined.)"""
+    layers = net[2]
+    finite, sure, above = True, True, 0.0
+    limit = _bound_limit(net[0].itemsize, rows)
+    top = layers.shape[0] - 1
+    for layer in range(top, -1, -1):
+        W, _, _, db, A, dA, Z = _layer(net, work, layer, rows)
+        if par is None:  # the column sums of |dZ| and of |A| (the layer above's X) as dZ forms
+            o = dA.shape[1]
+            magnitudes = as_matrix(sums, 0, 2, o)
+            _zero(span(sums, 0, 2 * o))
+            _zero(db)
+            _grad_rows(dA, layers[layer, 4], A, Z, db, magnitudes, 0, rows, kinds)
+            if layer < top:
+                sure = sure and _largest(magnitudes[1], o) * above <= limit
+            above = _largest(magnitudes[0], o)
+        else:
+            _dense_dz(dA, layers[layer, 4], A, Z, db, par, kinds)
+        finite = _finite(db) and finite
+        X = _input_gradient(net, work, layer, rows, W, dA)
+        if par is not None and sure:
+            x_bound = input_bound if layer == 0 else _abs_column_sums_max(X, sums)
+            sure = x_bound * _abs_column_sums_max(dA, sums) <= limit
+    if par is None:
+        sure = sure and input_bound * above <= limit
+    return finite, sure
+
+
+@inline
+def _weight_gradients(net, work, rows, alpha, beta, into_weights, scan):
+    """dW = X.T @ dZ for every layer, after ``_backward``; with ``into_weights``, W = beta W +
+    alpha X.T @ dZ instead, dW left as it was. Returns whether every dW is finite, each read
+    right after BLAS wrote it, while still in cache, where ``scan`` (else True)."""
+    layers = net[2]
+    finite = True
+    X = span(work[0], 0, rows)
+    for layer in range(layers.shape[0]):
+        W, _, dW, _, A, dZ, _ = _layer(net, work, layer, rows)
+        if into_weights:
+            gemm_t(X, True, dZ, False, W, alpha, beta)
+        else:
+            gemm_t(X, True, dZ, False, dW, 1.0, 0.0)
+            if scan:  # dW flat, as the gradients hold it (dW.ravel() took ~0.2 s to compile)
+                finite = _finite(span(net[1], layers[layer, 2], dW.size)) and finite
+        X = A
+    return finite
+
+
+# (``epoch``: compiled without reference counting in native mode, see _native/toolkit.py.)
+@epoch
+def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, states, sgd, adam,
+                rmsprop, workers, scan, par, kinds):
+    """Every step of one epoch, as train.py's per-kernel loop runs them: gather the batch,
+    forward, loss (and hits), backward, check_step, then the optimizer update of step
+    ``first_step + s`` (a no-op once halted). The arguments that may be None (``labels`` or
+    ``T``; all but one of the rules, as in optimizer_step) are separate so that Numba compiles
+    the code of the given ones only. ``workers``, for large models: how many of
+    ``_numba_pool``'s threads share each gather (0: none), which then bounds the weight
+    gradients rather than scanning them (``_backward``) and fuses a plain SGD update into their
+    GEMM; None for small models, which gather alone and scan (the code of the others then not
+    compiled). ``scan``: True for small models, else None (for the same reason: Numba prunes
+    by None only). A large model's batch is gathered by address (``_gather_split``): X must
+    then be C-ordered."""
+    params, grads, layers = net
+    X_all, order, batch = data
+    sums = work[4]
+    work = work[:4]
+    step_losses, step_hits, halted = out
+    n = order.size
+    steps = (n + batch - 1) // batch
+    for s in range(steps):
+        rows = min(batch, n - s * batch)
+        index = span(order, s * batch, rows)
+        if workers is not None:  # a large model's gather, with the bound of its first layer
+            input_bound = rows * gather_shared(workers, X_all, order, s * batch, rows,
+                                                work[0], sums)
+        if scan is not None:  # (on S's 64 columns, the bound's maximum slowed the gather ~7%)
+            _gather(X_all, index, work[0])
+        _forward(net, work, rows, par, kinds)
+        _, _, _, _, Y, dY, _ = _layer(net, work, layers.shape[0] - 1, rows)
+        step_loss, step_correct = span(step_losses, s, 1), span(step_hits, s, 1)
+        if labels is not None:
+            all_labels, batch_labels = labels[0], span(labels[1], 0, rows)
+            for r in range(rows):
+                batch_labels[r] = all_labels[index[r]]
+            _softmax_xent_labels(Y, batch_labels, dY, step_loss)
+            if metric:
+                _count_correct_labels(Y, batch_labels, step_correct)
+        elif T is not None:
+            all_T, batch_T = T[0], span(T[1], 0, rows)
+            _gather(all_T, index, batch_T)
+            if loss == CROSS_ENTROPY:
+                _softmax_xent_rows(Y, batch_T, dY, step_loss)
+            elif loss == BINARY_CROSS_ENTROPY:
+                _binary_xent(Y, batch_T, dY, step_loss)
+            else:
+                _mse(Y, batch_T, dY, step_loss)
+            if metric:
+                _count_correct_rows(Y, batch_T, step_correct)
+        if workers is not None:  # (two ifs: Numba prunes each by an argument that is None)
+            finite, sure = _backward(net, work, rows, par, kinds, sums, input_bound)
+        if scan is not None:
+            finite, sure = _backward_scan(net, work, rows, par, kinds), False
+        finite = finite and math.isfinite(step_loss[0])
+        # Plain SGD (no momentum) updates W inside dW's GEMM, W = (1 - lr wd) W - lr X.T @ dZ,
+        # as its update would (but for the rounding of dW, which is not stored): no separate
+        # pass over every weight and its gradient, which no longer sit in cache by then (~100
+        # us a step on M). Only where the step is sure to be finite: check_step's latch would
+        # otherwise have to undo it. Not on the epoch's last step, whose gradients stay in
+        # ``grads`` as the per-kernel loop leaves them.
+        fused, alpha, beta = False, 1.0, 0.0
+        if sgd is not None and workers is not None:
+            if sgd[1] == 0 and sure and finite and halted[0] == 0 and s + 1 < steps:
+                fused, alpha, beta = True, -sgd[0], 1.0 - sgd[0] * sgd[4]
+        finite = _weight_gradients(net, work, rows, alpha, beta, fused, not sure) and finite
+        if sgd is not None and workers is not None and fused:
+            for layer in range(layers.shape[0]):  # the biases, by the rule itself
+                b, o = layers[layer, 3], layers[layer, 1]
+                _update(span(params, b, o), span(grads, b, o), states, sgd, adam, rmsprop,
+                        first_step + s)
+            continue
+        if halted[0] == 0 and not finite:
+            halted[0] = first_step + s  # check_step's latch
+        _optimizer_step(params, grads, states, sgd, adam, rmsprop, first_step + s, halted, par)

@@ -1,0 +1,85 @@
+"""Plain mode's names for the kernels: public Numba only (``@njit``, ``np.dot``, slices).
+
+The same names as ``_native/toolkit.py``, for where the native layer is off (an untested
+Numba, llvmlite or OpenBLAS, a failed self-test, ``BPK_NUMBA_NATIVE=0``, NUMBA_DISABLE_JIT):
+the kernels compile and compute the same, slower. Helpers are linked into their callers as
+Numba does by default, views are slices, GEMMs are ``np.dot`` (Numba's, by SciPy's BLAS).
+
+Compiled code is cached on disk as in native mode, under names of its own: the kernels are the
+same Python functions in both modes, and Numba names a function's cache files after its module
+and qualified name and keys them by signature, not by what the names it calls meant when it
+was compiled. Plain mode's decorators add ``_plain`` to the qualified name, so that neither mode
+ever loads what the other compiled.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba.extending import overload
+
+BLAS_SOURCE = "numba-np.dot"
+FLAGS = dict(cache=True, nogil=True, error_model="numpy", boundscheck=False, fastmath=False)
+
+
+def _plain(**options):
+    compile = numba.njit(**FLAGS, **options)
+
+    def decorate(function):
+        function.__qualname__ += "_plain"  # cache files of its own (see above)
+        return compile(function)
+    return decorate
+
+
+jit = helper = linked = epoch = _plain()
+phelper = _plain(parallel=True)
+inline = _plain(inline="always")
+
+
+@inline
+def as_matrix(flat, start, rows, cols):
+    return flat[start:start + rows * cols].reshape((rows, cols))
+
+
+@inline
+def span(array, start, length):
+    return array[start:start + length]
+
+
+def bits(array):
+    """The floats' bits as integers of the same width, in place."""
+    return array.view(np.int32 if array.itemsize == 4 else np.int64)
+
+
+@overload(bits, jit_options=dict(FLAGS))
+def _bits(array):
+    width = np.int32 if array.dtype.bitwidth == 32 else np.int64
+    return lambda array: array.view(width)
+
+
+@jit
+def gemm_t(A, trans_a, B, trans_b, C, alpha, beta):
+    """C = alpha op(A) @ op(B) + beta C, op transposing where asked; as _native/blas.py's."""
+    if alpha == 1.0 and beta == 0.0:  # every call but the native epoch's fused SGD: no temporary
+        if trans_a:
+            if trans_b:
+                np.dot(A.T, B.T, C)
+            else:
+                np.dot(A.T, B, C)
+        elif trans_b:
+            np.dot(A, B.T, C)
+        else:
+            np.dot(A, B, C)
+        return
+    if trans_a:
+        product = np.dot(A.T, B.T) if trans_b else np.dot(A.T, B)
+    else:
+        product = np.dot(A, B.T) if trans_b else np.dot(A, B)
+    cast = C.dtype.type
+    if beta == 0.0:
+        C[...] = product * cast(alpha)
+    else:
+        C[...] = product * cast(alpha) + C * cast(beta)
+
+
+__all__ = ["BLAS_SOURCE", "as_matrix", "bits", "epoch", "gemm_t", "helper", "inline", "jit",
+           "linked", "phelper", "span"]
