@@ -634,6 +634,10 @@ def _print_info(info: dict[str, Any]) -> None:
     for name, entry in info["backends"].items():
         status = "available" if entry["available"] else f"unavailable: {entry['reason']}"
         lines.append(f"  {name}: {status}")
+        device = entry.get("device") or {}
+        if "mode" in device:  # the Numba backend: native or plain, and why
+            lines.append(f"    {name} mode: {device['mode_reason']}")
+            lines.append(f"    {name} BLAS pool: {device['blas_pool']}")
     for gpu in info["gpus"]:
         lines.append(f"GPU ({gpu['backend']}): {gpu.get('name', 'unknown')}, {_memory_text(gpu)}")
     print("\n".join(lines), flush=True)
