@@ -6,16 +6,17 @@ said otherwise. Shapes use the names of the math: ``n`` rows in a batch, ``i`` i
 ``o`` outputs of a layer. Every output is passed in and overwritten; kernels return nothing,
 so the training loop allocates nothing per step.
 
-Activation names: ``identity``, ``relu``, ``leaky_relu`` (slope 0.01), ``sigmoid``, ``tanh``,
-``gelu`` (erf form). All but ``gelu`` have a derivative computable from the activation's
-output ``A``, so a model keeps the pre-activation ``Z`` only for ``gelu``.
+Activation names (:data:`ACTIVATION_TABLE`): ``identity``, ``relu``, ``leaky_relu`` (slope
+0.01), ``sigmoid``, ``tanh``, ``gelu`` (erf form), ``silu`` (``z * sigmoid(z)``). Those whose
+derivative needs the pre-activation (:data:`KEEPS_Z`: ``gelu``, ``silu``) make a model keep
+``Z``; the others' derivative is computed from the activation's output ``A``.
 
 Loss names (PyTorch conventions): ``mse`` (mean over all elements), ``cross_entropy`` (logits;
 targets are int labels of shape (n,) or probability rows (n, o); mean over the batch) and
 ``binary_cross_entropy`` (logits; targets in [0, 1] of shape (n, o); mean over all elements).
 
 Optimizer hyper-parameters are passed as one object ``hp`` with the attributes named in each
-method's docstring. ``step`` is the 1-based count of updates including this one.
+method's docstring (and in :data:`RULES`, whose order is the kernels' order). ``step`` is the 1-based count of updates including this one.
 ``halted`` is a device array of one int64: 0 while training is healthy; once a step's loss or
 gradient is not finite it holds that step's 1-based index and every later update is a no-op,
 so the weights of the last finite step survive without a host round trip per step.
@@ -31,39 +32,62 @@ from typing import Any
 
 import numpy as np
 
+# ------------------------------------------------------------------ the tables
+# One row per fact; every backend reads these (the CUDA sources through the -D defines that
+# backends/_cuda_sources.py generates from them). A new activation is one row here plus its
+# math in each backend.
+
+
 @dataclass(frozen=True)
 class ActivationSpec:
-    name: str
-    code: int             # its index in ACTIVATION_TABLE: what every kernel switches on
-    derivative_from: str  # "output": act' from a = act(z); "input": from z (the layer keeps Z)
+    name: str             # "relu"
+    code: int             # its index in ACTIVATION_TABLE: the code every kernel switches on
+    derivative_from: str  # "output": act'(z) computable from a = act(z); "input": needs z
 
 
-ACTIVATION_TABLE = tuple(ActivationSpec(name, code, source) for code, (name, source) in enumerate((
-    ("identity", "output"), ("relu", "output"), ("leaky_relu", "output"),
-    ("sigmoid", "output"), ("tanh", "output"), ("gelu", "input"), ("silu", "input"))))
+ACTIVATION_TABLE: tuple[ActivationSpec, ...] = tuple(
+    ActivationSpec(name, code, derivative_from) for code, (name, derivative_from) in enumerate((
+        ("identity", "output"),
+        ("relu", "output"),
+        ("leaky_relu", "output"),
+        ("sigmoid", "output"),
+        ("tanh", "output"),
+        ("gelu", "input"),
+        ("silu", "input"),
+    )))
 ACTIVATIONS = tuple(a.name for a in ACTIVATION_TABLE)
-ACTIVATION_CODES = {a.name: a.code for a in ACTIVATION_TABLE}
-KEEPS_Z = frozenset(a.name for a in ACTIVATION_TABLE if a.derivative_from == "input")
+ACTIVATION_CODES: dict[str, int] = {a.name: a.code for a in ACTIVATION_TABLE}
+# Activations whose derivative needs the pre-activation: a layer keeps Z for them.
+KEEPS_Z: frozenset[str] = frozenset(a.name for a in ACTIVATION_TABLE
+                                    if a.derivative_from == "input")
 LEAKY_RELU_SLOPE = 0.01
+# GELU's constants (erf form): Phi(z) = (1 + erf(z * SQRT_HALF)) / 2, phi(z) =
+# ONE_OVER_SQRT_2PI * exp(-z^2 / 2).
+SQRT_HALF = 0.7071067811865475244
+ONE_OVER_SQRT_2PI = 0.3989422804014326779
 
 
 @dataclass(frozen=True)
 class OptimizerRule:
-    name: str                 # the kernel's rule
-    hyper: tuple[str, ...]    # its hyper-parameters, in kernel order
-    state: tuple[str, ...]    # its state buffers, in kernel order
+    name: str                # "sgd", "adam", "rmsprop": the kernel's rule
+    hyper: tuple[str, ...]   # the hyper-parameters (attributes of ``hp``), in kernel order
+    state: tuple[str, ...]   # the state buffers, in kernel order
 
 
-RULES = {rule.name: rule for rule in (
+RULES: dict[str, OptimizerRule] = {rule.name: rule for rule in (
     OptimizerRule("sgd", ("lr", "momentum", "dampening", "nesterov", "weight_decay"),
                   ("momentum_buffer",)),
     OptimizerRule("adam", ("lr", "beta1", "beta2", "eps", "weight_decay", "decoupled"),
                   ("exp_avg", "exp_avg_sq")),
     OptimizerRule("rmsprop", ("lr", "alpha", "eps", "weight_decay", "momentum", "centered"),
-                  ("square_avg", "momentum_buffer", "grad_avg")))}
-OPTIMIZER_RULES = {"sgd": "sgd", "adam": "adam", "adamw": "adam", "rmsprop": "rmsprop"}
-LOSSES = ("mse", "cross_entropy", "binary_cross_entropy")
-LOSS_CODES = {name: code for code, name in enumerate(LOSSES)}
+                  ("square_avg", "momentum_buffer", "grad_avg")),
+)}
+# optimizer name -> the rule its kernels run (AdamW is Adam with decoupled = 1)
+OPTIMIZER_RULES: dict[str, str] = {"sgd": "sgd", "adam": "adam", "adamw": "adam",
+                                   "rmsprop": "rmsprop"}
+
+LOSSES = ("mse", "cross_entropy", "binary_cross_entropy")  # the index is the loss code
+LOSS_CODES: dict[str, int] = {name: code for code, name in enumerate(LOSSES)}
 
 
 @dataclass
@@ -75,7 +99,7 @@ class EpochPlan:
         for s in range(steps):                    # rows = batch, the last step the rest
             index = order[s * batch:s * batch + rows]
             take_rows(X, index, ws.X); take_rows(T, index, ws.T)
-            Y = ws.A[-1] after dense_forward of every layer (activations[l], ws.Z[l] for gelu)
+            Y = ws.A[-1] after dense_forward of every layer (activations[l], ws.Z[l] for KEEPS_Z)
             loss(loss, Y, ws.T, ws.dA[-1], step_loss[s:s + 1])
             if metric: count_correct(Y, ws.T, step_correct[s:s + 1])
             dense_backward of every layer, last first, into the views of ``grads``
@@ -163,7 +187,8 @@ class Backend(ABC):
         """``Z = X @ W + b`` and ``A = act(Z)``, fused.
 
         X (n, i), W (i, o), b (o,); writes A (n, o) and, when given, Z (n, o). ``Z`` is required
-        for ``gelu`` (its derivative needs the pre-activation) and may be None for the others.
+        for the activations of :data:`KEEPS_Z` (their derivative needs the pre-activation)
+        and may be None for the others.
         """
 
     @abstractmethod

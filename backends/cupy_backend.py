@@ -30,21 +30,12 @@ except ImportError:
 
 from . import BackendUnavailable
 from . import _cuda_sources as sources
-from .base import Backend, EpochPlan
+from .base import ACTIVATION_CODES, KEEPS_Z, OPTIMIZER_RULES, RULES, Backend, EpochPlan
 
-ACTIVATION_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4,
-                    "gelu": 5}
 BLOCK = 256              # threads per block of every launch
 ONE_PASS_ROWS = 64       # column sums over at most this many rows take one launch, not two
 SUM_CHUNK = 16           # rows per thread of colsum_chunks (as in cuda/dense.cu)
 RESIDENT_FRACTION = 0.5  # a data set stays on the device while it fits in this much free memory
-# The hyper-parameters of each optimizer kernel, in the order cuda/optim.cu reads them.
-HP_LAYOUT = {
-    "sgd": ("lr", "momentum", "dampening", "nesterov", "weight_decay"),
-    "adam": ("lr", "beta1", "beta2", "eps", "weight_decay", "decoupled"),
-    "rmsprop": ("lr", "alpha", "eps", "weight_decay", "momentum", "centered"),
-}
-_OPTIMIZER_KERNEL = {"sgd": "sgd", "adam": "adam", "adamw": "adam", "rmsprop": "rmsprop"}
 
 
 class HostArray:
@@ -232,8 +223,8 @@ class CupyBackend(Backend):
 
     def dense_backward(self, X, W, dA, activation, A, Z, dW, db, dX=None):
         if activation != "identity":
-            if activation == "gelu" and Z is None:
-                raise ValueError("dense_backward of gelu needs the pre-activation Z")
+            if activation in KEEPS_Z and Z is None:
+                raise ValueError(f"dense_backward of {activation} needs the pre-activation Z")
             self._launch(dA.dtype, "act_grad", dA.size,
                          (A, Z, np.int64(dA.size), np.int32(ACTIVATION_CODES[activation]), dA))
         self._matmul(X.T, dA, dW)
@@ -398,7 +389,7 @@ class CupyBackend(Backend):
 
     # ------------------------------------------------------------------ whole epochs
     def train_epoch(self, plan: EpochPlan) -> bool:
-        if not self.graphs or plan.optimizer not in _OPTIMIZER_KERNEL:
+        if not self.graphs or plan.optimizer not in OPTIMIZER_RULES:
             return False
         runner = plan.cache.get("cupy-graphs")
         if runner is None or runner.key != _plan_key(plan):
@@ -408,8 +399,9 @@ class CupyBackend(Backend):
 
 
 def hp_values(kernel: str, hp) -> tuple[float, ...]:
-    """``hp``'s numbers in the order of HP_LAYOUT[kernel] (booleans as 0.0 / 1.0)."""
-    return tuple(float(getattr(hp, name, False)) for name in HP_LAYOUT[kernel])
+    """``hp``'s numbers in the order of RULES[kernel].hyper, the slots cuda/optim.cu reads
+    (booleans as 0.0 / 1.0)."""
+    return tuple(float(getattr(hp, name, False)) for name in RULES[kernel].hyper)
 
 
 def _plan_key(plan: EpochPlan) -> tuple:
@@ -454,8 +446,8 @@ class _GraphRunner:
         self.stream = cupy.cuda.Stream(non_blocking=True)
         self.counter = cupy.zeros((2,), np.int64)  # {step in the epoch, optimizer step}
         self.order = cupy.zeros(plan.order.shape, np.int64)
-        self.kernel = _OPTIMIZER_KERNEL[plan.optimizer]
-        self.hp = cupy.zeros((len(HP_LAYOUT[self.kernel]),), np.float64)
+        self.kernel = OPTIMIZER_RULES[plan.optimizer]
+        self.hp = cupy.zeros((len(RULES[self.kernel].hyper),), np.float64)
         self.hp_values: tuple | None = None
         self.scratch: dict[tuple, Any] = {}
         self.graphs: dict[tuple[int, int], Any] = {}

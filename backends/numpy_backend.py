@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .base import LEAKY_RELU_SLOPE, Backend
+from .base import ACTIVATIONS, KEEPS_Z, LEAKY_RELU_SLOPE, ONE_OVER_SQRT_2PI, SQRT_HALF, Backend
 
 # W. J. Cody, "Rational Chebyshev approximations for the error function", Math. Comp. 23
 # (1969): erf on [0, 0.46875], erfc on [0.46875, 4] and on [4, inf), ~1e-16 relative.
@@ -33,8 +33,6 @@ _ERF_P = (3.05326634961232344e-1, 3.60344899949804439e-1, 1.25781726111229246e-1
 _ERF_Q = (2.56852019228982242e00, 1.87295284992346047e00, 5.27905102951428412e-1,
           6.05183413124413191e-2, 2.33520497626869185e-3)
 _ONE_OVER_SQRT_PI = 0.56418958354775628695
-_ONE_OVER_SQRT_2PI = 0.3989422804014326779
-_SQRT_HALF = 0.7071067811865475244
 
 
 class HostMemory:
@@ -100,6 +98,8 @@ class NumpyBackend(HostMemory, Backend):
 
     def dense_backward(self, X, W, dA, activation, A, Z, dW, db, dX=None):
         if activation != "identity":
+            if activation in KEEPS_Z and Z is None:
+                raise ValueError(f"dense_backward of {activation} needs the pre-activation Z")
             factor = self._scratch("act_grad", dA.shape, dA.dtype)
             _DERIVATIVE[activation](self, A, Z, factor)
             dA *= factor
@@ -263,6 +263,21 @@ def _sigmoid(be, Z, A):
     A *= 0.5
 
 
+def _logistic(be, Z, out):
+    """1 / (1 + exp(-z)) into ``out`` from e = exp(-|z|) <= 1: never overflows, and keeps its
+    relative accuracy in the far negative tail (z < 0: e / (1 + e)), where 1 + tanh(z / 2)
+    would cancel. NaN stays NaN."""
+    e = be._scratch("logistic_e", Z.shape, Z.dtype)
+    negative = be._scratch("logistic_neg", Z.shape, np.bool_)
+    np.abs(Z, out=e)
+    np.negative(e, out=e)
+    np.exp(e, out=e)
+    np.less(Z, 0, out=negative)
+    np.add(e, 1, out=out)
+    np.divide(1, out, out=out)
+    np.multiply(out, e, out=out, where=negative)
+
+
 def _tanh(be, Z, A):
     np.tanh(Z, out=A)
 
@@ -271,6 +286,12 @@ def _gelu(be, Z, A):
     cdf = be._scratch("gelu_cdf", Z.shape, Z.dtype)
     _normal_cdf(be, Z, cdf)
     np.multiply(Z, cdf, out=A)
+
+
+def _silu(be, Z, A):
+    s = be._scratch("silu_s", Z.shape, Z.dtype)
+    _logistic(be, Z, s)
+    np.multiply(Z, s, out=A)
 
 
 def _d_relu(be, A, Z, out):
@@ -294,6 +315,16 @@ def _d_tanh(be, A, Z, out):
     np.subtract(1, out, out=out)
 
 
+def _d_silu(be, A, Z, out):
+    # d/dz z s(z) = s(z) (1 + z (1 - s(z)))
+    tmp = be._scratch("silu_d", Z.shape, Z.dtype)
+    _logistic(be, Z, out)
+    np.subtract(1, out, out=tmp)
+    tmp *= Z
+    tmp += 1
+    out *= tmp
+
+
 def _d_gelu(be, A, Z, out):
     # d/dz z * Phi(z) = Phi(z) + z * phi(z)
     pdf = be._scratch("gelu_pdf", Z.shape, Z.dtype)
@@ -301,20 +332,24 @@ def _d_gelu(be, A, Z, out):
     np.multiply(Z, Z, out=pdf)
     pdf *= -0.5
     np.exp(pdf, out=pdf)
-    pdf *= _ONE_OVER_SQRT_2PI
+    pdf *= ONE_OVER_SQRT_2PI
     pdf *= Z
     out += pdf
 
 
 _FORWARD: dict[str, Callable] = {"identity": _identity, "relu": _relu, "leaky_relu": _leaky_relu,
-                                 "sigmoid": _sigmoid, "tanh": _tanh, "gelu": _gelu}
+                                 "sigmoid": _sigmoid, "tanh": _tanh, "gelu": _gelu,
+                                 "silu": _silu}
 _DERIVATIVE: dict[str, Callable] = {"relu": _d_relu, "leaky_relu": _d_leaky_relu,
-                                    "sigmoid": _d_sigmoid, "tanh": _d_tanh, "gelu": _d_gelu}
+                                    "sigmoid": _d_sigmoid, "tanh": _d_tanh, "gelu": _d_gelu,
+                                    "silu": _d_silu}
+assert tuple(_FORWARD) == ACTIVATIONS and set(_DERIVATIVE) == set(ACTIVATIONS) - {"identity"}, \
+    "numpy_backend.py: an activation of base.ACTIVATION_TABLE has no math here"
 
 
 def _normal_cdf(be, Z, out):
     """Phi(z) = (1 + erf(z / sqrt 2)) / 2 into ``out``."""
-    np.multiply(Z, _SQRT_HALF, out=out)
+    np.multiply(Z, SQRT_HALF, out=out)
     erf(out, out, be._scratch)
     out += 1
     out *= 0.5

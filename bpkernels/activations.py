@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .backends.base import ACTIVATIONS as _NAMES
+from .backends.base import ACTIVATION_TABLE
 
 
 @dataclass(frozen=True)
@@ -14,16 +14,16 @@ class Activation:
     init: str               # "he" (ReLU family) or "glorot"
 
 
+# The one fact about activations that is the engine's, not the kernels': the initialisation.
+_INIT = {"identity": "glorot", "relu": "he", "leaky_relu": "he", "sigmoid": "glorot",
+         "tanh": "glorot", "gelu": "he", "silu": "he"}
+assert set(_INIT) == {a.name for a in ACTIVATION_TABLE}, \
+    "activations.py: give each activation of backends/base.py's table an initialisation"
+
+# Every activation of backends/base.py's table, in its order.
 ACTIVATIONS: dict[str, Activation] = {
-    "identity": Activation("identity", True, "glorot"),
-    "relu": Activation("relu", True, "he"),
-    "leaky_relu": Activation("leaky_relu", True, "he"),
-    "sigmoid": Activation("sigmoid", True, "glorot"),
-    "tanh": Activation("tanh", True, "glorot"),
-    "gelu": Activation("gelu", False, "he"),
-    "silu": Activation("silu", False, "he"),
-}
-assert tuple(ACTIVATIONS) == _NAMES, "activations.py and backends/base.py disagree"
+    a.name: Activation(a.name, a.derivative_from == "output", _INIT[a.name])
+    for a in ACTIVATION_TABLE}
 
 
 def get_activation(name: str) -> Activation:

@@ -7,6 +7,8 @@ import math
 import weakref
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from .backends.base import RULES
+
 if TYPE_CHECKING:
     from .model import MLP
 
@@ -80,7 +82,7 @@ class Optimizer:
 
 class SGD(Optimizer):
     name = "sgd"
-    state_names = ("momentum_buffer",)
+    state_names = RULES["sgd"].state
 
     def __init__(self, lr: float = 0.01, momentum: float = 0.0, dampening: float = 0.0,
                  nesterov: bool = False, weight_decay: float = 0.0) -> None:
@@ -108,7 +110,7 @@ class Adam(Optimizer):
     """Adam with L2 weight decay added to the gradient, as torch.optim.Adam."""
 
     name = "adam"
-    state_names = ("exp_avg", "exp_avg_sq")
+    state_names = RULES["adam"].state
     decoupled = False
 
     def __init__(self, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -148,7 +150,7 @@ class AdamW(Adam):
 
 class RMSprop(Optimizer):
     name = "rmsprop"
-    state_names = ("square_avg", "momentum_buffer", "grad_avg")
+    state_names = RULES["rmsprop"].state
 
     def __init__(self, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False) -> None:

@@ -306,7 +306,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
 
     - ``hidden_layer_sizes`` (100,): one width per hidden layer (an int for one layer, () none).
     - ``activation`` "relu": identity, relu, leaky_relu, sigmoid (alias "logistic"), tanh,
-      gelu; or one name per hidden layer. The output layer is linear (logits).
+      gelu, silu; or one name per hidden layer. The output layer is linear (logits).
     - ``optimizer`` "adam": sgd, adam, adamw or rmsprop, built with ``learning_rate`` (1e-3)
       and ``weight_decay`` (0.0); or a :class:`bpkernels.Optimizer`, copied unbound at every
       fit and then using its own hyper-parameters (a differing non-default

@@ -57,6 +57,8 @@ def activation(name: str, z):
         return np.tanh(z)
     if name == "gelu":
         return z * normal_cdf(z)  # the exact (erf) form, as torch.nn.GELU()
+    if name == "silu":
+        return z * sigmoid(z)  # torch.nn.SiLU()
     raise ValueError(name)
 
 
@@ -76,6 +78,9 @@ def activation_derivative(name: str, z):
         return 1.0 - np.tanh(z) ** 2
     if name == "gelu":
         return normal_cdf(z) + z * normal_pdf(z)
+    if name == "silu":  # product rule: s(z) + z s'(z), s' = s (1 - s)
+        s = sigmoid(z)
+        return s + z * s * (1.0 - s)
     raise ValueError(name)
 
 

@@ -72,7 +72,7 @@ OPTIMIZERS = [lambda: bpk.SGD(lr=0.1, momentum=0.9, nesterov=True, weight_decay=
               lambda: bpk.Adam(lr=0.01, weight_decay=0.1), lambda: bpk.AdamW(lr=0.01),
               lambda: bpk.RMSprop(lr=0.01, momentum=0.5, centered=True)]
 CASES = [("cross_entropy", 3, "relu"), ("binary_cross_entropy", 1, "gelu"),
-         ("mse", 2, "tanh"), ("cross_entropy", 3, "leaky_relu")]
+         ("mse", 2, "tanh"), ("cross_entropy", 3, "leaky_relu"), ("mse", 2, "silu")]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

@@ -15,6 +15,7 @@ import pytest
 
 import cudasim
 from bpkernels.backends import _cuda_sources as sources
+from bpkernels.backends import base
 from cudasim import compiler
 
 ARCHS = ("sm_80", "sm_90")
@@ -50,9 +51,67 @@ def test_nvcc_rejects_a_broken_source(tmp_path):
     path = tmp_path / "broken.cu"
     path.write_text(sources.source("dense.cu") + '\nextern "C" __global__ void broken(real* x) '
                     '{ x[0] = undefined_name; }\n')
-    result = subprocess.run([NVCC, "-ptx", "-arch=sm_80", "-DREAL=float", str(path), "-o",
-                             str(tmp_path / "broken.ptx")], capture_output=True, text=True)
+    result = subprocess.run([NVCC, "-ptx", "-arch=sm_80", *sources.options("float32"), str(path),
+                             "-o", str(tmp_path / "broken.ptx")], capture_output=True, text=True)
     assert result.returncode != 0 and "undefined_name" in result.stderr
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH (CI has it)")
+def test_nvcc_refuses_the_sources_without_the_generated_defines(tmp_path):
+    """The tables' facts exist only as the generated defines: without them nothing compiles."""
+    path = tmp_path / "dense.cu"
+    path.write_text(sources.source("dense.cu"))
+    result = subprocess.run([NVCC, "-ptx", "-arch=sm_80", "-DREAL=float", str(path), "-o",
+                             str(tmp_path / "dense.ptx")], capture_output=True, text=True)
+    assert result.returncode != 0 and "generated defines" in result.stderr
+
+
+# ====================================================================== the tables' constants
+def _generated(dtype: str) -> dict[str, str]:
+    """The -D defines that every compiler receives for ``dtype``, parsed back."""
+    defines = {}
+    for option in sources.options(dtype):
+        name, _, value = option.removeprefix("-D").partition("=")
+        assert option.startswith("-D") and name not in defines, option
+        defines[name] = value
+    return defines
+
+
+@pytest.mark.parametrize("dtype", sources.DTYPES)
+def test_generated_defines_are_the_tables(dtype):
+    """Every code, slot and constant of backends/base.py reaches the compilers, with the
+    table's value, and nothing else does (besides the element type)."""
+    expected = {"REAL": {"float32": "float", "float64": "double"}[dtype]}
+    for spec in base.ACTIVATION_TABLE:
+        expected[f"ACT_{spec.name.upper()}"] = str(spec.code)
+    for code, name in enumerate(base.LOSSES):
+        expected[f"LOSS_{name.upper()}"] = str(code)
+    for rule in base.RULES.values():
+        for slot, name in enumerate(rule.hyper):
+            expected[f"HP_{rule.name.upper()}_{name.upper()}"] = str(slot)
+    generated = _generated(dtype)
+    for name in ("LEAKY_RELU_SLOPE", "SQRT_HALF", "ONE_OVER_SQRT_2PI"):
+        assert float(generated.pop(name)) == getattr(base, name), name  # the same double
+    assert generated == expected
+    # codes are the table's indices; silu is the row added last
+    assert [s.code for s in base.ACTIVATION_TABLE] == list(range(len(base.ACTIVATION_TABLE)))
+    assert generated["ACT_SILU"] == "6" and base.KEEPS_Z == {"gelu", "silu"}
+
+
+@pytest.mark.parametrize("path", sorted(sources.CUDA_DIR.iterdir()), ids=lambda p: p.name)
+def test_sources_hard_code_no_fact_of_the_tables(path):
+    """No .cu or .cuh file defines a generated macro or switches on / indexes by a bare number:
+    an activation code, a loss code or a hyper-parameter slot written by hand would drift from
+    the table unseen."""
+    text = re.sub(r"//[^\n]*", "", path.read_text())  # code, not comments
+    names = _generated("float64")
+    for name in names:
+        assert not re.search(rf"#\s*define\s+{name}\b", text), f"{path.name} defines {name}"
+    assert not re.search(r"\bcase\s+-?\d", text), f"{path.name}: a case on a number"
+    assert not re.search(r"\bhp\s*\[\s*\d", text), f"{path.name}: hp indexed by a number"
+    assert not re.search(r"\bact\s*[!=]=\s*\d", text), f"{path.name}: act compared with a number"
+    for value in ("0.01", "0.7071", "0.3989"):
+        assert value not in text, f"{path.name} writes a table constant ({value}) by hand"
 
 
 @pytest.mark.skipif(cudasim.unavailable_reason() is not None,

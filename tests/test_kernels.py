@@ -13,16 +13,17 @@ import numpy as np
 import pytest
 
 import reference as ref
-from bpkernels.backends.base import ACTIVATIONS, LOSSES, Backend
+from bpkernels.backends.base import ACTIVATIONS, KEEPS_Z, LOSSES, Backend
 
 # (n, i, o): one row with a single output, odd widths, a larger batch with widths that are
 # neither powers of two nor multiples of a SIMD width.
 SHAPES = [(1, 3, 1), (7, 5, 3), (64, 33, 17)]
 SHAPE_IDS = [f"{n}x{i}->{o}" for n, i, o in SHAPES]
 
-# gelu's derivative needs the pre-activation, so the contract requires Z for it (and only it).
+# The derivatives of KEEPS_Z (gelu, silu) need the pre-activation, so the contract requires Z
+# for them (and only them).
 FORWARD_CASES = [(act, with_z) for act in ACTIVATIONS for with_z in (True, False)
-                 if with_z or act != "gelu"]
+                 if with_z or act not in KEEPS_Z]
 FORWARD_IDS = [f"{act}-{'Z' if with_z else 'noZ'}" for act, with_z in FORWARD_CASES]
 
 
@@ -31,6 +32,30 @@ def test_reference_covers_the_contract():
     for act in ACTIVATIONS:
         ref.activation(act, 0.5), ref.activation_derivative(act, 0.5)
     assert set(LOSSES) == set(ref.LOSSES)
+
+
+# torch.nn's modules for the activations (torch is a test extra): the reference itself is
+# checked against them, values and autograd derivatives, so the kernels' oracle is torch's.
+TORCH_ACTIVATIONS = {"identity": lambda nn: nn.Identity(), "relu": lambda nn: nn.ReLU(),
+                     "leaky_relu": lambda nn: nn.LeakyReLU(0.01),
+                     "sigmoid": lambda nn: nn.Sigmoid(), "tanh": lambda nn: nn.Tanh(),
+                     "gelu": lambda nn: nn.GELU(), "silu": lambda nn: nn.SiLU()}
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_reference_activations_match_torch(act):
+    torch = pytest.importorskip("torch")
+    module = TORCH_ACTIVATIONS[act](torch.nn)
+    breaks = np.array([0.46875, 4.0, 6.0]) * np.sqrt(2)
+    z = np.concatenate([np.linspace(-30, 30, 601), breaks, -breaks, [1e-3, -1e-3, 0.25]])
+    z = z[z != 0]  # the ReLU family's kink: torch's choice there is tested on the kernels
+    zt = torch.tensor(z, dtype=torch.float64, requires_grad=True)
+    module(zt).sum().backward()
+    # atol: torch's autograd forms sigmoid' as (1 - s) s, which cancels for large z
+    np.testing.assert_allclose(ref.activation(act, z), module(zt).detach().numpy(),
+                               rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(ref.activation_derivative(act, z), zt.grad.numpy(),
+                               rtol=1e-13, atol=1e-15)
 
 
 def rounded(a, dtype):
@@ -173,6 +198,16 @@ def test_dense_backward(be, dtype, to_device, to_host, assert_close, act, with_z
     for name, dev, host in (("X", X_dev, X), ("W", W_dev, W), ("A", A_dev, A), ("Z", Z_dev, Z)):
         if dev is not None:
             np.testing.assert_array_equal(to_host(dev), host, err_msg=name)
+
+
+@pytest.mark.parametrize("act", sorted(KEEPS_Z))
+def test_dense_backward_needs_z_where_the_table_says(be, dtype, to_device, act):
+    """derivative_from == "input": without the pre-activation the gradient cannot be formed,
+    and the kernel says so instead of reading a missing array."""
+    X, W, Z, A, dA = _backward_inputs(act, (3, 2, 4), dtype)
+    with pytest.raises(ValueError, match="pre-activation Z"):
+        be.dense_backward(to_device(X), to_device(W), to_device(dA), act, to_device(A), None,
+                          be.empty((2, 4), dtype), be.empty((4,), dtype))
 
 
 @pytest.mark.parametrize("act", ["relu", "leaky_relu"])

@@ -50,14 +50,17 @@ extern "C" __global__ void advance_step(i64* counter) {
     }
 }
 
-// hp = {lr, momentum, dampening, nesterov, weight_decay}. buf is null without momentum.
+// hp = {lr, momentum, dampening, nesterov, weight_decay}, slots HP_SGD_* (base.RULES["sgd"]).
+// buf is null without momentum.
 extern "C" __global__ void sgd_step(real* p, const real* g, real* buf, i64 size,
                                     const double* hp, i64 step, const i64* step_dev,
                                     const i64* halted) {
     if (*halted) return;
-    const real lr = (real)hp[0], momentum = (real)hp[1], keep = (real)(1.0 - hp[2]);
-    const bool dampened = hp[2] != 0, nesterov = hp[3] != 0, decay = hp[4] != 0;
-    const real weight_decay = (real)hp[4];
+    const double dampening = hp[HP_SGD_DAMPENING], wd = hp[HP_SGD_WEIGHT_DECAY];
+    const real lr = (real)hp[HP_SGD_LR], momentum = (real)hp[HP_SGD_MOMENTUM];
+    const real keep = (real)(1.0 - dampening);
+    const bool dampened = dampening != 0, nesterov = hp[HP_SGD_NESTEROV] != 0, decay = wd != 0;
+    const real weight_decay = (real)wd;
     const bool first = step_of(step, step_dev) == 1;
     GRID_STRIDE(k, size) {
         real d = decay ? p[k] * weight_decay + g[k] : g[k];  // torch: decay before momentum
@@ -70,17 +73,18 @@ extern "C" __global__ void sgd_step(real* p, const real* g, real* buf, i64 size,
     }
 }
 
-// hp = {lr, beta1, beta2, eps, weight_decay, decoupled}: Adam (L2 added to the gradient) or
-// AdamW (decoupled = 1: the weights decay directly).
+// hp = {lr, beta1, beta2, eps, weight_decay, decoupled}, slots HP_ADAM_*: Adam (L2 added to the
+// gradient) or AdamW (decoupled = 1: the weights decay directly).
 extern "C" __global__ void adam_step(real* p, const real* g, real* m, real* v, i64 size,
                                      const double* hp, i64 step, const i64* step_dev,
                                      const i64* halted) {
     if (*halted) return;
     const double t = (double)step_of(step, step_dev);
-    const double lr = hp[0], beta1 = hp[1], beta2 = hp[2], weight_decay = hp[4];
-    const bool decoupled = hp[5] != 0, l2 = weight_decay != 0 && !decoupled;
+    const double lr = hp[HP_ADAM_LR], beta1 = hp[HP_ADAM_BETA1], beta2 = hp[HP_ADAM_BETA2];
+    const double weight_decay = hp[HP_ADAM_WEIGHT_DECAY];
+    const bool decoupled = hp[HP_ADAM_DECOUPLED] != 0, l2 = weight_decay != 0 && !decoupled;
     const real shrink = (real)(1.0 - lr * weight_decay);
-    const real b1 = (real)beta1, b2 = (real)beta2, eps = (real)hp[3];
+    const real b1 = (real)beta1, b2 = (real)beta2, eps = (real)hp[HP_ADAM_EPS];
     const real one_minus_b1 = (real)(1.0 - beta1), one_minus_b2 = (real)(1.0 - beta2);
     const real step_size = (real)(lr / (1.0 - pow(beta1, t)));
     const real root_correction = (real)sqrt(1.0 - pow(beta2, t));
@@ -98,15 +102,17 @@ extern "C" __global__ void adam_step(real* p, const real* g, real* m, real* v, i
     }
 }
 
-// hp = {lr, alpha, eps, weight_decay, momentum, centered}. buf is null without momentum,
-// grad_avg null unless centered.
+// hp = {lr, alpha, eps, weight_decay, momentum, centered}, slots HP_RMSPROP_*. buf is null
+// without momentum, grad_avg null unless centered.
 extern "C" __global__ void rmsprop_step(real* p, const real* g, real* square_avg, real* buf,
                                         real* grad_avg, i64 size, const double* hp,
                                         const i64* halted) {
     if (*halted) return;
-    const real lr = (real)hp[0], alpha = (real)hp[1], one_minus_alpha = (real)(1.0 - hp[1]);
-    const real eps = (real)hp[2], weight_decay = (real)hp[3], momentum = (real)hp[4];
-    const bool decay = hp[3] != 0;
+    const double a = hp[HP_RMSPROP_ALPHA], wd = hp[HP_RMSPROP_WEIGHT_DECAY];
+    const real lr = (real)hp[HP_RMSPROP_LR], alpha = (real)a, one_minus_alpha = (real)(1.0 - a);
+    const real eps = (real)hp[HP_RMSPROP_EPS], weight_decay = (real)wd;
+    const real momentum = (real)hp[HP_RMSPROP_MOMENTUM];
+    const bool decay = wd != 0;
     GRID_STRIDE(k, size) {
         real grad = decay ? p[k] * weight_decay + g[k] : g[k];
         real sq = square_avg[k] * alpha + grad * grad * one_minus_alpha;

@@ -21,7 +21,7 @@ import math
 import numba
 import numpy as np
 
-from ..base import ACTIVATION_CODES, LEAKY_RELU_SLOPE
+from ..base import ACTIVATION_CODES, LEAKY_RELU_SLOPE, ONE_OVER_SQRT_2PI, SQRT_HALF
 from .jit import gemm_t, helper, inline, jit, linked, phelper
 
 # Inlined into its callers by Numba itself (``inline``), for two reasons. Code that must be
@@ -41,8 +41,7 @@ IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH, GELU, SILU = (ACTIVATION_CODES[name] 
 MAX_CHUNKS = 64
 
 _SLOPE = LEAKY_RELU_SLOPE
-_SQRT_HALF = 0.7071067811865475244
-_ONE_OVER_SQRT_2PI = 0.3989422804014326779
+_SQRT_HALF, _ONE_OVER_SQRT_2PI = SQRT_HALF, ONE_OVER_SQRT_2PI
 _INV_LN2 = 1.44269504088896338700
 _LN2_HI, _LN2_LO = 6.93147180369123816490e-01, 1.90821492927058770002e-10  # fdlibm's split
 _INV_FACTORIAL = tuple(1.0 / math.factorial(k) for k in range(14))
