@@ -85,3 +85,27 @@ def test_block_runs(block: Block, tmp_path, monkeypatch):
             failure = traceback.format_exc()
     if failure is not None:
         pytest.fail(f"the python block at {block.name} failed:\n{failure}", pytrace=False)
+
+
+_LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def _anchors(path: Path) -> set[str]:
+    # GitHub's anchors: the heading in lower case, punctuation dropped, spaces as dashes.
+    headings = re.findall(r"^#+\s+(.*)$", path.read_text(encoding="utf-8"), re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+@pytest.mark.parametrize("path", DOCUMENTS, ids=[str(p.relative_to(ROOT)) for p in DOCUMENTS])
+def test_links_between_the_documents_resolve(path: Path):
+    broken = []
+    for target in _LINK.findall(path.read_text(encoding="utf-8")):
+        if "://" in target:
+            continue
+        file, _, anchor = target.partition("#")
+        linked = (path.parent / file).resolve() if file else path
+        if not linked.exists():
+            broken.append(target)
+        elif anchor and linked.suffix == ".md" and anchor not in _anchors(linked):
+            broken.append(target)
+    assert not broken, f"{path.name}: links to nothing: {broken}"
