@@ -12,5 +12,13 @@ bpk info
 python -m pytest -q
 # The Numba kernels' pure-Python fallbacks (NUMBA_DISABLE_JIT, for debugging) run as well
 NUMBA_DISABLE_JIT=1 python -m pytest -q tests/test_numba.py tests/test_kernels.py
+# Packaging: an sdist and a wheel built from it (python -m build) hold bpkernels.backends and every
+# subpackage of backends/ (through the bpkernels/backends symlink) and the .cu sources, and install
+# no top-level `backends` (tests/test_packaging.py, test_built_distributions)
+python -m pip install --quiet --disable-pip-version-check build
+dist="$(mktemp -d)"
+python -m build --outdir "$dist" . >"$dist/build.log" 2>&1 || { cat "$dist/build.log"; exit 1; }
+BPK_DIST_DIR="$dist" python -m pytest -q tests/test_packaging.py
+rm -rf "$dist"
 BPK_BENCH_QUICK=1 python -m pytest benchmarks --benchmark-disable -q
 bpk bench --quick --dtypes float32,float64 --peers torch,sklearn
