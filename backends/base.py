@@ -16,7 +16,8 @@ targets are int labels of shape (n,) or probability rows (n, o); mean over the b
 ``binary_cross_entropy`` (logits; targets in [0, 1] of shape (n, o); mean over all elements).
 
 Optimizer hyper-parameters are passed as one object ``hp`` with the attributes named in each
-method's docstring (and in :data:`RULES`, whose order is the kernels' order). ``step`` is the 1-based count of updates including this one.
+method's docstring (and in :data:`RULES`, whose order is the kernels' order). ``step`` is the
+1-based count of updates including this one.
 ``halted`` is a device array of one int64: 0 while training is healthy; once a step's loss or
 gradient is not finite it holds that step's 1-based index and every later update is a no-op,
 so the weights of the last finite step survive without a host round trip per step.

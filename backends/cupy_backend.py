@@ -575,17 +575,18 @@ class _GraphRunner:
         be._launch(plan.params.dtype, "advance_step", 1, (self.counter,))
 
     def _update(self, plan: EpochPlan, step_dev) -> None:
-        be, hp, state = self.be, plan.hp, plan.state
+        be, hp = self.be, plan.hp
         p, g, halted = plan.params, plan.grads, plan.halted
+        # the rule's state buffers in kernel order; one this configuration leaves unused is None
+        state = [plan.state.get(name) for name in RULES[self.kernel].state]
         if self.kernel == "sgd":
-            buf = state.get("momentum_buffer") if hp.momentum else None
-            be._sgd(p, g, buf, self.hp, 0, step_dev, halted)
+            be._sgd(p, g, state[0] if hp.momentum else None, self.hp, 0, step_dev, halted)
         elif self.kernel == "adam":
-            be._adam(p, g, state["exp_avg"], state["exp_avg_sq"], self.hp, 0, step_dev, halted)
+            be._adam(p, g, *state, self.hp, 0, step_dev, halted)
         else:
-            be._rmsprop(p, g, state["square_avg"],
-                        state.get("momentum_buffer") if hp.momentum > 0 else None,
-                        state.get("grad_avg") if hp.centered else None, self.hp, halted)
+            square_avg, buf, grad_avg = state
+            be._rmsprop(p, g, square_avg, buf if hp.momentum > 0 else None,
+                        grad_avg if hp.centered else None, self.hp, halted)
 
 
 def _layer_views(sizes, params, grads) -> list[tuple[Any, Any, Any, Any]]:
