@@ -1,24 +1,50 @@
 #!/usr/bin/env bash
 # CPU runner: a fresh virtual environment, the project installed from pyproject.toml with its
-# test extra, then the test command of README.md, then the benchmark smoke tests (agreement is
-# asserted, time never is). Needs no GPU.
+# test extra, then the test command of README.md, then the Numba backend's tests in each of its
+# modes and with the oldest Numba pyproject.toml allows, packaging, and the benchmark smoke
+# tests (agreement is asserted, time never is). Needs no GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+stage() { printf '\n=== %s (%ss)\n' "$1" "$SECONDS"; }
+
+stage "install"
 python3 -m venv .venv
 # shellcheck disable=SC1091
 . .venv/bin/activate
 python -m pip install --quiet --disable-pip-version-check -e ".[test]"
 bpk info
+
+stage "the test command of README.md (a cold Numba cache)"
 python -m pytest -q
-# The Numba kernels' pure-Python fallbacks (NUMBA_DISABLE_JIT, for debugging) run as well
-NUMBA_DISABLE_JIT=1 python -m pytest -q tests/test_numba.py tests/test_kernels.py
+
+numba_tests=(tests/test_numba.py tests/test_numba_native.py tests/test_kernels.py)
+stage "the Numba tests again, on the warm cache the first run left"
+python -m pytest -q "${numba_tests[@]}"
+stage "the Numba tests in plain mode (public Numba only: njit, np.dot)"
+BPK_NUMBA_NATIVE=0 python -m pytest -q "${numba_tests[@]}"
+stage "the Numba kernels as plain Python (NUMBA_DISABLE_JIT, for debugging)"
+NUMBA_DISABLE_JIT=1 python -m pytest -q tests/test_numba.py tests/test_kernels.py -k numba
+
+stage "the oldest Numba that pyproject.toml allows (plain mode: its releases are untested)"
+oldest="$(sed -n 's/^numba = \["numba>=\([0-9.]*\)".*/\1/p' pyproject.toml)"
+python3 -m venv .venv-oldest
+.venv-oldest/bin/python -m pip install --quiet --disable-pip-version-check \
+    "numba==${oldest}.*" "numpy<2" "scipy<1.14" "pytest>=7"
+.venv-oldest/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+.venv-oldest/bin/python -c "import numba; print('numba', numba.__version__)"
+.venv-oldest/bin/python -m pytest -q -p no:cacheprovider tests/test_numba.py
+
 # Packaging: an sdist and a wheel built from it (python -m build) hold bpkernels.backends and every
 # subpackage of backends/ (through the bpkernels/backends symlink) and the .cu sources, and install
 # no top-level `backends` (tests/test_packaging.py, test_built_distributions)
+stage "packaging"
 python -m pip install --quiet --disable-pip-version-check build
 dist="$(mktemp -d)"
 python -m build --outdir "$dist" . >"$dist/build.log" 2>&1 || { cat "$dist/build.log"; exit 1; }
 BPK_DIST_DIR="$dist" python -m pytest -q tests/test_packaging.py
 rm -rf "$dist"
+
+stage "benchmark smoke tests"
 BPK_BENCH_QUICK=1 python -m pytest benchmarks --benchmark-disable -q
 bpk bench --quick --dtypes float32,float64 --peers torch,sklearn
+stage "done"
