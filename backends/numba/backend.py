@@ -16,6 +16,7 @@ from typing import Any
 
 import numba
 import numpy as np
+from numba.core import event
 
 from . import epoch, jit, layers, losses, optim
 from ..base import ACTIVATION_CODES, KEEPS_Z, LOSS_CODES, OPTIMIZER_RULES, RULES, Backend, \
@@ -75,6 +76,23 @@ BOUND_MIN_PARAMS = 1 << 16
 POOL, POOL_MIN_PARAMS = os.environ.get("BPK_BLAS_POOL", "1") != "0", 1 << 16
 
 
+class _CompileNotice(event.Listener):
+    """Calls ``callback()`` once, when a kernel of this package starts compiling (Numba's
+    documented compile event, which a kernel loaded from the on-disk cache does not raise)."""
+
+    def __init__(self, callback) -> None:
+        self.callback, self.called = callback, False
+
+    def on_start(self, compile_event) -> None:
+        module = compile_event.data["dispatcher"].py_func.__module__
+        if not self.called and module.startswith(__package__):
+            self.called = True
+            self.callback()
+
+    def on_end(self, compile_event) -> None:
+        pass
+
+
 class NumbaBackend(HostMemory, Backend):
     name = "numba"
     dtypes = ("float32", "float64")
@@ -98,6 +116,11 @@ class NumbaBackend(HostMemory, Backend):
             threads = numba.config.NUMBA_NUM_THREADS
         if threads is not None:
             self.set_threads(threads)
+
+    def on_compile(self, callback):
+        notice = _CompileNotice(callback)
+        event.register("numba:compile", notice)
+        return lambda: event.unregister("numba:compile", notice)
 
     # ----------------------------------------------------------------- threads
     @property
