@@ -28,6 +28,7 @@ from . import distributed
 from .activations import ACTIVATIONS, get_activation
 from .backends import backend_names, get_backend
 from .backends.base import LOSSES
+from .backends.host import cpu_name
 from .losses import check_loss, has_accuracy
 from .model import DTYPES, MLP, resolve_dtype
 from .optim import OPTIMIZERS, make_optimizer
@@ -525,9 +526,9 @@ def _bench_ranks(args: argparse.Namespace, backends: list[str], configs: list,
     if args.peers or args.plot:
         raise ValueError("--ranks times bpkernels itself under mpiexec; drop --peers and --plot")
     distributed.mpiexec_command(1)  # fails early, naming the extra, when there is no MPI
-    results = distributed.scaling_benchmark(backends, configs, args.dtypes, args.ranks,
-                                            2 if args.quick else args.repeats, threads,
-                                            log=bench.log_to_stderr)
+    results = bench.scaling_benchmark(backends, configs, args.dtypes, args.ranks,
+                                      2 if args.quick else args.repeats, threads,
+                                      log=bench.log_to_stderr)
     machine = bench.machine_info(threads or 1)
     print(f"{machine['cpu']}, {machine['cores']} cores, {threads or 1} thread(s) per rank, "
           f"{machine['date']}", flush=True)
@@ -543,19 +544,6 @@ def _version(distribution: str) -> str | None:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:
         return None
-
-
-def _cpu_name() -> str:
-    # platform.processor() is often just "x86_64" on Linux; /proc/cpuinfo has the model name.
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("model name", "Model", "Hardware") and value.strip():
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def _usable_cores() -> int | None:
@@ -600,7 +588,7 @@ def collect_info() -> dict[str, Any]:
         "python": f"{platform.python_version()} ({platform.python_implementation()})",
         "packages": packages,
         "platform": platform.platform(),
-        "cpu": {"name": _cpu_name(), "cores": os.cpu_count(), "usable_cores": _usable_cores()},
+        "cpu": {"name": cpu_name(), "cores": os.cpu_count(), "usable_cores": _usable_cores()},
         "blas": blas_info(),
         "backends": backends,
         "gpus": gpus,

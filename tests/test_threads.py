@@ -174,7 +174,7 @@ def test_blas_through_numpys_openblas_without_threadpoolctl(monkeypatch):
 
 def test_no_reachable_blas_names_the_package_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "threadpoolctl", None)
-    monkeypatch.setattr(threads.glob, "glob", lambda pattern: [])
+    monkeypatch.setattr(threads, "numpy_blas_libraries", lambda: [])
     threads._numpy_openblas.cache_clear()
     try:
         with pytest.raises(ImportError, match="pip install threadpoolctl"):
