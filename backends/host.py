@@ -51,10 +51,10 @@ def cpu_name() -> str:
     return name or platform.processor() or platform.machine() or "unknown"
 
 
-def _linux_cpu_name() -> str | None:
+def _linux_cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str | None:
     fields: dict[str, str] = {}
     try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
             for line in f:
                 key, _, value = line.partition(":")
                 fields.setdefault(key.strip(), value.strip())
