@@ -29,7 +29,7 @@ except ImportError:
     _nccl = None
 
 from . import BackendUnavailable
-from . import _cuda_sources as sources
+from . import cuda_sources as sources
 from .base import Backend, EpochPlan
 
 ACTIVATION_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4,

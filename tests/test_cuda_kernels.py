@@ -18,7 +18,7 @@ import pytest
 
 import cudasim
 import reference as ref
-from bpkernels.backends import _cuda_sources as sources
+from bpkernels.backends import cuda_sources as sources
 from cudasim import shim
 
 pytestmark = pytest.mark.skipif(cudasim.unavailable_reason() is not None,
