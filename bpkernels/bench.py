@@ -8,8 +8,9 @@ over PyTorch's) is computed per round, from epochs timed seconds apart, and summ
 median over the rounds, so load that comes and goes on a shared machine weighs on both sides of
 a ratio alike. The seconds per epoch are still the median over the rounds of each entry alone.
 
-One workload definition (configs, synthetic data, initial weights, batch order) serves
-``bpk bench`` and the pytest-benchmark suites in ``benchmarks/``.
+The workload (configs, synthetic data, initial weights, batch order) is workload.py's, shared
+with the peers and the pytest-benchmark suites in ``benchmarks/``. ``bpk bench --ranks`` runs
+``python -m bpkernels.bench bench-worker`` under mpiexec (``scaling_benchmark``).
 """
 from __future__ import annotations
 
