@@ -25,6 +25,7 @@ _REGISTRY: dict[str, tuple[str, str, str | None]] = {
 
 _instances: dict[str, Backend] = {}
 _unavailable: dict[str, str] = {}
+_threads: int | None = None  # the count of set_num_threads, for backends loaded later
 
 
 def backend_names() -> tuple[str, ...]:
@@ -55,8 +56,31 @@ def _load(name: str) -> Backend:
             reason = f"backend {name!r} failed to import: {err}"
         _unavailable[name] = reason
         raise BackendUnavailable(reason) from None
+    if _threads is not None:
+        _apply_threads(backend, _threads)
     _instances[name] = backend
     return backend
+
+
+def set_num_threads(n: int | None) -> None:
+    """Run every backend on at most ``n`` threads: ``Backend.set_threads`` of each backend
+    loaded now (asked for at most its ``max_threads``), and of each backend when it is first
+    loaded. ``None`` records that no count is requested (backends loaded later keep their own
+    defaults) and changes no loaded backend. ``bpkernels.set_num_threads`` calls this; it also
+    limits NumPy's BLAS."""
+    global _threads
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"the thread count must be an integer >= 1 or None, got {n!r}")
+    _threads = n
+    if n is not None:
+        for backend in list(_instances.values()):
+            _apply_threads(backend, n)
+
+
+def _apply_threads(backend: Backend, n: int) -> None:
+    # A budget, not a demand: a pool fixed at start-up smaller than n runs on all of it.
+    limit = backend.max_threads
+    backend.set_threads(n if limit is None else min(n, limit))
 
 
 def get_backend(name: str | Backend = "auto") -> Backend:
@@ -101,10 +125,12 @@ def register(name: str, factory: Callable[[], Backend]) -> None:
     backend = factory()
     if not isinstance(backend, Backend):
         raise TypeError(f"a backend must subclass bpkernels.backends.base.Backend, got {type(backend).__name__}")
+    if _threads is not None:
+        _apply_threads(backend, _threads)
     _instances[name] = backend
     _unavailable.pop(name, None)
     _REGISTRY.setdefault(name, ("", "", None))
 
 
 __all__ = ["Backend", "BackendUnavailable", "available_backends", "backend_names",
-           "get_backend", "register", "unavailable_reasons"]
+           "get_backend", "register", "set_num_threads", "unavailable_reasons"]

@@ -29,13 +29,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 # ------------------------------------------------------------------ the tables
 # One row per fact; every backend reads these (the CUDA sources through the -D defines that
-# backends/_cuda_sources.py generates from them). A new activation is one row here plus its
+# backends/cuda_sources.py generates from them). A new activation is one row here plus its
 # math in each backend.
 
 
@@ -145,6 +145,9 @@ class Backend(ABC):
 
     name: str = ""
     dtypes: tuple[str, ...] = ("float32", "float64")
+    # The most threads set_threads accepts (a pool fixed at start-up); None: no bound. The
+    # registry's set_num_threads asks for at most this many.
+    max_threads: int | None = None
 
     # ----------------------------------------------------------------- plumbing
     @abstractmethod
@@ -259,3 +262,21 @@ class Backend(ABC):
         not for this plan) before writing anything: the caller then runs the kernels one by
         one."""
         return False
+
+    def set_threads(self, n: int) -> None:
+        """Run this backend's own parallel work on at most ``n`` threads from now on (an int,
+        1 to ``max_threads``; a ValueError beyond). A pool that keeps its count per calling
+        thread (Numba's) takes it in the calling thread. The registry's ``set_num_threads``
+        calls this on every loaded backend, and on each backend when it is loaded. Default:
+        nothing, for a backend with no threads of its own (NumPy's BLAS, which the host
+        backends share, is limited by ``bpkernels.threads``; a GPU backend's parallelism is
+        the device's)."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"threads must be an integer >= 1, got {n!r}")
+
+    def on_compile(self, callback: Callable[[], Any]) -> Callable[[], None]:
+        """Call ``callback()`` when this backend starts compiling code for a model (not when it
+        loads compiled code from a cache), so that a caller can say why the first epoch is
+        slow; returns a function that unregisters it. Default: never calls it (nothing here is
+        compiled)."""
+        return lambda: None

@@ -29,7 +29,7 @@ except ImportError:
     _nccl = None
 
 from . import BackendUnavailable
-from . import _cuda_sources as sources
+from . import cuda_sources as sources
 from .base import ACTIVATION_CODES, KEEPS_Z, OPTIMIZER_RULES, RULES, Backend, EpochPlan
 
 BLOCK = 256              # threads per block of every launch

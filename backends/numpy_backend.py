@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 import threading
 from typing import Any, Callable
 
 import numpy as np
 
 from .base import ACTIVATIONS, KEEPS_Z, LEAKY_RELU_SLOPE, ONE_OVER_SQRT_2PI, SQRT_HALF, Backend
+from .host import cpu_name
 
 # W. J. Cody, "Rational Chebyshev approximations for the error function", Math. Comp. 23
 # (1969): erf on [0, 0.46875], erfc on [0.46875, 4] and on [4, inf), ~1e-16 relative.
@@ -86,7 +86,7 @@ class NumpyBackend(HostMemory, Backend):
         return buf
 
     def device_info(self):
-        return {"device": "cpu", "name": platform.processor() or platform.machine(),
+        return {"device": "cpu", "name": cpu_name(),
                 "cores": os.cpu_count(), "numpy": np.__version__, "blas": blas_info()}
 
     # ------------------------------------------------------------------ dense layer

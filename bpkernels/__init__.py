@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 from .backends import BackendUnavailable, available_backends, get_backend
-from .checkpoint import CheckpointError, load
-from .model import MLP
+from .checkpoint import CheckpointError
+from .model import MLP, load
 from .optim import SGD, Adam, AdamW, Optimizer, RMSprop
 from .threads import get_num_threads, set_num_threads
-from .train import History, TrainingDiverged, fit
+from .train import EpochLoop, History, TrainingDiverged, fit
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "MLP", "fit", "load", "History", "SGD", "Adam", "AdamW", "RMSprop", "Optimizer",
+    "MLP", "fit", "load", "EpochLoop", "History", "SGD", "Adam", "AdamW", "RMSprop", "Optimizer",
     "available_backends", "get_backend", "BackendUnavailable", "CheckpointError",
     "TrainingDiverged", "__version__",
     "set_num_threads", "get_num_threads",

@@ -8,8 +8,9 @@ over PyTorch's) is computed per round, from epochs timed seconds apart, and summ
 median over the rounds, so load that comes and goes on a shared machine weighs on both sides of
 a ratio alike. The seconds per epoch are still the median over the rounds of each entry alone.
 
-One workload definition (configs, synthetic data, initial weights, batch order) serves
-``bpk bench`` and the pytest-benchmark suites in ``benchmarks/``.
+The workload (configs, synthetic data, initial weights, batch order) is workload.py's, shared
+with the peers and the pytest-benchmark suites in ``benchmarks/``. ``bpk bench --ranks`` runs
+``python -m bpkernels.bench bench-worker`` under mpiexec (``scaling_benchmark``).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,86 +28,16 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .backends import available_backends, get_backend
+from .backends.host import cpu_name
+from .backends.numpy_backend import blas_info
 from .model import MLP, resolve_dtype
+from . import peers
 from .optim import SGD
 from .threads import get_num_threads, limit_threads
-from .train import _EpochLoop, fit
-
-LEARNING_RATE = 0.01
-PARITY_STEPS = 20  # steps compared with the float64 NumPy reference (5 epochs of 4 batches)
-SEED = 0
-
-
-@dataclass(frozen=True)
-class Config:
-    """One benchmark workload: ReLU MLP of ``sizes``, softmax-CE, plain SGD, synthetic data."""
-
-    name: str
-    sizes: tuple[int, ...]
-    batch: int
-    samples: int
-
-    @property
-    def steps(self) -> int:
-        return -(-self.samples // self.batch)
-
-    def batch_rows(self) -> list[int]:
-        rows = [self.batch] * (self.samples // self.batch)
-        if self.samples % self.batch:
-            rows.append(self.samples % self.batch)
-        return rows
-
-    def flops_per_epoch(self) -> float:
-        """Multiply-adds x 2 of the GEMMs: forward, dW and dX (none for the first layer)."""
-        per_row = sum(2 * i * o * (3 if layer else 2)
-                      for layer, (i, o) in enumerate(zip(self.sizes[:-1], self.sizes[1:])))
-        return float(per_row) * self.samples
-
-    def quick(self) -> "Config":
-        """The same layers on a few batches: for smoke tests, not for numbers."""
-        return Config(self.name, self.sizes, self.batch, min(self.samples, 3 * self.batch + 1))
-
-
-CONFIGS = {
-    "S": Config("S", (64, 64, 10), 32, 16384),
-    "M": Config("M", (784, 256, 128, 10), 128, 60000),
-    "L": Config("L", (1024, 2048, 2048, 10), 512, 16384),
-}
-
-
-def parse_config(spec: str) -> Config:
-    """"S", "M", "L", or a custom ``layers:batch:samples`` like ``784-256-10:128:60000``."""
-    if spec in CONFIGS:
-        return CONFIGS[spec]
-    try:
-        layers, batch, samples = spec.split(":")
-        sizes = tuple(int(s) for s in layers.split("-"))
-        config = Config(spec, sizes, int(batch), int(samples))
-    except ValueError:
-        raise ValueError(f"unknown config {spec!r}; valid: {', '.join(CONFIGS)} or "
-                         "layers:batch:samples like 784-256-10:128:60000") from None
-    if len(sizes) < 2 or min(sizes) < 1 or config.batch < 1 or config.samples < 1:
-        raise ValueError(f"config {spec!r} needs at least two positive layer widths and a "
-                         "positive batch and sample count")
-    return config
-
-
-def workload(config: Config, dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
-    """Synthetic inputs and labels, the same for every backend and peer."""
-    rng = np.random.default_rng(SEED)
-    X = rng.standard_normal((config.samples, config.sizes[0])).astype(resolve_dtype(dtype))
-    y = rng.integers(0, config.sizes[-1], config.samples)
-    return X, y
-
-
-def batch_order(n: int, epoch: int, seed: int = SEED) -> np.ndarray:
-    """The row order ``fit`` uses for ``epoch``; peers replay it to see the same batches."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def initial_weights(config: Config) -> list[tuple[np.ndarray, np.ndarray]]:
-    return MLP(config.sizes, dtype="float64", seed=SEED).get_weights()
-
+from .train import EpochLoop, fit
+# CONFIGS and parse_config too: ``bench.X`` is where the CLI and benchmarks/ read the workload.
+from .workload import CONFIGS, LEARNING_RATE, SEED, Config, Trajectory  # noqa: F401
+from .workload import backend_trajectory, parse_config, workload  # noqa: F401
 
 # --------------------------------------------------------------------------- results
 @dataclass
@@ -139,45 +71,6 @@ class Result:
                    samples_per_sec=config.samples / median,
                    gflops=config.flops_per_epoch() / median / 1e9,
                    min_seconds=min(times), max_seconds=max(times), repeats=len(times), **kwargs)
-
-
-def relative_error(values: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float:
-    """Largest |a - b| / max|b| over paired arrays: one number for a whole trajectory or model."""
-    worst = 0.0
-    for a, b in zip(values, reference):
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        scale = max(float(np.max(np.abs(b))), np.finfo(np.float64).tiny)
-        worst = max(worst, float(np.max(np.abs(a - b))) / scale)
-    return worst
-
-
-@dataclass
-class Trajectory:
-    """What parity compares: per-epoch losses and the final weights after PARITY_STEPS steps."""
-
-    losses: list[float]
-    weights: list[np.ndarray]
-
-    def error_against(self, reference: "Trajectory") -> float:
-        # The weights are judged as one parameter vector: biases start at zero and stay tiny
-        # sums of cancelling gradients, so scaling each by its own max|b| would measure noise.
-        flat = [np.concatenate([np.ravel(w) for w in t.weights]) for t in (self, reference)]
-        return max(relative_error([np.array(self.losses)], [np.array(reference.losses)]),
-                   relative_error(flat[:1], flat[1:]))
-
-
-def parity_workload(config: Config) -> tuple[np.ndarray, np.ndarray, int]:
-    """Four batches of the config's data, trained for five epochs: 20 comparable steps."""
-    X, y = workload(Config(config.name, config.sizes, config.batch, 4 * config.batch), "float64")
-    return X, y, PARITY_STEPS // 4
-
-
-def backend_trajectory(backend: str, config: Config, dtype: str, comm: Any = None) -> Trajectory:
-    X, y, epochs = parity_workload(config)
-    model = MLP(config.sizes, backend=backend, dtype=dtype, seed=SEED)
-    history = fit(model, X, y, optimizer=SGD(lr=LEARNING_RATE), epochs=epochs,
-                  batch_size=config.batch, seed=SEED, comm=comm)
-    return Trajectory(history["loss"], [a for W, b in model.get_weights() for a in (W, b)])
 
 
 # --------------------------------------------------------------------------- timing
@@ -218,14 +111,12 @@ def _open_fit(model: MLP, X: np.ndarray, y: np.ndarray, opt: SGD,
     """``fit``'s epochs one call at a time, on one epoch loop: a ``fit(epochs=1)`` per epoch
     would redo per-fit work inside each timed epoch (CuPy captures its step graphs anew, Numba
     allocates its epoch scratch), which one ``fit(epochs=n)`` pays once."""
-    Xp, T = model._prepare(X, y, "cross_entropy")
-    opt.bind(model)
-    model.optimizer = opt
-    loop = _EpochLoop(model, Xp, T, "cross_entropy", batch)
+    Xp, T = model.prepare(X, y, "cross_entropy")
+    loop = EpochLoop(model, Xp, T, loss="cross_entropy", optimizer=opt, batch_size=batch)
 
     def epoch() -> float:
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            return loop.epoch(opt, True, SEED, None)["seconds"]
+        with loop:
+            return loop.epoch(shuffle=True, seed=SEED)["seconds"]
 
     return epoch
 
@@ -388,8 +279,6 @@ def _entries(options: BenchOptions, config: Config, dtype: str, counts: Sequence
              notes: list[str]) -> list[_Entry]:
     """The floor, the backends and the peers of one (config, dtype), at every count, in the
     order of their turns: count by count, so that epochs of one count run side by side."""
-    from . import peers
-
     data = workload(config, dtype)
     entries = []
     unavailable: set[str] = set()
@@ -424,14 +313,13 @@ def _backend_parity(backend: str, config: Config,
 
 def machine_info(threads: int | Sequence[int] | None = None) -> dict[str, Any]:
     """``threads``: the count(s) of the run (a list where several), else the one in force."""
-    from .backends.numpy_backend import blas_info
     if threads is not None and not isinstance(threads, int):
         threads = sorted(set(threads))
         threads = threads[0] if len(threads) == 1 else threads
     info: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "platform": platform.platform(), "python": platform.python_version(),
-        "cpu": _cpu_model(), "cores": os.cpu_count(), "threads": threads or get_num_threads(),
+        "cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads or get_num_threads(),
         "blas": blas_info(), "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     for package in ("bpkernels", "numpy", "numba", "cupy", "torch", "scikit-learn"):
@@ -449,17 +337,6 @@ def _version(package: str) -> str | None:
         except metadata.PackageNotFoundError:
             continue
     return None
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _gpu_info() -> dict[str, Any] | None:
@@ -622,3 +499,85 @@ def default_backends() -> list[str]:
 
 def log_to_stderr(message: str) -> None:
     print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- scaling benchmark
+RESULT_MARK = "bpk-bench-result: "
+
+
+def scaling_benchmark(backends: Sequence[str], configs: Sequence, dtypes: Sequence[str],
+                      ranks: Sequence[int], repeats: int, threads: int | None,
+                      log: Callable[[str], None] = lambda s: None) -> list:
+    """``bpk bench --ranks``: each (backend, config, dtype) timed under mpiexec once per rank
+    count, the same workload each time (bench.time_backend with ``comm``, rank 0's epoch
+    times), each rank on ``threads`` BLAS/Numba threads (default 1). ``extra`` of each Result
+    holds ranks, threads per rank, speedup and efficiency (samples/s per rank relative to the
+    smallest rank count's). Parity: the run's 20 SGD steps against the float64 reference."""
+    results = []
+    for config in configs:
+        for dtype in dtypes:
+            for backend in backends:
+                runs = []
+                for count in ranks:
+                    log(f"{config.name} {dtype}: {backend} on {count} rank(s)")
+                    record = _launch_bench_worker(count, threads or 1, {
+                        "backend": backend, "config": [config.name, list(config.sizes),
+                                                       config.batch, config.samples],
+                        "dtype": dtype, "repeats": repeats})
+                    runs.append(Result(**record))
+                base = runs[0]
+                for count, result in zip(ranks, runs):
+                    speedup = result.samples_per_sec / base.samples_per_sec
+                    result.extra = {"ranks": count, "threads_per_rank": threads or 1,
+                                    "speedup": speedup,
+                                    "efficiency": speedup * ranks[0] / count}
+                    results.append(result)
+    return results
+
+
+def _launch_bench_worker(ranks: int, threads: int, task: dict[str, Any]) -> dict[str, Any]:
+    from .distributed import mpiexec_command
+    env = dict(os.environ)
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                 "NUMBA_NUM_THREADS"):
+        env[name] = str(threads)
+    command = mpiexec_command(ranks) + [sys.executable, "-m", "bpkernels.bench",
+                                        "bench-worker", json.dumps(task)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    lines = [line[len(RESULT_MARK):] for line in done.stdout.splitlines()
+             if line.startswith(RESULT_MARK)]
+    if done.returncode != 0 or len(lines) != 1:
+        tail = (done.stderr.strip() or done.stdout.strip())[-2000:]
+        raise RuntimeError(f"{' '.join(command[:3])} ... bench-worker exited with "
+                           f"{done.returncode}: {tail}")
+    record = json.loads(lines[0])
+    record["threads"] = threads
+    return record
+
+
+def bench_worker(task: dict[str, Any]) -> None:
+    """One rank of a scaling run (``mpiexec -n N python -m bpkernels.bench bench-worker
+    TASK_JSON``): time the epochs, replay the parity steps; rank 0 prints the Result as one
+    JSON line."""
+    from .distributed import abort, import_mpi, use_local_gpu
+    MPI = import_mpi("the bench worker")
+    comm = MPI.COMM_WORLD
+    try:
+        config = Config(task["config"][0], tuple(task["config"][1]), *task["config"][2:])
+        backend, dtype = task["backend"], task["dtype"]
+        use_local_gpu(comm, backend)  # as bpk train does: else every rank runs on GPU 0
+        result = time_backend(backend, config, dtype, task["repeats"], None, comm=comm)
+        trajectory = backend_trajectory(backend, config, dtype, comm=comm)
+        if comm.Get_rank() == 0:
+            reference = backend_trajectory("numpy", config, "float64")
+            result.parity_rel_err = trajectory.error_against(reference)
+            print(RESULT_MARK + json.dumps(asdict(result)), flush=True)
+        comm.Barrier()
+    except BaseException as err:
+        abort(comm, err)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["bench-worker"] or len(sys.argv) != 3:
+        sys.exit("usage: mpiexec -n N python -m bpkernels.bench bench-worker TASK_JSON")
+    bench_worker(json.loads(sys.argv[2]))

@@ -1,8 +1,11 @@
-"""Checkpoints: one portable, pickle-free file (a NumPy .npz archive) holding the architecture,
+"""Checkpoint files: one portable, pickle-free file (a NumPy .npz archive) holding the architecture,
 dtype, weights, optimizer configuration, state and step count, and the epochs trained.
 
 Saving writes a temporary file beside the target and renames it over the target only once it
 is complete, so a failed or interrupted save never replaces a good checkpoint.
+
+This module is the file format only: what goes in it is ``MLP.state()``, and
+``bpkernels.load`` rebuilds the model with ``MLP.from_state(*read(path))``.
 """
 from __future__ import annotations
 
@@ -11,12 +14,9 @@ import os
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from .model import MLP
 
 FORMAT = "bpkernels-checkpoint"
 VERSION = 1
@@ -27,20 +27,14 @@ class CheckpointError(ValueError):
 
 
 def save(model, path: str | os.PathLike) -> None:
+    """Write ``model`` (an MLP) to ``path``: ``write(path, *model.state())``."""
+    write(path, *model.state())
+
+
+def write(path: str | os.PathLike, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    """Write a model's saved state (``MLP.state()``) to ``path``, atomically."""
     path = Path(path)
-    be = model.backend
-    opt = model.optimizer
-    meta: dict[str, Any] = {
-        "format": FORMAT, "version": VERSION, "sizes": list(model.sizes),
-        "activations": list(model.activations), "dtype": model.dtype.name, "seed": model.seed,
-        "backend": be.name, "epochs_trained": model.epochs_trained, "optimizer": None,
-    }
-    arrays = {"params": be.to_host(model.params)}
-    if opt is not None:
-        meta["optimizer"] = {"config": opt.config(), "step_count": opt.step_count,
-                             "state": sorted(opt.state)}
-        for name, buf in opt.state.items():
-            arrays[f"state.{name}"] = be.to_host(buf)
+    meta = {"format": FORMAT, "version": VERSION, **meta}
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise FileNotFoundError(f"cannot save checkpoint {path}: folder {directory} does not exist")
@@ -105,35 +99,3 @@ def _check_consistent(path: Path, meta: dict, arrays: dict[str, np.ndarray]) -> 
                                   f"{arr.dtype}, expected ({n_params},) {meta['dtype']}")
     if not np.isfinite(params).all():
         raise CheckpointError(f"{path}: the weights contain NaN or inf")
-
-
-def load(path: str | os.PathLike, backend: str | None = None) -> "MLP":
-    """A model (with its optimizer, if one was saved) from a checkpoint, on ``backend``
-    (default: the backend it was saved from if available here, else "auto")."""
-    from .backends import BackendUnavailable, get_backend
-    from .model import MLP
-    from .optim import optimizer_from_config
-
-    meta, arrays = read(path)
-    if backend is None:
-        # Only the saved backend is tried, so loading never imports every backend there is.
-        try:
-            backend = get_backend(meta["backend"]).name
-        except (BackendUnavailable, ValueError):
-            backend = "auto"
-    model = MLP(meta["sizes"], meta["activations"], backend=backend, dtype=meta["dtype"],
-                seed=meta["seed"])
-    be = model.backend
-    be.copy(be.asarray(arrays["params"]), model.params)
-    model.epochs_trained = int(meta["epochs_trained"])
-    if meta["optimizer"] is not None:
-        opt = optimizer_from_config(meta["optimizer"]["config"])
-        opt.bind(model)
-        for name in opt.state:
-            key = f"state.{name}"
-            if key not in arrays:
-                raise CheckpointError(f"{path}: checkpoint lacks optimizer state {name!r}")
-            be.copy(be.asarray(arrays[key]), opt.state[name])
-        opt.step_count = int(meta["optimizer"]["step_count"])
-        model.optimizer = opt
-    return model

@@ -13,17 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
 import bpkernels
-from . import datasets
+from . import checkpoint, datasets
 from . import distributed
 from .activations import ACTIVATIONS, get_activation
 from .backends import backend_names, get_backend
@@ -54,9 +52,6 @@ DEFAULT_TEST_SIZE = 0.2
 
 # Distributions reported by `bpk info` when installed; versions come from their metadata, so
 # nothing heavy (numba, cupy, scikit-learn) is imported just to be named.
-_OPTIONAL_PACKAGES = ("numba", "cupy-cuda12x", "cupy-cuda13x", "cupy", "scikit-learn", "tqdm")
-
-
 # ---------------------------------------------------------------------------- argument parsing
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error instead of the usage block plus error."""
@@ -269,9 +264,17 @@ def _output_width(y: np.ndarray, loss: str) -> int:
     return 1 if y.ndim == 1 else int(y.shape[1])
 
 
-def _resume(args: argparse.Namespace):
-    """The checkpointed model, refusing explicit options that contradict it."""
-    model = bpkernels.load(args.resume, backend=args.backend)
+def _resume(args: argparse.Namespace) -> tuple[MLP, str]:
+    """The checkpointed model, refusing explicit options that contradict it, and why it runs
+    on its backend."""
+    meta, arrays = checkpoint.read(args.resume)
+    model = MLP.from_state(meta, arrays, backend=args.backend)
+    if args.backend is not None:
+        why = _backend_reason(args.backend)
+    elif model.backend.name == meta["backend"]:
+        why = "the checkpoint's"
+    else:
+        why = f"auto: the checkpoint's {meta['backend']} is unavailable here"
     conflicts = []
     if args.layers is not None and tuple(args.layers) != tuple(model.sizes[1:-1]):
         conflicts.append(f"--layers {','.join(map(str, args.layers))} "
@@ -284,7 +287,11 @@ def _resume(args: argparse.Namespace):
     if conflicts:
         raise ValueError(f"--resume {args.resume}: the architecture comes from the checkpoint; "
                          f"drop {'; '.join(conflicts)}")
-    return model
+    return model, why
+
+
+def _backend_reason(name: str) -> str:
+    return "auto: the fastest available here" if name == "auto" else f"--backend {name}"
 
 
 def _check_fits(model, path: str, data: str, n_features: int, n_out: int, loss: str,
@@ -341,15 +348,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train_command(args: argparse.Namespace) -> int:
+    # --resume without --save keeps its work: the run is saved back to the resumed file.
+    args.saving_back = args.resume is not None and args.save is None
+    if args.saving_back:
+        args.save = args.resume
     comm = distributed.launched_world()  # under `mpirun -n N` (N >= 2): data-parallel
     if comm is not None:
         distributed.use_local_gpu(comm, args.backend)
         if comm.Get_rank() != 0:
             args.quiet, args.save = True, None  # rank 0 alone prints and writes checkpoints
     # Under MPI a failure of any rank before training is raised on every rank: none waits.
-    model, loss, classify, train, test, optimizer = distributed.on_every_rank(
+    model, loss, classify, train, test, optimizer, why = distributed.on_every_rank(
         comm, _prepare_training, args)
+    ranks = 1 if comm is None else comm.Get_size()
+    if not args.quiet:
+        _print_settings(args, model, loss, classify, train, test, optimizer, why, ranks)
     saver = _Saver(model, args.save)
+    unregister = model.backend.on_compile(_CompileNotice()) if not args.quiet else None
     start = time.perf_counter()
     try:
         history = fit(model, *train, loss=loss, optimizer=optimizer, epochs=args.epochs,
@@ -363,12 +378,29 @@ def _train_command(args: argparse.Namespace) -> int:
         kept = f"; the last finite weights were saved to {args.save}" if args.save else ""
         _error(f"{err}{kept}")
         return EXIT_DIVERGED
+    finally:
+        if unregister is not None:
+            unregister()
     seconds = time.perf_counter() - start
     saver.final()
     if not args.quiet:
-        _print_summary(args, model, loss, classify, train, test, history, seconds,
-                       ranks=1 if comm is None else comm.Get_size())
+        _print_summary(args, model, loss, train, test, history, seconds, saver)
     return 0
+
+
+class _CompileNotice:
+    """The backend's on_compile callback: says once, when compiling starts, why the first
+    epoch is slow (a cached model loads its kernels and never calls it)."""
+
+    TEXT = "compiling kernels for this model, first run only"
+
+    def __init__(self) -> None:
+        self.said = False
+
+    def __call__(self) -> None:
+        if not self.said:
+            self.said = True
+            print(self.TEXT, flush=True)
 
 
 def _prepare_training(args: argparse.Namespace) -> tuple:
@@ -376,7 +408,7 @@ def _prepare_training(args: argparse.Namespace) -> tuple:
     resumed and the optimizer chosen: (model, loss, classify, train, test, optimizer)."""
     _check_options(args)
     # The checkpoint before the data: a bad --resume fails before the data is loaded.
-    model = _resume(args) if args.resume else None
+    model, why = _resume(args) if args.resume else (None, "")
     if args.seed is None:
         # A resumed run must split as the first did, or it would train on its old test rows.
         args.seed = model.seed if model is not None else 0
@@ -389,6 +421,7 @@ def _prepare_training(args: argparse.Namespace) -> tuple:
                                                        stratify=stratify)
     X_tr, X_te = datasets.standardize(X_tr, X_te)
     if model is None:
+        why = _backend_reason(args.backend or DEFAULT_BACKEND)
         model = MLP([X.shape[1], *(args.layers or DEFAULT_LAYERS), n_out],
                     activation=args.activation or DEFAULT_ACTIVATION,
                     backend=args.backend or DEFAULT_BACKEND, dtype=args.dtype or DEFAULT_DTYPE,
@@ -396,7 +429,7 @@ def _prepare_training(args: argparse.Namespace) -> tuple:
     else:
         _check_fits(model, args.resume, args.data, X.shape[1], n_out, loss, y)
     optimizer = _choose_optimizer(args, model)
-    return model, loss, classify, (X_tr, y_tr), (X_te, y_te), optimizer
+    return model, loss, classify, (X_tr, y_tr), (X_te, y_te), optimizer, why
 
 
 def _interrupted(saver: _Saver) -> int:
@@ -416,30 +449,69 @@ def _interrupted(saver: _Saver) -> int:
     return EXIT_INTERRUPTED
 
 
-def _print_summary(args, model, loss: str, classify: bool, train, test, history,
-                   seconds: float, ranks: int = 1) -> None:
-    """The run's report on stdout; ``seconds`` is the wall time of fit() (validation and
-    checkpoints included), samples/s the training steps' own throughput."""
-    X_tr, y_tr = train
-    train_metrics = model.evaluate(X_tr, y_tr, loss=loss)
-    test_metrics = model.evaluate(*test, loss=loss)
+def _print_settings(args, model, loss: str, classify: bool, train, test, optimizer, why: str,
+                    ranks: int) -> None:
+    """What the run will do, on stdout before the first epoch: data, model, backend and why,
+    dtype, threads, optimizer, checkpoint. Lines fit 80 columns but for long paths."""
+    from .threads import get_num_threads
+    X_tr, X_te = train[0], test[0]
     n_out = model.sizes[-1]
     outputs = f"{n_out} classes" if classify and n_out > 1 else \
         f"{n_out} output{'s' if n_out > 1 else ''}"
+    hidden = ",".join(map(str, model.sizes[1:-1])) or "none"
+    activation = ",".join(model.activations) or "no"
+    threads = get_num_threads()
+    whose = f"--threads {args.threads}" if args.threads else "the libraries' default"
+    per_rank = ", per rank" if ranks > 1 else ""
+    opt = optimizer if optimizer is not None else model.optimizer
+    restored = " (the checkpoint's, continued)" if opt is model.optimizer else ""
+    lines = [
+        f"data set: {args.data} ({X_tr.shape[0] + X_te.shape[0]} rows, {X_tr.shape[1]} "
+        f"features, {outputs})",
+        f"split: {X_tr.shape[0]} train / {X_te.shape[0]} test (seed {args.seed})",
+        f"model: sizes {list(model.sizes)} (hidden {hidden}, {activation} activation), "
+        f"{model.n_params:,} parameters",
+        f"backend: {model.backend.name} ({why})",
+        f"dtype: {model.dtype.name}",
+        f"threads: {threads} ({whose}{per_rank})",
+        f"optimizer: {_optimizer_text(opt)}{restored}",
+        f"loss: {loss}, {args.epochs} epoch{'s' if args.epochs != 1 else ''} of batch "
+        f"{args.batch_size}" + (f", {model.epochs_trained} trained before" if args.resume else ""),
+    ]
+    if ranks > 1:
+        lines.append(f"MPI ranks: {ranks} (data-parallel)")
+    if args.save is None:
+        lines.append("checkpoint: none (--save PATH keeps the model)")
+    elif args.saving_back:
+        lines.append(f"checkpoint: {args.save} (the resumed file), saved after every epoch")
+    else:
+        lines.append(f"checkpoint: {args.save}, saved after every epoch")
+    print("\n".join(lines), flush=True)
+
+
+def _optimizer_text(opt) -> str:
+    """The optimizer's repr, or where that is long, its name with the hyper-parameters that
+    differ from its class's defaults (the learning rate always)."""
+    text = repr(opt)
+    if len(text) <= 60:
+        return text
+    defaults = type(opt)().hyperparameters()
+    shown = {k: v for k, v in opt.hyperparameters().items() if k == "lr" or v != defaults.get(k)}
+    return f"{type(opt).__name__}({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+
+def _print_summary(args, model, loss: str, train, test, history, seconds: float,
+                   saver: "_Saver") -> None:
+    """The run's results on stdout (its settings were printed before it); ``seconds`` is the
+    wall time of fit() (validation and checkpoints included), samples/s the training steps'
+    own throughput."""
+    X_tr, y_tr = train
+    train_metrics = model.evaluate(X_tr, y_tr, loss=loss)
+    test_metrics = model.evaluate(*test, loss=loss)
     epochs_run = len(history)
     train_seconds = sum(history["seconds"]) if epochs_run else 0.0
     rate = X_tr.shape[0] * epochs_run / train_seconds if train_seconds > 0 else 0.0
-    hidden = ",".join(map(str, model.sizes[1:-1])) or "none"
     lines = [
-        f"data set: {args.data} ({X_tr.shape[0] + test[0].shape[0]} rows, {X_tr.shape[1]} "
-        f"features, {outputs})",
-        f"split: {X_tr.shape[0]} train / {test[0].shape[0]} test (seed {args.seed})",
-        f"model: sizes {list(model.sizes)} (hidden {hidden}, {','.join(model.activations) or 'no'} "
-        f"activation), {model.n_params:,} parameters",
-        f"backend: {model.backend.name}",
-        f"dtype: {model.dtype.name}",
-        f"optimizer: {model.optimizer!r}",
-        f"loss: {loss}",
         f"epochs: {epochs_run} run, {model.epochs_trained} in total",
         f"final train loss: {train_metrics['loss']:.4f}",
         f"test loss: {test_metrics['loss']:.4f}",
@@ -449,10 +521,10 @@ def _print_summary(args, model, loss: str, classify: bool, train, test, history,
         lines.append(f"test accuracy: {test_metrics['accuracy']:.4f}")
     lines.append(f"seconds: {seconds:.2f}")
     lines.append(f"samples/s: {rate:,.0f}")
-    if ranks > 1:
-        lines.append(f"MPI ranks: {ranks} (data-parallel)")
-    if args.save:
-        lines.append(f"checkpoint: {args.save}")
+    if saver.saved_epochs is not None:
+        back = " (the resumed file)" if args.saving_back else ""
+        lines.append(f"checkpoint: saved to {saver.path}{back}, {saver.saved_epochs} epochs "
+                     "in total")
     print("\n".join(lines), flush=True)
 
 
@@ -525,9 +597,9 @@ def _bench_ranks(args: argparse.Namespace, backends: list[str], configs: list,
     if args.peers or args.plot:
         raise ValueError("--ranks times bpkernels itself under mpiexec; drop --peers and --plot")
     distributed.mpiexec_command(1)  # fails early, naming the extra, when there is no MPI
-    results = distributed.scaling_benchmark(backends, configs, args.dtypes, args.ranks,
-                                            2 if args.quick else args.repeats, threads,
-                                            log=bench.log_to_stderr)
+    results = bench.scaling_benchmark(backends, configs, args.dtypes, args.ranks,
+                                      2 if args.quick else args.repeats, threads,
+                                      log=bench.log_to_stderr)
     machine = bench.machine_info(threads or 1)
     print(f"{machine['cpu']}, {machine['cores']} cores, {threads or 1} thread(s) per rank, "
           f"{machine['date']}", flush=True)
@@ -538,117 +610,13 @@ def _bench_ranks(args: argparse.Namespace, backends: list[str], configs: list,
 
 
 # ---------------------------------------------------------------------------- bpk info
-def _version(distribution: str) -> str | None:
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _cpu_name() -> str:
-    # platform.processor() is often just "x86_64" on Linux; /proc/cpuinfo has the model name.
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("model name", "Model", "Hardware") and value.strip():
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def _usable_cores() -> int | None:
-    # The cores this process may run on (taskset, containers), when the OS says.
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return None
-
-
-def _backend_report() -> dict[str, dict[str, Any]]:
-    from .backends import available_backends, unavailable_reasons
-    available = set(available_backends())
-    reasons = unavailable_reasons()
-    report: dict[str, dict[str, Any]] = {}
-    for name in backend_names():
-        if name in available:
-            try:
-                device = get_backend(name).device_info()
-            except Exception as err:  # a broken driver must not hide the rest of the report
-                device = {"error": f"{type(err).__name__}: {err}"}
-            report[name] = {"available": True, "device": device}
-        else:
-            report[name] = {"available": False,
-                            "reason": reasons.get(name, "unavailable (no reason recorded)")}
-    return report
-
-
-def collect_info() -> dict[str, Any]:
-    """Everything `bpk info` reports, JSON-able."""
-    from .backends.numpy_backend import blas_info
-    packages = {"numpy": np.__version__}
-    for dist in _OPTIONAL_PACKAGES:
-        found = _version(dist)
-        if found is not None:
-            packages[dist] = found
-    backends = _backend_report()
-    gpus = [dict(info["device"], backend=name) for name, info in backends.items()
-            if info["available"] and info["device"].get("device", "cpu") != "cpu"]
-    return {
-        "bpkernels": bpkernels.__version__,
-        "python": f"{platform.python_version()} ({platform.python_implementation()})",
-        "packages": packages,
-        "platform": platform.platform(),
-        "cpu": {"name": _cpu_name(), "cores": os.cpu_count(), "usable_cores": _usable_cores()},
-        "blas": blas_info(),
-        "backends": backends,
-        "gpus": gpus,
-    }
-
-
-def _memory_text(device: dict[str, Any]) -> str:
-    # Backends name the field differently (memory, total_memory, memory_bytes...): take the
-    # first one that mentions memory; integers are bytes.
-    for key, value in device.items():
-        if "memory" in key or "mem" == key:
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 1 << 20:
-                return f"{value / 2**30:.1f} GiB"
-            return str(value)
-    return "memory unknown"
-
-
-def _print_info(info: dict[str, Any]) -> None:
-    cpu, blas = info["cpu"], info["blas"]
-    cores = f"{cpu['cores']}"
-    if cpu["usable_cores"] is not None and cpu["usable_cores"] != cpu["cores"]:
-        cores += f" ({cpu['usable_cores']} usable)"
-    blas_text = " ".join(str(blas[k]) for k in ("name", "version") if blas.get(k)) or "unknown"
-    threads = blas.get("threads")
-    lines = [f"bpkernels: {info['bpkernels']}", f"Python: {info['python']}"]
-    names = {"numpy": "NumPy", "scikit-learn": "scikit-learn"}
-    lines += [f"{names.get(dist, dist)}: {v}" for dist, v in info["packages"].items()]
-    lines += [f"platform: {info['platform']}", f"CPU: {cpu['name']}", f"cores: {cores}",
-              f"BLAS: {blas_text}, {threads if threads is not None else 'unknown'} threads"]
-    lines.append("backends:")
-    for name, entry in info["backends"].items():
-        status = "available" if entry["available"] else f"unavailable: {entry['reason']}"
-        lines.append(f"  {name}: {status}")
-        device = entry.get("device") or {}
-        if "mode" in device:  # the Numba backend: native or plain, and why
-            lines.append(f"    {name} mode: {device['mode_reason']}")
-            lines.append(f"    {name} BLAS pool: {device['blas_pool']}")
-    for gpu in info["gpus"]:
-        lines.append(f"GPU ({gpu['backend']}): {gpu.get('name', 'unknown')}, {_memory_text(gpu)}")
-    print("\n".join(lines), flush=True)
-
-
 def _cmd_info(args: argparse.Namespace) -> int:
+    from .info import collect_info, print_info
     info = collect_info()
     if args.json:
         print(json.dumps(info, indent=2, default=str), flush=True)
     else:
-        _print_info(info)
+        print_info(info)
     return 0
 
 

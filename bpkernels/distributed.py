@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -211,8 +210,10 @@ def abort_job_on_failure(fit: Callable) -> Callable:
 
 
 def _raised_on_every_rank(err: BaseException) -> bool:
-    from .train import TrainingDiverged  # the latch is agreed: every rank halts at one step
-    return isinstance(err, (DistributedError, AgreedInterrupt, TrainingDiverged))
+    # An error class that every rank raises alike says so (train.TrainingDiverged: the
+    # divergence latch is agreed, every rank halts at one step).
+    return isinstance(err, (DistributedError, AgreedInterrupt)) or \
+        getattr(err, "raised_on_every_rank", False) is True
 
 
 def abort(comm, err: BaseException) -> NoReturn:
@@ -454,85 +455,3 @@ class _StagedAllreduce:
             host *= weight + 0.0 * float(be.to_host(loss)[0])
         self.comm.Allreduce(self.in_place, host, op=self.sum)
         be.copy(be.asarray(host), grads)
-
-
-# --------------------------------------------------------------------------- scaling benchmark
-_RESULT_MARK = "bpk-bench-result: "
-
-
-def scaling_benchmark(backends: Sequence[str], configs: Sequence, dtypes: Sequence[str],
-                      ranks: Sequence[int], repeats: int, threads: int | None,
-                      log: Callable[[str], None] = lambda s: None) -> list:
-    """``bpk bench --ranks``: each (backend, config, dtype) timed under mpiexec once per rank
-    count, the same workload each time (bench.time_backend with ``comm``, rank 0's epoch
-    times), each rank on ``threads`` BLAS/Numba threads (default 1). ``extra`` of each Result
-    holds ranks, threads per rank, speedup and efficiency (samples/s per rank relative to the
-    smallest rank count's). Parity: the run's 20 SGD steps against the float64 reference."""
-    from .bench import Result
-    results = []
-    for config in configs:
-        for dtype in dtypes:
-            for backend in backends:
-                runs = []
-                for count in ranks:
-                    log(f"{config.name} {dtype}: {backend} on {count} rank(s)")
-                    record = _launch_bench_worker(count, threads or 1, {
-                        "backend": backend, "config": [config.name, list(config.sizes),
-                                                       config.batch, config.samples],
-                        "dtype": dtype, "repeats": repeats})
-                    runs.append(Result(**record))
-                base = runs[0]
-                for count, result in zip(ranks, runs):
-                    speedup = result.samples_per_sec / base.samples_per_sec
-                    result.extra = {"ranks": count, "threads_per_rank": threads or 1,
-                                    "speedup": speedup,
-                                    "efficiency": speedup * ranks[0] / count}
-                    results.append(result)
-    return results
-
-
-def _launch_bench_worker(ranks: int, threads: int, task: dict[str, Any]) -> dict[str, Any]:
-    env = dict(os.environ)
-    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                 "NUMBA_NUM_THREADS"):
-        env[name] = str(threads)
-    command = mpiexec_command(ranks) + [sys.executable, "-m", "bpkernels.distributed",
-                                        "bench-worker", json.dumps(task)]
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    lines = [line[len(_RESULT_MARK):] for line in done.stdout.splitlines()
-             if line.startswith(_RESULT_MARK)]
-    if done.returncode != 0 or len(lines) != 1:
-        tail = (done.stderr.strip() or done.stdout.strip())[-2000:]
-        raise RuntimeError(f"{' '.join(command[:3])} ... bench-worker exited with "
-                           f"{done.returncode}: {tail}")
-    record = json.loads(lines[0])
-    record["threads"] = threads
-    return record
-
-
-def _bench_worker(task: dict[str, Any]) -> None:
-    """One rank of a scaling run: time the epochs, replay the parity steps; rank 0 prints the
-    Result as one JSON line."""
-    from dataclasses import asdict
-    from . import bench
-    MPI = import_mpi("the bench worker")
-    comm = MPI.COMM_WORLD
-    try:
-        config = bench.Config(task["config"][0], tuple(task["config"][1]), *task["config"][2:])
-        backend, dtype = task["backend"], task["dtype"]
-        use_local_gpu(comm, backend)  # as bpk train does: else every rank runs on GPU 0
-        result = bench.time_backend(backend, config, dtype, task["repeats"], None, comm=comm)
-        trajectory = bench.backend_trajectory(backend, config, dtype, comm=comm)
-        if comm.Get_rank() == 0:
-            reference = bench.backend_trajectory("numpy", config, "float64")
-            result.parity_rel_err = trajectory.error_against(reference)
-            print(_RESULT_MARK + json.dumps(asdict(result)), flush=True)
-        comm.Barrier()
-    except BaseException as err:
-        abort(comm, err)
-
-
-if __name__ == "__main__":
-    if sys.argv[1:2] != ["bench-worker"] or len(sys.argv) != 3:
-        sys.exit("usage: mpiexec -n N python -m bpkernels.distributed bench-worker TASK_JSON")
-    _bench_worker(json.loads(sys.argv[2]))

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from . import interop
+from . import checkpoint, interop
 from .activations import ACTIVATIONS, hidden_activations
-from .backends import get_backend
+from .backends import BackendUnavailable, get_backend
 from .backends.base import Backend
 from .interop import ArrayLike
 from .losses import check_loss, has_accuracy, prepare_targets
-
-if TYPE_CHECKING:
-    from .optim import Optimizer
+from .optim import Optimizer, optimizer_from_config
 
 DTYPES = ("float32", "float64")
 # Inference and evaluation run in chunks of this many rows: bounded memory for any input size.
@@ -70,7 +68,7 @@ class MLP:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.seed = int(seed)
         self.optimizer: Optimizer | None = None  # set by fit() or load()
-        self._training = False  # while fit() runs on this model
+        self.training = False  # True while an EpochLoop (fit()) trains this model
         self.epochs_trained = 0
         self._layout = [(i, o) for i, o in zip(self.sizes[:-1], self.sizes[1:])]
         self.n_params = sum(i * o + o for i, o in self._layout)
@@ -138,7 +136,7 @@ class MLP:
             be.dense_backward(X, W, ws.dA[layer], self.layer_activations[layer],
                               ws.A[layer], ws.Z[layer], dW, db, dX)
 
-    def _forward_backward(self, ws: Workspace, loss: str, loss_out) -> None:
+    def forward_backward(self, ws: Workspace, loss: str, loss_out: Any) -> None:
         """One training pass on the batch already in ``ws.X`` / ``ws.T``: the mean loss into
         ``loss_out`` (on the device) and its gradient into ``self.grads``."""
         Y = self._forward(ws, ws.X)
@@ -179,7 +177,8 @@ class MLP:
                 out[rows] = be.to_host(Y)
         return out
 
-    def _evaluate(self, X: interop.Array, T: np.ndarray, loss: str) -> dict[str, float]:
+    def evaluate_prepared(self, X: interop.Array, T: np.ndarray, loss: str) -> dict[str, float]:
+        """:meth:`evaluate` on inputs already checked by :meth:`prepare` (validation in fit())."""
         be, total, correct = self.backend, 0.0, 0.0
         metric = has_accuracy(loss, self.sizes[-1])
         for ws, _, chunk in self._chunks(X, T):
@@ -194,8 +193,9 @@ class MLP:
             result["accuracy"] = correct / X.rows
         return result
 
-    def _prepare(self, X, y, loss: str) -> tuple[interop.Array, np.ndarray]:
-        """Checked inputs and host targets (see bpkernels.interop)."""
+    def prepare(self, X: ArrayLike, y: ArrayLike, loss: str) -> tuple[interop.Array, np.ndarray]:
+        """Checked inputs and host targets for ``loss`` (see bpkernels.interop): what
+        :meth:`evaluate_prepared` and :class:`bpkernels.train.EpochLoop` take."""
         check_loss(loss)
         X = interop.features(X, self.backend, self.dtype, self.sizes[0])
         y = interop.targets(y, self.backend)
@@ -220,13 +220,13 @@ class MLP:
 
     def evaluate(self, X: ArrayLike, y: ArrayLike, loss: str) -> dict[str, float]:
         """Mean loss (and accuracy where it applies) over the whole of X, y."""
-        X, T = self._prepare(X, y, loss)
-        return self._evaluate(X, T, loss)
+        X, T = self.prepare(X, y, loss)
+        return self.evaluate_prepared(X, T, loss)
 
     def loss_and_grads(self, X: ArrayLike, y: ArrayLike,
                        loss: str) -> tuple[float, list[tuple[np.ndarray, np.ndarray]]]:
         """The mean loss over the rows of X, y and its gradients ``[(dW, db), ...]`` (NumPy)."""
-        X, T = self._prepare(X, y, loss)
+        X, T = self.prepare(X, y, loss)
         be = self.backend
         ws = self.workspace(X.rows, T.shape[1:], T.dtype)
         if X.resident:
@@ -234,7 +234,7 @@ class MLP:
         else:
             self._upload(X.data, ws.X)
         self._upload(T, ws.T)
-        self._forward_backward(ws, loss, ws.loss)
+        self.forward_backward(ws, loss, ws.loss)
         value = float(be.to_host(ws.loss)[0])
         grads = [(be.to_host(dW), be.to_host(db)) for dW, db in self._gradients]
         return value, grads
@@ -271,7 +271,7 @@ class MLP:
         rounding. Everything is checked first (the backend's name and availability, the dtype,
         that every value fits the new dtype): on error the model is as it was. The old
         backend's workspaces are dropped."""
-        if getattr(self, "_training", False):
+        if self.training:
             raise RuntimeError("model.to() cannot move a model while fit() trains it (the "
                                "training loop holds its buffers); call it after fit() returns, "
                                "or stop training from the callback by returning True")
@@ -303,14 +303,71 @@ class MLP:
             self.optimizer.state = {name: moved[f"optimizer state {name}"] for name in state}
         return self
 
+    # ---------------------------------------------------------------- saved state
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The model as host data, ``(meta, arrays)``: what a checkpoint stores and
+        :meth:`from_state` rebuilds. ``meta`` (JSON-able) holds the architecture, dtype, seed,
+        backend name, epochs trained and the optimizer's configuration, state names and step
+        count (None without an optimizer); ``arrays`` the flat parameters ("params") and each
+        optimizer state buffer ("state.<name>"), as NumPy arrays."""
+        be, opt = self.backend, self.optimizer
+        meta: dict[str, Any] = {
+            "sizes": list(self.sizes), "activations": list(self.activations),
+            "dtype": self.dtype.name, "seed": self.seed, "backend": be.name,
+            "epochs_trained": self.epochs_trained, "optimizer": None}
+        arrays = {"params": be.to_host(self.params)}
+        if opt is not None:
+            meta["optimizer"] = {"config": opt.config(), "step_count": opt.step_count,
+                                 "state": sorted(opt.state)}
+            arrays.update({f"state.{name}": be.to_host(buf) for name, buf in opt.state.items()})
+        return meta, arrays
+
+    @classmethod
+    def from_state(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray],
+                   backend: str | None = None, optimizer: Optimizer | None = None) -> "MLP":
+        """The model that :meth:`state` described, with its optimizer if it had one, on
+        ``backend`` (default: the one it was on if available here, else "auto"). The one way
+        a model is rebuilt from saved state: checkpoints (:func:`load`) and the scikit-learn
+        estimators' pickles use it. ``optimizer``: an unbound optimizer to take the saved
+        state and step count, instead of one made from the saved configuration (the
+        estimators keep their own object, a user's subclass included)."""
+        if backend is None:
+            # Only the saved backend is tried, so loading never imports every backend there is.
+            try:
+                backend = get_backend(meta["backend"]).name
+            except (BackendUnavailable, ValueError):
+                backend = "auto"
+        model = cls(meta["sizes"], meta["activations"], backend=backend, dtype=meta["dtype"],
+                    seed=meta["seed"])
+        be = model.backend
+        be.copy(be.asarray(arrays["params"]), model.params)
+        model.epochs_trained = int(meta["epochs_trained"])
+        saved = meta["optimizer"]
+        if saved is not None:
+            opt = optimizer if optimizer is not None else optimizer_from_config(saved["config"])
+            opt.bind(model)
+            for name in opt.state:
+                key = f"state.{name}"
+                if key not in arrays:
+                    raise ValueError(f"the saved state lacks the optimizer state {name!r}")
+                be.copy(be.asarray(arrays[key]), opt.state[name])
+            opt.step_count = int(saved["step_count"])
+            model.optimizer = opt
+        return model
+
     def save(self, path: str | os.PathLike) -> None:
         """Write the model (and its optimizer state) to one portable file, atomically."""
-        from .checkpoint import save
-        save(self, path)
+        checkpoint.write(path, *self.state())
 
     def __repr__(self) -> str:
         return (f"MLP(sizes={list(self.sizes)}, activation={list(self.activations)}, "
                 f"backend={self.backend.name!r}, dtype={self.dtype.name!r}, seed={self.seed})")
+
+
+def load(path: str | os.PathLike, backend: str | None = None) -> MLP:
+    """A model (with its optimizer, if one was saved) from a checkpoint, on ``backend``
+    (default: the backend it was saved from if available here, else "auto")."""
+    return MLP.from_state(*checkpoint.read(path), backend=backend)
 
 
 def _check_backend_dtype(backend: Backend, dtype: np.dtype) -> None:

@@ -14,15 +14,15 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .bench import (LEARNING_RATE, SEED, Config, Trajectory, batch_order, initial_weights,
-                    parity_workload)
+from .workload import (LEARNING_RATE, SEED, Config, Trajectory, batch_order, initial_weights,
+                       parity_workload)
 
 PEERS = ("torch", "sklearn")
 
 
 @dataclass
 class PeerEntry:
-    """One peer run of the benchmark, timed like a backend by ``bench._interleaved``.
+    """One peer run of the benchmark, timed like a backend by ``bpk bench`` (bench.run).
 
     ``make_epoch()`` builds the peer's model (on the run's data, from the shared initial
     weights) and gives a function that trains its next epoch and returns the epoch's seconds.

@@ -56,7 +56,7 @@ except ImportError:  # scikit-learn < 1.6 validates through a method instead
         return estimator._validate_data(X, y, **kwargs)
 
 from .activations import hidden_activations
-from .backends import BackendUnavailable, get_backend
+from .backends import get_backend
 from .model import MLP, resolve_dtype
 from .optim import Optimizer, make_optimizer
 from .threads import limit_threads
@@ -491,40 +491,18 @@ class _StoppingMonitor:
 # ---------------------------------------------------------------------- host form of a model
 
 def _model_to_host(model: MLP) -> dict[str, Any]:
-    """Architecture, weights and optimizer (hyper-parameters, state, steps) as host objects."""
-    be = model.backend
-    state = {"sizes": list(model.sizes), "activations": list(model.activations),
-             "dtype": model.dtype.name, "backend": be.name, "seed": model.seed,
-             "epochs_trained": model.epochs_trained, "params": be.to_host(model.params),
-             "optimizer": None}
-    opt = model.optimizer
-    if opt is not None:
-        unbound = copy.copy(opt)
-        Optimizer.__init__(unbound)  # hyper-parameters only: no device buffers, no model link
-        state["optimizer"] = {"optimizer": unbound, "step_count": opt.step_count,
-                              "state": {k: be.to_host(v) for k, v in opt.state.items()}}
-    return state
+    """``model.state()``, and the optimizer object itself (a user's subclass survives the
+    pickle), unbound: hyper-parameters only, no device buffers, no model link."""
+    meta, arrays = model.state()
+    unbound = None
+    if model.optimizer is not None:
+        unbound = copy.copy(model.optimizer)
+        Optimizer.__init__(unbound)
+    return {"meta": meta, "arrays": arrays, "optimizer": unbound}
 
 
 def _model_from_host(state: dict[str, Any]) -> MLP:
-    try:
-        backend = get_backend(state["backend"]).name
-    except (BackendUnavailable, ValueError):
-        backend = "auto"
-    model = MLP(state["sizes"], state["activations"], backend=backend, dtype=state["dtype"],
-                seed=state["seed"])
-    be = model.backend
-    be.copy(be.asarray(state["params"]), model.params)
-    model.epochs_trained = state["epochs_trained"]
-    saved = state["optimizer"]
-    if saved is not None:
-        opt = saved["optimizer"]
-        opt.bind(model)
-        for name, host in saved["state"].items():
-            be.copy(be.asarray(host), opt.state[name])
-        opt.step_count = saved["step_count"]
-        model.optimizer = opt
-    return model
+    return MLP.from_state(state["meta"], state["arrays"], optimizer=state["optimizer"])
 
 
 # ---------------------------------------------------------------------- helpers

@@ -11,15 +11,15 @@ block raises). ``get_num_threads()`` says what is in force.
 - Numba: ``numba.set_num_threads`` holds per calling thread and cannot exceed the pool Numba
   starts with (NUMBA_NUM_THREADS, every core by default). The count is a budget, so Numba gets
   ``min(n, NUMBA_NUM_THREADS)`` rather than an error, while BLAS gets ``n``. Numba is never
-  imported here (it takes seconds): where it is not imported yet the Numba backend applies the
-  recorded count when it is created, and ``limit_threads()`` (no count) applies the process's
+  imported here (it takes seconds): the count reaches the backends through the registry
+  (``bpkernels.backends.set_num_threads``: ``Backend.set_threads`` of every backend loaded now
+  and of each one loaded later), and ``limit_threads()`` (no count) applies the process's
   count to the thread that enters it, which is how a training run in another thread honors it.
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import glob
 import numbers
 import os
 import sys
@@ -28,6 +28,9 @@ from functools import lru_cache
 from typing import Callable, Iterator
 
 import numpy as np
+
+from . import backends
+from .backends.host import numpy_blas_libraries
 
 __all__ = ["set_num_threads", "get_num_threads", "limit_threads", "requested_num_threads"]
 
@@ -41,8 +44,9 @@ def set_num_threads(n: int) -> None:
     global _requested
     n = _check_count(n)
     with _lock:
-        _limit_blas(n)
+        _limit_blas(n)  # first: a BLAS out of reach fails before anything changed
         _requested = n
+        _apply_backends(n)
         _apply_numba(n)
 
 
@@ -58,7 +62,7 @@ def get_num_threads() -> int:
 
 def requested_num_threads() -> int | None:
     """The count set by set_num_threads or limit_threads, None while the libraries' own
-    defaults rule (for the Numba backend, which applies it when it is created)."""
+    defaults rule."""
     return _requested
 
 
@@ -95,8 +99,10 @@ def limit_threads(n: int | None = None) -> Iterator[None]:
             restore_blas = _limit_blas(n)
             numba_before = _numba_threads()
             try:
+                _apply_backends(n)
                 _apply_numba(n)
             except BaseException:
+                backends.set_num_threads(_requested)
                 restore_blas()
                 raise
             block = _Block(_requested, restore_blas)
@@ -122,7 +128,8 @@ def _close(block: _Block) -> None:
     if i < len(_blocks):  # a newer block is open: it restores what this one would have
         _blocks[i].previous, _blocks[i].restore_blas = block.previous, block.restore_blas
         return
-    block.restore_blas()
+    backends.set_num_threads(block.previous)
+    block.restore_blas()  # after: a backend's set_threads may have set BLAS too
     _requested = block.previous
 
 
@@ -132,6 +139,24 @@ def _check_count(n: object) -> int:
     if n < 1:
         raise ValueError(f"the thread count must be an integer >= 1, got {n}")
     return int(n)
+
+
+# ---------------------------------------------------------------------------------- backends
+def _apply_backends(n: int) -> None:
+    """The registry's count for every backend, loaded now or later. BLAS is set again after:
+    a backend's set_threads may limit BLAS to its own pool's size, and the budget is ``n``."""
+    backends.set_num_threads(n)
+    _set_blas(n)
+
+
+def _set_blas(n: int) -> None:
+    try:
+        import threadpoolctl
+    except ImportError:
+        _numpy_openblas()[1](n)
+        return
+    with _blas_control(threadpoolctl):
+        threadpoolctl.threadpool_limits(limits=n, user_api="blas")
 
 
 # ---------------------------------------------------------------------------------- Numba
@@ -223,22 +248,20 @@ _OPENBLAS_NAMES = (("scipy_openblas", "64_"), ("scipy_openblas", ""), ("openblas
 
 @lru_cache(maxsize=None)
 def _numpy_openblas() -> tuple[Callable[[], int], Callable[[int], None]]:
-    """(get, set) of the thread count of the OpenBLAS bundled with NumPy, found where
-    backends/_numba_blas.py finds it (numpy.libs beside the package, numpy/.dylibs on macOS)."""
-    package = os.path.dirname(np.__file__)
-    for folder in (os.path.join(package, os.pardir, "numpy.libs"), os.path.join(package, ".dylibs")):
-        for path in sorted(glob.glob(os.path.join(folder, "*openblas*"))):
-            try:
-                library = ctypes.CDLL(path)  # already loaded by NumPy: the same handle
-            except OSError:
-                continue
-            for prefix, suffix in _OPENBLAS_NAMES:
-                get = getattr(library, f"{prefix}_get_num_threads{suffix}", None)
-                set_ = getattr(library, f"{prefix}_set_num_threads{suffix}", None)
-                if get is not None and set_ is not None:
-                    get.argtypes, get.restype = [], ctypes.c_int
-                    set_.argtypes, set_.restype = [ctypes.c_int], None
-                    return get, set_
+    """(get, set) of the thread count of the OpenBLAS bundled with NumPy
+    (backends.host.numpy_blas_libraries)."""
+    for path in numpy_blas_libraries():
+        try:
+            library = ctypes.CDLL(path)  # already loaded by NumPy: the same handle
+        except OSError:
+            continue
+        for prefix, suffix in _OPENBLAS_NAMES:
+            get = getattr(library, f"{prefix}_get_num_threads{suffix}", None)
+            set_ = getattr(library, f"{prefix}_set_num_threads{suffix}", None)
+            if get is not None and set_ is not None:
+                get.argtypes, get.restype = [], ctypes.c_int
+                set_.argtypes, set_.restype = [ctypes.c_int], None
+                return get, set_
     raise ImportError("bpkernels cannot reach the thread count of the BLAS that NumPy "
                       f"{np.__version__} uses (not a bundled OpenBLAS); install threadpoolctl to "
                       "limit it: pip install threadpoolctl")

@@ -1,4 +1,5 @@
-"""fit(): batches, shuffling, epochs, validation, callbacks and the per-epoch history.
+"""fit() and the EpochLoop it drives: batches, shuffling, epochs, validation, callbacks and
+the per-epoch history.
 
 The hot loop only launches kernels on buffers allocated before the first epoch: the step's
 loss and hit count go to per-step device slots, divergence is latched on the device, and the
@@ -6,7 +7,9 @@ host reads them once per epoch.
 """
 from __future__ import annotations
 
+import functools
 import math
+import shutil
 import signal
 import sys
 import threading
@@ -16,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 
-from . import distributed, interop
+from . import interop
 from .interop import ArrayLike
 from .backends.base import EpochPlan
 from .losses import check_loss, has_accuracy
@@ -25,11 +28,16 @@ from .threads import limit_threads
 from .validation import check_positive_int
 
 if TYPE_CHECKING:
+    from .distributed import DataParallel
     from .model import MLP
 
 
 class TrainingDiverged(FloatingPointError):
     """The loss or a gradient became NaN or inf; the model keeps the last finite step's weights."""
+
+    # Under MPI the divergence latch is agreed: every rank halts at the same step and raises
+    # this alike, so distributed.abort_job_on_failure lets it through instead of aborting.
+    raised_on_every_rank = True
 
     def __init__(self, epoch: int, step: int, global_step: int) -> None:
         self.epoch, self.step, self.global_step = epoch, step, global_step
@@ -59,7 +67,20 @@ class History:
         return {key: self[key] for key in (self.epochs[0] if self.epochs else {})}
 
 
-@distributed.abort_job_on_failure  # with comm=: a failure on one rank ends the job, no hang
+def _abort_job_on_failure(fit: Callable) -> Callable:
+    """With ``comm=``, fit runs under distributed.abort_job_on_failure (a failure on one rank
+    ends the job instead of leaving the others waiting); without it, MPI is never imported."""
+
+    @functools.wraps(fit)
+    def run(*args, **kwargs):
+        if kwargs.get("comm") is None:
+            return fit(*args, **kwargs)
+        from . import distributed
+        return distributed.abort_job_on_failure(fit)(*args, **kwargs)
+    return run
+
+
+@_abort_job_on_failure
 def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy", optimizer: str | Optimizer | None = None,
         epochs: int = 10, batch_size: int = 32, shuffle: bool = True, seed: int = 0,
         validation_data: tuple[Any, Any] | None = None,
@@ -81,6 +102,8 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
     X, y and validation_data may be arrays of any library (see bpkernels.interop): X already in
     the model's memory as a C-contiguous array of its dtype is trained on in place, never
     copied; any other X is converted once.
+
+    fit() is a loop over :class:`EpochLoop`; use that directly to drive epochs one by one.
     """
     check_loss(loss)
     epochs = check_positive_int(epochs, "epochs", 0)
@@ -88,10 +111,8 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
     seed = check_positive_int(seed, "seed", 0)
     if threads is not None:
         threads = check_positive_int(threads, "threads", 1)
-    if getattr(model, "_training", False):
-        raise RuntimeError("fit() is already training this model (called from a callback, or "
-                           "from another thread?); call it again once that fit() has returned")
-    X, T = model._prepare(X, y, loss)
+    _check_not_training(model)
+    X, T = model.prepare(X, y, loss)
     if comm is not None and X.device:
         raise ValueError("fit(comm=...) takes X as a host array (each rank reads its shard of "
                          "the batches from it); device arrays are for single-process fit()")
@@ -104,44 +125,74 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
     opt = _resolve_optimizer(model, optimizer)
     opt.bind(model)  # allocates the optimizer's state; the model takes it once training starts
 
-    dist = None if comm is None else distributed.DataParallel(
-        comm, model, X.data, T, loss=loss, optimizer=opt, batch_size=batch_size, epochs=epochs,
-        shuffle=shuffle, seed=seed)
-    loop = _EpochLoop(model, X, T, loss, batch_size, dist)
+    parallel = None
+    if comm is not None:
+        from .distributed import DataParallel
+        parallel = DataParallel(comm, model, X.data, T, loss=loss, optimizer=opt,
+                                batch_size=batch_size, epochs=epochs, shuffle=shuffle, seed=seed)
+    loop = EpochLoop(model, X, T, loss=loss, optimizer=opt, batch_size=batch_size,
+                     parallel=parallel)
     history = History()
-    bar = _Progress(bool(progress) and (dist is None or dist.rank == 0), epochs, X.rows)
-    # Overflow on the way to divergence is reported once, as TrainingDiverged, not as warnings.
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"), loop.interrupt, \
-            limit_threads(threads):
-        model.optimizer = opt  # nothing failed before: from here on steps are taken
-        model._training = True  # the loop holds the model's buffers: model.to() must wait
+    bar = _Progress(bool(progress) and (parallel is None or parallel.rank == 0), epochs, X.rows)
+    with limit_threads(threads), loop:  # threads first: a fit that cannot start changes nothing
         try:
             for _ in range(epochs):
-                record = loop.epoch(opt, shuffle, seed, validation_data, bar.start())
+                record = loop.epoch(shuffle, seed, validation_data, bar.start())
                 history.epochs.append(record)
                 bar.end(record)
-                if loop.interrupt.requested and dist is None:
+                if loop.interrupted and parallel is None:
                     raise KeyboardInterrupt
                 stop = any(cb(int(record["epoch"]), dict(record)) is True for cb in callbacks)
-                if dist is not None:  # every rank stops (or acts on a Ctrl-C) alike
-                    stop = dist.agree_to_stop(stop, loop.interrupt.requested)
+                if parallel is not None:  # every rank stops (or acts on a Ctrl-C) alike
+                    stop = parallel.agree_to_stop(stop, loop.interrupted)
                 if stop:
                     break
         finally:
-            model._training = False
             bar.close()
     return history
 
 
-class _EpochLoop:
-    """The device-side state of one fit(): data, workspaces and per-step result slots."""
+def _check_not_training(model) -> None:
+    if model.training:
+        raise RuntimeError("fit() is already training this model (called from a callback, or "
+                           "from another thread?); call it again once that fit() has returned")
 
-    def __init__(self, model, X: interop.Array, T: np.ndarray, loss: str, batch_size: int,
-                 dist: distributed.DataParallel | None = None) -> None:
+
+class EpochLoop:
+    """The epochs of one training run of a model, one call each. fit() is a loop over it; the
+    benchmark times its epochs one by one; data-parallel training plugs into it.
+
+    It owns the run's device-side state, allocated once on construction: the training data on
+    the device (or read in place where it already lives there), the workspaces of the full and
+    of the last partial batch, per-step slots for the loss and the hit count, and the latch that
+    halts the steps when the loss or a gradient stops being finite. The host reads these once
+    per epoch. The optimizer is bound to the model on construction (its state allocated).
+
+    Drive it so::
+
+        X, T = model.prepare(X, y, loss)   # checked features and host targets
+        loop = EpochLoop(model, X, T, loss=loss, optimizer=Adam(), batch_size=32)
+        with loop:                         # the model trains: a second fit() is refused
+            record = loop.epoch(shuffle=True, seed=0)   # one epoch: its History record
+
+    ``with loop`` makes ``optimizer`` the model's, marks the model as training (``model.to()``
+    and another fit() wait), reports overflow on the way to divergence once as TrainingDiverged
+    rather than as warnings, and takes Ctrl-C between steps (see ``interrupted``); it may be
+    entered again for later epochs. ``parallel`` is the data-parallel side of a run
+    (bpkernels.distributed.DataParallel, which fit(comm=...) makes): the steps then train this
+    rank's shard of each batch and all-reduce the gradients.
+    """
+
+    def __init__(self, model: "MLP", X: interop.Array, T: np.ndarray, *, loss: str,
+                 optimizer: Optimizer, batch_size: int,
+                 parallel: "DataParallel | None" = None) -> None:
+        check_loss(loss)
+        _check_not_training(model)
         be = self.backend = model.backend
-        self.model, self.loss, self.dist = model, loss, dist
+        self.model, self.loss, self.optimizer, self.parallel = model, loss, optimizer, parallel
+        optimizer.bind(model)
         self.n = X.rows
-        self.batch = min(batch_size, self.n)
+        self.batch = min(check_positive_int(batch_size, "batch_size", 1), self.n)
         self.steps = math.ceil(self.n / self.batch)
         # Data in the model's memory is trained on in place: the kernels only read it.
         self.X = X.data if X.resident else be.asarray(X.data, model.dtype)
@@ -150,7 +201,7 @@ class _EpochLoop:
         rows[-1] = self.n - (self.steps - 1) * self.batch
         self.batch_rows = rows
         # The rows this process trains per step: under MPI its shard of each batch.
-        self.rows = rows if dist is None else dist.shard_rows(rows)
+        self.rows = rows if parallel is None else parallel.shard_rows(rows)
         full, last = int(self.rows[0]), int(self.rows[-1])
         self.full = model.workspace(full, T.shape[1:], T.dtype)
         self.last = self.full if last == full else model.workspace(last, T.shape[1:], T.dtype)
@@ -161,40 +212,69 @@ class _EpochLoop:
         self.halted = be.zeros((1,), np.int64)
         self.metric = has_accuracy(loss, model.sizes[-1])
         self.backend_cache: dict = {}  # the backend's own, for the fit (see EpochPlan.cache)
-        self.interrupt = _StepBoundaryInterrupt()
+        self._interrupt = _StepBoundaryInterrupt()
+        self._errstate: Any = None
 
-    def epoch(self, opt: Optimizer, shuffle: bool, seed: int, validation_data,
+    @property
+    def interrupted(self) -> bool:
+        """Ctrl-C was pressed inside ``with loop``: the epoch stopped between two steps (or,
+        under MPI, at the epoch's end, for every rank to agree on)."""
+        return self._interrupt.requested
+
+    def __enter__(self) -> "EpochLoop":
+        _check_not_training(self.model)
+        self._errstate = np.errstate(over="ignore", invalid="ignore", divide="ignore")
+        self._errstate.__enter__()
+        self._interrupt.__enter__()
+        self.model.optimizer = self.optimizer  # from here on steps are taken
+        self.model.training = True  # the loop holds the model's buffers: model.to() must wait
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.model.training = False
+        try:
+            self._interrupt.__exit__(*exc)
+        finally:
+            self._errstate.__exit__(*exc)
+
+    def epoch(self, shuffle: bool = True, seed: int = 0,
+              validation_data: tuple[interop.Array, np.ndarray] | None = None,
               on_step: Callable[[int], Any] | None = None) -> dict[str, float]:
-        """Train one epoch, timed, then validate; returns its history record."""
+        """Train the model's next epoch (its rows in the order drawn from ``(seed, epoch)``
+        when ``shuffle``), timed, then validate on ``validation_data`` (as
+        ``model.prepare`` returns it) if given; returns the epoch's History record.
+        ``on_step(rows)`` is called after each step (or once for a fused epoch)."""
+        if not self.model.training:
+            raise RuntimeError("EpochLoop.epoch() runs inside 'with loop:'")
         model, epoch = self.model, self.model.epochs_trained
         order = np.random.default_rng([seed, epoch]).permutation(self.n) if shuffle \
             else np.arange(self.n)
         start = time.perf_counter()
-        record = self.run(opt, order, epoch, on_step)
+        record = self._run(order, epoch, on_step)
         record["seconds"] = time.perf_counter() - start
         record["samples_per_sec"] = self.n / max(record["seconds"], 1e-12)
         if validation_data is not None:
-            val = model._evaluate(*validation_data, loss=self.loss)
+            val = model.evaluate_prepared(*validation_data, loss=self.loss)
             record.update({f"val_{k}": v for k, v in val.items()})
         model.epochs_trained += 1
         return record
 
-    def run(self, opt: Optimizer, order: np.ndarray, epoch: int,
-            on_step: Callable[[int], Any] | None = None) -> dict[str, float]:
+    def _run(self, order: np.ndarray, epoch: int,
+             on_step: Callable[[int], Any] | None = None) -> dict[str, float]:
         """The steps of one epoch in the given row order."""
-        be = self.backend
-        if self.dist is not None:
-            order = self.dist.local_order(order, self.batch_rows)
+        be, opt, parallel = self.backend, self.optimizer, self.parallel
+        if parallel is not None:
+            order = parallel.local_order(order, self.batch_rows)
         index = be.asarray(order.astype(np.int64))
         first_step = opt.step_count + 1
         # The whole epoch in one call, where the backend can (not under MPI: the gradient is
         # all-reduced between backward and update).
-        if self.dist is None and be.train_epoch(self.plan(opt, index, first_step)):
+        if parallel is None and be.train_epoch(self._plan(index, first_step)):
             opt.step_count += self.steps
             if on_step is not None:
                 on_step(self.n)
         else:
-            self.run_steps(opt, index, on_step)
+            self._run_steps(index, on_step)
         # The one host read of the epoch.
         halted = int(be.to_host(self.halted)[0])
         if halted:
@@ -203,37 +283,37 @@ class _EpochLoop:
         losses = be.to_host(self.step_loss).astype(np.float64)
         loss_sum = float(losses @ self.rows)
         correct = float(be.to_host(self.step_correct).sum()) if self.metric else 0.0
-        if self.dist is not None:
-            loss_sum, correct = self.dist.end_epoch(loss_sum, correct)
+        if parallel is not None:
+            loss_sum, correct = parallel.end_epoch(loss_sum, correct)
         record = {"epoch": epoch + 1, "loss": loss_sum / self.n}
         if self.metric:
             record["accuracy"] = correct / self.n
         return record
 
-    def run_steps(self, opt: Optimizer, index, on_step: Callable[[int], Any] | None) -> None:
+    def _run_steps(self, index, on_step: Callable[[int], Any] | None) -> None:
         """The steps of one epoch, kernel by kernel."""
-        be, model = self.backend, self.model
+        be, model, opt, parallel = self.backend, self.model, self.optimizer, self.parallel
         for s in range(self.steps):
             ws = self.full if s < self.steps - 1 else self.last
             if ws.rows:  # under MPI, a short last batch can leave this rank no rows
                 rows = index[s * self.full.rows:s * self.full.rows + ws.rows]
                 be.take_rows(self.X, rows, ws.X)
                 be.take_rows(self.T, rows, ws.T)
-                model._forward_backward(ws, self.loss, self.loss_slots[s])
+                model.forward_backward(ws, self.loss, self.loss_slots[s])
                 if self.metric:
                     be.count_correct(ws.A[-1], ws.T, self.correct_slots[s])
-            if self.dist is not None:
-                self.dist.all_reduce(model.grads, self.loss_slots[s], ws.rows / self.batch_rows[s])
+            if parallel is not None:
+                parallel.all_reduce(model.grads, self.loss_slots[s], ws.rows / self.batch_rows[s])
             be.check_step(self.loss_slots[s], model.grads, opt.step_count + 1, self.halted)
             opt.step(model, self.halted)
             if on_step is not None:
                 on_step(int(self.batch_rows[s]))
-            if self.interrupt.requested and self.dist is None:  # under MPI: at the epoch's end
+            if self.interrupted and parallel is None:  # under MPI: at the epoch's end
                 raise KeyboardInterrupt  # between steps: weights and optimizer state agree
 
-    def plan(self, opt: Optimizer, index, first_step: int) -> EpochPlan:
-        """The epoch as Backend.train_epoch sees it (the same buffers as run_steps)."""
-        model = self.model
+    def _plan(self, index, first_step: int) -> EpochPlan:
+        """The epoch as Backend.train_epoch sees it (the same buffers as _run_steps)."""
+        model, opt = self.model, self.optimizer
         return EpochPlan(
             sizes=model.sizes, activations=model.layer_activations, params=model.params,
             grads=model.grads, X=self.X, T=self.T, order=index, batch=self.batch,
@@ -258,6 +338,7 @@ class _StepBoundaryInterrupt:
         self.requested = True
 
     def __enter__(self) -> "_StepBoundaryInterrupt":
+        self.requested, self._previous = False, None
         # Signal handlers can only be set from the main thread, and only the default one is
         # replaced: an application's own SIGINT handling is left alone.
         if threading.current_thread() is threading.main_thread() and \
@@ -282,19 +363,54 @@ def _check_validation(model, data, loss) -> tuple[interop.Array, np.ndarray]:
     """The checked validation inputs and their host targets, prepared once for every epoch."""
     if not isinstance(data, (tuple, list)) or len(data) != 2:
         raise ValueError("validation_data must be a pair (X_val, y_val)")
-    return model._prepare(data[0], data[1], loss)
+    return model.prepare(data[0], data[1], loss)
+
+
+# A line a terminal of any width shows whole: the classic 80 columns.
+LINE_WIDTH = 80
+
+
+def epoch_line(epoch: int, epochs: int, record: dict[str, float]) -> str:
+    """The one line an epoch leaves in fit(progress=True) and ``bpk train``: its number, loss,
+    accuracy (classifiers), validation loss and accuracy, samples/s; at most LINE_WIDTH
+    columns (the spacing, then the throughput, give way first)."""
+    parts = [f"epoch {epoch}/{epochs}", f"loss {_number(record['loss'])}"]
+    if "accuracy" in record:
+        parts.append(f"acc {record['accuracy']:.4f}")
+    if "val_loss" in record:
+        parts.append(f"val_loss {_number(record['val_loss'])}")
+    if "val_accuracy" in record:
+        parts.append(f"val_acc {record['val_accuracy']:.4f}")
+    rate = _si(record["samples_per_sec"])
+    for line in ("  ".join(parts + [f"{rate} samples/s"]), " ".join(parts + [f"{rate} samples/s"]),
+                 " ".join(parts + [f"{rate}/s"]), " ".join(parts)):
+        if len(line) <= LINE_WIDTH:
+            return line
+    return line[:LINE_WIDTH]
+
+
+def _number(value: float) -> str:
+    return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.3e}"
+
+
+def _si(value: float) -> str:
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= scale:
+            return f"{value / scale:.1f}{suffix}"
+    return f"{value:.0f}"
 
 
 class _Progress:
-    """One progress bar per epoch, advanced by the samples of each step (host-side counting
-    only: no device read), closed with the epoch's loss, accuracy and samples/s. Uses tqdm
-    when installed, else prints one line per epoch."""
+    """Per epoch, one line (``epoch_line``) on stderr; on a terminal, with tqdm installed, a
+    live bar within the epoch, advanced by the samples of each step (host-side counting only:
+    no device read) and erased when the epoch's line is printed, so a run leaves one line per
+    epoch whatever the terminal's width."""
 
     def __init__(self, enabled: bool, epochs: int, n: int) -> None:
         self.enabled, self.epochs, self.n, self.done = enabled, epochs, n, 0
         self.bar: Any = None
         self._tqdm = None
-        if enabled:
+        if enabled and sys.stderr.isatty():  # a bar in a log file is noise
             try:
                 from tqdm.auto import tqdm
                 self._tqdm = tqdm
@@ -302,28 +418,23 @@ class _Progress:
                 pass
 
     def start(self) -> Callable[[int], Any] | None:
-        """Open the bar of the next epoch; returns the per-step hook (None when silent)."""
+        """Open the bar of the next epoch; returns the per-step hook (None without a bar)."""
         self.done += 1
         if self._tqdm is None:
             return None
+        width = min(LINE_WIDTH, shutil.get_terminal_size().columns)
         self.bar = self._tqdm(total=self.n, unit="sample", unit_scale=True, file=sys.stderr,
-                              desc=f"epoch {self.done}/{self.epochs}", dynamic_ncols=True,
-                              leave=True)
+                              desc=f"epoch {self.done}/{self.epochs}", ncols=width,
+                              leave=False)
         return self.bar.update
 
     def end(self, record: dict[str, float]) -> None:
         if not self.enabled:
             return
-        shown = {k: record[k] for k in ("loss", "accuracy", "val_loss", "val_accuracy") if k in record}
-        text = ", ".join(f"{k}={v:.4f}" for k, v in shown.items())
-        if self.bar is not None:  # the bar shows samples/s itself
-            self.bar.set_postfix_str(text)
-            self.close()
-        else:
-            print(f"epoch {self.done}/{self.epochs}: {text}, "
-                  f"{record['samples_per_sec']:,.0f} samples/s", file=sys.stderr, flush=True)
+        self.close()
+        print(epoch_line(self.done, self.epochs, record), file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
-            self.bar.close()
+            self.bar.close()  # leave=False: erases the bar
             self.bar = None

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 import bpkernels as bpk
-from bpkernels import distributed
+from bpkernels import bench, distributed
 from bpkernels.distributed import DistributedError
 
 # name -> (backend, optimizer, loss, sizes, activation, samples, batch, epochs); samples and
@@ -298,7 +298,7 @@ def local_gpu(comm) -> dict:
 
 
 def bench_worker_on_gpus(comm) -> dict:
-    """One rank of `bpk bench --ranks 2 --backends cupy` (distributed._bench_worker) on a node
+    """One rank of `bpk bench --ranks 2 --backends cupy` (bench.bench_worker) on a node
     with two simulated GPUs: the registry's own "cupy" backend, loaded on the CuPy stand-in."""
     import contextlib
     import io
@@ -309,11 +309,11 @@ def bench_worker_on_gpus(comm) -> dict:
             "repeats": 1}
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        distributed._bench_worker(task)
+        bench.bench_worker(task)
     lines = [line for line in printed.getvalue().splitlines()
-             if line.startswith(distributed._RESULT_MARK)]
+             if line.startswith(bench.RESULT_MARK)]
     return {"device": sys.modules["cupy.cuda.runtime"].getDevice(),
-            "result": json.loads(lines[0][len(distributed._RESULT_MARK):]) if lines else None}
+            "result": json.loads(lines[0][len(bench.RESULT_MARK):]) if lines else None}
 
 
 def main(task: str, out: Path) -> None:

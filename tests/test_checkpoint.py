@@ -1,6 +1,7 @@
 """Checkpoints: round trip on every backend, exact resume, atomic saves, bad files."""
 import json
 import os
+import warnings
 import zipfile
 
 import numpy as np
@@ -201,3 +202,46 @@ def test_checkpoint_holds_no_pickles(tmp_path):
     with np.load(path, allow_pickle=False) as f:  # loads without pickle support
         assert {"meta", "params", "state.square_avg"} <= set(f.files)
     assert os.path.getsize(path) > 0
+
+
+# ------------------------------------------------------------------ one way back from saved state
+def test_checkpoints_and_estimators_rebuild_models_through_from_state(tmp_path, monkeypatch):
+    pytest.importorskip("sklearn")
+    import pickle
+    from bpkernels.sklearn import MLPClassifier
+    rebuilt = []
+    from_state = bpk.MLP.from_state.__func__
+
+    def spy(cls, meta, arrays, *args, **kwargs):
+        model = from_state(cls, meta, arrays, *args, **kwargs)
+        rebuilt.append(model)
+        return model
+    monkeypatch.setattr(bpk.MLP, "from_state", classmethod(spy))
+
+    X, y = _data()
+    model = bpk.MLP([6, 5, 3], backend="numpy", seed=2)
+    bpk.fit(model, X, y, optimizer=bpk.Adam(lr=1e-2), epochs=2, batch_size=8)
+    model.save(tmp_path / "m.npz")
+    loaded = bpk.load(tmp_path / "m.npz")
+    assert rebuilt == [loaded]
+    clf = MLPClassifier(hidden_layer_sizes=(5,), max_iter=2, backend="numpy", random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ConvergenceWarning after 2 iterations
+        clf.fit(X, y)
+    copy = pickle.loads(pickle.dumps(clf))
+    assert rebuilt == [loaded, copy.model_]
+
+
+def test_state_round_trip_is_exact():
+    X, y = _data()
+    model = bpk.MLP([6, 5, 3], activation="tanh", backend="numpy", dtype="float64", seed=2)
+    bpk.fit(model, X, y, optimizer=bpk.RMSprop(lr=1e-2, momentum=0.5), epochs=2, batch_size=8)
+    meta, arrays = model.state()
+    json.dumps(meta)  # plain data: what a checkpoint's metadata holds
+    copy = bpk.MLP.from_state(meta, arrays)
+    _assert_same_weights(copy, model)
+    assert copy.optimizer.config() == model.optimizer.config()
+    assert copy.optimizer.step_count == model.optimizer.step_count
+    assert copy.epochs_trained == model.epochs_trained == 2
+    for name, buf in model.optimizer.state.items():
+        np.testing.assert_array_equal(copy.optimizer.state[name], buf)

@@ -1,5 +1,6 @@
 """Tests for the `bpk` command line: run in-process through bpkernels.cli.main (fast), plus one
 subprocess run of `python -m bpkernels.cli` for the real exit codes and streams."""
+import io
 import json
 import re
 import subprocess
@@ -11,6 +12,8 @@ import pytest
 
 import bpkernels
 from bpkernels import backends, cli
+from bpkernels.backends.numpy_backend import NumpyBackend
+from bpkernels.train import epoch_line
 from bpkernels import datasets as ds
 
 # Small and quick: enough to see learning, not to tune anything.
@@ -228,12 +231,165 @@ def test_backend_not_installed_names_the_extra(capsys, fake_missing_backend):
     assert code == 2 and 'bpkernels[cuda12]' in assert_one_error(err)
 
 
+# ------------------------------------------------------------------ what a run prints
+SETTINGS = ("data set:", "split:", "model:", "backend:", "dtype:", "threads:", "optimizer:",
+            "loss:", "checkpoint:")
+
+
+def test_settings_print_before_training(capsys):
+    code, out, err = run(capsys, "train", "--data", "synthetic", "--epochs", "2",
+                         "--layers", "8,8", "--backend", "numpy", "--dtype", "float64",
+                         "--threads", "1")
+    assert code == 0
+    lines = out.splitlines()
+    assert [line.split(":")[0] + ":" for line in lines[:len(SETTINGS)]] == list(SETTINGS)
+    assert "model: sizes [20, 8, 8, 4] (hidden 8,8, relu,relu activation)" in out
+    assert "backend: numpy (--backend numpy)" in out and "dtype: float64" in out
+    assert "threads: 1 (--threads 1)" in out
+    assert "checkpoint: none" in out
+    # The results follow, after training.
+    assert lines[len(SETTINGS)] == "epochs: 2 run, 2 in total"
+
+
+def test_auto_backend_says_why(capsys):
+    code, out, _ = run(capsys, "train", "--data", "synthetic", *FAST, "--backend", "auto")
+    fastest = bpkernels.available_backends()[0]
+    assert code == 0 and f"backend: {fastest} (auto: the fastest available here)" in out
+
+
+def test_settings_come_before_the_first_epoch_line(tmp_path):
+    """As a terminal shows the two streams: the settings (stdout), then one line per epoch
+    (stderr), then the results."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bpkernels.cli", "train", "--data", "synthetic", "--epochs", "3",
+         "--layers", "8", "--backend", "numpy"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout
+    lines = done.stdout.splitlines()
+    epochs = [i for i, line in enumerate(lines) if line.startswith("epoch ")]
+    assert len(epochs) == 3
+    assert max(i for i, line in enumerate(lines) if line.startswith("checkpoint:")) < epochs[0]
+    assert lines.index("epochs: 3 run, 3 in total") > epochs[-1]
+
+
+def _shown_lines(text: str) -> list[str]:
+    """The lines a terminal keeps: each line's text after its last carriage return, with the
+    erase-line escape dropped."""
+    return [line.split("\r")[-1].replace("\x1b[K", "") for line in text.split("\n")]
+
+
+class _Terminal(io.StringIO):
+    """A stderr that says it is a terminal (so the live bar is drawn)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["log", "terminal"])
+def test_each_epoch_leaves_one_line_of_at_most_80_columns(capsys, monkeypatch, terminal):
+    if terminal:
+        pytest.importorskip("tqdm")
+        monkeypatch.setattr(sys, "stderr", _Terminal())
+        monkeypatch.setenv("COLUMNS", "120")  # wider than 80: the lines still fit 80
+    code, out, err = run(capsys, "train", "--data", "synthetic", "--epochs", "4", "--layers",
+                         "8", "--backend", "numpy", "--batch-size", "4")
+    if terminal:
+        err = sys.stderr.getvalue()
+        assert "\r" in err  # the live bar was drawn, then erased
+        for segment in err.replace("\n", "\r").split("\r"):
+            assert len(segment.replace("\x1b[K", "").rstrip()) <= 80, segment
+    assert code == 0
+    shown = [line for line in _shown_lines(err) if line.strip()]
+    assert len(shown) == 4 and all(line.startswith(f"epoch {i + 1}/4 ")
+                                   for i, line in enumerate(shown)), shown
+    assert all("val_acc" in line for line in shown)
+    for line in out.splitlines() + shown:
+        assert len(line) <= 80, line
+
+
+def test_epoch_lines_fit_80_columns_whatever_the_numbers():
+    record = {"loss": 123456.789, "accuracy": 0.5, "val_loss": 98765.4321,
+              "val_accuracy": 0.25, "samples_per_sec": 123456789.0}
+    for epochs in (1, 40, 99999):
+        line = epoch_line(epochs, epochs, record)
+        assert len(line) <= 80 and line.startswith(f"epoch {epochs}/{epochs} loss 1.235e+05")
+    assert "samples/s" in epoch_line(1, 3, {"loss": 0.5, "samples_per_sec": 1e6})
+
+
+class _CompilingBackend(NumpyBackend):
+    """A NumPy backend that says it compiles code for a model on its first epoch."""
+
+    name = "numpy"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.callbacks: list = []
+
+    def on_compile(self, callback):
+        self.callbacks.append(callback)
+        return lambda: self.callbacks.remove(callback)
+
+    def dense_forward(self, *args, **kwargs):
+        for callback in list(self.callbacks):
+            callback()  # every kernel call: the CLI must still say it once
+        return super().dense_forward(*args, **kwargs)
+
+
+def test_first_compile_is_announced_once(capsys, monkeypatch):
+    backend = _CompilingBackend()
+    monkeypatch.setattr(cli, "get_backend", lambda name: backend)
+    real_mlp = cli.MLP
+    monkeypatch.setattr(cli, "MLP", lambda *a, **kw: real_mlp(*a, **dict(kw, backend=backend)))
+    code, out, _ = run(capsys, "train", "--data", "synthetic", *FAST, "--backend", "numpy")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines.count("compiling kernels for this model, first run only") == 1
+    notice = lines.index("compiling kernels for this model, first run only")
+    assert notice > max(i for i, line in enumerate(lines) if line.startswith("checkpoint:"))
+    assert backend.callbacks == []  # unregistered once training is over
+
+
+def test_no_compile_notice_from_a_backend_that_compiles_nothing(capsys):
+    code, out, _ = run(capsys, "train", "--data", "synthetic", *FAST, "--backend", "numpy")
+    assert code == 0 and "compiling" not in out
+
+
+def test_resume_without_save_saves_back_to_the_resumed_file(capsys, tmp_path):
+    ckpt = tmp_path / "model.npz"
+    args = ["--data", "synthetic", "--layers", "8", "--no-progress", "--backend", "numpy"]
+    assert run(capsys, "train", *args, "--epochs", "2", "--save", ckpt)[0] == 0
+    code, out, _ = run(capsys, "train", *args, "--epochs", "3", "--resume", ckpt)
+    assert code == 0
+    assert bpkernels.load(ckpt).epochs_trained == 5  # the work of the resumed run was kept
+    assert f"checkpoint: {ckpt} (the resumed file), saved after every epoch" in out
+    assert f"checkpoint: saved to {ckpt} (the resumed file), 5 epochs in total" in out
+
+
+def test_summary_names_the_checkpoint_only_when_saved(capsys, tmp_path):
+    code, out, _ = run(capsys, "train", "--data", "synthetic", *FAST)
+    assert code == 0 and "saved to" not in out and "checkpoint: none" in out
+    ckpt = tmp_path / "m.npz"
+    code, out, _ = run(capsys, "train", "--data", "synthetic", *FAST, "--save", ckpt)
+    assert code == 0 and f"checkpoint: saved to {ckpt}, 3 epochs in total" in out
+
+
+def test_gitignore_covers_every_venv_folder():
+    root = Path(__file__).resolve().parents[1]
+    names = [".venv", ".venv-gpu", ".venv312"]
+    done = subprocess.run(["git", "check-ignore", *[f"{n}/x" for n in names]], cwd=root,
+                          capture_output=True, text=True)
+    if done.returncode not in (0, 1):
+        pytest.skip("not a git checkout")
+    assert done.stdout.split() == [f"{n}/x" for n in names]
+
+
 # ------------------------------------------------------------------ divergence and Ctrl-C
 def test_divergence_exits_3_and_keeps_finite_weights(capsys, tmp_path):
     ckpt = tmp_path / "diverged.npz"
     code, out, err = run(capsys, "train", "--data", "synthetic-regression", "--optimizer", "sgd",
                          "--lr", "1e6", *FAST, "--save", ckpt)
-    assert code == 3 and out == ""
+    # The settings were printed before training; no summary of a run that failed.
+    assert code == 3 and out.startswith("data set:") and "test loss" not in out
     line = assert_one_error(err)
     assert "diverged" in line and str(ckpt) in line
     model = bpkernels.load(ckpt)  # load() refuses non-finite weights
@@ -259,7 +415,7 @@ def test_ctrl_c_saves_the_current_model(capsys, tmp_path, monkeypatch):
     ckpt = tmp_path / "interrupted.npz"
     code, out, err = run(capsys, "train", "--data", "synthetic", *FAST, "--epochs", "5",
                          "--save", ckpt)
-    assert code == 130 and out == ""
+    assert code == 130 and out.startswith("data set:") and "test loss" not in out
     assert str(ckpt) in assert_one_error(err, prefix="bpk: interrupted")
     # Written by the interrupt handler: the per-epoch save of epoch 1 never ran.
     model = bpkernels.load(ckpt)

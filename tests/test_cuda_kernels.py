@@ -18,7 +18,7 @@ import pytest
 
 import cudasim
 import reference as ref
-from bpkernels.backends import _cuda_sources as sources
+from bpkernels.backends import cuda_sources as sources
 from bpkernels.backends.base import ACTIVATION_CODES as ACT
 from bpkernels.backends.base import KEEPS_Z
 from cudasim import shim

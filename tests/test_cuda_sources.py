@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import cudasim
-from bpkernels.backends import _cuda_sources as sources
+from bpkernels.backends import cuda_sources as sources
 from bpkernels.backends import base
 from cudasim import compiler
 

@@ -124,12 +124,12 @@ def _cudasim():
 def _spy_training_data(monkeypatch):
     """The X array each fit() trains on (the epoch loop's own)."""
     seen = []
-    init = train._EpochLoop.__init__
+    init = train.EpochLoop.__init__
 
     def spy(self, *args, **kwargs):
         init(self, *args, **kwargs)
         seen.append(self.X)
-    monkeypatch.setattr(train._EpochLoop, "__init__", spy)
+    monkeypatch.setattr(train.EpochLoop, "__init__", spy)
     return seen
 
 

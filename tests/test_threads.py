@@ -7,12 +7,15 @@ import os
 import subprocess
 import sys
 import threading
+import types
 
 import numpy as np
 import pytest
 
 import bpkernels as bpk
+from bpkernels import backends as registry
 from bpkernels import bench, cli, threads
+from bpkernels.backends.numpy_backend import NumpyBackend
 from bpkernels.threads import get_num_threads, limit_threads, set_num_threads
 
 
@@ -174,7 +177,7 @@ def test_blas_through_numpys_openblas_without_threadpoolctl(monkeypatch):
 
 def test_no_reachable_blas_names_the_package_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "threadpoolctl", None)
-    monkeypatch.setattr(threads.glob, "glob", lambda pattern: [])
+    monkeypatch.setattr(threads, "numpy_blas_libraries", lambda: [])
     threads._numpy_openblas.cache_clear()
     try:
         with pytest.raises(ImportError, match="pip install threadpoolctl"):
@@ -229,6 +232,65 @@ def test_a_count_set_before_numba_is_imported_rules_the_backend():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          check=True)
     assert out.stdout.split() == ["False", "1", "1", "1"]  # never imports Numba itself
+
+
+# ------------------------------------------------------------------------ the registry
+class _CountingBackend(NumpyBackend):
+    """A backend whose own pool holds at most 3 threads; records every set_threads call."""
+
+    name = "counting"
+    max_threads = 3
+    calls: list = []
+
+    def set_threads(self, n: int) -> None:
+        type(self).calls.append(n)
+
+
+@pytest.fixture
+def counting_backend(monkeypatch):
+    """The registry knows a "counting" backend, not loaded yet."""
+    module = types.ModuleType("bpk_counting_backend")
+    module.CountingBackend = _CountingBackend
+    monkeypatch.setitem(sys.modules, "bpk_counting_backend", module)
+    monkeypatch.setitem(registry._REGISTRY, "counting",
+                        ("bpk_counting_backend", "CountingBackend", None))
+    monkeypatch.setattr(_CountingBackend, "calls", [])
+    yield _CountingBackend
+    registry._instances.pop("counting", None)
+
+
+def test_the_registry_count_reaches_backends_loaded_later(counting_backend):
+    set_num_threads(2)
+    assert counting_backend.calls == []  # not loaded yet: nothing to tell
+    backend = bpk.get_backend("counting")
+    assert isinstance(backend, counting_backend) and counting_backend.calls == [2]
+
+
+def test_the_registry_count_reaches_loaded_backends_within_their_pool(counting_backend):
+    bpk.get_backend("counting")
+    set_num_threads(2)
+    with limit_threads(1):
+        pass
+    # A budget above the pool: the backend is asked for its whole pool, never more.
+    set_num_threads(5)
+    assert counting_backend.calls[-4:] == [2, 1, 2, 3]
+
+
+def test_a_registry_without_a_count_leaves_backends_alone(counting_backend):
+    registry.set_num_threads(None)
+    bpk.get_backend("counting")
+    registry.set_num_threads(None)
+    assert counting_backend.calls == []
+    with pytest.raises(ValueError, match="integer >= 1 or None"):
+        registry.set_num_threads(0)
+
+
+def test_the_base_backend_has_no_threads_to_set():
+    backend = NumpyBackend()
+    assert backend.max_threads is None
+    backend.set_threads(4)  # nothing to do, and no error
+    with pytest.raises(ValueError):
+        backend.set_threads(0)
 
 
 # ------------------------------------------------------------------------ scikit-learn

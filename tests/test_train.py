@@ -308,3 +308,59 @@ def test_a_failed_fit_leaves_the_model_movable():
                 callbacks=[lambda e, r: (_ for _ in ()).throw(RuntimeError("callback failed"))])
     model.to("numpy", "float32")
     assert model.dtype.name == "float32"
+
+
+# ------------------------------------------------------------------ the epoch loop
+def _loop_data():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 3, 23)
+    return rng.standard_normal((23, 4)) + np.eye(3, 4)[y], y
+
+
+def test_an_epoch_loop_driven_by_hand_trains_as_fit():
+    X, y = _loop_data()
+    fitted = bpk.MLP([4, 8, 3], backend="numpy", dtype="float64", seed=1)
+    history = bpk.fit(fitted, X, y, optimizer=bpk.SGD(lr=0.1, momentum=0.9), epochs=3,
+                      batch_size=5, seed=2)
+    model = bpk.MLP([4, 8, 3], backend="numpy", dtype="float64", seed=1)
+    Xp, T = model.prepare(X, y, "cross_entropy")
+    opt = bpk.SGD(lr=0.1, momentum=0.9)
+    loop = bpk.EpochLoop(model, Xp, T, loss="cross_entropy", optimizer=opt, batch_size=5)
+    with loop:
+        assert model.training and model.optimizer is opt
+        records = [loop.epoch(shuffle=True, seed=2) for _ in range(2)]
+    with loop:  # entered again: the next epoch goes on where the last one stopped
+        records.append(loop.epoch(shuffle=True, seed=2))
+    assert not model.training
+    assert [r["loss"] for r in records] == history["loss"]
+    assert [r["epoch"] for r in records] == [1, 2, 3] and model.epochs_trained == 3
+    assert opt.step_count == fitted.optimizer.step_count == 3 * 5
+    for (W, b), (W2, b2) in zip(model.get_weights(), fitted.get_weights()):
+        np.testing.assert_array_equal(W, W2)
+        np.testing.assert_array_equal(b, b2)
+
+
+def test_an_epoch_loop_holds_its_model():
+    X, y = _loop_data()
+    model = bpk.MLP([4, 8, 3], backend="numpy", seed=1)
+    Xp, T = model.prepare(X, y, "cross_entropy")
+    loop = bpk.EpochLoop(model, Xp, T, loss="cross_entropy", optimizer=bpk.Adam(), batch_size=8)
+    with pytest.raises(RuntimeError, match="inside 'with loop:'"):
+        loop.epoch()
+    with loop:
+        with pytest.raises(RuntimeError, match="already training"):
+            bpk.fit(model, X, y, epochs=1)
+        with pytest.raises(RuntimeError, match="fit\\(\\) trains it"):
+            model.to("numpy", "float64")
+    assert model.epochs_trained == 0 and not model.training
+
+
+def test_fit_without_comm_never_imports_distributed():
+    import subprocess
+    import sys
+    code = ("import sys, numpy as np, bpkernels as bpk; "
+            "m = bpk.MLP([3, 4, 2], backend='numpy'); "
+            "bpk.fit(m, np.ones((6, 3)), np.arange(6) % 2, epochs=1); "
+            "print(sorted(n for n in ('bpkernels.distributed', 'mpi4py') if n in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -98,20 +98,13 @@ class NumbaBackend(HostMemory, Backend):
     dtypes = ("float32", "float64")
 
     def __init__(self, threads: int | None = None) -> None:
-        """``threads``: as set_threads; by default the count of bpkernels.set_num_threads where
-        one is in force (for Numba, at most NUMBA_NUM_THREADS), else NUMBA_NUM_THREADS where it
-        is set (for BLAS too), else Numba's and BLAS's own defaults (every core)."""
+        """``threads``: as set_threads; by default NUMBA_NUM_THREADS where it is set (for BLAS
+        too), else Numba's and BLAS's own defaults (every core). A count set by
+        bpkernels.set_num_threads reaches the backend through the registry, which calls
+        set_threads once the backend is made."""
         self._empty: dict[tuple, np.ndarray] = {}
         self._last_kinds = _KINDS["identity"]
-        if threads is None:
-            import sys
-            # bpkernels.set_num_threads records its count without importing Numba and has set
-            # BLAS already. Looked up, not imported: backends import nothing above them.
-            engine = sys.modules.get("bpkernels.threads")
-            requested = engine.requested_num_threads() if engine is not None else None
-            if requested is not None:
-                numba.set_num_threads(min(requested, numba.config.NUMBA_NUM_THREADS))
-                return
+        self.max_threads = numba.config.NUMBA_NUM_THREADS
         if threads is None and os.environ.get("NUMBA_NUM_THREADS"):
             threads = numba.config.NUMBA_NUM_THREADS
         if threads is not None:

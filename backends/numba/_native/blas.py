@@ -16,14 +16,14 @@ that calls ``np.dot`` (SciPy's BLAS), with the same results.
 from __future__ import annotations
 
 import ctypes
-import glob
-import os
 
 import llvmlite.binding as llvm
 import numba
 import numpy as np
 from numba import types
 from numba.extending import overload
+
+from ...host import numpy_blas_libraries
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 # The 64-bit-integer CBLAS entry points of the OpenBLAS builds NumPy's wheels ship
@@ -39,19 +39,9 @@ def _signature(real):
     return types.void(i32, i32, i32, i64, i64, i64, real, ptr, i64, ptr, i64, real, ptr, i64)
 
 
-def _numpy_blas_libraries() -> list[str]:
-    """Where NumPy's wheels put their bundled OpenBLAS (Linux and Windows: numpy.libs beside
-    the package; macOS: numpy/.dylibs)."""
-    package = os.path.dirname(np.__file__)
-    found = []
-    for folder in (os.path.join(package, os.pardir, "numpy.libs"), os.path.join(package, ".dylibs")):
-        found += sorted(glob.glob(os.path.join(folder, "*openblas*")))
-    return found
-
-
 def _numpy_gemm_addresses() -> dict[str, int] | None:
     """{'s': address, 'd': address} of NumPy's 64-bit CBLAS sgemm and dgemm, or None."""
-    for path in _numpy_blas_libraries():
+    for path in numpy_blas_libraries():
         try:
             library = ctypes.CDLL(path)  # already loaded by NumPy: the same handle
         except OSError:

@@ -44,7 +44,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 from numba.np.arrayobj import populate_array
 
-from .blas import _numpy_blas_libraries
+from ...host import numpy_blas_libraries
 
 # Header slots, then per worker: what the caller posts (slots 0-15), what it answers (16-23).
 LOCK, WORKERS, SLEEP_LIMIT, HEADER = 0, 8, 10, 16  # SLEEP_LIMIT: a timespec, 2 slots
@@ -73,7 +73,7 @@ _I64, _I32 = ir.IntType(64), ir.IntType(32)
 def _openblas():
     """ctypes functions of NumPy's OpenBLAS: (set_threads_callback_function, get_num_threads,
     exec_blas), or None where it has no callback (OpenBLAS before 0.3.28, MKL, Accelerate)."""
-    for path in _numpy_blas_libraries():
+    for path in numpy_blas_libraries():
         try:
             library = ctypes.CDLL(path)  # already loaded by NumPy: the same handle
         except OSError:
@@ -96,7 +96,7 @@ TESTED_OPENBLAS = ((0, 3, 31),)
 
 def openblas_version() -> tuple[int, ...] | None:
     """The release of NumPy's OpenBLAS, from its config string ("OpenBLAS 0.3.31..."), or None."""
-    for path in _numpy_blas_libraries():
+    for path in numpy_blas_libraries():
         try:
             library = ctypes.CDLL(path)
         except OSError:

@@ -1,0 +1,128 @@
+"""The benchmark's workload, one definition for ``bpk bench`` (bench.py), its peers (peers.py)
+and the pytest-benchmark suites in ``benchmarks/``: configs, synthetic data, initial weights,
+batch order, and the trajectory that parity compares.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from .model import MLP, resolve_dtype
+from .optim import SGD
+from .train import fit
+
+LEARNING_RATE = 0.01
+PARITY_STEPS = 20  # steps compared with the float64 NumPy reference (5 epochs of 4 batches)
+SEED = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    """One benchmark workload: ReLU MLP of ``sizes``, softmax-CE, plain SGD, synthetic data."""
+
+    name: str
+    sizes: tuple[int, ...]
+    batch: int
+    samples: int
+
+    @property
+    def steps(self) -> int:
+        return -(-self.samples // self.batch)
+
+    def batch_rows(self) -> list[int]:
+        rows = [self.batch] * (self.samples // self.batch)
+        if self.samples % self.batch:
+            rows.append(self.samples % self.batch)
+        return rows
+
+    def flops_per_epoch(self) -> float:
+        """Multiply-adds x 2 of the GEMMs: forward, dW and dX (none for the first layer)."""
+        per_row = sum(2 * i * o * (3 if layer else 2)
+                      for layer, (i, o) in enumerate(zip(self.sizes[:-1], self.sizes[1:])))
+        return float(per_row) * self.samples
+
+    def quick(self) -> "Config":
+        """The same layers on a few batches: for smoke tests, not for numbers."""
+        return Config(self.name, self.sizes, self.batch, min(self.samples, 3 * self.batch + 1))
+
+
+CONFIGS = {
+    "S": Config("S", (64, 64, 10), 32, 16384),
+    "M": Config("M", (784, 256, 128, 10), 128, 60000),
+    "L": Config("L", (1024, 2048, 2048, 10), 512, 16384),
+}
+
+
+def parse_config(spec: str) -> Config:
+    """"S", "M", "L", or a custom ``layers:batch:samples`` like ``784-256-10:128:60000``."""
+    if spec in CONFIGS:
+        return CONFIGS[spec]
+    try:
+        layers, batch, samples = spec.split(":")
+        sizes = tuple(int(s) for s in layers.split("-"))
+        config = Config(spec, sizes, int(batch), int(samples))
+    except ValueError:
+        raise ValueError(f"unknown config {spec!r}; valid: {', '.join(CONFIGS)} or "
+                         "layers:batch:samples like 784-256-10:128:60000") from None
+    if len(sizes) < 2 or min(sizes) < 1 or config.batch < 1 or config.samples < 1:
+        raise ValueError(f"config {spec!r} needs at least two positive layer widths and a "
+                         "positive batch and sample count")
+    return config
+
+
+def workload(config: Config, dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic inputs and labels, the same for every backend and peer."""
+    rng = np.random.default_rng(SEED)
+    X = rng.standard_normal((config.samples, config.sizes[0])).astype(resolve_dtype(dtype))
+    y = rng.integers(0, config.sizes[-1], config.samples)
+    return X, y
+
+
+def batch_order(n: int, epoch: int, seed: int = SEED) -> np.ndarray:
+    """The row order ``fit`` uses for ``epoch``; peers replay it to see the same batches."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def initial_weights(config: Config) -> list[tuple[np.ndarray, np.ndarray]]:
+    return MLP(config.sizes, dtype="float64", seed=SEED).get_weights()
+
+
+def relative_error(values: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float:
+    """Largest |a - b| / max|b| over paired arrays: one number for a whole trajectory or model."""
+    worst = 0.0
+    for a, b in zip(values, reference):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        scale = max(float(np.max(np.abs(b))), np.finfo(np.float64).tiny)
+        worst = max(worst, float(np.max(np.abs(a - b))) / scale)
+    return worst
+
+
+@dataclass
+class Trajectory:
+    """What parity compares: per-epoch losses and the final weights after PARITY_STEPS steps."""
+
+    losses: list[float]
+    weights: list[np.ndarray]
+
+    def error_against(self, reference: "Trajectory") -> float:
+        # The weights are judged as one parameter vector: biases start at zero and stay tiny
+        # sums of cancelling gradients, so scaling each by its own max|b| would measure noise.
+        flat = [np.concatenate([np.ravel(w) for w in t.weights]) for t in (self, reference)]
+        return max(relative_error([np.array(self.losses)], [np.array(reference.losses)]),
+                   relative_error(flat[:1], flat[1:]))
+
+
+def parity_workload(config: Config) -> tuple[np.ndarray, np.ndarray, int]:
+    """Four batches of the config's data, trained for five epochs: 20 comparable steps."""
+    X, y = workload(Config(config.name, config.sizes, config.batch, 4 * config.batch), "float64")
+    return X, y, PARITY_STEPS // 4
+
+
+def backend_trajectory(backend: str, config: Config, dtype: str, comm: Any = None) -> Trajectory:
+    X, y, epochs = parity_workload(config)
+    model = MLP(config.sizes, backend=backend, dtype=dtype, seed=SEED)
+    history = fit(model, X, y, optimizer=SGD(lr=LEARNING_RATE), epochs=epochs,
+                  batch_size=config.batch, seed=SEED, comm=comm)
+    return Trajectory(history["loss"], [a for W, b in model.get_weights() for a in (W, b)])
