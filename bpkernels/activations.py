@@ -39,6 +39,7 @@ def get_activation(name: str) -> Activation:
 def hidden_activations(activation: str | Sequence[str], n_hidden: int) -> tuple[str, ...]:
     """One activation name per hidden layer, from one name or a list of them."""
     if isinstance(activation, str):
+        get_activation(activation)  # checked even where no layer uses it (no hidden layers)
         names = [activation] * n_hidden
     else:
         names = list(activation)

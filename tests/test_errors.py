@@ -28,6 +28,11 @@ def test_bad_model_arguments(kwargs, match):
         bpk.MLP([3, 4, 4, 2], **kwargs)
 
 
+def test_an_unknown_activation_is_refused_without_hidden_layers_too():
+    with pytest.raises(ValueError, match=r"unknown activation 'swish'"):
+        bpk.MLP([3, 2], activation="swish")
+
+
 @pytest.mark.parametrize("sizes", [[3], [3, 0, 2], [3, -1], [3, 2.5]])
 def test_bad_sizes(sizes):
     with pytest.raises(ValueError, match="sizes|widths"):
