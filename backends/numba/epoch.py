@@ -230,10 +230,10 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, state
     forward, loss (and hits), backward, check_step, then the optimizer update of step
     ``first_step + s`` (a no-op once halted). The arguments that may be None (``labels`` or
     ``T``; all but one of the rules, as in optimizer_step) are separate so that Numba compiles
-    the code of the given ones only. ``workers``, for large models: how many of
-    ``_numba_pool``'s threads share each gather (0: none), which then bounds the weight
-    gradients rather than scanning them (``_backward``) and fuses a plain SGD update into their
-    GEMM; None for small models, which gather alone and scan (the code of the others then not
+    the code of the given ones only. ``workers``, for large models in native mode: how many
+    of the BLAS pool's threads (_native/pool.py) share each gather (0: none), which then bounds
+    the weight gradients rather than scanning them (``_backward``) and fuses a plain SGD update
+    into their GEMM; None for small models, which gather alone and scan (the code of the others then not
     compiled). ``scan``: True for small models, else None (for the same reason: Numba prunes
     by None only). A large model's batch is gathered by address (``_gather_split``): X must
     then be C-ordered."""

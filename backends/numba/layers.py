@@ -279,7 +279,7 @@ def _grad_rows_of(dA, act, A, Z, total, magnitudes, r0, r1, identity, relu, leak
     """Rows r0..r1: dA *= act'(A, or Z where the layer keeps Z) in place, each row then added to the column
     sums ``total``, row after row and in the dtype, as NumPy's add.reduce does. Unless
     ``magnitudes`` is None, its rows 0 and 1 also sum the column's |dZ| and |A| (for
-    ``_backward``'s bound), from the row just written, still in cache. The last six arguments
+    ``_backward``'s bound), from the row just written, still in cache. The last arguments
     are ``kinds``, as in _bias_act_rows_of."""
     o = dA.shape[1]
     for r in range(r0, r1):

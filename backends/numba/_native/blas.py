@@ -99,7 +99,7 @@ _dgemm = types.ExternalFunction(_SYMBOL.format("d"), _signature(types.float64))
 
 
 # Helpers of the GEMM overloads, inlined into them by Numba: compiled on their own, each would be
-# optimized by LLVM again in every kernel above it (compile time, see _numba_kernels.inline).
+# optimized by LLVM again in every kernel above it (compile time, see ../layers.py on inlining).
 _inline = numba.njit(inline="always", cache=True, nogil=True)
 
 

@@ -106,7 +106,7 @@ def _row_gather(typingctx, X_all):
 def _gather_split(workers, gather, source, source_rows, stride, destination, columns, order,
                   rows):
     """A row gather (``gather``, from ``_row_gather``) of a whole batch, its rows split
-    between this thread and ``workers`` threads of the pool (``_numba_pool``; none: this
+    between this thread and ``workers`` threads of the pool (``pool.py``; none: this
     thread alone): each core writes its share of the batch, ~40% faster on M than one
     writing all."""
     control = pool.control_address() if workers > 0 else 0  # (no intrinsics without JIT)
@@ -151,7 +151,7 @@ def gather_shared(workers, X_all, order, first, rows, dst, scratch):
 
 @jit
 def pool_worker(control, worker):
-    """A worker thread of ``_numba_pool``: runs the tasks posted to its block (BLAS's jobs,
+    """A worker thread of ``pool.py``: runs the tasks posted to its block (BLAS's jobs,
     shares of the epoch kernel's gathers) until told to stop."""
     block = pool.block_of(control, worker)
     pool.store(block, pool.READY, 1)

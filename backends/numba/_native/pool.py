@@ -56,7 +56,7 @@ MAX_WORKERS = 63
 _SPINS = 1 << 15  # pause hints (~40-140 cycles each) before an idle worker sleeps: ~1-4 ms
 _YIELD_EVERY = 1 << 10  # pause hints between sched_yield calls of a waiting caller
 _SYS_SCHED_YIELD, _SYS_FUTEX, _FUTEX_WAIT, _FUTEX_WAKE = 24, 202, 128, 129  # x86-64, _PRIVATE
-# The layout above is compiled into the cached kernels of _numba_kernels, whose cache does not
+# The layout above is compiled into the cached kernels of _native/gather.py, whose cache does not
 # see this file change: a worker told to stop answers with LAYOUT, which ``ensure`` checks.
 LAYOUT = hash((LOCK, WORKERS, SLEEP_LIMIT, HEADER, POSTED, KIND, JOB, JOB_DATA, JOB_ARGUMENT,
                SOURCE, DESTINATION, ORDER, ROWS_START, ROWS_END, COLUMNS, SOURCE_STRIDE,
@@ -118,7 +118,7 @@ def _why_not() -> str | None:
     version = openblas_version()
     if version is None:
         return "NumPy's BLAS is not an OpenBLAS this pool knows"
-    if version not in TESTED_OPENBLAS and os.environ.get("BPK_NUMBA_NATIVE") != "1":
+    if version not in TESTED_OPENBLAS and os.environ.get("BPK_NUMBA_NATIVE", "").strip() != "1":
         tested = ", ".join(".".join(map(str, v)) for v in TESTED_OPENBLAS)
         return (f"not tested with OpenBLAS {'.'.join(map(str, version))} (tested: {tested}; "
                 f"BPK_NUMBA_NATIVE=1 tries it)")
@@ -485,7 +485,7 @@ def ensure(worker_function, workers: int) -> int:
             worker_function(control, 0)
             if _CONTROL[HEADER + RESULT] != LAYOUT:
                 raise RuntimeError("bpkernels: the Numba cache holds kernels compiled for "
-                                   "another version of backends/_numba_pool.py; delete it "
+                                   "another version of backends/numba/_native/pool.py; delete it "
                                    "(NUMBA_CACHE_DIR or the backends' __pycache__)")
             _CONTROL[HEADER:] = 0
             _callback = numba.cfunc(_CALLBACK_SIGNATURE, **_jit)(_blas_jobs)

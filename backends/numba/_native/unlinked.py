@@ -8,7 +8,7 @@ batch gather each compiled the gather of rows once more. ``unlinked(helper)`` is
 that compiled code calls like ``helper``, which compiles ``helper`` for the call's types as
 Numba would, and calls the machine code compiled then: by a symbol of our own, named after
 the helper and its argument types, that names the compiled function in the running process
-(``llvm.add_symbol``), as _numba_blas names BLAS's GEMMs.
+(``llvm.add_symbol``), as blas.py names BLAS's GEMMs.
 
 A kernel loaded from Numba's cache by another process finds the symbol because Numba runs a
 cached kernel's ``reload_init`` functions before it loads the kernel's machine code: each
