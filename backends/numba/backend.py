@@ -76,6 +76,15 @@ BOUND_MIN_PARAMS = 1 << 16
 POOL, POOL_MIN_PARAMS = os.environ.get("BPK_BLAS_POOL", "1") != "0", 1 << 16
 
 
+# Plain mode forms the products of the per-kernel calls by NumPy, from Python, and runs the
+# epoch kernel for small models only (fewer than BOUND_MIN_PARAMS parameters). Its compiled
+# np.dot is SciPy's OpenBLAS, a second library with a thread pool of its own: on M (2 cores) its
+# epochs ran 1.7x the floor, the two pools' idle threads spinning on the cores the other
+# needs, where NumPy's own BLAS runs them at the floor. Small models' products are too small
+# for either library to start its threads, and their steps too short for calls from Python.
+GEMM_BY_NUMPY = jit.NATIVE is None
+
+
 class _CompileNotice(event.Listener):
     """Calls ``callback()`` once, when a kernel of this package starts compiling (Numba's
     documented compile event, which a kernel loaded from the on-disk cache does not raise)."""
@@ -175,6 +184,12 @@ class NumbaBackend(HostMemory, Backend):
         return self._last_kinds
 
     def dense_forward(self, X, W, b, activation, A, Z=None):
+        if GEMM_BY_NUMPY:
+            product = A if Z is None else Z
+            np.matmul(X, W, out=product)
+            layers.bias_activation(product, _writeable(b), ACTIVATION_CODES[activation],
+                                   Z is not None, A, self._par(A.size), self._kinds(activation))
+            return
         layers.dense_forward(_writeable(X), _writeable(W), _writeable(b),
                              ACTIVATION_CODES[activation], A if Z is None else Z, A,
                              Z is not None, self._par(A.size), self._kinds(activation))
@@ -182,6 +197,13 @@ class NumbaBackend(HostMemory, Backend):
     def dense_backward(self, X, W, dA, activation, A, Z, dW, db, dX=None):
         if Z is None and activation in KEEPS_Z:
             raise ValueError(f"dense_backward of a {activation} layer needs its pre-activation Z")
+        if GEMM_BY_NUMPY:
+            layers.dense_dz(dA, ACTIVATION_CODES[activation], A, A if Z is None else Z, db,
+                            self._par(dA.size), self._kinds(activation))
+            np.matmul(X.T, dA, out=dW)
+            if dX is not None:
+                np.matmul(dA, W.T, out=dX)
+            return
         layers.dense_backward(_writeable(X), _writeable(W), dA, ACTIVATION_CODES[activation], A,
                               A if Z is None else Z, dW, db, dA if dX is None else dX,
                               dX is not None, self._par(dA.size), self._kinds(activation))
@@ -224,7 +246,7 @@ class NumbaBackend(HostMemory, Backend):
     # ------------------------------------------------------------------ a whole epoch
     def train_epoch(self, plan: EpochPlan) -> bool:
         rule = OPTIMIZER_RULES.get(plan.optimizer)
-        if rule is None:
+        if rule is None or (GEMM_BY_NUMPY and plan.params.size >= BOUND_MIN_PARAMS):
             return False
         net, work, targets = plan.cache.get("numba") or \
             plan.cache.setdefault("numba", self._epoch_buffers(plan))

@@ -247,6 +247,11 @@ def _dense_forward(X, W, b, act, Z, A, keep_z, par, kinds):
     only when ``keep_z`` (else pass ``A`` as ``Z``: the product lands in A and is activated in
     place)."""
     gemm_t(X, False, W, False, Z, 1.0, 0.0)
+    _bias_activation(Z, b, act, keep_z, A, par, kinds)
+
+
+@inline
+def _bias_activation(Z, b, act, keep_z, A, par, kinds):
     chunks = _chunks(Z.size, par)
     if par is None or chunks == 1:
         _bias_act_rows(Z, b, act, keep_z, A, 0, Z.shape[0], kinds)
@@ -257,6 +262,13 @@ def _dense_forward(X, W, b, act, Z, A, keep_z, par, kinds):
 @jit
 def dense_forward(X, W, b, act, Z, A, keep_z, par, kinds):
     _dense_forward(X, W, b, act, Z, A, keep_z, par, kinds)
+
+
+@jit
+def bias_activation(Z, b, act, keep_z, A, par, kinds):
+    """_dense_forward after its product, which the caller has formed in Z (plain mode's large
+    models: by NumPy, see backend.GEMM_BY_NUMPY)."""
+    _bias_activation(Z, b, act, keep_z, A, par, kinds)
 
 
 @inline
@@ -372,3 +384,9 @@ def _dense_backward(X, W, dA, act, A, Z, dW, db, dX, with_dx, par, kinds):
 @jit
 def dense_backward(X, W, dA, act, A, Z, dW, db, dX, with_dx, par, kinds):
     _dense_backward(X, W, dA, act, A, Z, dW, db, dX, with_dx, par, kinds)
+
+
+@jit
+def dense_dz(dA, act, A, Z, db, par, kinds):
+    """_dense_backward without its products, which the caller forms (as bias_activation)."""
+    _dense_dz(dA, act, A, Z, db, par, kinds)
