@@ -64,20 +64,24 @@ spec.loader.exec_module(native)
 _TINY_FIT = """
 import json, sys, numpy as np, bpkernels as bpk
 
-def tiny_fit(backend):
+def tiny_fit(backend, sizes=(5, 7, 3)):
     rng = np.random.default_rng(0)
     X, y = rng.standard_normal((40, 5)), rng.integers(0, 3, 40)
-    model = bpk.MLP([5, 7, 3], activation="tanh", backend=backend, dtype="float64", seed=1)
+    model = bpk.MLP(list(sizes), activation="tanh", backend=backend, dtype="float64", seed=1)
     history = bpk.fit(model, X, y, optimizer=bpk.Adam(lr=0.01), epochs=2, batch_size=16, seed=4)
     return np.asarray(model.params).tolist(), list(history["loss"])
+
+# (a large model: the epoch kernel's bound in native mode, NumPy's products in plain mode)
+LARGE = (5, 300, 250, 3)
 
 if __name__ == "__main__":
     from bpkernels.backends.numba import epoch, jit
     params, loss = tiny_fit("numba")
     stats = epoch.train_epoch.stats
-    print(json.dumps(dict(mode=jit.MODE, params=params, loss=loss,
-                          hits=sum(stats.cache_hits.values()),
-                          misses=sum(stats.cache_misses.values()))))
+    hits, misses = sum(stats.cache_hits.values()), sum(stats.cache_misses.values())
+    large_params, large_loss = tiny_fit("numba", LARGE)
+    print(json.dumps(dict(mode=jit.MODE, params=params, loss=loss, large_params=large_params,
+                          large_loss=large_loss, hits=hits, misses=misses)))
 """
 
 
@@ -116,11 +120,17 @@ def test_plain_mode_trains_as_native_mode_and_the_numpy_backend(two_modes):
     close = dict(rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(plain["params"], params, **close, err_msg="plain vs numpy")
     np.testing.assert_allclose(plain["loss"], loss, **close)
+    large_params, large_loss = scope["tiny_fit"]("numpy", scope["LARGE"])
+    np.testing.assert_allclose(plain["large_params"], large_params, **close,
+                               err_msg="plain vs numpy, a large model")
+    np.testing.assert_allclose(plain["large_loss"], large_loss, **close)
     if native["mode"] != "native":
         pytest.skip("native mode is off here: plain mode checked against NumPy only")
     np.testing.assert_allclose(plain["params"], native["params"], **close,
                                err_msg="plain vs native")
     np.testing.assert_allclose(plain["loss"], native["loss"], **close)
+    np.testing.assert_allclose(plain["large_params"], native["large_params"], **close,
+                               err_msg="plain vs native, a large model")
 
 
 @COMPILES
