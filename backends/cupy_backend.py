@@ -58,6 +58,23 @@ class HostArray:
         return HostArray(self.host[key])
 
 
+def _float32_compute_type(tf32: bool) -> bool:
+    """Set CuPy's process-wide compute type of float32 products, TF32 or full float32, before
+    a product (it is per process, and other code may change it). The one use of a CuPy
+    internal (``cupy._core._routines_linalg``): CuPy's public way is the ``CUPY_TF32``
+    environment variable, read once at import. Where the internal has moved, products run as
+    CUPY_TF32 says (full float32 unless set) and this returns False; ``device_info`` reports
+    it."""
+    linalg = getattr(getattr(cupy, "_core", None), "_routines_linalg", None)
+    try:
+        wanted = linalg.COMPUTE_TYPE_TF32 if tf32 else linalg.COMPUTE_TYPE_DEFAULT
+        if linalg.get_compute_type(np.float32) != wanted:
+            linalg.set_compute_type(np.float32, wanted)
+    except AttributeError:
+        return False
+    return True
+
+
 class CupyBackend(Backend):
     name = "cupy"
 
@@ -121,11 +138,7 @@ class CupyBackend(Backend):
 
     def _matmul(self, a, b, out) -> None:
         if out.dtype == np.float32:
-            # CuPy's compute type is process-wide: set ours before each float32 product.
-            linalg = cupy._core._routines_linalg
-            wanted = linalg.COMPUTE_TYPE_TF32 if self.tf32 else linalg.COMPUTE_TYPE_DEFAULT
-            if linalg.get_compute_type(np.float32) != wanted:
-                linalg.set_compute_type(np.float32, wanted)
+            _float32_compute_type(self.tf32)
         cupy.matmul(a, b, out=out)
 
     def _resident_limit(self) -> int:
@@ -209,7 +222,9 @@ class CupyBackend(Backend):
             "multiprocessors": int(props["multiProcessorCount"]),
             "cuda": f"{runtime // 1000}.{runtime % 1000 // 10}",
             "driver": cupy.cuda.runtime.driverGetVersion(), "cupy": cupy.__version__,
-            "tf32": self.tf32, "graphs": self.graphs,
+            "tf32": self.tf32 if _float32_compute_type(self.tf32) else
+            f"as CUPY_TF32 says ({os.environ.get('CUPY_TF32', '0')}): CuPy's setter moved",
+            "graphs": self.graphs,
         }
 
     # ------------------------------------------------------------------ dense layer

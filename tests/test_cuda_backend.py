@@ -259,6 +259,22 @@ def test_tf32_is_off_by_default_and_on_by_option(monkeypatch):
     assert make().tf32
 
 
+def test_without_cupys_private_compute_type_setter_products_still_run(monkeypatch):
+    # The one CuPy internal the backend uses, moved away: products run as CUPY_TF32 says
+    # (full float32 here) and device_info says why TF32 is not the backend's to choose.
+    monkeypatch.delattr(cudasim.backend_module().cupy._core, "_routines_linalg")
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((5, 33)).astype(np.float32)
+    W = rng.standard_normal((33, 4)).astype(np.float32)
+    backend = make(tf32=True)
+    A = backend.empty((5, 4), np.float32)
+    backend.dense_forward(backend.asarray(X), backend.asarray(W),
+                          backend.zeros((4,), np.float32), "identity", A)
+    np.testing.assert_allclose(backend.to_host(A), X.astype(np.float64) @ W, rtol=1e-5,
+                               atol=1e-5)
+    assert "CuPy's setter moved" in backend.device_info()["tf32"]
+
+
 def test_cupy_is_preferred_and_names_its_extra():
     from bpkernels.backends import _REGISTRY
     assert next(iter(_REGISTRY)) == "cupy"
