@@ -383,9 +383,9 @@ def test_the_garbage_collector_pauses_while_a_kernel_compiles_and_is_restored(tm
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          check=True)
     seen, after, after_disabled = json.loads(out.stdout)
-    # (_mse: the helper mse calls, compiled within mse's compile)
-    assert seen == [["mse", False], ["_mse", False], ["<lambda>", True], ["mse", False],
-                    ["_mse", False]]
+    # (mse_of: the helper mse calls, compiled within mse's compile)
+    assert seen == [["mse", False], ["mse_of", False], ["<lambda>", True], ["mse", False],
+                    ["mse_of", False]]
     assert after is True  # enabled again once the compile ended
     assert after_disabled is False  # a collector the caller turned off stays off
 

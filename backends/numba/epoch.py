@@ -13,10 +13,10 @@ import numpy as np
 
 from ..base import ACTIVATION_CODES, KEEPS_Z
 from .jit import NATIVE, as_matrix, epoch, gemm_t, helper, inline, span
-from .layers import GELU, SILU, _dense_dz, _dense_forward, _grad_rows, _zero
-from .losses import (BINARY_CROSS_ENTROPY, CROSS_ENTROPY, _binary_xent, _count_correct_labels,
-                     _count_correct_rows, _mse, _softmax_xent_labels, _softmax_xent_rows)
-from .optim import _finite, _optimizer_step, _update
+from .layers import GELU, SILU, dz_and_db, dense_layer, grad_rows, zero
+from .losses import (BINARY_CROSS_ENTROPY, CROSS_ENTROPY, binary_xent_of, count_correct_labels_of,
+                     count_correct_rows_of, mse_of, softmax_xent_labels_of, softmax_xent_rows_of)
+from .optim import all_finite, optimizer_update, update_rule
 
 if NATIVE is not None:
     from ._native.gather import gather_shared, pool_worker
@@ -84,7 +84,7 @@ def _forward(net, work, rows, par, kinds):
     for layer in range(layers.shape[0]):
         W, b, _, _, A, _, Z = _layer(net, work, layer, rows)
         act = layers[layer, 4]
-        _dense_forward(X, W, b, act, Z, A, act == GELU or act == SILU, par, kinds)
+        dense_layer(X, W, b, act, Z, A, act == GELU or act == SILU, par, kinds)
         X = A
 
 
@@ -152,8 +152,8 @@ def _backward_scan(net, work, rows, par, kinds):
     finite = True
     for layer in range(layers.shape[0] - 1, -1, -1):
         W, _, _, db, A, dA, Z = _layer(net, work, layer, rows)
-        _dense_dz(dA, layers[layer, 4], A, Z, db, par, kinds)
-        finite = _finite(db) and finite
+        dz_and_db(dA, layers[layer, 4], A, Z, db, par, kinds)
+        finite = all_finite(db) and finite
         _input_gradient(net, work, layer, rows, W, dA)
     return finite
 
@@ -184,15 +184,15 @@ def _backward(net, work, rows, par, kinds, sums, input_bound):
         if par is None:  # the column sums of |dZ| and of |A| (the layer above's X) as dZ forms
             o = dA.shape[1]
             magnitudes = as_matrix(sums, 0, 2, o)
-            _zero(span(sums, 0, 2 * o))
-            _zero(db)
-            _grad_rows(dA, layers[layer, 4], A, Z, db, magnitudes, 0, rows, kinds)
+            zero(span(sums, 0, 2 * o))
+            zero(db)
+            grad_rows(dA, layers[layer, 4], A, Z, db, magnitudes, 0, rows, kinds)
             if layer < top:
                 sure = sure and _largest(magnitudes[1], o) * above <= limit
             above = _largest(magnitudes[0], o)
         else:
-            _dense_dz(dA, layers[layer, 4], A, Z, db, par, kinds)
-        finite = _finite(db) and finite
+            dz_and_db(dA, layers[layer, 4], A, Z, db, par, kinds)
+        finite = all_finite(db) and finite
         X = _input_gradient(net, work, layer, rows, W, dA)
         if par is not None and sure:
             x_bound = input_bound if layer == 0 else _abs_column_sums_max(X, sums)
@@ -217,7 +217,7 @@ def _weight_gradients(net, work, rows, alpha, beta, into_weights, scan):
         else:
             gemm_t(X, True, dZ, False, dW, 1.0, 0.0)
             if scan:  # dW flat, as the gradients hold it (dW.ravel() took ~0.2 s to compile)
-                finite = _finite(span(net[1], layers[layer, 2], dW.size)) and finite
+                finite = all_finite(span(net[1], layers[layer, 2], dW.size)) and finite
         X = A
     return finite
 
@@ -259,20 +259,20 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, state
             all_labels, batch_labels = labels[0], span(labels[1], 0, rows)
             for r in range(rows):
                 batch_labels[r] = all_labels[index[r]]
-            _softmax_xent_labels(Y, batch_labels, dY, step_loss)
+            softmax_xent_labels_of(Y, batch_labels, dY, step_loss)
             if metric:
-                _count_correct_labels(Y, batch_labels, step_correct)
+                count_correct_labels_of(Y, batch_labels, step_correct)
         elif T is not None:
             all_T, batch_T = T[0], span(T[1], 0, rows)
             _gather(all_T, index, batch_T)
             if loss == CROSS_ENTROPY:
-                _softmax_xent_rows(Y, batch_T, dY, step_loss)
+                softmax_xent_rows_of(Y, batch_T, dY, step_loss)
             elif loss == BINARY_CROSS_ENTROPY:
-                _binary_xent(Y, batch_T, dY, step_loss)
+                binary_xent_of(Y, batch_T, dY, step_loss)
             else:
-                _mse(Y, batch_T, dY, step_loss)
+                mse_of(Y, batch_T, dY, step_loss)
             if metric:
-                _count_correct_rows(Y, batch_T, step_correct)
+                count_correct_rows_of(Y, batch_T, step_correct)
         if workers is not None:  # (two ifs: Numba prunes each by an argument that is None)
             finite, sure = _backward(net, work, rows, par, kinds, sums, input_bound)
         if scan is not None:
@@ -292,9 +292,9 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, state
         if sgd is not None and workers is not None and fused:
             for layer in range(layers.shape[0]):  # the biases, by the rule itself
                 b, o = layers[layer, 3], layers[layer, 1]
-                _update(span(params, b, o), span(grads, b, o), states, sgd, adam, rmsprop,
+                update_rule(span(params, b, o), span(grads, b, o), states, sgd, adam, rmsprop,
                         first_step + s)
             continue
         if halted[0] == 0 and not finite:
             halted[0] = first_step + s  # check_step's latch
-        _optimizer_step(params, grads, states, sgd, adam, rmsprop, first_step + s, halted, par)
+        optimizer_update(params, grads, states, sgd, adam, rmsprop, first_step + s, halted, par)

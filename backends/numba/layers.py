@@ -31,7 +31,7 @@ from .jit import gemm_t, helper, inline, jit, linked, phelper
 # from several places with different types, or with loops that vectorize on their own, stay
 # separate (``helper``), and so do the dense layers' row passes (_bias_act_rows_of,
 # _grad_rows_of): inlined into the epoch kernel, they ran M's epochs ~15% slower. Their
-# wrappers (_dense_forward, _dense_dz) are inlined: compiled on their own they cost the first
+# wrappers (dense_layer, dz_and_db) are inlined: compiled on their own they cost the first
 # compile ~0.3 s. Inlining has a cost of its own: Numba copies the callee block by block, each
 # time with all its variables, and with the branches the caller will prune (so a callee whose
 # branches some models never take is better split: epoch._backward_scan).
@@ -50,14 +50,14 @@ _TANH_TAYLOR = (1.0, -1.0 / 3, 2.0 / 15, -17.0 / 315, 62.0 / 2835, -1382.0 / 155
 
 
 @inline
-def _chunks(size, par):
+def chunk_count(size, par):
     """Into how many chunks of at least ``par`` elements to split work of ``size`` (1: serial).
     (Not the thread count: a compiled call of numba.get_num_threads() cannot be cached.)"""
     return 1 if par is None or size < 2 * par else min(size // par, MAX_CHUNKS)
 
 
 @inline
-def _bounds(c, chunks, n):
+def chunk_bounds(c, chunks, n):
     return c * n // chunks, (c + 1) * n // chunks
 
 
@@ -117,18 +117,18 @@ def _leaky_relu(z):
 
 
 @inline
-def _sigmoid(z):
+def logistic(z):
     return 0.5 * (1.0 + _tanh(0.5 * z))  # never overflows, unlike 1 / (1 + exp(-z))
 
 
 @inline
 def _silu(z):
-    return z * _sigmoid(z)
+    return z * logistic(z)
 
 
 @inline
 def _silu_derivative(z):  # d/dz z s(z) = s(z) (1 + z (1 - s(z)))
-    s = _sigmoid(z)
+    s = logistic(z)
     return s * (1.0 + z * (1.0 - s))
 
 
@@ -216,7 +216,7 @@ def _bias_act_rows_of(Z, b, act, keep_z, A, r0, r1, identity, relu, leaky_relu, 
         elif act == SIGMOID:
             if sigmoid is not None:
                 for j in range(o):
-                    A[r, j] = _sigmoid(A[r, j] + b[j])
+                    A[r, j] = logistic(A[r, j] + b[j])
         elif act == TANH:
             if tanh is not None:
                 for j in range(o):
@@ -237,12 +237,12 @@ def _bias_act_rows_of(Z, b, act, keep_z, A, r0, r1, identity, relu, leaky_relu, 
 @phelper
 def _bias_act_par(Z, b, act, keep_z, A, chunks, kinds):
     for c in numba.prange(chunks):
-        r0, r1 = _bounds(c, chunks, Z.shape[0])
+        r0, r1 = chunk_bounds(c, chunks, Z.shape[0])
         _bias_act_rows(Z, b, act, keep_z, A, r0, r1, kinds)
 
 
 @inline
-def _dense_forward(X, W, b, act, Z, A, keep_z, par, kinds):
+def dense_layer(X, W, b, act, Z, A, keep_z, par, kinds):
     """Z = X @ W (by NumPy's BLAS) then, in one pass, Z += b and A = act(Z); ``Z`` is written
     only when ``keep_z`` (else pass ``A`` as ``Z``: the product lands in A and is activated in
     place)."""
@@ -252,7 +252,7 @@ def _dense_forward(X, W, b, act, Z, A, keep_z, par, kinds):
 
 @inline
 def _bias_activation(Z, b, act, keep_z, A, par, kinds):
-    chunks = _chunks(Z.size, par)
+    chunks = chunk_count(Z.size, par)
     if par is None or chunks == 1:
         _bias_act_rows(Z, b, act, keep_z, A, 0, Z.shape[0], kinds)
     else:
@@ -261,12 +261,12 @@ def _bias_activation(Z, b, act, keep_z, A, par, kinds):
 
 @jit
 def dense_forward(X, W, b, act, Z, A, keep_z, par, kinds):
-    _dense_forward(X, W, b, act, Z, A, keep_z, par, kinds)
+    dense_layer(X, W, b, act, Z, A, keep_z, par, kinds)
 
 
 @jit
 def bias_activation(Z, b, act, keep_z, A, par, kinds):
-    """_dense_forward after its product, which the caller has formed in Z (plain mode's large
+    """dense_layer after its product, which the caller has formed in Z (plain mode's large
     models: by NumPy, see backend.GEMM_BY_NUMPY)."""
     _bias_activation(Z, b, act, keep_z, A, par, kinds)
 
@@ -281,7 +281,7 @@ def _scale(dA, r, j, derivative):
 
 
 @inline
-def _grad_rows(dA, act, A, Z, total, magnitudes, r0, r1, kinds):
+def grad_rows(dA, act, A, Z, total, magnitudes, r0, r1, kinds):
     _grad_rows_of(dA, act, A, Z, total, magnitudes, r0, r1, *kinds)
 
 
@@ -331,12 +331,12 @@ def _grad_rows_of(dA, act, A, Z, total, magnitudes, r0, r1, identity, relu, leak
 @phelper
 def _grad_rows_par(dA, act, A, Z, totals, chunks, kinds):
     for c in numba.prange(chunks):
-        r0, r1 = _bounds(c, chunks, dA.shape[0])
-        _grad_rows(dA, act, A, Z, totals[c], None, r0, r1, kinds)
+        r0, r1 = chunk_bounds(c, chunks, dA.shape[0])
+        grad_rows(dA, act, A, Z, totals[c], None, r0, r1, kinds)
 
 
 @inline
-def _zero(x):
+def zero(x):
     """x[:] = 0 for a 1-D x, as a loop (the slice's broadcast assignment is ~300 LLVM
     instructions to compile)."""
     for i in range(x.size):
@@ -344,20 +344,20 @@ def _zero(x):
 
 
 @inline
-def _dense_dz(dA, act, A, Z, db, par, kinds):
+def dz_and_db(dA, act, A, Z, db, par, kinds):
     """dZ = dA * act'(.) in place, with db = dZ.sum(0) in the same pass. ``Z`` is read for
     gelu only (pass ``A`` otherwise)."""
-    chunks = min(_chunks(dA.size, par), dA.shape[0])
+    chunks = min(chunk_count(dA.size, par), dA.shape[0])
     if par is None or chunks == 1:
-        _zero(db)
-        _grad_rows(dA, act, A, Z, db, None, 0, dA.shape[0], kinds)
+        zero(db)
+        grad_rows(dA, act, A, Z, db, None, 0, dA.shape[0], kinds)
     else:
         _dense_dz_par(dA, act, A, Z, db, chunks, kinds)
 
 
 @helper
 def _dense_dz_par(dA, act, A, Z, db, chunks, kinds):
-    """_dense_dz's pass in ``chunks`` parallel chunks, db from per-chunk column sums added in
+    """dz_and_db's pass in ``chunks`` parallel chunks, db from per-chunk column sums added in
     chunk order. They are allocated per call, but only on this path, for work of millions of
     elements, beside which an allocation is noise (and in a helper of its own: the epoch
     kernel, which calls it, has no reference counting to free them)."""
@@ -375,7 +375,7 @@ def _dense_backward(X, W, dA, act, A, Z, dW, db, dX, with_dx, par, kinds):
     """dZ = dA * act'(.) in place with db = dZ.sum(0) in the same pass; dW = X.T @ dZ and, when
     ``with_dx``, dX = dZ @ W.T (BLAS, transposes as flags). ``Z`` is read for gelu only (pass
     ``A`` otherwise), ``dX`` is written only when ``with_dx``."""
-    _dense_dz(dA, act, A, Z, db, par, kinds)
+    dz_and_db(dA, act, A, Z, db, par, kinds)
     gemm_t(X, True, dA, False, dW, 1.0, 0.0)
     if with_dx:
         gemm_t(dA, False, W, True, dX, 1.0, 0.0)
@@ -389,4 +389,4 @@ def dense_backward(X, W, dA, act, A, Z, dW, db, dX, with_dx, par, kinds):
 @jit
 def dense_dz(dA, act, A, Z, db, par, kinds):
     """_dense_backward without its products, which the caller forms (as bias_activation)."""
-    _dense_dz(dA, act, A, Z, db, par, kinds)
+    dz_and_db(dA, act, A, Z, db, par, kinds)

@@ -9,7 +9,7 @@ import math
 
 from ..base import LOSS_CODES
 from .jit import helper, inline, jit
-from .layers import _sigmoid
+from .layers import logistic
 
 MSE, CROSS_ENTROPY, BINARY_CROSS_ENTROPY = (LOSS_CODES[name] for name in (
     "mse", "cross_entropy", "binary_cross_entropy"))
@@ -39,7 +39,7 @@ def _exp_shifted(Y, r, m, dY):
 
 
 @helper
-def _softmax_xent_labels(Y, labels, dY, out):
+def softmax_xent_labels_of(Y, labels, dY, out):
     n, o = Y.shape
     scale = 1.0 / n
     total = 0.0
@@ -55,11 +55,11 @@ def _softmax_xent_labels(Y, labels, dY, out):
 
 @jit
 def softmax_xent_labels(Y, labels, dY, out):
-    _softmax_xent_labels(Y, labels, dY, out)
+    softmax_xent_labels_of(Y, labels, dY, out)
 
 
 @helper
-def _softmax_xent_rows(Y, T, dY, out):
+def softmax_xent_rows_of(Y, T, dY, out):
     n, o = Y.shape
     scale = 1.0 / n
     total = 0.0
@@ -79,11 +79,11 @@ def _softmax_xent_rows(Y, T, dY, out):
 
 @jit
 def softmax_xent_rows(Y, T, dY, out):
-    _softmax_xent_rows(Y, T, dY, out)
+    softmax_xent_rows_of(Y, T, dY, out)
 
 
 @helper
-def _binary_xent(Y, T, dY, out):
+def binary_xent_of(Y, T, dY, out):
     # max(y, 0) - y t + log(1 + exp(-|y|)) is finite for any logit
     n, o = Y.shape
     scale = 1.0 / (n * o)
@@ -92,17 +92,17 @@ def _binary_xent(Y, T, dY, out):
         for j in range(o):
             y, t = float(Y[r, j]), float(T[r, j])
             total += (math.log1p(math.exp(-abs(y))) + max(y, 0.0)) - y * t
-            dY[r, j] = (_sigmoid(y) - t) * scale
+            dY[r, j] = (logistic(y) - t) * scale
     out[0] = total / (n * o)
 
 
 @jit
 def binary_xent(Y, T, dY, out):
-    _binary_xent(Y, T, dY, out)
+    binary_xent_of(Y, T, dY, out)
 
 
 @helper
-def _mse(Y, T, dY, out):
+def mse_of(Y, T, dY, out):
     n, o = Y.shape
     scale = 2.0 / (n * o)
     total = 0.0
@@ -116,7 +116,7 @@ def _mse(Y, T, dY, out):
 
 @jit
 def mse(Y, T, dY, out):
-    _mse(Y, T, dY, out)
+    mse_of(Y, T, dY, out)
 
 
 @inline
@@ -130,7 +130,7 @@ def _argmax(Y, r):
 
 
 @helper
-def _count_correct_labels(Y, labels, out):
+def count_correct_labels_of(Y, labels, out):
     """Targets (n,): class ids, or 0/1 for a single output."""
     hits = 0
     for r in range(Y.shape[0]):
@@ -143,11 +143,11 @@ def _count_correct_labels(Y, labels, out):
 
 @jit
 def count_correct_labels(Y, labels, out):
-    _count_correct_labels(Y, labels, out)
+    count_correct_labels_of(Y, labels, out)
 
 
 @helper
-def _count_correct_rows(Y, T, out):
+def count_correct_rows_of(Y, T, out):
     """Targets (n, o): probability rows (compared by argmax), or 0/1 for a single output."""
     hits = 0
     for r in range(Y.shape[0]):
@@ -160,4 +160,4 @@ def _count_correct_rows(Y, T, out):
 
 @jit
 def count_correct_rows(Y, T, out):
-    _count_correct_rows(Y, T, out)
+    count_correct_rows_of(Y, T, out)

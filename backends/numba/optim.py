@@ -16,11 +16,11 @@ import numba
 import numpy as np
 
 from .jit import helper, inline, jit, phelper
-from .layers import _bounds, _chunks
+from .layers import chunk_bounds, chunk_count
 
 # ------------------------------------------------------------------------- divergence
 @inline
-def _finite(x):
+def all_finite(x):
     bad = False
     for i in range(x.size):
         bad |= (x[i] - x[i]) != 0  # NaN for inf and NaN, 0 for any finite value
@@ -31,8 +31,8 @@ def _finite(x):
 def _finite_par(x, chunks):
     ok = np.empty(chunks, np.bool_)
     for c in numba.prange(chunks):
-        i0, i1 = _bounds(c, chunks, x.size)
-        ok[c] = _finite(x[i0:i1])
+        i0, i1 = chunk_bounds(c, chunks, x.size)
+        ok[c] = all_finite(x[i0:i1])
     return ok.all()
 
 
@@ -40,9 +40,9 @@ def _finite_par(x, chunks):
 def check_step(loss, grads, step, halted, par):
     if halted[0] != 0:
         return
-    chunks = _chunks(grads.size, par)
+    chunks = chunk_count(grads.size, par)
     if par is None or chunks == 1:
-        finite = _finite(grads)
+        finite = all_finite(grads)
     else:
         finite = _finite_par(grads, chunks)
     if not (finite and math.isfinite(loss[0])):
@@ -109,7 +109,7 @@ def _rmsprop(p, g, square_avg, buf, grad_avg, hp):
 
 
 @helper
-def _update(p, g, states, sgd, adam, rmsprop, step):
+def update_rule(p, g, states, sgd, adam, rmsprop, step):
     s1, s2, s3 = states
     if sgd is not None:
         _sgd(p, g, s1, sgd, step == 1)  # the momentum buffer starts as the gradient
@@ -126,26 +126,26 @@ def _update(p, g, states, sgd, adam, rmsprop, step):
 def _update_par(p, g, states, sgd, adam, rmsprop, step, chunks):
     s1, s2, s3 = states
     for c in numba.prange(chunks):
-        i0, i1 = _bounds(c, chunks, p.size)
+        i0, i1 = chunk_bounds(c, chunks, p.size)
         # an unused state buffer is empty, and so is its slice
         chunk = (s1[i0:i1], s2[i0:i1], s3[i0:i1])
-        _update(p[i0:i1], g[i0:i1], chunk, sgd, adam, rmsprop, step)
+        update_rule(p[i0:i1], g[i0:i1], chunk, sgd, adam, rmsprop, step)
 
 
 @inline
-def _optimizer_step(p, g, states, sgd, adam, rmsprop, step, halted, par):
+def optimizer_update(p, g, states, sgd, adam, rmsprop, step, halted, par):
     """One update of the flat parameters ``p``, a no-op while halted[0] != 0, by the one rule
     of sgd / adam / rmsprop whose hyper-parameters are given: the others are None, a type to
     Numba, which then compiles that rule only. ``states``: three buffers in the order of the rule's ``base.RULES`` row."""
     if halted[0] != 0:
         return
-    chunks = _chunks(p.size, par)
+    chunks = chunk_count(p.size, par)
     if par is None or chunks == 1:
-        _update(p, g, states, sgd, adam, rmsprop, step)
+        update_rule(p, g, states, sgd, adam, rmsprop, step)
     else:
         _update_par(p, g, states, sgd, adam, rmsprop, step, chunks)
 
 
 @jit
 def optimizer_step(p, g, states, sgd, adam, rmsprop, step, halted, par):
-    _optimizer_step(p, g, states, sgd, adam, rmsprop, step, halted, par)
+    optimizer_update(p, g, states, sgd, adam, rmsprop, step, halted, par)

@@ -17,7 +17,7 @@ from .unlinked import address, by_address
 
 
 @inline
-def _bounds(c, chunks, n):
+def chunk_bounds(c, chunks, n):
     return c * n // chunks, (c + 1) * n // chunks
 
 
@@ -115,7 +115,7 @@ def _gather_split(workers, gather, source, source_rows, stride, destination, col
         pool.lock(control)
     for worker in range(workers):
         block = pool.block_of(control, worker)
-        r0, r1 = _bounds(worker + 1, parts, rows)
+        r0, r1 = chunk_bounds(worker + 1, parts, rows)
         pool.store(block, pool.SOURCE, source)
         pool.store(block, pool.SOURCE_ROWS, source_rows)
         pool.store(block, pool.SOURCE_STRIDE, stride)
@@ -125,7 +125,7 @@ def _gather_split(workers, gather, source, source_rows, stride, destination, col
         pool.store(block, pool.ROWS_END, r1)
         pool.store(block, pool.COLUMNS, columns)
         pool.post(block, pool.GATHER, gather, 0, 0)
-    r0, r1 = _bounds(0, parts, rows)
+    r0, r1 = chunk_bounds(0, parts, rows)
     largest = _call_gather(gather, (source, source_rows, stride, destination, columns, order,
                                     r0, r1))
     for worker in range(workers):
