@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .gather import gather_shared
 from .toolkit import as_matrix, bits, epoch, gemm_t, helper, span
 
 
@@ -24,9 +25,11 @@ def _row_sums(M, out, first):
 
 
 @epoch
-def _tricks(flat, product, product_t, sums, signs):
+def _tricks(flat, product, product_t, sums, signs, X, order, batch, largest):
     """Views of ``flat`` by intrinsics, GEMMs by NumPy's BLAS (plain and transposed), a call
-    by symbol, and the floats' bits, in a kernel without reference counting."""
+    by symbol, the floats' bits, and a large model's gather (a helper called by its address,
+    on memory reached by address), in a kernel without reference counting."""
+    largest[0] = gather_shared(0, X, order, 1, batch.shape[0], batch, largest)
     A = as_matrix(flat, 2, 3, 4)
     B = as_matrix(flat, 14, 4, 2)
     gemm_t(A, False, B, False, product, 1.0, 0.0)
@@ -42,13 +45,17 @@ def run() -> None:
     flat = np.linspace(-1.5, 2.0, 22)
     product, product_t = np.empty((3, 2)), np.empty((4, 4))
     sums, signs = np.full(3, 7.0), np.zeros(6, np.bool_)
-    counted = _tricks(flat, product, product_t, sums, signs)
+    X, order = np.arange(-12.0, 12.0).reshape(6, 4), np.array([5, 0, 3, 1, 2], np.int64)
+    batch, largest = np.zeros((3, 4)), np.zeros(1)
+    counted = _tricks(flat, product, product_t, sums, signs, X, order, batch, largest)
     A, B = flat[2:14].reshape(3, 4), flat[14:22].reshape(4, 2)
     checks = {"a GEMM": np.allclose(product, A @ B, rtol=1e-12, atol=1e-12),
               "a transposed GEMM": np.allclose(product_t, 2 * A.T @ A, rtol=1e-12, atol=1e-12),
               "a helper called by symbol": counted == 2 and np.allclose(sums[:2], A[1:].sum(1))
               and sums[2] == 7.0,
-              "the floats' bits": np.array_equal(signs, flat[:6] < 0)}
+              "the floats' bits": np.array_equal(signs, flat[:6] < 0),
+              "a gather by address": np.array_equal(batch, X[order[1:4]])
+              and largest[0] == np.abs(X[order[1:4]]).max()}
     failed = [name for name, ok in checks.items() if not ok]
     if failed:
         raise RuntimeError("wrong results from " + ", ".join(failed))
