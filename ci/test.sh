@@ -20,7 +20,8 @@ bpk info
 stage "the test command of README.md (a cold Numba cache)"
 python -m pytest -q
 
-numba_tests=(tests/test_numba.py tests/test_numba_native.py tests/test_kernels.py)
+# (-k numba: the Numba files, and the Numba backend's cases of the kernel tests)
+numba_tests=(tests/test_numba.py tests/test_numba_native.py tests/test_kernels.py -k numba)
 stage "the Numba tests again, on the warm cache the first run left"
 python -m pytest -q "${numba_tests[@]}"
 stage "the Numba tests in plain mode (public Numba only: njit, np.dot)"
@@ -35,7 +36,9 @@ python3 -m venv .venv-oldest
     "numba==${oldest}.*" "numpy<2" "scipy<1.14" "pytest>=7"
 .venv-oldest/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
 .venv-oldest/bin/python -c "import numba; print('numba', numba.__version__)"
-.venv-oldest/bin/python -m pytest -q -p no:cacheprovider tests/test_numba.py
+# (a subset: each case compiles a whole epoch kernel afresh, 7-30 s apiece on this Numba)
+BPK_NUMBA_TEST_SUBSET=1 .venv-oldest/bin/python -m pytest -q -p no:cacheprovider \
+    tests/test_numba.py -k "not (parallel_passes or in_float32 or epoch_kernel_runs)"
 
 # Packaging: an sdist and a wheel built from it (python -m build) hold bpkernels.backends and every
 # subpackage of backends/ (through the bpkernels/backends symlink) and the .cu sources, and install
