@@ -45,8 +45,11 @@ def run() -> None:
     flat = np.linspace(-1.5, 2.0, 22)
     product, product_t = np.empty((3, 2)), np.empty((4, 4))
     sums, signs = np.full(3, 7.0), np.zeros(6, np.bool_)
-    X, order = np.arange(-12.0, 12.0).reshape(6, 4), np.array([5, 0, 3, 1, 2], np.int64)
-    batch, largest = np.zeros((3, 4)), np.zeros(1)
+    # (float32, the default dtype: a float32 model then compiles no gather of its own, and
+    # nothing compiles the float64 one before a float64 model needs it)
+    X = np.arange(-12.0, 12.0, dtype=np.float32).reshape(6, 4)
+    order = np.array([5, 0, 3, 1, 2], np.int64)
+    batch, largest = np.zeros((3, 4), np.float32), np.zeros(1, np.float32)
     counted = _tricks(flat, product, product_t, sums, signs, X, order, batch, largest)
     A, B = flat[2:14].reshape(3, 4), flat[14:22].reshape(4, 2)
     checks = {"a GEMM": np.allclose(product, A @ B, rtol=1e-12, atol=1e-12),
