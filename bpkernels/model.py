@@ -3,6 +3,7 @@ and backward passes as calls of the backend contract."""
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
 from typing import Any, Sequence
 
@@ -68,7 +69,10 @@ class MLP:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.seed = int(seed)
         self.optimizer: Optimizer | None = None  # set by fit() or load()
-        self.training = False  # True while an EpochLoop (fit()) trains this model
+        # Taken without waiting by fit() (or a hand-driven EpochLoop), so that of two fits
+        # started together exactly one trains; _trainer is who holds it (see bpkernels.train).
+        self._training_lock = threading.Lock()
+        self._trainer: Any = None
         self.epochs_trained = 0
         self._layout = [(i, o) for i, o in zip(self.sizes[:-1], self.sizes[1:])]
         self.n_params = sum(i * o + o for i, o in self._layout)
@@ -77,6 +81,11 @@ class MLP:
         self._weights = self._views(self.params)
         self._gradients = self._views(self.grads)
         self._workspaces: OrderedDict[tuple, Workspace] = OrderedDict()
+
+    @property
+    def training(self) -> bool:
+        """True while fit() (or an EpochLoop inside ``with loop:``) trains this model."""
+        return self._training_lock.locked()
 
     # ---------------------------------------------------------------- layout
     def _views(self, flat) -> list[tuple[Any, Any]]:
