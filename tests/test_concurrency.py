@@ -1,8 +1,11 @@
-"""One model shared by threads (docs/api.md, "Thread safety"): fit is exclusive, so of two
-fits started together exactly one trains."""
+"""One model shared by threads (docs/api.md, "Thread safety"): forward, predict and evaluate
+from many threads at once give each thread the single-threaded numbers; fit is exclusive, so
+of two fits started together exactly one trains."""
+import gc
 import sys
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -81,3 +84,44 @@ def test_of_two_fits_started_together_exactly_one_trains(backend, monkeypatch):
         assert model.epochs_trained == 10 and not model.training
     bpk.fit(model, X, y, epochs=1)  # the refused fit left the model free
     assert model.epochs_trained == 11
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_predict_evaluate_from_many_threads_match_one_thread(backend):
+    model = bpk.MLP([16, 64, 32, 5], backend=backend, seed=3)
+    rng = np.random.default_rng(4)
+    # Several inputs of one row count (they share a workspace size), one over a chunk, float64
+    # (converted) and float32 (read in place).
+    rows = [1000, 1000, 1000, 1000, 700, 700, 5000, 37]
+    inputs = [rng.standard_normal((n, 16)).astype(np.float32 if i % 2 else np.float64)
+              for i, n in enumerate(rows)]
+    labels = [rng.integers(0, 5, n) for n in rows]
+    expected = [(model.forward(X), model.predict(X), model.evaluate(X, y, "cross_entropy"))
+                for X, y in zip(inputs, labels)]
+
+    def work(i):
+        for call in range(12):
+            k = (i + call) % len(inputs)
+            X, y = inputs[k], labels[k]
+            Y, ids, scores = expected[k]
+            np.testing.assert_array_equal(model.forward(X), Y)
+            np.testing.assert_array_equal(model.predict(X), ids)
+            assert model.evaluate(X, y, "cross_entropy") == scores
+    errors = _in_threads(8, work)
+    assert errors == [], errors[0]
+
+
+def test_a_threads_scratch_is_reused_and_freed_with_the_thread():
+    model = bpk.MLP([4, 8, 3], backend="numpy")
+    X, _ = _data(rows=50)
+    seen = []
+
+    def work(_):
+        model.forward(X)
+        first = model._scratch(50)
+        model.forward(X)
+        assert model._scratch(50) is first  # no allocation once the thread's buffers exist
+        seen.append(weakref.ref(first))
+    assert _in_threads(4, work) == []
+    gc.collect()
+    assert len(seen) == 4 and all(ref() is None for ref in seen)
