@@ -235,6 +235,22 @@ def _check_options(args: argparse.Namespace) -> None:
             raise ValueError(f"--save {target}: is a folder; give a file path")
         if not target.parent.is_dir():
             raise FileNotFoundError(f"--save {target}: folder {target.parent} does not exist")
+        _check_save_is_no_input(target, args.data)
+
+
+def _check_save_is_no_input(target: Path, data) -> None:
+    """The first checkpoint would replace the data set the run reads (the --data file, or a
+    file of an MNIST --data folder): refused before anything runs. Compared as files, so a
+    symlink or hard link to the data is caught too."""
+    source = Path(str(data))
+    if not target.exists() or not source.exists():
+        return  # a file about to be created, or a built-in data set: nothing to overwrite
+    inputs = [p for p in source.iterdir() if p.is_file()] if source.is_dir() else [source]
+    for path in inputs:
+        if target.resolve() == path.resolve() or os.path.samefile(target, path):
+            what = "the --data file" if path == source else f"a file of the --data folder {source}"
+            raise ValueError(f"--save {target}: is {what} of this run; saving there would "
+                             f"overwrite the data set; give another path")
 
 
 def _as_option(option: str, check, *args, **kwargs):

@@ -3,6 +3,7 @@ and backward passes as calls of the backend contract."""
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
 from typing import Any, Sequence
 
@@ -68,7 +69,10 @@ class MLP:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.seed = int(seed)
         self.optimizer: Optimizer | None = None  # set by fit() or load()
-        self.training = False  # True while an EpochLoop (fit()) trains this model
+        # Taken without waiting by fit() (or a hand-driven EpochLoop), so that of two fits
+        # started together exactly one trains; _trainer is who holds it (see bpkernels.train).
+        self._training_lock = threading.Lock()
+        self._trainer: Any = None
         self.epochs_trained = 0
         self._layout = [(i, o) for i, o in zip(self.sizes[:-1], self.sizes[1:])]
         self.n_params = sum(i * o + o for i, o in self._layout)
@@ -77,6 +81,12 @@ class MLP:
         self._weights = self._views(self.params)
         self._gradients = self._views(self.grads)
         self._workspaces: OrderedDict[tuple, Workspace] = OrderedDict()
+        self._local = threading.local()
+
+    @property
+    def training(self) -> bool:
+        """True while fit() (or an EpochLoop inside ``with loop:``) trains this model."""
+        return self._training_lock.locked()
 
     # ---------------------------------------------------------------- layout
     def _views(self, flat) -> list[tuple[Any, Any]]:
@@ -106,15 +116,31 @@ class MLP:
 
     def workspace(self, rows: int, target_shape: tuple | None = None,
                   target_dtype: Any = None) -> Workspace:
+        """The workspace of training (fit, loss_and_grads): one set per model, as training is
+        exclusive."""
+        return self._cached(self._workspaces, rows, target_shape, target_dtype)
+
+    def _scratch(self, rows: int, target_shape: tuple | None = None,
+                 target_dtype: Any = None) -> Workspace:
+        """The calling thread's own workspace, for forward, predict and evaluate: threads that
+        call them at once on one model never share buffers. A threading.local holds them, so
+        the buffers of a thread that ended go with it instead of piling up."""
+        cache = getattr(self._local, "workspaces", None)
+        if cache is None:
+            cache = self._local.workspaces = OrderedDict()
+        return self._cached(cache, rows, target_shape, target_dtype)
+
+    def _cached(self, cache: OrderedDict, rows: int, target_shape: tuple | None,
+                target_dtype: Any) -> Workspace:
         key = (rows, target_shape, None if target_dtype is None else np.dtype(target_dtype))
-        ws = self._workspaces.get(key)
+        ws = cache.get(key)
         if ws is None:
             ws = Workspace(self, rows, target_shape, target_dtype)
-            self._workspaces[key] = ws
-            while len(self._workspaces) > _MAX_WORKSPACES:
-                self._workspaces.popitem(last=False)
+            cache[key] = ws
+            while len(cache) > _MAX_WORKSPACES:
+                cache.popitem(last=False)
         else:
-            self._workspaces.move_to_end(key)
+            cache.move_to_end(key)
         return ws
 
     # ---------------------------------------------------------------- passes
@@ -154,7 +180,7 @@ class MLP:
         for start in range(0, X.rows, _CHUNK_ROWS):
             rows = slice(start, min(start + _CHUNK_ROWS, X.rows))
             n = rows.stop - rows.start
-            ws = self.workspace(n) if T is None else self.workspace(n, T.shape[1:], T.dtype)
+            ws = self._scratch(n) if T is None else self._scratch(n, T.shape[1:], T.dtype)
             chunk = X.data[rows]  # rows of a C-contiguous array: C-contiguous
             if not X.resident:
                 self._upload(chunk, ws.X)
@@ -299,6 +325,7 @@ class MLP:
         self._weights = self._views(self.params)
         self._gradients = self._views(self.grads)
         self._workspaces = OrderedDict()
+        self._local = threading.local()  # every thread's scratch is of the old backend
         if self.optimizer is not None:
             self.optimizer.state = {name: moved[f"optimizer state {name}"] for name in state}
         return self

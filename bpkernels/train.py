@@ -111,51 +111,87 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
     seed = check_positive_int(seed, "seed", 0)
     if threads is not None:
         threads = check_positive_int(threads, "threads", 1)
-    _check_not_training(model)
-    X, T = model.prepare(X, y, loss)
-    if comm is not None and X.device:
-        raise ValueError("fit(comm=...) takes X as a host array (each rank reads its shard of "
-                         "the batches from it); device arrays are for single-process fit()")
-    if validation_data is not None:
-        validation_data = _check_validation(model, validation_data, loss)
-    callbacks = list(callbacks or [])
-    for cb in callbacks:
-        if not callable(cb):
-            raise TypeError(f"callbacks must be callables (epoch, record), got {type(cb).__name__}")
-    opt = _resolve_optimizer(model, optimizer)
-    opt.bind(model)  # allocates the optimizer's state; the model takes it once training starts
+    # Taken before the inputs are prepared, atomically: a check here and a mark set later
+    # let two fits started together both train.
+    claim = _FitClaim()
+    _take(model, claim)
+    try:
+        X, T = model.prepare(X, y, loss)
+        if comm is not None and X.device:
+            raise ValueError("fit(comm=...) takes X as a host array (each rank reads its shard of "
+                             "the batches from it); device arrays are for single-process fit()")
+        if validation_data is not None:
+            validation_data = _check_validation(model, validation_data, loss)
+        callbacks = list(callbacks or [])
+        for cb in callbacks:
+            if not callable(cb):
+                raise TypeError(f"callbacks must be callables (epoch, record), "
+                                f"got {type(cb).__name__}")
+        opt = _resolve_optimizer(model, optimizer)
+        opt.bind(model)  # allocates the optimizer's state; the model takes it once training starts
 
-    parallel = None
-    if comm is not None:
-        from .distributed import DataParallel
-        parallel = DataParallel(comm, model, X.data, T, loss=loss, optimizer=opt,
-                                batch_size=batch_size, epochs=epochs, shuffle=shuffle, seed=seed)
-    loop = EpochLoop(model, X, T, loss=loss, optimizer=opt, batch_size=batch_size,
-                     parallel=parallel)
-    history = History()
-    bar = _Progress(bool(progress) and (parallel is None or parallel.rank == 0), epochs, X.rows)
-    with limit_threads(threads), loop:  # threads first: a fit that cannot start changes nothing
-        try:
-            for _ in range(epochs):
-                record = loop.epoch(shuffle, seed, validation_data, bar.start())
-                history.epochs.append(record)
-                bar.end(record)
-                if loop.interrupted and parallel is None:
-                    raise KeyboardInterrupt
-                stop = any(cb(int(record["epoch"]), dict(record)) is True for cb in callbacks)
-                if parallel is not None:  # every rank stops (or acts on a Ctrl-C) alike
-                    stop = parallel.agree_to_stop(stop, loop.interrupted)
-                if stop:
-                    break
-        finally:
-            bar.close()
+        parallel = None
+        if comm is not None:
+            from .distributed import DataParallel
+            parallel = DataParallel(comm, model, X.data, T, loss=loss, optimizer=opt,
+                                    batch_size=batch_size, epochs=epochs, shuffle=shuffle,
+                                    seed=seed)
+        loop = EpochLoop(model, X, T, loss=loss, optimizer=opt, batch_size=batch_size,
+                         parallel=parallel)
+        model._trainer = loop  # handed over: its ``with`` needs no second claim
+        history = History()
+        bar = _Progress(bool(progress) and (parallel is None or parallel.rank == 0), epochs, X.rows)
+        with limit_threads(threads), loop:  # threads first: a fit that cannot start changes nothing
+            try:
+                for _ in range(epochs):
+                    record = loop.epoch(shuffle, seed, validation_data, bar.start())
+                    history.epochs.append(record)
+                    bar.end(record)
+                    if loop.interrupted and parallel is None:
+                        raise KeyboardInterrupt
+                    stop = any(cb(int(record["epoch"]), dict(record)) is True for cb in callbacks)
+                    if parallel is not None:  # every rank stops (or acts on a Ctrl-C) alike
+                        stop = parallel.agree_to_stop(stop, loop.interrupted)
+                    if stop:
+                        break
+            finally:
+                bar.close()
+    finally:
+        _give_back(model)
     return history
 
 
+class _FitClaim:
+    """Who holds a model while fit() prepares its run, before its EpochLoop exists."""
+
+    def __init__(self) -> None:
+        self.thread = threading.get_ident()
+
+
+def _refuse() -> None:
+    raise RuntimeError("fit() is already training this model (called from a callback, or "
+                       "from another thread?); call it again once that fit() has returned")
+
+
 def _check_not_training(model) -> None:
-    if model.training:
-        raise RuntimeError("fit() is already training this model (called from a callback, or "
-                           "from another thread?); call it again once that fit() has returned")
+    # fit()'s own loop is made while fit holds the model; anyone else is refused. (A
+    # callback cannot pass for fit: by then fit has handed the model to its loop.)
+    trainer = model._trainer
+    if model.training and not (isinstance(trainer, _FitClaim)
+                               and trainer.thread == threading.get_ident()):
+        _refuse()
+
+
+def _take(model, holder) -> None:
+    """Claim ``model`` for ``holder`` without waiting, or refuse: the one check that counts."""
+    if not model._training_lock.acquire(blocking=False):
+        _refuse()
+    model._trainer = holder
+
+
+def _give_back(model) -> None:
+    model._trainer = None
+    model._training_lock.release()
 
 
 class EpochLoop:
@@ -214,6 +250,7 @@ class EpochLoop:
         self.backend_cache: dict = {}  # the backend's own, for the fit (see EpochPlan.cache)
         self._interrupt = _StepBoundaryInterrupt()
         self._errstate: Any = None
+        self._inside = self._took = False
 
     @property
     def interrupted(self) -> bool:
@@ -222,20 +259,35 @@ class EpochLoop:
         return self._interrupt.requested
 
     def __enter__(self) -> "EpochLoop":
-        _check_not_training(self.model)
+        # fit() hands its loop a model it already holds; a loop driven by hand takes it here.
+        self._took = self.model._trainer is not self
+        if self._took:
+            _take(self.model, self)
+        try:
+            self._enter()
+        except BaseException:
+            if self._took:
+                _give_back(self.model)
+            raise
+        self._inside = True
+        return self
+
+    def _enter(self) -> None:
         self._errstate = np.errstate(over="ignore", invalid="ignore", divide="ignore")
         self._errstate.__enter__()
         self._interrupt.__enter__()
         self.model.optimizer = self.optimizer  # from here on steps are taken
-        self.model.training = True  # the loop holds the model's buffers: model.to() must wait
-        return self
 
     def __exit__(self, *exc) -> None:
-        self.model.training = False
+        self._inside = False
         try:
             self._interrupt.__exit__(*exc)
         finally:
-            self._errstate.__exit__(*exc)
+            try:
+                self._errstate.__exit__(*exc)
+            finally:
+                if self._took:
+                    _give_back(self.model)
 
     def epoch(self, shuffle: bool = True, seed: int = 0,
               validation_data: tuple[interop.Array, np.ndarray] | None = None,
@@ -244,7 +296,7 @@ class EpochLoop:
         when ``shuffle``), timed, then validate on ``validation_data`` (as
         ``model.prepare`` returns it) if given; returns the epoch's History record.
         ``on_step(rows)`` is called after each step (or once for a fused epoch)."""
-        if not self.model.training:
+        if not self._inside:
             raise RuntimeError("EpochLoop.epoch() runs inside 'with loop:'")
         model, epoch = self.model, self.model.epochs_trained
         order = np.random.default_rng([seed, epoch]).permutation(self.n) if shuffle \

@@ -96,6 +96,31 @@ def test_save_then_resume_counts_epochs_on(capsys, tmp_path):
     assert bpkernels.load(ckpt).optimizer.step_count == steps * 6 // 2
 
 
+def test_save_over_the_data_is_refused_before_training(capsys, tmp_path):
+    X, y = ds.make_classification(60, 3, 2, seed=1)
+    npz, csv = tmp_path / "mydata.npz", tmp_path / "mydata.csv"
+    np.savez(npz, X=X, y=y)
+    csv.write_text("\n".join(",".join(f"{v:.6f}" for v in row) + f",{label}"
+                             for row, label in zip(X, y)) + "\n")
+    link = tmp_path / "link.npz"
+    link.symlink_to(npz)
+    mnist = tmp_path / "mnist"
+    mnist.mkdir()
+    (mnist / "train-images-idx3-ubyte").write_bytes(b"images")
+    cases = [(npz, npz, "the --data file"), (csv, csv, "the --data file"),
+             (npz, link, "the --data file"),
+             (mnist, mnist / "train-images-idx3-ubyte", "a file of the --data folder")]
+    for data, save, what in cases:
+        before = {p: p.read_bytes() for p in (npz, csv, mnist / "train-images-idx3-ubyte")}
+        code, out, err = run(capsys, "train", "--data", data, "--save", save, *FAST)
+        assert code == 2 and out == "", (data, save)
+        line = assert_one_error(err)
+        assert f"--save {save}: is {what}" in line and "overwrite the data set" in line
+        assert {p: p.read_bytes() for p in before} == before  # nothing written, nothing trained
+    # A new file beside the data is no input: allowed.
+    assert run(capsys, "train", "--data", npz, "--save", tmp_path / "model.npz", *FAST)[0] == 0
+
+
 def test_resume_rejects_data_of_another_shape(capsys, tmp_path):
     ckpt = tmp_path / "m.npz"
     assert run(capsys, "train", "--data", "synthetic", *FAST, "--save", ckpt)[0] == 0

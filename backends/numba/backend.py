@@ -152,7 +152,8 @@ class NumbaBackend(HostMemory, Backend):
 
     def _or_empty(self, buf, like) -> np.ndarray:
         """``buf``, or an empty array of ``like``'s dtype where a kernel's buffer is unused (so
-        the kernel is compiled once, not once more for None)."""
+        the kernel is compiled once, not once more for None). Safe from many threads: two
+        racing on a key each get an empty array of one shape and dtype, and none is written."""
         if buf is not None:
             return buf
         key = (like.dtype, like.ndim)
@@ -178,7 +179,9 @@ class NumbaBackend(HostMemory, Backend):
         those of the last other layer called, a network's hidden layer as a rule: then the
         layers of a network share one compiled copy of the kernel (and its row pass, with the
         epoch kernel), not one more for the output layer (~0.7 s of a first evaluate). The
-        identity's loop is in every copy, and computes the same in each."""
+        identity's loop is in every copy, and computes the same in each: so threads racing on
+        ``_last_kinds`` (models of one backend used at once) change which copy runs, never the
+        numbers."""
         if activation != "identity":
             self._last_kinds = _KINDS[activation]
         return self._last_kinds
