@@ -52,5 +52,5 @@ rm -rf "$dist"
 
 stage "benchmark smoke tests"
 BPK_BENCH_QUICK=1 python -m pytest benchmarks --benchmark-disable -q
-bpk bench --quick --dtypes float32,float64 --peers torch,sklearn
+bpk bench --quick --configs S,M --dtypes float32,float64 --peers torch,sklearn
 stage "done"
