@@ -239,3 +239,17 @@ def rmsprop(p, g, state, lr, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.
         state["momentum_buffer"] = buf
         return p - lr * buf
     return p - lr * g / avg
+
+
+# ----------------------------------------------------------------------- GEMM test operands
+GEMM_SHAPES = [(5, 7, 3), (1, 4, 1), (3, 1, 2), (33, 65, 17)]  # (m, k, n), edge sizes included
+
+
+def padded(M, pad):
+    """M as the first columns of a wider C-ordered array (rows ``pad`` elements apart beyond
+    its own width): to Numba, an array of layout 'A', not 'C'."""
+    if not pad:
+        return M
+    wide = np.full((M.shape[0], M.shape[1] + pad), np.nan, M.dtype)
+    wide[:, :M.shape[1]] = M
+    return wide[:, :M.shape[1]]

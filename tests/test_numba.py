@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import bpkernels as bpk
+from reference import GEMM_SHAPES, padded
 from bpkernels.backends.base import ACTIVATION_CODES, Backend
 
 pytest.importorskip("numba")
@@ -531,17 +532,6 @@ def test_missing_numba_names_the_extra(monkeypatch):
 
 
 # --------------------------------------------------------------------------- the GEMM
-GEMM_SHAPES = [(5, 7, 3), (1, 4, 1), (3, 1, 2), (33, 65, 17)]
-
-
-def _padded(M, pad):
-    """M as the first columns of a wider C-ordered array (rows ``pad`` elements apart beyond
-    its own width): to Numba, an array of layout 'A', not 'C'."""
-    if not pad:
-        return M
-    wide = np.full((M.shape[0], M.shape[1] + pad), np.nan, M.dtype)
-    wide[:, :M.shape[1]] = M
-    return wide[:, :M.shape[1]]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -556,8 +546,8 @@ def test_gemm_t_matches_the_float64_product_for_each_transpose_flag(dtype, shape
     m, k, n = shape
     rng = np.random.default_rng(3)
     for trans_a, trans_b in ((False, False), (True, False), (False, True)):
-        A = _padded(rng.standard_normal((k, m) if trans_a else (m, k)).astype(dtype), pad)
-        B = _padded(rng.standard_normal((n, k) if trans_b else (k, n)).astype(dtype), pad)
+        A = padded(rng.standard_normal((k, m) if trans_a else (m, k)).astype(dtype), pad)
+        B = padded(rng.standard_normal((n, k) if trans_b else (k, n)).astype(dtype), pad)
         C = np.full((m, n), np.nan, dtype)
         run(A, trans_a, B, trans_b, C, 1.0, 0.0)
         a64, b64 = A.astype(np.float64), B.astype(np.float64)
@@ -580,7 +570,7 @@ def numba_jit_gemm_t():
 @pytest.mark.parametrize("pad", [0, 3], ids=["contiguous", "padded-rows"])
 def test_gemm_t_refuses_mismatched_shapes(pad):
     run = numba_jit_gemm_t() if JIT else jit.gemm_t
-    A, B = _padded(np.ones((3, 4)), pad), _padded(np.ones((5, 2)), pad)
+    A, B = padded(np.ones((3, 4)), pad), padded(np.ones((5, 2)), pad)
     # (native mode's message; plain mode's np.dot raises a ValueError of Numba's or NumPy's)
     with pytest.raises(ValueError, match="shapes do not match" if JIT and NATIVE else None):
         run(A, False, B, False, np.empty((3, 2)), 1.0, 0.0)

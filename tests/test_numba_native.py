@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import bpkernels as bpk
+from reference import GEMM_SHAPES, padded
 
 pytest.importorskip("numba")
 pytest.importorskip("scipy")
@@ -391,7 +392,6 @@ def test_the_garbage_collector_pauses_while_a_kernel_compiles_and_is_restored(tm
 
 
 # --------------------------------------------------------------------------- the GEMM
-GEMM_SHAPES = [(5, 7, 3), (1, 4, 1), (3, 1, 2), (33, 65, 17)]
 
 
 def _gemm_operands(m, k, n, dtype, rng):
@@ -425,16 +425,6 @@ def numba_jit_gemm():
     return run
 
 
-def _padded(M, pad):
-    """M as the first columns of a wider C-ordered array (rows ``pad`` elements apart beyond
-    its own width): to Numba, an array of layout 'A', not 'C'."""
-    if not pad:
-        return M
-    wide = np.full((M.shape[0], M.shape[1] + pad), np.nan, M.dtype)
-    wide[:, :M.shape[1]] = M
-    return wide[:, :M.shape[1]]
-
-
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("shape", GEMM_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("pad", [0, 3], ids=["contiguous", "padded-rows"])
@@ -448,9 +438,9 @@ def test_gemm_t_matches_the_float64_product_for_every_transpose_flag(dtype, shap
     rng = np.random.default_rng(3)
     for trans_a in (False, True):
         for trans_b in (False, True):
-            A = _padded(rng.standard_normal((k, m) if trans_a else (m, k)).astype(dtype), pad)
-            B = _padded(rng.standard_normal((n, k) if trans_b else (k, n)).astype(dtype), pad)
-            C = _padded(np.full((m, n), np.nan, dtype), pad)
+            A = padded(rng.standard_normal((k, m) if trans_a else (m, k)).astype(dtype), pad)
+            B = padded(rng.standard_normal((n, k) if trans_b else (k, n)).astype(dtype), pad)
+            C = padded(np.full((m, n), np.nan, dtype), pad)
             run(A, trans_a, B, trans_b, C, 1.0, 0.0)
             a64, b64 = A.astype(np.float64), B.astype(np.float64)
             reference = (a64.T if trans_a else a64) @ (b64.T if trans_b else b64)
@@ -486,9 +476,9 @@ def test_gemm_t_scales_the_product_and_adds_the_scaled_output(dtype):
 @pytest.mark.parametrize("pad", [0, 3], ids=["contiguous", "padded-rows"])
 def test_gemm_t_refuses_mismatched_shapes(pad):
     run = numba_jit_gemm_t() if JIT else blas.gemm_t
-    A, B = _padded(np.ones((3, 4)), pad), _padded(np.ones((5, 2)), pad)
+    A, B = padded(np.ones((3, 4)), pad), padded(np.ones((5, 2)), pad)
     with pytest.raises(ValueError, match="shapes do not match" if JIT else ""):
-        run(A, False, B, False, _padded(np.empty((3, 2)), pad), 1.0, 0.0)
+        run(A, False, B, False, padded(np.empty((3, 2)), pad), 1.0, 0.0)
 
 
 @pytest.mark.skipif(not JIT, reason="NUMBA_DISABLE_JIT: no compiled kernels")

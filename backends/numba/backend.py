@@ -258,8 +258,8 @@ class NumbaBackend(HostMemory, Backend):
         widest = max(plan.params.size, plan.batch * max(plan.sizes))
         workers = None
         # (fit's data is C-ordered; the large models' gather reads rows by address, a native
-        # trick: plain mode runs every model as a small one)
-        if pool is not None and plan.params.size >= BOUND_MIN_PARAMS and plan.X.flags.c_contiguous:
+        # trick: plain mode declined large models above)
+        if plan.params.size >= BOUND_MIN_PARAMS and plan.X.flags.c_contiguous:
             workers = 0
             if POOL and plan.params.size >= POOL_MIN_PARAMS:
                 workers = pool.ensure(epoch.pool_worker, pool.blas_threads() - 1)

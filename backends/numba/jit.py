@@ -10,8 +10,6 @@ self-test still decides); unset or ``auto``, native where tested.
 """
 from __future__ import annotations
 
-import os
-
 import numba
 
 
@@ -19,12 +17,12 @@ def _choose():
     """(the native toolkit or None, why), by the rules above."""
     if numba.config.DISABLE_JIT:
         return None, "plain (NUMBA_DISABLE_JIT is set: plain Python)"
-    setting = os.environ.get("BPK_NUMBA_NATIVE", "auto").strip().lower() or "auto"
+    from . import _native  # (imports no internals: _native.load does)
+    setting = _native.setting()
     if setting == "0":
         return None, "plain (BPK_NUMBA_NATIVE=0)"
     if setting not in ("1", "auto"):
         return None, f"plain (BPK_NUMBA_NATIVE={setting!r} is not 0, 1 or auto)"
-    from . import _native
     untested = _native.untested()
     if untested and setting != "1":
         return None, ("plain (native layer not tested with " + "; ".join(untested)
@@ -40,11 +38,11 @@ def _choose():
 NATIVE, MODE_REASON = _choose()
 MODE = "native" if NATIVE is not None else "plain"
 if NATIVE is not None:
-    from ._native.toolkit import (BLAS_SOURCE, as_matrix, bits, epoch, gemm_t, helper, inline,
-                                  jit, linked, phelper, span)
+    from ._native.toolkit import (BLAS_SOURCE, as_matrix, epoch, gemm_t, helper, inline, jit,
+                                  linked, phelper, span)
 else:
-    from .plain import (BLAS_SOURCE, as_matrix, bits, epoch, gemm_t, helper, inline,  # noqa: F401
+    from .plain import (BLAS_SOURCE, as_matrix, epoch, gemm_t, helper, inline,  # noqa: F401
                         jit, linked, phelper, span)
 
-__all__ = ["BLAS_SOURCE", "MODE", "MODE_REASON", "NATIVE", "as_matrix", "bits", "epoch",
+__all__ = ["BLAS_SOURCE", "MODE", "MODE_REASON", "NATIVE", "as_matrix", "epoch",
            "gemm_t", "helper", "inline", "jit", "linked", "phelper", "span"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba.extending import overload
 
 BLAS_SOURCE = "numba-np.dot"
 FLAGS = dict(cache=True, nogil=True, error_model="numpy", boundscheck=False, fastmath=False)
@@ -45,17 +44,6 @@ def span(array, start, length):
     return array[start:start + length]
 
 
-def bits(array):
-    """The floats' bits as integers of the same width, in place."""
-    return array.view(np.int32 if array.itemsize == 4 else np.int64)
-
-
-@overload(bits, jit_options=dict(FLAGS))
-def _bits(array):
-    width = np.int32 if array.dtype.bitwidth == 32 else np.int64
-    return lambda array: array.view(width)
-
-
 @jit
 def gemm_t(A, trans_a, B, trans_b, C, alpha, beta):
     """C = op(A) @ op(B), op transposing where asked: _native/blas.py's, for the calls plain
@@ -72,5 +60,5 @@ def gemm_t(A, trans_a, B, trans_b, C, alpha, beta):
         np.dot(A, B, C)
 
 
-__all__ = ["BLAS_SOURCE", "as_matrix", "bits", "epoch", "gemm_t", "helper", "inline", "jit",
+__all__ = ["BLAS_SOURCE", "as_matrix", "epoch", "gemm_t", "helper", "inline", "jit",
            "linked", "phelper", "span"]

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import re
 
+from .switch import setting  # noqa: F401  (jit.py's, and the pool's gate)
+
 # The releases this layer was tested with: (major, minor) of Numba and llvmlite.
 TESTED = {"numba": ((0, 68),), "llvmlite": ((0, 50),)}
 

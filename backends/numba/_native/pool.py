@@ -45,6 +45,7 @@ from numba.extending import intrinsic
 from numba.np.arrayobj import populate_array
 
 from ...host import numpy_blas_libraries
+from .switch import setting
 
 # Header slots, then per worker: what the caller posts (slots 0-15), what it answers (16-23).
 LOCK, WORKERS, SLEEP_LIMIT, HEADER = 0, 8, 10, 16  # SLEEP_LIMIT: a timespec, 2 slots
@@ -111,24 +112,24 @@ def openblas_version() -> tuple[int, ...] | None:
     return None
 
 
-def _why_not() -> str | None:
-    """Why the pool cannot run here, or None where it can."""
+def _find() -> tuple[tuple | None, str | None]:
+    """(NumPy's OpenBLAS functions, None) where the pool can run here, else (None, why not)."""
     if not (sys.platform.startswith("linux") and platform.machine() == "x86_64"):
-        return "Linux on x86-64 only"
+        return None, "Linux on x86-64 only"
     version = openblas_version()
     if version is None:
-        return "NumPy's BLAS is not an OpenBLAS this pool knows"
-    if version not in TESTED_OPENBLAS and os.environ.get("BPK_NUMBA_NATIVE", "").strip() != "1":
+        return None, "NumPy's BLAS is not an OpenBLAS this pool knows"
+    if version not in TESTED_OPENBLAS and setting() != "1":
         tested = ", ".join(".".join(map(str, v)) for v in TESTED_OPENBLAS)
-        return (f"not tested with OpenBLAS {'.'.join(map(str, version))} (tested: {tested}; "
-                f"BPK_NUMBA_NATIVE=1 tries it)")
-    if _openblas() is None:
-        return "NumPy's OpenBLAS has no threads callback (0.3.28 and newer have)"
-    return None
+        return None, (f"not tested with OpenBLAS {'.'.join(map(str, version))} (tested: "
+                      f"{tested}; BPK_NUMBA_NATIVE=1 tries it)")
+    blas = _openblas()
+    if blas is None:
+        return None, "NumPy's OpenBLAS has no threads callback (0.3.28 and newer have)"
+    return blas, None
 
 
-_WHY_NOT = _why_not()
-_BLAS = _openblas() if _WHY_NOT is None else None
+_BLAS, _WHY_NOT = _find()
 if _BLAS is not None:
     llvm.add_symbol(_SYMBOLS["exec_blas"], ctypes.cast(_BLAS[2], ctypes.c_void_p).value)
     llvm.add_symbol(_SYMBOLS["set_callback"], ctypes.cast(_BLAS[0], ctypes.c_void_p).value)
