@@ -1,6 +1,7 @@
 """bpkernels: a backprop engine for multilayer perceptrons on swappable array backends."""
 from __future__ import annotations
 
+from . import lr_scheduler
 from .backends import BackendUnavailable, available_backends, get_backend
 from .checkpoint import CheckpointError
 from .model import MLP, load
@@ -14,5 +15,5 @@ __all__ = [
     "MLP", "fit", "load", "EpochLoop", "History", "SGD", "Adam", "AdamW", "RMSprop", "Optimizer",
     "available_backends", "get_backend", "BackendUnavailable", "CheckpointError",
     "TrainingDiverged", "__version__",
-    "set_num_threads", "get_num_threads",
+    "set_num_threads", "get_num_threads", "lr_scheduler",
 ]
