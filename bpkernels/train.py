@@ -14,7 +14,6 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
@@ -22,6 +21,8 @@ import numpy as np
 from . import interop
 from .interop import ArrayLike
 from .backends.base import EpochPlan
+from .history import History
+from .lr_scheduler import LRScheduler
 from .losses import check_loss, has_accuracy
 from .optim import Adam, Optimizer, make_optimizer
 from .threads import limit_threads
@@ -46,27 +47,6 @@ class TrainingDiverged(FloatingPointError):
                          f"the last finite step are kept (try a lower learning rate)")
 
 
-@dataclass
-class History:
-    """One record per epoch: epoch, loss, accuracy (classifiers), val_loss, val_accuracy,
-    seconds, samples_per_sec. ``history["loss"]`` gives one column as a list."""
-
-    epochs: list[dict[str, float]] = field(default_factory=list)
-
-    def __getitem__(self, key: str) -> list[float]:
-        if not self.epochs or key not in self.epochs[0]:
-            known = ", ".join(self.epochs[0]) if self.epochs else "nothing (no epoch ran)"
-            raise KeyError(f"{key!r}; the history records: {known}")
-        return [record[key] for record in self.epochs]
-
-    def __len__(self) -> int:
-        return len(self.epochs)
-
-    @property
-    def history(self) -> dict[str, list[float]]:
-        return {key: self[key] for key in (self.epochs[0] if self.epochs else {})}
-
-
 def _abort_job_on_failure(fit: Callable) -> Callable:
     """With ``comm=``, fit runs under distributed.abort_job_on_failure (a failure on one rank
     ends the job instead of leaving the others waiting); without it, MPI is never imported."""
@@ -85,7 +65,8 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
         epochs: int = 10, batch_size: int = 32, shuffle: bool = True, seed: int = 0,
         validation_data: tuple[Any, Any] | None = None,
         callbacks: Iterable[Callable[[int, dict], Any]] | None = None,
-        progress: bool = False, comm: Any = None, threads: int | None = None) -> History:
+        progress: bool = False, comm: Any = None, threads: int | None = None,
+        lr_scheduler: LRScheduler | None = None, lr_scheduler_interval: str = "epoch") -> History:
     """Train ``model`` on X, y; returns the History of the epochs run.
 
     ``optimizer``: an Optimizer, a name ("sgd", "adam", "adamw", "rmsprop") or None for the
@@ -98,6 +79,13 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
     ranks, each calling fit() alike (see bpkernels.distributed); only rank 0 shows progress.
     ``threads``: train on at most this many threads (BLAS and Numba), restoring the counts
     found afterwards (bpkernels.threads.limit_threads); None keeps the process's count.
+    ``lr_scheduler``: a schedule of bpkernels.lr_scheduler; it reads the optimizer's ``lr`` as
+    its base rate when it starts (the first fit it serves) and steps after every epoch
+    (``lr_scheduler_interval="epoch"``) or every optimizer step (``"step"``), as PyTorch's
+    ``scheduler.step()`` would; ReduceLROnPlateau steps on its ``monitor`` record once per
+    epoch. The rate of each epoch is recorded as ``lr`` (per step: the epoch's last step's).
+    A callback object may have ``on_fit_start(model, optimizer)`` and
+    ``on_fit_end(model, history)`` hooks (see bpkernels.callbacks, EarlyStopping).
 
     X, y and validation_data may be arrays of any library (see bpkernels.interop): X already in
     the model's memory as a C-contiguous array of its dtype is trained on in place, never
@@ -127,8 +115,11 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
             if not callable(cb):
                 raise TypeError(f"callbacks must be callables (epoch, record), "
                                 f"got {type(cb).__name__}")
+        schedule = _Schedule.of(lr_scheduler, lr_scheduler_interval)
         opt = _resolve_optimizer(model, optimizer)
         opt.bind(model)  # allocates the optimizer's state; the model takes it once training starts
+        if schedule is not None:
+            schedule.start(opt)
 
         parallel = None
         if comm is not None:
@@ -141,10 +132,16 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
         model._trainer = loop  # handed over: its ``with`` needs no second claim
         history = History()
         bar = _Progress(bool(progress) and (parallel is None or parallel.rank == 0), epochs, X.rows)
+        for cb in callbacks:
+            if hasattr(cb, "on_fit_start"):
+                cb.on_fit_start(model, opt)
         with limit_threads(threads), loop:  # threads first: a fit that cannot start changes nothing
             try:
                 for _ in range(epochs):
-                    record = loop.epoch(shuffle, seed, validation_data, bar.start())
+                    if schedule is None:
+                        record = loop.epoch(shuffle, seed, validation_data, bar.start())
+                    else:
+                        record = schedule.epoch(loop, shuffle, seed, validation_data, bar.start())
                     history.epochs.append(record)
                     bar.end(record)
                     if loop.interrupted and parallel is None:
@@ -156,6 +153,9 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
                         break
             finally:
                 bar.close()
+        for cb in callbacks:
+            if hasattr(cb, "on_fit_end"):
+                cb.on_fit_end(model, history)
     finally:
         _give_back(model)
     return history
@@ -248,6 +248,8 @@ class EpochLoop:
         self.halted = be.zeros((1,), np.int64)
         self.metric = has_accuracy(loss, model.sizes[-1])
         self.backend_cache: dict = {}  # the backend's own, for the fit (see EpochPlan.cache)
+        # (rates, momenta or None) of each step of the next epoch, for a per-step schedule
+        self.step_rates: tuple[np.ndarray, np.ndarray | None] | None = None
         self._interrupt = _StepBoundaryInterrupt()
         self._errstate: Any = None
         self._inside = self._took = False
@@ -321,7 +323,9 @@ class EpochLoop:
         first_step = opt.step_count + 1
         # The whole epoch in one call, where the backend can (not under MPI: the gradient is
         # all-reduced between backward and update).
-        if parallel is None and be.train_epoch(self._plan(index, first_step)):
+        # (A per-step schedule runs kernel by kernel for now: the fused epochs read one rate.)
+        if parallel is None and self.step_rates is None and \
+                be.train_epoch(self._plan(index, first_step)):
             opt.step_count += self.steps
             if on_step is not None:
                 on_step(self.n)
@@ -357,6 +361,9 @@ class EpochLoop:
             if parallel is not None:
                 parallel.all_reduce(model.grads, self.loss_slots[s], ws.rows / self.batch_rows[s])
             be.check_step(self.loss_slots[s], model.grads, opt.step_count + 1, self.halted)
+            if self.step_rates is not None:
+                set_rate(opt, self.step_rates[0][s],
+                         None if self.step_rates[1] is None else self.step_rates[1][s])
             opt.step(model, self.halted)
             if on_step is not None:
                 on_step(int(self.batch_rows[s]))
@@ -403,6 +410,73 @@ class _StepBoundaryInterrupt:
             signal.signal(signal.SIGINT, self._previous)
         if self.requested and exc[0] is None:
             raise KeyboardInterrupt  # asked for during the last step or the epoch's end
+
+
+def set_rate(opt: Optimizer, lr: float, momentum: float | None) -> None:
+    """Give ``opt`` a schedule's learning rate (and cycled momentum: Adam's beta1)."""
+    opt.lr = float(lr)
+    if momentum is not None:
+        if hasattr(opt, "beta1"):
+            opt.beta1 = float(momentum)
+        else:
+            opt.momentum = float(momentum)  # type: ignore[attr-defined]
+
+
+class _Schedule:
+    """fit()'s side of a learning-rate schedule: the rate of each epoch, or of each step of
+    the epoch ahead (computed before it, so that no step waits on the host), and the
+    schedule's own step after each epoch."""
+
+    def __init__(self, scheduler: LRScheduler, per_step: bool) -> None:
+        self.scheduler, self.per_step = scheduler, per_step
+
+    @classmethod
+    def of(cls, scheduler: Any, interval: Any) -> "_Schedule | None":
+        if interval not in ("epoch", "step"):
+            raise ValueError(f"lr_scheduler_interval must be 'epoch' or 'step', got {interval!r}")
+        if scheduler is None:
+            return None
+        if not isinstance(scheduler, LRScheduler):
+            raise TypeError(f"lr_scheduler must be a scheduler of bpkernels.lr_scheduler, got "
+                            f"{type(scheduler).__name__}")
+        if interval == "step" and scheduler.per_epoch_only:
+            raise ValueError(f"{type(scheduler).__name__} steps once per epoch on a record; use "
+                             f"lr_scheduler_interval='epoch'")
+        return cls(scheduler, interval == "step")
+
+    def start(self, opt: Optimizer) -> None:
+        self.scheduler.start(opt)
+
+    def epoch(self, loop: "EpochLoop", shuffle: bool, seed: int, validation_data: Any,
+              on_step: Any) -> dict[str, float]:
+        sched, opt = self.scheduler, loop.optimizer
+        if not self.per_step:
+            set_rate(opt, sched.lr, sched.momentum)
+            record = loop.epoch(shuffle, seed, validation_data, on_step)
+            record["lr"] = opt.lr
+            if sched.per_epoch_only:
+                monitor = getattr(sched, "monitor")
+                if monitor not in record:
+                    raise KeyError(f"{type(sched).__name__} monitors {monitor!r}, which the "
+                                   f"History does not record (it has {', '.join(record)}); "
+                                   f"pass validation_data for val_ records")
+                sched.step(record[monitor])  # type: ignore[call-arg]
+            else:
+                sched.step()
+            return record
+        before, first = sched.state_dict(), opt.step_count
+        loop.step_rates = sched.rates(loop.steps)
+        try:
+            record = loop.epoch(shuffle, seed, validation_data, on_step)
+        except BaseException:
+            # The steps not taken are not scheduled: a resumed run goes on from the last one.
+            sched.load_state_dict(before)
+            sched.rates(opt.step_count - first)
+            raise
+        finally:
+            loop.step_rates = None
+        record["lr"] = opt.lr
+        return record
 
 
 def _resolve_optimizer(model, optimizer) -> Optimizer:
