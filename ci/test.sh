@@ -12,9 +12,10 @@ python3 -m venv .venv
 # shellcheck disable=SC1091
 . .venv/bin/activate
 python -m pip install --quiet --disable-pip-version-check -e ".[test]"
-# PyTorch: a test-only reference (autograd, torch.optim, torch.nn) and a benchmark peer, never a
-# dependency of bpkernels; its tests skip without it.
-python -m pip install --quiet --disable-pip-version-check torch==2.13.0
+# PyTorch: a test-only reference (autograd, torch.optim, torch.nn, its schedulers) and a
+# benchmark peer; Keras (on PyTorch) the reference of EarlyStopping. Never dependencies of
+# bpkernels; their tests skip without them.
+python -m pip install --quiet --disable-pip-version-check torch==2.13.0 keras
 bpk info
 
 stage "the test command of README.md (a cold Numba cache)"
