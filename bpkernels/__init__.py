@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from . import lr_scheduler
 from .backends import BackendUnavailable, available_backends, get_backend
+from .callbacks import EarlyStopping
 from .checkpoint import CheckpointError
 from .model import MLP, load
 from .optim import SGD, Adam, AdamW, Optimizer, RMSprop
@@ -15,5 +16,5 @@ __all__ = [
     "MLP", "fit", "load", "EpochLoop", "History", "SGD", "Adam", "AdamW", "RMSprop", "Optimizer",
     "available_backends", "get_backend", "BackendUnavailable", "CheckpointError",
     "TrainingDiverged", "__version__",
-    "set_num_threads", "get_num_threads", "lr_scheduler",
+    "set_num_threads", "get_num_threads", "lr_scheduler", "EarlyStopping",
 ]
