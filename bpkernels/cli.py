@@ -236,6 +236,7 @@ def _check_options(args: argparse.Namespace) -> None:
         if not target.parent.is_dir():
             raise FileNotFoundError(f"--save {target}: folder {target.parent} does not exist")
         _check_save_is_no_input(target, args.data)
+        checkpoint.check_writable(target)  # a read-only folder, a name too long: before training
 
 
 def _check_save_is_no_input(target: Path, data) -> None:
