@@ -29,6 +29,7 @@ from .backends.base import LOSSES
 from .losses import check_loss, has_accuracy
 from .model import DTYPES, MLP, resolve_dtype
 from .optim import OPTIMIZERS, make_optimizer
+from .signals import StopSignals
 from .train import TrainingDiverged, fit
 
 EXIT_USAGE = 2
@@ -360,8 +361,11 @@ class _Saver:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .threads import limit_threads
-    with limit_threads(args.threads):
+    with limit_threads(args.threads), _STOP:
         return _train_command(args)
+
+
+_STOP = StopSignals(EXIT_INTERRUPTED)  # the run's: main() reads what stopped it
 
 
 def _train_command(args: argparse.Namespace) -> int:
@@ -450,20 +454,22 @@ def _prepare_training(args: argparse.Namespace) -> tuple:
 
 
 def _interrupted(saver: _Saver) -> int:
+    what, code = _STOP.outcome()
     if saver.path is None:
-        _error("interrupted; nothing saved (no --save given)", prefix="bpk:")
-        return EXIT_INTERRUPTED
+        _error(f"{what}; nothing saved (no --save given)", prefix="bpk:")
+        return code
     try:
         saver.save()
     except KeyboardInterrupt:
         # A second Ctrl-C: the atomic save left the previous checkpoint (if any) intact.
-        _error(f"interrupted twice; {saver.path} holds the last completed save", prefix="bpk:")
-        return EXIT_INTERRUPTED
+        _error(f"{_STOP.outcome()[0]} twice; {saver.path} holds the last completed save",
+               prefix="bpk:")
+        return _STOP.outcome()[1]
     # Saved as trained so far: an unfinished epoch's steps are in the weights, but it is not
     # counted, so --resume runs that epoch again in full.
-    _error(f"interrupted; model saved to {saver.path} as trained so far "
+    _error(f"{what}; model saved to {saver.path} as trained so far "
            f"({saver.model.epochs_trained} complete epochs)", prefix="bpk:")
-    return EXIT_INTERRUPTED
+    return code
 
 
 def _print_settings(args, model, loss: str, classify: bool, train, test, optimizer, why: str,
@@ -656,6 +662,7 @@ def _message(err: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``bpk`` with ``argv`` (default: the process arguments); returns the exit code."""
     parser = _build_parser()
+    _STOP.signum = None
     try:
         args = parser.parse_args(argv)
     except SystemExit as done:  # --help, --version and usage errors (already printed)
@@ -663,8 +670,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except KeyboardInterrupt:
-        _error("interrupted", prefix="bpk:")
-        return EXIT_INTERRUPTED
+        what, code = _STOP.outcome()
+        _error(what, prefix="bpk:")
+        return code
     except TrainingDiverged as err:  # raised outside fit(): not expected, but never a traceback
         _error(_message(err))
         return EXIT_DIVERGED
