@@ -5,7 +5,8 @@ folder) and prints a summary; ``bpk bench`` times every backend and peer against
 floor; ``bpk info`` describes the installation and the machine.
 
 Every user mistake ends in one line ``bpk: error: <message>`` on stderr and exit code 2;
-divergence of training in exit code 3; Ctrl-C in exit code 130. Set ``BPK_DEBUG=1`` to get
+divergence of training in exit code 3; Ctrl-C in exit code 130, SIGTERM and SIGHUP in 128 + their
+number (see signals.py). Set ``BPK_DEBUG=1`` to get
 the traceback of a handled error instead (for bug reports).
 """
 from __future__ import annotations
