@@ -47,7 +47,7 @@ def target_of(path: str | os.PathLike) -> Path:
     return real
 
 
-def write(path: str | os.PathLike, fill: Callable[[IO[bytes]], None], what: str = "file") -> None:
+def write(path: str | os.PathLike, fill: Callable[[IO[bytes]], object], what: str = "file") -> None:
     """Write ``path`` atomically: ``fill(f)`` writes the content to a binary file object.
 
     An OSError names ``what`` and ``path`` (the errno is kept); whatever fails, the previous

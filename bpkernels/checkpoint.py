@@ -105,10 +105,10 @@ def _read_meta(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo, size
                               f"(at most {_MAX_META_BYTES}); not a bpkernels checkpoint")
     _check_member(path, info, size)
     with archive.open(info) as f:
-        array = np.lib.format.read_array(f, allow_pickle=False)
-    if array.shape != () or array.dtype.kind != "U":
+        shape, dtype, data = _header(path, f, info)
+    if shape != () or dtype.kind != "U" or data != dtype.itemsize:
         raise CheckpointError(f"{path} is not a bpkernels checkpoint (metadata is not text)")
-    meta = json.loads(array.item())
+    meta = json.loads(_read_array(path, archive, info, dtype).item())
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a bpkernels checkpoint (foreign file)")
     if meta.get("version") != VERSION:
@@ -123,8 +123,8 @@ def _check_meta(path: Path, meta: dict) -> tuple[tuple[int], np.dtype, list[str]
     from .optim import optimizer_from_config
 
     def bad(field: str, allowed: str) -> CheckpointError:
-        return CheckpointError(f"{path}: checkpoint field {field!r} is {_show(meta.get(field, ...))}; "
-                               f"expected {allowed}")
+        return CheckpointError(f"{path}: checkpoint field {field!r} is "
+                               f"{_show(meta.get(field, ...))}; expected {allowed}")
 
     sizes = meta.get("sizes")
     if not isinstance(sizes, list) or len(sizes) < 2 or \
@@ -202,23 +202,29 @@ def _check_header(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo, s
     name = info.filename[:-4]
     _check_member(path, info, size)
     with archive.open(info) as f:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            header = np.lib.format.read_array_header_1_0(f)
-        elif version == (2, 0):
-            header = np.lib.format.read_array_header_2_0(f)
-        else:
-            raise CheckpointError(f"{path}: array {name!r} is in .npy format {version}, "
-                                  "which bpkernels never writes")
-        got_shape, _, got_dtype = header
-        if got_shape != shape or got_dtype.name != dtype.name:
-            raise CheckpointError(f"{path}: array {name!r} has shape {got_shape} and dtype "
-                                  f"{got_dtype}, but the checkpoint's sizes "
-                                  f"{_show(meta['sizes'])} need {shape} {dtype}")
-        if info.file_size != f.tell() + shape[0] * dtype.itemsize:
-            raise CheckpointError(f"{path}: array {name!r} holds {info.file_size - f.tell()} "
-                                  f"bytes of data; the checkpoint's sizes {_show(meta['sizes'])} "
-                                  f"need {shape[0] * dtype.itemsize}")
+        got_shape, got_dtype, data = _header(path, f, info)
+    if got_shape != shape or got_dtype.name != dtype.name:
+        raise CheckpointError(f"{path}: array {name!r} has shape {got_shape} and dtype "
+                              f"{got_dtype}, but the checkpoint's sizes "
+                              f"{_show(meta['sizes'])} need {shape} {dtype}")
+    if data != shape[0] * dtype.itemsize:
+        raise CheckpointError(f"{path}: array {name!r} holds {data} bytes of data; the "
+                              f"checkpoint's sizes {_show(meta['sizes'])} need "
+                              f"{shape[0] * dtype.itemsize}")
+
+
+def _header(path: Path, f, info: zipfile.ZipInfo) -> tuple[tuple, np.dtype, int]:
+    """A member's .npy header, (shape, dtype, bytes of data the archive says follow it), read
+    without allocating what it claims."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+        raise CheckpointError(f"{path}: array {info.filename[:-4]!r} is in .npy format "
+                              f"{version}, which bpkernels never writes")
+    return shape, dtype, info.file_size - f.tell()
 
 
 def _read_array(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo,

@@ -2,9 +2,11 @@
 checkpoint is one CheckpointError naming the file, from bpk.load and from `bpk train --resume`,
 before anything large is allocated. Files are built by hand here (zipfile and the .npy format),
 not by the writer under test."""
+import contextlib
 import io
 import json
 import os
+import tracemalloc
 import zipfile
 
 import numpy as np
@@ -176,10 +178,23 @@ def test_metadata_that_is_no_text_is_refused(tmp_path):
     with zipfile.ZipFile(tmp_path / "m.npz", "w") as z:
         z.writestr("meta.npy", _npy(np.zeros((2, 2))))
         z.writestr("params.npy", _npy(np.zeros(N_PARAMS)))
-    _refused(tmp_path / "m.npz", "metadata")
+    with _at_most(10 ** 7):
+        _refused(tmp_path / "m.npz", "metadata")
 
 
 # ------------------------------------------------------------------ item 9: huge claims
+@contextlib.contextmanager
+def _at_most(nbytes):
+    """Fails if the block allocates more than ``nbytes`` at once (NumPy reports to tracemalloc)."""
+    tracemalloc.start()
+    try:
+        yield
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= nbytes, f"{peak} bytes allocated"
+
+
 def _claiming_header(shape, dtype="<f8", data=b"\0" * 64) -> bytes:
     """A .npy member whose header claims ``shape`` over only ``data``."""
     buf = io.BytesIO()
@@ -196,7 +211,8 @@ def test_a_checkpoint_claiming_10_12_parameters_is_refused_before_allocating(tmp
         arrays = {} if raw else {"params": np.zeros(N_PARAMS)}
         path = _build(tmp_path / name, _meta(sizes=sizes, activations=[], optimizer=None),
                       arrays, raw=raw)
-        _refused(path, "params", "sizes [1000000, 999999]")
+        with _at_most(10 ** 7):
+            _refused(path, "params", "sizes [1000000, 999999]")
         _refused_by_cli(capsys, path)
 
 
@@ -205,8 +221,21 @@ def test_a_claim_beyond_this_machines_memory_is_refused_before_allocating(tmp_pa
     real = os.sysconf
     small = {"SC_PAGE_SIZE": 1, "SC_PHYS_PAGES": 100}  # 100 bytes; the arrays need 552
     monkeypatch.setattr(os, "sysconf", lambda name: small.get(name) or real(name))
-    monkeypatch.setattr(checkpoint, "_read_array", None)  # reading any array would fail loudly
+    read = checkpoint._read_array
+
+    def only_the_metadata(path, archive, info, dtype):
+        assert info.filename == "meta.npy", f"{info.filename} was read"
+        return read(path, archive, info, dtype)
+    monkeypatch.setattr(checkpoint, "_read_array", only_the_metadata)
     _refused(path, "sizes [4, 3, 2]", "memory")
+
+
+def test_metadata_claiming_more_than_it_holds_is_refused_before_allocating(tmp_path):
+    with zipfile.ZipFile(tmp_path / "m.npz", "w") as z:
+        z.writestr("meta.npy", _claiming_header((), dtype="<U100000000"))  # 400 MB of text
+        z.writestr("params.npy", _npy(np.zeros(N_PARAMS)))
+    with _at_most(10 ** 7):
+        _refused(tmp_path / "m.npz", "metadata")
 
 
 def test_a_member_larger_than_the_file_is_refused(tmp_path):
