@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 import bpkernels
-from . import checkpoint, datasets
+from . import atomic, checkpoint, datasets
 from . import distributed
 from .activations import ACTIVATIONS, get_activation
 from .backends import backend_names, get_backend
@@ -587,6 +587,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     for path, option in ((args.json, "--json"), (args.plot, "--plot")):
         if path is not None and not Path(path).resolve().parent.is_dir():
             raise FileNotFoundError(f"{option} {path}: folder {Path(path).parent} does not exist")
+        if path is not None:  # before the benchmark runs, not after
+            atomic.check_writable(path, what=f"{option} file")
     if args.quick:
         configs = [c.quick() for c in configs]
     if args.ranks:

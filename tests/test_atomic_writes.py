@@ -181,6 +181,19 @@ def test_bpk_bench_json_fault_keeps_the_previous_file(tmp_path, capsys, monkeypa
     assert path.read_text() == '{"previous": true}' and _listing(tmp_path) == ["b.json"]
 
 
+@pytest.mark.parametrize("option, filename", [("--json", "b.json"), ("--plot", "b.png")])
+def test_bpk_bench_to_an_unwritable_folder_fails_before_the_benchmark(tmp_path, capsys,
+                                                                     monkeypatch, option,
+                                                                     filename):
+    ran = []
+    monkeypatch.setattr(bench, "run", lambda *a, **k: ran.append(1) or _results())
+    _inject(monkeypatch, "EACCES on create", tmp_path)
+    code = cli.main([*BENCH, option, str(tmp_path / filename)])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and ran == [] and len(err.strip().splitlines()) == 1
+    assert str(tmp_path / filename) in err and "Permission denied" in err
+
+
 # ------------------------------------------------------------------ item 12: modes and names
 @pytest.mark.parametrize("name, write, filename", WRITERS, ids=WRITER_IDS)
 def test_new_files_get_the_umask_and_replaced_ones_keep_their_mode(tmp_path, name, write,
