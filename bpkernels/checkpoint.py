@@ -159,6 +159,9 @@ def _check_meta(path: Path, meta: dict) -> tuple[tuple[int], np.dtype, list[str]
         except (ValueError, TypeError) as err:
             raise CheckpointError(f"{path}: checkpoint optimizer config {_show(config)}: "
                                   f"{err}") from None
+        if optimizer.config() != config:  # a value coerced ("yes" for True) or a key missing
+            raise CheckpointError(f"{path}: checkpoint optimizer config {_show(config)} is not "
+                                  f"one bpkernels writes; expected {_show(optimizer.config())}")
         step = saved["step_count"]
         if not (_is_int(step) and 0 <= step <= MAX_STEPS):
             raise CheckpointError(f"{path}: checkpoint optimizer step_count is {_show(step)}; "

@@ -108,7 +108,7 @@ def test_nonfinite_or_negative_state_is_refused(tmp_path, capsys, name, value, w
 
 
 def test_rmsprop_square_avg_must_not_be_negative(tmp_path):
-    meta = _meta(optimizer={"config": {"name": "rmsprop", "lr": 0.01}, "step_count": 3,
+    meta = _meta(optimizer={"config": bpk.RMSprop(lr=0.01).config(), "step_count": 3,
                             "state": ["square_avg"]})
     arrays = {"params": np.zeros(N_PARAMS), "state.square_avg": -np.ones(N_PARAMS)}
     _refused(_build(tmp_path / "r.npz", meta, arrays), "square_avg", "negative")
@@ -133,6 +133,10 @@ BAD_FIELDS = [
     ("optimizer", {**OPT, "config": {"name": 7}}),
     ("optimizer", {**OPT, "config": {**OPT["config"], "lr": -1}}),
     ("optimizer", {**OPT, "config": {**OPT["config"], "betas": 0.9}}),
+    ("optimizer", {**OPT, "config": {**OPT["config"], "betas": [0.9, "0.999"]}}),
+    ("optimizer", {**OPT, "config": {"name": "adam", "lr": 0.01}}),  # keys missing
+    ("optimizer", {**OPT, "config": {"name": "sgd", "lr": 0.1, "momentum": 0.0, "dampening": 0.0,
+                                     "nesterov": "no", "weight_decay": 0.0}, "state": []}),
     ("optimizer", {**OPT, "state": ["exp_avg"]}), ("optimizer", {**OPT, "state": "exp_avg"}),
     ("optimizer", {**OPT, "state": ["exp_avg", "exp_avg_sq", "extra"]}),
 ]
