@@ -87,6 +87,7 @@ RULES: dict[str, OptimizerRule] = {rule.name: rule for rule in (
 OPTIMIZER_RULES: dict[str, str] = {"sgd": "sgd", "adam": "adam", "adamw": "adam",
                                    "rmsprop": "rmsprop"}
 
+DTYPES = ("float32", "float64")  # what a model may hold; each backend supports some of them
 LOSSES = ("mse", "cross_entropy", "binary_cross_entropy")  # the index is the loss code
 LOSS_CODES: dict[str, int] = {name: code for code, name in enumerate(LOSSES)}
 

@@ -31,7 +31,7 @@ from .backends import available_backends, get_backend
 from .backends.host import cpu_name
 from .backends.numpy_backend import blas_info
 from .model import MLP, resolve_dtype
-from . import peers
+from . import atomic, peers
 from .optim import SGD
 from .threads import get_num_threads, limit_threads
 from .train import EpochLoop, fit
@@ -449,16 +449,9 @@ def to_json(results: Sequence[Result], machine: dict[str, Any],
 
 
 def write_json(path: str, payload: dict[str, Any]) -> None:
-    """Atomically, like every file bpkernels writes."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Atomically, like every file bpkernels writes (see bpkernels.atomic)."""
+    text = json.dumps(payload, indent=2).encode()
+    atomic.write(path, lambda f: f.write(text), what="benchmark JSON")
 
 
 def plot(results: Sequence[Result], path: str) -> None:
@@ -487,10 +480,10 @@ def plot(results: Sequence[Result], path: str) -> None:
         ax.tick_params(axis="x", rotation=30)
         ax.legend(loc="upper right", fontsize="small")
     fig.tight_layout()
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic.write(path, lambda f: fig.savefig(f, format="png", dpi=110), what="plot")
+    finally:
+        plt.close(fig)
 
 
 def default_backends() -> list[str]:

@@ -5,7 +5,8 @@ folder) and prints a summary; ``bpk bench`` times every backend and peer against
 floor; ``bpk info`` describes the installation and the machine.
 
 Every user mistake ends in one line ``bpk: error: <message>`` on stderr and exit code 2;
-divergence of training in exit code 3; Ctrl-C in exit code 130. Set ``BPK_DEBUG=1`` to get
+divergence of training in exit code 3; Ctrl-C in exit code 130, SIGTERM and SIGHUP in 128 + their
+number (see signals.py). Set ``BPK_DEBUG=1`` to get
 the traceback of a handled error instead (for bug reports).
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 import bpkernels
-from . import checkpoint, datasets
+from . import atomic, checkpoint, datasets
 from . import distributed
 from .activations import ACTIVATIONS, get_activation
 from .backends import backend_names, get_backend
@@ -29,6 +30,7 @@ from .backends.base import LOSSES
 from .losses import check_loss, has_accuracy
 from .model import DTYPES, MLP, resolve_dtype
 from .optim import OPTIMIZERS, make_optimizer
+from .signals import StopSignals
 from .train import TrainingDiverged, fit
 
 EXIT_USAGE = 2
@@ -236,6 +238,7 @@ def _check_options(args: argparse.Namespace) -> None:
         if not target.parent.is_dir():
             raise FileNotFoundError(f"--save {target}: folder {target.parent} does not exist")
         _check_save_is_no_input(target, args.data)
+        checkpoint.check_writable(target)  # a read-only folder, a name too long: before training
 
 
 def _check_save_is_no_input(target: Path, data) -> None:
@@ -359,8 +362,11 @@ class _Saver:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .threads import limit_threads
-    with limit_threads(args.threads):
+    with limit_threads(args.threads), _STOP:
         return _train_command(args)
+
+
+_STOP = StopSignals(EXIT_INTERRUPTED)  # the run's: main() reads what stopped it
 
 
 def _train_command(args: argparse.Namespace) -> int:
@@ -449,20 +455,22 @@ def _prepare_training(args: argparse.Namespace) -> tuple:
 
 
 def _interrupted(saver: _Saver) -> int:
+    what, code = _STOP.outcome()
     if saver.path is None:
-        _error("interrupted; nothing saved (no --save given)", prefix="bpk:")
-        return EXIT_INTERRUPTED
+        _error(f"{what}; nothing saved (no --save given)", prefix="bpk:")
+        return code
     try:
         saver.save()
     except KeyboardInterrupt:
         # A second Ctrl-C: the atomic save left the previous checkpoint (if any) intact.
-        _error(f"interrupted twice; {saver.path} holds the last completed save", prefix="bpk:")
-        return EXIT_INTERRUPTED
+        _error(f"{_STOP.outcome()[0]} twice; {saver.path} holds the last completed save",
+               prefix="bpk:")
+        return _STOP.outcome()[1]
     # Saved as trained so far: an unfinished epoch's steps are in the weights, but it is not
     # counted, so --resume runs that epoch again in full.
-    _error(f"interrupted; model saved to {saver.path} as trained so far "
+    _error(f"{what}; model saved to {saver.path} as trained so far "
            f"({saver.model.epochs_trained} complete epochs)", prefix="bpk:")
-    return EXIT_INTERRUPTED
+    return code
 
 
 def _print_settings(args, model, loss: str, classify: bool, train, test, optimizer, why: str,
@@ -579,6 +587,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     for path, option in ((args.json, "--json"), (args.plot, "--plot")):
         if path is not None and not Path(path).resolve().parent.is_dir():
             raise FileNotFoundError(f"{option} {path}: folder {Path(path).parent} does not exist")
+        if path is not None:  # before the benchmark runs, not after
+            atomic.check_writable(path, what=f"{option} file")
     if args.quick:
         configs = [c.quick() for c in configs]
     if args.ranks:
@@ -655,6 +665,7 @@ def _message(err: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``bpk`` with ``argv`` (default: the process arguments); returns the exit code."""
     parser = _build_parser()
+    _STOP.signum = None
     try:
         args = parser.parse_args(argv)
     except SystemExit as done:  # --help, --version and usage errors (already printed)
@@ -662,8 +673,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except KeyboardInterrupt:
-        _error("interrupted", prefix="bpk:")
-        return EXIT_INTERRUPTED
+        what, code = _STOP.outcome()
+        _error(what, prefix="bpk:")
+        return code
     except TrainingDiverged as err:  # raised outside fit(): not expected, but never a traceback
         _error(_message(err))
         return EXIT_DIVERGED

@@ -12,12 +12,11 @@ import numpy as np
 from . import checkpoint, interop
 from .activations import ACTIVATIONS, hidden_activations
 from .backends import BackendUnavailable, get_backend
-from .backends.base import Backend
+from .backends.base import DTYPES, Backend
 from .interop import ArrayLike
 from .losses import check_loss, has_accuracy, prepare_targets
 from .optim import Optimizer, optimizer_from_config
 
-DTYPES = ("float32", "float64")
 # Inference and evaluation run in chunks of this many rows: bounded memory for any input size.
 _CHUNK_ROWS = 4096
 # Workspaces are cached per batch size; a few sizes cover training (full + last partial batch)

@@ -12,6 +12,10 @@ from .backends.base import RULES
 if TYPE_CHECKING:
     from .model import MLP
 
+# State buffers that are running averages of squares: a negative value is corruption, and would
+# reach a square root in the update.
+NONNEGATIVE_STATES = frozenset({"exp_avg_sq", "square_avg"})
+
 
 def _check_number(name: str, value: Any, low: float = 0.0, high: float = math.inf,
                   high_open: bool = False) -> float:
