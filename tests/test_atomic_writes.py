@@ -43,11 +43,23 @@ def _write_plot(path):
     bench.plot(_results(), str(path))
 
 
+def _history():
+    return bpk.History([{"epoch": 1, "loss": 0.5, "val_loss": 0.6},
+                        {"epoch": 2, "loss": 0.25, "val_loss": 0.5}], best_epoch=2)
+
+
+def _history_plot(path):
+    pytest.importorskip("matplotlib")
+    _history().plot(str(path))
+
+
 # Every library writer: (name, write(path), file name)
 WRITERS = [("model.save", lambda p: _model(seed=2).save(p), "m.npz"),
            ("checkpoint.write", lambda p: bpk.checkpoint.write(p, *_model(3).state()), "m.npz"),
            ("bench.write_json", _write_json, "b.json"),
-           ("bench.plot", _write_plot, "b.png")]
+           ("bench.plot", _write_plot, "b.png"),
+           ("History.to_csv", lambda p: _history().to_csv(p), "h.csv"),
+           ("History.plot", _history_plot, "h.png")]
 WRITER_IDS = [w[0] for w in WRITERS]
 
 
