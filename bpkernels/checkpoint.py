@@ -171,8 +171,33 @@ def _check_meta(path: Path, meta: dict) -> tuple[tuple[int], np.dtype, list[str]
             raise CheckpointError(f"{path}: checkpoint optimizer state {_show(saved['state'])} "
                                   f"does not match its config, which needs {needed}")
         names += [f"state.{n}" for n in needed]
+    _check_schedule(path, meta.get("lr_scheduler"))
     n_params = sum(i * o + o for i, o in zip(sizes[:-1], sizes[1:]))
     return (n_params,), np.dtype(meta["dtype"]), names
+
+
+def _check_schedule(path: Path, saved: Any) -> None:
+    """The learning-rate schedule, if one was saved: a config bpkernels writes and a state
+    every field of which is in range (a copy of the scheduler is loaded to see)."""
+    from .lr_scheduler import scheduler_from_config
+    if saved is None:
+        return
+    if not isinstance(saved, dict) or set(saved) != {"config", "state", "interval"}:
+        raise CheckpointError(f"{path}: checkpoint field 'lr_scheduler' is {_show(saved)}; "
+                              "expected null or {\"config\": ..., \"state\": ..., "
+                              "\"interval\": ...}")
+    if saved["interval"] not in ("epoch", "step"):
+        raise CheckpointError(f"{path}: checkpoint lr_scheduler interval is "
+                              f"{_show(saved['interval'])}; expected \"epoch\" or \"step\"")
+    try:
+        scheduler = scheduler_from_config(saved["config"])
+        if scheduler.config() != saved["config"]:
+            raise ValueError(f"it is not one bpkernels writes; expected "
+                             f"{_show(scheduler.config())}")
+        scheduler.load_state_dict(saved["state"])
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{path}: checkpoint lr_scheduler {_show(saved['config'])}: "
+                              f"{err}") from None
 
 
 def _check_memory(path: Path, meta: dict, needed: int) -> None:

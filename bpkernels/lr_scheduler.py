@@ -77,6 +77,9 @@ class _Group:
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "_Group":
         group = cls(0.0, None)
+        if set(state) != set(vars(group)):
+            raise ValueError(f"scheduler state field 'group' has keys {sorted(state)}; "
+                             f"expected {sorted(vars(group))}")
         for key in vars(group):
             setattr(group, key, state[key])
         return group
@@ -205,20 +208,54 @@ class LRScheduler:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`state_dict`. Every field is checked (it may come from a
+        file): a ValueError names the first that is wrong, and the scheduler is unchanged."""
+        if not isinstance(state, dict):
+            raise ValueError(f"a scheduler state is a mapping, got {type(state).__name__}")
         if not state:
             self._group = None
             return
-        self._load(state, _Group.from_state(state["group"]))
+        group = _Group.from_state(_field(state, "group", dict))
+        _rate(group.lr, "group.lr")
+        if group.initial_lr is not None:
+            _rate(group.initial_lr, "group.initial_lr")
+        for key in ("max_lr", "min_lr", "max_momentum", "base_momentum"):
+            _rate(getattr(group, key), f"group.{key}")
+        if group.momentum is not None:
+            _rate(group.momentum, "group.momentum")
+        trial = scheduler_from_config(self.config())  # all or nothing: load a copy first
+        trial._load(state, group)
+        self._load(state, group)
 
     def _load(self, state: dict[str, Any], group: _Group) -> None:
         self._group = group
-        self.last_epoch = int(state["last_epoch"])
-        self._step_count = int(state["step_count"])
-        self.base_lr = float(state["base_lr"])
+        self.last_epoch = _field(state, "last_epoch", int, -1)
+        self._step_count = _field(state, "step_count", int, 0)
+        self.base_lr = _rate(_field(state, "base_lr", float), "base_lr")
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
         return f"{type(self).__name__}({args})"
+
+
+def _field(state: dict[str, Any], key: str, kind: type, low: int | None = None) -> Any:
+    value = state.get(key, ...)
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)) if kind is float \
+        else isinstance(value, kind) and not isinstance(value, bool)
+    if not ok or (low is not None and value < low):
+        want = {int: "an integer", float: "a number", dict: "a mapping",
+                list: "a list"}[kind] + ("" if low is None else f" >= {low}")
+        shown = "missing" if value is ... else repr(value)[:60]
+        raise ValueError(f"scheduler state field {key!r} is {shown}; expected {want}")
+    return value
+
+
+def _rate(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not math.isfinite(value) or value < 0:
+        raise ValueError(f"scheduler state field {name!r} is {value!r:.60}; expected a finite "
+                         f"number >= 0")
+    return float(value)
 
 
 class StepLR(LRScheduler):
@@ -517,9 +554,10 @@ class SequentialLR(LRScheduler):
 
     def _load(self, state, group):
         super()._load(state, group)
-        inner = state["schedulers"]
-        if not isinstance(inner, list) or len(inner) != len(self.schedulers):
-            raise ValueError("SequentialLR state holds another number of schedulers")
+        inner = _field(state, "schedulers", list)
+        if len(inner) != len(self.schedulers) or not all(isinstance(i, dict) for i in inner):
+            raise ValueError(f"scheduler state field 'schedulers' holds {len(inner)} states; "
+                             f"expected {len(self.schedulers)} mappings")
         for s, s_state in zip(self.schedulers, inner):
             s._load(s_state, group)  # one shared group, as when they were bound
 
@@ -605,9 +643,12 @@ class ReduceLROnPlateau(LRScheduler):
 
     def _load(self, state, group):
         super()._load(state, group)
-        self.best = float(state["best"])
-        self.num_bad_epochs = int(state["num_bad_epochs"])
-        self.cooldown_counter = int(state["cooldown_counter"])
+        best = _field(state, "best", float)
+        if math.isnan(best):
+            raise ValueError("scheduler state field 'best' is nan; expected a number")
+        self.best = float(best)
+        self.num_bad_epochs = _field(state, "num_bad_epochs", int, 0)
+        self.cooldown_counter = _field(state, "cooldown_counter", int, 0)
 
 
 SCHEDULERS: dict[str, type[LRScheduler]] = {

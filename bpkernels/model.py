@@ -15,6 +15,7 @@ from .backends import BackendUnavailable, get_backend
 from .backends.base import DTYPES, Backend
 from .interop import ArrayLike
 from .losses import check_loss, has_accuracy, prepare_targets
+from .lr_scheduler import LRScheduler, scheduler_from_config
 from .optim import Optimizer, optimizer_from_config
 
 # Inference and evaluation run in chunks of this many rows: bounded memory for any input size.
@@ -68,6 +69,10 @@ class MLP:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.seed = int(seed)
         self.optimizer: Optimizer | None = None  # set by fit() or load()
+        # The schedule of the last fit() that had one, and how it stepped: a checkpoint keeps
+        # them, and a later fit() without lr_scheduler= continues it.
+        self.lr_scheduler: LRScheduler | None = None
+        self.lr_scheduler_interval = "epoch"
         # Taken without waiting by fit() (or a hand-driven EpochLoop), so that of two fits
         # started together exactly one trains; _trainer is who holds it (see bpkernels.train).
         self._training_lock = threading.Lock()
@@ -334,7 +339,8 @@ class MLP:
         """The model as host data, ``(meta, arrays)``: what a checkpoint stores and
         :meth:`from_state` rebuilds. ``meta`` (JSON-able) holds the architecture, dtype, seed,
         backend name, epochs trained and the optimizer's configuration, state names and step
-        count (None without an optimizer); ``arrays`` the flat parameters ("params") and each
+        count (None without an optimizer), and the learning-rate schedule (its config, state
+        and interval; the key is absent without one); ``arrays`` the flat parameters ("params") and each
         optimizer state buffer ("state.<name>"), as NumPy arrays."""
         be, opt = self.backend, self.optimizer
         meta: dict[str, Any] = {
@@ -346,6 +352,10 @@ class MLP:
             meta["optimizer"] = {"config": opt.config(), "step_count": opt.step_count,
                                  "state": sorted(opt.state)}
             arrays.update({f"state.{name}": be.to_host(buf) for name, buf in opt.state.items()})
+        sched = self.lr_scheduler
+        if sched is not None and sched.started:
+            meta["lr_scheduler"] = {"config": sched.config(), "state": sched.state_dict(),
+                                    "interval": self.lr_scheduler_interval}
         return meta, arrays
 
     @classmethod
@@ -379,6 +389,11 @@ class MLP:
                 be.copy(be.asarray(arrays[key]), opt.state[name])
             opt.step_count = int(saved["step_count"])
             model.optimizer = opt
+        schedule = meta.get("lr_scheduler")
+        if schedule is not None:
+            model.lr_scheduler = scheduler_from_config(schedule["config"])
+            model.lr_scheduler.load_state_dict(schedule["state"])
+            model.lr_scheduler_interval = schedule["interval"]
         return model
 
     def save(self, path: str | os.PathLike) -> None:

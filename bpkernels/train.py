@@ -66,7 +66,8 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
         validation_data: tuple[Any, Any] | None = None,
         callbacks: Iterable[Callable[[int, dict], Any]] | None = None,
         progress: bool = False, comm: Any = None, threads: int | None = None,
-        lr_scheduler: LRScheduler | None = None, lr_scheduler_interval: str = "epoch") -> History:
+        lr_scheduler: LRScheduler | None = None,
+        lr_scheduler_interval: str | None = None) -> History:
     """Train ``model`` on X, y; returns the History of the epochs run.
 
     ``optimizer``: an Optimizer, a name ("sgd", "adam", "adamw", "rmsprop") or None for the
@@ -81,9 +82,11 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
     found afterwards (bpkernels.threads.limit_threads); None keeps the process's count.
     ``lr_scheduler``: a schedule of bpkernels.lr_scheduler; it reads the optimizer's ``lr`` as
     its base rate when it starts (the first fit it serves) and steps after every epoch
-    (``lr_scheduler_interval="epoch"``) or every optimizer step (``"step"``), as PyTorch's
-    ``scheduler.step()`` would; ReduceLROnPlateau steps on its ``monitor`` record once per
-    epoch. The rate of each epoch is recorded as ``lr`` (per step: the epoch's last step's).
+    (``lr_scheduler_interval="epoch"``, the default) or every optimizer step (``"step"``), as
+    PyTorch's ``scheduler.step()`` would; ReduceLROnPlateau steps on its ``monitor`` record once
+    per epoch. The rate of each epoch is recorded as ``lr`` (per step: the epoch's last step's).
+    The model keeps the schedule (``model.lr_scheduler``, saved in checkpoints): None continues
+    the model's own, with its interval; set ``model.lr_scheduler = None`` to drop it.
     A callback object may have ``on_fit_start(model, optimizer)`` and
     ``on_fit_end(model, history)`` hooks (see bpkernels.callbacks, EarlyStopping).
 
@@ -115,11 +118,17 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
             if not callable(cb):
                 raise TypeError(f"callbacks must be callables (epoch, record), "
                                 f"got {type(cb).__name__}")
-        schedule = _Schedule.of(lr_scheduler, lr_scheduler_interval)
+        if lr_scheduler is None and model.lr_scheduler is not None:  # restored: it goes on
+            lr_scheduler = model.lr_scheduler
+            if lr_scheduler_interval is None:
+                lr_scheduler_interval = model.lr_scheduler_interval
+        schedule = _Schedule.of(lr_scheduler, lr_scheduler_interval or "epoch")
         opt = _resolve_optimizer(model, optimizer)
         opt.bind(model)  # allocates the optimizer's state; the model takes it once training starts
         if schedule is not None:
             schedule.start(opt)
+            model.lr_scheduler = schedule.scheduler
+            model.lr_scheduler_interval = "step" if schedule.per_step else "epoch"
 
         parallel = None
         if comm is not None:

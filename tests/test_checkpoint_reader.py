@@ -157,6 +157,45 @@ def test_a_missing_field_is_named(tmp_path, field):
     _refused(_build(tmp_path / "m.npz", meta), field)
 
 
+def _schedule(**state_changes):
+    """A saved SequentialLR (warm-up then cosine) three steps in, as MLP.state() writes it."""
+    from bpkernels.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+    sched = SequentialLR([LinearLR(0.5, total_iters=2), CosineAnnealingLR(5)], [2])
+    sched.start(bpk.SGD(lr=0.1))
+    sched.rates(3)
+    return {"config": sched.config(), "state": {**sched.state_dict(), **state_changes},
+            "interval": "step"}
+
+
+def test_a_saved_schedule_loads(tmp_path):
+    model = bpk.load(_build(tmp_path / "m.npz", _meta(lr_scheduler=_schedule())))
+    assert model.lr_scheduler.state_dict() == _schedule()["state"]
+    assert model.lr_scheduler_interval == "step"
+
+
+GROUP = _schedule()["state"]["group"]
+BAD_SCHEDULES = [
+    "cosine", 3, [], {}, {**_schedule(), "extra": 1}, {**_schedule(), "interval": "batch"},
+    {**_schedule(), "config": "SequentialLR"}, {**_schedule(), "config": {"name": "CyclicLR"}},
+    {**_schedule(), "config": {"name": "StepLR"}},                       # step_size missing
+    {**_schedule(), "config": {"name": "StepLR", "step_size": 0, "gamma": 0.1}},
+    {**_schedule(), "config": {"name": "StepLR", "step_size": 2, "gamma": 0.1, "x": 1}},
+    {**_schedule(), "config": {"name": "ExponentialLR", "gamma": "0.9"}},
+    _schedule(last_epoch=-5), _schedule(last_epoch=1.5), _schedule(step_count="3"),
+    _schedule(base_lr=-0.1), _schedule(base_lr=float("nan")), _schedule(group=[]),
+    _schedule(group={**GROUP, "lr": float("inf")}), _schedule(group={**GROUP, "lr": -1}),
+    _schedule(group={"lr": 0.1}), _schedule(schedulers=[{}]), _schedule(schedulers="x"),
+    _schedule(schedulers=[{}, {}]),
+]
+
+
+@pytest.mark.parametrize("saved", BAD_SCHEDULES, ids=[repr(s)[:40] for s in BAD_SCHEDULES])
+def test_every_schedule_field_is_validated(tmp_path, capsys, saved):
+    path = _build(tmp_path / "bad.npz", _meta(lr_scheduler=saved))
+    _refused(path, "lr_scheduler")
+    _refused_by_cli(capsys, path)
+
+
 def test_a_negative_step_count_never_reaches_training(tmp_path):
     # On main it loaded, and Adam's bias correction 1 - beta2**-5 < 0 failed in the next fit.
     path = _build(tmp_path / "s.npz", _meta(optimizer={**OPT, "step_count": -5}))

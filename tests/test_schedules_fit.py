@@ -137,3 +137,28 @@ def test_schedule_arguments_are_checked():
         bpk.fit(model, X, y, lr_scheduler=S.ReduceLROnPlateau(), lr_scheduler_interval="step")
     with pytest.raises(KeyError, match="pass validation_data"):
         bpk.fit(model, X, y, epochs=1, lr_scheduler=S.ReduceLROnPlateau())
+
+
+@pytest.mark.parametrize("per_step", [False, True])
+def test_a_checkpoint_resumes_the_schedule_exactly(tmp_path, per_step):
+    X, y = _data()
+    interval = "step" if per_step else "epoch"
+
+    def schedule():
+        return S.SequentialLR([S.LinearLR(0.2, total_iters=3), S.CosineAnnealingLR(9)], [3])
+
+    whole = bpk.MLP(SIZES, dtype="float64", seed=3)
+    want = bpk.fit(whole, X, y, optimizer=bpk.SGD(lr=0.1, momentum=0.9), epochs=EPOCHS,
+                   batch_size=BATCH, lr_scheduler=schedule(), lr_scheduler_interval=interval)
+    half = bpk.MLP(SIZES, dtype="float64", seed=3)
+    first = bpk.fit(half, X, y, optimizer=bpk.SGD(lr=0.1, momentum=0.9), epochs=EPOCHS // 2,
+                    batch_size=BATCH, lr_scheduler=schedule(), lr_scheduler_interval=interval)
+    half.save(tmp_path / "half.npz")
+    resumed = bpk.load(tmp_path / "half.npz")
+    assert resumed.lr_scheduler_interval == interval
+    second = bpk.fit(resumed, X, y, epochs=EPOCHS - EPOCHS // 2, batch_size=BATCH)
+    for (W, b), (W2, b2) in zip(whole.get_weights(), resumed.get_weights()):
+        np.testing.assert_array_equal(W, W2)
+        np.testing.assert_array_equal(b, b2)
+    assert first["lr"] + second["lr"] == want["lr"]
+    assert resumed.lr_scheduler.state_dict() == whole.lr_scheduler.state_dict()
