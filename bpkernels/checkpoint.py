@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from . import atomic
-from .backends.base import DTYPES
+from .backends.base import DTYPES, LOSSES
 
 FORMAT = "bpkernels-checkpoint"
 VERSION = 1
@@ -171,6 +171,8 @@ def _check_meta(path: Path, meta: dict) -> tuple[tuple[int], np.dtype, list[str]
             raise CheckpointError(f"{path}: checkpoint optimizer state {_show(saved['state'])} "
                                   f"does not match its config, which needs {needed}")
         names += [f"state.{n}" for n in needed]
+    if meta.get("loss") not in (None, *LOSSES):
+        raise bad("loss", "absent, null or one of " + ", ".join(map(repr, LOSSES)))
     _check_schedule(path, meta.get("lr_scheduler"))
     n_params = sum(i * o + o for i, o in zip(sizes[:-1], sizes[1:]))
     return (n_params,), np.dtype(meta["dtype"]), names

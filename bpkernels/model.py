@@ -73,6 +73,7 @@ class MLP:
         # them, and a later fit() without lr_scheduler= continues it.
         self.lr_scheduler: LRScheduler | None = None
         self.lr_scheduler_interval = "epoch"
+        self.loss: str | None = None  # of the last fit(): predict_proba's link
         # Taken without waiting by fit() (or a hand-driven EpochLoop), so that of two fits
         # started together exactly one trains; _trainer is who holds it (see bpkernels.train).
         self._training_lock = threading.Lock()
@@ -248,6 +249,24 @@ class MLP:
             return self.backend.asarray(_class_ids(self.backend.to_host(Y)))
         return _class_ids(Y)
 
+    def predict_proba(self, X: ArrayLike, loss: str | None = None) -> Any:
+        """Probabilities through the link of the loss the model was trained with (``loss``,
+        default the last fit's): the softmax of each row for cross-entropy, the sigmoid of each
+        output for binary cross-entropy. An MSE model has no link and is refused. In the
+        model's dtype; a NumPy array for host X, a device array for device X."""
+        loss = self.loss if loss is None else check_loss(loss)
+        if loss is None:
+            raise ValueError("predict_proba needs the loss the model is trained with: fit it "
+                             "first, or pass loss='cross_entropy' or 'binary_cross_entropy'")
+        if loss == "mse":
+            raise ValueError("predict_proba: this model is trained with mse, which has no link "
+                             "to probabilities; use forward() for its outputs")
+        X = interop.features(X, self.backend, self.dtype, self.sizes[0])
+        Y = self._outputs(X)
+        host = self.backend.to_host(Y).copy() if X.device else Y
+        P = _softmax(host) if loss == "cross_entropy" else _sigmoid(host)
+        return self.backend.asarray(P) if X.device else P
+
     def evaluate(self, X: ArrayLike, y: ArrayLike, loss: str) -> dict[str, float]:
         """Mean loss (and accuracy where it applies) over the whole of X, y."""
         X, T = self.prepare(X, y, loss)
@@ -352,6 +371,8 @@ class MLP:
             meta["optimizer"] = {"config": opt.config(), "step_count": opt.step_count,
                                  "state": sorted(opt.state)}
             arrays.update({f"state.{name}": be.to_host(buf) for name, buf in opt.state.items()})
+        if self.loss is not None:
+            meta["loss"] = self.loss
         sched = self.lr_scheduler
         if sched is not None and sched.started:
             meta["lr_scheduler"] = {"config": sched.config(), "state": sched.state_dict(),
@@ -389,6 +410,7 @@ class MLP:
                 be.copy(be.asarray(arrays[key]), opt.state[name])
             opt.step_count = int(saved["step_count"])
             model.optimizer = opt
+        model.loss = meta.get("loss")
         schedule = meta.get("lr_scheduler")
         if schedule is not None:
             model.lr_scheduler = scheduler_from_config(schedule["config"])
@@ -415,6 +437,21 @@ def _check_backend_dtype(backend: Backend, dtype: np.dtype) -> None:
     if dtype.name not in backend.dtypes:
         raise ValueError(f"backend {backend.name!r} does not support {dtype.name}; "
                          f"it supports {', '.join(backend.dtypes)}")
+
+
+def _softmax(Y: np.ndarray) -> np.ndarray:
+    """Softmax of each row, in place: the row's max subtracted first, so exp stays finite."""
+    Y -= Y.max(axis=1, keepdims=True)
+    np.exp(Y, out=Y)
+    Y /= Y.sum(axis=1, keepdims=True)
+    return Y
+
+
+def _sigmoid(Y: np.ndarray) -> np.ndarray:
+    """1 / (1 + exp(-y)), in place, from exp(-|y|) <= 1 so that it never overflows."""
+    e = np.exp(-np.abs(Y))
+    np.divide(np.where(Y >= 0, 1.0, e), 1.0 + e, out=Y, casting="unsafe")
+    return Y
 
 
 def _class_ids(Y: np.ndarray) -> np.ndarray:

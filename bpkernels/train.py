@@ -139,6 +139,7 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
         loop = EpochLoop(model, X, T, loss=loss, optimizer=opt, batch_size=batch_size,
                          parallel=parallel)
         model._trainer = loop  # handed over: its ``with`` needs no second claim
+        model.loss = loss
         history = History()
         bar = _Progress(bool(progress) and (parallel is None or parallel.rank == 0), epochs, X.rows)
         for cb in callbacks:
