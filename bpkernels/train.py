@@ -25,7 +25,7 @@ from .backends.base import EpochPlan
 from .losses import check_loss, has_accuracy
 from .optim import Adam, Optimizer, make_optimizer
 from .threads import limit_threads
-from .validation import check_positive_int
+from .validation import check_bool, check_positive_int
 
 if TYPE_CHECKING:
     from .distributed import DataParallel
@@ -109,6 +109,7 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
     epochs = check_positive_int(epochs, "epochs", 0)
     batch_size = check_positive_int(batch_size, "batch_size", 1)
     seed = check_positive_int(seed, "seed", 0)
+    shuffle, progress = check_bool(shuffle, "shuffle"), check_bool(progress, "progress")
     if threads is not None:
         threads = check_positive_int(threads, "threads", 1)
     # Taken before the inputs are prepared, atomically: a check here and a mark set later
@@ -140,7 +141,7 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
                          parallel=parallel)
         model._trainer = loop  # handed over: its ``with`` needs no second claim
         history = History()
-        bar = _Progress(bool(progress) and (parallel is None or parallel.rank == 0), epochs, X.rows)
+        bar = _Progress(progress and (parallel is None or parallel.rank == 0), epochs, X.rows)
         with limit_threads(threads), loop:  # threads first: a fit that cannot start changes nothing
             try:
                 for _ in range(epochs):
