@@ -18,9 +18,12 @@ import os
 import struct
 import zipfile
 import zlib
+from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
+
+from .validation import check_real, shown
 
 PathLike = str | os.PathLike
 
@@ -35,14 +38,12 @@ def _check_int(name: str, value, low: int, high: int | None = None) -> int:
     ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
     if not ok or value < low or (high is not None and value > high):
         allowed = f">= {low}" if high is None else f"in {low}..{high}"
-        raise ValueError(f"{name} must be an integer {allowed}, got {value!r}")
+        raise ValueError(f"{name} must be an integer {allowed}, got {shown(value)}")
     return int(value)
 
 
 def _check_noise(noise: float) -> float:
-    if not noise >= 0:  # also rejects NaN
-        raise ValueError(f"noise must be a number >= 0, got {noise!r}")
-    return float(noise)
+    return check_real(noise, "noise", 0.0)
 
 
 def _as_2d(X, name: str) -> np.ndarray:
@@ -65,12 +66,25 @@ def _finish(X, y, source: str) -> Arrays:
         raise ValueError(f"{source}: expected y of shape ({n},) or ({n}, targets), got {y.shape}")
     if y.dtype.kind not in "biuf":
         raise ValueError(f"{source}: y must hold integer class ids or float targets, got {y.dtype}")
-    y = np.ascontiguousarray(y, dtype=np.float64 if y.dtype.kind == "f" else np.int64)
+    y = np.ascontiguousarray(y, dtype=np.float64) if y.dtype.kind == "f" else \
+        _class_ids(y, source)
     for name, a in (("X", X), ("y", y)):  # NaN or inf would silently poison every gradient
         bad = np.flatnonzero(~np.isfinite(a).reshape(n, -1).all(axis=1))
         if bad.size:
             raise ValueError(f"{source}: {name} has NaN or inf values (first in row {bad[0]})")
     return X, y
+
+
+def _class_ids(y: np.ndarray, source: str) -> np.ndarray:
+    """Integer labels as int64, refusing (never wrapping) uint64 values above 2**63 - 1."""
+    if y.dtype == np.uint64 and y.size:
+        big = y > np.iinfo(np.int64).max
+        if big.any():
+            row = int(np.argmax(big.reshape(len(y), -1).any(axis=1)))
+            raise ValueError(f"{source}: y row {row} holds {int(y.reshape(len(y), -1)[row].max())}"
+                             f", which no int64 class id holds (at most 2**63 - 1); store "
+                             f"regression targets as floats")
+    return np.ascontiguousarray(y, dtype=np.int64)
 
 
 def _existing_file(path: PathLike) -> Path:
@@ -219,12 +233,23 @@ def _parse_features(p: Path, body, cols: list[int], names) -> np.ndarray:
 
 
 def _parse_labels(p: Path, body, col: int, names) -> np.ndarray:
+    """int64 class ids when every label is an integer int64 holds exactly (``3`` or
+    ``3.0``), else float64 targets: a label such as 1e19 or 2**63 stays a float (a regression
+    target; as a class id cross_entropy refuses it, naming the row), never wrapped around."""
     for line, row in body:
         if not _is_number(row[col]):
             raise ValueError(f"{p}: label {_col(col, names)} holds non-numeric value "
                              f"{row[col]!r} on line {line}; encode classes as integers 0..k-1")
-    y = np.array([float(row[col]) for _, row in body])
-    if np.isfinite(y).all() and (y == np.round(y)).all():
+    cells = [row[col] for _, row in body]
+    try:
+        return np.array(cells).astype(np.int64)  # exact; OverflowError beyond int64, no wrapping
+    except (ValueError, OverflowError):
+        pass
+    y = np.array(cells).astype(np.float64)
+    # "3.0" is class 3; but the float of "2.0000000000000001" or of -2**63 - 1 is integral too,
+    # so the text itself decides (Decimal parses it exactly)
+    if (np.isfinite(y) & (y == np.round(y)) & (y >= -2.0**63) & (y < 2.0**63)).all() and \
+            all(Decimal(c) == int(v) for c, v in zip(cells, y)):
         return y.astype(np.int64)
     return y
 
@@ -303,6 +328,9 @@ def load_mnist(folder: PathLike, split: str = "train") -> Arrays:
         raise FileNotFoundError(f"no such MNIST folder: {root}")
     img_path, lab_path = (_find_idx(root, split, k) for k in ("images", "labels"))
     images, labels = _read_idx(img_path, "images"), _read_idx(lab_path, "labels")
+    if images.size == 0:  # no image, or images of 0 pixels: nothing to train on
+        raise ValueError(f"{img_path}: holds no data: {images.shape[0]} images of "
+                         f"{images.shape[1]}x{images.shape[2]} pixels; the split is empty")
     if len(images) != len(labels):
         raise ValueError(f"{root}: {img_path.name} has {len(images)} images but "
                          f"{lab_path.name} has {len(labels)} labels; counts must match")
@@ -366,7 +394,7 @@ def _test_count(test_size, n: int) -> int:
     count = int(test_size) if is_int else math.ceil(test_size * n) if is_frac else 0
     if not (is_int or is_frac) or not 1 <= count <= n - 1:
         raise ValueError(f"test_size must be a fraction in (0, 1) or a count in 1..{n - 1} "
-                         f"leaving both sides non-empty for {n} rows, got {test_size!r}")
+                         f"leaving both sides non-empty for {n} rows, got {shown(test_size)}")
     return count
 
 
