@@ -18,7 +18,7 @@ import os
 import struct
 import zipfile
 import zlib
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import numpy as np
@@ -160,7 +160,10 @@ def make_regression(n_samples: int = 1000, n_features: int = 20, n_targets: int 
 def load_npz(path: PathLike) -> Arrays:
     """Arrays named ``X`` and ``y`` from an ``.npz`` archive (pickled objects refused)."""
     p = _existing_file(path)
-    bad = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)
+    # zipfile meets damaged flag bits with NotImplementedError ("strong encryption") and
+    # RuntimeError ("password required"): a corrupt file all the same
+    bad = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError,
+           RuntimeError)
     try:
         data = np.load(p, allow_pickle=False)
     except bad as err:
@@ -246,11 +249,16 @@ def _parse_labels(p: Path, body, col: int, names) -> np.ndarray:
     except (ValueError, OverflowError):
         pass
     y = np.array(cells).astype(np.float64)
-    # "3.0" is class 3; but the float of "2.0000000000000001" or of -2**63 - 1 is integral too,
-    # so the text itself decides (Decimal parses it exactly)
-    if (np.isfinite(y) & (y == np.round(y)) & (y >= -2.0**63) & (y < 2.0**63)).all() and \
-            all(Decimal(c) == int(v) for c, v in zip(cells, y)):
-        return y.astype(np.int64)
+    if not (np.isfinite(y) & (y >= -2.0**63) & (y <= 2.0**63)).all():
+        return y
+    # "3.0" and "5.099719603424333e+16" write integers too: Decimal reads them exactly (a float
+    # would round the second, and make "2.0000000000000001" integral)
+    try:
+        exact = [Decimal(c) for c in cells]
+    except InvalidOperation:
+        return y
+    if all(d == d.to_integral_value() and -2**63 <= d < 2**63 for d in exact):
+        return np.array([int(d) for d in exact], dtype=np.int64)
     return y
 
 
@@ -259,8 +267,9 @@ def load_csv(path: PathLike, label: int | str = -1, *, delimiter: str = ",",
     """A numeric CSV; ``label`` picks the label column by index or by header name.
 
     ``header=None`` treats the first row as a header when any of its cells is
-    not a number.  Integral labels (``3`` or ``3.0``) become int64 class ids,
-    other numbers float64 targets; text labels are refused.
+    not a number.  Labels that all write integers int64 holds (``3`` or ``3.0``,
+    read exactly) become int64 class ids, other numbers float64 targets (never
+    wrapped around); text labels are refused.
     """
     p = _existing_file(path)
     rows = _read_rows(p, delimiter)

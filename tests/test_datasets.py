@@ -172,6 +172,19 @@ def test_npy_instead_of_npz(tmp_path):
         ds.load_npz(p)
 
 
+@pytest.mark.parametrize("flag", [0x1, 0x20, 0x40])  # encrypted, patched, strong encryption
+def test_npz_with_damaged_zip_flags_is_a_value_error(tmp_path, flag):
+    # Found by tests/test_properties.py: zipfile raises RuntimeError / NotImplementedError here.
+    p = tmp_path / "d.npz"
+    np.savez(p, X=np.zeros((2, 2)), y=np.zeros(2))
+    raw = bytearray(p.read_bytes())
+    entry = raw.index(b"PK\x01\x02")  # X.npy's central directory entry; its flags at +8
+    raw[entry + 8] |= flag
+    p.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=_path_re(p)):
+        ds.load_npz(p)
+
+
 def test_npz_object_arrays_are_refused(tmp_path):
     p = tmp_path / "d.npz"
     np.savez(p, X=np.ones((2, 2)), y=np.array(["a", None], dtype=object))
@@ -247,6 +260,9 @@ def test_csv_labels_beyond_int64_stay_floats(tmp_path, labels, expected):
 @pytest.mark.parametrize("labels, expected", [
     (["9223372036854775807", "-9223372036854775808"], [2**63 - 1, -2**63]),
     (["3.0", "-9223372036854775808.0", "4e0"], [3, -2**63, 4]),
+    # found by tests/test_properties.py: the floats of these round, the integers written do not
+    (["0", "9007199254740993"], [0, 2**53 + 1]),
+    (["0.0", "5.099719603424333e+16"], [0, 50997196034243330]),
 ])
 def test_csv_integer_labels_parse_exactly_up_to_the_int64_limits(tmp_path, labels, expected):
     p = tmp_path / "d.csv"
