@@ -125,7 +125,7 @@ def make_classification(n_samples: int = 1000, n_features: int = 20, n_classes: 
         informative = min(n_features, max(2, n_classes))
     informative = _check_int("informative", informative, 1, n_features)
     noise = _check_noise(noise)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(_check_int("seed", seed, 0))
     centres = rng.standard_normal((n_classes, 2, informative))
     y = rng.permutation(np.arange(n_samples) % n_classes)
     blob = rng.integers(0, 2, n_samples)
@@ -147,7 +147,7 @@ def make_regression(n_samples: int = 1000, n_features: int = 20, n_targets: int 
     n_features = _check_int("n_features", n_features, 1)
     n_targets = _check_int("n_targets", n_targets, 1)
     noise = _check_noise(noise)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(_check_int("seed", seed, 0))
     W = rng.standard_normal((n_features, 4)) * (2.0 / math.sqrt(n_features))
     b = rng.standard_normal(4)
     V = rng.standard_normal((4, n_targets)) / 2.0

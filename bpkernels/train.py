@@ -25,7 +25,7 @@ from .backends.base import EpochPlan
 from .losses import check_loss, has_accuracy
 from .optim import Adam, Optimizer, make_optimizer
 from .threads import limit_threads
-from .validation import check_bool, check_positive_int
+from .validation import check_bool, check_ordered, check_positive_int
 
 if TYPE_CHECKING:
     from .distributed import DataParallel
@@ -123,7 +123,8 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
                              "the batches from it); device arrays are for single-process fit()")
         if validation_data is not None:
             validation_data = _check_validation(model, validation_data, loss)
-        callbacks = list(callbacks or [])
+        callbacks = [] if callbacks is None else check_ordered(
+            callbacks, "callbacks", "a list of callables (epoch, record), called in its order")
         for cb in callbacks:
             if not callable(cb):
                 raise TypeError(f"callbacks must be callables (epoch, record), "
@@ -299,6 +300,7 @@ class EpochLoop:
         ``on_step(rows)`` is called after each step (or once for a fused epoch)."""
         if not self._inside:
             raise RuntimeError("EpochLoop.epoch() runs inside 'with loop:'")
+        shuffle, seed = check_bool(shuffle, "shuffle"), check_positive_int(seed, "seed", 0)
         model, epoch = self.model, self.model.epochs_trained
         order = np.random.default_rng([seed, epoch]).permutation(self.n) if shuffle \
             else np.arange(self.n)

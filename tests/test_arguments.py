@@ -111,6 +111,28 @@ def test_fit_flags_must_be_bools(name, value):
         bpk.fit(bpk.MLP([3, 3]), X, y, **{name: value})
 
 
+def test_relatives_of_the_same_mistakes_elsewhere():
+    from bpkernels import datasets
+    X, y = _data()
+    model = bpk.MLP([3, 3])
+    with pytest.raises(TypeError, match=r"callbacks must be a list .* got set \(unordered\)"):
+        bpk.fit(model, X, y, callbacks={print})
+    with pytest.raises(ValueError, match=r"seed must be an integer >= 0, got True"):
+        datasets.make_classification(10, 3, seed=True)
+    with pytest.raises(TypeError, match=r"noise must be a number, got str"):
+        datasets.make_regression(10, 3, noise="0.1")
+    with pytest.raises(TypeError, match=r"thread count must be an integer >= 1, got 2.0$"):
+        bpk.set_num_threads(np.float64(2))
+    prepared = model.prepare(X, y, "cross_entropy")
+    with bpk.EpochLoop(model, *prepared, loss="cross_entropy", optimizer=bpk.SGD(),
+                       batch_size=8) as loop:
+        with pytest.raises(TypeError, match=r"shuffle must be True or False, got 'no'"):
+            loop.epoch(shuffle="no")
+        with pytest.raises(ValueError, match=r"seed must be >= 0, got -1"):
+            loop.epoch(seed=-1)
+        assert loop.epoch(shuffle=np.True_, seed=np.int32(3))["epoch"] == 1
+
+
 def test_error_messages_show_indices_as_plain_numbers():
     model = bpk.MLP([3, 1])
     y = np.array([[0.0], [1.0], [2.0]])
