@@ -371,9 +371,9 @@ def _fingerprint(X: np.ndarray, T: np.ndarray) -> dict[str, Any]:
     """Digests of every row of X and T, a block of consecutive rows at a time."""
     row_bytes = X[:1].nbytes + T[:1].nbytes
     rows = max(1, _FINGERPRINT_BLOCK_BYTES // max(1, row_bytes))
+    blocks = [_digest([X[i:i + rows], T[i:i + rows]]) for i in range(0, X.shape[0], rows)]
     return {"shapes": f"X {X.dtype} {X.shape}, y {T.dtype} {T.shape}", "block": rows,
-            "n": X.shape[0], "blocks": [_digest([X[i:i + rows], T[i:i + rows]])
-                       for i in range(0, X.shape[0], rows)]}
+            "n": X.shape[0], "blocks": blocks}
 
 
 def _check_same(mine: dict[str, Any], everyone: list[dict[str, Any]]) -> None:
@@ -386,7 +386,9 @@ def _check_same(mine: dict[str, Any], everyone: list[dict[str, Any]]) -> None:
             what = "; ".join(_where_data_differs(first, everyone[rank][name], rank)
                              for rank in differ)
         else:
-            others = f" (so do ranks {', '.join(map(str, differ[1:]))})" if differ[1:] else ""
+            more = differ[1:]
+            others = f"; rank{'s' * (len(more) > 1)} {', '.join(map(str, more))} " \
+                     f"differ{'s' * (len(more) == 1)} too" if more else ""
             what = f"rank 0 has {first!r}, rank {differ[0]} has {everyone[differ[0]][name]!r}" \
                    f"{others}"
         hint = " (build the model with the same seed on every rank, or load the same " \

@@ -268,6 +268,9 @@ def test_the_data_check_reads_every_row_and_names_each_rank_that_differs(monkeyp
             f"0's within rows 0..99; rank 3's differs from rank 0's within rows "
             f"{block}..{block + 99}; every rank must")):
         distributed._check_same(everyone[0], everyone)
+    with pytest.raises(distributed.DistributedError, match="seed differs across ranks: rank 0 "
+                       "has 0, rank 1 has 1; ranks 2, 3 differ too; every rank must"):
+        distributed._check_same({"seed": 0}, [{"seed": s} for s in (0, 1, 2, 1)])
 
 
 def test_bad_launches_raise_the_same_clear_error_on_every_rank(tmp_path):
