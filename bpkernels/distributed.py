@@ -43,8 +43,8 @@ _RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WO
 _SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 _MPI_EXTRA = 'pip install "bpkernels[mpi]"'
 # The data check hashes every row of X and y, in blocks of about this many bytes: one read of
-# the data per fit() (about 1% of a NumPy epoch of config M, docs/api.md), and the blocks'
-# digests tell where two ranks' data part.
+# the data per fit() (for config M, 1% of a NumPy epoch, up to 10% of a Numba one: docs/api.md),
+# and the blocks' digests tell where two ranks' data part.
 _FINGERPRINT_BLOCK_BYTES = 1 << 24
 _DATA = "data (a fingerprint of X and y)"
 
