@@ -271,7 +271,7 @@ def test_csv_integer_labels_parse_exactly_up_to_the_int64_limits(tmp_path, label
     assert y.dtype == np.int64 and y.tolist() == expected
 
 
-def test_csv_huge_labels_are_refused_as_class_ids_naming_the_row(tmp_path):
+def test_csv_huge_labels_are_refused_as_class_ids_naming_the_row(tmp_path, capsys):
     import bpkernels as bpk
     from bpkernels import cli
     p = tmp_path / "d.csv"
@@ -284,6 +284,8 @@ def test_csv_huge_labels_are_refused_as_class_ids_naming_the_row(tmp_path):
     _, T = model.prepare(X, y, "mse")
     assert T[6, 0] == 1e19
     assert cli.main(["train", "--data", str(p), "--loss", "cross_entropy", "--quiet"]) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "labels are floats (row 6 holds 1e+19)" in err
 
 
 @pytest.mark.parametrize("y, row, value", [
