@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .backends.base import ACTIVATION_TABLE
+from .validation import check_ordered
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,8 @@ def hidden_activations(activation: str | Sequence[str], n_hidden: int) -> tuple[
         get_activation(activation)  # checked even where no layer uses it (no hidden layers)
         names = [activation] * n_hidden
     else:
-        names = list(activation)
+        names = check_ordered(activation, "activation",
+                              "a name like 'relu' or a list of names, one per hidden layer")
         if len(names) != n_hidden:
             raise ValueError(f"activation list has {len(names)} names but the model has "
                              f"{n_hidden} hidden layers; give one name per hidden layer or a single name")

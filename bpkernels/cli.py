@@ -272,8 +272,11 @@ def _output_width(y: np.ndarray, loss: str) -> int:
     """Classes for 1-D cross_entropy labels (ids 0..k-1), else the number of targets."""
     if loss == "cross_entropy" and y.ndim == 1:
         if y.dtype.kind not in "biu":
-            raise ValueError("cross_entropy needs integer class labels, but the data's labels "
-                             "are floats; use --loss mse for regression")
+            whole = np.isfinite(y) & (y == np.round(y)) & (np.abs(y) < 2.0**63)
+            row = int(np.argmin(whole))
+            where = "" if whole.all() else f" (row {row} holds {y[row]})"
+            raise ValueError(f"cross_entropy needs integer class labels, but the data's labels "
+                             f"are floats{where}; use --loss mse for regression")
         low, high = int(y.min()), int(y.max())
         if low < 0:
             raise ValueError(f"class labels must be ids 0..k-1, found {low}")

@@ -18,9 +18,12 @@ import os
 import struct
 import zipfile
 import zlib
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import numpy as np
+
+from .validation import check_real, shown
 
 PathLike = str | os.PathLike
 
@@ -35,14 +38,12 @@ def _check_int(name: str, value, low: int, high: int | None = None) -> int:
     ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
     if not ok or value < low or (high is not None and value > high):
         allowed = f">= {low}" if high is None else f"in {low}..{high}"
-        raise ValueError(f"{name} must be an integer {allowed}, got {value!r}")
+        raise ValueError(f"{name} must be an integer {allowed}, got {shown(value)}")
     return int(value)
 
 
 def _check_noise(noise: float) -> float:
-    if not noise >= 0:  # also rejects NaN
-        raise ValueError(f"noise must be a number >= 0, got {noise!r}")
-    return float(noise)
+    return check_real(noise, "noise", 0.0)
 
 
 def _as_2d(X, name: str) -> np.ndarray:
@@ -65,12 +66,25 @@ def _finish(X, y, source: str) -> Arrays:
         raise ValueError(f"{source}: expected y of shape ({n},) or ({n}, targets), got {y.shape}")
     if y.dtype.kind not in "biuf":
         raise ValueError(f"{source}: y must hold integer class ids or float targets, got {y.dtype}")
-    y = np.ascontiguousarray(y, dtype=np.float64 if y.dtype.kind == "f" else np.int64)
+    y = np.ascontiguousarray(y, dtype=np.float64) if y.dtype.kind == "f" else \
+        _class_ids(y, source)
     for name, a in (("X", X), ("y", y)):  # NaN or inf would silently poison every gradient
         bad = np.flatnonzero(~np.isfinite(a).reshape(n, -1).all(axis=1))
         if bad.size:
             raise ValueError(f"{source}: {name} has NaN or inf values (first in row {bad[0]})")
     return X, y
+
+
+def _class_ids(y: np.ndarray, source: str) -> np.ndarray:
+    """Integer labels as int64, refusing (never wrapping) uint64 values above 2**63 - 1."""
+    if y.dtype == np.uint64 and y.size:
+        big = y > np.iinfo(np.int64).max
+        if big.any():
+            row = int(np.argmax(big.reshape(len(y), -1).any(axis=1)))
+            raise ValueError(f"{source}: y row {row} holds {int(y.reshape(len(y), -1)[row].max())}"
+                             f", which no int64 class id holds (at most 2**63 - 1); store "
+                             f"regression targets as floats")
+    return np.ascontiguousarray(y, dtype=np.int64)
 
 
 def _existing_file(path: PathLike) -> Path:
@@ -111,7 +125,7 @@ def make_classification(n_samples: int = 1000, n_features: int = 20, n_classes: 
         informative = min(n_features, max(2, n_classes))
     informative = _check_int("informative", informative, 1, n_features)
     noise = _check_noise(noise)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(_check_int("seed", seed, 0))
     centres = rng.standard_normal((n_classes, 2, informative))
     y = rng.permutation(np.arange(n_samples) % n_classes)
     blob = rng.integers(0, 2, n_samples)
@@ -133,7 +147,7 @@ def make_regression(n_samples: int = 1000, n_features: int = 20, n_targets: int 
     n_features = _check_int("n_features", n_features, 1)
     n_targets = _check_int("n_targets", n_targets, 1)
     noise = _check_noise(noise)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(_check_int("seed", seed, 0))
     W = rng.standard_normal((n_features, 4)) * (2.0 / math.sqrt(n_features))
     b = rng.standard_normal(4)
     V = rng.standard_normal((4, n_targets)) / 2.0
@@ -146,7 +160,10 @@ def make_regression(n_samples: int = 1000, n_features: int = 20, n_targets: int 
 def load_npz(path: PathLike) -> Arrays:
     """Arrays named ``X`` and ``y`` from an ``.npz`` archive (pickled objects refused)."""
     p = _existing_file(path)
-    bad = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)
+    # zipfile meets damaged flag bits with NotImplementedError ("strong encryption") and
+    # RuntimeError ("password required"): a corrupt file all the same
+    bad = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError,
+           RuntimeError)
     try:
         data = np.load(p, allow_pickle=False)
     except bad as err:
@@ -219,13 +236,29 @@ def _parse_features(p: Path, body, cols: list[int], names) -> np.ndarray:
 
 
 def _parse_labels(p: Path, body, col: int, names) -> np.ndarray:
+    """int64 class ids when every label is an integer int64 holds exactly (``3`` or
+    ``3.0``), else float64 targets: a label such as 1e19 or 2**63 stays a float (a regression
+    target; as a class id cross_entropy refuses it, naming the row), never wrapped around."""
     for line, row in body:
         if not _is_number(row[col]):
             raise ValueError(f"{p}: label {_col(col, names)} holds non-numeric value "
                              f"{row[col]!r} on line {line}; encode classes as integers 0..k-1")
-    y = np.array([float(row[col]) for _, row in body])
-    if np.isfinite(y).all() and (y == np.round(y)).all():
-        return y.astype(np.int64)
+    cells = [row[col] for _, row in body]
+    try:
+        return np.array(cells).astype(np.int64)  # exact; OverflowError beyond int64, no wrapping
+    except (ValueError, OverflowError):
+        pass
+    y = np.array(cells).astype(np.float64)
+    if not (np.isfinite(y) & (y >= -2.0**63) & (y <= 2.0**63)).all():
+        return y
+    # "3.0" and "5.099719603424333e+16" write integers too: Decimal reads them exactly (a float
+    # would round the second, and make "2.0000000000000001" integral)
+    try:
+        exact = [Decimal(c) for c in cells]
+    except InvalidOperation:
+        return y
+    if all(d == d.to_integral_value() and -2**63 <= d < 2**63 for d in exact):
+        return np.array([int(d) for d in exact], dtype=np.int64)
     return y
 
 
@@ -234,8 +267,9 @@ def load_csv(path: PathLike, label: int | str = -1, *, delimiter: str = ",",
     """A numeric CSV; ``label`` picks the label column by index or by header name.
 
     ``header=None`` treats the first row as a header when any of its cells is
-    not a number.  Integral labels (``3`` or ``3.0``) become int64 class ids,
-    other numbers float64 targets; text labels are refused.
+    not a number.  Labels that all write integers int64 holds (``3`` or ``3.0``,
+    read exactly) become int64 class ids, other numbers float64 targets (never
+    wrapped around); text labels are refused.
     """
     p = _existing_file(path)
     rows = _read_rows(p, delimiter)
@@ -303,6 +337,9 @@ def load_mnist(folder: PathLike, split: str = "train") -> Arrays:
         raise FileNotFoundError(f"no such MNIST folder: {root}")
     img_path, lab_path = (_find_idx(root, split, k) for k in ("images", "labels"))
     images, labels = _read_idx(img_path, "images"), _read_idx(lab_path, "labels")
+    if images.size == 0:  # no image, or images of 0 pixels: nothing to train on
+        raise ValueError(f"{img_path}: holds no data: {images.shape[0]} images of "
+                         f"{images.shape[1]}x{images.shape[2]} pixels; the split is empty")
     if len(images) != len(labels):
         raise ValueError(f"{root}: {img_path.name} has {len(images)} images but "
                          f"{lab_path.name} has {len(labels)} labels; counts must match")
@@ -366,7 +403,7 @@ def _test_count(test_size, n: int) -> int:
     count = int(test_size) if is_int else math.ceil(test_size * n) if is_frac else 0
     if not (is_int or is_frac) or not 1 <= count <= n - 1:
         raise ValueError(f"test_size must be a fraction in (0, 1) or a count in 1..{n - 1} "
-                         f"leaving both sides non-empty for {n} rows, got {test_size!r}")
+                         f"leaving both sides non-empty for {n} rows, got {shown(test_size)}")
     return count
 
 

@@ -42,9 +42,9 @@ def prepare_targets(loss: str, y, n_rows: int, n_outputs: int, dtype) -> np.ndar
             else f"({n_rows}, {n_outputs})" + (f" or ({n_rows},)" if n_outputs == 1 else "")
         raise ValueError(f"y for {loss} must have shape {expected}, got {y.shape}")
     if loss == "binary_cross_entropy" and (y.min() < 0 or y.max() > 1):
-        bad = np.argwhere((y < 0) | (y > 1))[0]
-        raise ValueError(f"binary_cross_entropy targets must lie in [0, 1]; y{list(bad)} = "
-                         f"{y[tuple(bad)]}")
+        bad = tuple(int(i) for i in np.argwhere((y < 0) | (y > 1))[0])
+        raise ValueError(f"binary_cross_entropy targets must lie in [0, 1]; "
+                         f"y[{', '.join(map(str, bad))}] = {y[bad]}")
     with np.errstate(over="ignore"):  # overflow is reported below, once
         T = np.ascontiguousarray(y, dtype=dtype)
     if not np.isfinite(T).all():  # finite before the cast: 1e300 in float32

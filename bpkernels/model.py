@@ -2,6 +2,7 @@
 and backward passes as calls of the backend contract."""
 from __future__ import annotations
 
+import numbers
 import os
 import threading
 from collections import OrderedDict
@@ -17,6 +18,7 @@ from .interop import ArrayLike
 from .losses import check_loss, has_accuracy, prepare_targets
 from .lr_scheduler import LRScheduler, scheduler_from_config
 from .optim import Optimizer, optimizer_from_config
+from .validation import check_ordered, shown
 
 # Inference and evaluation run in chunks of this many rows: bounded memory for any input size.
 _CHUNK_ROWS = 4096
@@ -66,7 +68,7 @@ class MLP:
         self.backend = get_backend(backend)
         _check_backend_dtype(self.backend, self.dtype)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+            raise ValueError(f"seed must be a non-negative integer, got {shown(seed)}")
         self.seed = int(seed)
         self.optimizer: Optimizer | None = None  # set by fit() or load()
         # The schedule of the last fit() that had one, and how it stepped: a checkpoint keeps
@@ -462,11 +464,10 @@ def _class_ids(Y: np.ndarray) -> np.ndarray:
 
 
 def _check_sizes(sizes: Sequence[int]) -> tuple[int, ...]:
-    if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__len__"):
-        raise TypeError(f"sizes must be a list of layer widths like [64, 128, 10], got {sizes!r}")
-    if len(sizes) < 2:
-        raise ValueError(f"sizes needs at least an input and an output width, got {list(sizes)}")
-    for s in sizes:
-        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1:
-            raise ValueError(f"layer widths must be positive integers, got {list(sizes)}")
-    return tuple(int(s) for s in sizes)
+    widths = check_ordered(sizes, "sizes", "a list or tuple of layer widths like [64, 128, 10]")
+    if len(widths) < 2:
+        raise ValueError(f"sizes needs at least an input and an output width, got {shown(widths)}")
+    for s in widths:
+        if isinstance(s, (bool, np.bool_)) or not isinstance(s, numbers.Integral) or s < 1:
+            raise ValueError(f"layer widths must be positive integers, got {shown(widths)}")
+    return tuple(int(s) for s in widths)

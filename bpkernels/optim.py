@@ -8,6 +8,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .backends.base import RULES
+from .validation import check_bool, check_ordered, check_real
 
 if TYPE_CHECKING:
     from .model import MLP
@@ -19,15 +20,7 @@ NONNEGATIVE_STATES = frozenset({"exp_avg_sq", "square_avg"})
 
 def _check_number(name: str, value: Any, low: float = 0.0, high: float = math.inf,
                   high_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if value < low or (value >= high if high_open else value > high):
-        bracket = ")" if high_open else "]"
-        raise ValueError(f"{name} must lie in [{low}, {high}{bracket}, got {value}")
-    return value
+    return check_real(value, name, low, high, high_open=high_open)
 
 
 class Optimizer:
@@ -94,7 +87,7 @@ class SGD(Optimizer):
         self.lr = _check_number("lr", lr)
         self.momentum = _check_number("momentum", momentum)
         self.dampening = _check_number("dampening", dampening, high=1.0)
-        self.nesterov = bool(nesterov)
+        self.nesterov = check_bool(nesterov, "nesterov")
         self.weight_decay = _check_number("weight_decay", weight_decay)
         if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
             raise ValueError("nesterov momentum requires momentum > 0 and dampening == 0")
@@ -121,8 +114,9 @@ class Adam(Optimizer):
                  eps: float = 1e-8, weight_decay: float = 0.0) -> None:
         super().__init__()
         self.lr = _check_number("lr", lr)
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        betas = check_ordered(betas, "betas", "a pair (beta1, beta2) like (0.9, 0.999)")
+        if len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {len(betas)} values")
         self.beta1 = _check_number("betas[0]", betas[0], high=1.0, high_open=True)
         self.beta2 = _check_number("betas[1]", betas[1], high=1.0, high_open=True)
         self.eps = _check_number("eps", eps)
@@ -164,7 +158,7 @@ class RMSprop(Optimizer):
         self.eps = _check_number("eps", eps)
         self.weight_decay = _check_number("weight_decay", weight_decay)
         self.momentum = _check_number("momentum", momentum)
-        self.centered = bool(centered)
+        self.centered = check_bool(centered, "centered")
 
     def needed_states(self) -> tuple[str, ...]:
         names = ["square_avg"]

@@ -61,6 +61,7 @@ from .model import MLP, resolve_dtype
 from .optim import Optimizer, make_optimizer
 from .threads import limit_threads
 from .train import fit as _train
+from .validation import check_ordered, shown
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
 
@@ -526,24 +527,22 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 
 
 def _check_hidden_layer_sizes(value) -> tuple[int, ...]:
-    sizes = (value,) if isinstance(value, numbers.Integral) else value
-    if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__iter__"):
-        raise TypeError("hidden_layer_sizes must be an int or a sequence of ints (one width per "
-                        f"hidden layer, e.g. (100,) or (64, 32)), got {type(value).__name__}")
-    sizes = tuple(sizes)
+    sizes = [value] if isinstance(value, numbers.Integral) else check_ordered(
+        value, "hidden_layer_sizes", "an int or a sequence of ints (one width per hidden layer, "
+        "e.g. (100,) or (64, 32))")
     if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1
                for s in sizes):
         raise ValueError("hidden_layer_sizes must hold positive integers (one width per hidden "
-                         f"layer, e.g. (100,) or (64, 32); () for none), got {value!r}")
+                         f"layer, e.g. (100,) or (64, 32); () for none), got {shown(value)}")
     return tuple(int(s) for s in sizes)
 
 
 def _check_int(name: str, value, minimum: int, allowed: str = "") -> int:
     allowed = allowed or f"an integer >= {minimum}"
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be {allowed}, got {value!r}")
+        raise TypeError(f"{name} must be {allowed}, got {shown(value)}")
     if value < minimum:
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+        raise ValueError(f"{name} must be {allowed}, got {shown(value)}")
     return int(value)
 
 
@@ -560,9 +559,9 @@ def _check_random_state(value) -> None:
     if value is None or isinstance(value, np.random.RandomState):
         return
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"random_state must be {allowed}, got {value!r}")
+        raise TypeError(f"random_state must be {allowed}, got {shown(value)}")
     if not 0 <= value < 2**32:
-        raise ValueError(f"random_state must be {allowed} (below 2**32), got {value!r}")
+        raise ValueError(f"random_state must be {allowed} (below 2**32), got {shown(value)}")
 
 
 def _check_real(name: str, value, low: float, low_open: bool = False,
@@ -579,5 +578,5 @@ def _check_real(name: str, value, low: float, low_open: bool = False,
 
 def _check_bool(name: str, value) -> bool:
     if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
+        raise TypeError(f"{name} must be True or False, got {shown(value)}")
     return bool(value)

@@ -31,6 +31,7 @@ import numpy as np
 
 from . import backends
 from .backends.host import numpy_blas_libraries
+from .validation import shown
 
 __all__ = ["set_num_threads", "get_num_threads", "limit_threads", "requested_num_threads"]
 
@@ -135,7 +136,7 @@ def _close(block: _Block) -> None:
 
 def _check_count(n: object) -> int:
     if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral):
-        raise TypeError(f"the thread count must be an integer >= 1, got {n!r}")
+        raise TypeError(f"the thread count must be an integer >= 1, got {shown(n)}")
     if n < 1:
         raise ValueError(f"the thread count must be an integer >= 1, got {n}")
     return int(n)

@@ -26,7 +26,7 @@ from .lr_scheduler import LRScheduler
 from .losses import check_loss, has_accuracy
 from .optim import Adam, Optimizer, make_optimizer
 from .threads import limit_threads
-from .validation import check_positive_int
+from .validation import check_bool, check_ordered, check_positive_int
 
 if TYPE_CHECKING:
     from .distributed import DataParallel
@@ -100,6 +100,7 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
     epochs = check_positive_int(epochs, "epochs", 0)
     batch_size = check_positive_int(batch_size, "batch_size", 1)
     seed = check_positive_int(seed, "seed", 0)
+    shuffle, progress = check_bool(shuffle, "shuffle"), check_bool(progress, "progress")
     if threads is not None:
         threads = check_positive_int(threads, "threads", 1)
     # Taken before the inputs are prepared, atomically: a check here and a mark set later
@@ -113,7 +114,8 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
                              "the batches from it); device arrays are for single-process fit()")
         if validation_data is not None:
             validation_data = _check_validation(model, validation_data, loss)
-        callbacks = list(callbacks or [])
+        callbacks = [] if callbacks is None else check_ordered(
+            callbacks, "callbacks", "a list of callables (epoch, record), called in its order")
         for cb in callbacks:
             if not callable(cb):
                 raise TypeError(f"callbacks must be callables (epoch, record), "
@@ -141,7 +143,7 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
         model._trainer = loop  # handed over: its ``with`` needs no second claim
         model.loss = loss
         history = History()
-        bar = _Progress(bool(progress) and (parallel is None or parallel.rank == 0), epochs, X.rows)
+        bar = _Progress(progress and (parallel is None or parallel.rank == 0), epochs, X.rows)
         for cb in callbacks:
             if hasattr(cb, "on_fit_start"):
                 cb.on_fit_start(model, opt)
@@ -310,6 +312,7 @@ class EpochLoop:
         ``on_step(rows)`` is called after each step (or once for a fused epoch)."""
         if not self._inside:
             raise RuntimeError("EpochLoop.epoch() runs inside 'with loop:'")
+        shuffle, seed = check_bool(shuffle, "shuffle"), check_positive_int(seed, "seed", 0)
         model, epoch = self.model, self.model.epochs_trained
         order = np.random.default_rng([seed, epoch]).permutation(self.n) if shuffle \
             else np.arange(self.n)

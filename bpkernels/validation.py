@@ -1,6 +1,12 @@
 """Checks of user arrays shared by the model, the losses and the training loop."""
 from __future__ import annotations
 
+import math
+import numbers
+import operator
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 
 
@@ -50,9 +56,62 @@ def check_feature_shape(shape: tuple[int, ...], n_features: int, name: str = "X"
                          f"{n_features} (shape {shape}, expected (n, {n_features}))")
 
 
-def check_positive_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+def check_positive_int(value: Any, name: str, minimum: int) -> int:
+    """``value`` as an int >= ``minimum``: any integer (NumPy's too), never a bool."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an integer, got a bool ({value})")
+    try:
+        value = operator.index(value)  # int, np.int64, ...: exact, never a truncated float
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
+    return value
+
+
+def check_real(value: Any, name: str, low: float = -math.inf, high: float = math.inf, *,
+               low_open: bool = False, high_open: bool = False) -> float:
+    """``value`` as a finite float in the interval: any real number (NumPy's scalars too),
+    never a bool (``lr=True`` is a mistake, not 1.0)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        got = f"a bool ({value})" if isinstance(value, (bool, np.bool_)) else type(value).__name__
+        raise TypeError(f"{name} must be a number, got {got}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if value < low or value > high or (low_open and value == low) or \
+            (high_open and value == high):
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must lie in {interval}, got {value}")
+    return value
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """``value`` as a bool: True or False (NumPy's too); 0, 1, "no" or None are refused."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def check_ordered(value: Any, name: str, allowed: str) -> list:
+    """``value`` as a list, if it is an ordered collection (list, tuple, range, 1-D array).
+    Sets and dicts are refused (their order is not the caller's), as are iterators (consumed
+    once) and strings."""
+    if isinstance(value, np.ndarray) and value.ndim == 1:
+        return value.tolist()
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        why = " (unordered)" if isinstance(value, (set, frozenset, dict)) else ""
+        raise TypeError(f"{name} must be {allowed}, got {type(value).__name__}{why}")
+    return list(value)
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` with NumPy scalars shown as plain numbers: ``[2, -1]``, never
+    ``[np.int64(2), np.int64(-1)]``."""
+    if isinstance(value, np.generic):
+        return repr(value.item())
+    if isinstance(value, (list, tuple)):
+        inner = ", ".join(shown(v) for v in value)
+        return f"({inner},)" if isinstance(value, tuple) and len(value) == 1 else \
+            f"({inner})" if isinstance(value, tuple) else f"[{inner}]"
+    return repr(value)

@@ -160,6 +160,9 @@ def launch_errors(comm) -> dict:
         "batch_size differs": lambda: _fit(comm, X, y, batch_size=16 if rank == 0 else 8),
         "seed differs": lambda: _fit(comm, X, y, model_seed=rank),
         "data differs": lambda: _fit(comm, X + (rank == comm.Get_size() - 1), y),
+        # Rows the old check's 1,024-row sample never read: 3,976 of 5,000 rows on the last
+        # rank, one label on ranks 1 and 2.
+        "data differs outside a sample": lambda: _fit(comm, *_unsampled_change(rank, last)),
         "too many ranks": lambda: _fit(comm, X[:comm.Get_size() - 1], y[:comm.Get_size() - 1]),
         "batch below ranks": lambda: _fit(comm, X, y, batch_size=comm.Get_size() - 1),
         # One CuPy with NCCL, the others without: NCCL's setup on rank 0 against host MPI
@@ -182,6 +185,19 @@ def launch_errors(comm) -> dict:
         except ValueError as err:  # not a DistributedError: the rank's own error
             messages[what] = f"{type(err).__name__}: {err}"
     return messages
+
+
+def _unsampled_change(rank: int, last: bool) -> tuple[np.ndarray, np.ndarray]:
+    """5,000 rows, changed outside the 1,024 evenly spaced rows that the data check once read:
+    X on the last rank, one label on every rank but 0."""
+    rng = np.random.default_rng(11)
+    X, y = rng.standard_normal((5000, 6)), rng.integers(0, 3, 5000)
+    outside = np.setdiff1d(np.arange(5000), np.linspace(0, 4999, 1024).astype(np.int64))
+    if last:
+        X[outside] += 1.0
+    if rank:
+        y[outside[-rank]] = (y[outside[-rank]] + 1) % 3
+    return X, y
 
 
 def _cupy_cudasim(nccl: bool):

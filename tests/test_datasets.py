@@ -3,6 +3,7 @@ import gzip
 import re
 import struct
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -171,6 +172,19 @@ def test_npy_instead_of_npz(tmp_path):
         ds.load_npz(p)
 
 
+@pytest.mark.parametrize("flag", [0x1, 0x20, 0x40])  # encrypted, patched, strong encryption
+def test_npz_with_damaged_zip_flags_is_a_value_error(tmp_path, flag):
+    # Found by tests/test_properties.py: zipfile raises RuntimeError / NotImplementedError here.
+    p = tmp_path / "d.npz"
+    np.savez(p, X=np.zeros((2, 2)), y=np.zeros(2))
+    raw = bytearray(p.read_bytes())
+    entry = raw.index(b"PK\x01\x02")  # X.npy's central directory entry; its flags at +8
+    raw[entry + 8] |= flag
+    p.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=_path_re(p)):
+        ds.load_npz(p)
+
+
 def test_npz_object_arrays_are_refused(tmp_path):
     p = tmp_path / "d.npz"
     np.savez(p, X=np.ones((2, 2)), y=np.array(["a", None], dtype=object))
@@ -223,6 +237,76 @@ def test_csv_fractional_labels_stay_float(tmp_path):
     p.write_text("1,2,0.5\n3,4,1.25\n")
     _, y = ds.load_csv(p)
     assert y.dtype == np.float64 and list(y) == [0.5, 1.25]
+
+
+@pytest.mark.parametrize("labels, expected", [
+    # beyond int64: float targets, the value as a float holds it, never wrapped around
+    (["0", "1e19"], [0.0, 1e19]),
+    (["0", "9223372036854775808"], [0.0, 2.0**63]),
+    (["0", "-9223372036854775809"], [0.0, -(2.0**63)]),
+    (["1", "99999999999999999999999"], [1.0, 1e23]),
+    (["1", "2.0", "9.3e18"], [1.0, 2.0, 9.3e18]),
+    (["1", "2.0000000000000001"], [1.0, 2.0]),  # the float is integral, the label is not
+])
+def test_csv_labels_beyond_int64_stay_floats(tmp_path, labels, expected):
+    p = tmp_path / "d.csv"
+    p.write_text("".join(f"{i},{v}\n" for i, v in enumerate(labels)))
+    with np.errstate(all="raise"), warnings.catch_warnings():
+        warnings.simplefilter("error")  # the wrap-around came with only a RuntimeWarning
+        _, y = ds.load_csv(p)
+    assert y.dtype == np.float64 and y.tolist() == expected
+
+
+@pytest.mark.parametrize("labels, expected", [
+    (["9223372036854775807", "-9223372036854775808"], [2**63 - 1, -2**63]),
+    (["3.0", "-9223372036854775808.0", "4e0"], [3, -2**63, 4]),
+    # found by tests/test_properties.py: the floats of these round, the integers written do not
+    (["0", "9007199254740993"], [0, 2**53 + 1]),
+    (["0.0", "5.099719603424333e+16"], [0, 50997196034243330]),
+])
+def test_csv_integer_labels_parse_exactly_up_to_the_int64_limits(tmp_path, labels, expected):
+    p = tmp_path / "d.csv"
+    p.write_text("".join(f"{i},{v}\n" for i, v in enumerate(labels)))
+    _, y = ds.load_csv(p)
+    assert y.dtype == np.int64 and y.tolist() == expected
+
+
+def test_csv_huge_labels_are_refused_as_class_ids_naming_the_row(tmp_path, capsys):
+    import bpkernels as bpk
+    from bpkernels import cli
+    p = tmp_path / "d.csv"
+    p.write_text("".join(f"{i},{i % 2}\n" for i in range(6)) + "6,1e19\n")
+    X, y = ds.load_csv(p)
+    with pytest.raises(ValueError, match=r"labels must lie in 0\.\.1 .*; y\[6\] = 1e\+19$"):
+        bpk.fit(bpk.MLP([1, 2]), X, y, loss="cross_entropy")
+    # regression trains on the float target as it is
+    model = bpk.MLP([1, 1], dtype="float64")
+    _, T = model.prepare(X, y, "mse")
+    assert T[6, 0] == 1e19
+    assert cli.main(["train", "--data", str(p), "--loss", "cross_entropy", "--quiet"]) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "labels are floats (row 6 holds 1e+19)" in err
+
+
+@pytest.mark.parametrize("y, row, value", [
+    (np.array([0, 1, 2**64 - 1], dtype=np.uint64), 2, 2**64 - 1),
+    (np.array([[0, 2**63], [1, 1], [0, 0]], dtype=np.uint64), 0, 2**63),
+])
+def test_npz_uint64_labels_beyond_int64_are_refused_naming_the_row(tmp_path, y, row, value):
+    p = tmp_path / "d.npz"
+    np.savez(p, X=np.zeros((3, 2)), y=y)
+    with pytest.raises(ValueError, match=_path_re(p) + f": y row {row} holds {value}, which no "
+                       "int64 class id holds"):
+        ds.load_npz(p)
+    np.savez(p, X=np.zeros((3, 2)), y=y % 7)
+    assert ds.load_npz(p)[1].tolist() == (y % 7).tolist()
+
+
+def test_npz_float_labels_beyond_int64_stay_float(tmp_path):
+    p = tmp_path / "d.npz"
+    np.savez(p, X=np.zeros((2, 2)), y=np.array([1e19, -1e300]))
+    _, y = ds.load_npz(p)
+    assert y.dtype == np.float64 and y.tolist() == [1e19, -1e300]
 
 
 def test_csv_explicit_header_with_numeric_names(tmp_path):
@@ -393,6 +477,14 @@ def test_mnist_header_too_short(tmp_path):
     p = tmp_path / "train-images-idx3-ubyte"
     p.write_bytes(b"\x00\x00\x08")
     with pytest.raises(ValueError, match=_path_re(p) + ".*too short"):
+        ds.load_mnist(tmp_path)
+
+
+@pytest.mark.parametrize("shape", [(0, 28, 28), (3, 0, 28), (3, 28, 0)])
+def test_mnist_without_pixels_says_it_is_empty(tmp_path, shape):
+    _write_mnist(tmp_path, images=np.zeros(shape, np.uint8), labels=np.zeros(shape[0]))
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte: holds no data: "
+                       f"{shape[0]} images of {shape[1]}x{shape[2]} pixels; the split is empty"):
         ds.load_mnist(tmp_path)
 
 

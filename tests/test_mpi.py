@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -248,6 +249,30 @@ def test_bench_worker_puts_each_rank_of_a_node_on_its_own_gpu(tmp_path):
 
 
 # --------------------------------------------------------------------------- bad launches, failures
+def test_the_data_check_reads_every_row_and_names_each_rank_that_differs(monkeypatch):
+    # In this process: what each rank would gather, then the check every rank runs on it.
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((5000, 6)), rng.integers(0, 3, 5000)
+    sampled = np.unique(np.linspace(0, 4999, 1024).astype(np.int64))  # what the old check read
+    outside = np.setdiff1d(np.arange(5000), sampled)
+    changed_X, changed_y = X.copy(), y.copy()
+    changed_X[outside] += 1.0  # 3,976 rows, as in the issue
+    changed_y[outside[-1]] = (y[outside[-1]] + 1) % 3  # one label, near the end
+    monkeypatch.setattr(distributed, "_FINGERPRINT_BLOCK_BYTES", 100 * (6 * 8 + 8))  # 100 rows
+    ranks = [(X, y), (X.copy(), y.copy()), (changed_X, y), (X, changed_y)]
+    everyone = [{distributed._DATA: distributed._fingerprint(*data)} for data in ranks]
+    distributed._check_same(everyone[0], everyone[:2])  # equal data passes
+    block = outside[-1] // 100 * 100
+    with pytest.raises(distributed.DistributedError, match=re.escape(
+            "data (a fingerprint of X and y) differs across ranks: rank 2's differs from rank "
+            f"0's within rows 0..99; rank 3's differs from rank 0's within rows "
+            f"{block}..{block + 99}; every rank must")):
+        distributed._check_same(everyone[0], everyone)
+    with pytest.raises(distributed.DistributedError, match="seed differs across ranks: rank 0 "
+                       "has 0, rank 1 has 1; ranks 2, 3 differ too; every rank must"):
+        distributed._check_same({"seed": 0}, [{"seed": s} for s in (0, 1, 2, 1)])
+
+
 def test_bad_launches_raise_the_same_clear_error_on_every_rank(tmp_path):
     done, reports = run_script(3, "launch-errors", tmp_path / "out")
     assert done.returncode == 0, done.stderr  # every rank raised, caught it and went on
@@ -255,6 +280,10 @@ def test_bad_launches_raise_the_same_clear_error_on_every_rank(tmp_path):
         "batch_size differs": "batch_size differs across ranks: rank 0 has 16, rank 1 has 8",
         "seed differs": "weights (a digest) differs across ranks",
         "data differs": "data (a fingerprint of X and y) differs across ranks",
+        # every rank that differs is named (5,000 rows of 56 bytes: one block of rows)
+        "data differs outside a sample": "data (a fingerprint of X and y) differs across ranks: "
+                                         "rank 1's differs from rank 0's within rows 0..4999; "
+                                         "rank 2's differs from rank 0's within rows 0..4999",
         "too many ranks": "3 ranks but only 2 training samples",
         "batch below ranks": "batch_size 2 is smaller than the 3 ranks",
         "NCCL on rank 0 only": "gradient all-reduce differs across ranks: rank 0 has 'NCCL, on "
