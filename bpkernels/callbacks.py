@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 from typing import TYPE_CHECKING, Any
+
+from .validation import check_positive_int
 
 if TYPE_CHECKING:
     from .history import History
@@ -147,12 +148,4 @@ class EarlyStopping:
 
 
 def _count(name: str, value: Any) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an integer, got bool")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
-    if value < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {value}")
-    return value
+    return check_positive_int(value, name, 0)

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import bisect
 import math
-import numbers
-import operator
 from collections import Counter
 from typing import Any, ClassVar, Iterable, Sequence
 
 import numpy as np
+
+from .validation import check_positive_int, check_real
 
 __all__ = ["LRScheduler", "StepLR", "MultiStepLR", "ExponentialLR", "CosineAnnealingLR",
            "LinearLR", "OneCycleLR", "SequentialLR", "ReduceLROnPlateau", "SCHEDULERS",
@@ -30,28 +30,13 @@ __all__ = ["LRScheduler", "StepLR", "MultiStepLR", "ExponentialLR", "CosineAnnea
 
 def _real(name: str, value: Any, low: float | None = None, high: float | None = None,
           low_open: bool = False, high_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    too_low = low is not None and (value <= low if low_open else value < low)
-    too_high = high is not None and (value >= high if high_open else value > high)
-    if not math.isfinite(value) or too_low or too_high:
-        lo = "(-inf" if low is None else ("(" if low_open else "[") + f"{low:g}"
-        hi = "inf)" if high is None else f"{high:g}" + (")" if high_open else "]")
-        raise ValueError(f"{name} must be finite and lie in {lo}, {hi}, got {value}")
-    return value
+    return check_real(value, name, -math.inf if low is None else low,
+                      math.inf if high is None else high, low_open=low_open,
+                      high_open=high_open)
 
 
 def _count(name: str, value: Any, low: int = 1) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an integer, got bool")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
-    if value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value}")
-    return value
+    return check_positive_int(value, name, low)
 
 
 def _choice(name: str, value: Any, allowed: Sequence[str]) -> str:

@@ -127,7 +127,7 @@ def test_without_restoring_the_last_epochs_weights_stay_and_nothing_is_copied():
 @pytest.mark.parametrize("make,error,match", [
     (lambda: EarlyStopping(monitor=""), TypeError, "monitor must name a History record"),
     (lambda: EarlyStopping(mode="up"), ValueError, "mode must be one of 'auto', 'min', 'max'"),
-    (lambda: EarlyStopping(patience=-1), ValueError, "patience must be an integer >= 0"),
+    (lambda: EarlyStopping(patience=-1), ValueError, "patience must be >= 0"),
     (lambda: EarlyStopping(patience=1.5), TypeError, "patience must be an integer, got float"),
     (lambda: EarlyStopping(min_delta=float("nan")), ValueError, "min_delta must be a finite"),
     (lambda: EarlyStopping(baseline="1"), TypeError, "baseline must be a number or None"),

@@ -127,31 +127,31 @@ def test_numpy_scalars_are_numbers_and_bools_are_not():
     s = S.CosineAnnealingLR(np.int64(10), np.float32(0.5))
     assert (s.T_max, s.eta_min) == (10, 0.5)
     assert S.OneCycleLR(np.float64(0.1), total_steps=np.int32(5)).total_steps == 5
-    with pytest.raises(TypeError, match="T_max must be an integer, got bool"):
+    with pytest.raises(TypeError, match="T_max must be an integer, got a bool"):
         S.CosineAnnealingLR(True)
-    with pytest.raises(TypeError, match="gamma must be a real number, got str"):
+    with pytest.raises(TypeError, match="gamma must be a number, got str"):
         S.ExponentialLR("0.9")
 
 
 @pytest.mark.parametrize("make,error,match", [
-    (lambda: S.StepLR(0), ValueError, "step_size must be an integer >= 1, got 0"),
+    (lambda: S.StepLR(0), ValueError, "step_size must be >= 1, got 0"),
     (lambda: S.StepLR(2.5), TypeError, "step_size must be an integer, got float"),
     (lambda: S.ExponentialLR(math.nan), ValueError, "gamma must be finite"),
     (lambda: S.MultiStepLR({3, 1}), TypeError, "milestones must be a sequence"),
-    (lambda: S.MultiStepLR([1, -2]), ValueError, r"milestones\[\] must be an integer >= 0"),
-    (lambda: S.LinearLR(start_factor=0), ValueError, r"start_factor must be finite and lie in \(0"),
-    (lambda: S.LinearLR(end_factor=1.5), ValueError, r"end_factor must .* \[0, 1\]"),
+    (lambda: S.MultiStepLR([1, -2]), ValueError, r"milestones\[\] must be >= 0"),
+    (lambda: S.LinearLR(start_factor=0), ValueError, r"start_factor must lie in \(0"),
+    (lambda: S.LinearLR(end_factor=1.5), ValueError, r"end_factor must lie in \[0.0, 1.0\]"),
     (lambda: S.OneCycleLR(0.1), ValueError, "needs total_steps, or epochs and steps_per_epoch"),
     (lambda: S.OneCycleLR(0.1, 10, anneal_strategy="cosine"), ValueError,
      "anneal_strategy must be one of 'cos', 'linear', got 'cosine'"),
-    (lambda: S.OneCycleLR(0.0, 10), ValueError, "max_lr must be finite and lie in"),
+    (lambda: S.OneCycleLR(0.0, 10), ValueError, "max_lr must lie in"),
     (lambda: S.SequentialLR([S.StepLR(2)], [3]), ValueError, "one milestone fewer than"),
     (lambda: S.SequentialLR([S.StepLR(2), S.ReduceLROnPlateau()], [3]), TypeError,
      r"schedulers\[1\] must be a scheduler other than ReduceLROnPlateau"),
     (lambda: S.SequentialLR([S.StepLR(2), S.StepLR(3), S.StepLR(4)], [5, 3]), ValueError,
      "milestones must increase"),
     (lambda: S.ReduceLROnPlateau(mode="minimum"), ValueError, "mode must be one of 'min', 'max'"),
-    (lambda: S.ReduceLROnPlateau(factor=1.0), ValueError, r"factor must .* \[0, 1\)"),
+    (lambda: S.ReduceLROnPlateau(factor=1.0), ValueError, r"factor must lie in \[0.0, 1.0\)"),
     (lambda: S.scheduler_from_config({"name": "CosineLR"}), ValueError, "unknown scheduler"),
 ])
 def test_each_bad_argument_is_one_clear_error(make, error, match):
