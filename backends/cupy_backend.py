@@ -209,6 +209,13 @@ class CupyBackend(Backend):
     def synchronize(self):
         cupy.cuda.runtime.deviceSynchronize()
 
+    def memory_available(self):
+        free, _ = cupy.cuda.runtime.memGetInfo()
+        # Blocks CuPy's pool holds for reuse are free to our arrays, not to the driver.
+        pool = getattr(cupy, "get_default_memory_pool", None)
+        cached = pool().free_bytes() if pool is not None else 0
+        return int(free + cached), f"free memory of GPU {cupy.cuda.runtime.getDevice()}"
+
     def device_info(self):
         props = self._properties
         free, total = cupy.cuda.runtime.memGetInfo()

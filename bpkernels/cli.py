@@ -4,7 +4,8 @@
 folder) and prints a summary; ``bpk bench`` times every backend and peer against the GEMM
 floor; ``bpk info`` describes the installation and the machine.
 
-Every user mistake ends in one line ``bpk: error: <message>`` on stderr and exit code 2;
+Every user mistake ends in one line ``bpk: error: <message>`` on stderr and exit code 2 (a
+model, batch or data set too large for the memory available too);
 divergence of training in exit code 3; Ctrl-C in exit code 130. Set ``BPK_DEBUG=1`` to get
 the traceback of a handled error instead (for bug reports).
 """
@@ -27,6 +28,8 @@ from .activations import ACTIVATIONS, get_activation
 from .backends import backend_names, get_backend
 from .backends.base import LOSSES
 from .losses import check_loss, has_accuracy
+from .backends import host
+from .memory import InsufficientMemory, size_text
 from .model import DTYPES, MLP, resolve_dtype
 from .optim import OPTIMIZERS, make_optimizer
 from .train import TrainingDiverged, fit
@@ -363,7 +366,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return _train_command(args)
 
 
+# Address space `bpk train` maps beyond `import bpkernels` (measured with Python 3.11 on 2
+# cores: ~250 MiB for scikit-learn, SciPy and the BLAS buffers, ~200 MiB more for Numba and
+# LLVM compiling): under a lower `ulimit -v` a library fails to load, or OpenBLAS or LLVM
+# abort the process where no handler can report it, so the run is refused before it starts.
+LIBRARY_BYTES = 256 * 2**20
+NUMBA_BYTES = 256 * 2**20
+
+
+def _check_address_space(backend: str | None) -> None:
+    free, source = host.address_space_available()
+    if free is None:
+        return
+    needs = {"scikit-learn, SciPy and the BLAS": LIBRARY_BYTES}
+    if backend in (None, "auto", "numba"):
+        needs["Numba and LLVM (--backend numpy does without)"] = NUMBA_BYTES
+    host.check("bpk train", needs, (free, source))
+
+
 def _train_command(args: argparse.Namespace) -> int:
+    _check_address_space(args.backend if args.resume is None else "auto")
     # --resume without --save keeps its work: the run is saved back to the resumed file.
     args.saving_back = args.resume is not None and args.save is None
     if args.saving_back:
@@ -652,6 +674,13 @@ def _message(err: BaseException) -> str:
     return str(err) or type(err).__name__
 
 
+def _out_of_memory(err: MemoryError) -> str:
+    free, source = host.memory_available()
+    what = f"out of memory: {err}" if str(err) else "out of memory"
+    return (f"{what} ({size_text(free)} available now, {source}); a smaller model, batch or "
+            "data set, or a higher limit, may fit")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``bpk`` with ``argv`` (default: the process arguments); returns the exit code."""
     parser = _build_parser()
@@ -667,6 +696,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingDiverged as err:  # raised outside fit(): not expected, but never a traceback
         _error(_message(err))
         return EXIT_DIVERGED
+    except MemoryError as err:
+        # InsufficientMemory names the sizes; an allocation that failed anyway (NumPy's own
+        # message names the array) is still one line: the model, batch or data is too large.
+        if os.environ.get("BPK_DEBUG"):
+            raise
+        _error(str(err) if isinstance(err, InsufficientMemory) else _out_of_memory(err))
+        return EXIT_USAGE
     except (ValueError, TypeError, ImportError, OSError, KeyError) as err:
         # User mistakes (bad names, paths, files, data, missing extras); the package's
         # messages name what was wrong. BPK_DEBUG=1 shows where, for bug reports.

@@ -22,6 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from . import memory
+from .backends import host
+
 PathLike = str | os.PathLike
 
 SPEC_NAMES = ("digits", "synthetic", "synthetic-classification", "synthetic-regression")
@@ -85,9 +88,21 @@ def load_digits() -> Arrays:
     """scikit-learn's bundled 8x8 digits: 1797 x 64 pixels (0..16), labels 0..9."""
     try:
         from sklearn.datasets import load_digits as sk_load_digits
-    except ImportError:
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] != "sklearn":
+            raise ImportError(f"the digits data set needs scikit-learn, which is installed but "
+                              f"failed to import: {err}") from None
         raise ImportError('the digits data set needs scikit-learn: '
                           'pip install "bpkernels[sklearn]"') from None
+    except (ImportError, OSError, MemoryError) as err:
+        # Installed but broken or starved (a library that cannot be mapped under a low
+        # ``ulimit -v``): say what failed, not that it is missing.
+        failed = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        if isinstance(err, MemoryError):
+            raise MemoryError("importing scikit-learn for the digits data set ran out of "
+                              "memory") from None
+        raise ImportError(f"the digits data set needs scikit-learn, which is installed but "
+                          f"failed to import: {failed}") from None
     bunch = sk_load_digits()
     return _finish(bunch.data, bunch.target, "digits")
 
@@ -147,6 +162,7 @@ def load_npz(path: PathLike) -> Arrays:
     """Arrays named ``X`` and ``y`` from an ``.npz`` archive (pickled objects refused)."""
     p = _existing_file(path)
     bad = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)
+    _check_npz_sizes(p)
     try:
         data = np.load(p, allow_pickle=False)
     except bad as err:
@@ -165,6 +181,65 @@ def load_npz(path: PathLike) -> Arrays:
         except bad as err:
             raise ValueError(f"{p}: bad array in .npz ({type(err).__name__}: {err})") from None
     return _finish(X, y, str(p))
+
+
+# A member that expands more than this many times over, to more than _BOMB_BYTES, is refused:
+# zlib cannot pass ~1032:1, which only long runs of one byte reach; real data sets (even
+# one-hot or mostly-zero ones) stay well below 100:1.
+_MAX_RATIO = 200
+_BOMB_BYTES = 256 * 2**20
+
+
+def _check_npz_sizes(p: Path) -> None:
+    """Refuse an archive before anything is decompressed, from the sizes it declares: a member
+    whose .npy header claims more elements than its bytes hold, one that expands far beyond
+    the file (a zip bomb), or data that cannot fit in the memory available (the members as
+    stored, plus X and y converted to float64/int64). Only the few bytes of each .npy header
+    are decompressed; anything unreadable is left for np.load to report."""
+    try:
+        archive = zipfile.ZipFile(p)
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError):
+        return
+    parts: dict[str, int] = {}
+    with archive:
+        for info in archive.infolist():
+            name = info.filename
+            if info.file_size > _BOMB_BYTES and \
+                    info.file_size > _MAX_RATIO * max(1, info.compress_size):
+                raise ValueError(f"{p}: member {name} expands from {_size(info.compress_size)} "
+                                 f"to {_size(info.file_size)} (over {_MAX_RATIO}:1): refused "
+                                 "as a zip bomb")
+            if name not in ("X.npy", "y.npy"):
+                continue
+            shape, dtype, header = _npy_header(archive, info)
+            if shape is None or dtype.hasobject:  # pickles: np.load refuses them
+                continue
+            count = math.prod(shape)
+            if count * dtype.itemsize != info.file_size - header:
+                raise ValueError(f"{p}: {name}'s header claims shape {shape} of {dtype} "
+                                 f"({_size(count * dtype.itemsize)}), but the member holds "
+                                 f"{_size(info.file_size - header)} of data")
+            parts[f"{name} as stored"] = count * dtype.itemsize
+            parts[f"{name[0]} converted to 64 bits"] = count * 8
+    memory.check(f"loading {p}", parts, host.memory_available())
+
+
+def _npy_header(archive: zipfile.ZipFile, info: zipfile.ZipInfo):
+    """(shape, dtype, header bytes) of an .npy member, or (None, None, 0) where unreadable."""
+    try:
+        with archive.open(info) as f:
+            version = np.lib.format.read_magic(f)
+            # 3.0 differs from 2.0 only in the header's text encoding (utf-8, not latin-1).
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read(f, max_header_size=2**20)
+            return tuple(int(n) for n in shape), np.dtype(dtype), f.tell()
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, TypeError):
+        return None, None, 0
+
+
+def _size(nbytes: int) -> str:
+    return memory.size_text(nbytes)
 
 
 def _read_rows(p: Path, delimiter: str) -> list[tuple[int, list[str]]]:
