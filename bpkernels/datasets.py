@@ -345,28 +345,51 @@ def _find_idx(root: Path, split: str, kind: str) -> Path:
 
 
 def _read_idx(p: Path, kind: str) -> np.ndarray:
-    if p.name.endswith(".gz"):
-        try:
-            with gzip.open(p, "rb") as f:
-                raw = f.read()
-        except (OSError, EOFError, zlib.error) as err:
-            raise ValueError(f"{p}: corrupt or truncated gzip file ({err})") from None
-    else:
-        raw = p.read_bytes()
     magic, ndim = _IDX_MAGIC[kind]
     start = 4 + 4 * ndim
-    if len(raw) < start:
-        raise ValueError(f"{p}: {len(raw)} bytes, too short for an IDX {kind} header ({start})")
-    got = struct.unpack_from(">I", raw)[0]
-    if got != magic:
-        raise ValueError(f"{p}: bad magic number 0x{got:08x}, expected 0x{magic:08x} ({kind})")
-    dims = struct.unpack_from(f">{ndim}I", raw, 4)
-    need, have = math.prod(dims), len(raw) - start
+    gz = p.name.endswith(".gz")
+    try:
+        with (gzip.open(p, "rb") if gz else open(p, "rb")) as f:
+            raw = f.read(start)
+            if len(raw) < start:
+                raise ValueError(f"{p}: {len(raw)} bytes, too short for an IDX {kind} header "
+                                 f"({start})")
+            got = struct.unpack_from(">I", raw)[0]
+            if got != magic:
+                raise ValueError(f"{p}: bad magic number 0x{got:08x}, expected 0x{magic:08x} "
+                                 f"({kind})")
+            dims = struct.unpack_from(f">{ndim}I", raw, 4)
+            need = math.prod(dims)
+            _check_idx_size(p, need, gz)
+            payload = f.read(need)
+            have = len(payload) + _count_rest(f)
+    except (OSError, EOFError, zlib.error) as err:
+        what = "corrupt or truncated gzip file" if gz else "unreadable file"
+        raise ValueError(f"{p}: {what} ({err})") from None
     if have != need:
         why = "truncated" if have < need else "trailing bytes"
         raise ValueError(f"{p}: payload is {have} bytes but the header's dims {dims} "
                          f"need {need} ({why})")
-    return np.frombuffer(raw, np.uint8, need, start).reshape(dims)
+    return np.frombuffer(payload, np.uint8).reshape(dims)
+
+
+def _check_idx_size(p: Path, need: int, gz: bool) -> None:
+    """Before the payload is read: a gzip file whose header claims far more than it could
+    expand to (a gzip bomb), or pixels (plus their float64 copy) that cannot fit, are refused."""
+    stored = p.stat().st_size
+    if gz and need > _BOMB_BYTES and need > _MAX_RATIO * stored:
+        raise ValueError(f"{p}: the IDX header claims {_size(need)} from a gzip file of "
+                         f"{_size(stored)} (over {_MAX_RATIO}:1): refused")
+    memory.check(f"loading {p}", {"the IDX payload": need, "its float64 copy": 8 * need},
+                 host.memory_available())
+
+
+def _count_rest(f) -> int:
+    """Bytes left in ``f``, read in bounded chunks (only to say how many trail the payload)."""
+    count = 0
+    while chunk := f.read(2**20):
+        count += len(chunk)
+    return count
 
 
 def load_mnist(folder: PathLike, split: str = "train") -> Arrays:

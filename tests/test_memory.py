@@ -3,6 +3,7 @@ sizes (bpkernels.InsufficientMemory, a MemoryError), and `bpk` turns any MemoryE
 line and exit code 2. The memory available is fixed by monkeypatching (the estimates are
 compared with sizes worked out here by hand), or limited for real with RLIMIT_AS in a
 subprocess; nothing large is ever allocated."""
+import gzip
 import io
 import os
 import resource
@@ -190,6 +191,33 @@ def test_an_npz_larger_than_the_memory_available(tmp_path, available):
         datasets.load_npz(path)
     available(33 * 2**20)
     assert datasets.load_npz(path)[0].shape == (4096, 512)
+
+
+def _idx_images(path, dims, payload=b""):
+    """An images file as given, beside a labels file that is fine."""
+    header = struct.pack(">4I", 0x00000803, *dims)
+    path.write_bytes(gzip.compress(header + payload) if path.suffix == ".gz" else header + payload)
+    labels = struct.pack(">2I", 0x00000801, dims[0]) + bytes(dims[0])
+    (path.parent / "train-labels-idx1-ubyte").write_bytes(labels)
+
+
+def test_a_gzipped_idx_file_claiming_a_gigabyte_is_refused_unread(tmp_path, monkeypatch):
+    _idx_images(tmp_path / "train-images-idx3-ubyte.gz", (100000, 100, 100))
+    read = []
+    monkeypatch.setattr(datasets, "_count_rest", lambda f: read.append(f) or 0)
+    with pytest.raises(ValueError, match=r"the IDX header claims 953.7 MiB from a gzip file of "
+                                         r"\d+ B \(over 200:1\): refused"):
+        datasets.load_mnist(tmp_path)
+    assert not read
+
+
+@pytest.mark.parametrize("name", ["train-images-idx3-ubyte", "train-images-idx3-ubyte.gz"])
+def test_idx_pixels_larger_than_the_memory_available(tmp_path, available, name):
+    _idx_images(tmp_path / name, (1000, 28, 28), bytes(1000 * 28 * 28))
+    available(2**20)
+    with pytest.raises(bpk.InsufficientMemory, match=r"needs 6.7 MiB \(the IDX payload 765.6 "
+                                                     r"KiB, its float64 copy 6.0 MiB\)"):
+        datasets.load_mnist(tmp_path)
 
 
 # ---------------------------------------------------------------------------- ulimit -v
