@@ -96,6 +96,31 @@ def test_fit_counts_the_optimizer_state_and_the_batch_order(available):
     assert len(bpk.fit(model, X, y, optimizer="adam", batch_size=5, epochs=1)) == 1
 
 
+def test_on_a_gpu_the_model_is_checked_against_the_devices_free_memory(available):
+    """The stand-in's device has 1 GiB: parameters and gradients go there, the float64
+    initial weights stay on the host (24 GiB here)."""
+    import cudasim
+    if cudasim.unavailable_reason() is not None:
+        pytest.skip(cudasim.unavailable_reason())
+    backend = cudasim.make_backend()
+    free, where = backend.memory_available()
+    assert where == "free memory of GPU 0" and 0 < free <= GiB
+    n = 64 * 10**7 + 10**7 + 10**7 * 10 + 10
+    with pytest.raises(bpk.InsufficientMemory) as caught:
+        bpk.MLP([64, 10**7, 10], backend=backend)
+    assert str(caught.value).endswith(f"needs {n * 8 / GiB:.1f} GiB (parameters {n * 4 / GiB:.1f} "
+                                      f"GiB, gradients {n * 4 / GiB:.1f} GiB), but only "
+                                      f"{free / GiB:.1f} GiB is available (free memory of GPU 0)")
+    small = 64 * 1000 + 1000 + 1000 * 10 + 10
+    available(small * 16 - 1)  # the host's part, checked on its own
+    with pytest.raises(bpk.InsufficientMemory, match=r"\(initial weights drawn in float64 "
+                                                     r"1.1 MiB\), but only 1.1 MiB is available "
+                                                     r"\(MemAvailable"):
+        bpk.MLP([64, 1000, 10], backend=backend)
+    available(small * 16)
+    assert bpk.MLP([64, 1000, 10], backend=backend).n_params == small
+
+
 # ---------------------------------------------------------------------------- benchmark
 def test_a_bench_config_of_a_hundred_million_inputs_is_refused(available, capsys):
     config = workload.parse_config("99999999-10:32:16384")
