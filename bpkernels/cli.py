@@ -22,14 +22,13 @@ from typing import Sequence
 import numpy as np
 
 import bpkernels
-from . import checkpoint, datasets
+from . import checkpoint, datasets, memory
 from . import distributed
 from .activations import ACTIVATIONS, get_activation
 from .backends import backend_names, get_backend
 from .backends.base import LOSSES
 from .losses import check_loss, has_accuracy
-from .backends import host
-from .memory import InsufficientMemory, size_text
+from .memory import InsufficientMemory
 from .model import DTYPES, MLP, resolve_dtype
 from .optim import OPTIMIZERS, make_optimizer
 from .train import TrainingDiverged, fit
@@ -366,26 +365,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return _train_command(args)
 
 
-# Address space `bpk train` maps beyond `import bpkernels` (measured with Python 3.11 on 2
-# cores: ~250 MiB for scikit-learn, SciPy and the BLAS buffers, ~200 MiB more for Numba and
-# LLVM compiling): under a lower `ulimit -v` a library fails to load, or OpenBLAS or LLVM
-# abort the process where no handler can report it, so the run is refused before it starts.
-LIBRARY_BYTES = 256 * 2**20
-NUMBA_BYTES = 256 * 2**20
-
-
-def _check_address_space(backend: str | None) -> None:
-    free, source = host.address_space_available()
-    if free is None:
-        return
-    needs = {"scikit-learn, SciPy and the BLAS": LIBRARY_BYTES}
-    if backend in (None, "auto", "numba"):
-        needs["Numba and LLVM (--backend numpy does without)"] = NUMBA_BYTES
-    host.check("bpk train", needs, (free, source))
-
-
 def _train_command(args: argparse.Namespace) -> int:
-    _check_address_space(args.backend if args.resume is None else "auto")
+    memory.check_address_space_for_training(args.backend if args.resume is None else "auto")
     # --resume without --save keeps its work: the run is saved back to the resumed file.
     args.saving_back = args.resume is not None and args.save is None
     if args.saving_back:
@@ -674,13 +655,6 @@ def _message(err: BaseException) -> str:
     return str(err) or type(err).__name__
 
 
-def _out_of_memory(err: MemoryError) -> str:
-    free, source = host.memory_available()
-    what = f"out of memory: {err}" if str(err) else "out of memory"
-    return (f"{what} ({size_text(free)} available now, {source}); a smaller model, batch or "
-            "data set, or a higher limit, may fit")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``bpk`` with ``argv`` (default: the process arguments); returns the exit code."""
     parser = _build_parser()
@@ -701,7 +675,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # message names the array) is still one line: the model, batch or data is too large.
         if os.environ.get("BPK_DEBUG"):
             raise
-        _error(str(err) if isinstance(err, InsufficientMemory) else _out_of_memory(err))
+        _error(str(err) if isinstance(err, InsufficientMemory) else memory.out_of_memory(err))
         return EXIT_USAGE
     except (ValueError, TypeError, ImportError, OSError, KeyError) as err:
         # User mistakes (bad names, paths, files, data, missing extras); the package's
