@@ -327,6 +327,14 @@ class MLP:
         state: dict[str, Any] = self.optimizer.state if self.optimizer is not None else {}
         buffers = {"params": self.params, "grads": self.grads,
                    **{f"optimizer state {name}": buf for name, buf in state.items()}}
+        # Both copies live at once where the backend stays (a dtype change); a host copy of
+        # one buffer at a time passes through the host.
+        size = self.n_params * new_dtype.itemsize
+        memory.check_on(target, f"moving {memory.describe(self)} to {new_dtype.name} on "
+                        f"backend '{target.name}'",
+                        {"one buffer on the host": self.n_params * self.dtype.itemsize + size},
+                        {name.replace("params", "parameters").replace("grads", "gradients"): size
+                         for name in buffers})
         moved = {}
         for name, buf in buffers.items():
             host = self.backend.to_host(buf)

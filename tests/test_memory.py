@@ -108,9 +108,10 @@ def test_on_a_gpu_the_model_is_checked_against_the_devices_free_memory(available
     n = 64 * 10**7 + 10**7 + 10**7 * 10 + 10
     with pytest.raises(bpk.InsufficientMemory) as caught:
         bpk.MLP([64, 10**7, 10], backend=backend)
-    assert str(caught.value).endswith(f"needs {n * 8 / GiB:.1f} GiB (parameters {n * 4 / GiB:.1f} "
-                                      f"GiB, gradients {n * 4 / GiB:.1f} GiB), but only "
-                                      f"{free / GiB:.1f} GiB is available (free memory of GPU 0)")
+    assert f"needs {n * 8 / GiB:.1f} GiB (parameters {n * 4 / GiB:.1f} GiB, gradients " \
+        f"{n * 4 / GiB:.1f} GiB), but only " in str(caught.value)
+    assert str(caught.value).endswith("is available (free memory of GPU 0)")
+    assert caught.value.available == free  # what other tests left allocated is not free
     small = 64 * 1000 + 1000 + 1000 * 10 + 10
     available(small * 16 - 1)  # the host's part, checked on its own
     with pytest.raises(bpk.InsufficientMemory, match=r"\(initial weights drawn in float64 "
@@ -119,6 +120,29 @@ def test_on_a_gpu_the_model_is_checked_against_the_devices_free_memory(available
         bpk.MLP([64, 1000, 10], backend=backend)
     available(small * 16)
     assert bpk.MLP([64, 1000, 10], backend=backend).n_params == small
+
+
+def test_moving_a_model_to_a_gpu_without_room_leaves_it_as_it_was(monkeypatch, available):
+    import cudasim
+    if cudasim.unavailable_reason() is not None:
+        pytest.skip(cudasim.unavailable_reason())
+    model = bpk.MLP([64, 1000, 10], backend="numpy")
+    X, y = np.random.default_rng(0).standard_normal((8, 64)), np.arange(8) % 10
+    bpk.fit(model, X, y, optimizer="adam", epochs=1)
+    before = [a.copy() for pair in model.get_weights() for a in pair]
+    gpu = cudasim.make_backend()
+    n = model.n_params  # parameters, gradients and Adam's two moments, in float64 there
+    monkeypatch.setattr(gpu, "memory_available", lambda: (4 * n * 8 - 1, "free memory of GPU 0"))
+    with pytest.raises(bpk.InsufficientMemory, match=rf"needs {4 * n * 8 / 2**20:.1f} MiB \("
+                                                     r"parameters .*, gradients .*, optimizer "
+                                                     r"state exp_avg .*, optimizer state "
+                                                     r"exp_avg_sq .*\), but only"):
+        model.to(gpu, "float64")
+    assert model.backend.name == "numpy" and model.dtype == np.float32
+    assert all(np.array_equal(a, b) for a, b in
+               zip(before, [a for pair in model.get_weights() for a in pair]))
+    monkeypatch.setattr(gpu, "memory_available", lambda: (4 * n * 8, "free memory of GPU 0"))
+    assert model.to(gpu, "float64").backend is gpu
 
 
 # ---------------------------------------------------------------------------- benchmark
