@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import importlib.util
+import os
 import sys
 import types
 
@@ -317,6 +318,8 @@ def test_cupy_without_a_gpu_says_why(fresh_registry, monkeypatch, capsys):
         monkeypatch.setitem(sys.modules, name, module)
     reason = fresh_registry.unavailable_reasons()["cupy"]
     assert reason.startswith("backend 'cupy' cannot use a GPU here: cudaErrorInsufficientDriver")
+    driverless = os.path.isdir("/proc") and not os.path.exists("/proc/driver/nvidia/version")
+    assert reason.endswith(" (no NVIDIA driver is loaded: no GPU here)") == driverless
     from bpkernels import cli
     assert cli.main(["info"]) == 0
     assert "cupy: unavailable: backend 'cupy' cannot use a GPU here" in capsys.readouterr().out
@@ -366,6 +369,8 @@ def test_a_real_cupy_without_a_gpu_is_reported_not_used(fresh_registry):
         pytest.skip("a GPU is here: tests/test_cuda_gpu.py covers it")
     reason = fresh_registry.unavailable_reasons()["cupy"]
     assert reason.startswith("backend 'cupy' cannot use a GPU here: ")
+    if not os.path.exists("/proc/driver/nvidia/version"):
+        assert reason.endswith(" (no NVIDIA driver is loaded: no GPU here)")
     assert "cupy" not in fresh_registry.available_backends()
     assert fresh_registry.get_backend("auto").name != "cupy"
     with pytest.raises(BackendUnavailable, match="cannot use a GPU here"):
