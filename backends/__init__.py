@@ -56,6 +56,13 @@ def _load(name: str) -> Backend:
             reason = f"backend {name!r} failed to import: {err}"
         _unavailable[name] = reason
         raise BackendUnavailable(reason) from None
+    except (OSError, MemoryError) as err:
+        # A shared library that cannot be mapped (a low ``ulimit -v``, a broken install):
+        # "auto" goes on to the next backend, and the reason names what failed.
+        what = "ran out of memory" if isinstance(err, MemoryError) else "failed to load a library"
+        reason = f"backend {name!r} {what} while importing: {type(err).__name__}: {err}"
+        _unavailable[name] = reason
+        raise BackendUnavailable(reason) from None
     if _threads is not None:
         _apply_threads(backend, _threads)
     _instances[name] = backend

@@ -186,6 +186,12 @@ class Backend(ABC):
     def device_info(self) -> dict[str, Any]:
         """A JSON-able description of the device: name, memory, library versions, threads."""
 
+    def memory_available(self) -> tuple[int, str]:
+        """(bytes, what limits them): the memory new arrays of this backend can still take,
+        checked before large allocations. Default: the host's (backends/host.py)."""
+        from . import host
+        return host.memory_available()
+
     # ------------------------------------------------------------------ dense layer
     @abstractmethod
     def dense_forward(self, X: Any, W: Any, b: Any, activation: str, A: Any, Z: Any = None) -> None:

@@ -75,6 +75,14 @@ def _float32_compute_type(tf32: bool) -> bool:
     return True
 
 
+def _no_driver_note() -> str:
+    """CUDA says "driver version is insufficient" where there is no driver at all (a CPU-only
+    machine with CuPy installed): say that instead, where Linux shows it."""
+    if os.path.isdir("/proc") and not os.path.exists("/proc/driver/nvidia/version"):
+        return " (no NVIDIA driver is loaded: no GPU here)"
+    return ""
+
+
 class CupyBackend(Backend):
     name = "cupy"
 
@@ -88,7 +96,8 @@ class CupyBackend(Backend):
         try:
             count = cupy.cuda.runtime.getDeviceCount()
         except RuntimeError as err:  # CUDARuntimeError: no driver, or too old for this CuPy
-            raise BackendUnavailable(f"backend 'cupy' cannot use a GPU here: {err}") from None
+            raise BackendUnavailable(f"backend 'cupy' cannot use a GPU here: {err}"
+                                     f"{_no_driver_note()}") from None
         if count < 1:
             raise BackendUnavailable("backend 'cupy' cannot use a GPU here: no CUDA device")
         if tf32 is None:
@@ -208,6 +217,13 @@ class CupyBackend(Backend):
 
     def synchronize(self):
         cupy.cuda.runtime.deviceSynchronize()
+
+    def memory_available(self):
+        free, _ = cupy.cuda.runtime.memGetInfo()
+        # Blocks CuPy's pool holds for reuse are free to our arrays, not to the driver.
+        pool = getattr(cupy, "get_default_memory_pool", None)
+        cached = pool().free_bytes() if pool is not None else 0
+        return int(free + cached), f"free memory of GPU {cupy.cuda.runtime.getDevice()}"
 
     def device_info(self):
         props = self._properties

@@ -1,5 +1,5 @@
-"""Facts about the host machine that several layers need, found in one place: the CPU's name
-and the files of the OpenBLAS that NumPy's wheels bundle.
+"""Facts about the host machine that several layers need, found in one place: the CPU's name,
+the files of the OpenBLAS that NumPy's wheels bundle, and the memory a process may still take.
 
 Plain Python (no Numba, no ctypes loading): the engine (bpkernels/threads.py, the CLI, the
 benchmark) and the backends read them from here.
@@ -15,7 +15,9 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["cpu_name", "numpy_blas_libraries"]
+__all__ = ["InsufficientMemory", "address_space_available", "check", "cpu_name",
+           "memory_available", "numpy_blas_libraries",
+           "size_text"]
 
 # /proc/cpuinfo's "CPU implementer" codes on ARM (the Arm ARM's MIDR_EL1 table), for kernels that
 # print no model name: the vendor is then the most we can say without a table of part numbers.
@@ -78,3 +80,126 @@ def _sysctl(name: str) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return done.stdout.strip() or None
+
+
+class InsufficientMemory(MemoryError):
+    """The memory an operation needs, estimated before allocating, exceeds what is available.
+    ``needed`` and ``available`` are byte counts; the message names the parts."""
+
+    def __init__(self, message: str, needed: int, available: int) -> None:
+        super().__init__(message)
+        self.needed, self.available = needed, available
+
+
+def size_text(nbytes: float) -> str:
+    """A byte count for people: "512 B", "3.0 MiB", "29.8 GiB", "3.6 TiB"."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if nbytes < 1024 or unit == "PiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    raise AssertionError("unreachable")
+
+
+def check(what: str, parts: dict[str, int], available: tuple[int, str]) -> None:
+    """InsufficientMemory when the parts (name -> bytes; zero parts are left out of the
+    message) add up to more than ``available`` (bytes, what limits them)."""
+    needed = sum(parts.values())
+    free, source = available
+    if needed <= free:
+        return
+    listed = ", ".join(f"{name} {size_text(n)}" for name, n in parts.items() if n)
+    raise InsufficientMemory(f"{what} needs {size_text(needed)} ({listed}), but only "
+                             f"{size_text(free)} is available ({source})", needed, free)
+
+
+def memory_available() -> tuple[int, str]:
+    """(bytes, what limits them): the least of the memory the kernel could give without
+    swapping (/proc/meminfo MemAvailable), what the process's cgroup still allows (v2
+    memory.max, v1 memory.limit_in_bytes, less the usage) and its address-space limit
+    (``ulimit -v``, RLIMIT_AS, less what is mapped). Read afresh on each call; a source that
+    cannot be read does not count (where none can, the result is unbounded)."""
+    found = [(b, why) for b, why in (_meminfo_available(), _cgroup_available(),
+                                     address_space_available()) if b is not None]
+    return min(found) if found else (sys.maxsize, "no limit found")
+
+
+def _meminfo_available(path: str = "/proc/meminfo") -> tuple[int | None, str]:
+    why = "MemAvailable in /proc/meminfo"
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, why
+    except (OSError, ValueError, IndexError):
+        pass
+    try:  # macOS and the BSDs: free pages only (a lower bound of what could be had)
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "free physical memory"
+    except (ValueError, OSError, AttributeError):
+        return None, why
+
+
+def _cgroup_available(proc: str = "/proc/self/cgroup",
+                      root: str = "/sys/fs/cgroup") -> tuple[int | None, str]:
+    try:
+        with open(proc, encoding="ascii", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None, ""
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2: one unified hierarchy
+            files, folder = ("memory.max", "memory.current"), root
+        elif "memory" in controllers.split(","):
+            files, folder = ("memory.limit_in_bytes", "memory.usage_in_bytes"), root + "/memory"
+        else:
+            continue
+        # Inside a container the cgroup namespace makes its own cgroup the root of the mount.
+        for where in (folder + path, folder):
+            limit, usage = (_read_int(f"{where}/{name}") for name in files)
+            if limit is not None and usage is not None:
+                if limit >= sys.maxsize:
+                    return None, ""
+                return max(0, limit - usage), f"the cgroup's {files[0]} ({_gib(limit)})"
+    return None, ""
+
+
+def address_space_available(status: str = "/proc/self/status") -> tuple[int | None, str]:
+    """(bytes, what limits them) left under the address-space limit (``ulimit -v``), which
+    counts every library mapped and every thread's reserved stack and heap, not only data;
+    (None, "") where there is no such limit."""
+    try:
+        import resource
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    except (ImportError, OSError, ValueError):
+        return None, ""
+    if soft == resource.RLIM_INFINITY:
+        return None, ""
+    mapped = 0
+    try:
+        with open(status, encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    mapped = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return max(0, soft - mapped), f"the address-space limit (ulimit -v {soft // 1024})"
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path, encoding="ascii") as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    if text == "max":
+        return sys.maxsize
+    try:
+        value = int(text)
+    except ValueError:
+        return None
+    # cgroup v1 writes "no limit" as the largest page-aligned 64-bit count.
+    return sys.maxsize if value >= 1 << 62 else value
+
+
+def _gib(nbytes: int) -> str:
+    return "no limit" if nbytes >= sys.maxsize else size_text(nbytes)

@@ -37,7 +37,7 @@ from .threads import get_num_threads, limit_threads
 from .train import EpochLoop, fit
 # CONFIGS and parse_config too: ``bench.X`` is where the CLI and benchmarks/ read the workload.
 from .workload import CONFIGS, LEARNING_RATE, SEED, Config, Trajectory  # noqa: F401
-from .workload import backend_trajectory, parse_config, workload  # noqa: F401
+from .workload import backend_trajectory, check_memory, parse_config, workload  # noqa: F401
 
 # --------------------------------------------------------------------------- results
 @dataclass
@@ -229,6 +229,9 @@ def run(options: BenchOptions, log: Callable[[str], None] = lambda s: None,
     counts = options.thread_counts()
     notes = [] if notes is None else notes
     results: list[Result] = []
+    for config in options.configs:  # every config before the first is timed
+        for dtype in options.dtypes:
+            check_memory(config, dtype, len(options.backends) + len(options.peers) + 1)
     for config in options.configs:
         for dtype in options.dtypes:
             log(f"{config.name} {dtype}: float64 reference trajectory")

@@ -4,7 +4,8 @@
 folder) and prints a summary; ``bpk bench`` times every backend and peer against the GEMM
 floor; ``bpk info`` describes the installation and the machine.
 
-Every user mistake ends in one line ``bpk: error: <message>`` on stderr and exit code 2;
+Every user mistake ends in one line ``bpk: error: <message>`` on stderr and exit code 2 (a
+model, batch or data set too large for the memory available too);
 divergence of training in exit code 3; Ctrl-C in exit code 130, SIGTERM and SIGHUP in 128 + their
 number (see signals.py). Set ``BPK_DEBUG=1`` to get
 the traceback of a handled error instead (for bug reports).
@@ -22,12 +23,13 @@ from typing import Sequence
 import numpy as np
 
 import bpkernels
-from . import atomic, checkpoint, datasets
+from . import atomic, checkpoint, datasets, memory
 from . import distributed
 from .activations import ACTIVATIONS, get_activation
 from .backends import backend_names, get_backend
 from .backends.base import LOSSES
 from .losses import check_loss, has_accuracy
+from .memory import InsufficientMemory
 from .model import DTYPES, MLP, resolve_dtype
 from .optim import OPTIMIZERS, make_optimizer
 from .signals import StopSignals
@@ -373,6 +375,7 @@ _STOP = StopSignals(EXIT_INTERRUPTED)  # the run's: main() reads what stopped it
 
 
 def _train_command(args: argparse.Namespace) -> int:
+    memory.check_address_space_for_training(args.backend if args.resume is None else "auto")
     # --resume without --save keeps its work: the run is saved back to the resumed file.
     args.saving_back = args.resume is not None and args.save is None
     if args.saving_back:
@@ -682,6 +685,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingDiverged as err:  # raised outside fit(): not expected, but never a traceback
         _error(_message(err))
         return EXIT_DIVERGED
+    except MemoryError as err:
+        # InsufficientMemory names the sizes; an allocation that failed anyway (NumPy's own
+        # message names the array) is still one line: the model, batch or data is too large.
+        if os.environ.get("BPK_DEBUG"):
+            raise
+        _error(str(err) if isinstance(err, InsufficientMemory) else memory.out_of_memory(err))
+        return EXIT_USAGE
     except (ValueError, TypeError, ImportError, OSError, KeyError) as err:
         # User mistakes (bad names, paths, files, data, missing extras); the package's
         # messages name what was wrong. BPK_DEBUG=1 shows where, for bug reports.

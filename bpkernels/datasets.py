@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import memory
+from .backends import host
 from .validation import check_real, shown
 
 PathLike = str | os.PathLike
@@ -99,9 +101,21 @@ def load_digits() -> Arrays:
     """scikit-learn's bundled 8x8 digits: 1797 x 64 pixels (0..16), labels 0..9."""
     try:
         from sklearn.datasets import load_digits as sk_load_digits
-    except ImportError:
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] != "sklearn":
+            raise ImportError(f"the digits data set needs scikit-learn, which is installed but "
+                              f"failed to import: {err}") from None
         raise ImportError('the digits data set needs scikit-learn: '
                           'pip install "bpkernels[sklearn]"') from None
+    except (ImportError, OSError, MemoryError) as err:
+        # Installed but broken or starved (a library that cannot be mapped under a low
+        # ``ulimit -v``): say what failed, not that it is missing.
+        failed = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        if isinstance(err, MemoryError):
+            raise MemoryError("importing scikit-learn for the digits data set ran out of "
+                              "memory") from None
+        raise ImportError(f"the digits data set needs scikit-learn, which is installed but "
+                          f"failed to import: {failed}") from None
     bunch = sk_load_digits()
     return _finish(bunch.data, bunch.target, "digits")
 
@@ -164,6 +178,7 @@ def load_npz(path: PathLike) -> Arrays:
     # RuntimeError ("password required"): a corrupt file all the same
     bad = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError,
            RuntimeError)
+    _check_npz_sizes(p)
     try:
         data = np.load(p, allow_pickle=False)
     except bad as err:
@@ -182,6 +197,65 @@ def load_npz(path: PathLike) -> Arrays:
         except bad as err:
             raise ValueError(f"{p}: bad array in .npz ({type(err).__name__}: {err})") from None
     return _finish(X, y, str(p))
+
+
+# A member that expands more than this many times over, to more than _BOMB_BYTES, is refused:
+# zlib cannot pass ~1032:1, which only long runs of one byte reach; real data sets (even
+# one-hot or mostly-zero ones) stay well below 100:1.
+_MAX_RATIO = 200
+_BOMB_BYTES = 256 * 2**20
+
+
+def _check_npz_sizes(p: Path) -> None:
+    """Refuse an archive before anything is decompressed, from the sizes it declares: a member
+    whose .npy header claims more elements than its bytes hold, one that expands far beyond
+    the file (a zip bomb), or data that cannot fit in the memory available (the members as
+    stored, plus X and y converted to float64/int64). Only the few bytes of each .npy header
+    are decompressed; anything unreadable is left for np.load to report."""
+    try:
+        archive = zipfile.ZipFile(p)
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError):
+        return
+    parts: dict[str, int] = {}
+    with archive:
+        for info in archive.infolist():
+            name = info.filename
+            if info.file_size > _BOMB_BYTES and \
+                    info.file_size > _MAX_RATIO * max(1, info.compress_size):
+                raise ValueError(f"{p}: member {name} expands from {_size(info.compress_size)} "
+                                 f"to {_size(info.file_size)} (over {_MAX_RATIO}:1): refused "
+                                 "as a zip bomb")
+            if name not in ("X.npy", "y.npy"):
+                continue
+            shape, dtype, header = _npy_header(archive, info)
+            if shape is None or dtype.hasobject:  # pickles: np.load refuses them
+                continue
+            count = math.prod(shape)
+            if count * dtype.itemsize != info.file_size - header:
+                raise ValueError(f"{p}: {name}'s header claims shape {shape} of {dtype} "
+                                 f"({_size(count * dtype.itemsize)}), but the member holds "
+                                 f"{_size(info.file_size - header)} of data")
+            parts[f"{name} as stored"] = count * dtype.itemsize
+            parts[f"{name[0]} converted to 64 bits"] = count * 8
+    memory.check(f"loading {p}", parts, host.memory_available())
+
+
+def _npy_header(archive: zipfile.ZipFile, info: zipfile.ZipInfo):
+    """(shape, dtype, header bytes) of an .npy member, or (None, None, 0) where unreadable."""
+    try:
+        with archive.open(info) as f:
+            version = np.lib.format.read_magic(f)
+            # 3.0 differs from 2.0 only in the header's text encoding (utf-8, not latin-1).
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read(f, max_header_size=2**20)
+            return tuple(int(n) for n in shape), np.dtype(dtype), f.tell()
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, TypeError):
+        return None, None, 0
+
+
+def _size(nbytes: int) -> str:
+    return memory.size_text(nbytes)
 
 
 def _read_rows(p: Path, delimiter: str) -> list[tuple[int, list[str]]]:
@@ -304,28 +378,51 @@ def _find_idx(root: Path, split: str, kind: str) -> Path:
 
 
 def _read_idx(p: Path, kind: str) -> np.ndarray:
-    if p.name.endswith(".gz"):
-        try:
-            with gzip.open(p, "rb") as f:
-                raw = f.read()
-        except (OSError, EOFError, zlib.error) as err:
-            raise ValueError(f"{p}: corrupt or truncated gzip file ({err})") from None
-    else:
-        raw = p.read_bytes()
     magic, ndim = _IDX_MAGIC[kind]
     start = 4 + 4 * ndim
-    if len(raw) < start:
-        raise ValueError(f"{p}: {len(raw)} bytes, too short for an IDX {kind} header ({start})")
-    got = struct.unpack_from(">I", raw)[0]
-    if got != magic:
-        raise ValueError(f"{p}: bad magic number 0x{got:08x}, expected 0x{magic:08x} ({kind})")
-    dims = struct.unpack_from(f">{ndim}I", raw, 4)
-    need, have = math.prod(dims), len(raw) - start
+    gz = p.name.endswith(".gz")
+    try:
+        with (gzip.open(p, "rb") if gz else open(p, "rb")) as f:
+            raw = f.read(start)
+            if len(raw) < start:
+                raise ValueError(f"{p}: {len(raw)} bytes, too short for an IDX {kind} header "
+                                 f"({start})")
+            got = struct.unpack_from(">I", raw)[0]
+            if got != magic:
+                raise ValueError(f"{p}: bad magic number 0x{got:08x}, expected 0x{magic:08x} "
+                                 f"({kind})")
+            dims = struct.unpack_from(f">{ndim}I", raw, 4)
+            need = math.prod(dims)
+            _check_idx_size(p, need, gz)
+            payload = f.read(need)
+            have = len(payload) + _count_rest(f)
+    except (OSError, EOFError, zlib.error) as err:
+        what = "corrupt or truncated gzip file" if gz else "unreadable file"
+        raise ValueError(f"{p}: {what} ({err})") from None
     if have != need:
         why = "truncated" if have < need else "trailing bytes"
         raise ValueError(f"{p}: payload is {have} bytes but the header's dims {dims} "
                          f"need {need} ({why})")
-    return np.frombuffer(raw, np.uint8, need, start).reshape(dims)
+    return np.frombuffer(payload, np.uint8).reshape(dims)
+
+
+def _check_idx_size(p: Path, need: int, gz: bool) -> None:
+    """Before the payload is read: a gzip file whose header claims far more than it could
+    expand to (a gzip bomb), or pixels (plus their float64 copy) that cannot fit, are refused."""
+    stored = p.stat().st_size
+    if gz and need > _BOMB_BYTES and need > _MAX_RATIO * stored:
+        raise ValueError(f"{p}: the IDX header claims {_size(need)} from a gzip file of "
+                         f"{_size(stored)} (over {_MAX_RATIO}:1): refused")
+    memory.check(f"loading {p}", {"the IDX payload": need, "its float64 copy": 8 * need},
+                 host.memory_available())
+
+
+def _count_rest(f) -> int:
+    """Bytes left in ``f``, read in bounded chunks (only to say how many trail the payload)."""
+    count = 0
+    while chunk := f.read(2**20):
+        count += len(chunk)
+    return count
 
 
 def load_mnist(folder: PathLike, split: str = "train") -> Arrays:

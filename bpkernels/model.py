@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import checkpoint, interop
+from . import checkpoint, interop, memory
 from .activations import ACTIVATIONS, hidden_activations
 from .backends import BackendUnavailable, get_backend
 from .backends.base import DTYPES, Backend
@@ -21,7 +21,7 @@ from .optim import Optimizer, optimizer_from_config
 from .validation import check_ordered, shown
 
 # Inference and evaluation run in chunks of this many rows: bounded memory for any input size.
-_CHUNK_ROWS = 4096
+CHUNK_ROWS = 4096
 # Workspaces are cached per batch size; a few sizes cover training (full + last partial batch)
 # and inference, without letting arbitrary input sizes pile up.
 _MAX_WORKSPACES = 6
@@ -83,6 +83,7 @@ class MLP:
         self.epochs_trained = 0
         self._layout = [(i, o) for i, o in zip(self.sizes[:-1], self.sizes[1:])]
         self.n_params = sum(i * o + o for i, o in self._layout)
+        self._check_memory()
         self.params = self.backend.asarray(self._initial_params(), self.dtype)
         self.grads = self.backend.zeros((self.n_params,), self.dtype)
         self._weights = self._views(self.params)
@@ -106,6 +107,13 @@ class MLP:
             offset += o
             views.append((W, b))
         return views
+
+    def _check_memory(self) -> None:
+        """InsufficientMemory, before anything is allocated, for a model that cannot fit."""
+        n, itemsize = self.n_params, self.dtype.itemsize
+        memory.check_on(self.backend, memory.describe(self),
+                        {"initial weights drawn in float64": 2 * 8 * n},
+                        {"parameters": n * itemsize, "gradients": n * itemsize})
 
     def _initial_params(self) -> np.ndarray:
         """He (ReLU family) or Glorot initial weights, zero biases, drawn on the host in
@@ -142,6 +150,10 @@ class MLP:
         key = (rows, target_shape, None if target_dtype is None else np.dtype(target_dtype))
         ws = cache.get(key)
         if ws is None:
+            target = 0 if target_shape is None else \
+                int(np.prod(target_shape, dtype=np.int64)) * np.dtype(target_dtype).itemsize
+            memory.check_on(self.backend, memory.describe(self), {}, {
+                f"a workspace for {rows} rows": self.workspace_bytes(rows, target)})
             ws = Workspace(self, rows, target_shape, target_dtype)
             cache[key] = ws
             while len(cache) > _MAX_WORKSPACES:
@@ -149,6 +161,12 @@ class MLP:
         else:
             cache.move_to_end(key)
         return ws
+
+    def workspace_bytes(self, rows: int, target_bytes_per_row: int = 0) -> int:
+        """The bytes of the Workspace for ``rows`` rows (targets of the given size per row)."""
+        keeps_z = [not ACTIVATIONS[a].grad_from_output for a in self.layer_activations]
+        return memory.workspace_bytes(self.sizes, keeps_z, rows, self.dtype.itemsize,
+                                      target_bytes_per_row)
 
     # ---------------------------------------------------------------- passes
     def _forward(self, ws: Workspace, X) -> Any:
@@ -184,8 +202,8 @@ class MLP:
     def _chunks(self, X: interop.Array, T: np.ndarray | None = None):
         """Yield (workspace, rows, X rows): the chunk of X in place where the backend can read
         it (else copied into the workspace), its targets copied into the workspace."""
-        for start in range(0, X.rows, _CHUNK_ROWS):
-            rows = slice(start, min(start + _CHUNK_ROWS, X.rows))
+        for start in range(0, X.rows, CHUNK_ROWS):
+            rows = slice(start, min(start + CHUNK_ROWS, X.rows))
             n = rows.stop - rows.start
             ws = self._scratch(n) if T is None else self._scratch(n, T.shape[1:], T.dtype)
             chunk = X.data[rows]  # rows of a C-contiguous array: C-contiguous
@@ -334,6 +352,14 @@ class MLP:
         state: dict[str, Any] = self.optimizer.state if self.optimizer is not None else {}
         buffers = {"params": self.params, "grads": self.grads,
                    **{f"optimizer state {name}": buf for name, buf in state.items()}}
+        # Both copies live at once where the backend stays (a dtype change); a host copy of
+        # one buffer at a time passes through the host.
+        size = self.n_params * new_dtype.itemsize
+        memory.check_on(target, f"moving {memory.describe(self)} to {new_dtype.name} on "
+                        f"backend '{target.name}'",
+                        {"one buffer on the host": self.n_params * self.dtype.itemsize + size},
+                        {name.replace("params", "parameters").replace("grads", "gradients"): size
+                         for name in buffers})
         moved = {}
         for name, buf in buffers.items():
             host = self.backend.to_host(buf)

@@ -41,11 +41,16 @@ class Optimizer:
         """The state buffers this configuration uses (e.g. no momentum buffer without momentum)."""
         return self.state_names
 
+    def bound_to(self, model: "MLP") -> bool:
+        """Whether bind(model) has allocated state that still fits the model."""
+        bound = self._model() if self._model is not None else None
+        return bound is model and self.state_matches(model)
+
     def bind(self, model: "MLP") -> None:
         """Allocate zeroed state buffers on the model's backend, once per model."""
-        bound = self._model() if self._model is not None else None
-        if bound is model and self.state_matches(model):
+        if self.bound_to(model):
             return
+        bound = self._model() if self._model is not None else None
         if bound is not None and bound is not model:
             raise ValueError(f"this {type(self).__name__} is already bound to another model; "
                              "create one optimizer per model")

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 
-from . import interop
+from . import interop, memory
 from .interop import ArrayLike
+from .model import CHUNK_ROWS
 from .backends.base import EpochPlan
 from .history import History
 from .lr_scheduler import LRScheduler
@@ -126,6 +127,7 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
                 lr_scheduler_interval = model.lr_scheduler_interval
         schedule = _Schedule.of(lr_scheduler, lr_scheduler_interval or "epoch")
         opt = _resolve_optimizer(model, optimizer)
+        check_memory(model, X, T, opt, batch_size, validation_data)
         opt.bind(model)  # allocates the optimizer's state; the model takes it once training starts
         if schedule is not None:
             schedule.start(opt)
@@ -238,6 +240,7 @@ class EpochLoop:
         _check_not_training(model)
         be = self.backend = model.backend
         self.model, self.loss, self.optimizer, self.parallel = model, loss, optimizer, parallel
+        check_memory(model, X, T, optimizer, batch_size)
         optimizer.bind(model)
         self.n = X.rows
         self.batch = min(check_positive_int(batch_size, "batch_size", 1), self.n)
@@ -490,6 +493,31 @@ class _Schedule:
             loop.step_rates = None
         record["lr"] = opt.lr
         return record
+
+
+def check_memory(model: "MLP", X: interop.Array, T: np.ndarray, optimizer: Optimizer,
+                 batch_size: int, validation: tuple[interop.Array, np.ndarray] | None = None) -> None:
+    """InsufficientMemory, before anything is allocated, when training ``model`` on X, T cannot
+    fit: the optimizer's state (unless bound already), the workspaces of the full and the last
+    batch and of evaluation's chunks, the batch order, and on a host backend the training data
+    in the model's dtype (a GPU backend keeps on the device only the data that fits)."""
+    itemsize, n = model.dtype.itemsize, X.rows
+    target = T[:1].nbytes
+    rows = min(batch_size, n)
+    states = 0 if optimizer.bound_to(model) else len(optimizer.needed_states())
+    batches = model.workspace_bytes(rows, target)
+    if n % rows:
+        batches += model.workspace_bytes(n % rows, target)
+    device = {f"{optimizer.name} state": states * model.n_params * itemsize,
+              f"workspaces for batches of {rows} rows": batches}
+    if validation is not None:
+        chunk = min(validation[0].rows, CHUNK_ROWS)
+        device[f"evaluation workspaces of {chunk} rows"] = model.workspace_bytes(chunk, target)
+    if interop.host_backend(model.backend):
+        device["the batch order"] = 16 * n
+        if not X.resident:
+            device["the training data"] = n * model.sizes[0] * itemsize
+    memory.check_on(model.backend, f"training {memory.describe(model)}", {}, device)
 
 
 def _resolve_optimizer(model, optimizer) -> Optimizer:

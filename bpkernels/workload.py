@@ -9,6 +9,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from . import memory
+from .backends import host
 from .model import MLP, resolve_dtype
 from .optim import SGD
 from .train import fit
@@ -72,8 +74,25 @@ def parse_config(spec: str) -> Config:
     return config
 
 
+def check_memory(config: Config, dtype: str = "float32", models: int = 1) -> None:
+    """InsufficientMemory, before anything is drawn, when the config's data and ``models``
+    models at once (the backends and peers of a run keep theirs while they take turns) cannot
+    fit in the host's memory."""
+    itemsize = resolve_dtype(dtype).itemsize
+    widths, n_params = config.sizes[1:], sum(i * o + o for i, o in zip(config.sizes, config.sizes[1:]))
+    memory.check(f"benchmark config {config.name} in {resolve_dtype(dtype).name}", {
+        # drawn in float64, then cast; labels int64
+        f"synthetic data of {config.samples} x {config.sizes[0]}":
+            config.samples * (config.sizes[0] * (8 + itemsize) + 8),
+        f"{models} model(s) with gradients and initial weights":
+            models * n_params * (16 + 2 * itemsize),
+        "workspaces": models * config.batch * (config.sizes[0] + 3 * sum(widths)) * itemsize,
+    }, host.memory_available())
+
+
 def workload(config: Config, dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
     """Synthetic inputs and labels, the same for every backend and peer."""
+    check_memory(config, dtype)
     rng = np.random.default_rng(SEED)
     X = rng.standard_normal((config.samples, config.sizes[0])).astype(resolve_dtype(dtype))
     y = rng.integers(0, config.sizes[-1], config.samples)

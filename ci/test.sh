@@ -2,7 +2,8 @@
 # CPU runner: a fresh virtual environment, the project installed from pyproject.toml with its
 # test extra, then the test command of README.md, then the Numba backend's tests in each of its
 # modes and with the oldest Numba pyproject.toml allows, packaging, and the benchmark smoke
-# tests (agreement is asserted, time never is). Needs no GPU.
+# tests (agreement is asserted, time never is), and last the GPU-path tests with CuPy installed
+# on this GPU-less machine. Needs no GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage() { printf '\n=== %s (%ss)\n' "$1" "$SECONDS"; }
@@ -54,4 +55,14 @@ rm -rf "$dist"
 stage "benchmark smoke tests"
 BPK_BENCH_QUICK=1 python -m pytest benchmarks --benchmark-disable -q
 bpk bench --quick --configs S,M --dtypes float32,float64 --peers torch,sklearn
+# Last, as it changes the environment: CuPy installed on this GPU-less runner, as `pip install
+# "bpkernels[cuda12]"` leaves a CPU-only image. The registry must report "no GPU" and pass over
+# the real backend, and the CUDA stand-in (tests/cudasim) must take none of the real CuPy's
+# modules; DeprecationWarnings are errors here, as they are from our code everywhere.
+stage "the GPU-path tests with CuPy installed and no GPU (cupy-cuda12x)"
+python -m pip install --quiet --disable-pip-version-check cupy-cuda12x
+python -c "import cupy; print('cupy', cupy.__version__)"
+# (not the digits runs: 30 s of training on the stand-in, already done above, that no CuPy
+# module reaches)
+python -m pytest -q -W error::DeprecationWarning -k "(cupy or cuda or gpu) and not digits"
 stage "done"

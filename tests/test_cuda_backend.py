@@ -9,7 +9,10 @@ gradient, optimizer and training test. Tests here check what only this backend d
 from __future__ import annotations
 
 import collections
+import importlib.util
+import os
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -315,6 +318,8 @@ def test_cupy_without_a_gpu_says_why(fresh_registry, monkeypatch, capsys):
         monkeypatch.setitem(sys.modules, name, module)
     reason = fresh_registry.unavailable_reasons()["cupy"]
     assert reason.startswith("backend 'cupy' cannot use a GPU here: cudaErrorInsufficientDriver")
+    driverless = os.path.isdir("/proc") and not os.path.exists("/proc/driver/nvidia/version")
+    assert reason.endswith(" (no NVIDIA driver is loaded: no GPU here)") == driverless
     from bpkernels import cli
     assert cli.main(["info"]) == 0
     assert "cupy: unavailable: backend 'cupy' cannot use a GPU here" in capsys.readouterr().out
@@ -331,6 +336,45 @@ def test_nccl_is_offered_where_cupy_has_it_and_its_calls_join_the_kernels_stream
     side = shim.Stream(non_blocking=True)
     with side:
         assert with_nccl.stream_ptr() == side.ptr
+
+
+def test_the_stand_in_never_takes_a_real_cupys_modules(monkeypatch):
+    """CuPy installed on a runner without a GPU: the registry's probe imports the real CuPy
+    (cupy.cuda.nccl included) before the stand-in's backend is loaded. None of its modules may
+    reach that backend: a CuPy without NCCL must stay without one. Here marked modules play
+    the real CuPy, so the check runs with or without CuPy installed."""
+    real = {name: types.ModuleType(name) for name in
+            ("cupy", "cupy.cuda", "cupy.cuda.nccl", "cupy.cuda.runtime", "cupyx", "cupy._core")}
+    real["cupy"].cuda, real["cupy.cuda"].nccl = real["cupy.cuda"], real["cupy.cuda.nccl"]
+    real["cupy.cuda.nccl"].NCCL_FLOAT64 = "the real one"
+    for name, module in real.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    without, with_nccl = (cudasim.load_backend_module(nccl=flag) for flag in (False, True))
+    assert without._nccl is None and without.cupy is not real["cupy"]
+    assert with_nccl._nccl.NCCL_FLOAT64 == shim.NCCL_FLOAT64 == 8
+    assert with_nccl.cupy.__version__ == "cudasim" and with_nccl.cupyx is not real["cupyx"]
+    assert all(sys.modules[name] is module for name, module in real.items())  # put back
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cupy") is None, reason="CuPy is not installed")
+def test_a_real_cupy_without_a_gpu_is_reported_not_used(fresh_registry):
+    """On a CPU-only runner with cupy-cuda12x installed (CI's last stage), the registry says
+    why the real backend cannot run, "auto" passes over it and `bpk info` still works."""
+    import cupy
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except cupy.cuda.runtime.CUDARuntimeError:
+        count = 0
+    if count:
+        pytest.skip("a GPU is here: tests/test_cuda_gpu.py covers it")
+    reason = fresh_registry.unavailable_reasons()["cupy"]
+    assert reason.startswith("backend 'cupy' cannot use a GPU here: ")
+    if not os.path.exists("/proc/driver/nvidia/version"):
+        assert reason.endswith(" (no NVIDIA driver is loaded: no GPU here)")
+    assert "cupy" not in fresh_registry.available_backends()
+    assert fresh_registry.get_backend("auto").name != "cupy"
+    with pytest.raises(BackendUnavailable, match="cannot use a GPU here"):
+        bpk.MLP([2, 2], backend="cupy")
 
 
 def test_device_info_describes_the_gpu():

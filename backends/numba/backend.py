@@ -21,6 +21,7 @@ from numba.core import event
 from . import epoch, jit, layers, losses, optim
 from ..base import ACTIVATION_CODES, KEEPS_Z, LOSS_CODES, OPTIMIZER_RULES, RULES, Backend, \
     EpochPlan
+from .. import host
 from ..numpy_backend import HostMemory, blas_info
 
 if jit.NATIVE is not None:
@@ -100,6 +101,29 @@ class _CompileNotice(event.Listener):
 
     def on_end(self, compile_event) -> None:
         pass
+
+
+# Address space LLVM takes while it compiles a model's kernels (measured: ~130 MiB over an
+# imported process for `bpk train`'s model; C++ allocation failures inside LLVM abort the
+# process, past any Python handler, so compiling is refused before it starts).
+COMPILE_BYTES = 160 * 2**20
+
+
+class _CompileMemoryCheck(event.Listener):
+    """Refuses, with InsufficientMemory, to start compiling a kernel of this package when less
+    than COMPILE_BYTES of memory is available (a low ``ulimit -v``)."""
+
+    def on_start(self, compile_event) -> None:
+        module = compile_event.data["dispatcher"].py_func.__module__
+        if module.startswith(__package__):
+            host.check("compiling Numba kernels", {"LLVM's working memory": COMPILE_BYTES},
+                       host.memory_available())
+
+    def on_end(self, compile_event) -> None:
+        pass
+
+
+event.register("numba:compile", _CompileMemoryCheck())
 
 
 class NumbaBackend(HostMemory, Backend):

@@ -38,17 +38,28 @@ def load_backend_module(nccl: bool = True):
     spec = importlib.util.spec_from_file_location("bpkernels.backends._cupy_backend_cudasim", path)
     module = importlib.util.module_from_spec(spec)
     replacements = shim.modules(nccl=nccl)
-    saved = {name: sys.modules.get(name) for name in replacements}
-    sys.modules.update(replacements)
+    # A real CuPy imported earlier in the process (installed on a machine without a GPU) has
+    # its submodules in sys.modules: each is hidden while the copy loads, or an import the shim
+    # lacks (``cupy.cuda.nccl`` of a CuPy without NCCL) would find the real one. None in
+    # sys.modules makes such an import fail, as it does where CuPy lacks the module.
+    hidden = {name: None for name in sys.modules if name.split(".")[0] in ("cupy", "cupyx")}
+    hidden.update(replacements)
+    if not nccl:
+        hidden["cupy.cuda.nccl"] = None
+    saved = {name: sys.modules.get(name, _ABSENT) for name in hidden}
+    sys.modules.update(hidden)
     try:
         spec.loader.exec_module(module)
     finally:
         for name, previous in saved.items():
-            if previous is None:
+            if previous is _ABSENT:
                 sys.modules.pop(name, None)
             else:
                 sys.modules[name] = previous
     return module
+
+
+_ABSENT = object()
 
 
 _modules: dict[bool, object] = {}

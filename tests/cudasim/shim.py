@@ -154,11 +154,11 @@ class ndarray:
 
     def reshape(self, *shape) -> "ndarray":
         shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
-        view = self._a.view()
-        try:
-            view.shape = shape  # never a copy: CuPy would allocate one
-        except AttributeError:
-            raise NotImplementedError("cudasim: reshape of a non-contiguous array copies") from None
+        view = self._a.reshape(shape)
+        # Never a copy: CuPy would allocate one. (Setting .shape, which refused instead, is
+        # deprecated since NumPy 2.5; reshape(copy=False) needs 2.1.)
+        if view.size and not np.may_share_memory(view, self._a):
+            raise NotImplementedError("cudasim: reshape of a non-contiguous array copies")
         return ndarray(view, self._mem)
 
     def ravel(self) -> "ndarray":
