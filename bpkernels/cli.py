@@ -13,7 +13,6 @@ the traceback of a handled error instead (for bug reports).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -23,11 +22,13 @@ from typing import Sequence
 import numpy as np
 
 import bpkernels
-from . import atomic, checkpoint, datasets, memory
+from . import checkpoint, datasets, memory
 from . import distributed
 from .activations import ACTIVATIONS, get_activation
 from .backends import backend_names, get_backend
 from .backends.base import LOSSES
+from .cli_args import as_option, count, names
+from .cli_bench import cmd_bench, cmd_info, rank_counts, thread_counts
 from .losses import check_loss, has_accuracy
 from .memory import InsufficientMemory
 from .model import DTYPES, MLP, resolve_dtype
@@ -62,19 +63,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_USAGE, f"bpk: error: {message} (see '{self.prog} --help')\n")
-
-
-def _count(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected an integer >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-    return parse
 
 
 def _layers(text: str) -> tuple[int, ...]:
@@ -143,7 +131,7 @@ def _build_parser() -> argparse.ArgumentParser:
                             "with --resume, the checkpoint's backend when available)")
     model.add_argument("--dtype", default=None, metavar="DTYPE",
                        help=f"{', '.join(DTYPES)} (default: {DEFAULT_DTYPE})")
-    model.add_argument("--seed", type=_count(0), default=None,
+    model.add_argument("--seed", type=count(0), default=None,
                        help="seed of the split, the initial weights and the batch order "
                             "(default: 0; with --resume, the checkpoint's, so the test split stays unseen)")
     opt = train.add_argument_group("training")
@@ -153,12 +141,12 @@ def _build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--lr", type=float, default=None,
                      help="learning rate (default: the optimizer's own, e.g. "
                           f"{make_optimizer(DEFAULT_OPTIMIZER).lr:g} for {DEFAULT_OPTIMIZER})")
-    opt.add_argument("--epochs", type=_count(0), default=DEFAULT_EPOCHS, metavar="N",
+    opt.add_argument("--epochs", type=count(0), default=DEFAULT_EPOCHS, metavar="N",
                      help="epochs to run, on top of a resumed checkpoint's "
                           f"(default: {DEFAULT_EPOCHS})")
-    opt.add_argument("--batch-size", type=_count(1), default=DEFAULT_BATCH_SIZE, metavar="N",
+    opt.add_argument("--batch-size", type=count(1), default=DEFAULT_BATCH_SIZE, metavar="N",
                      help=f"rows per step (default: {DEFAULT_BATCH_SIZE})")
-    opt.add_argument("--threads", type=_count(1), default=None, metavar="N",
+    opt.add_argument("--threads", type=count(1), default=None, metavar="N",
                      help="at most N threads for BLAS and Numba (under mpiexec: per rank; "
                           "default: as the libraries choose)")
     io = train.add_argument_group("checkpoints and output")
@@ -181,19 +169,19 @@ def _build_parser() -> argparse.ArgumentParser:
                     "time over the floor's) and 'x torch' (epochs/s over PyTorch's) are "
                     "computed within each round and their median is shown, so load that comes "
                     "and goes weighs on both sides of a ratio alike.")
-    bench.add_argument("--backends", type=_names, default=None, metavar="LIST",
+    bench.add_argument("--backends", type=names, default=None, metavar="LIST",
                        help="comma list (default: every available backend)")
-    bench.add_argument("--configs", type=_names, default=["S", "M", "L"], metavar="LIST",
+    bench.add_argument("--configs", type=names, default=["S", "M", "L"], metavar="LIST",
                        help="S, M, L or layers:batch:samples like 784-256-10:128:60000 "
                             "(default: S,M,L)")
-    bench.add_argument("--dtypes", type=_names, default=["float32"], metavar="LIST",
+    bench.add_argument("--dtypes", type=names, default=["float32"], metavar="LIST",
                        help=f"comma list of {', '.join(DTYPES)} (default: float32)")
-    bench.add_argument("--peers", type=_names, default=[], metavar="LIST",
+    bench.add_argument("--peers", type=names, default=[], metavar="LIST",
                        help="torch, sklearn: the same runs by PyTorch and scikit-learn, "
                             "skipped with a note when not installed (default: none)")
-    bench.add_argument("--repeats", type=_count(1), default=5, metavar="N",
+    bench.add_argument("--repeats", type=count(1), default=5, metavar="N",
                        help="timed rounds: epochs per entry (default: 5)")
-    bench.add_argument("--threads", type=_thread_counts, default=None, metavar="LIST",
+    bench.add_argument("--threads", type=thread_counts, default=None, metavar="LIST",
                        help="BLAS, Numba and torch threads: a count, or counts like 1,2 to time "
                             "every entry with each (epochs interleaved) and report the speedup "
                             "over the fewest (default: as the libraries choose)")
@@ -201,16 +189,16 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", default=None, metavar="PATH", help="write a PNG bar chart")
     bench.add_argument("--quick", action="store_true",
                        help="a few batches per config and 2 repeats: a smoke test, not numbers")
-    bench.add_argument("--ranks", type=_rank_counts, default=None, metavar="LIST",
+    bench.add_argument("--ranks", type=rank_counts, default=None, metavar="LIST",
                        help="MPI process counts like 1,2: time data-parallel training under "
                             "mpiexec for each and report samples/s and scaling efficiency "
                             "(--threads per rank, default 1; needs bpkernels[mpi])")
-    bench.set_defaults(handler=_cmd_bench)
+    bench.set_defaults(handler=cmd_bench)
 
     info = commands.add_parser("info", help="versions, CPU, BLAS, backends and GPUs",
                                description="Describe the installation and the machine.")
     info.add_argument("--json", action="store_true", help="print the same as JSON")
-    info.set_defaults(handler=_cmd_info)
+    info.set_defaults(handler=cmd_info)
     return parser
 
 
@@ -219,18 +207,18 @@ def _check_options(args: argparse.Namespace) -> None:
     """Fail on a bad name or path before spending time on loading data or training; the
     package's own checks give the messages, so they list exactly what this version knows."""
     if args.activation is not None:
-        _as_option("--activation", get_activation, args.activation)
+        as_option("--activation", get_activation, args.activation)
     if args.loss is not None:
-        _as_option("--loss", check_loss, args.loss)
+        as_option("--loss", check_loss, args.loss)
     if args.dtype is not None:
-        _as_option("--dtype", resolve_dtype, args.dtype)
+        as_option("--dtype", resolve_dtype, args.dtype)
     if args.optimizer is not None:
-        _as_option("--optimizer", make_optimizer, args.optimizer)
+        as_option("--optimizer", make_optimizer, args.optimizer)
     if args.lr is not None:
         # Every optimizer takes the same lr range; the check is the package's.
-        _as_option("--lr", make_optimizer, args.optimizer or DEFAULT_OPTIMIZER, lr=args.lr)
+        as_option("--lr", make_optimizer, args.optimizer or DEFAULT_OPTIMIZER, lr=args.lr)
     if args.backend is not None:
-        _as_option("--backend", get_backend, args.backend)
+        as_option("--backend", get_backend, args.backend)
     if args.label is not None and not str(args.data).lower().endswith(".csv"):
         raise ValueError(f"--label picks a column of a .csv file; {args.data!r} is not one")
     if args.save is not None:
@@ -256,14 +244,6 @@ def _check_save_is_no_input(target: Path, data) -> None:
             what = "the --data file" if path == source else f"a file of the --data folder {source}"
             raise ValueError(f"--save {target}: is {what} of this run; saving there would "
                              f"overwrite the data set; give another path")
-
-
-def _as_option(option: str, check, *args, **kwargs):
-    """``check(...)``, its error message prefixed by the option that carried the bad value."""
-    try:
-        return check(*args, **kwargs)
-    except (ValueError, TypeError, ImportError) as err:
-        raise ValueError(f"{option}: {err}") from None
 
 
 def _default_loss(y: np.ndarray) -> str:
@@ -556,100 +536,6 @@ def _print_summary(args, model, loss: str, train, test, history, seconds: float,
         lines.append(f"checkpoint: saved to {saver.path}{back}, {saver.saved_epochs} epochs "
                      "in total")
     print("\n".join(lines), flush=True)
-
-
-# ---------------------------------------------------------------------------- bpk bench
-def _names(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def _rank_counts(text: str) -> list[int]:
-    counts = [_count(1)(part) for part in _names(text)]
-    if not counts:
-        raise argparse.ArgumentTypeError(f"expected process counts like 1,2, got {text!r}")
-    return sorted(set(counts))
-
-
-def _thread_counts(text: str) -> list[int]:
-    counts = [_count(1)(part) for part in _names(text)]
-    if not counts:
-        raise argparse.ArgumentTypeError(f"expected thread counts like 2 or 1,2, got {text!r}")
-    return sorted(set(counts))
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench, peers
-    from .backends import available_backends
-
-    backends = args.backends or available_backends()
-    for name in backends:
-        _as_option("--backends", get_backend, name)
-    for dtype in args.dtypes:
-        _as_option("--dtypes", resolve_dtype, dtype)
-    for peer in args.peers:
-        if peer not in peers.PEERS:
-            raise ValueError(f"--peers: unknown peer {peer!r}; valid peers: {', '.join(peers.PEERS)}")
-    configs = [_as_option("--configs", bench.parse_config, spec) for spec in args.configs]
-    for path, option in ((args.json, "--json"), (args.plot, "--plot")):
-        if path is not None and not Path(path).resolve().parent.is_dir():
-            raise FileNotFoundError(f"{option} {path}: folder {Path(path).parent} does not exist")
-        if path is not None:  # before the benchmark runs, not after
-            atomic.check_writable(path, what=f"{option} file")
-    if args.quick:
-        configs = [c.quick() for c in configs]
-    if args.ranks:
-        if args.threads is not None and len(args.threads) > 1:
-            raise ValueError("--ranks takes one --threads count (threads per rank), got "
-                             f"{','.join(map(str, args.threads))}")
-        return _bench_ranks(args, backends, configs, args.threads[0] if args.threads else None)
-    options = bench.BenchOptions(backends=list(backends), configs=configs, dtypes=args.dtypes,
-                                 peers=args.peers, repeats=2 if args.quick else args.repeats,
-                                 threads=args.threads)
-    notes: list[str] = []
-    results = bench.run(options, log=bench.log_to_stderr, notes=notes)
-    machine = bench.machine_info(args.threads)
-    counts = machine["threads"]
-    counts = ",".join(map(str, counts)) if isinstance(counts, list) else counts
-    print(f"{machine['cpu']}, {machine['cores']} cores, {counts} threads, "
-          f"{machine['date']}", flush=True)
-    print(bench.table(results), flush=True)
-    for note in notes:
-        print(f"note: {note}", flush=True)
-    if args.json:
-        bench.write_json(args.json, bench.to_json(results, machine, notes))
-    if args.plot:
-        bench.plot(results, args.plot)
-    return 0
-
-
-def _bench_ranks(args: argparse.Namespace, backends: list[str], configs: list,
-                 threads: int | None) -> int:
-    """`bpk bench --ranks`: the scaling of data-parallel training over MPI process counts."""
-    from . import bench
-    if args.peers or args.plot:
-        raise ValueError("--ranks times bpkernels itself under mpiexec; drop --peers and --plot")
-    distributed.mpiexec_command(1)  # fails early, naming the extra, when there is no MPI
-    results = bench.scaling_benchmark(backends, configs, args.dtypes, args.ranks,
-                                      2 if args.quick else args.repeats, threads,
-                                      log=bench.log_to_stderr)
-    machine = bench.machine_info(threads or 1)
-    print(f"{machine['cpu']}, {machine['cores']} cores, {threads or 1} thread(s) per rank, "
-          f"{machine['date']}", flush=True)
-    print(bench.scaling_table(results), flush=True)
-    if args.json:
-        bench.write_json(args.json, bench.to_json(results, machine))
-    return 0
-
-
-# ---------------------------------------------------------------------------- bpk info
-def _cmd_info(args: argparse.Namespace) -> int:
-    from .info import collect_info, print_info
-    info = collect_info()
-    if args.json:
-        print(json.dumps(info, indent=2, default=str), flush=True)
-    else:
-        print_info(info)
-    return 0
 
 
 # ---------------------------------------------------------------------------- entry point

@@ -369,5 +369,5 @@ def test_bench_run_restores_the_counts():
     assert all(ratio is None for ratio in bench.thread_ratios(results).values())
     assert get_num_threads() == 2 and blas_counts() == {2}
     with pytest.raises(ValueError, match="--ranks takes one --threads count"):
-        cli._cmd_bench(cli._build_parser().parse_args(
+        cli.cmd_bench(cli._build_parser().parse_args(
             ["bench", "--ranks", "1,2", "--threads", "1,2", "--backends", "numpy"]))

@@ -1,0 +1,30 @@
+"""Argument types shared by the ``bpk`` commands: each turns one option's text into a value
+or an argparse error, and ``as_option`` prefixes a library error with the option it came from."""
+from __future__ import annotations
+
+import argparse
+
+
+def count(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def as_option(option: str, check, *args, **kwargs):
+    """``check(...)``, its error message prefixed by the option that carried the bad value."""
+    try:
+        return check(*args, **kwargs)
+    except (ValueError, TypeError, ImportError) as err:
+        raise ValueError(f"{option}: {err}") from None
+
+
+def names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
