@@ -13,6 +13,7 @@ the traceback of a handled error instead (for bug reports).
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import time
@@ -22,12 +23,12 @@ from typing import Sequence
 import numpy as np
 
 import bpkernels
-from . import checkpoint, datasets, memory
+from . import atomic, checkpoint, cli_schedule, datasets, memory
 from . import distributed
 from .activations import ACTIVATIONS, get_activation
 from .backends import backend_names, get_backend
 from .backends.base import LOSSES
-from .cli_args import as_option, count, names
+from .cli_args import as_option, count, lr_schedule, names
 from .cli_bench import cmd_bench, cmd_info, rank_counts, thread_counts
 from .losses import check_loss, has_accuracy
 from .memory import InsufficientMemory
@@ -146,6 +147,17 @@ def _build_parser() -> argparse.ArgumentParser:
                           f"(default: {DEFAULT_EPOCHS})")
     opt.add_argument("--batch-size", type=count(1), default=DEFAULT_BATCH_SIZE, metavar="N",
                      help=f"rows per step (default: {DEFAULT_BATCH_SIZE})")
+    opt.add_argument("--lr-schedule", type=lr_schedule, default=None, metavar="NAME",
+                     help="cosine, onecycle (per step, over the run), step:EPOCHS:GAMMA, or "
+                          "plateau (x0.1 when val_loss stalls; a validation split is kept) "
+                          "(default: the rate stays; with --resume, the checkpoint's continues)")
+    opt.add_argument("--warmup-epochs", type=count(0), default=0, metavar="N",
+                     help=f"a linear warm-up from {cli_schedule.WARMUP_START:g}x the rate over "
+                          "the first N epochs, before --lr-schedule")
+    opt.add_argument("--early-stopping", type=count(0), default=None, metavar="PATIENCE",
+                     help="stop once val_loss of a validation split "
+                          f"({cli_schedule.VALIDATION_FRACTION:.0%} of the training rows) has not "
+                          "improved for PATIENCE epochs; the best epoch's weights are kept")
     opt.add_argument("--threads", type=count(1), default=None, metavar="N",
                      help="at most N threads for BLAS and Numba (under mpiexec: per rank; "
                           "default: as the libraries choose)")
@@ -155,6 +167,11 @@ def _build_parser() -> argparse.ArgumentParser:
                          "on divergence")
     io.add_argument("--resume", default=None, metavar="PATH",
                     help="continue training the model of this checkpoint")
+    io.add_argument("--history", default=None, metavar="PATH",
+                    help="the records of every epoch as CSV (written at the end, also after "
+                         "Ctrl-C or divergence)")
+    io.add_argument("--plot", default=None, metavar="PATH",
+                    help="the training curves as PNG (needs matplotlib)")
     io.add_argument("--no-progress", action="store_true", help="no per-epoch progress on stderr")
     io.add_argument("--quiet", action="store_true", help="print nothing but errors")
     train.set_defaults(handler=_cmd_train)
@@ -229,9 +246,26 @@ def _check_options(args: argparse.Namespace) -> None:
             raise FileNotFoundError(f"--save {target}: folder {target.parent} does not exist")
         _check_save_is_no_input(target, args.data)
         checkpoint.check_writable(target)  # a read-only folder, a name too long: before training
+    cli_schedule.check(args)
+    outputs = {"--save": args.save, "--resume": args.resume}
+    for option in ("--history", "--plot"):
+        path = getattr(args, option[2:])
+        if path is None:
+            continue
+        for other, taken in outputs.items():
+            if taken is not None and Path(taken).resolve() == Path(path).resolve():
+                raise ValueError(f"{option} {path}: is the {other} checkpoint; give another path")
+        outputs[option] = path
+        _check_save_is_no_input(Path(path), args.data, option)
+        atomic.check_writable(path, what=f"{option} file")
+    if args.plot is not None:
+        try:
+            importlib.import_module("matplotlib")
+        except ImportError as err:
+            raise ImportError(f"--plot needs matplotlib ({err}); pip install matplotlib") from None
 
 
-def _check_save_is_no_input(target: Path, data) -> None:
+def _check_save_is_no_input(target: Path, data, option: str = "--save") -> None:
     """The first checkpoint would replace the data set the run reads (the --data file, or a
     file of an MNIST --data folder): refused before anything runs. Compared as files, so a
     symlink or hard link to the data is caught too."""
@@ -242,7 +276,7 @@ def _check_save_is_no_input(target: Path, data) -> None:
     for path in inputs:
         if target.resolve() == path.resolve() or os.path.samefile(target, path):
             what = "the --data file" if path == source else f"a file of the --data folder {source}"
-            raise ValueError(f"--save {target}: is {what} of this run; saving there would "
+            raise ValueError(f"{option} {target}: is {what} of this run; writing there would "
                              f"overwrite the data set; give another path")
 
 
@@ -340,9 +374,27 @@ class _Saver:
             self.model.save(self.path)
             self.saved_epochs = self.model.epochs_trained
 
-    def final(self) -> None:
-        if self.path is not None and self.saved_epochs != self.model.epochs_trained:
+    def final(self, restored: bool = False) -> None:
+        if self.path is not None and (restored or self.saved_epochs != self.model.epochs_trained):
             self.save()
+
+
+class _Records:
+    """The run's History for --history and --plot: kept by a fit() callback, so that a run
+    that ends in Ctrl-C or divergence leaves its records too."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.csv, self.png = args.history, args.plot
+        self.history = bpkernels.History()
+
+    def __call__(self, epoch: int, record: dict) -> None:
+        self.history.epochs.append(dict(record))
+
+    def write(self) -> None:
+        if self.csv is not None:
+            self.history.to_csv(self.csv)
+        if self.png is not None and len(self.history):
+            self.history.plot(self.png)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -366,19 +418,25 @@ def _train_command(args: argparse.Namespace) -> int:
         if comm.Get_rank() != 0:
             args.quiet, args.save = True, None  # rank 0 alone prints and writes checkpoints
     # Under MPI a failure of any rank before training is raised on every rank: none waits.
-    model, loss, classify, train, test, optimizer, why = distributed.on_every_rank(
+    model, loss, classify, train, val, test, optimizer, why = distributed.on_every_rank(
         comm, _prepare_training, args)
     ranks = 1 if comm is None else comm.Get_size()
+    sched, interval = cli_schedule.schedule(args, optimizer or model.optimizer, len(train[0]))
     if not args.quiet:
-        _print_settings(args, model, loss, classify, train, test, optimizer, why, ranks)
+        _print_settings(args, model, loss, classify, train, test, optimizer, why, ranks, val)
     saver = _Saver(model, args.save)
+    stoppers = cli_schedule.early_stopping(args)
+    records = _Records(args)
     unregister = model.backend.on_compile(_CompileNotice()) if not args.quiet else None
     start = time.perf_counter()
+    history = None
     try:
         history = fit(model, *train, loss=loss, optimizer=optimizer, epochs=args.epochs,
-                      batch_size=args.batch_size, seed=args.seed, validation_data=test,
-                      callbacks=[saver], progress=not (args.no_progress or args.quiet),
-                      comm=comm)
+                      batch_size=args.batch_size, seed=args.seed,
+                      validation_data=test if val is None else val,
+                      callbacks=[records, *stoppers, saver],
+                      progress=not (args.no_progress or args.quiet), comm=comm,
+                      lr_scheduler=sched, lr_scheduler_interval=interval if sched else None)
     except KeyboardInterrupt:
         return _interrupted(saver)
     except TrainingDiverged as err:
@@ -389,8 +447,13 @@ def _train_command(args: argparse.Namespace) -> int:
     finally:
         if unregister is not None:
             unregister()
+        if history is None and (comm is None or comm.Get_rank() == 0):
+            records.write()  # what the epochs run before Ctrl-C or divergence recorded
     seconds = time.perf_counter() - start
-    saver.final()
+    if comm is None or comm.Get_rank() == 0:
+        records.history = history
+        records.write()
+    saver.final(restored=bool(stoppers))  # early stopping may have restored the best weights
     if not args.quiet:
         _print_summary(args, model, loss, train, test, history, seconds, saver)
     return 0
@@ -413,7 +476,8 @@ class _CompileNotice:
 
 def _prepare_training(args: argparse.Namespace) -> tuple:
     """The options checked, the data loaded, split and standardized, the model built or
-    resumed and the optimizer chosen: (model, loss, classify, train, test, optimizer)."""
+    resumed and the optimizer chosen: (model, loss, classify, train, validation split or None,
+    test, optimizer, why)."""
     _check_options(args)
     # The checkpoint before the data: a bad --resume fails before the data is loaded.
     model, why = _resume(args) if args.resume else (None, "")
@@ -427,7 +491,14 @@ def _prepare_training(args: argparse.Namespace) -> tuple:
     stratify = classify and y.ndim == 1 and y.dtype.kind in "biu"
     X_tr, X_te, y_tr, y_te = datasets.train_test_split(X, y, args.test_size, seed=args.seed,
                                                        stratify=stratify)
-    X_tr, X_te = datasets.standardize(X_tr, X_te)
+    val = None
+    if cli_schedule.needs_validation(args):
+        X_tr, X_val, y_tr, y_val = datasets.train_test_split(
+            X_tr, y_tr, cli_schedule.VALIDATION_FRACTION, seed=args.seed, stratify=stratify)
+        X_tr, X_val, X_te = datasets.standardize(X_tr, X_val, X_te)
+        val = (X_val, y_val)
+    else:
+        X_tr, X_te = datasets.standardize(X_tr, X_te)
     if model is None:
         why = _backend_reason(args.backend or DEFAULT_BACKEND)
         model = MLP([X.shape[1], *(args.layers or DEFAULT_LAYERS), n_out],
@@ -437,7 +508,7 @@ def _prepare_training(args: argparse.Namespace) -> tuple:
     else:
         _check_fits(model, args.resume, args.data, X.shape[1], n_out, loss, y)
     optimizer = _choose_optimizer(args, model)
-    return model, loss, classify, (X_tr, y_tr), (X_te, y_te), optimizer, why
+    return model, loss, classify, (X_tr, y_tr), val, (X_te, y_te), optimizer, why
 
 
 def _interrupted(saver: _Saver) -> int:
@@ -460,7 +531,7 @@ def _interrupted(saver: _Saver) -> int:
 
 
 def _print_settings(args, model, loss: str, classify: bool, train, test, optimizer, why: str,
-                    ranks: int) -> None:
+                    ranks: int, val=None) -> None:
     """What the run will do, on stdout before the first epoch: data, model, backend and why,
     dtype, threads, optimizer, checkpoint. Lines fit 80 columns but for long paths."""
     from .threads import get_num_threads
@@ -478,7 +549,9 @@ def _print_settings(args, model, loss: str, classify: bool, train, test, optimiz
     lines = [
         f"data set: {args.data} ({X_tr.shape[0] + X_te.shape[0]} rows, {X_tr.shape[1]} "
         f"features, {outputs})",
-        f"split: {X_tr.shape[0]} train / {X_te.shape[0]} test (seed {args.seed})",
+        f"split: {X_tr.shape[0]} train / " + ("" if val is None else f"{len(val[0])} "
+                                                  "validation / ") +
+        f"{X_te.shape[0]} test (seed {args.seed})",
         f"model: sizes {list(model.sizes)} (hidden {hidden}, {activation} activation), "
         f"{model.n_params:,} parameters",
         f"backend: {model.backend.name} ({why})",
@@ -488,6 +561,15 @@ def _print_settings(args, model, loss: str, classify: bool, train, test, optimiz
         f"loss: {loss}, {args.epochs} epoch{'s' if args.epochs != 1 else ''} of batch "
         f"{args.batch_size}" + (f", {model.epochs_trained} trained before" if args.resume else ""),
     ]
+    schedule = cli_schedule.describe(args)
+    if schedule is not None:
+        lines.append(f"learning rate: {schedule}")
+    elif args.resume and model.lr_scheduler is not None:
+        lines.append(f"learning rate: {type(model.lr_scheduler).__name__} (the checkpoint's, "
+                     "continued)")
+    if args.early_stopping is not None:
+        lines.append(f"early stopping: patience {args.early_stopping} on val_loss, the best "
+                     "epoch's weights kept")
     if ranks > 1:
         lines.append(f"MPI ranks: {ranks} (data-parallel)")
     if args.save is None:
@@ -529,6 +611,12 @@ def _print_summary(args, model, loss: str, train, test, history, seconds: float,
     if "accuracy" in test_metrics:
         lines.append(f"train accuracy: {train_metrics['accuracy']:.4f}")
         lines.append(f"test accuracy: {test_metrics['accuracy']:.4f}")
+    if history.stopped_epoch is not None:
+        lines.append(f"early stopping: stopped after epoch {history.stopped_epoch}, kept the "
+                     f"weights of epoch {history.best_epoch} (best val_loss)")
+    elif history.best_epoch is not None:
+        lines.append(f"early stopping: did not stop; kept the weights of epoch "
+                     f"{history.best_epoch} (best val_loss)")
     lines.append(f"seconds: {seconds:.2f}")
     lines.append(f"samples/s: {rate:,.0f}")
     if saver.saved_epochs is not None:

@@ -28,3 +28,21 @@ def as_option(option: str, check, *args, **kwargs):
 
 def names(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def lr_schedule(text: str) -> tuple:
+    """``--lr-schedule``: ("cosine",), ("onecycle",), ("plateau",) or ("step", epochs, gamma)."""
+    name, *rest = text.strip().lower().split(":")
+    if name in ("cosine", "onecycle", "plateau") and not rest:
+        return (name,)
+    if name == "step" and len(rest) == 2:
+        try:
+            size, gamma = int(rest[0]), float(rest[1])
+        except ValueError:
+            size, gamma = 0, -1.0
+        if size >= 1 and 0 <= gamma <= 1:
+            return ("step", size, gamma)
+        raise argparse.ArgumentTypeError(f"step:STEP_SIZE:GAMMA takes epochs >= 1 and a gamma "
+                                         f"in [0, 1], like step:10:0.5; got {text!r}")
+    raise argparse.ArgumentTypeError(f"expected cosine, onecycle, plateau or "
+                                     f"step:STEP_SIZE:GAMMA, got {text!r}")
