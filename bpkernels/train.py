@@ -160,7 +160,8 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
                     bar.end(record)
                     if loop.interrupted and parallel is None:
                         raise KeyboardInterrupt
-                    stop = any(cb(int(record["epoch"]), dict(record)) is True for cb in callbacks)
+                    # every callback sees every epoch, also after one asks to stop
+                    stop = any([cb(int(record["epoch"]), dict(record)) is True for cb in callbacks])
                     if parallel is not None:  # every rank stops (or acts on a Ctrl-C) alike
                         stop = parallel.agree_to_stop(stop, loop.interrupted)
                     if stop:

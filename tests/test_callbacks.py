@@ -142,3 +142,11 @@ def test_a_record_the_history_lacks_is_named():
     with pytest.raises(KeyError, match="'val_loss', which the History does not record"):
         bpk.fit(bpk.MLP((2, 2)), X, y, epochs=1, callbacks=[EarlyStopping()])
     assert EarlyStopping(patience=np.int64(2)).patience == 2
+
+
+def test_every_callback_sees_the_epoch_on_which_another_asks_to_stop():
+    seen = []
+    X, y = np.zeros((8, 2)), np.zeros(8, dtype=np.int64)
+    history = bpk.fit(bpk.MLP((2, 2)), X, y, epochs=5,
+                      callbacks=[lambda e, r: e == 2, lambda e, r: seen.append(e)])
+    assert len(history) == 2 and seen == [1, 2]

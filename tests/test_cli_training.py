@@ -60,7 +60,7 @@ def test_a_resumed_run_continues_the_checkpoints_schedule(capsys, tmp_path):
 def test_early_stopping_keeps_the_best_epoch_in_the_checkpoint(capsys, tmp_path):
     ck, history = tmp_path / "m.npz", tmp_path / "h.csv"
     code, out, _ = run(capsys, "train", *FAST, "--epochs", 60, "--lr", 0.02,
-                       "--early-stopping", 1, "--save", ck, "--history", history)
+                       "--early-stopping", 2, "--save", ck, "--history", history)
     assert code == 0
     assert "split: 1293 train / 144 validation / 360 test" in out
     val = _column(history, "val_loss")
