@@ -2,7 +2,8 @@
 dtype, weights, optimizer configuration, state and step count, and the epochs trained.
 
 Saving writes a temporary file beside the target and renames it over the target only once it
-is complete, so a failed or interrupted save never replaces a good checkpoint.
+is complete, so a failed or interrupted save never replaces a good checkpoint; and it refuses
+weights that loading would refuse (NaN or inf), before touching any file.
 
 This module is the file format only: what goes in it is ``MLP.state()``, and
 ``bpkernels.load`` rebuilds the model with ``MLP.from_state(*read(path))``.
@@ -34,6 +35,7 @@ def save(model, path: str | os.PathLike) -> None:
 def write(path: str | os.PathLike, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
     """Write a model's saved state (``MLP.state()``) to ``path``, atomically."""
     path = Path(path)
+    _check_finite_weights(path, arrays["params"])
     meta = {"format": FORMAT, "version": VERSION, **meta}
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
@@ -52,6 +54,14 @@ def write(path: str | os.PathLike, meta: dict[str, Any], arrays: dict[str, np.nd
         except OSError:
             pass
         raise
+
+
+def _check_finite_weights(path: Path, params: np.ndarray) -> None:
+    bad = params.size - int(np.count_nonzero(np.isfinite(params)))
+    if bad:
+        kept = f"{path} was left as it was" if path.exists() else "nothing was written"
+        raise CheckpointError(f"cannot save checkpoint {path}: {bad} of the {params.size} weights "
+                              f"are NaN or inf, which load() refuses; {kept}")
 
 
 def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -1,6 +1,7 @@
-"""The divergence latch covers the update itself (issue 18 item 3): a step whose update would
-write a NaN or inf weight or optimizer state value is not applied at all, on every backend,
-per kernel and in the fused epoch paths.
+"""The divergence latch covers the update itself (issue 18 items 1 and 3): a step whose update
+would write a NaN or inf weight or optimizer state value is not applied at all, on every
+backend, per kernel and in the fused epoch paths; a checkpoint is never written with weights
+that load() refuses; the CLI's exit-3 path saves the last finite weights, under MPI too.
 
 The reference of a diverged run is the same training stopped by hand at the last finite step:
 the first epoch at a sane learning rate, then the steps of the second epoch that came before
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 import bpkernels as bpk
+from bpkernels import checkpoint, cli
 from bpkernels.backends.base import Backend
 
 BACKENDS = bpk.available_backends()
@@ -187,3 +189,95 @@ def test_the_numba_update_of_one_overflowing_element_writes_nothing(rule, par):
     assert halted[0] == 2
     for a, b in zip((p, *states), before):
         np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------------------------ checkpoints
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_save_refuses_weights_that_load_refuses_and_keeps_the_file(tmp_path, bad):
+    model = bpk.MLP([3, 4, 2], dtype="float64", seed=0)
+    path = tmp_path / "model.npz"
+    with pytest.raises(checkpoint.CheckpointError, match="nothing was written"):
+        _spoiled(model, bad).save(path)
+    assert list(tmp_path.iterdir()) == []
+    model = bpk.MLP([3, 4, 2], dtype="float64", seed=0)
+    model.save(path)
+    before = path.read_bytes()
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"1 of the 26 weights are NaN or inf, which load\(\) refuses; "
+                             r".*model.npz was left as it was"):
+        _spoiled(model, bad).save(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.npz"]  # no temporary file
+
+
+def _spoiled(model, bad):
+    params = model.backend.to_host(model.params)
+    params[5] = bad
+    model.backend.copy(model.backend.asarray(params), model.params)
+    return model
+
+
+# ------------------------------------------------------------------------------ the CLI
+def _assert_one_error(err):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bpk: error:") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "rmsprop"])
+def test_cli_divergence_saves_loadable_last_finite_weights(capsys, tmp_path, monkeypatch,
+                                                           optimizer):
+    """Issue 18 item 1, its commands as written."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--epochs", "1", "--layers", "16", "--backend", "numpy",
+                     "--save", "ck.npz", "--quiet"]) == 0
+    good = bpk.load("ck.npz")
+    code = cli.main(["train", "--resume", "ck.npz", "--save", "ck.npz", "--optimizer", optimizer,
+                     "--lr", "1e300", "--epochs", "2", "--quiet"])
+    assert code == cli.EXIT_DIVERGED
+    line = _assert_one_error(capsys.readouterr().err)
+    assert "the last finite weights were saved to ck.npz" in line
+    kept = bpk.load("ck.npz")  # load() refuses non-finite weights
+    for (W, b), (W2, b2) in zip(kept.get_weights(), good.get_weights()):
+        np.testing.assert_array_equal(W, W2)  # lr 1e300 is inf in float32: the first step
+        np.testing.assert_array_equal(b, b2)  # halts, and changed nothing
+
+
+def test_cli_divergence_with_unsaveable_weights_keeps_the_previous_file(capsys, tmp_path,
+                                                                        monkeypatch):
+    """Should a backend ever leave non-finite weights, the previous checkpoint stays and the
+    one line says so."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--epochs", "1", "--layers", "16", "--backend", "numpy",
+                     "--save", "ck.npz", "--quiet"]) == 0
+    before = (tmp_path / "ck.npz").read_bytes()
+    numpy_backend = type(bpk.get_backend("numpy"))
+
+    def unlatched(self, rule, params, grads, states, hp, step, halted):
+        rule(params, grads, *states, hp, step)  # the update without its check
+
+    monkeypatch.setattr(numpy_backend, "_latched", unlatched)
+    code = cli.main(["train", "--resume", "ck.npz", "--save", "ck.npz", "--optimizer", "sgd",
+                     "--lr", "1e300", "--epochs", "2", "--quiet"])
+    assert code == cli.EXIT_DIVERGED
+    line = _assert_one_error(capsys.readouterr().err)
+    assert "training diverged" in line and "ck.npz was left as it was" in line
+    assert (tmp_path / "ck.npz").read_bytes() == before
+
+
+def test_cli_divergence_under_mpiexec_saves_loadable_weights(tmp_path):
+    import test_mpi
+    ck = tmp_path / "ck.npz"
+    done = test_mpi.launch(2, *test_mpi.bpk_command(), "train", "--epochs", "1", "--layers",
+                           "16", "--backend", "numpy", "--save", ck, "--quiet")
+    assert done.returncode == 0, done.stderr
+    good = bpk.load(ck)
+    done = test_mpi.launch(2, *test_mpi.bpk_command(), "train", "--resume", ck, "--save", ck,
+                           "--optimizer", "adam", "--lr", "1e300", "--epochs", "2", "--quiet")
+    assert done.returncode == cli.EXIT_DIVERGED, done.stderr
+    line = _assert_one_error(done.stderr)  # rank 0's line alone
+    assert f"the last finite weights were saved to {ck}" in line
+    kept = bpk.load(ck)
+    for (W, b), (W2, b2) in zip(kept.get_weights(), good.get_weights()):
+        np.testing.assert_array_equal(W, W2)
+        np.testing.assert_array_equal(b, b2)
