@@ -361,8 +361,9 @@ def _update(k, kind, hp, params, grads, buffers, hp_dev, counter, halted, size):
 def test_an_update_that_would_overflow_is_latched_and_not_written(k, dtype, kind, hp, size):
     """<rule>_check then <rule>_step, as the backend launches them: a finite update leaves the
     latch at 0 and is written; one whose last element's new weight or state overflows (a
-    gradient of 1e200, or of 1e30 in float32: its square overflows the state, the product
-    with lr the weight) sets halted to the step read on the device and writes nothing."""
+    finite gradient of 1e200, 1e30 in float32: its square overflows the state, its product
+    with a huge finite lr the weight) sets halted to the step read on the device and writes
+    nothing."""
     rng = np.random.default_rng(size)
     p = rounded(rng.standard_normal(size), dtype)
     params, buffers = dev(p, dtype), [dev(np.full(size, 0.5), dtype) for _ in range(3)]
