@@ -18,9 +18,13 @@ targets are int labels of shape (n,) or probability rows (n, o); mean over the b
 Optimizer hyper-parameters are passed as one object ``hp`` with the attributes named in each
 method's docstring (and in :data:`RULES`, whose order is the kernels' order). ``step`` is the
 1-based count of updates including this one.
-``halted`` is a device array of one int64: 0 while training is healthy; once a step's loss or
-gradient is not finite it holds that step's 1-based index and every later update is a no-op,
-so the weights of the last finite step survive without a host round trip per step.
+``halted`` is a device array of one int64, the divergence latch: 0 while training is healthy.
+It takes a step's 1-based index when that step's loss or a gradient is not finite
+(:meth:`Backend.check_step`), or when its update would make any parameter or any optimizer state
+value not finite (the ``*_step`` kernels). That step's update is then not applied at all, nor is
+any later one: the parameters and every state buffer stay exactly as the last finite step left
+them, finite, so the model saves and loads. All on the device, with no host round trip per step;
+the host reads ``halted`` once per epoch.
 
 One method is optional: :meth:`Backend.train_epoch` runs a whole epoch at once, described by an
 :class:`EpochPlan`; by default it declines and the training loop calls the kernels one by one.
@@ -106,7 +110,7 @@ class EpochPlan:
             if metric: count_correct(Y, ws.T, step_correct[s:s + 1])
             dense_backward of every layer, last first, into the views of ``grads``
             check_step(step_loss[s:s + 1], grads, first_step + s, halted)
-            <optimizer>_step(params, grads, <state>, hp, first_step + s, halted)
+            <optimizer>_step(params, grads, <state>, hp, first_step + s, halted)  # latches too
 
     Parameters (and gradients, and each state buffer) are flat: per layer, W (in x out,
     row-major) then b (out,). Every epoch of one fit() passes the same buffers, except ``order``
@@ -234,11 +238,17 @@ class Backend(ABC):
     @abstractmethod
     def check_step(self, loss: Any, grads: Any, step: int, halted: Any) -> None:
         """If ``halted[0]`` is 0 and ``loss[0]`` or any element of ``grads`` is not finite,
-        set ``halted[0] = step``. Never clears it."""
+        set ``halted[0] = step``. Never clears it. (The update's own overflow is the
+        optimizer kernels' half of the latch.)"""
 
     # ------------------------------------------------------------------ optimizers
     # Each is one fused in-place update of the flat parameter buffer ``params`` from the
-    # flat gradient buffer ``grads`` (same length), a no-op while ``halted[0] != 0``.
+    # flat gradient buffer ``grads`` (same length), a no-op while ``halted[0] != 0``. Each is
+    # also the latch's check of its update: if any new value it would write (a parameter or a
+    # state value) is not finite, it writes nothing and sets ``halted[0] = step`` (a finite
+    # gradient times a huge learning rate; Adam's 0 / 0 with ``eps = 0``). No host sync: check
+    # on the device, then write gated on ``halted`` (the NumPy reference updates scratch copies
+    # and copies them back; Numba and CUDA run one element function twice, read-only first).
 
     @abstractmethod
     def sgd_step(self, params: Any, grads: Any, momentum_buf: Any, hp: Any, step: int,

@@ -334,22 +334,29 @@ class CupyBackend(Backend):
 
     def rmsprop_step(self, params, grads, square_avg, momentum_buf, grad_avg, hp, step, halted):
         self._rmsprop(params, grads, square_avg, momentum_buf if hp.momentum > 0 else None,
-                      grad_avg if hp.centered else None, self._hp_device("rmsprop", hp), halted)
+                      grad_avg if hp.centered else None, self._hp_device("rmsprop", hp), step,
+                      None, halted)
 
+    # Each update is two launches (cuda/optim.cu): <rule>_check latches the step if a new value
+    # would not be finite, then <rule>_step writes them unless halted.
     def _sgd(self, params, grads, buf, hp_dev, step: int, step_dev, halted) -> None:
-        self._launch(params.dtype, "sgd_step", params.size,
-                     (params, grads, buf, np.int64(params.size), hp_dev, np.int64(step),
-                      step_dev, halted))
+        args = (params, grads, buf, np.int64(params.size), hp_dev, np.int64(step), step_dev,
+                halted)
+        self._launch(params.dtype, "sgd_check", params.size, args)
+        self._launch(params.dtype, "sgd_step", params.size, args)
 
     def _adam(self, params, grads, m, v, hp_dev, step: int, step_dev, halted) -> None:
-        self._launch(params.dtype, "adam_step", params.size,
-                     (params, grads, m, v, np.int64(params.size), hp_dev, np.int64(step),
-                      step_dev, halted))
+        args = (params, grads, m, v, np.int64(params.size), hp_dev, np.int64(step), step_dev,
+                halted)
+        self._launch(params.dtype, "adam_check", params.size, args)
+        self._launch(params.dtype, "adam_step", params.size, args)
 
-    def _rmsprop(self, params, grads, square_avg, buf, grad_avg, hp_dev, halted) -> None:
-        self._launch(params.dtype, "rmsprop_step", params.size,
-                     (params, grads, square_avg, buf, grad_avg, np.int64(params.size), hp_dev,
-                      halted))
+    def _rmsprop(self, params, grads, square_avg, buf, grad_avg, hp_dev, step: int, step_dev,
+                 halted) -> None:
+        head = (params, grads, square_avg, buf, grad_avg, np.int64(params.size), hp_dev)
+        self._launch(params.dtype, "rmsprop_check", params.size,
+                     (*head, np.int64(step), step_dev, halted))
+        self._launch(params.dtype, "rmsprop_step", params.size, (*head, halted))
 
     def _hp_device(self, kernel: str, hp) -> Any:
         """The hyper-parameters as a device vector, uploaded once per distinct set of values."""
@@ -617,7 +624,7 @@ class _GraphRunner:
         else:
             square_avg, buf, grad_avg = state
             be._rmsprop(p, g, square_avg, buf if hp.momentum > 0 else None,
-                        grad_avg if hp.centered else None, self.hp, halted)
+                        grad_avg if hp.centered else None, self.hp, 0, step_dev, halted)
 
 
 def _layer_views(sizes, params, grads) -> list[tuple[Any, Any, Any, Any]]:

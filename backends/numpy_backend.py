@@ -133,16 +133,48 @@ class NumpyBackend(HostMemory, Backend):
         out[0] = np.count_nonzero(hits)
 
     def check_step(self, loss, grads, step, halted):
-        # max and min propagate NaN and see every inf, without a temporary array (a sum could
-        # overflow on large finite gradients).
-        if halted[0] == 0 and not (math.isfinite(loss[0]) and math.isfinite(np.max(grads))
-                                   and math.isfinite(np.min(grads))):
+        # (not a sum: one could overflow on large finite gradients)
+        if halted[0] == 0 and not (math.isfinite(loss[0]) and _all_finite(grads)):
             halted[0] = step
 
     # ------------------------------------------------------------------ optimizers
+    # The latch covers the update too: each rule runs on scratch copies of the parameters and
+    # of the state it changes, and they are copied back only when every new value is finite
+    # (the reference spends two copies per step on it; the arithmetic stays the one rule).
     def sgd_step(self, params, grads, momentum_buf, hp, step, halted):
+        self._latched(self._sgd, params, grads, (momentum_buf if hp.momentum else None,), hp,
+                      step, halted)
+
+    def adam_step(self, params, grads, m, v, hp, step, halted):
+        self._latched(self._adam, params, grads, (m, v), hp, step, halted)
+
+    def rmsprop_step(self, params, grads, square_avg, momentum_buf, grad_avg, hp, step, halted):
+        self._latched(self._rmsprop, params, grads,
+                      (square_avg, momentum_buf if hp.momentum > 0 else None,
+                       grad_avg if hp.centered else None), hp, step, halted)
+
+    def _latched(self, rule, params, grads, states, hp, step, halted) -> None:
         if halted[0]:
             return
+        new_params = self._scratch("new_params", params.shape, params.dtype)
+        np.copyto(new_params, params)
+        new_states = []
+        for slot, state in enumerate(states):
+            new = None
+            if state is not None:
+                new = self._scratch(f"new_state{slot}", state.shape, state.dtype)
+                np.copyto(new, state)
+            new_states.append(new)
+        rule(new_params, grads, *new_states, hp, step)
+        if not all(_all_finite(a) for a in (new_params, *new_states) if a is not None):
+            halted[0] = step
+            return
+        np.copyto(params, new_params)
+        for state, new in zip(states, new_states):
+            if state is not None:
+                np.copyto(state, new)
+
+    def _sgd(self, params, grads, momentum_buf, hp, step):
         tmp = self._scratch("opt_a", params.shape, params.dtype)
         d = grads
         if hp.weight_decay:
@@ -169,9 +201,7 @@ class NumpyBackend(HostMemory, Backend):
                 d = momentum_buf
         _subtract_scaled(params, d, hp.lr, self._scratch("opt_b", params.shape, params.dtype))
 
-    def adam_step(self, params, grads, m, v, hp, step, halted):
-        if halted[0]:
-            return
+    def _adam(self, params, grads, m, v, hp, step):
         g = grads
         tmp = self._scratch("opt_a", params.shape, params.dtype)
         if hp.weight_decay and hp.decoupled:
@@ -196,9 +226,7 @@ class NumpyBackend(HostMemory, Backend):
         np.divide(m, scratch, out=scratch)
         _subtract_scaled(params, scratch, step_size, scratch)
 
-    def rmsprop_step(self, params, grads, square_avg, momentum_buf, grad_avg, hp, step, halted):
-        if halted[0]:
-            return
+    def _rmsprop(self, params, grads, square_avg, momentum_buf, grad_avg, hp, step):
         g = grads
         tmp = self._scratch("opt_a", params.shape, params.dtype)
         if hp.weight_decay:
@@ -227,6 +255,11 @@ class NumpyBackend(HostMemory, Backend):
             _subtract_scaled(params, momentum_buf, hp.lr, avg)
         else:
             _subtract_scaled(params, avg, hp.lr, avg)
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    # max and min propagate NaN and see every inf, without a temporary array
+    return math.isfinite(np.max(a)) and math.isfinite(np.min(a))
 
 
 def _subtract_scaled(params: np.ndarray, d: np.ndarray, lr: float, scratch: np.ndarray) -> None:

@@ -2,7 +2,8 @@
 dtype, weights, optimizer configuration, state and step count, and the epochs trained.
 
 Saving goes through :mod:`bpkernels.atomic`: a temporary file beside the target, renamed over
-it only once complete, so a failed, interrupted or killed save never replaces a good checkpoint.
+it only once complete, so a failed, interrupted or killed save never replaces a good checkpoint;
+and it refuses weights that loading would refuse (NaN or inf), before touching any file.
 
 Reading trusts nothing in the file: every field of the metadata is checked for type and range,
 every array's header (shape, dtype, size) against the metadata and the file's own size before
@@ -52,6 +53,8 @@ def save(model, path: str | os.PathLike) -> None:
 def write(path: str | os.PathLike, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
     """Write a model's saved state (``MLP.state()``) to ``path``, atomically (a symbolic link
     is kept and the file it points to replaced)."""
+    path = Path(path)
+    _check_finite_weights(path, arrays)
     meta = {"format": FORMAT, "version": VERSION, **meta}
     text = np.array(json.dumps(meta))
     atomic.write(path, lambda f: np.savez(f, meta=text, **arrays), what="checkpoint")
@@ -60,6 +63,15 @@ def write(path: str | os.PathLike, meta: dict[str, Any], arrays: dict[str, np.nd
 def check_writable(path: str | os.PathLike) -> None:
     """Fail now where a checkpoint could not be saved to ``path`` (see atomic.check_writable)."""
     atomic.check_writable(path, what="checkpoint")
+
+
+def _check_finite_weights(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Refuse to save what load() would refuse (the one test of values, _value_problem)."""
+    problem = _value_problem(arrays)
+    if problem:
+        kept = f"{path} was left as it was" if path.exists() else "nothing was written"
+        raise CheckpointError(f"cannot save checkpoint {path}: {problem}, which load() refuses; "
+                              f"{kept}")
 
 
 def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -268,14 +280,25 @@ def _read_array(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo,
 
 
 def _check_values(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    problem = _value_problem(arrays)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
+
+
+def _value_problem(arrays: dict[str, np.ndarray]) -> str | None:
+    """What is wrong with the saved values, or None: non-finite weights or state, negative
+    running averages of squares."""
     from .optim import NONNEGATIVE_STATES
     for name, array in arrays.items():
-        if not np.isfinite(array).all():
-            what = "the weights ('params')" if name == "params" else f"the optimizer state {name!r}"
-            raise CheckpointError(f"{path}: {what} contain NaN or inf")
+        bad = array.size - int(np.count_nonzero(np.isfinite(array)))
+        if bad:
+            what = "weights ('params')" if name == "params" else \
+                f"values of the optimizer state {name!r}"
+            return f"{bad} of the {array.size} {what} are NaN or inf"
         if name.removeprefix("state.") in NONNEGATIVE_STATES and (array < 0).any():
-            raise CheckpointError(f"{path}: the optimizer state {name!r} holds negative values "
-                                  "(a running average of squares is never negative)")
+            return (f"the optimizer state {name!r} holds negative values (a running average of "
+                    f"squares is never negative)")
+    return None
 
 
 # ---------------------------------------------------------------------------- helpers

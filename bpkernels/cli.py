@@ -440,8 +440,13 @@ def _train_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return _interrupted(saver)
     except TrainingDiverged as err:
-        saver.save()  # the model holds the weights of the last finite step
-        kept = f"; the last finite weights were saved to {args.save}" if args.save else ""
+        kept = ""
+        if args.save:
+            try:
+                saver.save()  # the model holds the weights of the last finite step
+                kept = f"; the last finite weights were saved to {args.save}"
+            except checkpoint.CheckpointError as refused:  # (never, while the latch holds)
+                kept = f"; {refused}"
         _error(f"{err}{kept}")
         return EXIT_DIVERGED
     finally:

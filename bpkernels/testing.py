@@ -238,7 +238,8 @@ def assert_backends_agree(build_model: Callable[[str, str], MLP], X: Any, y: Any
             run = _train(model, weights, X_dt, y_dt, loss, optimizer, batches)
         except TrainingDiverged as err:
             failures.append(f"{name} {dt}: training diverged at step {err.global_step} (the "
-                            "loss or a gradient is not finite); the reference did not")
+                            "loss, a gradient or the update is not finite); the reference did "
+                            "not")
             continue
         failures += _compare(f"{name} {dt}", run, references[dt], tolerances[dt])
     if failures:

@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 
 
 class TrainingDiverged(FloatingPointError):
-    """The loss or a gradient became NaN or inf; the model keeps the last finite step's weights."""
+    """The loss, a gradient or a step's update (a new weight or optimizer state value) became NaN
+    or inf; the model keeps the last finite step's weights and optimizer state."""
 
     # Under MPI the divergence latch is agreed: every rank halts at the same step and raises
     # this alike, so distributed.abort_job_on_failure lets it through instead of aborting.
@@ -44,8 +45,8 @@ class TrainingDiverged(FloatingPointError):
     def __init__(self, epoch: int, step: int, global_step: int) -> None:
         self.epoch, self.step, self.global_step = epoch, step, global_step
         super().__init__(f"training diverged at epoch {epoch}, step {step} (optimizer step "
-                         f"{global_step}): the loss or a gradient is not finite; the weights of "
-                         f"the last finite step are kept (try a lower learning rate)")
+                         f"{global_step}): the loss, a gradient or the update is not finite; the "
+                         f"weights of the last finite step are kept (try a lower learning rate)")
 
 
 def _abort_job_on_failure(fit: Callable) -> Callable:
@@ -216,7 +217,7 @@ class EpochLoop:
     It owns the run's device-side state, allocated once on construction: the training data on
     the device (or read in place where it already lives there), the workspaces of the full and
     of the last partial batch, per-step slots for the loss and the hit count, and the latch that
-    halts the steps when the loss or a gradient stops being finite. The host reads these once
+    halts the steps when the loss, a gradient or an update stops being finite. The host reads these once
     per epoch. The optimizer is bound to the model on construction (its state allocated).
 
     Drive it so::

@@ -107,6 +107,20 @@ def test_nonfinite_or_negative_state_is_refused(tmp_path, capsys, name, value, w
     _refused_by_cli(capsys, path)
 
 
+@pytest.mark.parametrize("name, value, word", BAD_STATES)
+def test_what_load_refuses_is_never_saved(tmp_path, name, value, word):
+    """Save and load apply one test of the values: a model whose state load would refuse is
+    not written, and the previous file stays."""
+    good = _build(tmp_path / "m.npz")
+    before = good.read_bytes()
+    model = bpk.load(good)
+    buffer = model.params if name == "params" else model.optimizer.state[name[6:]]
+    buffer[5] = value
+    with pytest.raises(bpk.CheckpointError, match="which load\\(\\) refuses; .* left as it was"):
+        model.save(good)
+    assert good.read_bytes() == before
+
+
 def test_rmsprop_square_avg_must_not_be_negative(tmp_path):
     meta = _meta(optimizer={"config": bpk.RMSprop(lr=0.01).config(), "step_count": 3,
                             "state": ["square_avg"]})

@@ -356,6 +356,49 @@ def _update(k, kind, hp, params, grads, buffers, hp_dev, counter, halted, size):
 
 
 @pytest.mark.parametrize("size", [1, 300])
+@pytest.mark.parametrize("kind, hp", OPT_CASES,
+                         ids=[f"{c}-{i}" for i, (c, _) in enumerate(OPT_CASES)])
+def test_an_update_that_would_overflow_is_latched_and_not_written(k, dtype, kind, hp, size):
+    """<rule>_check then <rule>_step, as the backend launches them: a finite update leaves the
+    latch at 0 and is written; one whose last element's new weight or state overflows (a
+    finite gradient of 1e200, 1e30 in float32: its square overflows the state, its product
+    with a huge finite lr the weight) sets halted to the step read on the device and writes
+    nothing."""
+    rng = np.random.default_rng(size)
+    p = rounded(rng.standard_normal(size), dtype)
+    params, buffers = dev(p, dtype), [dev(np.full(size, 0.5), dtype) for _ in range(3)]
+    counter, hp_dev, halted = dev(np.array([0, 7]), I64), dev(np.array(hp, np.float64)), _halted()
+    g = rounded(rng.standard_normal(size), dtype)
+    _checked_update(k, kind, hp, params, dev(g, dtype), buffers, hp_dev, counter, halted, size)
+    assert host(halted)[0] == 0
+    assert not np.array_equal(host(params), p)
+    before = [host(a) for a in (params, *buffers)]
+    huge = (1e300 if dtype == np.float64 else 1e38,) + hp[1:]  # a learning rate, finite
+    g[-1] = 1e200 if dtype == np.float64 else 1e30
+    _checked_update(k, kind, hp, params, dev(g, dtype), buffers, dev(np.array(huge, np.float64)),
+                    counter, halted, size)
+    assert host(halted)[0] == 7
+    for after, old in zip([host(a) for a in (params, *buffers)], before):
+        np.testing.assert_array_equal(after, old)
+
+
+def _checked_update(k, kind, hp, params, grads, buffers, hp_dev, counter, halted, size):
+    m, v, w = buffers
+    if kind == "sgd":
+        args = (params, grads, m if hp[1] else None, I64(size), hp_dev, I64(0), counter[1:2])
+        k.sgd_check(size, *args, halted)
+        k.sgd_step(size, *args, halted)
+    elif kind == "adam":
+        args = (params, grads, m, v, I64(size), hp_dev, I64(0), counter[1:2])
+        k.adam_check(size, *args, halted)
+        k.adam_step(size, *args, halted)
+    else:
+        args = (params, grads, m, v if hp[4] else None, w if hp[5] else None, I64(size), hp_dev)
+        k.rmsprop_check(size, *args, I64(0), counter[1:2], halted)
+        k.rmsprop_step(size, *args, halted)
+
+
+@pytest.mark.parametrize("size", [1, 300])
 def test_weigh_grads_before_a_data_parallel_all_reduce(k, dtype, size):
     """grads *= weight exactly as NumPy's in-place multiply by a Python float rounds it (the
     host ranks' reducer); NaN everywhere when the rank's loss is not finite, so the summed

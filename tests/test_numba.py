@@ -272,7 +272,7 @@ def test_backward_bounds_the_weight_gradients_layer_by_layer(dtype, case):
 
     # float64 reference: dZ top down, then max column sum |X| * max column sum |dZ| per layer
     derivative = (lambda a: (a > 0).astype(float), lambda a: 1 - a * a, lambda a: np.ones_like(a))
-    dZ, sure, upstream = [None] * 3, True, top_dA.astype(np.float64)
+    dZ, sure, upstream, largest = [None] * 3, True, top_dA.astype(np.float64), 0.0
     for layer in (2, 1, 0):
         W, A_l, _ = views[layer]
         with np.errstate(invalid="ignore", over="ignore"):
@@ -282,6 +282,7 @@ def test_backward_bounds_the_weight_gradients_layer_by_layer(dtype, case):
                 np.abs(views[layer - 1][1].astype(np.float64)).sum(axis=0).max()
             bound = x_sums * np.abs(dZ[layer]).sum(axis=0).max()
         sure = sure and bound <= limit * 0.99
+        largest = max(largest, bound if bound == bound else np.inf)
     if case == "small":
         assert sure
     elif case in ("nan", "inf"):
@@ -301,9 +302,14 @@ def test_backward_bounds_the_weight_gradients_layer_by_layer(dtype, case):
     work = (X, A, dA, np.zeros(0, dtype))
     kinds = activation_kinds(ACTIVATION_CODES[a] for a in ("relu", "tanh"))
     dA_before = dA.copy()
-    finite, verdict = backward(net, work, rows, np.empty(12, dtype), input_bound, kinds)
+    finite, verdict, bound = backward(net, work, rows, np.empty(12, dtype), input_bound, kinds)
     # (an inf in A reaches dW only: relu'(inf) = 1 keeps dZ and db finite; a NaN reaches db)
     assert verdict == sure and finite == (case != "nan")
+    # the largest layer's bound, which the fused SGD update's bound on |W| builds on
+    if case == "small":
+        assert bound == pytest.approx(largest, rel=1e-4)
+    elif case in ("nan", "inf"):
+        assert bound == np.inf
     if case == "small":  # dZ of every layer formed in place, in the dtype
         for layer in (2, 1, 0):
             np.testing.assert_allclose(views[layer][2], dZ[layer], rtol=1e-4, atol=1e-5)

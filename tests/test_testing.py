@@ -129,7 +129,7 @@ def test_divergence_of_one_backend_is_a_disagreement(register_backend):
     X, y = data()
     # Step 2's update writes NaN: the loss of step 3 is the first that is not finite.
     with pytest.raises(AssertionError, match=r"numpy-nan float64: training diverged at step 3 "
-                                             r"\(the loss or a gradient is not finite\); the "
+                                             r"\(the loss, a gradient or the update is not finite\); the "
                                              r"reference did not"):
         assert_backends_agree(build, X, y, "cross_entropy", "sgd", 4,
                               backends=["numpy-nan"], dtypes=["float64"])

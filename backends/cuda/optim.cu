@@ -1,6 +1,12 @@
 // The divergence latch, the optimizer updates and the weighting of a data-parallel gradient, each
 // one launch over the whole flat buffer.
 //
+// The latch covers the update: each rule is one __device__ function of an element (its new values,
+// written only when asked), run by two kernels launched in turn. <rule>_check writes nothing and
+// sets halted to the step if any new value (weight or state) would not be finite; <rule>_step
+// then writes them, unless halted. The same arithmetic both times, so they cannot disagree; the
+// cost is one more read of the buffers per step, no host round trip.
+//
 // Everything that changes from step to step is read on the device, so that one captured graph
 // replays every step: the step number (from step_dev when given, for Adam's bias corrections
 // and SGD's first momentum step), the latch `halted` (an update is a no-op once it is set) and
@@ -50,86 +56,185 @@ extern "C" __global__ void advance_step(i64* counter) {
     }
 }
 
+// Marks the step in halted when a new value is not finite: the first step to find one wins.
+#define LATCH_UNLESS(ok)                                                                    \
+    if (!(ok)) {                                                                            \
+        atomicCAS(halted, 0ULL, (unsigned long long)step_of(step, step_dev));               \
+        return;                                                                             \
+    }
+
 // hp = {lr, momentum, dampening, nesterov, weight_decay}, slots HP_SGD_* (base.RULES["sgd"]).
 // buf is null without momentum.
+struct Sgd {
+    real lr, momentum, keep, weight_decay;
+    bool dampened, nesterov, decay, first;
+};
+
+__device__ __forceinline__ Sgd sgd_rule(const double* hp, i64 t) {
+    const double dampening = hp[HP_SGD_DAMPENING], wd = hp[HP_SGD_WEIGHT_DECAY];
+    Sgd r;
+    r.lr = (real)hp[HP_SGD_LR];
+    r.momentum = (real)hp[HP_SGD_MOMENTUM];
+    r.keep = (real)(1.0 - dampening);
+    r.weight_decay = (real)wd;
+    r.dampened = dampening != 0;
+    r.nesterov = hp[HP_SGD_NESTEROV] != 0;
+    r.decay = wd != 0;
+    r.first = t == 1;
+    return r;
+}
+
+// Element k's update; writes it when `write`; returns whether every new value is finite.
+__device__ __forceinline__ bool sgd_at(const Sgd& r, real* p, const real* g, real* buf, i64 k,
+                                       bool write) {
+    real d = r.decay ? p[k] * r.weight_decay + g[k] : g[k];  // torch: decay before momentum
+    real b = 0;
+    if (buf) {
+        b = r.first ? d : buf[k] * r.momentum + (r.dampened ? d * r.keep : d);
+        d = r.nesterov ? d + b * r.momentum : b;
+    }
+    const real w = p[k] - d * r.lr;
+    if (write) {
+        if (buf) buf[k] = b;
+        p[k] = w;
+    }
+    return isfinite(w) && isfinite(b);
+}
+
+extern "C" __global__ void sgd_check(real* p, const real* g, real* buf, i64 size,
+                                     const double* hp, i64 step, const i64* step_dev,
+                                     unsigned long long* halted) {
+    if (*halted) return;
+    const Sgd r = sgd_rule(hp, step_of(step, step_dev));
+    GRID_STRIDE(k, size) { LATCH_UNLESS(sgd_at(r, p, g, buf, k, false)); }
+}
+
 extern "C" __global__ void sgd_step(real* p, const real* g, real* buf, i64 size,
                                     const double* hp, i64 step, const i64* step_dev,
                                     const i64* halted) {
     if (*halted) return;
-    const double dampening = hp[HP_SGD_DAMPENING], wd = hp[HP_SGD_WEIGHT_DECAY];
-    const real lr = (real)hp[HP_SGD_LR], momentum = (real)hp[HP_SGD_MOMENTUM];
-    const real keep = (real)(1.0 - dampening);
-    const bool dampened = dampening != 0, nesterov = hp[HP_SGD_NESTEROV] != 0, decay = wd != 0;
-    const real weight_decay = (real)wd;
-    const bool first = step_of(step, step_dev) == 1;
-    GRID_STRIDE(k, size) {
-        real d = decay ? p[k] * weight_decay + g[k] : g[k];  // torch: decay before momentum
-        if (buf) {
-            real b = first ? d : buf[k] * momentum + (dampened ? d * keep : d);
-            buf[k] = b;
-            d = nesterov ? d + b * momentum : b;
-        }
-        p[k] -= d * lr;
-    }
+    const Sgd r = sgd_rule(hp, step_of(step, step_dev));
+    GRID_STRIDE(k, size) { sgd_at(r, p, g, buf, k, true); }
 }
 
 // hp = {lr, beta1, beta2, eps, weight_decay, decoupled}, slots HP_ADAM_*: Adam (L2 added to the
 // gradient) or AdamW (decoupled = 1: the weights decay directly).
+struct Adam {
+    real shrink, weight_decay, b1, b2, eps, one_minus_b1, one_minus_b2, step_size,
+        root_correction;
+    bool decoupled, l2;
+};
+
+__device__ __forceinline__ Adam adam_rule(const double* hp, i64 step) {
+    const double t = (double)step;
+    const double lr = hp[HP_ADAM_LR], beta1 = hp[HP_ADAM_BETA1], beta2 = hp[HP_ADAM_BETA2];
+    const double weight_decay = hp[HP_ADAM_WEIGHT_DECAY];
+    Adam r;
+    r.decoupled = hp[HP_ADAM_DECOUPLED] != 0 && weight_decay != 0;
+    r.l2 = weight_decay != 0 && hp[HP_ADAM_DECOUPLED] == 0;
+    r.shrink = (real)(1.0 - lr * weight_decay);
+    r.weight_decay = (real)weight_decay;
+    r.b1 = (real)beta1;
+    r.b2 = (real)beta2;
+    r.eps = (real)hp[HP_ADAM_EPS];
+    r.one_minus_b1 = (real)(1.0 - beta1);
+    r.one_minus_b2 = (real)(1.0 - beta2);
+    r.step_size = (real)(lr / (1.0 - pow(beta1, t)));
+    r.root_correction = (real)sqrt(1.0 - pow(beta2, t));
+    return r;
+}
+
+__device__ __forceinline__ bool adam_at(const Adam& r, real* p, const real* g, real* m, real* v,
+                                        i64 k, bool write) {
+    real w = p[k];
+    if (r.decoupled) w *= r.shrink;
+    const real grad = r.l2 ? w * r.weight_decay + g[k] : g[k];
+    const real mk = m[k] * r.b1 + grad * r.one_minus_b1;
+    const real vk = v[k] * r.b2 + grad * grad * r.one_minus_b2;
+    // torch divides sqrt(v) by sqrt(bias correction) before adding eps: kept for parity.
+    const real denom = sqrt(vk) / r.root_correction + r.eps;
+    w = w - mk / denom * r.step_size;
+    if (write) {
+        m[k] = mk;
+        v[k] = vk;
+        p[k] = w;
+    }
+    return isfinite(w) && isfinite(mk) && isfinite(vk);
+}
+
+extern "C" __global__ void adam_check(real* p, const real* g, real* m, real* v, i64 size,
+                                      const double* hp, i64 step, const i64* step_dev,
+                                      unsigned long long* halted) {
+    if (*halted) return;
+    const Adam r = adam_rule(hp, step_of(step, step_dev));
+    GRID_STRIDE(k, size) { LATCH_UNLESS(adam_at(r, p, g, m, v, k, false)); }
+}
+
 extern "C" __global__ void adam_step(real* p, const real* g, real* m, real* v, i64 size,
                                      const double* hp, i64 step, const i64* step_dev,
                                      const i64* halted) {
     if (*halted) return;
-    const double t = (double)step_of(step, step_dev);
-    const double lr = hp[HP_ADAM_LR], beta1 = hp[HP_ADAM_BETA1], beta2 = hp[HP_ADAM_BETA2];
-    const double weight_decay = hp[HP_ADAM_WEIGHT_DECAY];
-    const bool decoupled = hp[HP_ADAM_DECOUPLED] != 0, l2 = weight_decay != 0 && !decoupled;
-    const real shrink = (real)(1.0 - lr * weight_decay);
-    const real b1 = (real)beta1, b2 = (real)beta2, eps = (real)hp[HP_ADAM_EPS];
-    const real one_minus_b1 = (real)(1.0 - beta1), one_minus_b2 = (real)(1.0 - beta2);
-    const real step_size = (real)(lr / (1.0 - pow(beta1, t)));
-    const real root_correction = (real)sqrt(1.0 - pow(beta2, t));
-    GRID_STRIDE(k, size) {
-        real w = p[k];
-        if (decoupled && weight_decay != 0) w *= shrink;
-        real grad = l2 ? w * (real)weight_decay + g[k] : g[k];
-        real mk = m[k] * b1 + grad * one_minus_b1;
-        real vk = v[k] * b2 + grad * grad * one_minus_b2;
-        m[k] = mk;
-        v[k] = vk;
-        // torch divides sqrt(v) by sqrt(bias correction) before adding eps: kept for parity.
-        real denom = sqrt(vk) / root_correction + eps;
-        p[k] = w - mk / denom * step_size;
-    }
+    const Adam r = adam_rule(hp, step_of(step, step_dev));
+    GRID_STRIDE(k, size) { adam_at(r, p, g, m, v, k, true); }
 }
 
 // hp = {lr, alpha, eps, weight_decay, momentum, centered}, slots HP_RMSPROP_*. buf is null
-// without momentum, grad_avg null unless centered.
+// without momentum, grad_avg null unless centered. (RMSprop reads no step number: rmsprop_check
+// takes one only to latch it.)
+struct RmsProp {
+    real lr, alpha, one_minus_alpha, eps, weight_decay, momentum;
+    bool decay;
+};
+
+__device__ __forceinline__ RmsProp rmsprop_rule(const double* hp) {
+    const double a = hp[HP_RMSPROP_ALPHA], wd = hp[HP_RMSPROP_WEIGHT_DECAY];
+    RmsProp r;
+    r.lr = (real)hp[HP_RMSPROP_LR];
+    r.alpha = (real)a;
+    r.one_minus_alpha = (real)(1.0 - a);
+    r.eps = (real)hp[HP_RMSPROP_EPS];
+    r.weight_decay = (real)wd;
+    r.momentum = (real)hp[HP_RMSPROP_MOMENTUM];
+    r.decay = wd != 0;
+    return r;
+}
+
+__device__ __forceinline__ bool rmsprop_at(const RmsProp& r, real* p, const real* g,
+                                           real* square_avg, real* buf, real* grad_avg, i64 k,
+                                           bool write) {
+    const real grad = r.decay ? p[k] * r.weight_decay + g[k] : g[k];
+    const real sq = square_avg[k] * r.alpha + grad * grad * r.one_minus_alpha;
+    real avg, ga = 0;
+    if (grad_avg) {
+        ga = grad_avg[k] * r.alpha + grad * r.one_minus_alpha;
+        avg = sqrt(sq - ga * ga);
+    } else {
+        avg = sqrt(sq);
+    }
+    real update = grad / (avg + r.eps);
+    if (buf) update = buf[k] * r.momentum + update;
+    const real w = p[k] - update * r.lr;
+    if (write) {
+        square_avg[k] = sq;
+        if (grad_avg) grad_avg[k] = ga;
+        if (buf) buf[k] = update;
+        p[k] = w;
+    }
+    return isfinite(w) && isfinite(sq) && isfinite(ga) && isfinite(update);
+}
+
+extern "C" __global__ void rmsprop_check(real* p, const real* g, real* square_avg, real* buf,
+                                         real* grad_avg, i64 size, const double* hp, i64 step,
+                                         const i64* step_dev, unsigned long long* halted) {
+    if (*halted) return;
+    const RmsProp r = rmsprop_rule(hp);
+    GRID_STRIDE(k, size) { LATCH_UNLESS(rmsprop_at(r, p, g, square_avg, buf, grad_avg, k, false)); }
+}
+
 extern "C" __global__ void rmsprop_step(real* p, const real* g, real* square_avg, real* buf,
                                         real* grad_avg, i64 size, const double* hp,
                                         const i64* halted) {
     if (*halted) return;
-    const double a = hp[HP_RMSPROP_ALPHA], wd = hp[HP_RMSPROP_WEIGHT_DECAY];
-    const real lr = (real)hp[HP_RMSPROP_LR], alpha = (real)a, one_minus_alpha = (real)(1.0 - a);
-    const real eps = (real)hp[HP_RMSPROP_EPS], weight_decay = (real)wd;
-    const real momentum = (real)hp[HP_RMSPROP_MOMENTUM];
-    const bool decay = wd != 0;
-    GRID_STRIDE(k, size) {
-        real grad = decay ? p[k] * weight_decay + g[k] : g[k];
-        real sq = square_avg[k] * alpha + grad * grad * one_minus_alpha;
-        square_avg[k] = sq;
-        real avg;
-        if (grad_avg) {
-            real ga = grad_avg[k] * alpha + grad * one_minus_alpha;
-            grad_avg[k] = ga;
-            avg = sqrt(sq - ga * ga);
-        } else {
-            avg = sqrt(sq);
-        }
-        real update = grad / (avg + eps);
-        if (buf) {
-            update = buf[k] * momentum + update;
-            buf[k] = update;
-        }
-        p[k] -= update * lr;
-    }
+    const RmsProp r = rmsprop_rule(hp);
+    GRID_STRIDE(k, size) { rmsprop_at(r, p, g, square_avg, buf, grad_avg, k, true); }
 }

@@ -118,6 +118,42 @@ def _bound_limit(itemsize, rows):
     return largest / 2 * ((1.0 - gamma) * (1.0 - gamma)) / (1.0 + gamma)  # (** compiles ~0.1 s)
 
 
+@inline
+def _worse(bound, value):
+    """The larger of a bound and a new value, inf where the value is NaN (inf times 0)."""
+    if value <= bound:
+        return bound
+    return value if value == value else math.inf
+
+
+@inline
+def _abs_max(x):
+    """The largest |x[i]|, inf if one is NaN."""
+    largest = 0.0
+    for i in range(x.size):
+        largest = _worse(largest, abs(x[i]))
+    return largest
+
+
+@inline
+def _fused_weight_bound(itemsize, rows, w_bound, dw_bound, alpha, beta):
+    """A bound on every |W| after BLAS's W = beta W + alpha X.T @ dZ, given |W| <= ``w_bound``
+    and ``dw_bound`` from ``_backward`` (exact |X.T @ dZ| <= dw_bound / (1 - gamma)^2, see
+    ``_bound_limit``); inf where it could exceed half the dtype's largest value, or where
+    alpha or beta would not survive their rounding to the dtype (an inf alpha times a zero
+    gradient is NaN). The GEMM rounds within gamma of |beta| |W| + |alpha| |X|.T |dZ|, one
+    more u for alpha's and beta's own rounding."""
+    largest = _FLOAT32_MAX if itemsize == 4 else _FLOAT64_MAX
+    u = _FLOAT32_ROUNDOFF if itemsize == 4 else _FLOAT64_ROUNDOFF
+    nu = (rows + 2) * u
+    if nu >= 0.5 or not (abs(alpha) <= largest / 2 and abs(beta) <= largest / 2):
+        return math.inf
+    gamma = nu / (1.0 - nu)
+    new = (abs(beta) * w_bound + abs(alpha) * dw_bound / ((1.0 - gamma) * (1.0 - gamma))) \
+        * (1.0 + gamma) * (1.0 + 2 * u)
+    return new if new <= largest / 2 else math.inf
+
+
 @helper
 def _abs_column_sums_max(M, sums):
     """The largest column sum of |M| (accumulated in ``sums``), inf where M holds inf or NaN.
@@ -162,7 +198,7 @@ def _backward_scan(net, work, rows, par, kinds):
 def _backward(net, work, rows, par, kinds, sums, input_bound):
     """``_backward_scan`` for a large model, bounding its weight gradients rather than
     scanning them. Returns (whether every db is finite, whether every dW is sure to be
-    finite). The second without computing dW: |dW[i, j]| = |sum_r X[r, i] dZ[r, j]| <=
+    finite, the largest bound of a layer's |dW| as computed, inf where unknown). The second without computing dW: |dW[i, j]| = |sum_r X[r, i] dZ[r, j]| <=
     (sum_r |X[r, i]|) (sum_r |dZ[r, j]|), and ``_bound_limit`` leaves room for every rounding,
     BLAS's and the column sums' own, in any order of summation. With no inf or NaN in X or dZ
     and that bound kept, no dW can be inf or NaN: check_step's scan of every weight gradient
@@ -176,7 +212,7 @@ def _backward(net, work, rows, par, kinds, sums, input_bound):
     of their own. (Compiled on its own rather than inlined: M's first compile ~0.1 s
     shorter. The small models' ``_backward_scan`` is cheaper inlined.)"""
     layers = net[2]
-    finite, sure, above = True, True, 0.0
+    finite, bound, above = True, 0.0, 0.0
     limit = _bound_limit(net[0].itemsize, rows)
     top = layers.shape[0] - 1
     for layer in range(top, -1, -1):
@@ -188,18 +224,18 @@ def _backward(net, work, rows, par, kinds, sums, input_bound):
             zero(db)
             grad_rows(dA, layers[layer, 4], A, Z, db, magnitudes, 0, rows, kinds)
             if layer < top:
-                sure = sure and _largest(magnitudes[1], o) * above <= limit
+                bound = _worse(bound, _largest(magnitudes[1], o) * above)
             above = _largest(magnitudes[0], o)
         else:
             dz_and_db(dA, layers[layer, 4], A, Z, db, par, kinds)
         finite = all_finite(db) and finite
         X = _input_gradient(net, work, layer, rows, W, dA)
-        if par is not None and sure:
+        if par is not None and bound <= limit:
             x_bound = input_bound if layer == 0 else _abs_column_sums_max(X, sums)
-            sure = x_bound * _abs_column_sums_max(dA, sums) <= limit
+            bound = _worse(bound, x_bound * _abs_column_sums_max(dA, sums))
     if par is None:
-        sure = sure and input_bound * above <= limit
-    return finite, sure
+        bound = _worse(bound, input_bound * above)
+    return finite, bound <= limit, bound
 
 
 @inline
@@ -244,6 +280,11 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, state
     step_losses, step_hits, halted = out
     n = order.size
     steps = (n + batch - 1) // batch
+    # Plain SGD fused into dW's GEMM writes W before anything can check it: it runs only where
+    # a bound on every |W| shows the new weights finite. The bound starts from a scan (once an
+    # epoch), each fused step bounds its own result, and a step that is not fused scans again.
+    fusable = sgd is not None and workers is not None and sgd[1] == 0
+    w_bound = _abs_max(params) if fusable else math.inf
     for s in range(steps):
         rows = min(batch, n - s * batch)
         index = span(order, s * batch, rows)
@@ -274,27 +315,41 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, state
             if metric:
                 count_correct_rows_of(Y, batch_T, step_correct)
         if workers is not None:  # (two ifs: Numba prunes each by an argument that is None)
-            finite, sure = _backward(net, work, rows, par, kinds, sums, input_bound)
+            finite, sure, dw_bound = _backward(net, work, rows, par, kinds, sums, input_bound)
         if scan is not None:
-            finite, sure = _backward_scan(net, work, rows, par, kinds), False
+            finite, sure, dw_bound = _backward_scan(net, work, rows, par, kinds), False, math.inf
         finite = finite and math.isfinite(step_loss[0])
         # Plain SGD (no momentum) updates W inside dW's GEMM, W = (1 - lr wd) W - lr X.T @ dZ,
         # as its update would (but for the rounding of dW, which is not stored): no separate
         # pass over every weight and its gradient, which no longer sit in cache by then (~100
-        # us a step on M). Only where the step is sure to be finite: check_step's latch would
-        # otherwise have to undo it. Not on the epoch's last step, whose gradients stay in
-        # ``grads`` as the per-kernel loop leaves them.
+        # us a step on M). Only where the step is sure to be finite, its update included (the
+        # bound on |W|, and the biases' update checked first): the latch could not undo it.
+        # Not on the epoch's last step, whose gradients stay in ``grads`` as the per-kernel
+        # loop leaves them.
         fused, alpha, beta = False, 1.0, 0.0
-        if sgd is not None and workers is not None:
-            if sgd[1] == 0 and sure and finite and halted[0] == 0 and s + 1 < steps:
-                fused, alpha, beta = True, -sgd[0], 1.0 - sgd[0] * sgd[4]
+        if fusable:
+            if sure and finite and halted[0] == 0 and s + 1 < steps:
+                alpha, beta = -sgd[0], 1.0 - sgd[0] * sgd[4]
+                new_bound = _fused_weight_bound(params.itemsize, rows, w_bound, dw_bound, alpha,
+                                                beta)
+                fused = new_bound < math.inf
+                for layer in range(layers.shape[0]):  # the biases' update, not yet written
+                    b, o = layers[layer, 3], layers[layer, 1]
+                    fused = fused and update_rule(span(params, b, o), span(grads, b, o), states,
+                                                  sgd, adam, rmsprop, first_step + s, False)
+                if fused:
+                    w_bound = new_bound
+                else:
+                    alpha, beta = 1.0, 0.0
         finite = _weight_gradients(net, work, rows, alpha, beta, fused, not sure) and finite
-        if sgd is not None and workers is not None and fused:
+        if fusable and fused:
             for layer in range(layers.shape[0]):  # the biases, by the rule itself
                 b, o = layers[layer, 3], layers[layer, 1]
                 update_rule(span(params, b, o), span(grads, b, o), states, sgd, adam, rmsprop,
-                        first_step + s)
+                            first_step + s, True)
             continue
         if halted[0] == 0 and not finite:
             halted[0] = first_step + s  # check_step's latch
         optimizer_update(params, grads, states, sgd, adam, rmsprop, first_step + s, halted, par)
+        if fusable and halted[0] == 0 and s + 2 < steps:
+            w_bound = _abs_max(params)  # a step that was not fused moved W by its own rule

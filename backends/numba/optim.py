@@ -50,100 +50,185 @@ def check_step(loss, grads, step, halted, par):
 
 
 # ------------------------------------------------------------------------- optimizers
+# Each rule is one function of an element's old values returning its new ones (``_*_element``)
+# and one loop over the buffers (``_sgd``, ``_adam``, ``_rmsprop``) that either writes those new
+# values (``write``) or only asks whether every one of them is finite: the latch's check of the
+# update runs the very arithmetic the write then repeats, so the two can never disagree.
+# x - x is NaN for inf and NaN, 0 for any finite x: a sum of such terms is 0 only where every
+# value is finite, with no branch to stop the check loops vectorizing.
+
+
+# _unused: a state buffer the rule leaves unused is empty, and a load guarded by a condition
+# stops LLVM vectorizing the loop (a write pass ~4x slower). Such a buffer's old values are read
+# from ``g`` instead (same length, never written): loaded unconditionally, ignored by the rule.
 @inline
-def _sgd(p, g, buf, hp, first):
+def _sgd_element(w, d, b, first, lr, momentum, undamped, weight_decay, nesterov):
+    """(new weight, new momentum buffer) of one element; ``b`` is ignored without momentum."""
+    if weight_decay != 0:
+        d = w * weight_decay + d  # torch adds L2 decay before momentum
+    if momentum != 0:
+        b = d if first else b * momentum + d * undamped
+        d = d + b * momentum if nesterov else b
+    return w - d * lr, b
+
+
+@inline
+def _sgd(p, g, buf, hp, first, write):
     cast = p.dtype.type
     lr, momentum, undamped, weight_decay = cast(hp[0]), cast(hp[1]), cast(1.0 - hp[2]), cast(hp[4])
     nesterov = hp[3] != 0
+    old = buf if momentum != 0 else g  # see _unused
+    if write:
+        for i in range(p.size):
+            w, b = _sgd_element(p[i], g[i], old[i], first, lr, momentum, undamped, weight_decay,
+                                nesterov)
+            if momentum != 0:
+                old[i] = b  # (buf itself: a store through another name would alias it)
+            p[i] = w
+        return True
+    bad = False
     for i in range(p.size):
-        d = g[i]
-        if weight_decay != 0:
-            d = p[i] * weight_decay + d  # torch adds L2 decay before momentum
-        if momentum != 0:
-            m = d if first else buf[i] * momentum + d * undamped
-            buf[i] = m
-            d = d + m * momentum if nesterov else m
-        p[i] = p[i] - d * lr
+        w, b = _sgd_element(p[i], g[i], old[i], first, lr, momentum, undamped, weight_decay,
+                            nesterov)
+        bad |= ((w - w) + (b - b)) != 0
+    return not bad
 
 
 @inline
-def _adam(p, g, m, v, hp, step_size, root_bc2):
+def _adam_element(w, d, m, v, beta1, beta2, eps, weight_decay, decay, decoupled, new1, new2,
+                  step_size, root_bc2):
+    """(new weight, new exp_avg, new exp_avg_sq) of one element."""
+    if weight_decay != 0:
+        if decoupled:
+            w = w * decay
+        else:
+            d = w * weight_decay + d
+    m = m * beta1 + d * new1
+    v = v * beta2 + d * d * new2
+    # torch divides sqrt(v) by sqrt(bias correction) before adding eps
+    return w - m / (math.sqrt(v) / root_bc2 + eps) * step_size, m, v
+
+
+@inline
+def _adam(p, g, m, v, hp, step_size, root_bc2, write):
     cast = p.dtype.type
     beta1, beta2, eps, weight_decay = cast(hp[1]), cast(hp[2]), cast(hp[3]), cast(hp[4])
     decay, decoupled = cast(1.0 - hp[0] * hp[4]), hp[5] != 0
     new1, new2, step_size, root_bc2 = cast(1.0 - hp[1]), cast(1.0 - hp[2]), cast(step_size), \
         cast(root_bc2)
+    if write:
+        for i in range(p.size):
+            w, mi, vi = _adam_element(p[i], g[i], m[i], v[i], beta1, beta2, eps, weight_decay,
+                                      decay, decoupled, new1, new2, step_size, root_bc2)
+            p[i], m[i], v[i] = w, mi, vi
+        return True
+    bad = False
     for i in range(p.size):
-        d = g[i]
-        if weight_decay != 0:
-            if decoupled:
-                p[i] = p[i] * decay
-            else:
-                d = p[i] * weight_decay + d
-        m[i] = m[i] * beta1 + d * new1
-        v[i] = v[i] * beta2 + d * d * new2
-        # torch divides sqrt(v) by sqrt(bias correction) before adding eps
-        p[i] = p[i] - m[i] / (math.sqrt(v[i]) / root_bc2 + eps) * step_size
+        w, mi, vi = _adam_element(p[i], g[i], m[i], v[i], beta1, beta2, eps, weight_decay, decay,
+                                  decoupled, new1, new2, step_size, root_bc2)
+        bad |= ((w - w) + (mi - mi) + (vi - vi)) != 0
+    return not bad
 
 
 @inline
-def _rmsprop(p, g, square_avg, buf, grad_avg, hp):
+def _rmsprop_element(w, d, sq, b, ga, lr, alpha, eps, weight_decay, momentum, new, centered):
+    """(new weight, square_avg, momentum buffer, grad_avg) of one element; ``b`` and ``ga`` are
+    passed through unchanged where momentum is 0 and where not centered."""
+    if weight_decay != 0:
+        d = w * weight_decay + d
+    sq = sq * alpha + d * d * new
+    if centered:
+        ga = ga * alpha + d * new
+        avg = math.sqrt(sq - ga * ga)
+    else:
+        avg = math.sqrt(sq)
+    d = d / (avg + eps)
+    if momentum > 0:
+        b = b * momentum + d
+        d = b
+    return w - d * lr, sq, b, ga
+
+
+@inline
+def _rmsprop(p, g, square_avg, buf, grad_avg, hp, write):
     cast = p.dtype.type
     lr, alpha, eps, weight_decay = cast(hp[0]), cast(hp[1]), cast(hp[2]), cast(hp[3])
     momentum, new, centered = cast(hp[4]), cast(1.0 - hp[1]), hp[5] != 0
+    old_buf, old_avg = buf if momentum > 0 else g, grad_avg if centered else g  # see _unused
+    if write:
+        for i in range(p.size):
+            w, sq, b, ga = _rmsprop_element(p[i], g[i], square_avg[i], old_buf[i], old_avg[i],
+                                            lr, alpha, eps, weight_decay, momentum, new,
+                                            centered)
+            square_avg[i] = sq
+            if momentum > 0:
+                old_buf[i] = b  # (buf and grad_avg themselves, see _sgd)
+            if centered:
+                old_avg[i] = ga
+            p[i] = w
+        return True
+    bad = False
     for i in range(p.size):
-        d = g[i]
-        if weight_decay != 0:
-            d = p[i] * weight_decay + d
-        square_avg[i] = square_avg[i] * alpha + d * d * new
-        if centered:
-            grad_avg[i] = grad_avg[i] * alpha + d * new
-            avg = math.sqrt(square_avg[i] - grad_avg[i] * grad_avg[i])
-        else:
-            avg = math.sqrt(square_avg[i])
-        d = d / (avg + eps)
-        if momentum > 0:
-            buf[i] = buf[i] * momentum + d
-            d = buf[i]
-        p[i] = p[i] - d * lr
+        w, sq, b, ga = _rmsprop_element(p[i], g[i], square_avg[i], old_buf[i], old_avg[i], lr,
+                                        alpha, eps, weight_decay, momentum, new, centered)
+        bad |= ((w - w) + (sq - sq) + (b - b) + (ga - ga)) != 0
+    return not bad
 
 
 @helper
-def update_rule(p, g, states, sgd, adam, rmsprop, step):
+def update_rule(p, g, states, sgd, adam, rmsprop, step, write):
+    """With ``write``, the update of one rule (the others' hyper-parameters None) over ``p``
+    and its state buffers, returning True; without, writes nothing and returns whether every
+    value the update would write is finite."""
     s1, s2, s3 = states
     if sgd is not None:
-        _sgd(p, g, s1, sgd, step == 1)  # the momentum buffer starts as the gradient
+        return _sgd(p, g, s1, sgd, step == 1, write)  # the momentum buffer starts as the gradient
     elif adam is not None:
         # math.pow, as Python's float ** int (the NumPy backend's) computes it; Numba's ** by
         # an integer multiplies instead (other last bits), and costs its own compile
         step_size = adam[0] / (1.0 - math.pow(adam[1], step))
-        _adam(p, g, s1, s2, adam, step_size, math.sqrt(1.0 - math.pow(adam[2], step)))
+        return _adam(p, g, s1, s2, adam, step_size, math.sqrt(1.0 - math.pow(adam[2], step)),
+                     write)
     elif rmsprop is not None:
-        _rmsprop(p, g, s1, s2, s3, rmsprop)
+        return _rmsprop(p, g, s1, s2, s3, rmsprop, write)
+    return True
 
 
 @phelper
-def _update_par(p, g, states, sgd, adam, rmsprop, step, chunks):
+def _update_par(p, g, states, sgd, adam, rmsprop, step, chunks, write):
+    """``update_rule`` chunk by chunk in parallel; returns whether every chunk's did (so,
+    without ``write``, whether the whole update is finite). A count of the bad chunks: a prange
+    reduction, no array allocated per step."""
     s1, s2, s3 = states
+    bad = 0
     for c in numba.prange(chunks):
         i0, i1 = chunk_bounds(c, chunks, p.size)
         # an unused state buffer is empty, and so is its slice
         chunk = (s1[i0:i1], s2[i0:i1], s3[i0:i1])
-        update_rule(p[i0:i1], g[i0:i1], chunk, sgd, adam, rmsprop, step)
+        bad += 0 if update_rule(p[i0:i1], g[i0:i1], chunk, sgd, adam, rmsprop, step, write) else 1
+    return bad == 0
 
 
 @inline
 def optimizer_update(p, g, states, sgd, adam, rmsprop, step, halted, par):
     """One update of the flat parameters ``p``, a no-op while halted[0] != 0, by the one rule
     of sgd / adam / rmsprop whose hyper-parameters are given: the others are None, a type to
-    Numba, which then compiles that rule only. ``states``: three buffers in the order of the rule's ``base.RULES`` row."""
+    Numba, which then compiles that rule only. ``states``: three buffers in the order of the
+    rule's ``base.RULES`` row. The latch covers the update: a first pass computes every new
+    value and writes none; if one is not finite, ``halted[0] = step`` and nothing is written
+    (one more read of the buffers per step, no host round trip)."""
     if halted[0] != 0:
         return
     chunks = chunk_count(p.size, par)
     if par is None or chunks == 1:
-        update_rule(p, g, states, sgd, adam, rmsprop, step)
+        if update_rule(p, g, states, sgd, adam, rmsprop, step, False):
+            update_rule(p, g, states, sgd, adam, rmsprop, step, True)
+        else:
+            halted[0] = step
+    elif _update_par(p, g, states, sgd, adam, rmsprop, step, chunks, False):
+        _update_par(p, g, states, sgd, adam, rmsprop, step, chunks, True)
     else:
-        _update_par(p, g, states, sgd, adam, rmsprop, step, chunks)
+        halted[0] = step
 
 
 @jit
