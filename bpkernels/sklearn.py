@@ -11,6 +11,8 @@ Choices where scikit-learn's own MLP leaves room, or where ours differs:
   elements, without scikit-learn's factor 1/2) and predicts arrays shaped like the ``y`` it was
   fitted on.
 - ``batch_size`` is 32 by default; ``"auto"`` means ``min(200, n_samples)`` as in scikit-learn.
+- ``dtype=None`` follows scikit-learn: float32 data trains in float32, anything else in
+  float64 (decided at the first fit; the fitted model's dtype then stays).
 - ``random_state`` gives one seed: an int is used as is, None or a RandomState draws one at fit
   time. It sets the initial weights, the batch order of every epoch and the early-stopping split.
 - Stopping follows scikit-learn: training ends once the training loss (or, with
@@ -80,7 +82,7 @@ class _BaseMLP(BaseEstimator):
     def __init__(self, hidden_layer_sizes=(100,), activation="relu", *, optimizer="adam",
                  learning_rate=_DEFAULT_LEARNING_RATE, weight_decay=0.0, batch_size=32,
                  max_iter=200, shuffle=True, random_state=None, tol=1e-4, n_iter_no_change=10,
-                 early_stopping=False, validation_fraction=0.1, backend="auto", dtype="float32",
+                 early_stopping=False, validation_fraction=0.1, backend="auto", dtype=None,
                  verbose=False, warm_start=False, threads=None):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
@@ -126,9 +128,10 @@ class _BaseMLP(BaseEstimator):
             model = self.model_
             self._check_same_architecture(model, settings, X.shape[1], n_outputs)
         else:
+            # dtype=None: scikit-learn's rule, float32 data in float32, anything else in float64.
             model = MLP([X.shape[1], *settings["hidden_layer_sizes"], n_outputs],
                         activation=settings["activation"], backend=settings["backend"],
-                        dtype=settings["dtype"], seed=_seed(self.random_state))
+                        dtype=settings["dtype"] or X.dtype.name, seed=_seed(self.random_state))
         keep_optimizer = incremental and model.optimizer is not None
         optimizer = None if keep_optimizer else self._make_optimizer(settings)
         X = np.asarray(X, dtype=model.dtype)
@@ -196,7 +199,8 @@ class _BaseMLP(BaseEstimator):
     def _check_same_architecture(self, model: MLP, settings: dict, n_features: int,
                                  n_outputs: int) -> None:
         wanted = ([n_features, *settings["hidden_layer_sizes"], n_outputs],
-                  list(settings["activation"]), settings["backend"], settings["dtype"])
+                  list(settings["activation"]), settings["backend"],
+                  settings["dtype"] or model.dtype.name)  # None: the fitted model's stays
         have = (list(model.sizes), list(model.activations), model.backend.name, model.dtype.name)
         if wanted != have:
             raise ValueError(
@@ -242,7 +246,7 @@ class _BaseMLP(BaseEstimator):
             "verbose": bool(self.verbose) if isinstance(self.verbose, (bool, np.bool_)) else
             _check_int("verbose", self.verbose, 0, "a bool or an integer >= 0"),
             "warm_start": _check_bool("warm_start", self.warm_start),
-            "dtype": resolve_dtype(self.dtype).name,
+            "dtype": None if self.dtype is None else resolve_dtype(self.dtype).name,
             "threads": _check_threads(self.threads),
         }
         _check_random_state(self.random_state)
@@ -316,7 +320,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
       ``shuffle`` True; ``random_state`` None.
     - ``tol`` 1e-4, ``n_iter_no_change`` 10, ``early_stopping`` False,
       ``validation_fraction`` 0.1: the stopping rule of scikit-learn's MLP.
-    - ``backend`` "auto", ``dtype`` "float32": where and in what precision it trains.
+    - ``backend`` "auto", ``dtype`` None: where and in what precision it trains (None:
+      float32 for float32 X, else float64).
     - ``verbose`` False: a progress bar (or line) per epoch; ``warm_start`` False.
     - ``threads`` None: the most threads (BLAS and Numba) that fit, partial_fit and the
       predictions run on, the previous counts restored afterwards (see
