@@ -17,6 +17,8 @@ from .backends.base import DTYPES, Backend
 from .interop import ArrayLike
 from .losses import check_loss, has_accuracy, prepare_targets
 from .lr_scheduler import LRScheduler, scheduler_from_config
+# Registers scikit-learn's schedules, so that from_state (checkpoints, pickles) knows them.
+from . import lr_sklearn  # noqa: F401
 from .optim import Optimizer, optimizer_from_config
 from .validation import check_ordered, shown
 

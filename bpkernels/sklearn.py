@@ -11,6 +11,11 @@ Choices where scikit-learn's own MLP leaves room, or where ours differs:
   elements, without scikit-learn's factor 1/2) and predicts arrays shaped like the ``y`` it was
   fitted on.
 - ``batch_size`` is 32 by default; ``"auto"`` means ``min(200, n_samples)`` as in scikit-learn.
+- ``dtype=None`` follows scikit-learn: float32 data trains in float32, anything else in
+  float64 (decided at the first fit; the fitted model's dtype then stays).
+- ``learning_rate`` ("constant", "invscaling", "adaptive") has scikit-learn's definitions
+  (bpkernels.lr_sklearn's schedulers, passed to fit) but applies to every optimizer, not only
+  SGD. A number there is the older spelling of ``learning_rate_init`` with a constant rate.
 - ``random_state`` gives one seed: an int is used as is, None or a RandomState draws one at fit
   time. It sets the initial weights, the batch order of every epoch and the early-stopping split.
 - Stopping follows scikit-learn: training ends once the training loss (or, with
@@ -57,10 +62,13 @@ except ImportError:  # scikit-learn < 1.6 validates through a method instead
 
 from .activations import hidden_activations
 from .backends import get_backend
+from .lr_sklearn import AdaptiveLR, InvScalingLR
+from .lr_scheduler import LRScheduler
 from .model import MLP, resolve_dtype
 from .optim import Optimizer, make_optimizer
 from .threads import limit_threads
 from .train import fit as _train
+from .train import set_rate
 from .validation import check_ordered, shown
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
@@ -69,6 +77,7 @@ __all__ = ["MLPClassifier", "MLPRegressor"]
 _ACTIVATION_ALIASES = {"logistic": "sigmoid"}
 _AUTO_BATCH = 200
 _DEFAULT_LEARNING_RATE = 1e-3
+_SCHEDULES = ("constant", "invscaling", "adaptive")
 
 
 class _BaseMLP(BaseEstimator):
@@ -78,14 +87,17 @@ class _BaseMLP(BaseEstimator):
     _stratify = False  # whether the early-stopping split keeps the class proportions
 
     def __init__(self, hidden_layer_sizes=(100,), activation="relu", *, optimizer="adam",
-                 learning_rate=_DEFAULT_LEARNING_RATE, weight_decay=0.0, batch_size=32,
-                 max_iter=200, shuffle=True, random_state=None, tol=1e-4, n_iter_no_change=10,
-                 early_stopping=False, validation_fraction=0.1, backend="auto", dtype="float32",
-                 verbose=False, warm_start=False, threads=None):
+                 learning_rate="constant", learning_rate_init=_DEFAULT_LEARNING_RATE,
+                 power_t=0.5, weight_decay=0.0, batch_size=32, max_iter=200, shuffle=True,
+                 random_state=None, tol=1e-4, n_iter_no_change=10, early_stopping=False,
+                 validation_fraction=0.1, backend="auto", dtype=None, verbose=False,
+                 warm_start=False, threads=None):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
         self.optimizer = optimizer
         self.learning_rate = learning_rate
+        self.learning_rate_init = learning_rate_init
+        self.power_t = power_t
         self.weight_decay = weight_decay
         self.batch_size = batch_size
         self.max_iter = max_iter
@@ -126,9 +138,10 @@ class _BaseMLP(BaseEstimator):
             model = self.model_
             self._check_same_architecture(model, settings, X.shape[1], n_outputs)
         else:
+            # dtype=None: scikit-learn's rule, float32 data in float32, anything else in float64.
             model = MLP([X.shape[1], *settings["hidden_layer_sizes"], n_outputs],
                         activation=settings["activation"], backend=settings["backend"],
-                        dtype=settings["dtype"], seed=_seed(self.random_state))
+                        dtype=settings["dtype"] or X.dtype.name, seed=_seed(self.random_state))
         keep_optimizer = incremental and model.optimizer is not None
         optimizer = None if keep_optimizer else self._make_optimizer(settings)
         X = np.asarray(X, dtype=model.dtype)
@@ -144,11 +157,24 @@ class _BaseMLP(BaseEstimator):
         epochs = 1 if incremental else settings["max_iter"]
         score = None if X_val is None else \
             (lambda: self._score_outputs(model.forward(X_val), T_val))
-        monitor = _StoppingMonitor(model, settings["tol"], settings["n_iter_no_change"], score)
+        seen = getattr(self, "t_", 0) if continuing else 0  # 0: pickled before t_ existed
+        schedule = self._schedule(model, settings, keep_optimizer, X.shape[0], seen)
+        # fit() steps a schedule on its History records; the validation score is not one, so
+        # an adaptive rate with early stopping is stepped by the monitor instead.
+        by_monitor = schedule if isinstance(schedule, AdaptiveLR) and score is not None else None
+        monitor = _StoppingMonitor(model, settings["tol"], settings["n_iter_no_change"], score,
+                                   schedule if isinstance(schedule, AdaptiveLR) else None,
+                                   optimizer if by_monitor is not None else None)
+        if by_monitor is not None:
+            by_monitor.start(optimizer)
+        if not keep_optimizer:
+            # fit() would otherwise continue the schedule of a warm-started model.
+            model.lr_scheduler = None
         try:
             _train(model, X, T, loss=loss, optimizer=optimizer, epochs=epochs,
                    batch_size=batch_size, shuffle=settings["shuffle"], seed=model.seed,
-                   callbacks=[monitor], progress=bool(settings["verbose"]))
+                   callbacks=[monitor], progress=bool(settings["verbose"]),
+                   lr_scheduler=None if by_monitor is not None or keep_optimizer else schedule)
         except KeyboardInterrupt:
             # scikit-learn's MLP keeps what was trained so far; so do we.
             warnings.warn("Training interrupted by user.")
@@ -158,7 +184,28 @@ class _BaseMLP(BaseEstimator):
             warnings.warn(f"Stochastic Optimizer: Maximum iterations ({epochs}) reached and the "
                           "optimization hasn't converged yet.", ConvergenceWarning)
         self._store_fitted(model, monitor, continuing, n_outputs)
+        self.t_ = seen + X.shape[0] * len(monitor.losses)
         return self
+
+    def _schedule(self, model: MLP, settings: dict, keep_optimizer: bool, n_rows: int,
+                  seen: int) -> LRScheduler | None:
+        """The schedule of this fit: scikit-learn's learning_rate as a bpkernels scheduler.
+        partial_fit continues the model's (None: fit() goes on with model.lr_scheduler), as
+        scikit-learn keeps its optimizer; fit, warm or not, starts a new one, as it does."""
+        if keep_optimizer:
+            current = model.lr_scheduler
+            if isinstance(current, InvScalingLR):
+                current.samples_per_epoch = n_rows  # this call's rows, scikit-learn's t_ step
+            return current
+        kind = settings["learning_rate"]
+        if kind == "invscaling":
+            return InvScalingLR(settings["power_t"], samples_per_epoch=n_rows,
+                                samples_seen=seen)
+        if kind == "adaptive":
+            early = settings["early_stopping"]
+            return AdaptiveLR(settings["n_iter_no_change"], settings["tol"],
+                              mode="max" if early else "min", monitor="score" if early else "loss")
+        return None
 
     def _store_fitted(self, model: MLP, monitor: "_StoppingMonitor", continuing: bool,
                       n_outputs: int) -> None:
@@ -186,7 +233,7 @@ class _BaseMLP(BaseEstimator):
     def _make_optimizer(self, settings: dict) -> Optimizer:
         spec = settings["optimizer"]
         if isinstance(spec, str):
-            return make_optimizer(spec, lr=settings["learning_rate"],
+            return make_optimizer(spec, lr=settings["learning_rate_init"],
                                   weight_decay=settings["weight_decay"])
         # A copy per fit: the estimator's parameter stays unbound, so clone() and refits work.
         fresh = copy.copy(spec)
@@ -196,7 +243,8 @@ class _BaseMLP(BaseEstimator):
     def _check_same_architecture(self, model: MLP, settings: dict, n_features: int,
                                  n_outputs: int) -> None:
         wanted = ([n_features, *settings["hidden_layer_sizes"], n_outputs],
-                  list(settings["activation"]), settings["backend"], settings["dtype"])
+                  list(settings["activation"]), settings["backend"],
+                  settings["dtype"] or model.dtype.name)  # None: the fitted model's stays
         have = (list(model.sizes), list(model.activations), model.backend.name, model.dtype.name)
         if wanted != have:
             raise ValueError(
@@ -227,8 +275,8 @@ class _BaseMLP(BaseEstimator):
         settings = {
             "hidden_layer_sizes": sizes,
             "activation": hidden_activations(activation, len(sizes)),
-            "learning_rate": _check_real("learning_rate", self.learning_rate, low=0.0,
-                                         low_open=True),
+            **self._check_learning_rate(),
+            "power_t": _check_real("power_t", self.power_t, low=0.0),
             "weight_decay": _check_real("weight_decay", self.weight_decay, low=0.0),
             "batch_size": "auto" if _is_auto(self.batch_size) else
             _check_int("batch_size", self.batch_size, 1, 'an integer >= 1 or "auto"'),
@@ -242,13 +290,35 @@ class _BaseMLP(BaseEstimator):
             "verbose": bool(self.verbose) if isinstance(self.verbose, (bool, np.bool_)) else
             _check_int("verbose", self.verbose, 0, "a bool or an integer >= 0"),
             "warm_start": _check_bool("warm_start", self.warm_start),
-            "dtype": resolve_dtype(self.dtype).name,
+            "dtype": None if self.dtype is None else resolve_dtype(self.dtype).name,
             "threads": _check_threads(self.threads),
         }
         _check_random_state(self.random_state)
         settings["backend"] = get_backend(self.backend).name
         settings["optimizer"] = self._check_optimizer(settings)
         return settings
+
+    def _check_learning_rate(self) -> dict[str, Any]:
+        """learning_rate (a schedule's name, or a number: the older spelling of
+        learning_rate_init with the constant schedule) and learning_rate_init, resolved."""
+        init = _check_real("learning_rate_init", self.learning_rate_init, low=0.0, low_open=True)
+        kind, names = self.learning_rate, ", ".join(map(repr, _SCHEDULES))
+        if isinstance(kind, str):
+            if kind not in _SCHEDULES:
+                raise ValueError(f"learning_rate must be one of {names} (or a number, the older "
+                                 f"spelling of learning_rate_init), got {kind!r}")
+            return {"learning_rate": kind, "learning_rate_init": init,
+                    "rate_field": "learning_rate_init"}
+        if isinstance(kind, bool) or not isinstance(kind, numbers.Real):
+            raise TypeError(f"learning_rate must be one of {names} or a number, got "
+                            f"{type(kind).__name__}")
+        rate = _check_real("learning_rate", kind, low=0.0, low_open=True)
+        if init != _DEFAULT_LEARNING_RATE:
+            raise ValueError(f"learning_rate={rate} (a number: the older spelling of "
+                             f"learning_rate_init) and learning_rate_init={init} both set the "
+                             "initial rate; give learning_rate_init only")
+        return {"learning_rate": "constant", "learning_rate_init": rate,
+                "rate_field": "learning_rate"}
 
     def _check_optimizer(self, settings: dict):
         spec = self.optimizer
@@ -261,13 +331,14 @@ class _BaseMLP(BaseEstimator):
         # With an instance its own hyper-parameters rule; a conflicting estimator setting is
         # an error rather than silently ignored.
         conflicts = [
-            f"{name}={settings[name]} but optimizer has {attr}={getattr(spec, attr, None)}"
-            for name, attr, default in (("learning_rate", "lr", _DEFAULT_LEARNING_RATE),
-                                        ("weight_decay", "weight_decay", 0.0))
+            f"{shown_as}={settings[name]} but optimizer has {attr}={getattr(spec, attr, None)}"
+            for name, shown_as, attr, default in (
+                ("learning_rate_init", settings["rate_field"], "lr", _DEFAULT_LEARNING_RATE),
+                ("weight_decay", "weight_decay", "weight_decay", 0.0))
             if settings[name] != default and settings[name] != getattr(spec, attr, None)]
         if conflicts:
-            raise ValueError("learning_rate and weight_decay apply to an optimizer given by name; "
-                             f"set them on the {type(spec).__name__} instance instead ("
+            raise ValueError("learning_rate_init and weight_decay apply to an optimizer given by "
+                             f"name; set them on the {type(spec).__name__} instance instead ("
                              + "; ".join(conflicts) + ")")
         return spec
 
@@ -308,15 +379,19 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     - ``hidden_layer_sizes`` (100,): one width per hidden layer (an int for one layer, () none).
     - ``activation`` "relu": identity, relu, leaky_relu, sigmoid (alias "logistic"), tanh,
       gelu, silu; or one name per hidden layer. The output layer is linear (logits).
-    - ``optimizer`` "adam": sgd, adam, adamw or rmsprop, built with ``learning_rate`` (1e-3)
-      and ``weight_decay`` (0.0); or a :class:`bpkernels.Optimizer`, copied unbound at every
-      fit and then using its own hyper-parameters (a differing non-default
-      ``learning_rate``/``weight_decay`` is an error).
+    - ``optimizer`` "adam": sgd, adam, adamw or rmsprop, built with ``learning_rate_init``
+      (1e-3) and ``weight_decay`` (0.0); or a :class:`bpkernels.Optimizer`, copied unbound at
+      every fit and then using its own hyper-parameters (a differing non-default
+      ``learning_rate_init``/``weight_decay`` is an error).
+    - ``learning_rate`` "constant", "invscaling" (with ``power_t`` 0.5) or "adaptive":
+      scikit-learn's schedules, for any optimizer; a number: the older spelling of
+      ``learning_rate_init``.
     - ``batch_size`` 32 or "auto" (min(200, n_samples)); ``max_iter`` 200 epochs;
       ``shuffle`` True; ``random_state`` None.
     - ``tol`` 1e-4, ``n_iter_no_change`` 10, ``early_stopping`` False,
       ``validation_fraction`` 0.1: the stopping rule of scikit-learn's MLP.
-    - ``backend`` "auto", ``dtype`` "float32": where and in what precision it trains.
+    - ``backend`` "auto", ``dtype`` None: where and in what precision it trains (None:
+      float32 for float32 X, else float64).
     - ``verbose`` False: a progress bar (or line) per epoch; ``warm_start`` False.
     - ``threads`` None: the most threads (BLAS and Numba) that fit, partial_fit and the
       predictions run on, the previous counts restored afterwards (see
@@ -324,7 +399,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
 
     Fitted attributes: ``classes_``, ``n_features_in_``, ``feature_names_in_`` (for named
     columns), ``model_`` (the :class:`bpkernels.MLP`), ``n_outputs_``, ``loss_curve_``,
-    ``loss_``, ``n_iter_`` (epochs trained), ``best_loss_`` (without early stopping),
+    ``loss_``, ``n_iter_`` (epochs trained), ``t_`` (training samples seen),
+    ``best_loss_`` (without early stopping),
     ``validation_scores_`` and ``best_validation_score_`` (with it, for the last fit).
     """
 
@@ -463,8 +539,14 @@ class _StoppingMonitor:
     is given, the validation score) ends training. With a score it keeps the best weights."""
 
     def __init__(self, model: MLP, tol: float, patience: int,
-                 score: Callable[[], float] | None) -> None:
+                 score: Callable[[], float] | None, adaptive: AdaptiveLR | None = None,
+                 steps_adaptive: Optimizer | None = None) -> None:
         self.model, self.tol, self.patience, self.score = model, tol, patience, score
+        # With an adaptive rate, a plateau divides the rate by 5 instead of stopping, until the
+        # rate is <= 1e-6: the schedule counts, and says when to stop (its ``exhausted``).
+        # steps_adaptive: the optimizer whose rate this callback sets, where it (not fit())
+        # steps the schedule on the validation score.
+        self.adaptive, self.steps_adaptive = adaptive, steps_adaptive
         self.losses: list[float] = []
         self.scores: list[float] = []
         self.best = -math.inf if score is not None else math.inf
@@ -485,7 +567,13 @@ class _StoppingMonitor:
             if score > self.best:
                 self.best = score
                 self.best_weights = self.model.get_weights()
-        self.stopped = self.bad_epochs > self.patience
+            if self.steps_adaptive is not None:
+                self.adaptive.step(score)
+                set_rate(self.steps_adaptive, self.adaptive.lr, None)  # the next epoch's
+        if self.adaptive is not None:
+            self.stopped = self.adaptive.exhausted
+        else:
+            self.stopped = self.bad_epochs > self.patience
         return self.stopped
 
 

@@ -150,7 +150,8 @@ def estimator(name: str):
 
 
 # Each numeric parameter, a value it allows, and whether floats are allowed for it.
-ESTIMATOR_NUMBERS = [("learning_rate", 1, True), ("weight_decay", 1, True), ("tol", 1, True),
+ESTIMATOR_NUMBERS = [("learning_rate", 1, True), ("learning_rate_init", 1, True),
+                     ("power_t", 1, True), ("weight_decay", 1, True), ("tol", 1, True),
                      ("validation_fraction", 0.5, True), ("batch_size", 5, False),
                      ("max_iter", 2, False), ("n_iter_no_change", 1, False),
                      ("random_state", 4, False), ("threads", 1, False), ("verbose", 0, False)]
@@ -184,7 +185,8 @@ def test_estimators_take_numpy_scalars(cls, name, value):
     ({"hidden_layer_sizes": {4, 2}}, TypeError, r"hidden_layer_sizes must be .* got set \(unordered\)"),
     ({"hidden_layer_sizes": (s for s in (4,))}, TypeError, r"hidden_layer_sizes must be .* got generator"),
     ({"hidden_layer_sizes": (4, np.int64(0))}, ValueError, r"got \(4, 0\)$"),
-    ({"learning_rate": np.True_}, TypeError, r"learning_rate must be a number, got bool"),
+    ({"learning_rate": np.True_}, TypeError, r"learning_rate must be .*a number, got bool"),
+    ({"learning_rate_init": np.True_}, TypeError, r"learning_rate_init must be a number, got bool"),
     ({"max_iter": np.float64(2)}, TypeError, r"max_iter must be an integer >= 1, got 2.0$"),
 ])
 def test_estimator_parameters_get_one_clear_error(params, exc, match):
