@@ -250,7 +250,10 @@ def _npy_header(archive: zipfile.ZipFile, info: zipfile.ZipInfo):
                     else np.lib.format.read_array_header_2_0)
             shape, _, dtype = read(f, max_header_size=2**20)
             return tuple(int(n) for n in shape), np.dtype(dtype), f.tell()
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, TypeError):
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, TypeError,
+            NotImplementedError, RuntimeError):
+        # (damaged flag bits: "strong encryption", "password required") left for np.load,
+        # whose caller reports every unreadable archive alike
         return None, None, 0
 
 
