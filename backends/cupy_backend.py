@@ -278,24 +278,30 @@ class CupyBackend(Backend):
                                              np.float64(scale), out, slot))
 
     # ------------------------------------------------------------------ loss
-    def loss(self, kind, Y, T, dY, out):
-        self._loss(kind, Y, T, dY, out, None)
+    def loss(self, kind, Y, T, dY, out, W=None):
+        self._loss(kind, Y, T, dY, out, slot=None, W=W)
 
-    def _loss(self, kind: str, Y, T, dY, out, slot) -> None:
+    def _loss(self, kind: str, Y, T, dY, out, slot, W=None) -> None:
         n, o = Y.shape
         dt = Y.dtype
         T = self._targets(T, dt)
+        # Weighted, the row count n is replaced by sum(W), read on the device (weigh_rows)
+        count = 1 if W is not None else n
         if kind == "cross_entropy":
             name = "xent_labels" if T.dtype == np.int64 else "xent_probs"
-            grad_scale, value_scale = 1.0 / n, 1.0 / n
+            grad_scale, value_scale = 1.0 / count, 1.0 / count
         elif kind == "binary_cross_entropy":
-            name, grad_scale, value_scale = "bce", 1.0 / (n * o), 1.0 / (n * o)
+            name, grad_scale, value_scale = "bce", 1.0 / (count * o), 1.0 / (count * o)
         elif kind == "mse":
-            name, grad_scale, value_scale = "mse", 2.0 / (n * o), 1.0 / (n * o)
+            name, grad_scale, value_scale = "mse", 2.0 / (count * o), 1.0 / (count * o)
         else:
             raise ValueError(f"unknown loss {kind!r}")
         rows = self._scratch("row_loss", (n, 1), dt)
         self._launch(dt, name, n, (Y, T, np.int64(n), np.int64(o), dt.type(grad_scale), dY, rows))
+        if W is not None:
+            total = self._scratch("weight_total", (1,), dt)
+            self._colsum(W.reshape(n, 1), total, 1.0, None)
+            self._launch(dt, "weigh_rows", n, (W, total, np.int64(n), np.int64(o), dY, rows))
         self._colsum(rows, out, value_scale, slot)
 
     def _targets(self, T, dtype):
@@ -305,16 +311,18 @@ class CupyBackend(Backend):
             return T if T.dtype == np.int64 else T.astype(np.int64)
         return T if T.dtype == dtype else T.astype(dtype)
 
-    def count_correct(self, Y, T, out):
-        self._count_correct(Y, T, out, None)
+    def count_correct(self, Y, T, out, W=None):
+        self._count_correct(Y, T, out, slot=None, W=W)
 
-    def _count_correct(self, Y, T, out, slot) -> None:
+    def _count_correct(self, Y, T, out, slot, W=None) -> None:
         n, o = Y.shape
         dt = Y.dtype
         T = self._targets(T, dt)
         hits = self._scratch("hits", (n, 1), dt)
         name = "correct_labels" if T.dtype == np.int64 else "correct_rows"
         self._launch(dt, name, n, (Y, T, np.int64(n), np.int64(o), hits))
+        if W is not None:
+            self._launch(dt, "weigh_rows", n, (W, None, np.int64(n), np.int64(1), hits, None))
         self._colsum(hits, out, 1.0, slot)
 
     def check_step(self, loss, grads, step, halted):
@@ -447,7 +455,7 @@ def _plan_key(plan: EpochPlan) -> tuple:
     decide which kernels run. Anything else (hyper-parameter values, the step, the order of
     rows) is read on the device, so a new epoch replays the same graphs."""
     full, last = plan.workspaces
-    buffers = (plan.params, plan.grads, plan.X, plan.T, plan.step_loss, plan.step_correct,
+    buffers = (plan.params, plan.grads, plan.X, plan.T, plan.W, plan.step_loss, plan.step_correct,
                plan.halted, full, last, *plan.state.values())
     hp = plan.hp
     choices = (bool(getattr(hp, "momentum", 0)), bool(getattr(hp, "centered", False)))
@@ -491,7 +499,7 @@ class _GraphRunner:
         self.graphs: dict[tuple[int, int], Any] = {}
         self.layers = _layer_views(plan.sizes, plan.params, plan.grads)
         self.feeds = {name: _Feed(getattr(plan, name), plan.batch)
-                      for name in ("X", "T") if isinstance(getattr(plan, name), HostArray)}
+                      for name in ("X", "T", "W") if isinstance(getattr(plan, name), HostArray)}
         if self.feeds:
             self.copy_stream = cupy.cuda.Stream(non_blocking=True)
             self.copied = [cupy.cuda.Event(disable_timing=True) for _ in range(2)]
@@ -586,7 +594,12 @@ class _GraphRunner:
         and number from ``self.counter``."""
         be = self.be
         slot, step_dev = self.counter[0:1], self.counter[1:2]
-        for name, dst in (("X", ws.X), ("T", ws.T)):
+        weights = None
+        if plan.W is not None:  # the batch's row weights, gathered like its targets
+            weights = be._scratch("batch_weights", (ws.rows,), plan.W.dtype)
+        for name, dst in (("X", ws.X), ("T", ws.T), ("W", weights)):
+            if dst is None:
+                continue
             feed = self.feeds.get(name)
             if feed is not None:
                 dst[...] = feed.staging[k][:ws.rows]
@@ -597,9 +610,9 @@ class _GraphRunner:
             be.dense_forward(X, W, b, act, A, Z)
             X = A
         Y = ws.A[-1]
-        be._loss(plan.loss, Y, ws.T, ws.dA[-1], plan.step_loss, slot)
+        be._loss(plan.loss, Y, ws.T, ws.dA[-1], plan.step_loss, slot, weights)
         if plan.metric:
-            be._count_correct(Y, ws.T, plan.step_correct, slot)
+            be._count_correct(Y, ws.T, plan.step_correct, slot, weights)
         for layer in reversed(range(len(self.layers))):
             W, _, dW, db = self.layers[layer]
             X = ws.X if layer == 0 else ws.A[layer - 1]

@@ -4,7 +4,9 @@ Every rank holds the whole data set and the same model (same seed, or the same c
 checked at the start). Each global batch, drawn from ``(seed, epoch)`` as without MPI, is cut
 into contiguous shards, one per rank (uneven where the batch does not divide; a short last batch
 may leave a rank no rows). A rank computes the mean-loss gradient of its shard, scales it by
-``shard rows / batch rows``, and the flat gradient buffer is summed over the ranks in one
+``shard rows / batch rows`` (with sample or class weights: ``shard weight / batch weight``,
+computed on the host from the weights and the epoch's order), and the flat gradient buffer is
+summed over the ranks in one
 all-reduce per step: every rank then holds the gradient of the whole batch's mean loss and takes
 the same optimizer step, so training equals single-process training up to summation order.
 
@@ -327,7 +329,9 @@ class DataParallel:
     def all_reduce(self, grads, loss, weight: float) -> None:
         """``grads`` (this rank's shard's mean-loss gradient) becomes the sum over the ranks
         of ``weight * grads``: the whole batch's gradient when ``weight`` is shard rows over
-        batch rows. A rank with no rows passes weight 0. A non-finite ``loss`` turns the
+        batch rows (with row weights: the shard's total weight over the batch's, so that the
+        ranks' weighted means combine as sum(w l) / sum(w), not as a mean of means; 0 for a
+        batch of zero total weight). A rank with no rows passes weight 0. A non-finite ``loss`` turns the
         gradient into NaN on every rank, so that check_step halts all of them at this step."""
         self.reducer(grads, loss, weight)
 

@@ -52,8 +52,22 @@ CASES = {
     # kernel before NCCL sums it.
     "cupy-nccl-diverges": ("cupy-cudasim", ("sgd", {"lr": 0.01}), "mse", [4, 5, 2], "tanh",
                            40, 8, 3),
+    # Sample and class weights (issue 19): each rank's gradient weighs its shard's share of
+    # the batch's weight, not of its rows. Whole-number weights, about a third of them 0 (so
+    # some shards, and the 2-row last batches, weigh 0): the sums are exact, so the weighted
+    # accuracy compares exactly.
+    "numpy-sgd-ce-weighted": ("numpy", ("sgd", {"lr": 0.1, "momentum": 0.9}), "cross_entropy",
+                              [6, 8, 3], "relu", 50, 16, 3),
+    "numba-adam-mse-weighted": ("numba", ("adam", {"lr": 1e-2}), "mse", [5, 7, 2], "tanh",
+                                45, 8, 3),
+    "cupy-nccl-sgd-ce-weighted": ("cupy-cudasim", ("sgd", {"lr": 0.1}), "cross_entropy",
+                                  [6, 8, 3], "relu", 50, 16, 3),
 }
 DIVERGING = ("numpy-diverges", "cupy-nccl-diverges")
+# name -> (sample weights: whole numbers 0..3 from this seed, class_weight)
+WEIGHTED = {"numpy-sgd-ce-weighted": (11, {0: 2, 2: 3}),
+            "numba-adam-mse-weighted": (12, None),
+            "cupy-nccl-sgd-ce-weighted": (13, {1: 4})}
 # Cases trained in float32 (the others in float64); the reference stays the float64 run.
 FLOAT32 = ("cupy-nccl-adam-mse-f32",)
 
@@ -92,8 +106,13 @@ def build(name: str, backend: str | None = None, dtype: str | None = None):
     dtype = dtype or ("float32" if name in FLOAT32 else "float64")
     model = bpk.MLP(sizes, activation=activation, backend=backend_of(backend or case_backend),
                     dtype=dtype, seed=7)
-    return model, {"loss": loss, "optimizer": bpk.optim.make_optimizer(opt, **hp),
-                   "epochs": epochs, "batch_size": batch, "seed": 3}
+    kwargs = {"loss": loss, "optimizer": bpk.optim.make_optimizer(opt, **hp),
+              "epochs": epochs, "batch_size": batch, "seed": 3}
+    if name in WEIGHTED:
+        seed, class_weight = WEIGHTED[name]
+        kwargs["sample_weight"] = np.random.default_rng(seed).integers(0, 4, CASES[name][5])
+        kwargs["class_weight"] = class_weight
+    return model, kwargs
 
 
 def train(name: str, comm=None, reference: bool = False) -> dict:

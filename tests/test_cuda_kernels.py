@@ -245,6 +245,29 @@ def test_nan_logit_gives_nan_loss(k, dtype):
 
 
 @pytest.mark.parametrize("n, o", [(1, 4), (7, 5), (301, 10), (9, 1)])
+def test_weigh_rows(k, dtype, n, o):
+    """Row weights after a loss kernel: each row of dY and its row loss times w_i / sum(w);
+    a batch of zero total weight becomes 0 (an inf gradient too: never 0 * inf); the hits
+    (total null) times w_i alone."""
+    rng = np.random.default_rng([n, o, 19])
+    M, rows, w = rng.standard_normal((n, o)), rng.standard_normal(n), rng.uniform(0, 2, n)
+    w[1::3] = 0.0  # (row 0 keeps a weight: a batch of one row)
+    total = rounded(w, dtype).sum()
+    dM, drows = dev(M, dtype), dev(rows, dtype)
+    k.weigh_rows(n, dev(w, dtype), dev(np.array([total]), dtype), I64(n), I64(o), dM, drows)
+    f = rounded(w, dtype) / total
+    close(host(dM), rounded(M, dtype) * f[:, None], dtype, "M")
+    close(host(drows), rounded(rows, dtype) * f, dtype, "row")
+    M[0, 0] = np.inf
+    dM, drows = dev(M, dtype), dev(rows, dtype)
+    k.weigh_rows(n, dev(w, dtype), dev(np.zeros(1), dtype), I64(n), I64(o), dM, drows)
+    assert not host(dM).any() and not host(drows).any()
+    hits = dev(np.ones((n, 1)), dtype)
+    k.weigh_rows(n, dev(w, dtype), None, I64(n), I64(1), hits, None)
+    close(host(hits)[:, 0], rounded(w, dtype), dtype, "hits")
+
+
+@pytest.mark.parametrize("n, o", [(1, 4), (7, 5), (301, 10), (9, 1)])
 def test_correct_labels_and_rows(k, dtype, n, o):
     rng = np.random.default_rng([n, o])
     Y = rounded(rng.standard_normal((n, o)), dtype)

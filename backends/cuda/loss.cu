@@ -124,3 +124,21 @@ extern "C" __global__ void correct_rows(const real* Y, const real* T, i64 n, i64
         hit[i] = right ? (real)1 : (real)0;
     }
 }
+
+// Row weights (sample and class weights) after a loss or hit kernel: each row i of M (n, o)
+// and of row (n,), when given, is multiplied by w[i] / total[0], or by w[i] alone where total
+// is null (hits). The loss kernels ran with the unweighted per-row gradient scale, so dY
+// becomes the gradient of sum(w_i l_i) / sum(w_i), and the colsum of row the weighted mean.
+// A batch of zero total weight contributes nothing: its rows become 0 (not 0 / 0 = NaN).
+extern "C" __global__ void weigh_rows(const real* w, const real* total, i64 n, i64 o, real* M,
+                                      real* row) {
+    GRID_STRIDE(i, n) {
+        real f;
+        if (!total) f = w[i];
+        else f = total[0] > 0 ? w[i] / total[0] : (real)0;
+        bool none = total && !(total[0] > 0);
+        if (M)
+            for (i64 j = i * o; j < (i + 1) * o; ++j) M[j] = none ? (real)0 : M[j] * f;
+        if (row) row[i] = none ? (real)0 : row[i] * f;
+    }
+}
