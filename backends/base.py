@@ -101,6 +101,14 @@ LOSSES = ("mse", "cross_entropy", "binary_cross_entropy")  # the index is the lo
 LOSS_CODES: dict[str, int] = {name: code for code, name in enumerate(LOSSES)}
 
 
+def stats_size(kind: str, n_outputs: int, n_top: int) -> int:
+    """The length of the statistics vector of :meth:`Backend.accumulate_stats`."""
+    if kind == "regression":
+        return 1 + 4 * n_outputs
+    classes = max(n_outputs, 2)
+    return classes * classes + 2 * classes + n_top
+
+
 @dataclass
 class EpochPlan:
     """One epoch of training, for :meth:`Backend.train_epoch`: every buffer it reads and writes
@@ -114,6 +122,7 @@ class EpochPlan:
             Y = ws.A[-1] after dense_forward of every layer (activations[l], ws.Z[l] for KEEPS_Z)
             loss(loss, Y, ws.T, ws.dA[-1], step_loss[s:s + 1], w)        # w None: unweighted
             if metric: count_correct(Y, ws.T, step_correct[s:s + 1], w)
+            if metrics: accumulate_stats(metrics[0], Y, ws.T, w, metrics[1], stats)
             dense_backward of every layer, last first, into the views of ``grads``
             check_step(step_loss[s:s + 1], grads, first_step + s, halted)
             <optimizer>_step(params, grads, <state>, hp, first_step + s, halted)  # latches too
@@ -150,6 +159,10 @@ class EpochPlan:
     first_step: int                  # 1-based optimizer step of this epoch's first step
     cache: dict = field(default_factory=dict)
     W: Any = None                    # (N,) every row's weight (model dtype), or None: unweighted
+    # metrics: (kind, ks) of accumulate_stats, run after loss every step into ``stats`` (the
+    # caller zeroes it before the epoch), or None
+    metrics: Any = None
+    stats: Any = None
 
 
 class Backend(ABC):
@@ -244,6 +257,27 @@ class Backend(ABC):
         (n, o) match by argmax; for o == 1, ``Y > 0`` matches ``T >= 0.5``. Ties go to the
         first maximum. ``out`` is a length-1 view of the model dtype. With row weights ``W``
         (n,): the sum of the weights of the rows classified right."""
+
+    def accumulate_stats(self, kind: str, Y: Any, T: Any, W: Any, ks: tuple[int, ...],
+                         out: Any) -> None:
+        """Add this batch's metric statistics to ``out`` (a device vector of the model dtype,
+        :func:`stats_size` long; summed over the steps of an epoch, read once; sums in float64
+        within the batch). ``W``: the rows' weights (n,) or None (each row 1). ``kind``:
+
+        - ``"classes"`` (C = max(o, 2) classes; true class: the label, the argmax of a target
+          row, or ``T >= 0.5`` for one output; predicted: the argmax of Y, first maximum, or
+          ``Y > 0`` for one output): ``out[t * C + p]`` += the weight of rows of true class t
+          predicted p; ``out[C*C + c]`` += the number of rows of true class c and
+          ``out[C*C + C + c]`` of rows predicted c (unweighted: which classes occur);
+          ``out[C*C + 2C + i]`` += the weight of rows whose label ranks among the ``ks[i]``
+          largest outputs (ties ranked as scikit-learn's top_k_accuracy_score: a larger index
+          first).
+        - ``"regression"`` (targets (n, o)): ``out[0]`` += sum w; then per output j,
+          ``out[1 + j]`` += sum w |y - t|, ``out[1 + o + j]`` += sum w (y - t)^2,
+          ``out[1 + 2o + j]`` += sum w t and ``out[1 + 3o + j]`` += sum w t^2.
+        """
+        raise NotImplementedError(f"backend {self.name!r} computes no metric statistics "
+                                  "(Backend.accumulate_stats): metrics= needs them")
 
     @abstractmethod
     def check_step(self, loss: Any, grads: Any, step: int, halted: Any) -> None:

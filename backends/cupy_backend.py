@@ -325,6 +325,26 @@ class CupyBackend(Backend):
             self._launch(dt, "weigh_rows", n, (W, None, np.int64(n), np.int64(1), hits, None))
         self._colsum(hits, out, 1.0, slot)
 
+    def accumulate_stats(self, kind, Y, T, W, ks, out):
+        n, o = Y.shape
+        dt = Y.dtype
+        T = self._targets(T, dt)
+        if kind == "regression":
+            self._launch(dt, "regression_stats_add", 1 + 4 * o,
+                         (Y, T, W, np.int64(n), np.int64(o), out))
+            return
+        width, C = 2 + len(ks), max(o, 2)
+        rowstat = self._scratch("class_rows", (n, width), dt)
+        key = ("ks", tuple(ks))  # made once (before a graph's capture: its first pass)
+        ks_dev = self._scratch_cache.get(key)
+        if ks_dev is None:
+            ks_dev = self._scratch_cache[key] = cupy.asarray(np.array(tuple(ks) or (0,), np.int64))
+        name = "class_rows_labels" if T.dtype == np.int64 else "class_rows_probs"
+        self._launch(dt, name, n, (Y, T, np.int64(n), np.int64(o), ks_dev, np.int64(len(ks)),
+                                   rowstat))
+        self._launch(dt, "class_stats_add", C * C + 2 * C + len(ks),
+                     (rowstat, W, np.int64(n), np.int64(width), np.int64(C), out))
+
     def check_step(self, loss, grads, step, halted):
         self._check_step(loss, None, grads, step, None, halted)
 
@@ -455,13 +475,13 @@ def _plan_key(plan: EpochPlan) -> tuple:
     decide which kernels run. Anything else (hyper-parameter values, the step, the order of
     rows) is read on the device, so a new epoch replays the same graphs."""
     full, last = plan.workspaces
-    buffers = (plan.params, plan.grads, plan.X, plan.T, plan.W, plan.step_loss, plan.step_correct,
-               plan.halted, full, last, *plan.state.values())
+    buffers = (plan.params, plan.grads, plan.X, plan.T, plan.W, plan.stats, plan.step_loss,
+               plan.step_correct, plan.halted, full, last, *plan.state.values())
     hp = plan.hp
     choices = (bool(getattr(hp, "momentum", 0)), bool(getattr(hp, "centered", False)))
     return (tuple(id(b) for b in buffers), tuple(sorted(plan.state)), plan.sizes,
-            plan.activations, plan.loss, plan.metric, plan.optimizer, plan.batch, plan.steps,
-            plan.order.shape, choices)
+            plan.activations, plan.loss, plan.metric, plan.metrics, plan.optimizer, plan.batch,
+            plan.steps, plan.order.shape, choices)
 
 
 class _Feed:
@@ -586,6 +606,8 @@ class _GraphRunner:
                     finally:
                         graph = self.stream.end_capture()
                     self.graphs[(v, k)] = graph
+            if plan.stats is not None:  # the first passes added their batches' statistics
+                plan.stats[...] = 0
         finally:
             be._scratch_cache = saved
 
@@ -613,6 +635,8 @@ class _GraphRunner:
         be._loss(plan.loss, Y, ws.T, ws.dA[-1], plan.step_loss, slot, weights)
         if plan.metric:
             be._count_correct(Y, ws.T, plan.step_correct, slot, weights)
+        if plan.metrics is not None:
+            be.accumulate_stats(plan.metrics[0], Y, ws.T, weights, plan.metrics[1], plan.stats)
         for layer in reversed(range(len(self.layers))):
             W, _, dW, db = self.layers[layer]
             X = ws.X if layer == 0 else ws.A[layer - 1]

@@ -132,6 +132,65 @@ class NumpyBackend(HostMemory, Backend):
             np.equal(predicted, labels, out=hits)
         out[0] = np.count_nonzero(hits) if W is None else float(np.vdot(W, hits))
 
+    def accumulate_stats(self, kind, Y, T, W, ks, out):
+        # Summed in float64 within the batch (scratch buffers), then added to ``out``.
+        n, o = Y.shape
+        w = self._scratch("stats_w", (n,), np.float64)
+        w[...] = 1.0 if W is None else W
+        sums = self._scratch("stats_sums", (o,), np.float64)
+        if kind == "regression":
+            E = self._scratch("stats_e", (n, o), np.float64)
+            A = self._scratch("stats_a", (n, o), np.float64)
+            np.subtract(Y, T, out=E, dtype=np.float64)
+            out[0] += np.add.reduce(w)
+            for part, values in enumerate((np.abs(E, out=A), np.multiply(E, E, out=E))):
+                np.matmul(w, values, out=sums)
+                out[1 + part * o:1 + (part + 1) * o] += sums
+            np.copyto(A, T)
+            np.matmul(w, A, out=sums)
+            out[1 + 2 * o:1 + 3 * o] += sums
+            np.multiply(A, A, out=A)
+            np.matmul(w, A, out=sums)
+            out[1 + 3 * o:] += sums
+            return
+        C = max(o, 2)
+        true = self._scratch("stats_true", (n,), np.intp)
+        pred = self._scratch("stats_pred", (n,), np.intp)
+        if o == 1:
+            np.greater(Y[:, 0], 0, out=pred, casting="unsafe")
+            np.greater_equal(T.reshape(n, -1)[:, 0], 0.5, out=true, casting="unsafe")
+        else:
+            np.argmax(Y, axis=1, out=pred)
+            if T.ndim == 2:
+                np.argmax(T, axis=1, out=true)
+            else:
+                np.copyto(true, T, casting="unsafe")
+        table = self._scratch("stats_table", (C * C + 2 * C,), np.float64)
+        table.fill(0.0)
+        cell = self._scratch("stats_cell", (n,), np.intp)
+        np.multiply(true, C, out=cell)
+        cell += pred
+        np.add.at(table, cell, w)
+        np.add.at(table, true + C * C, 1.0)
+        np.add.at(table, pred + C * C + C, 1.0)
+        out[:C * C + 2 * C] += table
+        if ks:  # a label's rank: outputs above it, and equal ones of a larger index
+            score = self._scratch("stats_score", (n, 1), Y.dtype)
+            _label_positions(self, true, o, cell)
+            np.take(Y.reshape(-1), cell, out=score[:, 0])
+            above = self._scratch("stats_above", (n, o), np.bool_)
+            tied = self._scratch("stats_tied", (n, o), np.bool_)
+            rank = self._scratch("stats_rank", (n,), np.intp)
+            hit = self._scratch("stats_hit", (n,), np.bool_)
+            np.greater(Y, score, out=above)
+            np.equal(Y, score, out=tied)
+            np.greater(_columns(self, o), true[:, None], out=tied, where=tied)
+            above |= tied
+            np.add.reduce(above, axis=1, out=rank)
+            for i, k in enumerate(ks):
+                np.less(rank, k, out=hit)
+                out[C * C + 2 * C + i] += np.vdot(w, hit)
+
     def check_step(self, loss, grads, step, halted):
         # (not a sum: one could overflow on large finite gradients)
         if halted[0] == 0 and not (math.isfinite(loss[0]) and _all_finite(grads)):
@@ -542,6 +601,15 @@ def _weighted_mean(be, W, row_loss, dY, out, per_row, grad_factor):
     scale = be._scratch("row_scale", W.shape, dY.dtype)
     np.multiply(W, grad_factor / denominator, out=scale)
     dY *= scale[:, None]
+
+
+def _columns(be, o):
+    """(1, o): the column indices 0..o-1, made once."""
+    key = ("columns", (1, o), np.dtype(np.intp))
+    cols = be._scratch_cache.get(key)
+    if cols is None:
+        cols = be._scratch_cache[key] = np.arange(o, dtype=np.intp).reshape(1, o)
+    return cols
 
 
 def _label_positions(be, labels, o, flat):

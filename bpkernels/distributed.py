@@ -348,6 +348,11 @@ class DataParallel:
                 "this MPI library's all-reduce does not give every rank the same sum")
         return sum(g[0] for g in gathered), sum(g[1] for g in gathered)
 
+    def sum_stats(self, stats: np.ndarray) -> np.ndarray:
+        """The epoch's metric statistics (sums over this rank's shards) summed over every rank,
+        added in rank order, so every rank gets the same numbers."""
+        return np.sum(self.comm.allgather(np.asarray(stats, dtype=np.float64)), axis=0)
+
     def agree_to_stop(self, stop: bool, interrupted: bool) -> bool:
         """Whether any rank's callbacks asked to stop; raises AgreedInterrupt on every rank
         when any rank saw Ctrl-C."""

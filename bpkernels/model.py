@@ -19,6 +19,8 @@ from .losses import check_loss, has_accuracy, prepare_targets
 from .lr_scheduler import LRScheduler, scheduler_from_config
 from .optim import Optimizer, optimizer_from_config
 from .validation import check_ordered, shown
+from .metrics import MetricPlan, check_metrics
+from .metrics import values as metric_values
 from .weights import row_weights
 
 # Inference and evaluation run in chunks of this many rows: bounded memory for any input size.
@@ -231,11 +233,15 @@ class MLP:
         return out
 
     def evaluate_prepared(self, X: interop.Array, T: np.ndarray, loss: str,
-                          weights: np.ndarray | None = None) -> dict[str, float]:
+                          weights: np.ndarray | None = None,
+                          metrics: MetricPlan | None = None) -> dict[str, float]:
         """:meth:`evaluate` on inputs already checked by :meth:`prepare` (validation in fit());
-        ``weights``: each row's, from bpkernels.weights.row_weights, or None."""
+        ``weights``: each row's, from bpkernels.weights.row_weights, or None; ``metrics``: a
+        plan of bpkernels.metrics.check_metrics, or None."""
         be, total, correct = self.backend, 0.0, 0.0
         metric = has_accuracy(loss, self.sizes[-1])
+        stats = None if metrics is None else be.zeros((metrics.size(self.sizes[-1]),),
+                                                      self.dtype)
         for ws, rows, chunk in self._chunks(X, T):
             W, count = None, ws.rows
             if weights is not None:  # the chunk's weights, in a buffer of its workspace
@@ -249,10 +255,15 @@ class MLP:
             if metric:
                 be.count_correct(Y, ws.T, ws.correct, W)
                 correct += float(be.to_host(ws.correct)[0])
+            if stats is not None:
+                be.accumulate_stats(metrics.kind, Y, ws.T, W, metrics.ks, stats)
         rows_weight = X.rows if weights is None else float(weights.sum(dtype=np.float64))
         result = {"loss": total / rows_weight}
         if metric:
             result["accuracy"] = correct / rows_weight
+        if stats is not None:
+            found = metric_values(metrics, be.to_host(stats), self.sizes[-1])
+            result.update((k, v) for k, v in found.items() if k not in result)
         return result
 
     def prepare(self, X: ArrayLike, y: ArrayLike, loss: str) -> tuple[interop.Array, np.ndarray]:
@@ -299,14 +310,18 @@ class MLP:
         return self.backend.asarray(P) if X.device else P
 
     def evaluate(self, X: ArrayLike, y: ArrayLike, loss: str,
-                 sample_weight: ArrayLike | None = None) -> dict[str, float]:
+                 sample_weight: ArrayLike | None = None,
+                 metrics: Sequence[str] | None = None) -> dict[str, float]:
         """Mean loss (and accuracy where it applies) over the whole of X, y; with
         ``sample_weight`` (one number >= 0 per row) the weighted means, ``sum(w_i l_i) /
-        sum(w_i)`` and the weight of the rows classified right over the total weight."""
+        sum(w_i)`` and the weight of the rows classified right over the total weight.
+        ``metrics``: names of bpkernels.metrics (``"f1_macro"``, ``"top5"``, ``"r2"``, ...),
+        each added to the dict (weighted alike), from statistics summed on the device."""
+        plan = check_metrics(metrics, check_loss(loss), self.sizes[-1])
         X, T = self.prepare(X, y, loss)
         weights = row_weights(sample_weight, None, T, loss, self.sizes[-1], self.dtype,
                               "evaluate")
-        return self.evaluate_prepared(X, T, loss, weights)
+        return self.evaluate_prepared(X, T, loss, weights, plan)
 
     def loss_and_grads(self, X: ArrayLike, y: ArrayLike,
                        loss: str) -> tuple[float, list[tuple[np.ndarray, np.ndarray]]]:

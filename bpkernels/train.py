@@ -28,6 +28,8 @@ from .losses import check_loss, has_accuracy
 from .optim import Adam, Optimizer, make_optimizer
 from .threads import limit_threads
 from .validation import check_bool, check_ordered, check_positive_int
+from .metrics import MetricPlan, check_metrics
+from .metrics import values as metric_values
 from .weights import row_weights, step_totals
 
 if TYPE_CHECKING:
@@ -71,7 +73,7 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
         progress: bool = False, comm: Any = None, threads: int | None = None,
         lr_scheduler: LRScheduler | None = None,
         lr_scheduler_interval: str | None = None, sample_weight: ArrayLike | None = None,
-        class_weight: Any = None) -> History:
+        class_weight: Any = None, metrics: Iterable[str] | None = None) -> History:
     """Train ``model`` on X, y; returns the History of the epochs run.
 
     ``optimizer``: an Optimizer, a name ("sgd", "adam", "adamw", "rmsprop") or None for the
@@ -97,6 +99,9 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
     weight, or ``"balanced"``) weigh the rows (bpkernels.weights): each batch's loss is then
     ``sum(w_i l_i) / sum(w_i)``, and the History's ``loss`` and ``accuracy`` are weighted means
     over the epoch (each step's weighted mean weighed by its batch's total weight).
+    ``metrics``: names of bpkernels.metrics (``"f1_macro"``, ``"top5"``, ``"r2"``, ...) added
+    to every record, over the epoch's batches as trained (statistics summed on the device, read
+    once per epoch), and as ``val_`` ones over ``validation_data``; weighted like the loss.
 
     X, y and validation_data may be arrays of any library (see bpkernels.interop): X already in
     the model's memory as a C-contiguous array of its dtype is trained on in place, never
@@ -118,6 +123,7 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
     try:
         X, T = model.prepare(X, y, loss)
         weights = row_weights(sample_weight, class_weight, T, loss, model.sizes[-1], model.dtype)
+        plan = check_metrics(metrics, loss, model.sizes[-1])
         if comm is not None and X.device:
             raise ValueError("fit(comm=...) takes X as a host array (each rank reads its shard of "
                              "the batches from it); device arrays are for single-process fit()")
@@ -149,7 +155,7 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
                                     batch_size=batch_size, epochs=epochs, shuffle=shuffle,
                                     seed=seed)
         loop = EpochLoop(model, X, T, loss=loss, optimizer=opt, batch_size=batch_size,
-                         parallel=parallel, weights=weights)
+                         parallel=parallel, weights=weights, metrics=plan)
         model._trainer = loop  # handed over: its ``with`` needs no second claim
         model.loss = loss
         history = History()
@@ -240,13 +246,14 @@ class EpochLoop:
     entered again for later epochs. ``parallel`` is the data-parallel side of a run
     (bpkernels.distributed.DataParallel, which fit(comm=...) makes): the steps then train this
     rank's shard of each batch and all-reduce the gradients. ``weights``: each row's weight
-    (bpkernels.weights.row_weights), or None for the unweighted mean.
+    (bpkernels.weights.row_weights), or None for the unweighted mean. ``metrics``: a
+    bpkernels.metrics.MetricPlan (check_metrics) whose metrics each record adds, or None.
     """
 
     def __init__(self, model: "MLP", X: interop.Array, T: np.ndarray, *, loss: str,
                  optimizer: Optimizer, batch_size: int,
                  parallel: "DataParallel | None" = None,
-                 weights: np.ndarray | None = None) -> None:
+                 weights: np.ndarray | None = None, metrics: MetricPlan | None = None) -> None:
         check_loss(loss)
         _check_not_training(model)
         be = self.backend = model.backend
@@ -282,6 +289,11 @@ class EpochLoop:
             full_W = be.empty((full,), model.dtype)
             self.batch_W = (full_W, full_W if last == full else be.empty((last,), model.dtype))
         self.grad_weights = self.rows / rows  # under MPI: what each rank's gradient weighs
+        # The metrics' statistics: summed on the device over the epoch's steps, read once
+        self.metrics, self.stats = metrics, None
+        if metrics is not None:
+            self.stats = be.zeros((metrics.size(model.sizes[-1]),), model.dtype)
+            self.no_stats = be.zeros((metrics.size(model.sizes[-1]),), model.dtype)
         self.backend_cache: dict = {}  # the backend's own, for the fit (see EpochPlan.cache)
         # (rates, momenta or None) of each step of the next epoch, for a per-step schedule
         self.step_rates: tuple[np.ndarray, np.ndarray | None] | None = None
@@ -344,7 +356,8 @@ class EpochLoop:
         record["seconds"] = time.perf_counter() - start
         record["samples_per_sec"] = self.n / max(record["seconds"], 1e-12)
         if validation_data is not None:
-            val = model.evaluate_prepared(*validation_data, loss=self.loss)
+            val = model.evaluate_prepared(*validation_data, loss=self.loss,
+                                          metrics=self.metrics)
             record.update({f"val_{k}": v for k, v in val.items()})
         model.epochs_trained += 1
         return record
@@ -365,6 +378,8 @@ class EpochLoop:
                 totals = mine
         index = be.asarray(order.astype(np.int64))
         first_step = opt.step_count + 1
+        if self.stats is not None:
+            be.copy(self.no_stats, self.stats)
         # The whole epoch in one call, where the backend can (not under MPI: the gradient is
         # all-reduced between backward and update).
         # (A per-step schedule runs kernel by kernel for now: the fused epochs read one rate.)
@@ -390,6 +405,12 @@ class EpochLoop:
         record = {"epoch": epoch + 1, "loss": loss_sum / count}
         if self.metric:
             record["accuracy"] = correct / count
+        if self.metrics is not None:
+            stats = be.to_host(self.stats).astype(np.float64)
+            if parallel is not None:
+                stats = parallel.sum_stats(stats)
+            found = metric_values(self.metrics, stats, self.model.sizes[-1])
+            record.update((k, v) for k, v in found.items() if k not in record)
         return record
 
     def _run_steps(self, index, on_step: Callable[[int], Any] | None) -> None:
@@ -407,6 +428,9 @@ class EpochLoop:
                 model.forward_backward(ws, self.loss, self.loss_slots[s], W)
                 if self.metric:
                     be.count_correct(ws.A[-1], ws.T, self.correct_slots[s], W)
+                if self.metrics is not None:
+                    be.accumulate_stats(self.metrics.kind, ws.A[-1], ws.T, W, self.metrics.ks,
+                                        self.stats)
             if parallel is not None:
                 parallel.all_reduce(model.grads, self.loss_slots[s], float(self.grad_weights[s]))
             be.check_step(self.loss_slots[s], model.grads, opt.step_count + 1, self.halted)
@@ -428,7 +452,8 @@ class EpochLoop:
             steps=self.steps, workspaces=(self.full, self.last), loss=self.loss,
             metric=self.metric, step_loss=self.step_loss, step_correct=self.step_correct,
             halted=self.halted, optimizer=opt.name, hp=opt, state=opt.state,
-            first_step=first_step, cache=self.backend_cache, W=self.W)
+            first_step=first_step, cache=self.backend_cache, W=self.W, stats=self.stats,
+            metrics=None if self.metrics is None else (self.metrics.kind, self.metrics.ks))
 
 
 class _StepBoundaryInterrupt:

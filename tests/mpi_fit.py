@@ -68,6 +68,10 @@ DIVERGING = ("numpy-diverges", "cupy-nccl-diverges")
 WEIGHTED = {"numpy-sgd-ce-weighted": (11, {0: 2, 2: 3}),
             "numba-adam-mse-weighted": (12, None),
             "cupy-nccl-sgd-ce-weighted": (13, {1: 4})}
+# name -> metrics= of the weighted cases: each rank sums its shards' statistics, then the ranks'
+METRICS = {"numpy-sgd-ce-weighted": ["f1_macro", "top2"],
+           "numba-adam-mse-weighted": ["r2", "mae"],
+           "cupy-nccl-sgd-ce-weighted": ["precision_macro", "recall_macro"]}
 # Cases trained in float32 (the others in float64); the reference stays the float64 run.
 FLOAT32 = ("cupy-nccl-adam-mse-f32",)
 
@@ -112,6 +116,7 @@ def build(name: str, backend: str | None = None, dtype: str | None = None):
         seed, class_weight = WEIGHTED[name]
         kwargs["sample_weight"] = np.random.default_rng(seed).integers(0, 4, CASES[name][5])
         kwargs["class_weight"] = class_weight
+        kwargs["metrics"] = METRICS[name]
     return model, kwargs
 
 
@@ -127,7 +132,8 @@ def train(name: str, comm=None, reference: bool = False) -> dict:
     watch = _DeviceWatch(-(-samples // batch)) if watched else None
     try:
         history = bpk.fit(model, X, y, comm=comm, **kwargs)
-        outcome["history"] = {k: history[k] for k in ("loss", "accuracy") if k in history.epochs[0]}
+        outcome["history"] = {k: history[k] for k in ("loss", "accuracy", *METRICS.get(name, ()))
+                              if k in history.epochs[0]}
     except bpk.TrainingDiverged as err:
         outcome["diverged"] = [err.epoch, err.step, err.global_step]
     finally:

@@ -156,6 +156,9 @@ def test_data_parallel_training_equals_single_process_training(parity_reports, c
                                rtol=rtol, atol=0)
     if "accuracy" in reference["history"]:
         assert first["history"]["accuracy"] == reference["history"]["accuracy"]
+    for name in mpi_fit.METRICS.get(case, ()):  # summed over each rank's shards, then ranks
+        np.testing.assert_allclose(first["history"][name], reference["history"][name],
+                                   rtol=rtol, atol=1e-14, err_msg=name)
 
 
 @pytest.mark.parametrize("case", mpi_fit.DIVERGING)

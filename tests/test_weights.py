@@ -329,7 +329,7 @@ _PLAIN_FIT = """
 import json, sys, numpy as np, bpkernels as bpk
 from bpkernels.backends.numba import jit
 sys.path.insert(0, sys.argv[1])
-from test_weights import CASES, _problem, FEATURES, HIDDEN, BATCH, EPOCHS, LR, SEED
+from test_weights import CASES, _problem, FEATURES, HIDDEN, BATCH, EPOCHS, LR, SEED, PLAIN_METRICS
 out = {"mode": jit.MODE}
 for case in ("ce-sample-zero-batch", "bce-sample-and-class"):
     loss, outputs, sample, klass, shuffle = CASES[case]
@@ -338,15 +338,22 @@ for case in ("ce-sample-zero-batch", "bce-sample-and-class"):
                     dtype="float64", seed=2)
     history = bpk.fit(model, X, y, loss=loss, optimizer=bpk.SGD(lr=LR), epochs=EPOCHS,
                       batch_size=BATCH, shuffle=shuffle, seed=SEED,
-                      sample_weight=sample(np.random.default_rng(9)), class_weight=klass)
-    out[case] = [np.asarray(model.params).tolist(), list(history["loss"])]
+                      sample_weight=sample(np.random.default_rng(9)), class_weight=klass,
+                      metrics=PLAIN_METRICS[case])
+    out[case] = [np.asarray(model.params).tolist(),
+                 {k: list(history[k]) for k in ["loss", *PLAIN_METRICS[case]]}]
 print(json.dumps(out))
 """
 
 
+PLAIN_METRICS = {"ce-sample-zero-batch": ["f1_macro", "top2"],
+                 "bce-sample-and-class": ["recall_macro"]}
+
+
 def test_plain_numba_epoch_kernel_weighs_as_the_reference(tmp_path):
     """The epoch kernel in plain mode (BPK_NUMBA_NATIVE=0, another process): the weighted
-    training of the NumPy backend, which equals PyTorch's (above)."""
+    training, and the metrics accumulated over it, of the NumPy backend (whose training equals
+    PyTorch's, above, and whose metrics scikit-learn's, test_metrics.py)."""
     pytest.importorskip("numba")
     import json
     import os
@@ -366,6 +373,8 @@ def test_plain_numba_epoch_kernel_weighs_as_the_reference(tmp_path):
         model = bpk.MLP([FEATURES, HIDDEN, outputs], activation="tanh", dtype="float64", seed=2)
         history = bpk.fit(model, X, y, loss=loss, optimizer=bpk.SGD(lr=LR), epochs=EPOCHS,
                           batch_size=BATCH, shuffle=shuffle, seed=SEED,
-                          sample_weight=sample(np.random.default_rng(9)), class_weight=klass)
+                          sample_weight=sample(np.random.default_rng(9)), class_weight=klass,
+                          metrics=PLAIN_METRICS[case])
         np.testing.assert_allclose(got[case][0], model.params, rtol=1e-12, atol=1e-13)
-        np.testing.assert_allclose(got[case][1], history["loss"], rtol=1e-12)
+        for name, column in got[case][1].items():
+            np.testing.assert_allclose(column, history[name], rtol=1e-12, err_msg=name)

@@ -247,6 +247,14 @@ class NumbaBackend(HostMemory, Backend):
         (losses.count_correct_labels if T.ndim == 1 else losses.count_correct_rows)(
             _writeable(Y), _writeable(T), None if W is None else _writeable(W), out)
 
+    def accumulate_stats(self, kind, Y, T, W, ks, out):
+        W = None if W is None else _writeable(W)
+        if kind == "regression":
+            losses.regression_stats(_writeable(Y), _writeable(T), W, out)
+        else:
+            (losses.class_stats_labels if T.ndim == 1 else losses.class_stats_rows)(
+                _writeable(Y), _writeable(T), W, np.asarray(ks, np.int64), out)
+
     def check_step(self, loss, grads, step, halted):
         optim.check_step(loss, grads, int(step), halted, self._par(grads.size))
 
@@ -278,6 +286,8 @@ class NumbaBackend(HostMemory, Backend):
         net, work, targets = plan.cache.get("numba") or \
             plan.cache.setdefault("numba", self._epoch_buffers(plan))
         labeled = plan.T.ndim == 1
+        stats = None if plan.metrics is None else (np.asarray(plan.metrics[1], np.int64),
+                                                   plan.stats)
         weights = None
         if plan.W is not None:  # every row's weight, and the batch's (gathered per step)
             source, weights = plan.cache.get("numba-weights", (None, None))
@@ -296,7 +306,8 @@ class NumbaBackend(HostMemory, Backend):
         epoch.train_epoch(net, (_writeable(plan.X), plan.order, plan.batch), work,
                           (plan.step_loss, plan.step_correct, plan.halted), plan.first_step,
                           LOSS_CODES[plan.loss], plan.metric, targets if labeled else None,
-                          None if labeled else targets, weights, states, *_hyper(rule, plan.hp),
+                          None if labeled else targets, weights, stats, states,
+                          *_hyper(rule, plan.hp),
                           workers, True if workers is None else None, self._par(widest),
                           layers.activation_kinds(ACTIVATION_CODES[a] for a in plan.activations))
         return True

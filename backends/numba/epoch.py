@@ -14,8 +14,10 @@ import numpy as np
 from ..base import ACTIVATION_CODES, KEEPS_Z
 from .jit import NATIVE, as_matrix, epoch, gemm_t, helper, inline, span
 from .layers import GELU, SILU, dz_and_db, dense_layer, grad_rows, zero
-from .losses import (BINARY_CROSS_ENTROPY, CROSS_ENTROPY, binary_xent_of, count_correct_labels_of,
-                     count_correct_rows_of, mse_of, softmax_xent_labels_of, softmax_xent_rows_of)
+from .losses import (BINARY_CROSS_ENTROPY, CROSS_ENTROPY, MSE, binary_xent_of,
+                     class_stats_labels_of, class_stats_rows_of, count_correct_labels_of,
+                     count_correct_rows_of, mse_of, regression_stats_of, softmax_xent_labels_of,
+                     softmax_xent_rows_of)
 from .optim import all_finite, optimizer_update, update_rule
 
 if NATIVE is not None:
@@ -272,12 +274,13 @@ def _weight_gradients(net, work, rows, alpha, beta, into_weights, scan):
 
 # (``epoch``: compiled without reference counting in native mode, see _native/toolkit.py.)
 @epoch
-def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, weights, states, sgd,
-                adam, rmsprop, workers, scan, par, kinds):
+def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, weights, stats, states,
+                sgd, adam, rmsprop, workers, scan, par, kinds):
     """Every step of one epoch, as train.py's per-kernel loop runs them: gather the batch,
     forward, loss (and hits), backward, check_step, then the optimizer update of step
     ``first_step + s`` (a no-op once halted). The arguments that may be None (``labels`` or
-    ``T``; ``weights``, the pair (every row's weight, the batch's), or None; all but one of the
+    ``T``; ``weights``, the pair (every row's weight, the batch's), or None; ``stats``, the
+    pair (ks, the epoch's statistics) of Backend.accumulate_stats, or None; all but one of the
     rules, as in optimizer_step) are separate so that Numba compiles the code of the given ones
     only. ``workers``, for large models in native mode: how many
     of the BLAS pool's threads (_native/pool.py) share each gather (0: none), which then bounds
@@ -317,6 +320,8 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, weigh
             softmax_xent_labels_of(Y, batch_labels, W, dY, step_loss)
             if metric:
                 count_correct_labels_of(Y, batch_labels, W, step_correct)
+            if stats is not None:
+                class_stats_labels_of(Y, batch_labels, W, stats[0], stats[1])
         elif T is not None:
             all_T, batch_T = T[0], span(T[1], 0, rows)
             _gather(all_T, index, batch_T)
@@ -328,6 +333,11 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, weigh
                 mse_of(Y, batch_T, W, dY, step_loss)
             if metric:
                 count_correct_rows_of(Y, batch_T, W, step_correct)
+            if stats is not None:
+                if loss == MSE:
+                    regression_stats_of(Y, batch_T, W, stats[1])
+                else:
+                    class_stats_rows_of(Y, batch_T, W, stats[0], stats[1])
         if workers is not None:  # (two ifs: Numba prunes each by an argument that is None)
             finite, sure, dw_bound = _backward(net, work, rows, par, kinds, sums, input_bound)
         if scan is not None:

@@ -210,3 +210,70 @@ def count_correct_rows_of(Y, T, W, out):
 @jit
 def count_correct_rows(Y, T, W, out):
     count_correct_rows_of(Y, T, W, out)
+
+
+# ------------------------------------------------------------------------- metric statistics
+# Backend.accumulate_stats: added to ``out`` row by row (the epoch's sums, read once per epoch).
+
+@inline
+def _class_stats_row(Y, r, t, w, ks, out):
+    """Row r of true class t: its cell of the confusion table, the class counts, and whether t
+    ranks among the ks[i] largest outputs (ties: a larger index first, as scikit-learn)."""
+    o = Y.shape[1]
+    C = max(o, 2)
+    p = (1 if Y[r, 0] > 0 else 0) if o == 1 else _argmax(Y, r)
+    out[t * C + p] += w
+    out[C * C + t] += 1.0
+    out[C * C + C + p] += 1.0
+    if ks.size > 0:
+        score, rank = Y[r, t], 0
+        for j in range(o):
+            if Y[r, j] > score or (Y[r, j] == score and j > t):
+                rank += 1
+        for i in range(ks.size):
+            if rank < ks[i]:
+                out[C * C + 2 * C + i] += w
+
+
+@helper
+def class_stats_labels_of(Y, labels, W, ks, out):
+    for r in range(Y.shape[0]):
+        t = (1 if labels[r] >= 0.5 else 0) if Y.shape[1] == 1 else labels[r]
+        _class_stats_row(Y, r, t, _weight(W, r), ks, out)
+
+
+@jit
+def class_stats_labels(Y, labels, W, ks, out):
+    class_stats_labels_of(Y, labels, W, ks, out)
+
+
+@helper
+def class_stats_rows_of(Y, T, W, ks, out):
+    for r in range(Y.shape[0]):
+        t = (1 if T[r, 0] >= 0.5 else 0) if Y.shape[1] == 1 else _argmax(T, r)
+        _class_stats_row(Y, r, t, _weight(W, r), ks, out)
+
+
+@jit
+def class_stats_rows(Y, T, W, ks, out):
+    class_stats_rows_of(Y, T, W, ks, out)
+
+
+@helper
+def regression_stats_of(Y, T, W, out):
+    n, o = Y.shape
+    for r in range(n):
+        w = _weight(W, r)
+        out[0] += w
+        for j in range(o):
+            t = float(T[r, j])
+            e = float(Y[r, j]) - t
+            out[1 + j] += w * abs(e)
+            out[1 + o + j] += w * (e * e)
+            out[1 + 2 * o + j] += w * t
+            out[1 + 3 * o + j] += w * (t * t)
+
+
+@jit
+def regression_stats(Y, T, W, out):
+    regression_stats_of(Y, T, W, out)
