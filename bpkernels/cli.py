@@ -156,7 +156,7 @@ def _build_parser() -> argparse.ArgumentParser:
                           "the first N epochs, before --lr-schedule")
     opt.add_argument("--early-stopping", type=count(0), default=None, metavar="PATIENCE",
                      help="stop once val_loss of a validation split "
-                          f"({cli_schedule.VALIDATION_FRACTION:.0%} of the training rows) has not "
+                          f"({cli_schedule.VALIDATION_FRACTION:.0%}% of the training rows) has not "
                           "improved for PATIENCE epochs; the best epoch's weights are kept")
     opt.add_argument("--class-weight", type=cli_metrics.class_weight, default=None,
                      metavar="WEIGHTS", help="balanced, or CLASS:WEIGHT pairs like 0:1,1:5 "

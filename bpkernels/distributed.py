@@ -331,8 +331,9 @@ class DataParallel:
         of ``weight * grads``: the whole batch's gradient when ``weight`` is shard rows over
         batch rows (with row weights: the shard's total weight over the batch's, so that the
         ranks' weighted means combine as sum(w l) / sum(w), not as a mean of means; 0 for a
-        batch of zero total weight). A rank with no rows passes weight 0. A non-finite ``loss`` turns the
-        gradient into NaN on every rank, so that check_step halts all of them at this step."""
+        batch of zero total weight). A rank with no rows passes weight 0. A non-finite
+        ``loss`` turns the gradient into NaN on every rank, so that check_step halts all of
+        them at this step."""
         self.reducer(grads, loss, weight)
 
     def end_epoch(self, loss_sum: float, correct: float) -> tuple[float, float]:

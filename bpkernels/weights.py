@@ -18,11 +18,12 @@ from .validation import check_numeric
 def row_weights(sample_weight: Any, class_weight: Any, T: np.ndarray, loss: str,
                 n_outputs: int, dtype: Any, where: str = "fit") -> np.ndarray | None:
     """The rows' weights for prepared targets ``T`` (losses.prepare_targets: int64 labels
-    (n,) or (n, o) rows) of a model with ``n_outputs`` outputs, as a host array of ``dtype``, or None when both are None (the
-    unweighted mean, whose numbers stay exactly those of an unweighted run).
-    ``class_weight``: a mapping class -> weight (classes absent from it weigh 1, as in
-    scikit-learn) or ``"balanced"``: ``n_samples / (n_classes * bincount(y))`` over the
-    classes present in y (scikit-learn's compute_class_weight)."""
+    (n,) or (n, o) rows) of a model with ``n_outputs`` outputs, as a host array of ``dtype``,
+    or None when both are None (the unweighted mean, whose numbers stay exactly those of an
+    unweighted run). ``class_weight``: a mapping class -> weight (classes absent from it weigh
+    1, as in scikit-learn) or ``"balanced"``: ``n_samples / (n_classes * bincount(y))`` over
+    the classes present in y (scikit-learn's compute_class_weight). ``where`` names the call
+    in the error of weights that are all 0."""
     if sample_weight is None and class_weight is None:
         return None
     n = T.shape[0]

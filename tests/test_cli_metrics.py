@@ -69,3 +69,11 @@ def test_a_metric_the_loss_lacks_is_one_line_and_exit_2(capsys):
     code, _, err = run(capsys, "train", *FAST, "--quiet", "--metrics", "r2")
     assert code == 2
     assert "metrics: 'r2' compares outputs with targets" in assert_one_error(err)
+
+
+@pytest.mark.parametrize("command", ["train", "bench", "info"])
+def test_help_prints_every_option(capsys, command):
+    """argparse expands % in help texts: a literal one must be written %% (a "10% of" once
+    made `bpk train --help` raise TypeError instead of printing)."""
+    code, out, _ = run(capsys, command, "--help")
+    assert code == 0 and "usage: bpk " + command in out
