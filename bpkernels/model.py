@@ -319,6 +319,8 @@ class MLP:
         each added to the dict (weighted alike), from statistics summed on the device."""
         plan = check_metrics(metrics, check_loss(loss), self.sizes[-1])
         X, T = self.prepare(X, y, loss)
+        if sample_weight is not None:  # from any library, as y (bpkernels.interop)
+            sample_weight = interop.targets(sample_weight, self.backend, "sample_weight")
         weights = row_weights(sample_weight, None, T, loss, self.sizes[-1], self.dtype,
                               "evaluate")
         return self.evaluate_prepared(X, T, loss, weights, plan)

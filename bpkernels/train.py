@@ -122,6 +122,8 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
     _take(model, claim)
     try:
         X, T = model.prepare(X, y, loss)
+        if sample_weight is not None:  # from any library, as y (bpkernels.interop)
+            sample_weight = interop.targets(sample_weight, model.backend, "sample_weight")
         weights = row_weights(sample_weight, class_weight, T, loss, model.sizes[-1], model.dtype)
         plan = check_metrics(metrics, loss, model.sizes[-1])
         if comm is not None and X.device:

@@ -222,7 +222,7 @@ BAD = [
     (dict(sample_weight=np.r_[np.ones(11), np.nan]), ValueError, r"sample_weight\[11\] = nan"),
     (dict(sample_weight=np.ones(11)), ValueError, r"sample_weight must have one number per row"),
     (dict(sample_weight=np.zeros(12)), ValueError, r"sample_weight give every row .* weight 0"),
-    (dict(sample_weight="balanced"), TypeError, r"sample_weight must be an array"),
+    (dict(sample_weight="balanced"), TypeError, r"sample_weight must hold numbers"),
     (dict(class_weight={5: 1.0}), ValueError, r"class_weight has an unknown class 5"),
     (dict(class_weight={0: -1.0}), ValueError, r"class_weight\[0\] must be finite and >= 0"),
     (dict(class_weight={0: float("nan")}), ValueError, r"class_weight\[0\] must be finite"),
@@ -267,9 +267,7 @@ KERNEL_CASES = [(kind, n, o) for kind in ("labels", "probs", "bce", "mse")
 def _torch_weighted(kind, Y, T, w):
     Yt = torch.tensor(Y, dtype=torch.float64, requires_grad=True)
     wt = torch.from_numpy(w)
-    if kind == "labels":
-        rows = F.cross_entropy(Yt, torch.from_numpy(T), reduction="none")
-    elif kind == "probs":
+    if kind in ("labels", "probs"):
         rows = F.cross_entropy(Yt, torch.from_numpy(T), reduction="none")
     elif kind == "bce":
         rows = F.binary_cross_entropy_with_logits(Yt, torch.from_numpy(T), reduction="none")
@@ -280,7 +278,7 @@ def _torch_weighted(kind, Y, T, w):
         rows = rows.sum(1)
     value = (wt * rows).sum() / (wt.sum() * per_row)
     value.backward()
-    return float(value), Yt.grad.numpy()
+    return float(value.detach()), Yt.grad.numpy()
 
 
 @pytest.mark.parametrize("kind, n, o", KERNEL_CASES,
@@ -378,3 +376,19 @@ def test_plain_numba_epoch_kernel_weighs_as_the_reference(tmp_path):
         np.testing.assert_allclose(got[case][0], model.params, rtol=1e-12, atol=1e-13)
         for name, column in got[case][1].items():
             np.testing.assert_allclose(column, history[name], rtol=1e-12, err_msg=name)
+
+
+def test_sample_weight_from_another_library():
+    """sample_weight is taken from any array library, as y is (bpkernels.interop)."""
+    X, y = _problem("cross_entropy", 3)
+    w = np.random.default_rng(9).uniform(0, 2, N)
+    runs = []
+    for weights in (w, torch.from_numpy(w), list(w)):
+        model = bpk.MLP([FEATURES, HIDDEN, 3], activation="tanh", dtype="float64", seed=2)
+        bpk.fit(model, X, y, optimizer=bpk.SGD(lr=LR), epochs=1, batch_size=BATCH,
+                sample_weight=weights)
+        runs.append((model.get_weights()[0][0], model.evaluate(X, y, "cross_entropy",
+                                                                sample_weight=weights)))
+    for W, result in runs[1:]:
+        np.testing.assert_array_equal(W, runs[0][0])
+        assert result == runs[0][1]
