@@ -159,8 +159,8 @@ class EpochPlan:
     first_step: int                  # 1-based optimizer step of this epoch's first step
     cache: dict = field(default_factory=dict)
     W: Any = None                    # (N,) every row's weight (model dtype), or None: unweighted
-    # metrics: (kind, ks) of accumulate_stats, run after loss every step into ``stats`` (the
-    # caller zeroes it before the epoch), or None
+    # metrics: (kind, ks) of accumulate_stats, run after loss every step into ``stats`` (float64;
+    # the caller zeroes it before the epoch), or None
     metrics: Any = None
     stats: Any = None
 
@@ -260,9 +260,10 @@ class Backend(ABC):
 
     def accumulate_stats(self, kind: str, Y: Any, T: Any, W: Any, ks: tuple[int, ...],
                          out: Any) -> None:
-        """Add this batch's metric statistics to ``out`` (a device vector of the model dtype,
-        :func:`stats_size` long; summed over the steps of an epoch, read once; sums in float64
-        within the batch). ``W``: the rows' weights (n,) or None (each row 1). ``kind``:
+        """Add this batch's metric statistics to ``out`` (a float64 device vector, whatever the
+        model's dtype, :func:`stats_size` long: the sums over the steps of an epoch, read once;
+        in float32 a count would stop growing at 2**24). ``W``: the rows' weights (n,) or None
+        (each row 1). ``kind``:
 
         - ``"classes"`` (C = max(o, 2) classes; true class: the label, the argmax of a target
           row, or ``T >= 0.5`` for one output; predicted: the argmax of Y, first maximum, or

@@ -241,7 +241,7 @@ class MLP:
         be, total, correct = self.backend, 0.0, 0.0
         metric = has_accuracy(loss, self.sizes[-1])
         stats = None if metrics is None else be.zeros((metrics.size(self.sizes[-1]),),
-                                                      self.dtype)
+                                                      np.float64)
         for ws, rows, chunk in self._chunks(X, T):
             W, count = None, ws.rows
             if weights is not None:  # the chunk's weights, in a buffer of its workspace

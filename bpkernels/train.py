@@ -294,8 +294,9 @@ class EpochLoop:
         # The metrics' statistics: summed on the device over the epoch's steps, read once
         self.metrics, self.stats = metrics, None
         if metrics is not None:
-            self.stats = be.zeros((metrics.size(model.sizes[-1]),), model.dtype)
-            self.no_stats = be.zeros((metrics.size(model.sizes[-1]),), model.dtype)
+            # (float64 whatever the model's dtype: float32 counts stop at 2**24 rows)
+            self.stats = be.zeros((metrics.size(model.sizes[-1]),), np.float64)
+            self.no_stats = be.zeros((metrics.size(model.sizes[-1]),), np.float64)
         self.backend_cache: dict = {}  # the backend's own, for the fit (see EpochPlan.cache)
         # (rates, momenta or None) of each step of the next epoch, for a per-step schedule
         self.step_rates: tuple[np.ndarray, np.ndarray | None] | None = None

@@ -291,13 +291,13 @@ def test_metric_statistics(k, dtype, n, o):
     rowstat = shim.empty((n, width), dtype)
     k.class_rows_labels(n, dev(Y, dtype), dev(labels), I64(n), I64(o), dev(np.r_[ks, 0]),
                         I64(ks.size), rowstat)
-    out = dev(np.full(expected.size, 0.5), dtype)
+    out = dev(np.full(expected.size, 0.5), np.float64)  # float64 whatever the model's dtype
     k.class_stats_add(expected.size, rowstat, dev(w, dtype), I64(n), I64(width), I64(C), out)
     close(host(out), expected, dtype, "class statistics")
     T = rounded(rng.standard_normal((n, o)), dtype)
     E = Y - T
     expected = np.r_[w.sum(), w @ np.abs(E), w @ E ** 2, w @ T, w @ T ** 2] + 0.5
-    out = dev(np.full(1 + 4 * o, 0.5), dtype)
+    out = dev(np.full(1 + 4 * o, 0.5), np.float64)
     k.regression_stats_add(1 + 4 * o, dev(Y, dtype), dev(T, dtype), dev(w, dtype), I64(n),
                            I64(o), out)
     close(host(out), expected, dtype, "regression statistics")

@@ -158,3 +158,23 @@ def test_early_stopping_maximises_a_val_metric():
                       metrics=["f1_macro"], validation_data=(X_val, y_val), callbacks=[stop])
     column = history["val_f1_macro"]
     assert history.best_epoch == history["epoch"][int(np.argmax(column))]
+
+
+@pytest.mark.parametrize("path", _paths())
+def test_float32_models_sum_statistics_in_float64(path, monkeypatch):
+    """A float32 model's statistics are summed in float64 (a float32 count stops growing at
+    2**24): the metrics are scikit-learn's on its float32 outputs, to float64's rounding."""
+    loss, outputs, names = KINDS["labels"]
+    X, y = _data("labels", outputs)
+    w = np.random.default_rng(5).uniform(0, 2, N).astype(np.float32).astype(np.float64)
+    model = bpk.MLP([FEATURES, 8, outputs], activation="tanh",
+                    backend=_backend(path, monkeypatch), dtype="float32", seed=3)
+    history = bpk.fit(model, X, y, optimizer=bpk.SGD(lr=0.0), epochs=1, batch_size=16,
+                      sample_weight=w, metrics=names)
+    expected = _reference("labels", model, X, y, names, w)
+    got = model.evaluate(X, y, loss, sample_weight=w, metrics=names)
+    for name in names:
+        # (accuracy is count_correct's, whose per-step slots hold the model's dtype)
+        rel = 1e-6 if name == "accuracy" else 1e-12
+        assert history[name][0] == pytest.approx(expected[name], rel=rel), name
+        assert got[name] == pytest.approx(expected[name], rel=rel), name

@@ -178,7 +178,7 @@ extern "C" __global__ void class_rows_probs(const real* Y, const real* T, i64 n,
 // += the weight of rows of true class t predicted p, out[C*C + c] += rows of true class c,
 // out[C*C + C + c] += rows predicted c, out[C*C + 2C + k] += the weight of the top-k hits.
 extern "C" __global__ void class_stats_add(const real* rowstat, const real* w, i64 n, i64 width,
-                                           i64 C, real* out) {
+                                           i64 C, acc* out) {
     GRID_STRIDE(s, C * C + 2 * C + width - 2) {
         acc sum = 0;
         for (i64 r = 0; r < n; ++r) {
@@ -190,7 +190,7 @@ extern "C" __global__ void class_stats_add(const real* rowstat, const real* w, i
             else if (s < C * C + 2 * C) sum += p == s - C * C - C ? 1 : 0;
             else sum += wr * (acc)row[2 + s - C * C - 2 * C];
         }
-        out[s] = (real)((acc)out[s] + sum);
+        out[s] += sum;
     }
 }
 
@@ -198,7 +198,7 @@ extern "C" __global__ void class_stats_add(const real* rowstat, const real* w, i
 // out[1 + j] += sum w |y - t|, out[1 + o + j] += sum w (y - t)^2, out[1 + 2o + j] += sum w t,
 // out[1 + 3o + j] += sum w t^2.
 extern "C" __global__ void regression_stats_add(const real* Y, const real* T, const real* w,
-                                                i64 n, i64 o, real* out) {
+                                                i64 n, i64 o, acc* out) {
     GRID_STRIDE(s, 1 + 4 * o) {
         acc sum = 0;
         i64 part = s == 0 ? -1 : (s - 1) / o, j = s == 0 ? 0 : (s - 1) % o;
@@ -208,6 +208,6 @@ extern "C" __global__ void regression_stats_add(const real* Y, const real* T, co
             acc v = part < 0 ? 1 : part == 0 ? fabs(e) : part == 1 ? e * e : part == 2 ? t : t * t;
             sum += wr * v;
         }
-        out[s] = (real)((acc)out[s] + sum);
+        out[s] += sum;
     }
 }
