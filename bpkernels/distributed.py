@@ -275,7 +275,8 @@ class DataParallel:
     gradient all-reduce and the per-epoch agreement (see the module's docstring)."""
 
     def __init__(self, comm, model, X: np.ndarray, T: np.ndarray, *, loss: str, optimizer,
-                 batch_size: int, epochs: int, shuffle: bool, seed: int) -> None:
+                 batch_size: int, epochs: int, shuffle: bool, seed: int,
+                 row_weights: np.ndarray | None = None, metrics: Any = None) -> None:
         self.MPI = import_mpi("fit(comm=...)")
         self.comm, self.model = comm, model
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
@@ -285,6 +286,10 @@ class DataParallel:
             "optimizer": optimizer.config(), "batch_size": batch_size, "epochs": epochs,
             "shuffle": bool(shuffle), "seed": seed, "samples": int(X.shape[0]),
             _DATA: _fingerprint(X, T),
+            # ranks weighing rows differently would all-reduce inconsistent shares, silently
+            "sample and class weights (a digest)":
+                None if row_weights is None else _digest([row_weights]),
+            "metrics": None if metrics is None else list(metrics.names),
             "weights (a digest)": self.weights_digest(),
             "optimizer state (a digest)": _digest(model.backend.to_host(optimizer.state[name])
                                                   for name in sorted(optimizer.state)),
@@ -402,7 +407,7 @@ def _check_same(mine: dict[str, Any], everyone: list[dict[str, Any]]) -> None:
             what = f"rank 0 has {first!r}, rank {differ[0]} has {everyone[differ[0]][name]!r}" \
                    f"{others}"
         hint = " (build the model with the same seed on every rank, or load the same " \
-               "checkpoint)" if "weights" in name or "optimizer" in name else ""
+               "checkpoint)" if name.startswith("weights") or "optimizer" in name else ""
         raise DistributedError(
             f"fit() under MPI: {name} differs across ranks: {what}; every rank must train the "
             f"same model on the same data with the same options{hint}")

@@ -155,7 +155,7 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
             from .distributed import DataParallel
             parallel = DataParallel(comm, model, X.data, T, loss=loss, optimizer=opt,
                                     batch_size=batch_size, epochs=epochs, shuffle=shuffle,
-                                    seed=seed)
+                                    seed=seed, row_weights=weights, metrics=plan)
         loop = EpochLoop(model, X, T, loss=loss, optimizer=opt, batch_size=batch_size,
                          parallel=parallel, weights=weights, metrics=plan)
         model._trainer = loop  # handed over: its ``with`` needs no second claim

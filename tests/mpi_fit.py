@@ -196,6 +196,9 @@ def launch_errors(comm) -> dict:
         # A user error before training: raised on every rank (its own error where it happened).
         "bad labels on the last rank": lambda: _fit(comm, X, y + 5 * last, loss="cross_entropy"),
         "bad labels everywhere": lambda: _fit(comm, X, y + 5, loss="cross_entropy"),
+        "sample weights differ": lambda: _fit(comm, X, y,
+                                              sample_weight=np.full(len(y), 1.0 + last)),
+        "metrics differ": lambda: _fit(comm, X, y, metrics=["f1_macro"] if last else None),
     }
     import cudasim
     if cudasim.unavailable_reason() is not None:
@@ -231,10 +234,10 @@ def _cupy_cudasim(nccl: bool):
 
 
 def _fit(comm, X, y, batch_size: int = 16, model_seed: int = 7, backend="numpy",
-         loss: str = "cross_entropy") -> None:
+         loss: str = "cross_entropy", **options) -> None:
     model = bpk.MLP([6, 8, 3], backend=backend, dtype="float64", seed=model_seed)
     bpk.fit(model, X, y, loss=loss, optimizer="sgd", epochs=1, batch_size=batch_size,
-            comm=comm)
+            comm=comm, **options)
 
 
 def fail_on_rank_1(comm, how: str) -> None:
