@@ -171,8 +171,10 @@ class NumpyBackend(HostMemory, Backend):
         np.multiply(true, C, out=cell)
         cell += pred
         np.add.at(table, cell, w)
-        np.add.at(table, true + C * C, 1.0)
-        np.add.at(table, pred + C * C + C, 1.0)
+        np.add(true, C * C, out=cell)
+        np.add.at(table, cell, 1.0)
+        np.add(pred, C * C + C, out=cell)
+        np.add.at(table, cell, 1.0)
         out[:C * C + 2 * C] += table
         if ks:  # a label's rank: outputs above it, and equal ones of a larger index
             score = self._scratch("stats_score", (n, 1), Y.dtype)
@@ -586,11 +588,13 @@ def _cross_entropy(be, Y, T, dY, out, W=None):
 
 
 def _weighted_mean(be, W, row_loss, dY, out, per_row, grad_factor):
-    """The weighted mean loss sum(w_i l_i) / (sum(w_i) per_row) into out[0], and dY (each row
-    the gradient of its own summed loss, over ``grad_factor``) scaled to its gradient:
-    w_i grad_factor / (sum(w_i) per_row). ``per_row``: elements per row the mean counts (1 for
-    cross-entropy, o for the element-wise losses, whose every element takes its row's weight).
-    A batch of zero total weight contributes nothing: loss 0, gradient 0 (not 0 / 0)."""
+    """The weighted mean loss sum(w_i l_i) / (sum(w_i) per_row) into out[0], and its gradient:
+    dY comes holding, per row, the gradient of that row's own summed loss over
+    ``grad_factor`` (MSE's y - t, whose factor is 2), and each row is scaled by
+    w_i grad_factor / (sum(w_i) per_row). ``per_row``: the elements per row that the mean
+    counts (1 for cross-entropy; o for the element-wise losses, whose every element takes its
+    row's weight). A batch of zero total weight contributes nothing: loss 0, gradient 0 (not
+    0 / 0)."""
     total = float(np.add.reduce(W))
     if total == 0.0:
         out[0] = 0.0
