@@ -51,6 +51,7 @@ def _mean(total, count):
 def _inverse(count):
     return 1.0 / count if count > 0 else 0.0
 
+
 @inline
 def _row_max(Y, r):
     m = Y[r, 0]
