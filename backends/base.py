@@ -14,6 +14,11 @@ derivative needs the pre-activation (:data:`KEEPS_Z`: ``gelu``, ``silu``) make a
 Loss names (PyTorch conventions): ``mse`` (mean over all elements), ``cross_entropy`` (logits;
 targets are int labels of shape (n,) or probability rows (n, o); mean over the batch) and
 ``binary_cross_entropy`` (logits; targets in [0, 1] of shape (n, o); mean over all elements).
+With row weights ``W`` (n,) (sample and class weights, >= 0) the mean is weighted:
+``sum_i w_i l_i / sum_i w_i``, where for ``mse`` and ``binary_cross_entropy`` a row's weight
+applies to each of its elements (``sum_ij w_i l_ij / (o sum_i w_i)``): for class weights this is
+PyTorch's ``CrossEntropyLoss(weight=...)`` with ``reduction="mean"``. A batch whose weights sum
+to 0 has loss 0 and gradient 0 (never 0 / 0).
 
 Optimizer hyper-parameters are passed as one object ``hp`` with the attributes named in each
 method's docstring (and in :data:`RULES`, whose order is the kernels' order). ``step`` is the
@@ -96,6 +101,14 @@ LOSSES = ("mse", "cross_entropy", "binary_cross_entropy")  # the index is the lo
 LOSS_CODES: dict[str, int] = {name: code for code, name in enumerate(LOSSES)}
 
 
+def stats_size(kind: str, n_outputs: int, n_top: int) -> int:
+    """The length of the statistics vector of :meth:`Backend.accumulate_stats`."""
+    if kind == "regression":
+        return 1 + 4 * n_outputs
+    classes = max(n_outputs, 2)
+    return classes * classes + 2 * classes + n_top
+
+
 @dataclass
 class EpochPlan:
     """One epoch of training, for :meth:`Backend.train_epoch`: every buffer it reads and writes
@@ -105,9 +118,11 @@ class EpochPlan:
         for s in range(steps):                    # rows = batch, the last step the rest
             index = order[s * batch:s * batch + rows]
             take_rows(X, index, ws.X); take_rows(T, index, ws.T)
+            if W is not None: take_rows(W, index, w)     # w: the batch's row weights
             Y = ws.A[-1] after dense_forward of every layer (activations[l], ws.Z[l] for KEEPS_Z)
-            loss(loss, Y, ws.T, ws.dA[-1], step_loss[s:s + 1])
-            if metric: count_correct(Y, ws.T, step_correct[s:s + 1])
+            loss(loss, Y, ws.T, ws.dA[-1], step_loss[s:s + 1], w)        # w None: unweighted
+            if metric: count_correct(Y, ws.T, step_correct[s:s + 1], w)
+            if metrics: accumulate_stats(metrics[0], Y, ws.T, w, metrics[1], stats)
             dense_backward of every layer, last first, into the views of ``grads``
             check_step(step_loss[s:s + 1], grads, first_step + s, halted)
             <optimizer>_step(params, grads, <state>, hp, first_step + s, halted)  # latches too
@@ -143,6 +158,11 @@ class EpochPlan:
     state: dict[str, Any]            # its state buffers by name (momentum_buffer, exp_avg, ...)
     first_step: int                  # 1-based optimizer step of this epoch's first step
     cache: dict = field(default_factory=dict)
+    W: Any = None                    # (N,) every row's weight (model dtype), or None: unweighted
+    # metrics: (kind, ks) of accumulate_stats, run after loss every step into ``stats`` (float64;
+    # the caller zeroes it before the epoch), or None
+    metrics: Any = None
+    stats: Any = None
 
 
 class Backend(ABC):
@@ -219,21 +239,46 @@ class Backend(ABC):
 
     # ------------------------------------------------------------------ loss
     @abstractmethod
-    def loss(self, kind: str, Y: Any, T: Any, dY: Any, out: Any) -> None:
+    def loss(self, kind: str, Y: Any, T: Any, dY: Any, out: Any, W: Any = None) -> None:
         """Value and gradient of the mean loss, numerically stable, in one pass.
 
         Y (n, o) outputs (logits for the two cross-entropies); T the targets: (n, o) of the
         model dtype, or int64 labels (n,) for ``cross_entropy``. Writes ``dY`` (n, o) =
         d(mean loss)/dY and ``out[0]`` = the mean loss; ``out`` is a length-1 device view, so
-        the value stays on the device until asked for.
+        the value stays on the device until asked for. ``W``: None, or the rows' weights (n,)
+        of the model dtype, for the weighted mean of the module docstring (its total is summed
+        on the device: no host read).
         """
 
     @abstractmethod
-    def count_correct(self, Y: Any, T: Any, out: Any) -> None:
+    def count_correct(self, Y: Any, T: Any, out: Any, W: Any = None) -> None:
         """``out[0]`` = how many rows of Y (n, o) are classified right, for targets ``T`` as
         passed to :meth:`loss`: int64 labels (n,) match the row's argmax; probability rows
         (n, o) match by argmax; for o == 1, ``Y > 0`` matches ``T >= 0.5``. Ties go to the
-        first maximum. ``out`` is a length-1 view of the model dtype."""
+        first maximum. ``out`` is a length-1 view of the model dtype. With row weights ``W``
+        (n,): the sum of the weights of the rows classified right."""
+
+    def accumulate_stats(self, kind: str, Y: Any, T: Any, W: Any, ks: tuple[int, ...],
+                         out: Any) -> None:
+        """Add this batch's metric statistics to ``out`` (a float64 device vector, whatever the
+        model's dtype, :func:`stats_size` long: the sums over the steps of an epoch, read once;
+        in float32 a count would stop growing at 2**24). ``W``: the rows' weights (n,) or None
+        (each row 1). ``kind``:
+
+        - ``"classes"`` (C = max(o, 2) classes; true class: the label, the argmax of a target
+          row, or ``T >= 0.5`` for one output; predicted: the argmax of Y, first maximum, or
+          ``Y > 0`` for one output): ``out[t * C + p]`` += the weight of rows of true class t
+          predicted p; ``out[C*C + c]`` += the number of rows of true class c and
+          ``out[C*C + C + c]`` of rows predicted c (unweighted: which classes occur);
+          ``out[C*C + 2C + i]`` += the weight of rows whose label ranks among the ``ks[i]``
+          largest outputs (ties ranked as scikit-learn's top_k_accuracy_score: a larger index
+          first).
+        - ``"regression"`` (targets (n, o)): ``out[0]`` += sum w; then per output j,
+          ``out[1 + j]`` += sum w |y - t|, ``out[1 + o + j]`` += sum w (y - t)^2,
+          ``out[1 + 2o + j]`` += sum w t and ``out[1 + 3o + j]`` += sum w t^2.
+        """
+        raise NotImplementedError(f"backend {self.name!r} computes no metric statistics "
+                                  "(Backend.accumulate_stats): metrics= needs them")
 
     @abstractmethod
     def check_step(self, loss: Any, grads: Any, step: int, halted: Any) -> None:

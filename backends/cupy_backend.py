@@ -278,24 +278,30 @@ class CupyBackend(Backend):
                                              np.float64(scale), out, slot))
 
     # ------------------------------------------------------------------ loss
-    def loss(self, kind, Y, T, dY, out):
-        self._loss(kind, Y, T, dY, out, None)
+    def loss(self, kind, Y, T, dY, out, W=None):
+        self._loss(kind, Y, T, dY, out, slot=None, W=W)
 
-    def _loss(self, kind: str, Y, T, dY, out, slot) -> None:
+    def _loss(self, kind: str, Y, T, dY, out, slot, W=None) -> None:
         n, o = Y.shape
         dt = Y.dtype
         T = self._targets(T, dt)
+        # Weighted, the row count n is replaced by sum(W), read on the device (weigh_rows)
+        count = 1 if W is not None else n
         if kind == "cross_entropy":
             name = "xent_labels" if T.dtype == np.int64 else "xent_probs"
-            grad_scale, value_scale = 1.0 / n, 1.0 / n
+            grad_scale, value_scale = 1.0 / count, 1.0 / count
         elif kind == "binary_cross_entropy":
-            name, grad_scale, value_scale = "bce", 1.0 / (n * o), 1.0 / (n * o)
+            name, grad_scale, value_scale = "bce", 1.0 / (count * o), 1.0 / (count * o)
         elif kind == "mse":
-            name, grad_scale, value_scale = "mse", 2.0 / (n * o), 1.0 / (n * o)
+            name, grad_scale, value_scale = "mse", 2.0 / (count * o), 1.0 / (count * o)
         else:
             raise ValueError(f"unknown loss {kind!r}")
         rows = self._scratch("row_loss", (n, 1), dt)
         self._launch(dt, name, n, (Y, T, np.int64(n), np.int64(o), dt.type(grad_scale), dY, rows))
+        if W is not None:
+            total = self._scratch("weight_total", (1,), dt)
+            self._colsum(W.reshape(n, 1), total, 1.0, None)
+            self._launch(dt, "weigh_rows", n, (W, total, np.int64(n), np.int64(o), dY, rows))
         self._colsum(rows, out, value_scale, slot)
 
     def _targets(self, T, dtype):
@@ -305,17 +311,39 @@ class CupyBackend(Backend):
             return T if T.dtype == np.int64 else T.astype(np.int64)
         return T if T.dtype == dtype else T.astype(dtype)
 
-    def count_correct(self, Y, T, out):
-        self._count_correct(Y, T, out, None)
+    def count_correct(self, Y, T, out, W=None):
+        self._count_correct(Y, T, out, slot=None, W=W)
 
-    def _count_correct(self, Y, T, out, slot) -> None:
+    def _count_correct(self, Y, T, out, slot, W=None) -> None:
         n, o = Y.shape
         dt = Y.dtype
         T = self._targets(T, dt)
         hits = self._scratch("hits", (n, 1), dt)
         name = "correct_labels" if T.dtype == np.int64 else "correct_rows"
         self._launch(dt, name, n, (Y, T, np.int64(n), np.int64(o), hits))
+        if W is not None:
+            self._launch(dt, "weigh_rows", n, (W, None, np.int64(n), np.int64(1), hits, None))
         self._colsum(hits, out, 1.0, slot)
+
+    def accumulate_stats(self, kind, Y, T, W, ks, out):
+        n, o = Y.shape
+        dt = Y.dtype
+        T = self._targets(T, dt)
+        if kind == "regression":
+            self._launch(dt, "regression_stats_add", 1 + 4 * o,
+                         (Y, T, W, np.int64(n), np.int64(o), out))
+            return
+        width, C = 2 + len(ks), max(o, 2)
+        rowstat = self._scratch("class_rows", (n, width), dt)
+        key = ("ks", tuple(ks))  # made once (before a graph's capture: its first pass)
+        ks_dev = self._scratch_cache.get(key)
+        if ks_dev is None:
+            ks_dev = self._scratch_cache[key] = cupy.asarray(np.array(tuple(ks) or (0,), np.int64))
+        name = "class_rows_labels" if T.dtype == np.int64 else "class_rows_probs"
+        self._launch(dt, name, n, (Y, T, np.int64(n), np.int64(o), ks_dev, np.int64(len(ks)),
+                                   rowstat))
+        self._launch(dt, "class_stats_add", C * C + 2 * C + len(ks),
+                     (rowstat, W, np.int64(n), np.int64(width), np.int64(C), out))
 
     def check_step(self, loss, grads, step, halted):
         self._check_step(loss, None, grads, step, None, halted)
@@ -447,13 +475,13 @@ def _plan_key(plan: EpochPlan) -> tuple:
     decide which kernels run. Anything else (hyper-parameter values, the step, the order of
     rows) is read on the device, so a new epoch replays the same graphs."""
     full, last = plan.workspaces
-    buffers = (plan.params, plan.grads, plan.X, plan.T, plan.step_loss, plan.step_correct,
-               plan.halted, full, last, *plan.state.values())
+    buffers = (plan.params, plan.grads, plan.X, plan.T, plan.W, plan.stats, plan.step_loss,
+               plan.step_correct, plan.halted, full, last, *plan.state.values())
     hp = plan.hp
     choices = (bool(getattr(hp, "momentum", 0)), bool(getattr(hp, "centered", False)))
     return (tuple(id(b) for b in buffers), tuple(sorted(plan.state)), plan.sizes,
-            plan.activations, plan.loss, plan.metric, plan.optimizer, plan.batch, plan.steps,
-            plan.order.shape, choices)
+            plan.activations, plan.loss, plan.metric, plan.metrics, plan.optimizer, plan.batch,
+            plan.steps, plan.order.shape, choices)
 
 
 class _Feed:
@@ -491,7 +519,7 @@ class _GraphRunner:
         self.graphs: dict[tuple[int, int], Any] = {}
         self.layers = _layer_views(plan.sizes, plan.params, plan.grads)
         self.feeds = {name: _Feed(getattr(plan, name), plan.batch)
-                      for name in ("X", "T") if isinstance(getattr(plan, name), HostArray)}
+                      for name in ("X", "T", "W") if isinstance(getattr(plan, name), HostArray)}
         if self.feeds:
             self.copy_stream = cupy.cuda.Stream(non_blocking=True)
             self.copied = [cupy.cuda.Event(disable_timing=True) for _ in range(2)]
@@ -578,6 +606,8 @@ class _GraphRunner:
                     finally:
                         graph = self.stream.end_capture()
                     self.graphs[(v, k)] = graph
+            if plan.stats is not None:  # the first passes added their batches' statistics
+                plan.stats[...] = 0
         finally:
             be._scratch_cache = saved
 
@@ -586,7 +616,12 @@ class _GraphRunner:
         and number from ``self.counter``."""
         be = self.be
         slot, step_dev = self.counter[0:1], self.counter[1:2]
-        for name, dst in (("X", ws.X), ("T", ws.T)):
+        weights = None
+        if plan.W is not None:  # the batch's row weights, gathered like its targets
+            weights = be._scratch("batch_weights", (ws.rows,), plan.W.dtype)
+        for name, dst in (("X", ws.X), ("T", ws.T), ("W", weights)):
+            if dst is None:
+                continue
             feed = self.feeds.get(name)
             if feed is not None:
                 dst[...] = feed.staging[k][:ws.rows]
@@ -597,9 +632,11 @@ class _GraphRunner:
             be.dense_forward(X, W, b, act, A, Z)
             X = A
         Y = ws.A[-1]
-        be._loss(plan.loss, Y, ws.T, ws.dA[-1], plan.step_loss, slot)
+        be._loss(plan.loss, Y, ws.T, ws.dA[-1], plan.step_loss, slot, weights)
         if plan.metric:
-            be._count_correct(Y, ws.T, plan.step_correct, slot)
+            be._count_correct(Y, ws.T, plan.step_correct, slot, weights)
+        if plan.metrics is not None:
+            be.accumulate_stats(plan.metrics[0], Y, ws.T, weights, plan.metrics[1], plan.stats)
         for layer in reversed(range(len(self.layers))):
             W, _, dW, db = self.layers[layer]
             X = ws.X if layer == 0 else ws.A[layer - 1]

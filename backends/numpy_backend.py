@@ -109,10 +109,10 @@ class NumpyBackend(HostMemory, Backend):
             np.matmul(dA, W.T, out=dX)
 
     # ------------------------------------------------------------------ loss
-    def loss(self, kind, Y, T, dY, out):
-        _LOSSES[kind](self, Y, T, dY, out)
+    def loss(self, kind, Y, T, dY, out, W=None):
+        _LOSSES[kind](self, Y, T, dY, out, W)
 
-    def count_correct(self, Y, T, out):
+    def count_correct(self, Y, T, out, W=None):
         labels = T
         n, o = Y.shape
         hits = self._scratch("hits", (n,), np.bool_)
@@ -130,7 +130,68 @@ class NumpyBackend(HostMemory, Backend):
                 np.argmax(labels, axis=1, out=truth)
                 labels = truth
             np.equal(predicted, labels, out=hits)
-        out[0] = np.count_nonzero(hits)
+        out[0] = np.count_nonzero(hits) if W is None else float(np.vdot(W, hits))
+
+    def accumulate_stats(self, kind, Y, T, W, ks, out):
+        # Summed in float64 within the batch (scratch buffers), then added to ``out``.
+        n, o = Y.shape
+        w = self._scratch("stats_w", (n,), np.float64)
+        w[...] = 1.0 if W is None else W
+        sums = self._scratch("stats_sums", (o,), np.float64)
+        if kind == "regression":
+            E = self._scratch("stats_e", (n, o), np.float64)
+            A = self._scratch("stats_a", (n, o), np.float64)
+            np.subtract(Y, T, out=E, dtype=np.float64)
+            out[0] += np.add.reduce(w)
+            for part, values in enumerate((np.abs(E, out=A), np.multiply(E, E, out=E))):
+                np.matmul(w, values, out=sums)
+                out[1 + part * o:1 + (part + 1) * o] += sums
+            np.copyto(A, T)
+            np.matmul(w, A, out=sums)
+            out[1 + 2 * o:1 + 3 * o] += sums
+            np.multiply(A, A, out=A)
+            np.matmul(w, A, out=sums)
+            out[1 + 3 * o:] += sums
+            return
+        C = max(o, 2)
+        true = self._scratch("stats_true", (n,), np.intp)
+        pred = self._scratch("stats_pred", (n,), np.intp)
+        if o == 1:
+            np.greater(Y[:, 0], 0, out=pred, casting="unsafe")
+            np.greater_equal(T.reshape(n, -1)[:, 0], 0.5, out=true, casting="unsafe")
+        else:
+            np.argmax(Y, axis=1, out=pred)
+            if T.ndim == 2:
+                np.argmax(T, axis=1, out=true)
+            else:
+                np.copyto(true, T, casting="unsafe")
+        table = self._scratch("stats_table", (C * C + 2 * C,), np.float64)
+        table.fill(0.0)
+        cell = self._scratch("stats_cell", (n,), np.intp)
+        np.multiply(true, C, out=cell)
+        cell += pred
+        np.add.at(table, cell, w)
+        np.add(true, C * C, out=cell)
+        np.add.at(table, cell, 1.0)
+        np.add(pred, C * C + C, out=cell)
+        np.add.at(table, cell, 1.0)
+        out[:C * C + 2 * C] += table
+        if ks:  # a label's rank: outputs above it, and equal ones of a larger index
+            score = self._scratch("stats_score", (n, 1), Y.dtype)
+            _label_positions(self, true, o, cell)
+            np.take(Y.reshape(-1), cell, out=score[:, 0])
+            above = self._scratch("stats_above", (n, o), np.bool_)
+            tied = self._scratch("stats_tied", (n, o), np.bool_)
+            rank = self._scratch("stats_rank", (n,), np.intp)
+            hit = self._scratch("stats_hit", (n,), np.bool_)
+            np.greater(Y, score, out=above)
+            np.equal(Y, score, out=tied)
+            np.greater(_columns(self, o), true[:, None], out=tied, where=tied)
+            above |= tied
+            np.add.reduce(above, axis=1, out=rank)
+            for i, k in enumerate(ks):
+                np.less(rank, k, out=hit)
+                out[C * C + 2 * C + i] += np.vdot(w, hit)
 
     def check_step(self, loss, grads, step, halted):
         # (not a sum: one could overflow on large finite gradients)
@@ -483,7 +544,7 @@ def _softmax_rows(be, Y, P):
     return row_max, row_sum
 
 
-def _cross_entropy(be, Y, T, dY, out):
+def _cross_entropy(be, Y, T, dY, out, W=None):
     # Each row's loss is formed before any summing: differences of large sums would cancel and
     # could even make a tiny loss negative.
     n, o = Y.shape
@@ -497,6 +558,9 @@ def _cross_entropy(be, Y, T, dY, out):
         np.take(Y.reshape(-1), flat, out=picked)
         np.subtract(row_max, picked, out=picked)
         picked += log_norm  # -log softmax of the true class
+        if W is not None:
+            row_loss = be._scratch("row_loss", (n,), Y.dtype)
+            np.copyto(row_loss, picked)
         value = float(np.add.reduce(picked)) / n
         np.take(dY.reshape(-1), flat, out=picked)
         picked -= 1
@@ -505,13 +569,51 @@ def _cross_entropy(be, Y, T, dY, out):
         log_p = be._scratch("log_softmax", Y.shape, Y.dtype)
         np.subtract(Y, row_max[:, None], out=log_p)
         log_p -= log_norm[:, None]
-        value = -float(np.vdot(T, log_p)) / n
+        if W is not None:
+            row_loss = be._scratch("row_loss", (n,), Y.dtype)
+            np.multiply(log_p, T, out=log_p)
+            np.add.reduce(log_p, axis=1, out=row_loss)
+            np.negative(row_loss, out=row_loss)
+        else:
+            value = -float(np.vdot(T, log_p)) / n
         t_sum = be._scratch("t_sum", (n,), Y.dtype)
         np.add.reduce(T, axis=1, out=t_sum)
         dY *= t_sum[:, None]
         dY -= T
+    if W is not None:
+        _weighted_mean(be, W, row_loss, dY, out, 1, 1.0)
+        return
     dY *= 1.0 / n
     out[0] = value
+
+
+def _weighted_mean(be, W, row_loss, dY, out, per_row, grad_factor):
+    """The weighted mean loss sum(w_i l_i) / (sum(w_i) per_row) into out[0], and its gradient:
+    dY comes holding, per row, the gradient of that row's own summed loss over
+    ``grad_factor`` (MSE's y - t, whose factor is 2), and each row is scaled by
+    w_i grad_factor / (sum(w_i) per_row). ``per_row``: the elements per row that the mean
+    counts (1 for cross-entropy; o for the element-wise losses, whose every element takes its
+    row's weight). A batch of zero total weight contributes nothing: loss 0, gradient 0 (not
+    0 / 0)."""
+    total = float(np.add.reduce(W))
+    if total == 0.0:
+        out[0] = 0.0
+        dY.fill(0.0)
+        return
+    denominator = total * per_row
+    out[0] = float(np.vdot(W, row_loss)) / denominator
+    scale = be._scratch("row_scale", W.shape, dY.dtype)
+    np.multiply(W, grad_factor / denominator, out=scale)
+    dY *= scale[:, None]
+
+
+def _columns(be, o):
+    """(1, o): the column indices 0..o-1, made once."""
+    key = ("columns", (1, o), np.dtype(np.intp))
+    cols = be._scratch_cache.get(key)
+    if cols is None:
+        cols = be._scratch_cache[key] = np.arange(o, dtype=np.intp).reshape(1, o)
+    return cols
 
 
 def _label_positions(be, labels, o, flat):
@@ -524,7 +626,7 @@ def _label_positions(be, labels, o, flat):
     np.add(starts, labels, out=flat)
 
 
-def _binary_cross_entropy(be, Y, T, dY, out):
+def _binary_cross_entropy(be, Y, T, dY, out, W=None):
     # per element: max(y, 0) - y t + log(1 + exp(-|y|)), stable for any logit, summed only
     # once complete so that large terms cancel element by element, not in the totals.
     size = Y.size
@@ -537,15 +639,25 @@ def _binary_cross_entropy(be, Y, T, dY, out):
     elementwise += dY
     np.multiply(Y, T, out=dY)
     elementwise -= dY
-    out[0] = float(np.add.reduce(elementwise, axis=None)) / size
     _sigmoid(be, Y, dY)
     dY -= T
+    if W is not None:
+        row_loss = be._scratch("row_loss", W.shape, Y.dtype)
+        np.add.reduce(elementwise, axis=1, out=row_loss)
+        _weighted_mean(be, W, row_loss, dY, out, Y.shape[1], 1.0)
+        return
+    out[0] = float(np.add.reduce(elementwise, axis=None)) / size
     dY *= 1.0 / size
 
 
-def _mse(be, Y, T, dY, out):
+def _mse(be, Y, T, dY, out, W=None):
     size = Y.size
     np.subtract(Y, T, out=dY)
+    if W is not None:
+        row_loss = be._scratch("row_loss", W.shape, Y.dtype)
+        np.einsum("ij,ij->i", dY, dY, out=row_loss)
+        _weighted_mean(be, W, row_loss, dY, out, Y.shape[1], 2.0)
+        return
     out[0] = float(np.vdot(dY, dY)) / size
     dY *= 2.0 / size
 

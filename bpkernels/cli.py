@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 import bpkernels
-from . import atomic, checkpoint, cli_schedule, datasets, memory
+from . import atomic, checkpoint, cli_metrics, cli_schedule, datasets, memory
 from . import distributed
 from .activations import ACTIVATIONS, get_activation
 from .backends import backend_names, get_backend
@@ -156,8 +156,14 @@ def _build_parser() -> argparse.ArgumentParser:
                           "the first N epochs, before --lr-schedule")
     opt.add_argument("--early-stopping", type=count(0), default=None, metavar="PATIENCE",
                      help="stop once val_loss of a validation split "
-                          f"({cli_schedule.VALIDATION_FRACTION:.0%} of the training rows) has not "
+                          f"({cli_schedule.VALIDATION_FRACTION:.0%}% of the training rows) has not "
                           "improved for PATIENCE epochs; the best epoch's weights are kept")
+    opt.add_argument("--class-weight", type=cli_metrics.class_weight, default=None,
+                     metavar="WEIGHTS", help="balanced, or CLASS:WEIGHT pairs like 0:1,1:5 "
+                     "(weigh the training rows by class; default: all alike)")
+    opt.add_argument("--metrics", type=cli_metrics.metrics, default=None, metavar="LIST",
+                     help="metrics to record per epoch (--history) and report on the test "
+                     "split, like f1_macro,top5 (see docs/training.md)")
     opt.add_argument("--threads", type=count(1), default=None, metavar="N",
                      help="at most N threads for BLAS and Numba (under mpiexec: per rank; "
                           "default: as the libraries choose)")
@@ -436,7 +442,8 @@ def _train_command(args: argparse.Namespace) -> int:
                       validation_data=test if val is None else val,
                       callbacks=[records, *stoppers, saver],
                       progress=not (args.no_progress or args.quiet), comm=comm,
-                      lr_scheduler=sched, lr_scheduler_interval=interval if sched else None)
+                      lr_scheduler=sched, lr_scheduler_interval=interval if sched else None,
+                      class_weight=args.class_weight, metrics=args.metrics)
     except KeyboardInterrupt:
         return _interrupted(saver)
     except TrainingDiverged as err:
@@ -604,7 +611,7 @@ def _print_summary(args, model, loss: str, train, test, history, seconds: float,
     own throughput."""
     X_tr, y_tr = train
     train_metrics = model.evaluate(X_tr, y_tr, loss=loss)
-    test_metrics = model.evaluate(*test, loss=loss)
+    test_metrics = model.evaluate(*test, loss=loss, metrics=args.metrics)
     epochs_run = len(history)
     train_seconds = sum(history["seconds"]) if epochs_run else 0.0
     rate = X_tr.shape[0] * epochs_run / train_seconds if train_seconds > 0 else 0.0
@@ -616,6 +623,8 @@ def _print_summary(args, model, loss: str, train, test, history, seconds: float,
     if "accuracy" in test_metrics:
         lines.append(f"train accuracy: {train_metrics['accuracy']:.4f}")
         lines.append(f"test accuracy: {test_metrics['accuracy']:.4f}")
+    more = cli_metrics.summary_line(test_metrics, args.metrics)
+    lines += [more] if more else []
     if history.stopped_epoch is not None:
         lines.append(f"early stopping: stopped after epoch {history.stopped_epoch}, kept the "
                      f"weights of epoch {history.best_epoch} (best val_loss)")

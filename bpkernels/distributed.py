@@ -4,7 +4,9 @@ Every rank holds the whole data set and the same model (same seed, or the same c
 checked at the start). Each global batch, drawn from ``(seed, epoch)`` as without MPI, is cut
 into contiguous shards, one per rank (uneven where the batch does not divide; a short last batch
 may leave a rank no rows). A rank computes the mean-loss gradient of its shard, scales it by
-``shard rows / batch rows``, and the flat gradient buffer is summed over the ranks in one
+``shard rows / batch rows`` (with sample or class weights: ``shard weight / batch weight``,
+computed on the host from the weights and the epoch's order), and the flat gradient buffer is
+summed over the ranks in one
 all-reduce per step: every rank then holds the gradient of the whole batch's mean loss and takes
 the same optimizer step, so training equals single-process training up to summation order.
 
@@ -273,7 +275,8 @@ class DataParallel:
     gradient all-reduce and the per-epoch agreement (see the module's docstring)."""
 
     def __init__(self, comm, model, X: np.ndarray, T: np.ndarray, *, loss: str, optimizer,
-                 batch_size: int, epochs: int, shuffle: bool, seed: int) -> None:
+                 batch_size: int, epochs: int, shuffle: bool, seed: int,
+                 row_weights: np.ndarray | None = None, metrics: Any = None) -> None:
         self.MPI = import_mpi("fit(comm=...)")
         self.comm, self.model = comm, model
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
@@ -283,6 +286,10 @@ class DataParallel:
             "optimizer": optimizer.config(), "batch_size": batch_size, "epochs": epochs,
             "shuffle": bool(shuffle), "seed": seed, "samples": int(X.shape[0]),
             _DATA: _fingerprint(X, T),
+            # ranks weighing rows differently would all-reduce inconsistent shares, silently
+            "sample and class weights (a digest)":
+                None if row_weights is None else _digest([row_weights]),
+            "metrics": None if metrics is None else list(metrics.names),
             "weights (a digest)": self.weights_digest(),
             "optimizer state (a digest)": _digest(model.backend.to_host(optimizer.state[name])
                                                   for name in sorted(optimizer.state)),
@@ -327,8 +334,11 @@ class DataParallel:
     def all_reduce(self, grads, loss, weight: float) -> None:
         """``grads`` (this rank's shard's mean-loss gradient) becomes the sum over the ranks
         of ``weight * grads``: the whole batch's gradient when ``weight`` is shard rows over
-        batch rows. A rank with no rows passes weight 0. A non-finite ``loss`` turns the
-        gradient into NaN on every rank, so that check_step halts all of them at this step."""
+        batch rows (with row weights: the shard's total weight over the batch's, so that the
+        ranks' weighted means combine as sum(w l) / sum(w), not as a mean of means; 0 for a
+        batch of zero total weight). A rank with no rows passes weight 0. A non-finite
+        ``loss`` turns the gradient into NaN on every rank, so that check_step halts all of
+        them at this step."""
         self.reducer(grads, loss, weight)
 
     def end_epoch(self, loss_sum: float, correct: float) -> tuple[float, float]:
@@ -343,6 +353,11 @@ class DataParallel:
                 f"after epoch {self.model.epochs_trained + 1} the weights differ across ranks: "
                 "this MPI library's all-reduce does not give every rank the same sum")
         return sum(g[0] for g in gathered), sum(g[1] for g in gathered)
+
+    def sum_stats(self, stats: np.ndarray) -> np.ndarray:
+        """The epoch's metric statistics (sums over this rank's shards) summed over every rank,
+        added in rank order, so every rank gets the same numbers."""
+        return np.sum(self.comm.allgather(np.asarray(stats, dtype=np.float64)), axis=0)
 
     def agree_to_stop(self, stop: bool, interrupted: bool) -> bool:
         """Whether any rank's callbacks asked to stop; raises AgreedInterrupt on every rank
@@ -392,7 +407,7 @@ def _check_same(mine: dict[str, Any], everyone: list[dict[str, Any]]) -> None:
             what = f"rank 0 has {first!r}, rank {differ[0]} has {everyone[differ[0]][name]!r}" \
                    f"{others}"
         hint = " (build the model with the same seed on every rank, or load the same " \
-               "checkpoint)" if "weights" in name or "optimizer" in name else ""
+               "checkpoint)" if name.startswith("weights") or "optimizer" in name else ""
         raise DistributedError(
             f"fit() under MPI: {name} differs across ranks: {what}; every rank must train the "
             f"same model on the same data with the same options{hint}")

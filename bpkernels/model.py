@@ -21,6 +21,9 @@ from .lr_scheduler import LRScheduler, scheduler_from_config
 from . import lr_sklearn  # noqa: F401
 from .optim import Optimizer, optimizer_from_config
 from .validation import check_ordered, shown
+from .metrics import MetricPlan, check_metrics
+from .metrics import values as metric_values
+from .weights import row_weights
 
 # Inference and evaluation run in chunks of this many rows: bounded memory for any input size.
 CHUNK_ROWS = 4096
@@ -189,11 +192,12 @@ class MLP:
             be.dense_backward(X, W, ws.dA[layer], self.layer_activations[layer],
                               ws.A[layer], ws.Z[layer], dW, db, dX)
 
-    def forward_backward(self, ws: Workspace, loss: str, loss_out: Any) -> None:
-        """One training pass on the batch already in ``ws.X`` / ``ws.T``: the mean loss into
-        ``loss_out`` (on the device) and its gradient into ``self.grads``."""
+    def forward_backward(self, ws: Workspace, loss: str, loss_out: Any, W: Any = None) -> None:
+        """One training pass on the batch already in ``ws.X`` / ``ws.T``: the mean loss
+        (weighted by the rows' weights ``W`` on the device, if given) into ``loss_out`` (on the
+        device) and its gradient into ``self.grads``."""
         Y = self._forward(ws, ws.X)
-        self.backend.loss(loss, Y, ws.T, ws.dA[-1], loss_out)
+        self.backend.loss(loss, Y, ws.T, ws.dA[-1], loss_out, W)
         self._backward(ws)
 
     def _upload(self, host: np.ndarray, out) -> None:
@@ -230,20 +234,38 @@ class MLP:
                 out[rows] = be.to_host(Y)
         return out
 
-    def evaluate_prepared(self, X: interop.Array, T: np.ndarray, loss: str) -> dict[str, float]:
-        """:meth:`evaluate` on inputs already checked by :meth:`prepare` (validation in fit())."""
+    def evaluate_prepared(self, X: interop.Array, T: np.ndarray, loss: str,
+                          weights: np.ndarray | None = None,
+                          metrics: MetricPlan | None = None) -> dict[str, float]:
+        """:meth:`evaluate` on inputs already checked by :meth:`prepare` (validation in fit());
+        ``weights``: each row's, from bpkernels.weights.row_weights, or None; ``metrics``: a
+        plan of bpkernels.metrics.check_metrics, or None."""
         be, total, correct = self.backend, 0.0, 0.0
         metric = has_accuracy(loss, self.sizes[-1])
-        for ws, _, chunk in self._chunks(X, T):
+        stats = None if metrics is None else be.zeros((metrics.size(self.sizes[-1]),),
+                                                      np.float64)
+        for ws, rows, chunk in self._chunks(X, T):
+            W, count = None, ws.rows
+            if weights is not None:  # the chunk's weights, in a buffer of its workspace
+                if getattr(ws, "W", None) is None:
+                    ws.W = be.empty((ws.rows,), self.dtype)
+                W, count = ws.W, float(weights[rows].sum(dtype=np.float64))
+                self._upload(weights[rows], W)
             Y = self._forward(ws, chunk)
-            be.loss(loss, Y, ws.T, ws.dA[-1], ws.loss)
-            total += float(be.to_host(ws.loss)[0]) * ws.rows
+            be.loss(loss, Y, ws.T, ws.dA[-1], ws.loss, W)
+            total += float(be.to_host(ws.loss)[0]) * count
             if metric:
-                be.count_correct(Y, ws.T, ws.correct)
+                be.count_correct(Y, ws.T, ws.correct, W)
                 correct += float(be.to_host(ws.correct)[0])
-        result = {"loss": total / X.rows}
+            if stats is not None:
+                be.accumulate_stats(metrics.kind, Y, ws.T, W, metrics.ks, stats)
+        rows_weight = X.rows if weights is None else float(weights.sum(dtype=np.float64))
+        result = {"loss": total / rows_weight}
         if metric:
-            result["accuracy"] = correct / X.rows
+            result["accuracy"] = correct / rows_weight
+        if stats is not None:
+            found = metric_values(metrics, be.to_host(stats), self.sizes[-1])
+            result.update((k, v) for k, v in found.items() if k not in result)
         return result
 
     def prepare(self, X: ArrayLike, y: ArrayLike, loss: str) -> tuple[interop.Array, np.ndarray]:
@@ -289,10 +311,21 @@ class MLP:
         P = _softmax(host) if loss == "cross_entropy" else _sigmoid(host)
         return self.backend.asarray(P) if X.device else P
 
-    def evaluate(self, X: ArrayLike, y: ArrayLike, loss: str) -> dict[str, float]:
-        """Mean loss (and accuracy where it applies) over the whole of X, y."""
+    def evaluate(self, X: ArrayLike, y: ArrayLike, loss: str,
+                 sample_weight: ArrayLike | None = None,
+                 metrics: Sequence[str] | None = None) -> dict[str, float]:
+        """Mean loss (and accuracy where it applies) over the whole of X, y; with
+        ``sample_weight`` (one number >= 0 per row) the weighted means, ``sum(w_i l_i) /
+        sum(w_i)`` and the weight of the rows classified right over the total weight.
+        ``metrics``: names of bpkernels.metrics (``"f1_macro"``, ``"top5"``, ``"r2"``, ...),
+        each added to the dict (weighted alike), from statistics summed on the device."""
+        plan = check_metrics(metrics, check_loss(loss), self.sizes[-1])
         X, T = self.prepare(X, y, loss)
-        return self.evaluate_prepared(X, T, loss)
+        if sample_weight is not None:  # from any library, as y (bpkernels.interop)
+            sample_weight = interop.targets(sample_weight, self.backend, "sample_weight")
+        weights = row_weights(sample_weight, None, T, loss, self.sizes[-1], self.dtype,
+                              "evaluate")
+        return self.evaluate_prepared(X, T, loss, weights, plan)
 
     def loss_and_grads(self, X: ArrayLike, y: ArrayLike,
                        loss: str) -> tuple[float, list[tuple[np.ndarray, np.ndarray]]]:

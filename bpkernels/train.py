@@ -28,6 +28,9 @@ from .losses import check_loss, has_accuracy
 from .optim import Adam, Optimizer, make_optimizer
 from .threads import limit_threads
 from .validation import check_bool, check_ordered, check_positive_int
+from .metrics import MetricPlan, check_metrics
+from .metrics import values as metric_values
+from .weights import row_weights, step_totals
 
 if TYPE_CHECKING:
     from .distributed import DataParallel
@@ -69,7 +72,8 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
         callbacks: Iterable[Callable[[int, dict], Any]] | None = None,
         progress: bool = False, comm: Any = None, threads: int | None = None,
         lr_scheduler: LRScheduler | None = None,
-        lr_scheduler_interval: str | None = None) -> History:
+        lr_scheduler_interval: str | None = None, sample_weight: ArrayLike | None = None,
+        class_weight: Any = None, metrics: Iterable[str] | None = None) -> History:
     """Train ``model`` on X, y; returns the History of the epochs run.
 
     ``optimizer``: an Optimizer, a name ("sgd", "adam", "adamw", "rmsprop") or None for the
@@ -91,6 +95,13 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
     the model's own, with its interval; set ``model.lr_scheduler = None`` to drop it.
     A callback object may have ``on_fit_start(model, optimizer)`` and
     ``on_fit_end(model, history)`` hooks (see bpkernels.callbacks, EarlyStopping).
+    ``sample_weight`` (one number >= 0 per row) and ``class_weight`` (a mapping class ->
+    weight, or ``"balanced"``) weigh the rows (bpkernels.weights): each batch's loss is then
+    ``sum(w_i l_i) / sum(w_i)``, and the History's ``loss`` and ``accuracy`` are weighted means
+    over the epoch (each step's weighted mean weighed by its batch's total weight).
+    ``metrics``: names of bpkernels.metrics (``"f1_macro"``, ``"top5"``, ``"r2"``, ...) added
+    to every record, over the epoch's batches as trained (statistics summed on the device, read
+    once per epoch), and as ``val_`` ones over ``validation_data``; weighted like the loss.
 
     X, y and validation_data may be arrays of any library (see bpkernels.interop): X already in
     the model's memory as a C-contiguous array of its dtype is trained on in place, never
@@ -111,6 +122,10 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
     _take(model, claim)
     try:
         X, T = model.prepare(X, y, loss)
+        if sample_weight is not None:  # from any library, as y (bpkernels.interop)
+            sample_weight = interop.targets(sample_weight, model.backend, "sample_weight")
+        weights = row_weights(sample_weight, class_weight, T, loss, model.sizes[-1], model.dtype)
+        plan = check_metrics(metrics, loss, model.sizes[-1])
         if comm is not None and X.device:
             raise ValueError("fit(comm=...) takes X as a host array (each rank reads its shard of "
                              "the batches from it); device arrays are for single-process fit()")
@@ -140,9 +155,9 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
             from .distributed import DataParallel
             parallel = DataParallel(comm, model, X.data, T, loss=loss, optimizer=opt,
                                     batch_size=batch_size, epochs=epochs, shuffle=shuffle,
-                                    seed=seed)
+                                    seed=seed, row_weights=weights, metrics=plan)
         loop = EpochLoop(model, X, T, loss=loss, optimizer=opt, batch_size=batch_size,
-                         parallel=parallel)
+                         parallel=parallel, weights=weights, metrics=plan)
         model._trainer = loop  # handed over: its ``with`` needs no second claim
         model.loss = loss
         history = History()
@@ -232,12 +247,15 @@ class EpochLoop:
     rather than as warnings, and takes Ctrl-C between steps (see ``interrupted``); it may be
     entered again for later epochs. ``parallel`` is the data-parallel side of a run
     (bpkernels.distributed.DataParallel, which fit(comm=...) makes): the steps then train this
-    rank's shard of each batch and all-reduce the gradients.
+    rank's shard of each batch and all-reduce the gradients. ``weights``: each row's weight
+    (bpkernels.weights.row_weights), or None for the unweighted mean. ``metrics``: a
+    bpkernels.metrics.MetricPlan (check_metrics) whose metrics each record adds, or None.
     """
 
     def __init__(self, model: "MLP", X: interop.Array, T: np.ndarray, *, loss: str,
                  optimizer: Optimizer, batch_size: int,
-                 parallel: "DataParallel | None" = None) -> None:
+                 parallel: "DataParallel | None" = None,
+                 weights: np.ndarray | None = None, metrics: MetricPlan | None = None) -> None:
         check_loss(loss)
         _check_not_training(model)
         be = self.backend = model.backend
@@ -264,6 +282,21 @@ class EpochLoop:
         self.correct_slots = [self.step_correct[s:s + 1] for s in range(self.steps)]
         self.halted = be.zeros((1,), np.int64)
         self.metric = has_accuracy(loss, model.sizes[-1])
+        # Row weights on the device, and the batch's, gathered per step like the targets
+        self.weights, self.W, self.batch_W = weights, None, (None, None)
+        if weights is not None:
+            if weights.shape != (self.n,):
+                raise ValueError(f"weights must have shape ({self.n},), got {weights.shape}")
+            self.W = be.asarray(weights, model.dtype)
+            full_W = be.empty((full,), model.dtype)
+            self.batch_W = (full_W, full_W if last == full else be.empty((last,), model.dtype))
+        self.grad_weights = self.rows / rows  # under MPI: what each rank's gradient weighs
+        # The metrics' statistics: summed on the device over the epoch's steps, read once
+        self.metrics, self.stats = metrics, None
+        if metrics is not None:
+            # (float64 whatever the model's dtype: float32 counts stop at 2**24 rows)
+            self.stats = be.zeros((metrics.size(model.sizes[-1]),), np.float64)
+            self.no_stats = be.zeros((metrics.size(model.sizes[-1]),), np.float64)
         self.backend_cache: dict = {}  # the backend's own, for the fit (see EpochPlan.cache)
         # (rates, momenta or None) of each step of the next epoch, for a per-step schedule
         self.step_rates: tuple[np.ndarray, np.ndarray | None] | None = None
@@ -326,7 +359,8 @@ class EpochLoop:
         record["seconds"] = time.perf_counter() - start
         record["samples_per_sec"] = self.n / max(record["seconds"], 1e-12)
         if validation_data is not None:
-            val = model.evaluate_prepared(*validation_data, loss=self.loss)
+            val = model.evaluate_prepared(*validation_data, loss=self.loss,
+                                          metrics=self.metrics)
             record.update({f"val_{k}": v for k, v in val.items()})
         model.epochs_trained += 1
         return record
@@ -335,10 +369,20 @@ class EpochLoop:
              on_step: Callable[[int], Any] | None = None) -> dict[str, float]:
         """The steps of one epoch in the given row order."""
         be, opt, parallel = self.backend, self.optimizer, self.parallel
+        totals = None
+        if self.weights is not None:  # each step's weight, from the host copy: no device read
+            totals = step_totals(self.weights, order, self.batch_rows)
         if parallel is not None:
             order = parallel.local_order(order, self.batch_rows)
+            if totals is not None:  # a rank's gradient weighs its shard's share of the weight
+                mine = step_totals(self.weights, order, self.rows)
+                self.grad_weights = np.divide(mine, totals, out=np.zeros_like(mine),
+                                              where=totals > 0)
+                totals = mine
         index = be.asarray(order.astype(np.int64))
         first_step = opt.step_count + 1
+        if self.stats is not None:
+            be.copy(self.no_stats, self.stats)
         # The whole epoch in one call, where the backend can (not under MPI: the gradient is
         # all-reduced between backward and update).
         # (A per-step schedule runs kernel by kernel for now: the fused epochs read one rate.)
@@ -355,13 +399,21 @@ class EpochLoop:
             opt.step_count = halted - 1  # the halted steps changed nothing
             raise TrainingDiverged(epoch + 1, halted - first_step + 1, halted)
         losses = be.to_host(self.step_loss).astype(np.float64)
-        loss_sum = float(losses @ self.rows)
+        # Weighted: sum over steps of (step's weighted mean x step's weight) / total weight
+        loss_sum = float(losses @ (self.rows if totals is None else totals))
         correct = float(be.to_host(self.step_correct).sum()) if self.metric else 0.0
         if parallel is not None:
             loss_sum, correct = parallel.end_epoch(loss_sum, correct)
-        record = {"epoch": epoch + 1, "loss": loss_sum / self.n}
+        count = self.n if totals is None else float(self.weights.sum(dtype=np.float64))
+        record = {"epoch": epoch + 1, "loss": loss_sum / count}
         if self.metric:
-            record["accuracy"] = correct / self.n
+            record["accuracy"] = correct / count
+        if self.metrics is not None:
+            stats = be.to_host(self.stats).astype(np.float64)
+            if parallel is not None:
+                stats = parallel.sum_stats(stats)
+            found = metric_values(self.metrics, stats, self.model.sizes[-1])
+            record.update((k, v) for k, v in found.items() if k not in record)
         return record
 
     def _run_steps(self, index, on_step: Callable[[int], Any] | None) -> None:
@@ -369,15 +421,21 @@ class EpochLoop:
         be, model, opt, parallel = self.backend, self.model, self.optimizer, self.parallel
         for s in range(self.steps):
             ws = self.full if s < self.steps - 1 else self.last
+            W = self.batch_W[0 if s < self.steps - 1 else 1]
             if ws.rows:  # under MPI, a short last batch can leave this rank no rows
                 rows = index[s * self.full.rows:s * self.full.rows + ws.rows]
                 be.take_rows(self.X, rows, ws.X)
                 be.take_rows(self.T, rows, ws.T)
-                model.forward_backward(ws, self.loss, self.loss_slots[s])
+                if W is not None:
+                    be.take_rows(self.W, rows, W)
+                model.forward_backward(ws, self.loss, self.loss_slots[s], W)
                 if self.metric:
-                    be.count_correct(ws.A[-1], ws.T, self.correct_slots[s])
+                    be.count_correct(ws.A[-1], ws.T, self.correct_slots[s], W)
+                if self.metrics is not None:
+                    be.accumulate_stats(self.metrics.kind, ws.A[-1], ws.T, W, self.metrics.ks,
+                                        self.stats)
             if parallel is not None:
-                parallel.all_reduce(model.grads, self.loss_slots[s], ws.rows / self.batch_rows[s])
+                parallel.all_reduce(model.grads, self.loss_slots[s], float(self.grad_weights[s]))
             be.check_step(self.loss_slots[s], model.grads, opt.step_count + 1, self.halted)
             if self.step_rates is not None:
                 set_rate(opt, self.step_rates[0][s],
@@ -397,7 +455,8 @@ class EpochLoop:
             steps=self.steps, workspaces=(self.full, self.last), loss=self.loss,
             metric=self.metric, step_loss=self.step_loss, step_correct=self.step_correct,
             halted=self.halted, optimizer=opt.name, hp=opt, state=opt.state,
-            first_step=first_step, cache=self.backend_cache)
+            first_step=first_step, cache=self.backend_cache, W=self.W, stats=self.stats,
+            metrics=None if self.metrics is None else (self.metrics.kind, self.metrics.ks))
 
 
 class _StepBoundaryInterrupt:

@@ -52,8 +52,26 @@ CASES = {
     # kernel before NCCL sums it.
     "cupy-nccl-diverges": ("cupy-cudasim", ("sgd", {"lr": 0.01}), "mse", [4, 5, 2], "tanh",
                            40, 8, 3),
+    # Sample and class weights (issue 19): each rank's gradient weighs its shard's share of
+    # the batch's weight, not of its rows. Whole-number weights, about a third of them 0 (so
+    # some shards, and the 2-row last batches, weigh 0): the sums are exact, so the weighted
+    # accuracy compares exactly.
+    "numpy-sgd-ce-weighted": ("numpy", ("sgd", {"lr": 0.1, "momentum": 0.9}), "cross_entropy",
+                              [6, 8, 3], "relu", 50, 16, 3),
+    "numba-adam-mse-weighted": ("numba", ("adam", {"lr": 1e-2}), "mse", [5, 7, 2], "tanh",
+                                45, 8, 3),
+    "cupy-nccl-sgd-ce-weighted": ("cupy-cudasim", ("sgd", {"lr": 0.1}), "cross_entropy",
+                                  [6, 8, 3], "relu", 50, 16, 3),
 }
 DIVERGING = ("numpy-diverges", "cupy-nccl-diverges")
+# name -> (sample weights: whole numbers 0..3 from this seed, class_weight)
+WEIGHTED = {"numpy-sgd-ce-weighted": (11, {0: 2, 2: 3}),
+            "numba-adam-mse-weighted": (12, None),
+            "cupy-nccl-sgd-ce-weighted": (13, {1: 4})}
+# name -> metrics= of the weighted cases: each rank sums its shards' statistics, then the ranks'
+METRICS = {"numpy-sgd-ce-weighted": ["f1_macro", "top2"],
+           "numba-adam-mse-weighted": ["r2", "mae"],
+           "cupy-nccl-sgd-ce-weighted": ["precision_macro", "recall_macro"]}
 # Cases trained in float32 (the others in float64); the reference stays the float64 run.
 FLOAT32 = ("cupy-nccl-adam-mse-f32",)
 
@@ -92,8 +110,14 @@ def build(name: str, backend: str | None = None, dtype: str | None = None):
     dtype = dtype or ("float32" if name in FLOAT32 else "float64")
     model = bpk.MLP(sizes, activation=activation, backend=backend_of(backend or case_backend),
                     dtype=dtype, seed=7)
-    return model, {"loss": loss, "optimizer": bpk.optim.make_optimizer(opt, **hp),
-                   "epochs": epochs, "batch_size": batch, "seed": 3}
+    kwargs = {"loss": loss, "optimizer": bpk.optim.make_optimizer(opt, **hp),
+              "epochs": epochs, "batch_size": batch, "seed": 3}
+    if name in WEIGHTED:
+        seed, class_weight = WEIGHTED[name]
+        kwargs["sample_weight"] = np.random.default_rng(seed).integers(0, 4, CASES[name][5])
+        kwargs["class_weight"] = class_weight
+        kwargs["metrics"] = METRICS[name]
+    return model, kwargs
 
 
 def train(name: str, comm=None, reference: bool = False) -> dict:
@@ -108,7 +132,8 @@ def train(name: str, comm=None, reference: bool = False) -> dict:
     watch = _DeviceWatch(-(-samples // batch)) if watched else None
     try:
         history = bpk.fit(model, X, y, comm=comm, **kwargs)
-        outcome["history"] = {k: history[k] for k in ("loss", "accuracy") if k in history.epochs[0]}
+        outcome["history"] = {k: history[k] for k in ("loss", "accuracy", *METRICS.get(name, ()))
+                              if k in history.epochs[0]}
     except bpk.TrainingDiverged as err:
         outcome["diverged"] = [err.epoch, err.step, err.global_step]
     finally:
@@ -171,6 +196,9 @@ def launch_errors(comm) -> dict:
         # A user error before training: raised on every rank (its own error where it happened).
         "bad labels on the last rank": lambda: _fit(comm, X, y + 5 * last, loss="cross_entropy"),
         "bad labels everywhere": lambda: _fit(comm, X, y + 5, loss="cross_entropy"),
+        "sample weights differ": lambda: _fit(comm, X, y,
+                                              sample_weight=np.full(len(y), 1.0 + last)),
+        "metrics differ": lambda: _fit(comm, X, y, metrics=["f1_macro"] if last else None),
     }
     import cudasim
     if cudasim.unavailable_reason() is not None:
@@ -206,10 +234,10 @@ def _cupy_cudasim(nccl: bool):
 
 
 def _fit(comm, X, y, batch_size: int = 16, model_seed: int = 7, backend="numpy",
-         loss: str = "cross_entropy") -> None:
+         loss: str = "cross_entropy", **options) -> None:
     model = bpk.MLP([6, 8, 3], backend=backend, dtype="float64", seed=model_seed)
     bpk.fit(model, X, y, loss=loss, optimizer="sgd", epochs=1, batch_size=batch_size,
-            comm=comm)
+            comm=comm, **options)
 
 
 def fail_on_rank_1(comm, how: str) -> None:

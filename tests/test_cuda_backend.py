@@ -208,6 +208,27 @@ def test_a_data_set_too_large_for_the_device_streams_through_pinned_buffers():
         assert call["host_waits"] == call["event_waits"] == steps  # copy events only
 
 
+def test_streamed_row_weights_and_metrics_match_resident_ones():
+    """Row weights kept in host memory stream beside the rows and labels (a third pinned
+    buffer per step), and the graphs' metric statistics start from zero after capture: the
+    streamed graphs equal the resident kernels launched one by one, exactly."""
+    X, y = data(100)
+    w = np.random.default_rng(3).uniform(0, 2, 100)
+    options = dict(epochs=3, optimizer="adam", batch_size=8, sample_weight=w,
+                   metrics=["f1_macro", "top2"])
+    reference_model, reference = train(make(graphs=False), [5, 6, 3], X, y, **options)
+    backend = make(max_resident_bytes=500)
+    recorder = Recorder(backend)
+    model, history = train(backend, [5, 6, 3], X, y, **options)
+    for name in ("loss", "accuracy", "f1_macro", "top2"):
+        assert history[name] == reference[name], name
+    for (W, b), (W2, b2) in zip(model.get_weights(), reference_model.get_weights()):
+        np.testing.assert_array_equal(W, W2)
+    steps = -(-100 // 8)
+    for call in recorder.calls:
+        assert call["h2d_async"] == 3 * steps  # rows, labels and weights, every step
+
+
 def test_streamed_data_without_graphs_takes_rows_on_the_host():
     X, y = data(30)
     runs = []

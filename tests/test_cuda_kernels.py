@@ -245,6 +245,65 @@ def test_nan_logit_gives_nan_loss(k, dtype):
 
 
 @pytest.mark.parametrize("n, o", [(1, 4), (7, 5), (301, 10), (9, 1)])
+def test_weigh_rows(k, dtype, n, o):
+    """Row weights after a loss kernel: each row of dY and its row loss times w_i / sum(w);
+    a batch of zero total weight becomes 0 (an inf gradient too: never 0 * inf); the hits
+    (total null) times w_i alone."""
+    rng = np.random.default_rng([n, o, 19])
+    M, rows, w = rng.standard_normal((n, o)), rng.standard_normal(n), rng.uniform(0, 2, n)
+    w[1::3] = 0.0  # (row 0 keeps a weight: a batch of one row)
+    total = rounded(w, dtype).sum()
+    dM, drows = dev(M, dtype), dev(rows, dtype)
+    k.weigh_rows(n, dev(w, dtype), dev(np.array([total]), dtype), I64(n), I64(o), dM, drows)
+    f = rounded(w, dtype) / total
+    close(host(dM), rounded(M, dtype) * f[:, None], dtype, "M")
+    close(host(drows), rounded(rows, dtype) * f, dtype, "row")
+    M[0, 0] = np.inf
+    dM, drows = dev(M, dtype), dev(rows, dtype)
+    k.weigh_rows(n, dev(w, dtype), dev(np.zeros(1), dtype), I64(n), I64(o), dM, drows)
+    assert not host(dM).any() and not host(drows).any()
+    hits = dev(np.ones((n, 1)), dtype)
+    k.weigh_rows(n, dev(w, dtype), None, I64(n), I64(1), hits, None)
+    close(host(hits)[:, 0], rounded(w, dtype), dtype, "hits")
+
+
+@pytest.mark.parametrize("n, o", [(1, 4), (7, 5), (301, 10), (9, 1)])
+def test_metric_statistics(k, dtype, n, o):
+    """class_rows_* then class_stats_add, and regression_stats_add: each adds its statistics to
+    what ``out`` holds (the epoch's sums), as Backend.accumulate_stats defines them."""
+    rng = np.random.default_rng([n, o, 20])
+    Y = rounded(rng.standard_normal((n, o)), dtype)
+    Y[0, :] = Y[0, 0]  # a row of ties: top-k ranks a larger index first
+    C, w = max(o, 2), rounded(rng.uniform(0, 2, n), dtype)
+    labels = rng.integers(0, C, n).astype(I64)
+    ks = np.array([1, 3] if o > 1 else [], I64)
+    width = 2 + ks.size
+    pred = (Y[:, 0] > 0).astype(I64) if o == 1 else Y.argmax(1)
+    expected = np.full(C * C + 2 * C + ks.size, 0.5)
+    np.add.at(expected, labels * C + pred, w)
+    np.add.at(expected, C * C + labels, 1.0)
+    np.add.at(expected, C * C + C + pred, 1.0)
+    if ks.size:
+        score = Y[np.arange(n), labels][:, None]
+        rank = ((Y > score) | ((Y == score) & (np.arange(o) > labels[:, None]))).sum(1)
+        for i, kk in enumerate(ks):
+            expected[C * C + 2 * C + i] += w @ (rank < kk)
+    rowstat = shim.empty((n, width), dtype)
+    k.class_rows_labels(n, dev(Y, dtype), dev(labels), I64(n), I64(o), dev(np.r_[ks, 0]),
+                        I64(ks.size), rowstat)
+    out = dev(np.full(expected.size, 0.5), np.float64)  # float64 whatever the model's dtype
+    k.class_stats_add(expected.size, rowstat, dev(w, dtype), I64(n), I64(width), I64(C), out)
+    close(host(out), expected, dtype, "class statistics")
+    T = rounded(rng.standard_normal((n, o)), dtype)
+    E = Y - T
+    expected = np.r_[w.sum(), w @ np.abs(E), w @ E ** 2, w @ T, w @ T ** 2] + 0.5
+    out = dev(np.full(1 + 4 * o, 0.5), np.float64)
+    k.regression_stats_add(1 + 4 * o, dev(Y, dtype), dev(T, dtype), dev(w, dtype), I64(n),
+                           I64(o), out)
+    close(host(out), expected, dtype, "regression statistics")
+
+
+@pytest.mark.parametrize("n, o", [(1, 4), (7, 5), (301, 10), (9, 1)])
 def test_correct_labels_and_rows(k, dtype, n, o):
     rng = np.random.default_rng([n, o])
     Y = rounded(rng.standard_normal((n, o)), dtype)

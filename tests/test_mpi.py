@@ -156,6 +156,9 @@ def test_data_parallel_training_equals_single_process_training(parity_reports, c
                                rtol=rtol, atol=0)
     if "accuracy" in reference["history"]:
         assert first["history"]["accuracy"] == reference["history"]["accuracy"]
+    for name in mpi_fit.METRICS.get(case, ()):  # summed over each rank's shards, then ranks
+        np.testing.assert_allclose(first["history"][name], reference["history"][name],
+                                   rtol=rtol, atol=1e-14, err_msg=name)
 
 
 @pytest.mark.parametrize("case", mpi_fit.DIVERGING)
@@ -289,6 +292,9 @@ def test_bad_launches_raise_the_same_clear_error_on_every_rank(tmp_path):
         "NCCL on rank 0 only": "gradient all-reduce differs across ranks: rank 0 has 'NCCL, on "
                                "the device', rank 1 has 'MPI, staged through host memory'",
         "bad labels everywhere": "ValueError: cross_entropy labels must lie in 0..2",
+        "sample weights differ": "sample and class weights (a digest) differs across ranks",
+        "metrics differ": "metrics differs across ranks: rank 0 has None, rank 2 has "
+                          "['f1_macro']",
     }
     if cudasim.unavailable_reason() is not None:
         del expected["NCCL on rank 0 only"]
@@ -298,6 +304,7 @@ def test_bad_launches_raise_the_same_clear_error_on_every_rank(tmp_path):
         message = messages.pop()
         assert message is not None and text in message, f"{what}: {message}"
     assert "same seed" in reports[0]["seed differs"]
+    assert "same seed" not in reports[0]["sample weights differ"]  # the hint is the seed's
     # Bad data on one rank, met before fit()'s first collective: that rank raises its own
     # error, the others a DistributedError naming it; no rank aborts the job or waits.
     bad = [report["bad labels on the last rank"] for report in reports]

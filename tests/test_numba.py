@@ -500,7 +500,7 @@ def test_kernels_are_cached_and_compiled_without_fastmath():
 @pytest.mark.skipif(not JIT, reason="NUMBA_DISABLE_JIT: no compiled kernels")
 def test_a_second_process_loads_the_compiled_kernel(tmp_path):
     code = ("import numpy as np; from bpkernels.backends.numba import losses as K; "
-            "Y = np.ones((2, 3)); K.mse(Y, Y, np.empty((2, 3)), np.empty(1)); "
+            "Y = np.ones((2, 3)); K.mse(Y, Y, None, np.empty((2, 3)), np.empty(1)); "
             "print(sum(K.mse.stats.cache_hits.values()), sum(K.mse.stats.cache_misses.values()))")
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,

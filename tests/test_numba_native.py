@@ -372,12 +372,12 @@ def test_the_garbage_collector_pauses_while_a_kernel_compiles_and_is_restored(tm
                 pass
         event.register("numba:compile", Spy())
         Y = np.ones((2, 3))
-        K.mse(Y, Y, np.empty((2, 3)), np.empty(1))
+        K.mse(Y, Y, None, np.empty((2, 3)), np.empty(1))
         after = gc.isenabled()
         numba.njit(lambda x: x + 1)(1)  # not the package's: the collector stays on
         gc.disable()
         Y = Y.astype(np.float32)
-        K.mse(Y, Y, np.empty((2, 3), np.float32), np.empty(1, np.float32))
+        K.mse(Y, Y, None, np.empty((2, 3), np.float32), np.empty(1, np.float32))
         print(json.dumps([seen, after, gc.isenabled()]))
     """
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))

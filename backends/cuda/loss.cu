@@ -124,3 +124,90 @@ extern "C" __global__ void correct_rows(const real* Y, const real* T, i64 n, i64
         hit[i] = right ? (real)1 : (real)0;
     }
 }
+
+// Row weights (sample and class weights) after a loss or hit kernel: each row i of M (n, o)
+// and of row (n,), when given, is multiplied by w[i] / total[0], or by w[i] alone where total
+// is null (hits). The loss kernels ran with the unweighted per-row gradient scale, so dY
+// becomes the gradient of sum(w_i l_i) / sum(w_i), and the colsum of row the weighted mean.
+// A batch of zero total weight contributes nothing: its rows become 0 (not 0 / 0 = NaN).
+extern "C" __global__ void weigh_rows(const real* w, const real* total, i64 n, i64 o, real* M,
+                                      real* row) {
+    GRID_STRIDE(i, n) {
+        real f;
+        if (!total) f = w[i];
+        else f = total[0] > 0 ? w[i] / total[0] : (real)0;
+        bool none = total && !(total[0] > 0);
+        if (M)
+            for (i64 j = i * o; j < (i + 1) * o; ++j) M[j] = none ? (real)0 : M[j] * f;
+        if (row) row[i] = none ? (real)0 : row[i] * f;
+    }
+}
+
+// Metric statistics (Backend.accumulate_stats) in two passes without atomics. First, per row
+// (one thread each), s = rowstat + i * (2 + nks): its true class, its predicted class (the
+// first maximum, or y > 0 for one output) and, per k of ks, 1 where the true class ranks among
+// the k largest outputs (ties: a larger index first, as scikit-learn's top_k_accuracy_score).
+__device__ __forceinline__ void class_row(const real* y, i64 o, i64 t, const i64* ks, i64 nks,
+                                          real* s) {
+    i64 p = o == 1 ? (y[0] > 0 ? 1 : 0) : row_argmax(y, o);
+    i64 rank = 0;
+    if (nks > 0)
+        for (i64 j = 0; j < o; ++j) rank += y[j] > y[t] || (y[j] == y[t] && j > t);
+    s[0] = (real)t;
+    s[1] = (real)p;
+    for (i64 k = 0; k < nks; ++k) s[2 + k] = rank < ks[k] ? (real)1 : (real)0;
+}
+
+extern "C" __global__ void class_rows_labels(const real* Y, const i64* labels, i64 n, i64 o,
+                                             const i64* ks, i64 nks, real* rowstat) {
+    GRID_STRIDE(i, n) {
+        i64 t = o == 1 ? (labels[i] >= 1 ? 1 : 0) : labels[i];
+        class_row(Y + i * o, o, t, ks, nks, rowstat + i * (2 + nks));
+    }
+}
+
+extern "C" __global__ void class_rows_probs(const real* Y, const real* T, i64 n, i64 o,
+                                            const i64* ks, i64 nks, real* rowstat) {
+    GRID_STRIDE(i, n) {
+        i64 t = o == 1 ? (T[i] >= (real)0.5 ? 1 : 0) : row_argmax(T + i * o, o);
+        class_row(Y + i * o, o, t, ks, nks, rowstat + i * (2 + nks));
+    }
+}
+
+// Then one thread per statistic, over every row (w null: each row weighs 1): out[t * C + p]
+// += the weight of rows of true class t predicted p, out[C*C + c] += rows of true class c,
+// out[C*C + C + c] += rows predicted c, out[C*C + 2C + k] += the weight of the top-k hits.
+extern "C" __global__ void class_stats_add(const real* rowstat, const real* w, i64 n, i64 width,
+                                           i64 C, acc* out) {
+    GRID_STRIDE(s, C * C + 2 * C + width - 2) {
+        acc sum = 0;
+        for (i64 r = 0; r < n; ++r) {
+            const real* row = rowstat + r * width;
+            i64 t = (i64)row[0], p = (i64)row[1];
+            acc wr = w ? (acc)w[r] : (acc)1;
+            if (s < C * C) sum += t * C + p == s ? wr : 0;
+            else if (s < C * C + C) sum += t == s - C * C ? 1 : 0;
+            else if (s < C * C + 2 * C) sum += p == s - C * C - C ? 1 : 0;
+            else sum += wr * (acc)row[2 + s - C * C - 2 * C];
+        }
+        out[s] += sum;
+    }
+}
+
+// Regression statistics, one thread per statistic: out[0] += sum w; per output j,
+// out[1 + j] += sum w |y - t|, out[1 + o + j] += sum w (y - t)^2, out[1 + 2o + j] += sum w t,
+// out[1 + 3o + j] += sum w t^2.
+extern "C" __global__ void regression_stats_add(const real* Y, const real* T, const real* w,
+                                                i64 n, i64 o, acc* out) {
+    GRID_STRIDE(s, 1 + 4 * o) {
+        acc sum = 0;
+        i64 part = s == 0 ? -1 : (s - 1) / o, j = s == 0 ? 0 : (s - 1) % o;
+        for (i64 r = 0; r < n; ++r) {
+            acc wr = w ? (acc)w[r] : (acc)1;
+            acc t = T[r * o + j], e = (acc)Y[r * o + j] - t;
+            acc v = part < 0 ? 1 : part == 0 ? fabs(e) : part == 1 ? e * e : part == 2 ? t : t * t;
+            sum += wr * v;
+        }
+        out[s] += sum;
+    }
+}

@@ -236,16 +236,24 @@ class NumbaBackend(HostMemory, Backend):
                               dX is not None, self._par(dA.size), self._kinds(activation))
 
     # ------------------------------------------------------------------ loss
-    def loss(self, kind, Y, T, dY, out):
+    def loss(self, kind, Y, T, dY, out, W=None):
         if kind == "cross_entropy":
             kernel = losses.softmax_xent_labels if T.ndim == 1 else losses.softmax_xent_rows
         else:
             kernel = losses.binary_xent if kind == "binary_cross_entropy" else losses.mse
-        kernel(_writeable(Y), _writeable(T), dY, out)
+        kernel(_writeable(Y), _writeable(T), None if W is None else _writeable(W), dY, out)
 
-    def count_correct(self, Y, T, out):
+    def count_correct(self, Y, T, out, W=None):
         (losses.count_correct_labels if T.ndim == 1 else losses.count_correct_rows)(
-            _writeable(Y), _writeable(T), out)
+            _writeable(Y), _writeable(T), None if W is None else _writeable(W), out)
+
+    def accumulate_stats(self, kind, Y, T, W, ks, out):
+        W = None if W is None else _writeable(W)
+        if kind == "regression":
+            losses.regression_stats(_writeable(Y), _writeable(T), W, out)
+        else:
+            (losses.class_stats_labels if T.ndim == 1 else losses.class_stats_rows)(
+                _writeable(Y), _writeable(T), W, np.asarray(ks, np.int64), out)
 
     def check_step(self, loss, grads, step, halted):
         optim.check_step(loss, grads, int(step), halted, self._par(grads.size))
@@ -278,6 +286,14 @@ class NumbaBackend(HostMemory, Backend):
         net, work, targets = plan.cache.get("numba") or \
             plan.cache.setdefault("numba", self._epoch_buffers(plan))
         labeled = plan.T.ndim == 1
+        stats = None if plan.metrics is None else (np.asarray(plan.metrics[1], np.int64),
+                                                   plan.stats)
+        weights = None
+        if plan.W is not None:  # every row's weight, and the batch's (gathered per step)
+            source, weights = plan.cache.get("numba-weights", (None, None))
+            if source is not plan.W:
+                weights = (_writeable(plan.W), np.empty(plan.batch, plan.W.dtype))
+                plan.cache["numba-weights"] = (plan.W, weights)
         states = self._states([plan.state.get(name) for name in RULES[rule].state], plan.params)
         widest = max(plan.params.size, plan.batch * max(plan.sizes))
         workers = None
@@ -290,7 +306,8 @@ class NumbaBackend(HostMemory, Backend):
         epoch.train_epoch(net, (_writeable(plan.X), plan.order, plan.batch), work,
                           (plan.step_loss, plan.step_correct, plan.halted), plan.first_step,
                           LOSS_CODES[plan.loss], plan.metric, targets if labeled else None,
-                          None if labeled else targets, states, *_hyper(rule, plan.hp),
+                          None if labeled else targets, weights, stats, states,
+                          *_hyper(rule, plan.hp),
                           workers, True if workers is None else None, self._par(widest),
                           layers.activation_kinds(ACTIVATION_CODES[a] for a in plan.activations))
         return True

@@ -14,8 +14,10 @@ import numpy as np
 from ..base import ACTIVATION_CODES, KEEPS_Z
 from .jit import NATIVE, as_matrix, epoch, gemm_t, helper, inline, span
 from .layers import GELU, SILU, dz_and_db, dense_layer, grad_rows, zero
-from .losses import (BINARY_CROSS_ENTROPY, CROSS_ENTROPY, binary_xent_of, count_correct_labels_of,
-                     count_correct_rows_of, mse_of, softmax_xent_labels_of, softmax_xent_rows_of)
+from .losses import (BINARY_CROSS_ENTROPY, CROSS_ENTROPY, MSE, binary_xent_of,
+                     class_stats_labels_of, class_stats_rows_of, count_correct_labels_of,
+                     count_correct_rows_of, mse_of, regression_stats_of, softmax_xent_labels_of,
+                     softmax_xent_rows_of)
 from .optim import all_finite, optimizer_update, update_rule
 
 if NATIVE is not None:
@@ -75,6 +77,18 @@ def _gather(src, index, dst):
     for r in range(rows - rows % 4, rows):
         for j in range(k):
             dst[r, j] = src[index[r], j]
+
+
+@inline
+def _batch_weights(weights, index, rows):
+    """The batch's row weights gathered like its targets, or None without weights (the branch
+    Numba prunes, so an unweighted epoch compiles no weight code)."""
+    if weights is None:
+        return None
+    all_W, batch_W = weights[0], span(weights[1], 0, rows)
+    for r in range(rows):
+        batch_W[r] = all_W[index[r]]
+    return batch_W
 
 
 @inline
@@ -260,13 +274,15 @@ def _weight_gradients(net, work, rows, alpha, beta, into_weights, scan):
 
 # (``epoch``: compiled without reference counting in native mode, see _native/toolkit.py.)
 @epoch
-def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, states, sgd, adam,
-                rmsprop, workers, scan, par, kinds):
+def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, weights, stats, states,
+                sgd, adam, rmsprop, workers, scan, par, kinds):
     """Every step of one epoch, as train.py's per-kernel loop runs them: gather the batch,
     forward, loss (and hits), backward, check_step, then the optimizer update of step
     ``first_step + s`` (a no-op once halted). The arguments that may be None (``labels`` or
-    ``T``; all but one of the rules, as in optimizer_step) are separate so that Numba compiles
-    the code of the given ones only. ``workers``, for large models in native mode: how many
+    ``T``; ``weights``, the pair (every row's weight, the batch's), or None; ``stats``, the
+    pair (ks, the epoch's statistics) of Backend.accumulate_stats, or None; all but one of the
+    rules, as in optimizer_step) are separate so that Numba compiles the code of the given ones
+    only. ``workers``, for large models in native mode: how many
     of the BLAS pool's threads (_native/pool.py) share each gather (0: none), which then bounds
     the weight gradients rather than scanning them (``_backward``) and fuses a plain SGD update
     into their GEMM; None for small models, which gather alone and scan (the code of the others then not
@@ -296,24 +312,32 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, state
         _forward(net, work, rows, par, kinds)
         _, _, _, _, Y, dY, _ = _layer(net, work, layers.shape[0] - 1, rows)
         step_loss, step_correct = span(step_losses, s, 1), span(step_hits, s, 1)
+        W = _batch_weights(weights, index, rows)
         if labels is not None:
             all_labels, batch_labels = labels[0], span(labels[1], 0, rows)
             for r in range(rows):
                 batch_labels[r] = all_labels[index[r]]
-            softmax_xent_labels_of(Y, batch_labels, dY, step_loss)
+            softmax_xent_labels_of(Y, batch_labels, W, dY, step_loss)
             if metric:
-                count_correct_labels_of(Y, batch_labels, step_correct)
+                count_correct_labels_of(Y, batch_labels, W, step_correct)
+            if stats is not None:
+                class_stats_labels_of(Y, batch_labels, W, stats[0], stats[1])
         elif T is not None:
             all_T, batch_T = T[0], span(T[1], 0, rows)
             _gather(all_T, index, batch_T)
             if loss == CROSS_ENTROPY:
-                softmax_xent_rows_of(Y, batch_T, dY, step_loss)
+                softmax_xent_rows_of(Y, batch_T, W, dY, step_loss)
             elif loss == BINARY_CROSS_ENTROPY:
-                binary_xent_of(Y, batch_T, dY, step_loss)
+                binary_xent_of(Y, batch_T, W, dY, step_loss)
             else:
-                mse_of(Y, batch_T, dY, step_loss)
+                mse_of(Y, batch_T, W, dY, step_loss)
             if metric:
-                count_correct_rows_of(Y, batch_T, step_correct)
+                count_correct_rows_of(Y, batch_T, W, step_correct)
+            if stats is not None:
+                if loss == MSE:
+                    regression_stats_of(Y, batch_T, W, stats[1])
+                else:
+                    class_stats_rows_of(Y, batch_T, W, stats[0], stats[1])
         if workers is not None:  # (two ifs: Numba prunes each by an argument that is None)
             finite, sure, dw_bound = _backward(net, work, rows, par, kinds, sums, input_bound)
         if scan is not None:
