@@ -26,11 +26,22 @@ any later one: the parameters and every state buffer stay exactly as the last fi
 them, finite, so the model saves and loads. All on the device, with no host round trip per step;
 the host reads ``halted`` once per epoch.
 
+Gradient clipping (``torch.nn.utils.clip_grad_norm_``) rides on the same two passes: ``clip`` is
+None or a (2 + CLIP_SLOTS,) float64 device array made by the caller as ``[0, max_norm, 0, ...]``:
+``clip[1]`` the largest norm allowed, ``clip[2:]`` a backend's scratch for its reduction (a
+GPU's partial sums), and
+``clip[0]`` written by :meth:`Backend.check_step` with the sum of squares of the step's gradients
+(accumulated in float64; inf or NaN latches the step, so an overflowing norm is divergence).
+The ``*_step`` kernels then scale each gradient element as they read it by
+``min(1, clip[1] / (sqrt(clip[0]) + 1e-6))``, rounded to the dtype: no pass of its own, no host
+read. ``grads`` keeps the unclipped gradient.
+
 One method is optional: :meth:`Backend.train_epoch` runs a whole epoch at once, described by an
 :class:`EpochPlan`; by default it declines and the training loop calls the kernels one by one.
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -91,6 +102,19 @@ RULES: dict[str, OptimizerRule] = {rule.name: rule for rule in (
 OPTIMIZER_RULES: dict[str, str] = {"sgd": "sgd", "adam": "adam", "adamw": "adam",
                                    "rmsprop": "rmsprop"}
 
+# torch.nn.utils.clip_grad_norm_'s coefficient: max_norm / (total_norm + CLIP_EPS), at most 1
+CLIP_EPS = 1e-6
+# A GPU's reduction of the norm (cuda/optim.cu): CLIP_THREADS partial sums, added up in
+# CLIP_GROUPS groups; clip[2:] holds both, CLIP_SLOTS values.
+CLIP_THREADS, CLIP_GROUPS = 4096, 64
+CLIP_SLOTS = CLIP_THREADS + CLIP_GROUPS
+
+
+def clip_coefficient(sumsq: float, max_norm: float) -> float:
+    """The factor of every gradient element under clipping, from the sum of squares."""
+    return min(1.0, max_norm / (math.sqrt(sumsq) + CLIP_EPS))
+
+
 DTYPES = ("float32", "float64")  # what a model may hold; each backend supports some of them
 LOSSES = ("mse", "cross_entropy", "binary_cross_entropy")  # the index is the loss code
 LOSS_CODES: dict[str, int] = {name: code for code, name in enumerate(LOSSES)}
@@ -109,8 +133,8 @@ class EpochPlan:
             loss(loss, Y, ws.T, ws.dA[-1], step_loss[s:s + 1])
             if metric: count_correct(Y, ws.T, step_correct[s:s + 1])
             dense_backward of every layer, last first, into the views of ``grads``
-            check_step(step_loss[s:s + 1], grads, first_step + s, halted)
-            <optimizer>_step(params, grads, <state>, hp, first_step + s, halted)  # latches too
+            check_step(step_loss[s:s + 1], grads, first_step + s, halted, clip)
+            <optimizer>_step(params, grads, <state>, hp, first_step + s, halted, clip)  # latches too
 
     Parameters (and gradients, and each state buffer) are flat: per layer, W (in x out,
     row-major) then b (out,). Every epoch of one fit() passes the same buffers, except ``order``
@@ -143,6 +167,9 @@ class EpochPlan:
     state: dict[str, Any]            # its state buffers by name (momentum_buffer, exp_avg, ...)
     first_step: int                  # 1-based optimizer step of this epoch's first step
     cache: dict = field(default_factory=dict)
+    # gradient clipping: None, or the (2 + CLIP_SLOTS,) float64 device array of check_step and
+    # the updates (clip[1] the max norm, fixed for the fit; clip[0] each step's sum of squares)
+    clip: Any = None
 
 
 class Backend(ABC):
@@ -236,10 +263,12 @@ class Backend(ABC):
         first maximum. ``out`` is a length-1 view of the model dtype."""
 
     @abstractmethod
-    def check_step(self, loss: Any, grads: Any, step: int, halted: Any) -> None:
+    def check_step(self, loss: Any, grads: Any, step: int, halted: Any, clip: Any = None) -> None:
         """If ``halted[0]`` is 0 and ``loss[0]`` or any element of ``grads`` is not finite,
         set ``halted[0] = step``. Never clears it. (The update's own overflow is the
-        optimizer kernels' half of the latch.)"""
+        optimizer kernels' half of the latch.) With ``clip`` (see the module's docstring),
+        also ``clip[0]`` = the sum of squares of ``grads`` in float64, latching the step where
+        it is not finite."""
 
     # ------------------------------------------------------------------ optimizers
     # Each is one fused in-place update of the flat parameter buffer ``params`` from the
@@ -249,23 +278,25 @@ class Backend(ABC):
     # gradient times a huge learning rate; Adam's 0 / 0 with ``eps = 0``). No host sync: check
     # on the device, then write gated on ``halted`` (the NumPy reference updates scratch copies
     # and copies them back; Numba and CUDA run one element function twice, read-only first).
+    # ``clip``: None, or check_step's array: every gradient element is scaled by the clip
+    # coefficient (module docstring) as it is read.
 
     @abstractmethod
     def sgd_step(self, params: Any, grads: Any, momentum_buf: Any, hp: Any, step: int,
-                 halted: Any) -> None:
+                 halted: Any, clip: Any = None) -> None:
         """torch.optim.SGD. hp: lr, momentum, dampening, nesterov, weight_decay.
         ``momentum_buf`` (None when momentum == 0) is set to the gradient (with weight decay
         added) on step 1."""
 
     @abstractmethod
     def adam_step(self, params: Any, grads: Any, m: Any, v: Any, hp: Any, step: int,
-                  halted: Any) -> None:
+                  halted: Any, clip: Any = None) -> None:
         """torch.optim.Adam / AdamW. hp: lr, beta1, beta2, eps, weight_decay, decoupled
         (True for AdamW: decay the weights directly instead of adding L2 to the gradient)."""
 
     @abstractmethod
     def rmsprop_step(self, params: Any, grads: Any, square_avg: Any, momentum_buf: Any,
-                     grad_avg: Any, hp: Any, step: int, halted: Any) -> None:
+                     grad_avg: Any, hp: Any, step: int, halted: Any, clip: Any = None) -> None:
         """torch.optim.RMSprop. hp: lr, alpha, eps, weight_decay, momentum, centered.
         ``momentum_buf`` is used when momentum > 0 and ``grad_avg`` when centered; each is None
         otherwise."""

@@ -21,13 +21,13 @@ import numpy as np
 from . import interop, memory
 from .interop import ArrayLike
 from .model import CHUNK_ROWS
-from .backends.base import EpochPlan
+from .backends.base import CLIP_SLOTS, EpochPlan
 from .history import History
 from .lr_scheduler import LRScheduler
 from .losses import check_loss, has_accuracy
 from .optim import Adam, Optimizer, make_optimizer
 from .threads import limit_threads
-from .validation import check_bool, check_ordered, check_positive_int
+from .validation import check_bool, check_ordered, check_positive_int, check_real
 
 if TYPE_CHECKING:
     from .distributed import DataParallel
@@ -69,7 +69,8 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
         callbacks: Iterable[Callable[[int, dict], Any]] | None = None,
         progress: bool = False, comm: Any = None, threads: int | None = None,
         lr_scheduler: LRScheduler | None = None,
-        lr_scheduler_interval: str | None = None) -> History:
+        lr_scheduler_interval: str | None = None,
+        clip_grad_norm: float | None = None) -> History:
     """Train ``model`` on X, y; returns the History of the epochs run.
 
     ``optimizer``: an Optimizer, a name ("sgd", "adam", "adamw", "rmsprop") or None for the
@@ -89,6 +90,10 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
     per epoch. The rate of each epoch is recorded as ``lr`` (per step: the epoch's last step's).
     The model keeps the schedule (``model.lr_scheduler``, saved in checkpoints): None continues
     the model's own, with its interval; set ``model.lr_scheduler = None`` to drop it.
+    ``clip_grad_norm``: before each update, scale the gradient down to this L2 norm (over all
+    parameters at once) where it is longer, as ``torch.nn.utils.clip_grad_norm_`` (a finite
+    number > 0; None: no clipping); under MPI, the norm of the all-reduced gradient. A
+    gradient whose norm is not finite (its sum of squares overflows) is divergence.
     A callback object may have ``on_fit_start(model, optimizer)`` and
     ``on_fit_end(model, history)`` hooks (see bpkernels.callbacks, EarlyStopping).
 
@@ -105,6 +110,7 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
     shuffle, progress = check_bool(shuffle, "shuffle"), check_bool(progress, "progress")
     if threads is not None:
         threads = check_positive_int(threads, "threads", 1)
+    clip_grad_norm = check_clip(clip_grad_norm)
     # Taken before the inputs are prepared, atomically: a check here and a mark set later
     # let two fits started together both train.
     claim = _FitClaim()
@@ -142,7 +148,7 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
                                     batch_size=batch_size, epochs=epochs, shuffle=shuffle,
                                     seed=seed)
         loop = EpochLoop(model, X, T, loss=loss, optimizer=opt, batch_size=batch_size,
-                         parallel=parallel)
+                         parallel=parallel, clip_grad_norm=clip_grad_norm)
         model._trainer = loop  # handed over: its ``with`` needs no second claim
         model.loss = loss
         history = History()
@@ -232,12 +238,13 @@ class EpochLoop:
     rather than as warnings, and takes Ctrl-C between steps (see ``interrupted``); it may be
     entered again for later epochs. ``parallel`` is the data-parallel side of a run
     (bpkernels.distributed.DataParallel, which fit(comm=...) makes): the steps then train this
-    rank's shard of each batch and all-reduce the gradients.
+    rank's shard of each batch and all-reduce the gradients. ``clip_grad_norm``: as fit's.
     """
 
     def __init__(self, model: "MLP", X: interop.Array, T: np.ndarray, *, loss: str,
                  optimizer: Optimizer, batch_size: int,
-                 parallel: "DataParallel | None" = None) -> None:
+                 parallel: "DataParallel | None" = None,
+                 clip_grad_norm: float | None = None) -> None:
         check_loss(loss)
         _check_not_training(model)
         be = self.backend = model.backend
@@ -263,6 +270,12 @@ class EpochLoop:
         self.loss_slots = [self.step_loss[s:s + 1] for s in range(self.steps)]
         self.correct_slots = [self.step_correct[s:s + 1] for s in range(self.steps)]
         self.halted = be.zeros((1,), np.int64)
+        # check_step's sum of squares and the max norm, read by the updates on the device
+        self.clip = None
+        if check_clip(clip_grad_norm) is not None:
+            clip = np.zeros(2 + CLIP_SLOTS, np.float64)
+            clip[1] = clip_grad_norm
+            self.clip = be.asarray(clip)
         self.metric = has_accuracy(loss, model.sizes[-1])
         self.backend_cache: dict = {}  # the backend's own, for the fit (see EpochPlan.cache)
         # (rates, momenta or None) of each step of the next epoch, for a per-step schedule
@@ -378,11 +391,15 @@ class EpochLoop:
                     be.count_correct(ws.A[-1], ws.T, self.correct_slots[s])
             if parallel is not None:
                 parallel.all_reduce(model.grads, self.loss_slots[s], ws.rows / self.batch_rows[s])
-            be.check_step(self.loss_slots[s], model.grads, opt.step_count + 1, self.halted)
+            if self.clip is None:  # (the contract's older signature: backends of others)
+                be.check_step(self.loss_slots[s], model.grads, opt.step_count + 1, self.halted)
+            else:
+                be.check_step(self.loss_slots[s], model.grads, opt.step_count + 1, self.halted,
+                              self.clip)
             if self.step_rates is not None:
                 set_rate(opt, self.step_rates[0][s],
                          None if self.step_rates[1] is None else self.step_rates[1][s])
-            opt.step(model, self.halted)
+            opt.step(model, self.halted, self.clip)
             if on_step is not None:
                 on_step(int(self.batch_rows[s]))
             if self.interrupted and parallel is None:  # under MPI: at the epoch's end
@@ -397,7 +414,7 @@ class EpochLoop:
             steps=self.steps, workspaces=(self.full, self.last), loss=self.loss,
             metric=self.metric, step_loss=self.step_loss, step_correct=self.step_correct,
             halted=self.halted, optimizer=opt.name, hp=opt, state=opt.state,
-            first_step=first_step, cache=self.backend_cache)
+            first_step=first_step, cache=self.backend_cache, clip=self.clip)
 
 
 class _StepBoundaryInterrupt:
@@ -520,6 +537,13 @@ def check_memory(model: "MLP", X: interop.Array, T: np.ndarray, optimizer: Optim
         if not X.resident:
             device["the training data"] = n * model.sizes[0] * itemsize
     memory.check_on(model.backend, f"training {memory.describe(model)}", {}, device)
+
+
+def check_clip(value: Any) -> float | None:
+    """fit's ``clip_grad_norm``: None, or a finite number > 0."""
+    if value is None:
+        return None
+    return check_real(value, "clip_grad_norm", 0.0, low_open=True)
 
 
 def _resolve_optimizer(model, optimizer) -> Optimizer:

@@ -247,23 +247,24 @@ class NumbaBackend(HostMemory, Backend):
         (losses.count_correct_labels if T.ndim == 1 else losses.count_correct_rows)(
             _writeable(Y), _writeable(T), out)
 
-    def check_step(self, loss, grads, step, halted):
-        optim.check_step(loss, grads, int(step), halted, self._par(grads.size))
+    def check_step(self, loss, grads, step, halted, clip=None):
+        optim.check_step(loss, grads, int(step), halted, self._par(grads.size), clip)
 
     # ------------------------------------------------------------------ optimizers
-    def sgd_step(self, params, grads, momentum_buf, hp, step, halted):
-        self._step("sgd", params, grads, (momentum_buf,), hp, step, halted)
+    def sgd_step(self, params, grads, momentum_buf, hp, step, halted, clip=None):
+        self._step("sgd", params, grads, (momentum_buf,), hp, step, halted, clip)
 
-    def adam_step(self, params, grads, m, v, hp, step, halted):
-        self._step("adam", params, grads, (m, v), hp, step, halted)
+    def adam_step(self, params, grads, m, v, hp, step, halted, clip=None):
+        self._step("adam", params, grads, (m, v), hp, step, halted, clip)
 
-    def rmsprop_step(self, params, grads, square_avg, momentum_buf, grad_avg, hp, step, halted):
+    def rmsprop_step(self, params, grads, square_avg, momentum_buf, grad_avg, hp, step, halted,
+                     clip=None):
         self._step("rmsprop", params, grads, (square_avg, momentum_buf, grad_avg), hp, step,
-                   halted)
+                   halted, clip)
 
-    def _step(self, rule, params, grads, states, hp, step, halted):
+    def _step(self, rule, params, grads, states, hp, step, halted, clip):
         optim.optimizer_step(params, grads, self._states(states, params), *_hyper(rule, hp),
-                             int(step), halted, self._par(params.size))
+                             int(step), halted, self._par(params.size), clip)
 
     def _states(self, states, params) -> tuple[np.ndarray, ...]:
         """Three state buffers, an empty array for each one that is None or absent."""
@@ -292,7 +293,8 @@ class NumbaBackend(HostMemory, Backend):
                           LOSS_CODES[plan.loss], plan.metric, targets if labeled else None,
                           None if labeled else targets, states, *_hyper(rule, plan.hp),
                           workers, True if workers is None else None, self._par(widest),
-                          layers.activation_kinds(ACTIVATION_CODES[a] for a in plan.activations))
+                          layers.activation_kinds(ACTIVATION_CODES[a] for a in plan.activations),
+                          plan.clip)
         return True
 
     def _epoch_buffers(self, plan: EpochPlan) -> tuple[Any, Any, tuple]:

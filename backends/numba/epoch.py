@@ -16,7 +16,7 @@ from .jit import NATIVE, as_matrix, epoch, gemm_t, helper, inline, span
 from .layers import GELU, SILU, dz_and_db, dense_layer, grad_rows, zero
 from .losses import (BINARY_CROSS_ENTROPY, CROSS_ENTROPY, binary_xent_of, count_correct_labels_of,
                      count_correct_rows_of, mse_of, softmax_xent_labels_of, softmax_xent_rows_of)
-from .optim import all_finite, optimizer_update, update_rule
+from .optim import all_finite, grad_sum_squares, optimizer_update, update_rule
 
 if NATIVE is not None:
     from ._native.gather import gather_shared, pool_worker
@@ -261,7 +261,7 @@ def _weight_gradients(net, work, rows, alpha, beta, into_weights, scan):
 # (``epoch``: compiled without reference counting in native mode, see _native/toolkit.py.)
 @epoch
 def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, states, sgd, adam,
-                rmsprop, workers, scan, par, kinds):
+                rmsprop, workers, scan, par, kinds, clip):
     """Every step of one epoch, as train.py's per-kernel loop runs them: gather the batch,
     forward, loss (and hits), backward, check_step, then the optimizer update of step
     ``first_step + s`` (a no-op once halted). The arguments that may be None (``labels`` or
@@ -283,7 +283,7 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, state
     # Plain SGD fused into dW's GEMM writes W before anything can check it: it runs only where
     # a bound on every |W| shows the new weights finite. The bound starts from a scan (once an
     # epoch), each fused step bounds its own result, and a step that is not fused scans again.
-    fusable = sgd is not None and workers is not None and sgd[1] == 0
+    fusable = sgd is not None and workers is not None and sgd[1] == 0 and clip is None
     w_bound = _abs_max(params) if fusable else math.inf
     for s in range(steps):
         rows = min(batch, n - s * batch)
@@ -336,20 +336,26 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, state
                 for layer in range(layers.shape[0]):  # the biases' update, not yet written
                     b, o = layers[layer, 3], layers[layer, 1]
                     fused = fused and update_rule(span(params, b, o), span(grads, b, o), states,
-                                                  sgd, adam, rmsprop, first_step + s, False)
+                                                  sgd, adam, rmsprop, first_step + s, 1.0,
+                                                  False)
                 if fused:
                     w_bound = new_bound
                 else:
                     alpha, beta = 1.0, 0.0
-        finite = _weight_gradients(net, work, rows, alpha, beta, fused, not sure) and finite
+        finite = _weight_gradients(net, work, rows, alpha, beta, fused,
+                                   not sure and clip is None) and finite
+        if clip is not None:  # check_step's pass, the norm's sum of squares with it
+            clip[0] = grad_sum_squares(grads, par)
+            finite = finite and math.isfinite(clip[0])
         if fusable and fused:
             for layer in range(layers.shape[0]):  # the biases, by the rule itself
                 b, o = layers[layer, 3], layers[layer, 1]
                 update_rule(span(params, b, o), span(grads, b, o), states, sgd, adam, rmsprop,
-                            first_step + s, True)
+                            first_step + s, 1.0, True)
             continue
         if halted[0] == 0 and not finite:
             halted[0] = first_step + s  # check_step's latch
-        optimizer_update(params, grads, states, sgd, adam, rmsprop, first_step + s, halted, par)
+        optimizer_update(params, grads, states, sgd, adam, rmsprop, first_step + s, halted, par,
+                         clip)
         if fusable and halted[0] == 0 and s + 2 < steps:
             w_bound = _abs_max(params)  # a step that was not fused moved W by its own rule

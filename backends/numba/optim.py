@@ -15,6 +15,7 @@ import math
 import numba
 import numpy as np
 
+from ..base import CLIP_EPS
 from .jit import helper, inline, jit, phelper
 from .layers import chunk_bounds, chunk_count
 
@@ -36,15 +37,57 @@ def _finite_par(x, chunks):
     return ok.all()
 
 
-@jit
-def check_step(loss, grads, step, halted, par):
-    if halted[0] != 0:
-        return
+@inline
+def sum_squares(x):
+    """The sum of x[i]^2 in float64: inf or NaN where any x[i] is (or where the sum
+    overflows), so it is the latch's finiteness check too."""
+    total = 0.0
+    for i in range(x.size):
+        value = np.float64(x[i])
+        total += value * value
+    return total
+
+
+@phelper
+def _sum_squares_par(x, chunks):
+    total = 0.0
+    for c in numba.prange(chunks):
+        i0, i1 = chunk_bounds(c, chunks, x.size)
+        total += sum_squares(x[i0:i1])
+    return total
+
+
+@helper
+def grad_sum_squares(grads, par):
+    """check_step's pass under gradient clipping: the sum of squares of every gradient."""
     chunks = chunk_count(grads.size, par)
     if par is None or chunks == 1:
-        finite = all_finite(grads)
+        return sum_squares(grads)
+    return _sum_squares_par(grads, chunks)
+
+
+@inline
+def clip_coefficient(clip):
+    """The factor of every gradient element: torch.nn.utils.clip_grad_norm_'s, from
+    check_step's sum of squares (clip[0]) and the max norm (clip[1]); 1 without ``clip``."""
+    if clip is None:
+        return 1.0
+    return min(1.0, clip[1] / (math.sqrt(clip[0]) + CLIP_EPS))
+
+
+@jit
+def check_step(loss, grads, step, halted, par, clip):
+    if halted[0] != 0:
+        return
+    if clip is not None:  # the one pass: the sum of squares is finite only where every g is
+        clip[0] = grad_sum_squares(grads, par)
+        finite = math.isfinite(clip[0])
     else:
-        finite = _finite_par(grads, chunks)
+        chunks = chunk_count(grads.size, par)
+        if par is None or chunks == 1:
+            finite = all_finite(grads)
+        else:
+            finite = _finite_par(grads, chunks)
     if not (finite and math.isfinite(loss[0])):
         halted[0] = step
 
@@ -73,23 +116,24 @@ def _sgd_element(w, d, b, first, lr, momentum, undamped, weight_decay, nesterov)
 
 
 @inline
-def _sgd(p, g, buf, hp, first, write):
+def _sgd(p, g, buf, hp, first, coef, write):
     cast = p.dtype.type
+    coef = cast(coef)  # the clip coefficient, 1 without clipping (an exact multiply)
     lr, momentum, undamped, weight_decay = cast(hp[0]), cast(hp[1]), cast(1.0 - hp[2]), cast(hp[4])
     nesterov = hp[3] != 0
     old = buf if momentum != 0 else g  # see _unused
     if write:
         for i in range(p.size):
-            w, b = _sgd_element(p[i], g[i], old[i], first, lr, momentum, undamped, weight_decay,
-                                nesterov)
+            w, b = _sgd_element(p[i], g[i] * coef, old[i], first, lr, momentum, undamped,
+                                weight_decay, nesterov)
             if momentum != 0:
                 old[i] = b  # (buf itself: a store through another name would alias it)
             p[i] = w
         return True
     bad = False
     for i in range(p.size):
-        w, b = _sgd_element(p[i], g[i], old[i], first, lr, momentum, undamped, weight_decay,
-                            nesterov)
+        w, b = _sgd_element(p[i], g[i] * coef, old[i], first, lr, momentum, undamped,
+                            weight_decay, nesterov)
         bad |= ((w - w) + (b - b)) != 0
     return not bad
 
@@ -110,21 +154,22 @@ def _adam_element(w, d, m, v, beta1, beta2, eps, weight_decay, decay, decoupled,
 
 
 @inline
-def _adam(p, g, m, v, hp, step_size, root_bc2, write):
+def _adam(p, g, m, v, hp, step_size, root_bc2, coef, write):
     cast = p.dtype.type
+    coef = cast(coef)
     beta1, beta2, eps, weight_decay = cast(hp[1]), cast(hp[2]), cast(hp[3]), cast(hp[4])
     decay, decoupled = cast(1.0 - hp[0] * hp[4]), hp[5] != 0
     new1, new2, step_size, root_bc2 = cast(1.0 - hp[1]), cast(1.0 - hp[2]), cast(step_size), \
         cast(root_bc2)
     if write:
         for i in range(p.size):
-            w, mi, vi = _adam_element(p[i], g[i], m[i], v[i], beta1, beta2, eps, weight_decay,
+            w, mi, vi = _adam_element(p[i], g[i] * coef, m[i], v[i], beta1, beta2, eps, weight_decay,
                                       decay, decoupled, new1, new2, step_size, root_bc2)
             p[i], m[i], v[i] = w, mi, vi
         return True
     bad = False
     for i in range(p.size):
-        w, mi, vi = _adam_element(p[i], g[i], m[i], v[i], beta1, beta2, eps, weight_decay, decay,
+        w, mi, vi = _adam_element(p[i], g[i] * coef, m[i], v[i], beta1, beta2, eps, weight_decay, decay,
                                   decoupled, new1, new2, step_size, root_bc2)
         bad |= ((w - w) + (mi - mi) + (vi - vi)) != 0
     return not bad
@@ -150,14 +195,15 @@ def _rmsprop_element(w, d, sq, b, ga, lr, alpha, eps, weight_decay, momentum, ne
 
 
 @inline
-def _rmsprop(p, g, square_avg, buf, grad_avg, hp, write):
+def _rmsprop(p, g, square_avg, buf, grad_avg, hp, coef, write):
     cast = p.dtype.type
+    coef = cast(coef)
     lr, alpha, eps, weight_decay = cast(hp[0]), cast(hp[1]), cast(hp[2]), cast(hp[3])
     momentum, new, centered = cast(hp[4]), cast(1.0 - hp[1]), hp[5] != 0
     old_buf, old_avg = buf if momentum > 0 else g, grad_avg if centered else g  # see _unused
     if write:
         for i in range(p.size):
-            w, sq, b, ga = _rmsprop_element(p[i], g[i], square_avg[i], old_buf[i], old_avg[i],
+            w, sq, b, ga = _rmsprop_element(p[i], g[i] * coef, square_avg[i], old_buf[i], old_avg[i],
                                             lr, alpha, eps, weight_decay, momentum, new,
                                             centered)
             square_avg[i] = sq
@@ -169,33 +215,34 @@ def _rmsprop(p, g, square_avg, buf, grad_avg, hp, write):
         return True
     bad = False
     for i in range(p.size):
-        w, sq, b, ga = _rmsprop_element(p[i], g[i], square_avg[i], old_buf[i], old_avg[i], lr,
+        w, sq, b, ga = _rmsprop_element(p[i], g[i] * coef, square_avg[i], old_buf[i], old_avg[i], lr,
                                         alpha, eps, weight_decay, momentum, new, centered)
         bad |= ((w - w) + (sq - sq) + (b - b) + (ga - ga)) != 0
     return not bad
 
 
 @helper
-def update_rule(p, g, states, sgd, adam, rmsprop, step, write):
+def update_rule(p, g, states, sgd, adam, rmsprop, step, coef, write):
     """With ``write``, the update of one rule (the others' hyper-parameters None) over ``p``
     and its state buffers, returning True; without, writes nothing and returns whether every
-    value the update would write is finite."""
+    value the update would write is finite. ``coef``: the gradient's clip coefficient (1.0
+    without clipping)."""
     s1, s2, s3 = states
     if sgd is not None:
-        return _sgd(p, g, s1, sgd, step == 1, write)  # the momentum buffer starts as the gradient
+        return _sgd(p, g, s1, sgd, step == 1, coef, write)  # the momentum buffer starts as the gradient
     elif adam is not None:
         # math.pow, as Python's float ** int (the NumPy backend's) computes it; Numba's ** by
         # an integer multiplies instead (other last bits), and costs its own compile
         step_size = adam[0] / (1.0 - math.pow(adam[1], step))
         return _adam(p, g, s1, s2, adam, step_size, math.sqrt(1.0 - math.pow(adam[2], step)),
-                     write)
+                     coef, write)
     elif rmsprop is not None:
-        return _rmsprop(p, g, s1, s2, s3, rmsprop, write)
+        return _rmsprop(p, g, s1, s2, s3, rmsprop, coef, write)
     return True
 
 
 @phelper
-def _update_par(p, g, states, sgd, adam, rmsprop, step, chunks, write):
+def _update_par(p, g, states, sgd, adam, rmsprop, step, coef, chunks, write):
     """``update_rule`` chunk by chunk in parallel; returns whether every chunk's did (so,
     without ``write``, whether the whole update is finite). A count of the bad chunks: a prange
     reduction, no array allocated per step."""
@@ -205,32 +252,35 @@ def _update_par(p, g, states, sgd, adam, rmsprop, step, chunks, write):
         i0, i1 = chunk_bounds(c, chunks, p.size)
         # an unused state buffer is empty, and so is its slice
         chunk = (s1[i0:i1], s2[i0:i1], s3[i0:i1])
-        bad += 0 if update_rule(p[i0:i1], g[i0:i1], chunk, sgd, adam, rmsprop, step, write) else 1
+        bad += 0 if update_rule(p[i0:i1], g[i0:i1], chunk, sgd, adam, rmsprop, step, coef,
+                                write) else 1
     return bad == 0
 
 
 @inline
-def optimizer_update(p, g, states, sgd, adam, rmsprop, step, halted, par):
+def optimizer_update(p, g, states, sgd, adam, rmsprop, step, halted, par, clip):
     """One update of the flat parameters ``p``, a no-op while halted[0] != 0, by the one rule
     of sgd / adam / rmsprop whose hyper-parameters are given: the others are None, a type to
     Numba, which then compiles that rule only. ``states``: three buffers in the order of the
     rule's ``base.RULES`` row. The latch covers the update: a first pass computes every new
     value and writes none; if one is not finite, ``halted[0] = step`` and nothing is written
-    (one more read of the buffers per step, no host round trip)."""
+    (one more read of the buffers per step, no host round trip). ``clip``: None, or
+    check_step's clipping array (base.py), whose coefficient scales each gradient as read."""
     if halted[0] != 0:
         return
+    coef = clip_coefficient(clip)
     chunks = chunk_count(p.size, par)
     if par is None or chunks == 1:
-        if update_rule(p, g, states, sgd, adam, rmsprop, step, False):
-            update_rule(p, g, states, sgd, adam, rmsprop, step, True)
+        if update_rule(p, g, states, sgd, adam, rmsprop, step, coef, False):
+            update_rule(p, g, states, sgd, adam, rmsprop, step, coef, True)
         else:
             halted[0] = step
-    elif _update_par(p, g, states, sgd, adam, rmsprop, step, chunks, False):
-        _update_par(p, g, states, sgd, adam, rmsprop, step, chunks, True)
+    elif _update_par(p, g, states, sgd, adam, rmsprop, step, coef, chunks, False):
+        _update_par(p, g, states, sgd, adam, rmsprop, step, coef, chunks, True)
     else:
         halted[0] = step
 
 
 @jit
-def optimizer_step(p, g, states, sgd, adam, rmsprop, step, halted, par):
-    optimizer_update(p, g, states, sgd, adam, rmsprop, step, halted, par)
+def optimizer_step(p, g, states, sgd, adam, rmsprop, step, halted, par, clip):
+    optimizer_update(p, g, states, sgd, adam, rmsprop, step, halted, par, clip)
