@@ -36,6 +36,12 @@ The ``*_step`` kernels then scale each gradient element as they read it by
 ``min(1, clip[1] / (sqrt(clip[0]) + 1e-6))``, rounded to the dtype: no pass of its own, no host
 read. ``grads`` keeps the unclipped gradient.
 
+A per-step learning-rate schedule reaches the updates without a host round trip either:
+``rate`` is None or a (2,) float64 device array (a row of the epoch's table, uploaded once per
+epoch), the step's learning rate and the rule's cycled momentum (:data:`RATE_MOMENTUM`: SGD's
+and RMSprop's ``momentum``, Adam's ``beta1``, the optimizer's own value where the schedule
+cycles none); they replace ``hp``'s.
+
 One method is optional: :meth:`Backend.train_epoch` runs a whole epoch at once, described by an
 :class:`EpochPlan`; by default it declines and the training loop calls the kernels one by one.
 """
@@ -98,6 +104,26 @@ RULES: dict[str, OptimizerRule] = {rule.name: rule for rule in (
     OptimizerRule("rmsprop", ("lr", "alpha", "eps", "weight_decay", "momentum", "centered"),
                   ("square_avg", "momentum_buffer", "grad_avg")),
 )}
+# rule -> its hyper-parameter that a schedule's second column (the cycled momentum) replaces
+RATE_MOMENTUM: dict[str, str] = {"sgd": "momentum", "adam": "beta1", "rmsprop": "momentum"}
+
+
+class Rated:
+    """``hp`` with the learning rate and momentum of a schedule's ``rate`` row: how the host
+    backends (whose "device" arrays the host reads) read the ``rate`` of a ``*_step``."""
+
+    def __init__(self, rule: str, hp: Any, rate: Any) -> None:
+        self._hp, self.lr = hp, float(rate[0])
+        setattr(self, RATE_MOMENTUM[rule], float(rate[1]))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._hp, name)
+
+
+def rated(rule: str, hp: Any, rate: Any) -> Any:
+    return hp if rate is None else Rated(rule, hp, rate)
+
+
 # optimizer name -> the rule its kernels run (AdamW is Adam with decoupled = 1)
 OPTIMIZER_RULES: dict[str, str] = {"sgd": "sgd", "adam": "adam", "adamw": "adam",
                                    "rmsprop": "rmsprop"}
@@ -134,12 +160,13 @@ class EpochPlan:
             if metric: count_correct(Y, ws.T, step_correct[s:s + 1])
             dense_backward of every layer, last first, into the views of ``grads``
             check_step(step_loss[s:s + 1], grads, first_step + s, halted, clip)
-            <optimizer>_step(params, grads, <state>, hp, first_step + s, halted, clip)  # latches too
+            <optimizer>_step(params, grads, <state>, hp, first_step + s, halted, clip,
+                             rates[s] if rates is not None else None)  # latches too
 
     Parameters (and gradients, and each state buffer) are flat: per layer, W (in x out,
     row-major) then b (out,). Every epoch of one fit() passes the same buffers, except ``order``
-    (a new array each epoch) and the numbers (``first_step``; ``hp`` may be changed between
-    epochs by a callback). A backend may keep what it builds for them (compiled code, scratch
+    and ``rates`` (new arrays each epoch) and the numbers (``first_step``; ``hp`` may be changed
+    between epochs by a callback). A backend may keep what it builds for them (compiled code, scratch
     buffers, captured graphs) in ``cache``, which lives as long as the fit() does.
     """
 
@@ -170,6 +197,9 @@ class EpochPlan:
     # gradient clipping: None, or the (2 + CLIP_SLOTS,) float64 device array of check_step and
     # the updates (clip[1] the max norm, fixed for the fit; clip[0] each step's sum of squares)
     clip: Any = None
+    # a per-step schedule: None, or (steps, 2) float64 on the device, row s the ``rate`` of step
+    # s (its learning rate and RATE_MOMENTUM), which replace hp's; uploaded once per epoch
+    rates: Any = None
 
 
 class Backend(ABC):
@@ -279,24 +309,26 @@ class Backend(ABC):
     # on the device, then write gated on ``halted`` (the NumPy reference updates scratch copies
     # and copies them back; Numba and CUDA run one element function twice, read-only first).
     # ``clip``: None, or check_step's array: every gradient element is scaled by the clip
-    # coefficient (module docstring) as it is read.
+    # coefficient (module docstring) as it is read. ``rate``: None, or a schedule's row for this
+    # step (module docstring).
 
     @abstractmethod
     def sgd_step(self, params: Any, grads: Any, momentum_buf: Any, hp: Any, step: int,
-                 halted: Any, clip: Any = None) -> None:
+                 halted: Any, clip: Any = None, rate: Any = None) -> None:
         """torch.optim.SGD. hp: lr, momentum, dampening, nesterov, weight_decay.
         ``momentum_buf`` (None when momentum == 0) is set to the gradient (with weight decay
         added) on step 1."""
 
     @abstractmethod
     def adam_step(self, params: Any, grads: Any, m: Any, v: Any, hp: Any, step: int,
-                  halted: Any, clip: Any = None) -> None:
+                  halted: Any, clip: Any = None, rate: Any = None) -> None:
         """torch.optim.Adam / AdamW. hp: lr, beta1, beta2, eps, weight_decay, decoupled
         (True for AdamW: decay the weights directly instead of adding L2 to the gradient)."""
 
     @abstractmethod
     def rmsprop_step(self, params: Any, grads: Any, square_avg: Any, momentum_buf: Any,
-                     grad_avg: Any, hp: Any, step: int, halted: Any, clip: Any = None) -> None:
+                     grad_avg: Any, hp: Any, step: int, halted: Any, clip: Any = None,
+                     rate: Any = None) -> None:
         """torch.optim.RMSprop. hp: lr, alpha, eps, weight_decay, momentum, centered.
         ``momentum_buf`` is used when momentum > 0 and ``grad_avg`` when centered; each is None
         otherwise."""

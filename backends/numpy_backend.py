@@ -13,7 +13,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .base import ACTIVATIONS, KEEPS_Z, LEAKY_RELU_SLOPE, ONE_OVER_SQRT_2PI, SQRT_HALF, Backend, \
-    clip_coefficient
+    clip_coefficient, rated
 from .host import cpu_name
 
 # W. J. Cody, "Rational Chebyshev approximations for the error function", Math. Comp. 23
@@ -152,15 +152,18 @@ class NumpyBackend(HostMemory, Backend):
     # The latch covers the update too: each rule runs on scratch copies of the parameters and
     # of the state it changes, and they are copied back only when every new value is finite
     # (the reference spends two copies per step on it; the arithmetic stays the one rule).
-    def sgd_step(self, params, grads, momentum_buf, hp, step, halted, clip=None):
+    def sgd_step(self, params, grads, momentum_buf, hp, step, halted, clip=None, rate=None):
+        hp = rated("sgd", hp, rate)
         self._latched(self._sgd, params, grads, (momentum_buf if hp.momentum else None,), hp,
                       step, halted, clip)
 
-    def adam_step(self, params, grads, m, v, hp, step, halted, clip=None):
-        self._latched(self._adam, params, grads, (m, v), hp, step, halted, clip)
+    def adam_step(self, params, grads, m, v, hp, step, halted, clip=None, rate=None):
+        self._latched(self._adam, params, grads, (m, v), rated("adam", hp, rate), step, halted,
+                      clip)
 
     def rmsprop_step(self, params, grads, square_avg, momentum_buf, grad_avg, hp, step, halted,
-                     clip=None):
+                     clip=None, rate=None):
+        hp = rated("rmsprop", hp, rate)
         self._latched(self._rmsprop, params, grads,
                       (square_avg, momentum_buf if hp.momentum > 0 else None,
                        grad_avg if hp.centered else None), hp, step, halted, clip)

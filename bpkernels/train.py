@@ -21,7 +21,7 @@ import numpy as np
 from . import interop, memory
 from .interop import ArrayLike
 from .model import CHUNK_ROWS
-from .backends.base import CLIP_SLOTS, EpochPlan
+from .backends.base import CLIP_SLOTS, OPTIMIZER_RULES, RATE_MOMENTUM, EpochPlan
 from .history import History
 from .lr_scheduler import LRScheduler
 from .losses import check_loss, has_accuracy
@@ -352,16 +352,17 @@ class EpochLoop:
             order = parallel.local_order(order, self.batch_rows)
         index = be.asarray(order.astype(np.int64))
         first_step = opt.step_count + 1
+        rates = self._upload_rates()
         # The whole epoch in one call, where the backend can (not under MPI: the gradient is
         # all-reduced between backward and update).
-        # (A per-step schedule runs kernel by kernel for now: the fused epochs read one rate.)
-        if parallel is None and self.step_rates is None and \
-                be.train_epoch(self._plan(index, first_step)):
+        if parallel is None and be.train_epoch(self._plan(index, first_step, rates)):
             opt.step_count += self.steps
             if on_step is not None:
                 on_step(self.n)
         else:
-            self._run_steps(index, on_step)
+            self._run_steps(index, on_step, rates)
+        if self.step_rates is not None:  # the optimizer ends on its last step's rate
+            self._set_step_rate(self.steps - 1)
         # The one host read of the epoch.
         halted = int(be.to_host(self.halted)[0])
         if halted:
@@ -377,9 +378,29 @@ class EpochLoop:
             record["accuracy"] = correct / self.n
         return record
 
-    def _run_steps(self, index, on_step: Callable[[int], Any] | None) -> None:
-        """The steps of one epoch, kernel by kernel."""
+    def _upload_rates(self) -> Any:
+        """A per-step schedule's table of the epoch (EpochPlan.rates), on the device: one
+        upload per epoch, read there by every step."""
+        if self.step_rates is None:
+            return None
+        lrs, momenta = self.step_rates
+        table = np.empty((self.steps, 2), np.float64)
+        table[:, 0] = lrs
+        opt = self.optimizer
+        table[:, 1] = momenta if momenta is not None else \
+            getattr(opt, RATE_MOMENTUM[OPTIMIZER_RULES[opt.name]])
+        return self.backend.asarray(table)
+
+    def _set_step_rate(self, s: int) -> None:
+        lrs, momenta = self.step_rates  # type: ignore[misc]
+        set_rate(self.optimizer, lrs[s], None if momenta is None else momenta[s])
+
+    def _run_steps(self, index, on_step: Callable[[int], Any] | None, rates: Any = None) -> None:
+        """The steps of one epoch, kernel by kernel (``rates``: the epoch's schedule table or
+        None; each step's update reads its row on the device)."""
         be, model, opt, parallel = self.backend, self.model, self.optimizer, self.parallel
+        rate_rows = [None] * self.steps if rates is None else \
+            [rates[s] for s in range(self.steps)]
         for s in range(self.steps):
             ws = self.full if s < self.steps - 1 else self.last
             if ws.rows:  # under MPI, a short last batch can leave this rank no rows
@@ -396,16 +417,15 @@ class EpochLoop:
             else:
                 be.check_step(self.loss_slots[s], model.grads, opt.step_count + 1, self.halted,
                               self.clip)
-            if self.step_rates is not None:
-                set_rate(opt, self.step_rates[0][s],
-                         None if self.step_rates[1] is None else self.step_rates[1][s])
-            opt.step(model, self.halted, self.clip)
+            opt.step(model, self.halted, self.clip, rate_rows[s])
             if on_step is not None:
                 on_step(int(self.batch_rows[s]))
             if self.interrupted and parallel is None:  # under MPI: at the epoch's end
+                if self.step_rates is not None:
+                    self._set_step_rate(s)
                 raise KeyboardInterrupt  # between steps: weights and optimizer state agree
 
-    def _plan(self, index, first_step: int) -> EpochPlan:
+    def _plan(self, index, first_step: int, rates: Any = None) -> EpochPlan:
         """The epoch as Backend.train_epoch sees it (the same buffers as _run_steps)."""
         model, opt = self.model, self.optimizer
         return EpochPlan(
@@ -414,7 +434,7 @@ class EpochLoop:
             steps=self.steps, workspaces=(self.full, self.last), loss=self.loss,
             metric=self.metric, step_loss=self.step_loss, step_correct=self.step_correct,
             halted=self.halted, optimizer=opt.name, hp=opt, state=opt.state,
-            first_step=first_step, cache=self.backend_cache, clip=self.clip)
+            first_step=first_step, cache=self.backend_cache, clip=self.clip, rates=rates)
 
 
 class _StepBoundaryInterrupt:

@@ -371,14 +371,14 @@ def test_optimizer_steps_read_the_step_on_the_device(k, dtype, kind, hp, size):
 def _update(k, kind, hp, params, grads, buffers, hp_dev, counter, halted, size):
     m, v, w = buffers
     if kind == "sgd":
-        k.sgd_step(size, params, grads, m if hp[1] else None, I64(size), hp_dev, None, I64(0),
-                   counter[1:2], halted)
+        k.sgd_step(size, params, grads, m if hp[1] else None, I64(size), hp_dev, None, None,
+                   None, I64(0), counter[1:2], halted)
     elif kind == "adam":
-        k.adam_step(size, params, grads, m, v, I64(size), hp_dev, None, I64(0), counter[1:2],
-                    halted)
+        k.adam_step(size, params, grads, m, v, I64(size), hp_dev, None, None, None, I64(0),
+                    counter[1:2], halted)
     else:
         k.rmsprop_step(size, params, grads, m, v if hp[4] else None, w if hp[5] else None,
-                       I64(size), hp_dev, None, halted)
+                       I64(size), hp_dev, None, None, None, halted)
 
 
 @pytest.mark.parametrize("size", [1, 300])
@@ -411,17 +411,17 @@ def test_an_update_that_would_overflow_is_latched_and_not_written(k, dtype, kind
 def _checked_update(k, kind, hp, params, grads, buffers, hp_dev, counter, halted, size):
     m, v, w = buffers
     if kind == "sgd":
-        args = (params, grads, m if hp[1] else None, I64(size), hp_dev, None, I64(0),
+        args = (params, grads, m if hp[1] else None, I64(size), hp_dev, None, None, None, I64(0),
                 counter[1:2])
         k.sgd_check(size, *args, halted)
         k.sgd_step(size, *args, halted)
     elif kind == "adam":
-        args = (params, grads, m, v, I64(size), hp_dev, None, I64(0), counter[1:2])
+        args = (params, grads, m, v, I64(size), hp_dev, None, None, None, I64(0), counter[1:2])
         k.adam_check(size, *args, halted)
         k.adam_step(size, *args, halted)
     else:
         args = (params, grads, m, v if hp[4] else None, w if hp[5] else None, I64(size), hp_dev,
-                None)
+                None, None, None)
         k.rmsprop_check(size, *args, I64(0), counter[1:2], halted)
         k.rmsprop_step(size, *args, halted)
 

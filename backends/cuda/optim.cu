@@ -99,6 +99,14 @@ extern "C" __global__ void advance_step(i64* counter) {
         return;                                                                             \
     }
 
+// A per-step schedule's rate row (backends/base.py): rates + 2 * (*rate_slot) (the step's row
+// of the epoch's table, when the graph reads the step from the device counter) or rates itself
+// (the per-kernel path's row); null without a schedule. {learning rate, the rule's momentum}
+// replace hp's, so a new rate each step needs no upload.
+__device__ __forceinline__ const double* rate_of(const double* rates, const i64* rate_slot) {
+    return rates ? rates + 2 * at_slot(rate_slot) : rates;
+}
+
 // A norm that is not finite (its sum of squares overflowed) latches the step in every
 // <rule>_check: max_norm / inf would silently scale the gradient to 0.
 #define LATCH_UNLESS_FINITE_NORM(clip) LATCH_UNLESS(!(clip) || isfinite((clip)[0]))
@@ -110,11 +118,12 @@ struct Sgd {
     bool dampened, nesterov, decay, first;
 };
 
-__device__ __forceinline__ Sgd sgd_rule(const double* hp, i64 t, const double* clip) {
+__device__ __forceinline__ Sgd sgd_rule(const double* hp, i64 t, const double* clip,
+                                        const double* rate) {
     const double dampening = hp[HP_SGD_DAMPENING], wd = hp[HP_SGD_WEIGHT_DECAY];
     Sgd r;
-    r.lr = (real)hp[HP_SGD_LR];
-    r.momentum = (real)hp[HP_SGD_MOMENTUM];
+    r.lr = (real)(rate ? rate[0] : hp[HP_SGD_LR]);
+    r.momentum = (real)(rate ? rate[1] : hp[HP_SGD_MOMENTUM]);
     r.keep = (real)(1.0 - dampening);
     r.weight_decay = (real)wd;
     r.dampened = dampening != 0;
@@ -144,19 +153,21 @@ __device__ __forceinline__ bool sgd_at(const Sgd& r, real* p, const real* g, rea
 }
 
 extern "C" __global__ void sgd_check(real* p, const real* g, real* buf, i64 size,
-                                     const double* hp, const double* clip, i64 step,
-                                     const i64* step_dev, unsigned long long* halted) {
+                                     const double* hp, const double* clip, const double* rates,
+                                     const i64* rate_slot, i64 step, const i64* step_dev,
+                                     unsigned long long* halted) {
     if (*halted) return;
     LATCH_UNLESS_FINITE_NORM(clip);
-    const Sgd r = sgd_rule(hp, step_of(step, step_dev), clip);
+    const Sgd r = sgd_rule(hp, step_of(step, step_dev), clip, rate_of(rates, rate_slot));
     GRID_STRIDE(k, size) { LATCH_UNLESS(sgd_at(r, p, g, buf, k, false)); }
 }
 
 extern "C" __global__ void sgd_step(real* p, const real* g, real* buf, i64 size,
-                                    const double* hp, const double* clip, i64 step,
-                                    const i64* step_dev, const i64* halted) {
+                                    const double* hp, const double* clip, const double* rates,
+                                    const i64* rate_slot, i64 step, const i64* step_dev,
+                                    const i64* halted) {
     if (*halted) return;
-    const Sgd r = sgd_rule(hp, step_of(step, step_dev), clip);
+    const Sgd r = sgd_rule(hp, step_of(step, step_dev), clip, rate_of(rates, rate_slot));
     GRID_STRIDE(k, size) { sgd_at(r, p, g, buf, k, true); }
 }
 
@@ -168,9 +179,11 @@ struct Adam {
     bool decoupled, l2;
 };
 
-__device__ __forceinline__ Adam adam_rule(const double* hp, i64 step, const double* clip) {
+__device__ __forceinline__ Adam adam_rule(const double* hp, i64 step, const double* clip,
+                                          const double* rate) {
     const double t = (double)step;
-    const double lr = hp[HP_ADAM_LR], beta1 = hp[HP_ADAM_BETA1], beta2 = hp[HP_ADAM_BETA2];
+    const double lr = rate ? rate[0] : hp[HP_ADAM_LR];
+    const double beta1 = rate ? rate[1] : hp[HP_ADAM_BETA1], beta2 = hp[HP_ADAM_BETA2];
     const double weight_decay = hp[HP_ADAM_WEIGHT_DECAY];
     Adam r;
     r.decoupled = hp[HP_ADAM_DECOUPLED] != 0 && weight_decay != 0;
@@ -208,19 +221,21 @@ __device__ __forceinline__ bool adam_at(const Adam& r, real* p, const real* g, r
 }
 
 extern "C" __global__ void adam_check(real* p, const real* g, real* m, real* v, i64 size,
-                                      const double* hp, const double* clip, i64 step,
-                                      const i64* step_dev, unsigned long long* halted) {
+                                      const double* hp, const double* clip, const double* rates,
+                                      const i64* rate_slot, i64 step, const i64* step_dev,
+                                      unsigned long long* halted) {
     if (*halted) return;
     LATCH_UNLESS_FINITE_NORM(clip);
-    const Adam r = adam_rule(hp, step_of(step, step_dev), clip);
+    const Adam r = adam_rule(hp, step_of(step, step_dev), clip, rate_of(rates, rate_slot));
     GRID_STRIDE(k, size) { LATCH_UNLESS(adam_at(r, p, g, m, v, k, false)); }
 }
 
 extern "C" __global__ void adam_step(real* p, const real* g, real* m, real* v, i64 size,
-                                     const double* hp, const double* clip, i64 step,
-                                     const i64* step_dev, const i64* halted) {
+                                     const double* hp, const double* clip, const double* rates,
+                                     const i64* rate_slot, i64 step, const i64* step_dev,
+                                     const i64* halted) {
     if (*halted) return;
-    const Adam r = adam_rule(hp, step_of(step, step_dev), clip);
+    const Adam r = adam_rule(hp, step_of(step, step_dev), clip, rate_of(rates, rate_slot));
     GRID_STRIDE(k, size) { adam_at(r, p, g, m, v, k, true); }
 }
 
@@ -232,15 +247,16 @@ struct RmsProp {
     bool decay;
 };
 
-__device__ __forceinline__ RmsProp rmsprop_rule(const double* hp, const double* clip) {
+__device__ __forceinline__ RmsProp rmsprop_rule(const double* hp, const double* clip,
+                                                const double* rate) {
     const double a = hp[HP_RMSPROP_ALPHA], wd = hp[HP_RMSPROP_WEIGHT_DECAY];
     RmsProp r;
-    r.lr = (real)hp[HP_RMSPROP_LR];
+    r.lr = (real)(rate ? rate[0] : hp[HP_RMSPROP_LR]);
     r.alpha = (real)a;
     r.one_minus_alpha = (real)(1.0 - a);
     r.eps = (real)hp[HP_RMSPROP_EPS];
     r.weight_decay = (real)wd;
-    r.momentum = (real)hp[HP_RMSPROP_MOMENTUM];
+    r.momentum = (real)(rate ? rate[1] : hp[HP_RMSPROP_MOMENTUM]);
     r.decay = wd != 0;
     r.coef = clip_coefficient(clip);
     return r;
@@ -273,18 +289,20 @@ __device__ __forceinline__ bool rmsprop_at(const RmsProp& r, real* p, const real
 
 extern "C" __global__ void rmsprop_check(real* p, const real* g, real* square_avg, real* buf,
                                          real* grad_avg, i64 size, const double* hp,
-                                         const double* clip, i64 step, const i64* step_dev,
+                                         const double* clip, const double* rates,
+                                         const i64* rate_slot, i64 step, const i64* step_dev,
                                          unsigned long long* halted) {
     if (*halted) return;
     LATCH_UNLESS_FINITE_NORM(clip);
-    const RmsProp r = rmsprop_rule(hp, clip);
+    const RmsProp r = rmsprop_rule(hp, clip, rate_of(rates, rate_slot));
     GRID_STRIDE(k, size) { LATCH_UNLESS(rmsprop_at(r, p, g, square_avg, buf, grad_avg, k, false)); }
 }
 
 extern "C" __global__ void rmsprop_step(real* p, const real* g, real* square_avg, real* buf,
                                         real* grad_avg, i64 size, const double* hp,
-                                        const double* clip, const i64* halted) {
+                                        const double* clip, const double* rates,
+                                        const i64* rate_slot, const i64* halted) {
     if (*halted) return;
-    const RmsProp r = rmsprop_rule(hp, clip);
+    const RmsProp r = rmsprop_rule(hp, clip, rate_of(rates, rate_slot));
     GRID_STRIDE(k, size) { rmsprop_at(r, p, g, square_avg, buf, grad_avg, k, true); }
 }

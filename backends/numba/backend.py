@@ -20,7 +20,7 @@ from numba.core import event
 
 from . import epoch, jit, layers, losses, optim
 from ..base import ACTIVATION_CODES, KEEPS_Z, LOSS_CODES, OPTIMIZER_RULES, RULES, Backend, \
-    EpochPlan
+    EpochPlan, rated
 from .. import host
 from ..numpy_backend import HostMemory, blas_info
 
@@ -251,20 +251,21 @@ class NumbaBackend(HostMemory, Backend):
         optim.check_step(loss, grads, int(step), halted, self._par(grads.size), clip)
 
     # ------------------------------------------------------------------ optimizers
-    def sgd_step(self, params, grads, momentum_buf, hp, step, halted, clip=None):
-        self._step("sgd", params, grads, (momentum_buf,), hp, step, halted, clip)
+    def sgd_step(self, params, grads, momentum_buf, hp, step, halted, clip=None, rate=None):
+        self._step("sgd", params, grads, (momentum_buf,), hp, step, halted, clip, rate)
 
-    def adam_step(self, params, grads, m, v, hp, step, halted, clip=None):
-        self._step("adam", params, grads, (m, v), hp, step, halted, clip)
+    def adam_step(self, params, grads, m, v, hp, step, halted, clip=None, rate=None):
+        self._step("adam", params, grads, (m, v), hp, step, halted, clip, rate)
 
     def rmsprop_step(self, params, grads, square_avg, momentum_buf, grad_avg, hp, step, halted,
-                     clip=None):
+                     clip=None, rate=None):
         self._step("rmsprop", params, grads, (square_avg, momentum_buf, grad_avg), hp, step,
-                   halted, clip)
+                   halted, clip, rate)
 
-    def _step(self, rule, params, grads, states, hp, step, halted, clip):
-        optim.optimizer_step(params, grads, self._states(states, params), *_hyper(rule, hp),
-                             int(step), halted, self._par(params.size), clip)
+    def _step(self, rule, params, grads, states, hp, step, halted, clip, rate):
+        optim.optimizer_step(params, grads, self._states(states, params),
+                             *_hyper(rule, rated(rule, hp, rate)), int(step), halted,
+                             self._par(params.size), clip)
 
     def _states(self, states, params) -> tuple[np.ndarray, ...]:
         """Three state buffers, an empty array for each one that is None or absent."""
@@ -294,7 +295,7 @@ class NumbaBackend(HostMemory, Backend):
                           None if labeled else targets, states, *_hyper(rule, plan.hp),
                           workers, True if workers is None else None, self._par(widest),
                           layers.activation_kinds(ACTIVATION_CODES[a] for a in plan.activations),
-                          plan.clip)
+                          plan.clip, plan.rates)
         return True
 
     def _epoch_buffers(self, plan: EpochPlan) -> tuple[Any, Any, tuple]:

@@ -16,7 +16,8 @@ from .jit import NATIVE, as_matrix, epoch, gemm_t, helper, inline, span
 from .layers import GELU, SILU, dz_and_db, dense_layer, grad_rows, zero
 from .losses import (BINARY_CROSS_ENTROPY, CROSS_ENTROPY, binary_xent_of, count_correct_labels_of,
                      count_correct_rows_of, mse_of, softmax_xent_labels_of, softmax_xent_rows_of)
-from .optim import all_finite, grad_sum_squares, optimizer_update, update_rule
+from .optim import (adam_at_step, all_finite, grad_sum_squares, optimizer_update,
+                    rmsprop_at_step, sgd_at_step, update_rule)
 
 if NATIVE is not None:
     from ._native.gather import gather_shared, pool_worker
@@ -261,7 +262,7 @@ def _weight_gradients(net, work, rows, alpha, beta, into_weights, scan):
 # (``epoch``: compiled without reference counting in native mode, see _native/toolkit.py.)
 @epoch
 def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, states, sgd, adam,
-                rmsprop, workers, scan, par, kinds, clip):
+                rmsprop, workers, scan, par, kinds, clip, rates):
     """Every step of one epoch, as train.py's per-kernel loop runs them: gather the batch,
     forward, loss (and hits), backward, check_step, then the optimizer update of step
     ``first_step + s`` (a no-op once halted). The arguments that may be None (``labels`` or
@@ -287,6 +288,9 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, state
     w_bound = _abs_max(params) if fusable else math.inf
     for s in range(steps):
         rows = min(batch, n - s * batch)
+        # this step's hyper-parameters: the given ones, or the schedule's row s in them
+        sgd_s, adam_s = sgd_at_step(sgd, rates, s), adam_at_step(adam, rates, s)
+        rmsprop_s = rmsprop_at_step(rmsprop, rates, s)
         index = span(order, s * batch, rows)
         if workers is not None:  # a large model's gather, with the bound of its first layer
             input_bound = rows * gather_shared(workers, X_all, order, s * batch, rows,
@@ -329,15 +333,15 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, state
         fused, alpha, beta = False, 1.0, 0.0
         if fusable:
             if sure and finite and halted[0] == 0 and s + 1 < steps:
-                alpha, beta = -sgd[0], 1.0 - sgd[0] * sgd[4]
+                alpha, beta = -sgd_s[0], 1.0 - sgd_s[0] * sgd_s[4]
                 new_bound = _fused_weight_bound(params.itemsize, rows, w_bound, dw_bound, alpha,
                                                 beta)
                 fused = new_bound < math.inf
                 for layer in range(layers.shape[0]):  # the biases' update, not yet written
                     b, o = layers[layer, 3], layers[layer, 1]
                     fused = fused and update_rule(span(params, b, o), span(grads, b, o), states,
-                                                  sgd, adam, rmsprop, first_step + s, 1.0,
-                                                  False)
+                                                  sgd_s, adam_s, rmsprop_s, first_step + s,
+                                                  1.0, False)
                 if fused:
                     w_bound = new_bound
                 else:
@@ -350,12 +354,12 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, state
         if fusable and fused:
             for layer in range(layers.shape[0]):  # the biases, by the rule itself
                 b, o = layers[layer, 3], layers[layer, 1]
-                update_rule(span(params, b, o), span(grads, b, o), states, sgd, adam, rmsprop,
-                            first_step + s, 1.0, True)
+                update_rule(span(params, b, o), span(grads, b, o), states, sgd_s, adam_s,
+                            rmsprop_s, first_step + s, 1.0, True)
             continue
         if halted[0] == 0 and not finite:
             halted[0] = first_step + s  # check_step's latch
-        optimizer_update(params, grads, states, sgd, adam, rmsprop, first_step + s, halted, par,
-                         clip)
+        optimizer_update(params, grads, states, sgd_s, adam_s, rmsprop_s, first_step + s, halted,
+                         par, clip)
         if fusable and halted[0] == 0 and s + 2 < steps:
             w_bound = _abs_max(params)  # a step that was not fused moved W by its own rule

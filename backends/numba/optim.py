@@ -221,6 +221,30 @@ def _rmsprop(p, g, square_avg, buf, grad_avg, hp, coef, write):
     return not bad
 
 
+# A per-step schedule's row s (rates[s] = learning rate, base.RATE_MOMENTUM) in a rule's
+# hyper-parameters: the epoch kernel's update of step s. Helpers, not inlined: each is compiled
+# for its own argument types, so that Numba prunes by ``hp is None`` and ``rates is None``.
+@helper
+def sgd_at_step(hp, rates, s):
+    if hp is None or rates is None:
+        return hp
+    return (rates[s, 0], rates[s, 1], hp[2], hp[3], hp[4])
+
+
+@helper
+def adam_at_step(hp, rates, s):
+    if hp is None or rates is None:
+        return hp
+    return (rates[s, 0], rates[s, 1], hp[2], hp[3], hp[4], hp[5])
+
+
+@helper
+def rmsprop_at_step(hp, rates, s):
+    if hp is None or rates is None:
+        return hp
+    return (rates[s, 0], hp[1], hp[2], hp[3], rates[s, 1], hp[5])
+
+
 @helper
 def update_rule(p, g, states, sgd, adam, rmsprop, step, coef, write):
     """With ``write``, the update of one rule (the others' hyper-parameters None) over ``p``
