@@ -42,6 +42,14 @@ epoch), the step's learning rate and the rule's cycled momentum (:data:`RATE_MOM
 and RMSprop's ``momentum``, Adam's ``beta1``, the optimizer's own value where the schedule
 cycles none); they replace ``hp``'s.
 
+A backend whose ``keeps_bounds`` is True also takes ``bounds`` in :meth:`Backend.check_step` and
+the ``*_step`` kernels: None, or a (BOUNDS,) float64 device array that the caller fills with inf
+(unknown) whenever anything but these kernels may have written the parameters or the state
+(fit() does, at the start of every epoch). ``bounds[0:4]``: upper bounds of max |params| and of
+each state buffer's max |value|, in kernel order; ``bounds[4]``: one of max |grads|, written by
+check_step for the update that follows and used once. With them an update may skip its check
+pass where the bounds prove every new value finite, and must keep them true after writing.
+
 One method is optional: :meth:`Backend.train_epoch` runs a whole epoch at once, described by an
 :class:`EpochPlan`; by default it declines and the training loop calls the kernels one by one.
 """
@@ -141,6 +149,8 @@ def clip_coefficient(sumsq: float, max_norm: float) -> float:
     return min(1.0, max_norm / (math.sqrt(sumsq) + CLIP_EPS))
 
 
+BOUNDS = 5  # the length of the optional ``bounds`` array (module docstring)
+
 DTYPES = ("float32", "float64")  # what a model may hold; each backend supports some of them
 LOSSES = ("mse", "cross_entropy", "binary_cross_entropy")  # the index is the loss code
 LOSS_CODES: dict[str, int] = {name: code for code, name in enumerate(LOSSES)}
@@ -210,6 +220,8 @@ class Backend(ABC):
     # The most threads set_threads accepts (a pool fixed at start-up); None: no bound. The
     # registry's set_num_threads asks for at most this many.
     max_threads: int | None = None
+    # Whether check_step and the *_step kernels take ``bounds`` (module docstring).
+    keeps_bounds: bool = False
 
     # ----------------------------------------------------------------- plumbing
     @abstractmethod

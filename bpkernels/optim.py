@@ -23,13 +23,12 @@ def _check_number(name: str, value: Any, low: float = 0.0, high: float = math.in
     return check_real(value, name, low, high, high_open=high_open)
 
 
-def _extra(clip: Any, rate: Any = None) -> dict[str, Any]:
-    """The update kernels' ``clip`` and ``rate`` arguments, each passed only when given: a
-    backend written against the contract before it had them still trains without them."""
-    extra = {} if clip is None else {"clip": clip}
-    if rate is not None:
-        extra["rate"] = rate
-    return extra
+def _extra(clip: Any, rate: Any = None, bounds: Any = None) -> dict[str, Any]:
+    """The update kernels' ``clip``, ``rate`` and ``bounds`` arguments, each passed only when
+    given: a backend written against the contract before it had them still trains without
+    them."""
+    given = {"clip": clip, "rate": rate, "bounds": bounds}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 class Optimizer:
@@ -71,13 +70,14 @@ class Optimizer:
         return all(s.shape == model.params.shape and s.dtype == model.dtype
                    for s in self.state.values()) and set(self.state) == set(self.needed_states())
 
-    def step(self, model: "MLP", halted: Any, clip: Any = None, rate: Any = None) -> None:
+    def step(self, model: "MLP", halted: Any, clip: Any = None, rate: Any = None,
+             bounds: Any = None) -> None:
         """One update of ``model.params`` from ``model.grads`` (skipped on device when halted);
-        ``clip``: check_step's clipping array, ``rate``: a per-step schedule's row for this step
-        (backends/base.py), each or None."""
+        ``clip``: check_step's clipping array, ``rate``: a per-step schedule's row for this
+        step, ``bounds``: the update's bounds (backends/base.py), each or None."""
         self.step_count += 1
         self._update(model.backend, model.params, model.grads, self.step_count, halted,
-                     _extra(clip, rate))
+                     _extra(clip, rate, bounds))
 
     def _update(self, backend, params, grads, step, halted, extra) -> None:
         raise NotImplementedError

@@ -21,7 +21,7 @@ import numpy as np
 from . import interop, memory
 from .interop import ArrayLike
 from .model import CHUNK_ROWS
-from .backends.base import CLIP_SLOTS, OPTIMIZER_RULES, RATE_MOMENTUM, EpochPlan
+from .backends.base import BOUNDS, CLIP_SLOTS, OPTIMIZER_RULES, RATE_MOMENTUM, EpochPlan
 from .history import History
 from .lr_scheduler import LRScheduler
 from .losses import check_loss, has_accuracy
@@ -276,6 +276,12 @@ class EpochLoop:
             clip = np.zeros(2 + CLIP_SLOTS, np.float64)
             clip[1] = clip_grad_norm
             self.clip = be.asarray(clip)
+        # The updates' bounds (backends/base.py), where the backend keeps them: unknown (inf)
+        # at the start of every epoch, since a callback may have changed the weights.
+        self.bounds = self._unknown = None
+        if be.keeps_bounds:
+            self._unknown = be.asarray(np.full(BOUNDS, np.inf))
+            self.bounds = be.zeros((BOUNDS,), np.float64)
         self.metric = has_accuracy(loss, model.sizes[-1])
         self.backend_cache: dict = {}  # the backend's own, for the fit (see EpochPlan.cache)
         # (rates, momenta or None) of each step of the next epoch, for a per-step schedule
@@ -353,6 +359,8 @@ class EpochLoop:
         index = be.asarray(order.astype(np.int64))
         first_step = opt.step_count + 1
         rates = self._upload_rates()
+        if self.bounds is not None:
+            be.copy(self._unknown, self.bounds)
         # The whole epoch in one call, where the backend can (not under MPI: the gradient is
         # all-reduced between backward and update).
         if parallel is None and be.train_epoch(self._plan(index, first_step, rates)):
@@ -401,6 +409,9 @@ class EpochLoop:
         be, model, opt, parallel = self.backend, self.model, self.optimizer, self.parallel
         rate_rows = [None] * self.steps if rates is None else \
             [rates[s] for s in range(self.steps)]
+        # check_step's clip and bounds, only where given (the contract's older signature)
+        extra = {name: value for name, value in (("clip", self.clip), ("bounds", self.bounds))
+                 if value is not None}
         for s in range(self.steps):
             ws = self.full if s < self.steps - 1 else self.last
             if ws.rows:  # under MPI, a short last batch can leave this rank no rows
@@ -412,12 +423,9 @@ class EpochLoop:
                     be.count_correct(ws.A[-1], ws.T, self.correct_slots[s])
             if parallel is not None:
                 parallel.all_reduce(model.grads, self.loss_slots[s], ws.rows / self.batch_rows[s])
-            if self.clip is None:  # (the contract's older signature: backends of others)
-                be.check_step(self.loss_slots[s], model.grads, opt.step_count + 1, self.halted)
-            else:
-                be.check_step(self.loss_slots[s], model.grads, opt.step_count + 1, self.halted,
-                              self.clip)
-            opt.step(model, self.halted, self.clip, rate_rows[s])
+            be.check_step(self.loss_slots[s], model.grads, opt.step_count + 1, self.halted,
+                          **extra)
+            opt.step(model, self.halted, self.clip, rate_rows[s], self.bounds)
             if on_step is not None:
                 on_step(int(self.batch_rows[s]))
             if self.interrupted and parallel is None:  # under MPI: at the epoch's end

@@ -129,6 +129,7 @@ event.register("numba:compile", _CompileMemoryCheck())
 class NumbaBackend(HostMemory, Backend):
     name = "numba"
     dtypes = ("float32", "float64")
+    keeps_bounds = True  # the updates skip their check pass where bounds prove it unneeded
 
     def __init__(self, threads: int | None = None) -> None:
         """``threads``: as set_threads; by default NUMBA_NUM_THREADS where it is set (for BLAS
@@ -247,25 +248,27 @@ class NumbaBackend(HostMemory, Backend):
         (losses.count_correct_labels if T.ndim == 1 else losses.count_correct_rows)(
             _writeable(Y), _writeable(T), out)
 
-    def check_step(self, loss, grads, step, halted, clip=None):
-        optim.check_step(loss, grads, int(step), halted, self._par(grads.size), clip)
+    def check_step(self, loss, grads, step, halted, clip=None, bounds=None):
+        optim.check_step(loss, grads, int(step), halted, self._par(grads.size), clip, bounds)
 
     # ------------------------------------------------------------------ optimizers
-    def sgd_step(self, params, grads, momentum_buf, hp, step, halted, clip=None, rate=None):
-        self._step("sgd", params, grads, (momentum_buf,), hp, step, halted, clip, rate)
+    def sgd_step(self, params, grads, momentum_buf, hp, step, halted, clip=None, rate=None,
+                 bounds=None):
+        self._step("sgd", params, grads, (momentum_buf,), hp, step, halted, clip, rate, bounds)
 
-    def adam_step(self, params, grads, m, v, hp, step, halted, clip=None, rate=None):
-        self._step("adam", params, grads, (m, v), hp, step, halted, clip, rate)
+    def adam_step(self, params, grads, m, v, hp, step, halted, clip=None, rate=None,
+                  bounds=None):
+        self._step("adam", params, grads, (m, v), hp, step, halted, clip, rate, bounds)
 
     def rmsprop_step(self, params, grads, square_avg, momentum_buf, grad_avg, hp, step, halted,
-                     clip=None, rate=None):
+                     clip=None, rate=None, bounds=None):
         self._step("rmsprop", params, grads, (square_avg, momentum_buf, grad_avg), hp, step,
-                   halted, clip, rate)
+                   halted, clip, rate, bounds)
 
-    def _step(self, rule, params, grads, states, hp, step, halted, clip, rate):
+    def _step(self, rule, params, grads, states, hp, step, halted, clip, rate, bounds):
         optim.optimizer_step(params, grads, self._states(states, params),
                              *_hyper(rule, rated(rule, hp, rate)), int(step), halted,
-                             self._par(params.size), clip)
+                             self._par(params.size), clip, bounds)
 
     def _states(self, states, params) -> tuple[np.ndarray, ...]:
         """Three state buffers, an empty array for each one that is None or absent."""

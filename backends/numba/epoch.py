@@ -360,6 +360,6 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, state
         if halted[0] == 0 and not finite:
             halted[0] = first_step + s  # check_step's latch
         optimizer_update(params, grads, states, sgd_s, adam_s, rmsprop_s, first_step + s, halted,
-                         par, clip)
+                         par, clip, None)
         if fusable and halted[0] == 0 and s + 2 < steps:
             w_bound = _abs_max(params)  # a step that was not fused moved W by its own rule
