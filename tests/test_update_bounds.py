@@ -120,3 +120,34 @@ def test_fit_resets_the_bounds_every_epoch(monkeypatch):
     for (W, b), (W2, b2) in zip(*results):
         np.testing.assert_allclose(W, W2, rtol=1e-12)
         np.testing.assert_allclose(b, b2, rtol=1e-12)
+
+
+def test_the_epoch_kernels_updates_keep_bounds(monkeypatch):
+    """The fused epoch's (non-fused) updates use the bounds too: after an Adam epoch its
+    bounds hold and were propagated (the last step's check pass skipped), and training equals
+    the kernel-by-kernel loop's."""
+    from bpkernels.backends.numba import epoch
+    kernel, outs = epoch.train_epoch, []
+
+    def spy(*args):
+        outs.append(args[3])
+        return kernel(*args)
+    monkeypatch.setattr(epoch, "train_epoch", spy)
+    rng = np.random.default_rng(1)
+    X, y = rng.standard_normal((48, 6)), rng.integers(0, 3, 48)
+    weights = []
+    for fused in (True, False):
+        model = bpk.MLP([6, 9, 3], backend="numba", dtype="float64", seed=2)
+        if not fused:
+            monkeypatch.setattr(model.backend, "train_epoch", lambda plan: False)
+        bpk.fit(model, X, y, optimizer=bpk.Adam(lr=0.01), epochs=2, batch_size=16)
+        weights.append(model.get_weights())
+        if fused:
+            bounds = outs[-1][3]
+            assert math.frexp(bounds[0])[0] != 0.5
+            assert np.abs(model.params).max() <= bounds[0]
+            exp_avg, exp_avg_sq = (model.optimizer.state[k] for k in ("exp_avg", "exp_avg_sq"))
+            assert np.abs(exp_avg).max() <= bounds[1] and exp_avg_sq.max() <= bounds[2]
+    for (W, b), (W2, b2) in zip(*weights):
+        np.testing.assert_allclose(W, W2, rtol=1e-12)
+        np.testing.assert_allclose(b, b2, rtol=1e-12)

@@ -19,8 +19,8 @@ import numpy as np
 from numba.core import event
 
 from . import epoch, jit, layers, losses, optim
-from ..base import ACTIVATION_CODES, KEEPS_Z, LOSS_CODES, OPTIMIZER_RULES, RULES, Backend, \
-    EpochPlan, rated
+from ..base import ACTIVATION_CODES, BOUNDS, KEEPS_Z, LOSS_CODES, OPTIMIZER_RULES, RULES, \
+    Backend, EpochPlan, rated
 from .. import host
 from ..numpy_backend import HostMemory, blas_info
 
@@ -280,7 +280,7 @@ class NumbaBackend(HostMemory, Backend):
         rule = OPTIMIZER_RULES.get(plan.optimizer)
         if rule is None or (GEMM_BY_NUMPY and plan.params.size >= BOUND_MIN_PARAMS):
             return False
-        net, work, targets = plan.cache.get("numba") or \
+        net, work, targets, bounds = plan.cache.get("numba") or \
             plan.cache.setdefault("numba", self._epoch_buffers(plan))
         labeled = plan.T.ndim == 1
         states = self._states([plan.state.get(name) for name in RULES[rule].state], plan.params)
@@ -292,21 +292,23 @@ class NumbaBackend(HostMemory, Backend):
             workers = 0
             if POOL and plan.params.size >= POOL_MIN_PARAMS:
                 workers = pool.ensure(epoch.pool_worker, pool.blas_threads() - 1)
-        epoch.train_epoch(net, (_writeable(plan.X), plan.order, plan.batch), work,
-                          (plan.step_loss, plan.step_correct, plan.halted), plan.first_step,
-                          LOSS_CODES[plan.loss], plan.metric, targets if labeled else None,
+        out = (plan.step_loss, plan.step_correct, plan.halted, bounds)
+        epoch.train_epoch(net, (_writeable(plan.X), plan.order, plan.batch), work, out,
+                          plan.first_step, LOSS_CODES[plan.loss], plan.metric,
+                          targets if labeled else None,
                           None if labeled else targets, states, *_hyper(rule, plan.hp),
                           workers, True if workers is None else None, self._par(widest),
                           layers.activation_kinds(ACTIVATION_CODES[a] for a in plan.activations),
                           plan.clip, plan.rates)
         return True
 
-    def _epoch_buffers(self, plan: EpochPlan) -> tuple[Any, Any, tuple]:
+    def _epoch_buffers(self, plan: EpochPlan) -> tuple[Any, Any, tuple, np.ndarray]:
         """The epoch kernel's view of the model (flat buffers and a layer table), its per-step
         scratch (the full workspace's X; flat A, dA and Z of every layer; two rows as wide as
-        the widest layer) and the targets pair (all of them, the full workspace's T)."""
+        the widest layer), the targets pair (all of them, the full workspace's T) and its
+        updates' bounds (base.py)."""
         dtype, ws = plan.params.dtype, plan.workspaces[0]
         table, a_size, z_size = epoch.layer_table(plan.sizes, plan.activations, plan.batch)
         work = (ws.X, np.empty(a_size, dtype), np.empty(a_size, dtype), np.empty(z_size, dtype),
                 np.empty(2 * max(plan.sizes), dtype))
-        return (plan.params, plan.grads, table), work, (plan.T, ws.T)
+        return (plan.params, plan.grads, table), work, (plan.T, ws.T), np.empty(BOUNDS)

@@ -30,7 +30,8 @@ else:  # (the large models' shared gather is native only: plain mode never passe
 #   work  (X, A, dA, Z, sums): per-step scratch, X (batch, i) and the flat A, dA and Z (layers
 #         of base.KEEPS_Z only) of every layer at layer offsets (x rows); sums (2 x the widest layer,) in
 #         the dtype, for _backward's bound. Per step, the kernels see (X, A, dA, Z).
-#   out   (loss, correct, halted): (steps,), (steps,), (1,) int64
+#   out   (loss, correct, halted, bounds): (steps,), (steps,), (1,) int64, (base.BOUNDS,) float64
+#         (the updates' bounds, base.py: unknown at the epoch's start, kept from step to step)
 # The targets come as one of two pairs (all targets, the batch's scratch), the other None:
 # ``labels`` int64 (N,), (batch,) or ``T`` (N, o), (batch, o).
 # (Not namedtuples: Numba's cache index pickles argument types, and a namedtuple class that
@@ -278,7 +279,9 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, state
     X_all, order, batch = data
     sums = work[4]
     work = work[:4]
-    step_losses, step_hits, halted = out
+    step_losses, step_hits, halted, bounds = out
+    for i in range(bounds.size):  # unknown: anything may have written the weights since
+        bounds[i] = math.inf
     n = order.size
     steps = (n + batch - 1) // batch
     # Plain SGD fused into dW's GEMM writes W before anything can check it: it runs only where
@@ -356,10 +359,12 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, state
                 b, o = layers[layer, 3], layers[layer, 1]
                 update_rule(span(params, b, o), span(grads, b, o), states, sgd_s, adam_s,
                             rmsprop_s, first_step + s, 1.0, True)
+            bounds[0] = math.inf  # (the GEMM wrote W: its bound is w_bound's business)
             continue
         if halted[0] == 0 and not finite:
             halted[0] = first_step + s  # check_step's latch
+        # (the gradients' bound comes from a pass of the update's own: the scans above check)
         optimizer_update(params, grads, states, sgd_s, adam_s, rmsprop_s, first_step + s, halted,
-                         par, clip, None)
+                         par, clip, bounds)
         if fusable and halted[0] == 0 and s + 2 < steps:
             w_bound = _abs_max(params)  # a step that was not fused moved W by its own rule
