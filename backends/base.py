@@ -31,11 +31,36 @@ any later one: the parameters and every state buffer stay exactly as the last fi
 them, finite, so the model saves and loads. All on the device, with no host round trip per step;
 the host reads ``halted`` once per epoch.
 
+Gradient clipping (``torch.nn.utils.clip_grad_norm_``) rides on the same two passes: ``clip`` is
+None or a (2 + CLIP_SLOTS,) float64 device array made by the caller as ``[0, max_norm, 0, ...]``:
+``clip[1]`` the largest norm allowed, ``clip[2:]`` a backend's scratch for its reduction (a
+GPU's partial sums), and
+``clip[0]`` written by :meth:`Backend.check_step` with the sum of squares of the step's gradients
+(accumulated in float64; inf or NaN latches the step, so an overflowing norm is divergence).
+The ``*_step`` kernels then scale each gradient element as they read it by
+``min(1, clip[1] / (sqrt(clip[0]) + 1e-6))``, rounded to the dtype: no pass of its own, no host
+read. ``grads`` keeps the unclipped gradient.
+
+A per-step learning-rate schedule reaches the updates without a host round trip either:
+``rate`` is None or a (2,) float64 device array (a row of the epoch's table, uploaded once per
+epoch), the step's learning rate and the rule's cycled momentum (:data:`RATE_MOMENTUM`: SGD's
+and RMSprop's ``momentum``, Adam's ``beta1``, the optimizer's own value where the schedule
+cycles none); they replace ``hp``'s.
+
+A backend whose ``keeps_bounds`` is True also takes ``bounds`` in :meth:`Backend.check_step` and
+the ``*_step`` kernels: None, or a (BOUNDS,) float64 device array that the caller fills with inf
+(unknown) whenever anything but these kernels may have written the parameters or the state
+(fit() does, at the start of every epoch). ``bounds[0:4]``: upper bounds of max |params| and of
+each state buffer's max |value|, in kernel order; ``bounds[4]``: one of max |grads|, written by
+check_step for the update that follows and used once. With them an update may skip its check
+pass where the bounds prove every new value finite, and must keep them true after writing.
+
 One method is optional: :meth:`Backend.train_epoch` runs a whole epoch at once, described by an
 :class:`EpochPlan`; by default it declines and the training loop calls the kernels one by one.
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -92,9 +117,44 @@ RULES: dict[str, OptimizerRule] = {rule.name: rule for rule in (
     OptimizerRule("rmsprop", ("lr", "alpha", "eps", "weight_decay", "momentum", "centered"),
                   ("square_avg", "momentum_buffer", "grad_avg")),
 )}
+# rule -> its hyper-parameter that a schedule's second column (the cycled momentum) replaces
+RATE_MOMENTUM: dict[str, str] = {"sgd": "momentum", "adam": "beta1", "rmsprop": "momentum"}
+
+
+class Rated:
+    """``hp`` with the learning rate and momentum of a schedule's ``rate`` row: how the host
+    backends (whose "device" arrays the host reads) read the ``rate`` of a ``*_step``."""
+
+    def __init__(self, rule: str, hp: Any, rate: Any) -> None:
+        self._hp, self.lr = hp, float(rate[0])
+        setattr(self, RATE_MOMENTUM[rule], float(rate[1]))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._hp, name)
+
+
+def rated(rule: str, hp: Any, rate: Any) -> Any:
+    return hp if rate is None else Rated(rule, hp, rate)
+
+
 # optimizer name -> the rule its kernels run (AdamW is Adam with decoupled = 1)
 OPTIMIZER_RULES: dict[str, str] = {"sgd": "sgd", "adam": "adam", "adamw": "adam",
                                    "rmsprop": "rmsprop"}
+
+# torch.nn.utils.clip_grad_norm_'s coefficient: max_norm / (total_norm + CLIP_EPS), at most 1
+CLIP_EPS = 1e-6
+# A GPU's reduction of the norm (cuda/optim.cu): CLIP_THREADS partial sums, added up in
+# CLIP_GROUPS groups; clip[2:] holds both, CLIP_SLOTS values.
+CLIP_THREADS, CLIP_GROUPS = 4096, 64
+CLIP_SLOTS = CLIP_THREADS + CLIP_GROUPS
+
+
+def clip_coefficient(sumsq: float, max_norm: float) -> float:
+    """The factor of every gradient element under clipping, from the sum of squares."""
+    return min(1.0, max_norm / (math.sqrt(sumsq) + CLIP_EPS))
+
+
+BOUNDS = 5  # the length of the optional ``bounds`` array (module docstring)
 
 DTYPES = ("float32", "float64")  # what a model may hold; each backend supports some of them
 LOSSES = ("mse", "cross_entropy", "binary_cross_entropy")  # the index is the loss code
@@ -124,13 +184,14 @@ class EpochPlan:
             if metric: count_correct(Y, ws.T, step_correct[s:s + 1], w)
             if metrics: accumulate_stats(metrics[0], Y, ws.T, w, metrics[1], stats)
             dense_backward of every layer, last first, into the views of ``grads``
-            check_step(step_loss[s:s + 1], grads, first_step + s, halted)
-            <optimizer>_step(params, grads, <state>, hp, first_step + s, halted)  # latches too
+            check_step(step_loss[s:s + 1], grads, first_step + s, halted, clip)
+            <optimizer>_step(params, grads, <state>, hp, first_step + s, halted, clip,
+                             rates[s] if rates is not None else None)  # latches too
 
     Parameters (and gradients, and each state buffer) are flat: per layer, W (in x out,
     row-major) then b (out,). Every epoch of one fit() passes the same buffers, except ``order``
-    (a new array each epoch) and the numbers (``first_step``; ``hp`` may be changed between
-    epochs by a callback). A backend may keep what it builds for them (compiled code, scratch
+    and ``rates`` (new arrays each epoch) and the numbers (``first_step``; ``hp`` may be changed
+    between epochs by a callback). A backend may keep what it builds for them (compiled code, scratch
     buffers, captured graphs) in ``cache``, which lives as long as the fit() does.
     """
 
@@ -163,6 +224,12 @@ class EpochPlan:
     # the caller zeroes it before the epoch), or None
     metrics: Any = None
     stats: Any = None
+    # gradient clipping: None, or the (2 + CLIP_SLOTS,) float64 device array of check_step and
+    # the updates (clip[1] the max norm, fixed for the fit; clip[0] each step's sum of squares)
+    clip: Any = None
+    # a per-step schedule: None, or (steps, 2) float64 on the device, row s the ``rate`` of step
+    # s (its learning rate and RATE_MOMENTUM), which replace hp's; uploaded once per epoch
+    rates: Any = None
 
 
 class Backend(ABC):
@@ -173,6 +240,8 @@ class Backend(ABC):
     # The most threads set_threads accepts (a pool fixed at start-up); None: no bound. The
     # registry's set_num_threads asks for at most this many.
     max_threads: int | None = None
+    # Whether check_step and the *_step kernels take ``bounds`` (module docstring).
+    keeps_bounds: bool = False
 
     # ----------------------------------------------------------------- plumbing
     @abstractmethod
@@ -281,10 +350,12 @@ class Backend(ABC):
                                   "(Backend.accumulate_stats): metrics= needs them")
 
     @abstractmethod
-    def check_step(self, loss: Any, grads: Any, step: int, halted: Any) -> None:
+    def check_step(self, loss: Any, grads: Any, step: int, halted: Any, clip: Any = None) -> None:
         """If ``halted[0]`` is 0 and ``loss[0]`` or any element of ``grads`` is not finite,
         set ``halted[0] = step``. Never clears it. (The update's own overflow is the
-        optimizer kernels' half of the latch.)"""
+        optimizer kernels' half of the latch.) With ``clip`` (see the module's docstring),
+        also ``clip[0]`` = the sum of squares of ``grads`` in float64, latching the step where
+        it is not finite."""
 
     # ------------------------------------------------------------------ optimizers
     # Each is one fused in-place update of the flat parameter buffer ``params`` from the
@@ -294,23 +365,27 @@ class Backend(ABC):
     # gradient times a huge learning rate; Adam's 0 / 0 with ``eps = 0``). No host sync: check
     # on the device, then write gated on ``halted`` (the NumPy reference updates scratch copies
     # and copies them back; Numba and CUDA run one element function twice, read-only first).
+    # ``clip``: None, or check_step's array: every gradient element is scaled by the clip
+    # coefficient (module docstring) as it is read. ``rate``: None, or a schedule's row for this
+    # step (module docstring).
 
     @abstractmethod
     def sgd_step(self, params: Any, grads: Any, momentum_buf: Any, hp: Any, step: int,
-                 halted: Any) -> None:
+                 halted: Any, clip: Any = None, rate: Any = None) -> None:
         """torch.optim.SGD. hp: lr, momentum, dampening, nesterov, weight_decay.
         ``momentum_buf`` (None when momentum == 0) is set to the gradient (with weight decay
         added) on step 1."""
 
     @abstractmethod
     def adam_step(self, params: Any, grads: Any, m: Any, v: Any, hp: Any, step: int,
-                  halted: Any) -> None:
+                  halted: Any, clip: Any = None, rate: Any = None) -> None:
         """torch.optim.Adam / AdamW. hp: lr, beta1, beta2, eps, weight_decay, decoupled
         (True for AdamW: decay the weights directly instead of adding L2 to the gradient)."""
 
     @abstractmethod
     def rmsprop_step(self, params: Any, grads: Any, square_avg: Any, momentum_buf: Any,
-                     grad_avg: Any, hp: Any, step: int, halted: Any) -> None:
+                     grad_avg: Any, hp: Any, step: int, halted: Any, clip: Any = None,
+                     rate: Any = None) -> None:
         """torch.optim.RMSprop. hp: lr, alpha, eps, weight_decay, momentum, centered.
         ``momentum_buf`` is used when momentum > 0 and ``grad_avg`` when centered; each is None
         otherwise."""

@@ -47,7 +47,8 @@ def defines() -> dict[str, str]:
         out.update((f"HP_{rule.name.upper()}_{name.upper()}", str(slot))
                    for slot, name in enumerate(rule.hyper))
     # repr() of a float is the shortest text that reads back as the same double
-    for name in ("LEAKY_RELU_SLOPE", "SQRT_HALF", "ONE_OVER_SQRT_2PI"):
+    out["CLIP_THREADS"], out["CLIP_GROUPS"] = str(base.CLIP_THREADS), str(base.CLIP_GROUPS)
+    for name in ("LEAKY_RELU_SLOPE", "SQRT_HALF", "ONE_OVER_SQRT_2PI", "CLIP_EPS"):
         out[name] = repr(float(getattr(base, name)))
     return out
 

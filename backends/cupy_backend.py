@@ -30,7 +30,8 @@ except ImportError:
 
 from . import BackendUnavailable
 from . import cuda_sources as sources
-from .base import ACTIVATION_CODES, KEEPS_Z, OPTIMIZER_RULES, RULES, Backend, EpochPlan
+from .base import ACTIVATION_CODES, CLIP_GROUPS, CLIP_THREADS, KEEPS_Z, OPTIMIZER_RULES, \
+    RATE_MOMENTUM, RULES, Backend, EpochPlan
 
 BLOCK = 256              # threads per block of every launch
 ONE_PASS_ROWS = 64       # column sums over at most this many rows take one launch, not two
@@ -130,8 +131,11 @@ class CupyBackend(Backend):
             self._modules[dtype] = table
         return table
 
-    def _launch(self, dtype, name: str, threads: int, args: tuple) -> None:
-        blocks = min(max(1, -(-threads // BLOCK)), self._max_blocks)
+    def _launch(self, dtype, name: str, threads: int, args: tuple, exact: bool = False) -> None:
+        """``exact``: a grid of exactly ``threads`` threads (a multiple of BLOCK), not capped
+        at the blocks that keep the device busy."""
+        blocks = -(-threads // BLOCK) if exact else min(max(1, -(-threads // BLOCK)),
+                                                         self._max_blocks)
         self._kernels(dtype)[name]((blocks,), (BLOCK,), args)
 
     def _any_kernels_dtype(self) -> np.dtype:
@@ -345,53 +349,67 @@ class CupyBackend(Backend):
         self._launch(dt, "class_stats_add", C * C + 2 * C + len(ks),
                      (rowstat, W, np.int64(n), np.int64(width), np.int64(C), out))
 
-    def check_step(self, loss, grads, step, halted):
-        self._check_step(loss, None, grads, step, None, halted)
+    def check_step(self, loss, grads, step, halted, clip=None):
+        self._check_step(loss, None, grads, step, None, halted, clip)
 
-    def _check_step(self, loss, slot, grads, step: int, step_dev, halted) -> None:
-        self._launch(grads.dtype, "check_step", grads.size,
-                     (loss, slot, grads, np.int64(grads.size), np.int64(step), step_dev, halted))
+    def _check_step(self, loss, slot, grads, step: int, step_dev, halted, clip=None) -> None:
+        # under clipping, a grid of CLIP_THREADS threads, one partial sum each (cuda/optim.cu)
+        self._launch(grads.dtype, "check_step", grads.size if clip is None else CLIP_THREADS,
+                     (loss, slot, grads, np.int64(grads.size), np.int64(step), step_dev, halted,
+                      clip), exact=clip is not None)
+        if clip is not None:  # the partial sums into clip[0]
+            self._launch(grads.dtype, "norm_groups", CLIP_GROUPS, (clip,))
+            self._launch(grads.dtype, "norm_total", 1, (clip,))
 
     # ------------------------------------------------------------------ optimizers
-    def sgd_step(self, params, grads, momentum_buf, hp, step, halted):
+    def sgd_step(self, params, grads, momentum_buf, hp, step, halted, clip=None, rate=None):
         self._sgd(params, grads, momentum_buf if hp.momentum else None,
-                  self._hp_device("sgd", hp), step, None, halted)
+                  self._hp_device("sgd", hp, rate), step, None, halted, clip, rate)
 
-    def adam_step(self, params, grads, m, v, hp, step, halted):
-        self._adam(params, grads, m, v, self._hp_device("adam", hp), step, None, halted)
+    def adam_step(self, params, grads, m, v, hp, step, halted, clip=None, rate=None):
+        self._adam(params, grads, m, v, self._hp_device("adam", hp, rate), step, None, halted,
+                   clip, rate)
 
-    def rmsprop_step(self, params, grads, square_avg, momentum_buf, grad_avg, hp, step, halted):
+    def rmsprop_step(self, params, grads, square_avg, momentum_buf, grad_avg, hp, step, halted,
+                     clip=None, rate=None):
         self._rmsprop(params, grads, square_avg, momentum_buf if hp.momentum > 0 else None,
-                      grad_avg if hp.centered else None, self._hp_device("rmsprop", hp), step,
-                      None, halted)
+                      grad_avg if hp.centered else None, self._hp_device("rmsprop", hp, rate),
+                      step, None, halted, clip, rate)
 
     # Each update is two launches (cuda/optim.cu): <rule>_check latches the step if a new value
-    # would not be finite, then <rule>_step writes them unless halted.
-    def _sgd(self, params, grads, buf, hp_dev, step: int, step_dev, halted) -> None:
-        args = (params, grads, buf, np.int64(params.size), hp_dev, np.int64(step), step_dev,
-                halted)
+    # would not be finite, then <rule>_step writes them unless halted. ``clip``: check_step's
+    # array, or None. ``rates``: a schedule's row (``rate_slot`` None) or the epoch's table
+    # (``rate_slot`` the device's step in the epoch), or None.
+    def _sgd(self, params, grads, buf, hp_dev, step: int, step_dev, halted, clip=None,
+             rates=None, rate_slot=None) -> None:
+        args = (params, grads, buf, np.int64(params.size), hp_dev, clip, rates, rate_slot,
+                np.int64(step), step_dev, halted)
         self._launch(params.dtype, "sgd_check", params.size, args)
         self._launch(params.dtype, "sgd_step", params.size, args)
 
-    def _adam(self, params, grads, m, v, hp_dev, step: int, step_dev, halted) -> None:
-        args = (params, grads, m, v, np.int64(params.size), hp_dev, np.int64(step), step_dev,
-                halted)
+    def _adam(self, params, grads, m, v, hp_dev, step: int, step_dev, halted, clip=None,
+              rates=None, rate_slot=None) -> None:
+        args = (params, grads, m, v, np.int64(params.size), hp_dev, clip, rates, rate_slot,
+                np.int64(step), step_dev, halted)
         self._launch(params.dtype, "adam_check", params.size, args)
         self._launch(params.dtype, "adam_step", params.size, args)
 
     def _rmsprop(self, params, grads, square_avg, buf, grad_avg, hp_dev, step: int, step_dev,
-                 halted) -> None:
-        head = (params, grads, square_avg, buf, grad_avg, np.int64(params.size), hp_dev)
+                 halted, clip=None, rates=None, rate_slot=None) -> None:
+        head = (params, grads, square_avg, buf, grad_avg, np.int64(params.size), hp_dev, clip,
+                rates, rate_slot)
         self._launch(params.dtype, "rmsprop_check", params.size,
                      (*head, np.int64(step), step_dev, halted))
         self._launch(params.dtype, "rmsprop_step", params.size, (*head, halted))
 
-    def _hp_device(self, kernel: str, hp) -> Any:
-        """The hyper-parameters as a device vector, uploaded once per distinct set of values."""
-        values = hp_values(kernel, hp)
+    def _hp_device(self, kernel: str, hp, rate=None) -> Any:
+        """The hyper-parameters as a device vector, uploaded once per distinct set of values.
+        With a schedule's ``rate`` (which the kernels read instead), the learning rate and
+        momentum are left out of the key: a new rate each step uploads nothing."""
+        values = hp_values(kernel, hp, scheduled=rate is not None)
         buf = self._hp_cache.get(values)
         if buf is None:
-            if len(self._hp_cache) > 64:  # a schedule that changes lr every step
+            if len(self._hp_cache) > 64:  # a callback that changes lr every epoch
                 self._hp_cache.clear()
             buf = self._hp_cache[values] = cupy.asarray(np.array(values, np.float64))
         return buf
@@ -464,10 +482,12 @@ class CupyBackend(Backend):
         return True
 
 
-def hp_values(kernel: str, hp) -> tuple[float, ...]:
+def hp_values(kernel: str, hp, scheduled: bool = False) -> tuple[float, ...]:
     """``hp``'s numbers in the order of RULES[kernel].hyper, the slots cuda/optim.cu reads
-    (booleans as 0.0 / 1.0)."""
-    return tuple(float(getattr(hp, name, False)) for name in RULES[kernel].hyper)
+    (booleans as 0.0 / 1.0); ``scheduled``: 0.0 for the two that a schedule's rate replaces."""
+    skip = ("lr", RATE_MOMENTUM[kernel]) if scheduled else ()
+    return tuple(0.0 if name in skip else float(getattr(hp, name, False))
+                 for name in RULES[kernel].hyper)
 
 
 def _plan_key(plan: EpochPlan) -> tuple:
@@ -476,12 +496,12 @@ def _plan_key(plan: EpochPlan) -> tuple:
     rows) is read on the device, so a new epoch replays the same graphs."""
     full, last = plan.workspaces
     buffers = (plan.params, plan.grads, plan.X, plan.T, plan.W, plan.stats, plan.step_loss,
-               plan.step_correct, plan.halted, full, last, *plan.state.values())
+               plan.step_correct, plan.halted, plan.clip, full, last, *plan.state.values())
     hp = plan.hp
     choices = (bool(getattr(hp, "momentum", 0)), bool(getattr(hp, "centered", False)))
     return (tuple(id(b) for b in buffers), tuple(sorted(plan.state)), plan.sizes,
             plan.activations, plan.loss, plan.metric, plan.metrics, plan.optimizer, plan.batch,
-            plan.steps, plan.order.shape, choices)
+            plan.steps, plan.order.shape, choices, plan.rates is not None)
 
 
 class _Feed:
@@ -515,6 +535,9 @@ class _GraphRunner:
         self.kernel = OPTIMIZER_RULES[plan.optimizer]
         self.hp = cupy.zeros((len(RULES[self.kernel].hyper),), np.float64)
         self.hp_values: tuple | None = None
+        # a per-step schedule's table, copied in from plan.rates (a new array each epoch) once
+        # per epoch on the device; the graphs read the step's row (EpochPlan.rates)
+        self.rates = None if plan.rates is None else cupy.zeros((plan.steps, 2), np.float64)
         self.scratch: dict[tuple, Any] = {}
         self.graphs: dict[tuple[int, int], Any] = {}
         self.layers = _layer_views(plan.sizes, plan.params, plan.grads)
@@ -535,6 +558,8 @@ class _GraphRunner:
             self.copy_stream.wait_event(fence)
         with self.stream:
             self._upload_hp(plan.hp)
+            if self.rates is not None:
+                self.rates[...] = plan.rates
             self.counter.set(np.array([0, plan.first_step], np.int64))
             if isinstance(plan.order, HostArray):
                 self.order.set(plan.order.host)
@@ -557,7 +582,7 @@ class _GraphRunner:
         return plan.order.host if isinstance(plan.order, HostArray) else cupy.asnumpy(plan.order)
 
     def _upload_hp(self, hp) -> None:
-        values = hp_values(self.kernel, hp)
+        values = hp_values(self.kernel, hp, scheduled=self.rates is not None)
         if values != self.hp_values:
             self.hp.set(np.array(values, np.float64))
             self.hp_values = values
@@ -645,23 +670,27 @@ class _GraphRunner:
                               ws.Z[layer], dW, db, dX)
         if not update:
             return
-        be._check_step(plan.step_loss, slot, plan.grads, 0, step_dev, plan.halted)
+        be._check_step(plan.step_loss, slot, plan.grads, 0, step_dev, plan.halted, plan.clip)
         self._update(plan, step_dev)
         be._launch(plan.params.dtype, "advance_step", 1, (self.counter,))
 
     def _update(self, plan: EpochPlan, step_dev) -> None:
         be, hp = self.be, plan.hp
-        p, g, halted = plan.params, plan.grads, plan.halted
+        p, g, halted, clip = plan.params, plan.grads, plan.halted, plan.clip
+        # a schedule's row of this step: the device counter's step in the epoch
+        rates = (self.rates, None if self.rates is None else self.counter[0:1])
         # the rule's state buffers in kernel order; one this configuration leaves unused is None
         state = [plan.state.get(name) for name in RULES[self.kernel].state]
         if self.kernel == "sgd":
-            be._sgd(p, g, state[0] if hp.momentum else None, self.hp, 0, step_dev, halted)
+            be._sgd(p, g, state[0] if hp.momentum else None, self.hp, 0, step_dev, halted, clip,
+                    *rates)
         elif self.kernel == "adam":
-            be._adam(p, g, *state, self.hp, 0, step_dev, halted)
+            be._adam(p, g, *state, self.hp, 0, step_dev, halted, clip, *rates)
         else:
             square_avg, buf, grad_avg = state
             be._rmsprop(p, g, square_avg, buf if hp.momentum > 0 else None,
-                        grad_avg if hp.centered else None, self.hp, 0, step_dev, halted)
+                        grad_avg if hp.centered else None, self.hp, 0, step_dev, halted, clip,
+                        *rates)
 
 
 def _layer_views(sizes, params, grads) -> list[tuple[Any, Any, Any, Any]]:

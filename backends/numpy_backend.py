@@ -12,7 +12,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .base import ACTIVATIONS, KEEPS_Z, LEAKY_RELU_SLOPE, ONE_OVER_SQRT_2PI, SQRT_HALF, Backend
+from .base import ACTIVATIONS, KEEPS_Z, LEAKY_RELU_SLOPE, ONE_OVER_SQRT_2PI, SQRT_HALF, Backend, \
+    clip_coefficient, rated
 from .host import cpu_name
 
 # W. J. Cody, "Rational Chebyshev approximations for the error function", Math. Comp. 23
@@ -193,30 +194,48 @@ class NumpyBackend(HostMemory, Backend):
                 np.less(rank, k, out=hit)
                 out[C * C + 2 * C + i] += np.vdot(w, hit)
 
-    def check_step(self, loss, grads, step, halted):
+    def check_step(self, loss, grads, step, halted, clip=None):
         # (not a sum: one could overflow on large finite gradients)
         if halted[0] == 0 and not (math.isfinite(loss[0]) and _all_finite(grads)):
             halted[0] = step
+        if clip is not None and halted[0] == 0:
+            # float64 squares (float32's would overflow from |g| ~ 1e19); an overflowing sum
+            # is divergence, as torch's norm would be inf
+            wide = grads if grads.dtype == np.float64 else \
+                self._scratch("clip_wide", grads.shape, np.float64)
+            if wide is not grads:
+                np.copyto(wide, grads)
+            clip[0] = np.dot(wide, wide)
+            if not math.isfinite(clip[0]):
+                halted[0] = step
 
     # ------------------------------------------------------------------ optimizers
     # The latch covers the update too: each rule runs on scratch copies of the parameters and
     # of the state it changes, and they are copied back only when every new value is finite
     # (the reference spends two copies per step on it; the arithmetic stays the one rule).
-    def sgd_step(self, params, grads, momentum_buf, hp, step, halted):
+    def sgd_step(self, params, grads, momentum_buf, hp, step, halted, clip=None, rate=None):
+        hp = rated("sgd", hp, rate)
         self._latched(self._sgd, params, grads, (momentum_buf if hp.momentum else None,), hp,
-                      step, halted)
+                      step, halted, clip)
 
-    def adam_step(self, params, grads, m, v, hp, step, halted):
-        self._latched(self._adam, params, grads, (m, v), hp, step, halted)
+    def adam_step(self, params, grads, m, v, hp, step, halted, clip=None, rate=None):
+        self._latched(self._adam, params, grads, (m, v), rated("adam", hp, rate), step, halted,
+                      clip)
 
-    def rmsprop_step(self, params, grads, square_avg, momentum_buf, grad_avg, hp, step, halted):
+    def rmsprop_step(self, params, grads, square_avg, momentum_buf, grad_avg, hp, step, halted,
+                     clip=None, rate=None):
+        hp = rated("rmsprop", hp, rate)
         self._latched(self._rmsprop, params, grads,
                       (square_avg, momentum_buf if hp.momentum > 0 else None,
-                       grad_avg if hp.centered else None), hp, step, halted)
+                       grad_avg if hp.centered else None), hp, step, halted, clip)
 
-    def _latched(self, rule, params, grads, states, hp, step, halted) -> None:
+    def _latched(self, rule, params, grads, states, hp, step, halted, clip=None) -> None:
         if halted[0]:
             return
+        if clip is not None:  # torch's grads.mul_(coefficient), into scratch: grads stay as is
+            clipped = self._scratch("clipped", grads.shape, grads.dtype)
+            np.multiply(grads, grads.dtype.type(clip_coefficient(clip[0], clip[1])), out=clipped)
+            grads = clipped
         new_params = self._scratch("new_params", params.shape, params.dtype)
         np.copyto(new_params, params)
         new_states = []

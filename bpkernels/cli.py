@@ -28,7 +28,7 @@ from . import distributed
 from .activations import ACTIVATIONS, get_activation
 from .backends import backend_names, get_backend
 from .backends.base import LOSSES
-from .cli_args import as_option, count, lr_schedule, names
+from .cli_args import as_option, count, lr_schedule, names, positive_real
 from .cli_bench import cmd_bench, cmd_info, rank_counts, thread_counts
 from .losses import check_loss, has_accuracy
 from .memory import InsufficientMemory
@@ -154,6 +154,9 @@ def _build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--warmup-epochs", type=count(0), default=0, metavar="N",
                      help=f"a linear warm-up from {cli_schedule.WARMUP_START:g}x the rate over "
                           "the first N epochs, before --lr-schedule")
+    opt.add_argument("--clip-grad-norm", type=positive_real, default=None, metavar="X",
+                     help="scale each step's gradient down to L2 norm X where it is longer "
+                          "(torch.nn.utils.clip_grad_norm_; default: no clipping)")
     opt.add_argument("--early-stopping", type=count(0), default=None, metavar="PATIENCE",
                      help="stop once val_loss of a validation split "
                           f"({cli_schedule.VALIDATION_FRACTION:.0%}% of the training rows) has not "
@@ -443,7 +446,8 @@ def _train_command(args: argparse.Namespace) -> int:
                       callbacks=[records, *stoppers, saver],
                       progress=not (args.no_progress or args.quiet), comm=comm,
                       lr_scheduler=sched, lr_scheduler_interval=interval if sched else None,
-                      class_weight=args.class_weight, metrics=args.metrics)
+                      class_weight=args.class_weight, metrics=args.metrics,
+                      clip_grad_norm=args.clip_grad_norm)
     except KeyboardInterrupt:
         return _interrupted(saver)
     except TrainingDiverged as err:
@@ -579,6 +583,8 @@ def _print_settings(args, model, loss: str, classify: bool, train, test, optimiz
     elif args.resume and model.lr_scheduler is not None:
         lines.append(f"learning rate: {type(model.lr_scheduler).__name__} (the checkpoint's, "
                      "continued)")
+    if args.clip_grad_norm is not None:
+        lines.append(f"gradient clipping: to L2 norm {args.clip_grad_norm:g}")
     if args.early_stopping is not None:
         lines.append(f"early stopping: patience {args.early_stopping} on val_loss, the best "
                      "epoch's weights kept")

@@ -18,6 +18,17 @@ def count(minimum: int):
     return parse
 
 
+def positive_real(text: str) -> float:
+    """A finite number > 0 (``--clip-grad-norm``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
 def as_option(option: str, check, *args, **kwargs):
     """``check(...)``, its error message prefixed by the option that carried the bad value."""
     try:

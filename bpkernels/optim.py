@@ -23,6 +23,14 @@ def _check_number(name: str, value: Any, low: float = 0.0, high: float = math.in
     return check_real(value, name, low, high, high_open=high_open)
 
 
+def _extra(clip: Any, rate: Any = None, bounds: Any = None) -> dict[str, Any]:
+    """The update kernels' ``clip``, ``rate`` and ``bounds`` arguments, each passed only when
+    given: a backend written against the contract before it had them still trains without
+    them."""
+    given = {"clip": clip, "rate": rate, "bounds": bounds}
+    return {name: value for name, value in given.items() if value is not None}
+
+
 class Optimizer:
     """Base class: holds hyper-parameters, the state buffers (same layout as the parameters)
     and the number of steps taken. Bound to one model by :func:`bpkernels.fit`."""
@@ -62,12 +70,16 @@ class Optimizer:
         return all(s.shape == model.params.shape and s.dtype == model.dtype
                    for s in self.state.values()) and set(self.state) == set(self.needed_states())
 
-    def step(self, model: "MLP", halted: Any) -> None:
-        """One update of ``model.params`` from ``model.grads`` (skipped on device when halted)."""
+    def step(self, model: "MLP", halted: Any, clip: Any = None, rate: Any = None,
+             bounds: Any = None) -> None:
+        """One update of ``model.params`` from ``model.grads`` (skipped on device when halted);
+        ``clip``: check_step's clipping array, ``rate``: a per-step schedule's row for this
+        step, ``bounds``: the update's bounds (backends/base.py), each or None."""
         self.step_count += 1
-        self._update(model.backend, model.params, model.grads, self.step_count, halted)
+        self._update(model.backend, model.params, model.grads, self.step_count, halted,
+                     _extra(clip, rate, bounds))
 
-    def _update(self, backend, params, grads, step, halted) -> None:
+    def _update(self, backend, params, grads, step, halted, extra) -> None:
         raise NotImplementedError
 
     # -------------------------------------------------------------- description
@@ -100,8 +112,9 @@ class SGD(Optimizer):
     def needed_states(self) -> tuple[str, ...]:
         return self.state_names if self.momentum else ()
 
-    def _update(self, backend, params, grads, step, halted):
-        backend.sgd_step(params, grads, self.state.get("momentum_buffer"), self, step, halted)
+    def _update(self, backend, params, grads, step, halted, extra):
+        backend.sgd_step(params, grads, self.state.get("momentum_buffer"), self, step, halted,
+                         **extra)
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"lr": self.lr, "momentum": self.momentum, "dampening": self.dampening,
@@ -131,9 +144,9 @@ class Adam(Optimizer):
     def betas(self) -> tuple[float, float]:
         return (self.beta1, self.beta2)
 
-    def _update(self, backend, params, grads, step, halted):
+    def _update(self, backend, params, grads, step, halted, extra):
         backend.adam_step(params, grads, self.state["exp_avg"], self.state["exp_avg_sq"],
-                          self, step, halted)
+                          self, step, halted, **extra)
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"lr": self.lr, "betas": [self.beta1, self.beta2], "eps": self.eps,
@@ -173,10 +186,10 @@ class RMSprop(Optimizer):
             names.append("grad_avg")
         return tuple(names)
 
-    def _update(self, backend, params, grads, step, halted):
+    def _update(self, backend, params, grads, step, halted, extra):
         backend.rmsprop_step(params, grads, self.state["square_avg"],
                              self.state.get("momentum_buffer"), self.state.get("grad_avg"),
-                             self, step, halted)
+                             self, step, halted, **extra)
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"lr": self.lr, "alpha": self.alpha, "eps": self.eps,

@@ -21,13 +21,13 @@ import numpy as np
 from . import interop, memory
 from .interop import ArrayLike
 from .model import CHUNK_ROWS
-from .backends.base import EpochPlan
+from .backends.base import BOUNDS, CLIP_SLOTS, OPTIMIZER_RULES, RATE_MOMENTUM, EpochPlan
 from .history import History
 from .lr_scheduler import LRScheduler
 from .losses import check_loss, has_accuracy
 from .optim import Adam, Optimizer, make_optimizer
 from .threads import limit_threads
-from .validation import check_bool, check_ordered, check_positive_int
+from .validation import check_bool, check_ordered, check_positive_int, check_real
 from .metrics import MetricPlan, check_metrics
 from .metrics import values as metric_values
 from .weights import row_weights, step_totals
@@ -72,7 +72,8 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
         callbacks: Iterable[Callable[[int, dict], Any]] | None = None,
         progress: bool = False, comm: Any = None, threads: int | None = None,
         lr_scheduler: LRScheduler | None = None,
-        lr_scheduler_interval: str | None = None, sample_weight: ArrayLike | None = None,
+        lr_scheduler_interval: str | None = None,
+        clip_grad_norm: float | None = None, sample_weight: ArrayLike | None = None,
         class_weight: Any = None, metrics: Iterable[str] | None = None) -> History:
     """Train ``model`` on X, y; returns the History of the epochs run.
 
@@ -93,6 +94,10 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
     per epoch. The rate of each epoch is recorded as ``lr`` (per step: the epoch's last step's).
     The model keeps the schedule (``model.lr_scheduler``, saved in checkpoints): None continues
     the model's own, with its interval; set ``model.lr_scheduler = None`` to drop it.
+    ``clip_grad_norm``: before each update, scale the gradient down to this L2 norm (over all
+    parameters at once) where it is longer, as ``torch.nn.utils.clip_grad_norm_`` (a finite
+    number > 0; None: no clipping); under MPI, the norm of the all-reduced gradient. A
+    gradient whose norm is not finite (its sum of squares overflows) is divergence.
     A callback object may have ``on_fit_start(model, optimizer)`` and
     ``on_fit_end(model, history)`` hooks (see bpkernels.callbacks, EarlyStopping).
     ``sample_weight`` (one number >= 0 per row) and ``class_weight`` (a mapping class ->
@@ -116,6 +121,7 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
     shuffle, progress = check_bool(shuffle, "shuffle"), check_bool(progress, "progress")
     if threads is not None:
         threads = check_positive_int(threads, "threads", 1)
+    clip_grad_norm = check_clip(clip_grad_norm)
     # Taken before the inputs are prepared, atomically: a check here and a mark set later
     # let two fits started together both train.
     claim = _FitClaim()
@@ -157,7 +163,8 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
                                     batch_size=batch_size, epochs=epochs, shuffle=shuffle,
                                     seed=seed, row_weights=weights, metrics=plan)
         loop = EpochLoop(model, X, T, loss=loss, optimizer=opt, batch_size=batch_size,
-                         parallel=parallel, weights=weights, metrics=plan)
+                         parallel=parallel, clip_grad_norm=clip_grad_norm, weights=weights,
+                         metrics=plan)
         model._trainer = loop  # handed over: its ``with`` needs no second claim
         model.loss = loss
         history = History()
@@ -247,15 +254,17 @@ class EpochLoop:
     rather than as warnings, and takes Ctrl-C between steps (see ``interrupted``); it may be
     entered again for later epochs. ``parallel`` is the data-parallel side of a run
     (bpkernels.distributed.DataParallel, which fit(comm=...) makes): the steps then train this
-    rank's shard of each batch and all-reduce the gradients. ``weights``: each row's weight
-    (bpkernels.weights.row_weights), or None for the unweighted mean. ``metrics``: a
-    bpkernels.metrics.MetricPlan (check_metrics) whose metrics each record adds, or None.
+    rank's shard of each batch and all-reduce the gradients. ``clip_grad_norm``: as fit's.
+    ``weights``: each row's weight (bpkernels.weights.row_weights), or None for the unweighted
+    mean. ``metrics``: a bpkernels.metrics.MetricPlan (check_metrics) whose metrics each record
+    adds, or None.
     """
 
     def __init__(self, model: "MLP", X: interop.Array, T: np.ndarray, *, loss: str,
                  optimizer: Optimizer, batch_size: int,
                  parallel: "DataParallel | None" = None,
-                 weights: np.ndarray | None = None, metrics: MetricPlan | None = None) -> None:
+                 clip_grad_norm: float | None = None, weights: np.ndarray | None = None,
+                 metrics: MetricPlan | None = None) -> None:
         check_loss(loss)
         _check_not_training(model)
         be = self.backend = model.backend
@@ -281,6 +290,18 @@ class EpochLoop:
         self.loss_slots = [self.step_loss[s:s + 1] for s in range(self.steps)]
         self.correct_slots = [self.step_correct[s:s + 1] for s in range(self.steps)]
         self.halted = be.zeros((1,), np.int64)
+        # check_step's sum of squares and the max norm, read by the updates on the device
+        self.clip = None
+        if check_clip(clip_grad_norm) is not None:
+            clip = np.zeros(2 + CLIP_SLOTS, np.float64)
+            clip[1] = clip_grad_norm
+            self.clip = be.asarray(clip)
+        # The updates' bounds (backends/base.py), where the backend keeps them: unknown (inf)
+        # at the start of every epoch, since a callback may have changed the weights.
+        self.bounds = self._unknown = None
+        if be.keeps_bounds:
+            self._unknown = be.asarray(np.full(BOUNDS, np.inf))
+            self.bounds = be.zeros((BOUNDS,), np.float64)
         self.metric = has_accuracy(loss, model.sizes[-1])
         # Row weights on the device, and the batch's, gathered per step like the targets
         self.weights, self.W, self.batch_W = weights, None, (None, None)
@@ -383,16 +404,19 @@ class EpochLoop:
         first_step = opt.step_count + 1
         if self.stats is not None:
             be.copy(self.no_stats, self.stats)
+        rates = self._upload_rates()
+        if self.bounds is not None:
+            be.copy(self._unknown, self.bounds)
         # The whole epoch in one call, where the backend can (not under MPI: the gradient is
         # all-reduced between backward and update).
-        # (A per-step schedule runs kernel by kernel for now: the fused epochs read one rate.)
-        if parallel is None and self.step_rates is None and \
-                be.train_epoch(self._plan(index, first_step)):
+        if parallel is None and be.train_epoch(self._plan(index, first_step, rates)):
             opt.step_count += self.steps
             if on_step is not None:
                 on_step(self.n)
         else:
-            self._run_steps(index, on_step)
+            self._run_steps(index, on_step, rates)
+        if self.step_rates is not None:  # the optimizer ends on its last step's rate
+            self._set_step_rate(self.steps - 1)
         # The one host read of the epoch.
         halted = int(be.to_host(self.halted)[0])
         if halted:
@@ -416,9 +440,32 @@ class EpochLoop:
             record.update((k, v) for k, v in found.items() if k not in record)
         return record
 
-    def _run_steps(self, index, on_step: Callable[[int], Any] | None) -> None:
-        """The steps of one epoch, kernel by kernel."""
+    def _upload_rates(self) -> Any:
+        """A per-step schedule's table of the epoch (EpochPlan.rates), on the device: one
+        upload per epoch, read there by every step."""
+        if self.step_rates is None:
+            return None
+        lrs, momenta = self.step_rates
+        table = np.empty((self.steps, 2), np.float64)
+        table[:, 0] = lrs
+        opt = self.optimizer
+        table[:, 1] = momenta if momenta is not None else \
+            getattr(opt, RATE_MOMENTUM[OPTIMIZER_RULES[opt.name]])
+        return self.backend.asarray(table)
+
+    def _set_step_rate(self, s: int) -> None:
+        lrs, momenta = self.step_rates  # type: ignore[misc]
+        set_rate(self.optimizer, lrs[s], None if momenta is None else momenta[s])
+
+    def _run_steps(self, index, on_step: Callable[[int], Any] | None, rates: Any = None) -> None:
+        """The steps of one epoch, kernel by kernel (``rates``: the epoch's schedule table or
+        None; each step's update reads its row on the device)."""
         be, model, opt, parallel = self.backend, self.model, self.optimizer, self.parallel
+        rate_rows = [None] * self.steps if rates is None else \
+            [rates[s] for s in range(self.steps)]
+        # check_step's clip and bounds, only where given (the contract's older signature)
+        extra = {name: value for name, value in (("clip", self.clip), ("bounds", self.bounds))
+                 if value is not None}
         for s in range(self.steps):
             ws = self.full if s < self.steps - 1 else self.last
             W = self.batch_W[0 if s < self.steps - 1 else 1]
@@ -436,17 +483,17 @@ class EpochLoop:
                                         self.stats)
             if parallel is not None:
                 parallel.all_reduce(model.grads, self.loss_slots[s], float(self.grad_weights[s]))
-            be.check_step(self.loss_slots[s], model.grads, opt.step_count + 1, self.halted)
-            if self.step_rates is not None:
-                set_rate(opt, self.step_rates[0][s],
-                         None if self.step_rates[1] is None else self.step_rates[1][s])
-            opt.step(model, self.halted)
+            be.check_step(self.loss_slots[s], model.grads, opt.step_count + 1, self.halted,
+                          **extra)
+            opt.step(model, self.halted, self.clip, rate_rows[s], self.bounds)
             if on_step is not None:
                 on_step(int(self.batch_rows[s]))
             if self.interrupted and parallel is None:  # under MPI: at the epoch's end
+                if self.step_rates is not None:
+                    self._set_step_rate(s)
                 raise KeyboardInterrupt  # between steps: weights and optimizer state agree
 
-    def _plan(self, index, first_step: int) -> EpochPlan:
+    def _plan(self, index, first_step: int, rates: Any = None) -> EpochPlan:
         """The epoch as Backend.train_epoch sees it (the same buffers as _run_steps)."""
         model, opt = self.model, self.optimizer
         return EpochPlan(
@@ -456,7 +503,8 @@ class EpochLoop:
             metric=self.metric, step_loss=self.step_loss, step_correct=self.step_correct,
             halted=self.halted, optimizer=opt.name, hp=opt, state=opt.state,
             first_step=first_step, cache=self.backend_cache, W=self.W, stats=self.stats,
-            metrics=None if self.metrics is None else (self.metrics.kind, self.metrics.ks))
+            metrics=None if self.metrics is None else (self.metrics.kind, self.metrics.ks),
+            clip=self.clip, rates=rates)
 
 
 class _StepBoundaryInterrupt:
@@ -579,6 +627,13 @@ def check_memory(model: "MLP", X: interop.Array, T: np.ndarray, optimizer: Optim
         if not X.resident:
             device["the training data"] = n * model.sizes[0] * itemsize
     memory.check_on(model.backend, f"training {memory.describe(model)}", {}, device)
+
+
+def check_clip(value: Any) -> float | None:
+    """fit's ``clip_grad_norm``: None, or a finite number > 0."""
+    if value is None:
+        return None
+    return check_real(value, "clip_grad_norm", 0.0, low_open=True)
 
 
 def _resolve_optimizer(model, optimizer) -> Optimizer:

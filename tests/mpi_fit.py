@@ -62,7 +62,17 @@ CASES = {
                                 45, 8, 3),
     "cupy-nccl-sgd-ce-weighted": ("cupy-cudasim", ("sgd", {"lr": 0.1}), "cross_entropy",
                                   [6, 8, 3], "relu", 50, 16, 3),
+    # Gradient clipping: the norm is the all-reduced gradient's (a rank's own shard's would
+    # give each rank other weights, and all of them other weights than one process's).
+    "numpy-sgd-ce-clip": ("numpy", ("sgd", {"lr": 0.1, "momentum": 0.9}), "cross_entropy",
+                          [6, 8, 3], "relu", 50, 16, 3),
+    "numba-adam-ce-clip": ("numba", ("adam", {"lr": 1e-2}), "cross_entropy", [6, 8, 3],
+                           "relu", 50, 16, 3),
+    "cupy-nccl-sgd-ce-clip": ("cupy-cudasim", ("sgd", {"lr": 0.1, "momentum": 0.9}),
+                              "cross_entropy", [6, 8, 3], "relu", 50, 16, 3),
 }
+# fit's clip_grad_norm of the cases that clip (small enough to clip every step)
+CLIP = {name: 0.2 for name in CASES if name.endswith("-clip")}
 DIVERGING = ("numpy-diverges", "cupy-nccl-diverges")
 # name -> (sample weights: whole numbers 0..3 from this seed, class_weight)
 WEIGHTED = {"numpy-sgd-ce-weighted": (11, {0: 2, 2: 3}),
@@ -111,7 +121,8 @@ def build(name: str, backend: str | None = None, dtype: str | None = None):
     model = bpk.MLP(sizes, activation=activation, backend=backend_of(backend or case_backend),
                     dtype=dtype, seed=7)
     kwargs = {"loss": loss, "optimizer": bpk.optim.make_optimizer(opt, **hp),
-              "epochs": epochs, "batch_size": batch, "seed": 3}
+              "epochs": epochs, "batch_size": batch, "seed": 3,
+              "clip_grad_norm": CLIP.get(name)}
     if name in WEIGHTED:
         seed, class_weight = WEIGHTED[name]
         kwargs["sample_weight"] = np.random.default_rng(seed).integers(0, 4, CASES[name][5])

@@ -104,6 +104,11 @@ def test_a_diverged_run_leaves_its_history(capsys, tmp_path):
      "leaves none of the 3 epochs"),
     (["--warmup-epochs", "-1"], "must be >= 0"),
     (["--early-stopping", "x"], "expected an integer >= 0"),
+    (["--clip-grad-norm", "0"], "expected a finite number > 0, got '0'"),
+    (["--clip-grad-norm", "-1"], "expected a finite number > 0"),
+    (["--clip-grad-norm", "nan"], "expected a finite number > 0"),
+    (["--clip-grad-norm", "inf"], "expected a finite number > 0"),
+    (["--clip-grad-norm", "x"], "expected a finite number > 0"),
     (["--history", "{tmp}/m.npz", "--save", "{tmp}/m.npz"], "is the --save checkpoint"),
     (["--history", "{tmp}/nowhere/h.csv"], "h.csv"),
     (["--plot", "{tmp}"], "is a folder"),
@@ -113,6 +118,21 @@ def test_bad_values_are_one_line(capsys, tmp_path, options, words):
     code, _, err = run(capsys, "train", *FAST, *options)
     assert code == 2
     assert words in assert_one_error(err)
+
+
+def test_clip_grad_norm_reaches_fit(capsys, monkeypatch):
+    """--clip-grad-norm X trains with fit(clip_grad_norm=X), and says so."""
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["clip_grad_norm"])
+        return fit(*args, **kwargs)
+    fit = cli.fit
+    monkeypatch.setattr(cli, "fit", spy)
+    code, out, _ = run(capsys, "train", *FAST, "--epochs", 1, "--clip-grad-norm", "0.25")
+    assert code == 0 and seen == [0.25] and "gradient clipping: to L2 norm 0.25" in out
+    seen.clear()
+    assert run(capsys, "train", *FAST, "--epochs", 1)[0] == 0 and seen == [None]
 
 
 def test_history_naming_the_data_file_is_refused(capsys, tmp_path):

@@ -20,7 +20,7 @@ import cudasim
 import reference as ref
 from bpkernels.backends import cuda_sources as sources
 from bpkernels.backends.base import ACTIVATION_CODES as ACT
-from bpkernels.backends.base import KEEPS_Z
+from bpkernels.backends.base import CLIP_GROUPS, CLIP_SLOTS, CLIP_THREADS, KEEPS_Z
 from cudasim import shim
 
 pytestmark = pytest.mark.skipif(cudasim.unavailable_reason() is not None,
@@ -345,12 +345,37 @@ def test_check_step(k, dtype, size, bad):
     halted = _halted()
     counter = dev(np.array([1, 41]), I64)  # {slot, step}
     k.check_step(size, dev(loss, dtype), counter[0:1], dev(grads, dtype), I64(size), I64(0),
-                 counter[1:2], halted)
+                 counter[1:2], halted, None)
     assert host(halted)[0] == (0 if bad is None else 41)
     # never cleared, never overwritten by a later bad step
     k.check_step(size, dev(loss, dtype), counter[0:1], dev(grads, dtype), I64(size), I64(99),
-                 None, halted)
+                 None, halted, None)
     assert host(halted)[0] == (0 if bad is None else 41)
+
+
+@pytest.mark.parametrize("size", [1, 255, 5000, 70000])
+def test_check_step_sums_the_squares_for_clipping(k, dtype, size):
+    """check_step on its grid of CLIP_THREADS threads, then norm_groups and norm_total:
+    clip[0] = sum(g^2) in float64 (against NumPy's), twice in a row (nothing accumulates from
+    the step before), the max norm untouched; an overflowing sum is inf (the updates latch on
+    it)."""
+    g = rounded(np.random.default_rng(size).standard_normal(size), dtype)
+    clip = dev(np.r_[0.0, 1.0, np.full(CLIP_SLOTS, 7.0)])  # scratch need not start at zero
+
+    def norm():
+        k.table["check_step"]((CLIP_THREADS // 256,), (256,),
+                              (dev(np.zeros(1), dtype), None, dev(g, dtype), I64(size), I64(1),
+                               None, _halted(), clip))
+        k.norm_groups(CLIP_GROUPS, clip)
+        k.norm_total(1, clip)
+        return host(clip)
+    for _ in range(2):
+        got = norm()
+        np.testing.assert_allclose(got[0], g @ g, rtol=1e-13)
+        assert got[1] == 1.0
+    if dtype == np.float64:
+        g[0] = 1e160  # finite, its square not
+        assert norm()[0] == np.inf
 
 
 OPT_CASES = [
@@ -405,13 +430,14 @@ def test_optimizer_steps_read_the_step_on_the_device(k, dtype, kind, hp, size):
 def _update(k, kind, hp, params, grads, buffers, hp_dev, counter, halted, size):
     m, v, w = buffers
     if kind == "sgd":
-        k.sgd_step(size, params, grads, m if hp[1] else None, I64(size), hp_dev, I64(0),
-                   counter[1:2], halted)
+        k.sgd_step(size, params, grads, m if hp[1] else None, I64(size), hp_dev, None, None,
+                   None, I64(0), counter[1:2], halted)
     elif kind == "adam":
-        k.adam_step(size, params, grads, m, v, I64(size), hp_dev, I64(0), counter[1:2], halted)
+        k.adam_step(size, params, grads, m, v, I64(size), hp_dev, None, None, None, I64(0),
+                    counter[1:2], halted)
     else:
         k.rmsprop_step(size, params, grads, m, v if hp[4] else None, w if hp[5] else None,
-                       I64(size), hp_dev, halted)
+                       I64(size), hp_dev, None, None, None, halted)
 
 
 @pytest.mark.parametrize("size", [1, 300])
@@ -444,15 +470,17 @@ def test_an_update_that_would_overflow_is_latched_and_not_written(k, dtype, kind
 def _checked_update(k, kind, hp, params, grads, buffers, hp_dev, counter, halted, size):
     m, v, w = buffers
     if kind == "sgd":
-        args = (params, grads, m if hp[1] else None, I64(size), hp_dev, I64(0), counter[1:2])
+        args = (params, grads, m if hp[1] else None, I64(size), hp_dev, None, None, None, I64(0),
+                counter[1:2])
         k.sgd_check(size, *args, halted)
         k.sgd_step(size, *args, halted)
     elif kind == "adam":
-        args = (params, grads, m, v, I64(size), hp_dev, I64(0), counter[1:2])
+        args = (params, grads, m, v, I64(size), hp_dev, None, None, None, I64(0), counter[1:2])
         k.adam_check(size, *args, halted)
         k.adam_step(size, *args, halted)
     else:
-        args = (params, grads, m, v if hp[4] else None, w if hp[5] else None, I64(size), hp_dev)
+        args = (params, grads, m, v if hp[4] else None, w if hp[5] else None, I64(size), hp_dev,
+                None, None, None)
         k.rmsprop_check(size, *args, I64(0), counter[1:2], halted)
         k.rmsprop_step(size, *args, halted)
 

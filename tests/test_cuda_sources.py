@@ -90,7 +90,9 @@ def test_generated_defines_are_the_tables(dtype):
         for slot, name in enumerate(rule.hyper):
             expected[f"HP_{rule.name.upper()}_{name.upper()}"] = str(slot)
     generated = _generated(dtype)
-    for name in ("LEAKY_RELU_SLOPE", "SQRT_HALF", "ONE_OVER_SQRT_2PI"):
+    expected["CLIP_THREADS"], expected["CLIP_GROUPS"] = str(base.CLIP_THREADS), \
+        str(base.CLIP_GROUPS)
+    for name in ("LEAKY_RELU_SLOPE", "SQRT_HALF", "ONE_OVER_SQRT_2PI", "CLIP_EPS"):
         assert float(generated.pop(name)) == getattr(base, name), name  # the same double
     assert generated == expected
     # codes are the table's indices; silu is the row added last

@@ -181,11 +181,11 @@ def test_the_numba_update_of_one_overflowing_element_writes_nothing(rule, par):
     p, g = rng.standard_normal((2, 1001)).astype(np.float32) * 1e-3
     states = tuple(np.zeros(1001, np.float32) for _ in range(3))
     halted = np.zeros(1, np.int64)
-    optim.optimizer_step(p, g, states, *_hyper(rule, hp), 1, halted, par)  # a finite step
+    optim.optimizer_step(p, g, states, *_hyper(rule, hp), 1, halted, par, None, None)  # finite
     assert halted[0] == 0
     before = [a.copy() for a in (p, *states)]
     g[777] = 1e30 if rule == "sgd" else 1e20
-    optim.optimizer_step(p, g, states, *_hyper(rule, hp), 2, halted, par)
+    optim.optimizer_step(p, g, states, *_hyper(rule, hp), 2, halted, par, None, None)
     assert halted[0] == 2
     for a, b in zip((p, *states), before):
         np.testing.assert_array_equal(a, b)
@@ -253,7 +253,7 @@ def test_cli_divergence_with_unsaveable_weights_keeps_the_previous_file(capsys, 
     before = (tmp_path / "ck.npz").read_bytes()
     numpy_backend = type(bpk.get_backend("numpy"))
 
-    def unlatched(self, rule, params, grads, states, hp, step, halted):
+    def unlatched(self, rule, params, grads, states, hp, step, halted, clip=None):
         rule(params, grads, *states, hp, step)  # the update without its check
 
     monkeypatch.setattr(numpy_backend, "_latched", unlatched)

@@ -163,7 +163,7 @@ def test_epoch_kernel_with_parallel_passes_matches_the_per_kernel_loop(monkeypat
     pars, kernel = [], epoch.train_epoch
 
     def spy(*args):
-        pars.append(args[-2])
+        pars.append(args[-4])  # (par; clip and rates come last)
         return kernel(*args)
 
     monkeypatch.setattr(epoch, "train_epoch", spy)
@@ -437,11 +437,11 @@ def test_parallel_optimizer_and_check_match_serial(rule):
         p, states = p0.copy(), tuple(np.zeros(1001) for _ in range(3))
         halted = np.zeros(1, np.int64)
         for step, g in enumerate(grads, start=1):
-            optim.check_step(np.ones(1), g, step, halted, par)
-            optim.optimizer_step(p, g, states, *_hyper(rule, hp), step, halted, par)
+            optim.check_step(np.ones(1), g, step, halted, par, None, None)
+            optim.optimizer_step(p, g, states, *_hyper(rule, hp), step, halted, par, None, None)
         g = grads[0].copy()
         g[777] = np.inf
-        optim.check_step(np.ones(1), g, 9, halted, par)
+        optim.check_step(np.ones(1), g, 9, halted, par, None, None)
         results.append((p, *states, halted))
     for serial, parallel in zip(*results):
         np.testing.assert_array_equal(parallel, serial)

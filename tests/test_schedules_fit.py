@@ -81,17 +81,37 @@ CASES = [
 ]
 
 
+class _Spy:
+    """Wraps a backend's train_epoch: records what it answered; ``decline`` makes it decline,
+    so that fit runs kernel by kernel."""
+
+    def __init__(self, monkeypatch, backend, decline):
+        self.answers, original = [], backend.train_epoch
+
+        def train_epoch(plan):
+            answer = False if decline else original(plan)
+            self.answers.append(answer)
+            return answer
+        monkeypatch.setattr(backend, "train_epoch", train_epoch)
+
+
+@pytest.mark.parametrize("path", ["fused", "kernels"])
 @pytest.mark.parametrize("name,torch_opt,our_opt,torch_sched,our_sched,per_step", CASES,
                          ids=[c[0] for c in CASES])
-def test_fit_with_a_schedule_trains_as_pytorch(backend_name, name, torch_opt, our_opt,
-                                               torch_sched, our_sched, per_step):
+def test_fit_with_a_schedule_trains_as_pytorch(monkeypatch, backend_name, path, name, torch_opt,
+                                               our_opt, torch_sched, our_sched, per_step):
+    """Through the backend's fused epoch (the Numba epoch kernel, the CUDA graphs: a per-step
+    schedule's rates read on the device) and kernel by kernel."""
     X, y = _data()
     model = bpk.MLP(SIZES, backend=backend_name, dtype="float64", seed=3)
     want = _torch_fit(model.get_weights(), X, y, torch_opt, torch_sched, per_step)
     sched = our_sched()
+    spy = _Spy(monkeypatch, model.backend, decline=path == "kernels")
     history = bpk.fit(model, X, y, optimizer=our_opt(), epochs=EPOCHS, batch_size=BATCH,
                       shuffle=False, lr_scheduler=sched,
                       lr_scheduler_interval="step" if per_step else "epoch")
+    fused = path == "fused" and backend_name != "numpy"  # (NumPy has no fused epoch)
+    assert spy.answers == [fused] * EPOCHS
     for (W, b), (Wt, bt) in zip(model.get_weights(), want):
         np.testing.assert_allclose(W, Wt, rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(b, bt, rtol=1e-9, atol=1e-12)
@@ -162,3 +182,30 @@ def test_a_checkpoint_resumes_the_schedule_exactly(tmp_path, per_step):
         np.testing.assert_array_equal(b, b2)
     assert first["lr"] + second["lr"] == want["lr"]
     assert resumed.lr_scheduler.state_dict() == whole.lr_scheduler.state_dict()
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["kernels", "graphs"])
+def test_a_per_step_schedule_uploads_and_waits_once_per_epoch_on_the_cuda_stand_in(graphs):
+    """One-cycle (rate and Adam's beta1 both change every step), with clipping: an epoch of 20
+    steps after the first uploads its row order and rate table, allocates those two, and waits
+    for the host only for the epoch's three reads (loss, hits, latch), through the graphs and
+    kernel by kernel alike: nothing per step (cudasim's STATS count what the device did)."""
+    import collections
+
+    import cudasim
+    from cudasim import shim
+    if cudasim.unavailable_reason() is not None:
+        pytest.skip(cudasim.unavailable_reason())
+    backend = cudasim.make_backend(graphs=graphs)
+    model = bpk.MLP(SIZES, backend=backend, dtype="float64", seed=3)
+    X, y = _data()
+    seen = []
+    bpk.fit(model, X[:40], y[:40], optimizer=bpk.Adam(lr=0.01), epochs=3, batch_size=2,
+            lr_scheduler=S.OneCycleLR(0.05, 60), lr_scheduler_interval="step",
+            clip_grad_norm=1.0, callbacks=[lambda e, r: seen.append(collections.Counter(
+                shim.STATS))])
+    epoch = seen[2] - seen[1]
+    assert epoch["graph_launches"] == (20 if graphs else 0)
+    assert epoch["h2d"] + epoch["h2d_async"] <= 3
+    assert epoch["allocations"] <= 2
+    assert epoch["host_waits"] <= 3

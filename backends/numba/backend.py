@@ -19,8 +19,8 @@ import numpy as np
 from numba.core import event
 
 from . import epoch, jit, layers, losses, optim
-from ..base import ACTIVATION_CODES, KEEPS_Z, LOSS_CODES, OPTIMIZER_RULES, RULES, Backend, \
-    EpochPlan
+from ..base import ACTIVATION_CODES, BOUNDS, KEEPS_Z, LOSS_CODES, OPTIMIZER_RULES, RULES, \
+    Backend, EpochPlan, rated
 from .. import host
 from ..numpy_backend import HostMemory, blas_info
 
@@ -129,6 +129,7 @@ event.register("numba:compile", _CompileMemoryCheck())
 class NumbaBackend(HostMemory, Backend):
     name = "numba"
     dtypes = ("float32", "float64")
+    keeps_bounds = True  # the updates skip their check pass where bounds prove it unneeded
 
     def __init__(self, threads: int | None = None) -> None:
         """``threads``: as set_threads; by default NUMBA_NUM_THREADS where it is set (for BLAS
@@ -255,23 +256,27 @@ class NumbaBackend(HostMemory, Backend):
             (losses.class_stats_labels if T.ndim == 1 else losses.class_stats_rows)(
                 _writeable(Y), _writeable(T), W, np.asarray(ks, np.int64), out)
 
-    def check_step(self, loss, grads, step, halted):
-        optim.check_step(loss, grads, int(step), halted, self._par(grads.size))
+    def check_step(self, loss, grads, step, halted, clip=None, bounds=None):
+        optim.check_step(loss, grads, int(step), halted, self._par(grads.size), clip, bounds)
 
     # ------------------------------------------------------------------ optimizers
-    def sgd_step(self, params, grads, momentum_buf, hp, step, halted):
-        self._step("sgd", params, grads, (momentum_buf,), hp, step, halted)
+    def sgd_step(self, params, grads, momentum_buf, hp, step, halted, clip=None, rate=None,
+                 bounds=None):
+        self._step("sgd", params, grads, (momentum_buf,), hp, step, halted, clip, rate, bounds)
 
-    def adam_step(self, params, grads, m, v, hp, step, halted):
-        self._step("adam", params, grads, (m, v), hp, step, halted)
+    def adam_step(self, params, grads, m, v, hp, step, halted, clip=None, rate=None,
+                  bounds=None):
+        self._step("adam", params, grads, (m, v), hp, step, halted, clip, rate, bounds)
 
-    def rmsprop_step(self, params, grads, square_avg, momentum_buf, grad_avg, hp, step, halted):
+    def rmsprop_step(self, params, grads, square_avg, momentum_buf, grad_avg, hp, step, halted,
+                     clip=None, rate=None, bounds=None):
         self._step("rmsprop", params, grads, (square_avg, momentum_buf, grad_avg), hp, step,
-                   halted)
+                   halted, clip, rate, bounds)
 
-    def _step(self, rule, params, grads, states, hp, step, halted):
-        optim.optimizer_step(params, grads, self._states(states, params), *_hyper(rule, hp),
-                             int(step), halted, self._par(params.size))
+    def _step(self, rule, params, grads, states, hp, step, halted, clip, rate, bounds):
+        optim.optimizer_step(params, grads, self._states(states, params),
+                             *_hyper(rule, rated(rule, hp, rate)), int(step), halted,
+                             self._par(params.size), clip, bounds)
 
     def _states(self, states, params) -> tuple[np.ndarray, ...]:
         """Three state buffers, an empty array for each one that is None or absent."""
@@ -283,7 +288,7 @@ class NumbaBackend(HostMemory, Backend):
         rule = OPTIMIZER_RULES.get(plan.optimizer)
         if rule is None or (GEMM_BY_NUMPY and plan.params.size >= BOUND_MIN_PARAMS):
             return False
-        net, work, targets = plan.cache.get("numba") or \
+        net, work, targets, bounds = plan.cache.get("numba") or \
             plan.cache.setdefault("numba", self._epoch_buffers(plan))
         labeled = plan.T.ndim == 1
         stats = None if plan.metrics is None else (np.asarray(plan.metrics[1], np.int64),
@@ -303,21 +308,24 @@ class NumbaBackend(HostMemory, Backend):
             workers = 0
             if POOL and plan.params.size >= POOL_MIN_PARAMS:
                 workers = pool.ensure(epoch.pool_worker, pool.blas_threads() - 1)
-        epoch.train_epoch(net, (_writeable(plan.X), plan.order, plan.batch), work,
-                          (plan.step_loss, plan.step_correct, plan.halted), plan.first_step,
-                          LOSS_CODES[plan.loss], plan.metric, targets if labeled else None,
+        out = (plan.step_loss, plan.step_correct, plan.halted, bounds)
+        epoch.train_epoch(net, (_writeable(plan.X), plan.order, plan.batch), work, out,
+                          plan.first_step, LOSS_CODES[plan.loss], plan.metric,
+                          targets if labeled else None,
                           None if labeled else targets, weights, stats, states,
                           *_hyper(rule, plan.hp),
                           workers, True if workers is None else None, self._par(widest),
-                          layers.activation_kinds(ACTIVATION_CODES[a] for a in plan.activations))
+                          layers.activation_kinds(ACTIVATION_CODES[a] for a in plan.activations),
+                          plan.clip, plan.rates)
         return True
 
-    def _epoch_buffers(self, plan: EpochPlan) -> tuple[Any, Any, tuple]:
+    def _epoch_buffers(self, plan: EpochPlan) -> tuple[Any, Any, tuple, np.ndarray]:
         """The epoch kernel's view of the model (flat buffers and a layer table), its per-step
         scratch (the full workspace's X; flat A, dA and Z of every layer; two rows as wide as
-        the widest layer) and the targets pair (all of them, the full workspace's T)."""
+        the widest layer), the targets pair (all of them, the full workspace's T) and its
+        updates' bounds (base.py)."""
         dtype, ws = plan.params.dtype, plan.workspaces[0]
         table, a_size, z_size = epoch.layer_table(plan.sizes, plan.activations, plan.batch)
         work = (ws.X, np.empty(a_size, dtype), np.empty(a_size, dtype), np.empty(z_size, dtype),
                 np.empty(2 * max(plan.sizes), dtype))
-        return (plan.params, plan.grads, table), work, (plan.T, ws.T)
+        return (plan.params, plan.grads, table), work, (plan.T, ws.T), np.empty(BOUNDS)

@@ -18,7 +18,8 @@ from .losses import (BINARY_CROSS_ENTROPY, CROSS_ENTROPY, MSE, binary_xent_of,
                      class_stats_labels_of, class_stats_rows_of, count_correct_labels_of,
                      count_correct_rows_of, mse_of, regression_stats_of, softmax_xent_labels_of,
                      softmax_xent_rows_of)
-from .optim import all_finite, optimizer_update, update_rule
+from .optim import (adam_at_step, all_finite, grad_sum_squares, optimizer_update,
+                    rmsprop_at_step, sgd_at_step, update_rule)
 
 if NATIVE is not None:
     from ._native.gather import gather_shared, pool_worker
@@ -31,7 +32,8 @@ else:  # (the large models' shared gather is native only: plain mode never passe
 #   work  (X, A, dA, Z, sums): per-step scratch, X (batch, i) and the flat A, dA and Z (layers
 #         of base.KEEPS_Z only) of every layer at layer offsets (x rows); sums (2 x the widest layer,) in
 #         the dtype, for _backward's bound. Per step, the kernels see (X, A, dA, Z).
-#   out   (loss, correct, halted): (steps,), (steps,), (1,) int64
+#   out   (loss, correct, halted, bounds): (steps,), (steps,), (1,) int64, (base.BOUNDS,) float64
+#         (the updates' bounds, base.py: unknown at the epoch's start, kept from step to step)
 # The targets come as one of two pairs (all targets, the batch's scratch), the other None:
 # ``labels`` int64 (N,), (batch,) or ``T`` (N, o), (batch, o).
 # (Not namedtuples: Numba's cache index pickles argument types, and a namedtuple class that
@@ -275,7 +277,7 @@ def _weight_gradients(net, work, rows, alpha, beta, into_weights, scan):
 # (``epoch``: compiled without reference counting in native mode, see _native/toolkit.py.)
 @epoch
 def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, weights, stats, states,
-                sgd, adam, rmsprop, workers, scan, par, kinds):
+                sgd, adam, rmsprop, workers, scan, par, kinds, clip, rates):
     """Every step of one epoch, as train.py's per-kernel loop runs them: gather the batch,
     forward, loss (and hits), backward, check_step, then the optimizer update of step
     ``first_step + s`` (a no-op once halted). The arguments that may be None (``labels`` or
@@ -293,16 +295,21 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, weigh
     X_all, order, batch = data
     sums = work[4]
     work = work[:4]
-    step_losses, step_hits, halted = out
+    step_losses, step_hits, halted, bounds = out
+    for i in range(bounds.size):  # unknown: anything may have written the weights since
+        bounds[i] = math.inf
     n = order.size
     steps = (n + batch - 1) // batch
     # Plain SGD fused into dW's GEMM writes W before anything can check it: it runs only where
     # a bound on every |W| shows the new weights finite. The bound starts from a scan (once an
     # epoch), each fused step bounds its own result, and a step that is not fused scans again.
-    fusable = sgd is not None and workers is not None and sgd[1] == 0
+    fusable = sgd is not None and workers is not None and sgd[1] == 0 and clip is None
     w_bound = _abs_max(params) if fusable else math.inf
     for s in range(steps):
         rows = min(batch, n - s * batch)
+        # this step's hyper-parameters: the given ones, or the schedule's row s in them
+        sgd_s, adam_s = sgd_at_step(sgd, rates, s), adam_at_step(adam, rates, s)
+        rmsprop_s = rmsprop_at_step(rmsprop, rates, s)
         index = span(order, s * batch, rows)
         if workers is not None:  # a large model's gather, with the bound of its first layer
             input_bound = rows * gather_shared(workers, X_all, order, s * batch, rows,
@@ -353,27 +360,35 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, weigh
         fused, alpha, beta = False, 1.0, 0.0
         if fusable:
             if sure and finite and halted[0] == 0 and s + 1 < steps:
-                alpha, beta = -sgd[0], 1.0 - sgd[0] * sgd[4]
+                alpha, beta = -sgd_s[0], 1.0 - sgd_s[0] * sgd_s[4]
                 new_bound = _fused_weight_bound(params.itemsize, rows, w_bound, dw_bound, alpha,
                                                 beta)
                 fused = new_bound < math.inf
                 for layer in range(layers.shape[0]):  # the biases' update, not yet written
                     b, o = layers[layer, 3], layers[layer, 1]
                     fused = fused and update_rule(span(params, b, o), span(grads, b, o), states,
-                                                  sgd, adam, rmsprop, first_step + s, False)
+                                                  sgd_s, adam_s, rmsprop_s, first_step + s,
+                                                  1.0, False)
                 if fused:
                     w_bound = new_bound
                 else:
                     alpha, beta = 1.0, 0.0
-        finite = _weight_gradients(net, work, rows, alpha, beta, fused, not sure) and finite
+        finite = _weight_gradients(net, work, rows, alpha, beta, fused,
+                                   not sure and clip is None) and finite
+        if clip is not None:  # check_step's pass, the norm's sum of squares with it
+            clip[0] = grad_sum_squares(grads, par)
+            finite = finite and math.isfinite(clip[0])
         if fusable and fused:
             for layer in range(layers.shape[0]):  # the biases, by the rule itself
                 b, o = layers[layer, 3], layers[layer, 1]
-                update_rule(span(params, b, o), span(grads, b, o), states, sgd, adam, rmsprop,
-                            first_step + s, True)
+                update_rule(span(params, b, o), span(grads, b, o), states, sgd_s, adam_s,
+                            rmsprop_s, first_step + s, 1.0, True)
+            bounds[0] = math.inf  # (the GEMM wrote W: its bound is w_bound's business)
             continue
         if halted[0] == 0 and not finite:
             halted[0] = first_step + s  # check_step's latch
-        optimizer_update(params, grads, states, sgd, adam, rmsprop, first_step + s, halted, par)
+        # (the gradients' bound comes from a pass of the update's own: the scans above check)
+        optimizer_update(params, grads, states, sgd_s, adam_s, rmsprop_s, first_step + s, halted,
+                         par, clip, bounds)
         if fusable and halted[0] == 0 and s + 2 < steps:
             w_bound = _abs_max(params)  # a step that was not fused moved W by its own rule
