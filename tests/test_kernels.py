@@ -81,7 +81,10 @@ def test_backend_methods_have_the_contract_signatures(be):
 
     assert isinstance(be, Backend)
     for name in Backend.__abstractmethods__:
-        assert params(getattr(type(be), name)) == params(getattr(Backend, name)), name
+        got = params(getattr(type(be), name))
+        if be.keeps_bounds and got and got[-1][0] == "bounds":
+            got = got[:-1]  # the contract's documented extra of a backend that keeps bounds
+        assert got == params(getattr(Backend, name)), name
 
 
 # ====================================================================== plumbing
