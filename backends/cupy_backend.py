@@ -30,6 +30,7 @@ except ImportError:
 
 from . import BackendUnavailable
 from . import cuda_sources as sources
+from .host import no_gpu_driver_note
 from .base import ACTIVATION_CODES, CLIP_GROUPS, CLIP_THREADS, KEEPS_Z, OPTIMIZER_RULES, \
     RATE_MOMENTUM, RULES, Backend, EpochPlan
 
@@ -76,14 +77,6 @@ def _float32_compute_type(tf32: bool) -> bool:
     return True
 
 
-def _no_driver_note() -> str:
-    """CUDA says "driver version is insufficient" where there is no driver at all (a CPU-only
-    machine with CuPy installed): say that instead, where Linux shows it."""
-    if os.path.isdir("/proc") and not os.path.exists("/proc/driver/nvidia/version"):
-        return " (no NVIDIA driver is loaded: no GPU here)"
-    return ""
-
-
 class CupyBackend(Backend):
     name = "cupy"
 
@@ -98,7 +91,7 @@ class CupyBackend(Backend):
             count = cupy.cuda.runtime.getDeviceCount()
         except RuntimeError as err:  # CUDARuntimeError: no driver, or too old for this CuPy
             raise BackendUnavailable(f"backend 'cupy' cannot use a GPU here: {err}"
-                                     f"{_no_driver_note()}") from None
+                                     f"{no_gpu_driver_note()}") from None
         if count < 1:
             raise BackendUnavailable("backend 'cupy' cannot use a GPU here: no CUDA device")
         if tf32 is None:

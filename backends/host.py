@@ -203,3 +203,11 @@ def _read_int(path: str) -> int | None:
 
 def _gib(nbytes: int) -> str:
     return "no limit" if nbytes >= sys.maxsize else size_text(nbytes)
+
+
+def no_gpu_driver_note() -> str:
+    """CUDA says "driver version is insufficient" where there is no driver at all (a CPU-only
+    machine with CuPy installed): say that instead, where Linux shows it."""
+    if os.path.isdir("/proc") and not os.path.exists("/proc/driver/nvidia/version"):
+        return " (no NVIDIA driver is loaded: no GPU here)"
+    return ""

@@ -13,7 +13,7 @@ import pytest
 import bpkernels
 from bpkernels import backends, cli
 from bpkernels.backends.numpy_backend import NumpyBackend
-from bpkernels.train import epoch_line
+from bpkernels.progress import epoch_line
 from bpkernels import datasets as ds
 
 # Small and quick: enough to see learning, not to tune anything.
