@@ -358,21 +358,24 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, weigh
         # Not on the epoch's last step, whose gradients stay in ``grads`` as the per-kernel
         # loop leaves them.
         fused, alpha, beta = False, 1.0, 0.0
-        if fusable:
-            if sure and finite and halted[0] == 0 and s + 1 < steps:
-                alpha, beta = -sgd_s[0], 1.0 - sgd_s[0] * sgd_s[4]
-                new_bound = _fused_weight_bound(params.itemsize, rows, w_bound, dw_bound, alpha,
-                                                beta)
-                fused = new_bound < math.inf
-                for layer in range(layers.shape[0]):  # the biases' update, not yet written
-                    b, o = layers[layer, 3], layers[layer, 1]
-                    fused = fused and update_rule(span(params, b, o), span(grads, b, o), states,
-                                                  sgd_s, adam_s, rmsprop_s, first_step + s,
-                                                  1.0, False)
-                if fused:
-                    w_bound = new_bound
-                else:
-                    alpha, beta = 1.0, 0.0
+        # (``sgd is not None`` first: Numba prunes a test of an argument against None before
+        # typing, on every release, but not ``fusable``, and sgd_s[0] has no type when None)
+        if sgd is not None:
+            if fusable:
+                if sure and finite and halted[0] == 0 and s + 1 < steps:
+                    alpha, beta = -sgd_s[0], 1.0 - sgd_s[0] * sgd_s[4]
+                    new_bound = _fused_weight_bound(params.itemsize, rows, w_bound, dw_bound,
+                                                    alpha, beta)
+                    fused = new_bound < math.inf
+                    for layer in range(layers.shape[0]):  # the biases' update, not yet written
+                        b, o = layers[layer, 3], layers[layer, 1]
+                        fused = fused and update_rule(span(params, b, o), span(grads, b, o),
+                                                      states, sgd_s, adam_s, rmsprop_s,
+                                                      first_step + s, 1.0, False)
+                    if fused:
+                        w_bound = new_bound
+                    else:
+                        alpha, beta = 1.0, 0.0
         finite = _weight_gradients(net, work, rows, alpha, beta, fused,
                                    not sure and clip is None) and finite
         if clip is not None:  # check_step's pass, the norm's sum of squares with it
