@@ -104,6 +104,12 @@ class EarlyStopping:
 
     def on_fit_end(self, model: "MLP", history: "History") -> None:
         history.best_epoch, history.stopped_epoch = self.best_epoch, self.stopped_epoch
+        self._restore(model)
+
+    # ------------------------------------------------------------------ helpers
+    def _restore(self, model: "MLP") -> None:
+        """The best epoch's weights (and optimizer state) back into the model, with
+        restore_best_weights; then the copies are freed."""
         if self.restore_best_weights and self._snapshot is not None:
             params, state, step_count = self._snapshot
             be = model.backend
@@ -116,7 +122,6 @@ class EarlyStopping:
         self._snapshot = None  # the copies are freed with the fit
         self._model = self._optimizer = None
 
-    # ------------------------------------------------------------------ helpers
     def _improves(self, value: float, reference: float | None) -> bool:
         if reference is None:
             return True

@@ -22,7 +22,11 @@ Choices where scikit-learn's own MLP leaves room, or where ours differs:
   ``early_stopping``, the validation score: accuracy or R^2) has not improved by ``tol`` for more
   than ``n_iter_no_change`` epochs in a row, else after ``max_iter`` epochs with a
   ConvergenceWarning. Early stopping restores the weights of the best validation epoch (the
-  optimizer state stays that of the last epoch, as in scikit-learn).
+  optimizer state stays that of the last epoch, as in scikit-learn). The rule runs as a
+  :class:`bpkernels.EarlyStopping` (``_sklearn_support.ScikitLearnStopping``), whose Keras
+  rule differs from scikit-learn's in when the best value moves and when patience runs out.
+- ``sample_weight`` (fit, partial_fit) and the classifier's ``class_weight`` weigh each row's
+  loss (bpkernels.fit's weighted batch mean) and the early-stopping score.
 - ``fit`` with ``warm_start`` continues the fitted model with a fresh optimizer (as scikit-learn);
   ``partial_fit`` trains one more epoch with the optimizer and its state carried over. Both need
   the architecture, backend and dtype unchanged. ``loss_curve_`` and ``n_iter_`` then
@@ -37,7 +41,7 @@ import copy
 import math
 import numbers
 import warnings
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -47,7 +51,6 @@ try:
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.metrics import r2_score
     from sklearn.model_selection import train_test_split
-    from sklearn.utils import check_random_state
     from sklearn.utils.multiclass import check_classification_targets, unique_labels
     from sklearn.utils.validation import check_is_fitted
 except ImportError as err:
@@ -66,10 +69,12 @@ from .lr_sklearn import AdaptiveLR, InvScalingLR
 from .lr_scheduler import LRScheduler
 from .model import MLP, resolve_dtype
 from .optim import Optimizer, make_optimizer
+from ._sklearn_support import (ScikitLearnStopping, check_bool, check_hidden_layer_sizes,
+                               check_int, check_random_state_value, check_real, check_threads,
+                               class_index, is_auto, model_from_host, model_seed, model_to_host,
+                               sample_weights, sigmoid)
 from .threads import limit_threads
 from .train import fit as _train
-from .train import set_rate
-from .validation import check_ordered, shown
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
 
@@ -114,16 +119,19 @@ class _BaseMLP(BaseEstimator):
         self.threads = threads
 
     # ------------------------------------------------------------------ training
-    def fit(self, X: ArrayLike, y: ArrayLike) -> "_BaseMLP":
-        """Train for up to ``max_iter`` epochs (see the module docstring for when it stops)."""
-        return self._fit(X, y, incremental=False)
+    def fit(self, X: ArrayLike, y: ArrayLike, sample_weight: ArrayLike | None = None
+            ) -> "_BaseMLP":
+        """Train for up to ``max_iter`` epochs (see the module docstring for when it stops).
+        ``sample_weight``: one number >= 0 per row; each batch's loss is then the weighted mean
+        ``sum(w_i l_i) / sum(w_i)``, and the early-stopping score weighs the validation rows."""
+        return self._fit(X, y, incremental=False, sample_weight=sample_weight)
 
-    def _fit(self, X, y, incremental: bool):
+    def _fit(self, X, y, incremental: bool, sample_weight=None):
         settings = self._check_params()
         with limit_threads(settings["threads"]):
-            return self._fit_checked(X, y, incremental, settings)
+            return self._fit_checked(X, y, incremental, settings, sample_weight)
 
-    def _fit_checked(self, X, y, incremental: bool, settings: dict[str, Any]):
+    def _fit_checked(self, X, y, incremental: bool, settings: dict[str, Any], sample_weight):
         if incremental and settings["early_stopping"]:
             raise ValueError("partial_fit does not support early_stopping=True (it trains one "
                              "epoch on the data given); use fit, or set early_stopping=False")
@@ -134,6 +142,7 @@ class _BaseMLP(BaseEstimator):
         X, y = _validate_data(self, X, y, reset=not continuing, dtype=(np.float64, np.float32),
                               **self._y_checks())
         T, n_outputs = self._encode_targets(y, continuing, incremental)
+        W = self._row_weights(sample_weight, y, incremental)
         if continuing:
             model = self.model_
             self._check_same_architecture(model, settings, X.shape[1], n_outputs)
@@ -141,30 +150,30 @@ class _BaseMLP(BaseEstimator):
             # dtype=None: scikit-learn's rule, float32 data in float32, anything else in float64.
             model = MLP([X.shape[1], *settings["hidden_layer_sizes"], n_outputs],
                         activation=settings["activation"], backend=settings["backend"],
-                        dtype=settings["dtype"] or X.dtype.name, seed=_seed(self.random_state))
+                        dtype=settings["dtype"] or X.dtype.name, seed=model_seed(self.random_state))
         keep_optimizer = incremental and model.optimizer is not None
         optimizer = None if keep_optimizer else self._make_optimizer(settings)
         X = np.asarray(X, dtype=model.dtype)
         loss = self._model_loss(n_outputs)
 
-        X_val = T_val = None
+        X_val = T_val = W_val = None
         if settings["early_stopping"]:
-            X, X_val, T, T_val = self._validation_split(X, T, settings["validation_fraction"],
-                                                        model.seed)
+            X, X_val, T, T_val, W, W_val = self._validation_split(
+                X, T, W, settings["validation_fraction"], model.seed)
         batch_size = settings["batch_size"]
         if batch_size == "auto":
             batch_size = min(_AUTO_BATCH, X.shape[0])
         epochs = 1 if incremental else settings["max_iter"]
         score = None if X_val is None else \
-            (lambda: self._score_outputs(model.forward(X_val), T_val))
+            (lambda: self._score_outputs(model.forward(X_val), T_val, W_val))
         seen = getattr(self, "t_", 0) if continuing else 0  # 0: pickled before t_ existed
         schedule = self._schedule(model, settings, keep_optimizer, X.shape[0], seen)
         # fit() steps a schedule on its History records; the validation score is not one, so
         # an adaptive rate with early stopping is stepped by the monitor instead.
         by_monitor = schedule if isinstance(schedule, AdaptiveLR) and score is not None else None
-        monitor = _StoppingMonitor(model, settings["tol"], settings["n_iter_no_change"], score,
-                                   schedule if isinstance(schedule, AdaptiveLR) else None,
-                                   optimizer if by_monitor is not None else None)
+        monitor = ScikitLearnStopping(settings["tol"], settings["n_iter_no_change"], score,
+                                      schedule if isinstance(schedule, AdaptiveLR) else None,
+                                      optimizer if by_monitor is not None else None)
         if by_monitor is not None:
             by_monitor.start(optimizer)
         if not keep_optimizer:
@@ -173,13 +182,12 @@ class _BaseMLP(BaseEstimator):
         try:
             _train(model, X, T, loss=loss, optimizer=optimizer, epochs=epochs,
                    batch_size=batch_size, shuffle=settings["shuffle"], seed=model.seed,
-                   callbacks=[monitor], progress=bool(settings["verbose"]),
+                   sample_weight=W, callbacks=[monitor], progress=bool(settings["verbose"]),
                    lr_scheduler=None if by_monitor is not None or keep_optimizer else schedule)
         except KeyboardInterrupt:
             # scikit-learn's MLP keeps what was trained so far; so do we.
             warnings.warn("Training interrupted by user.")
-        if monitor.best_weights is not None:
-            model.set_weights(monitor.best_weights)
+            monitor._restore(model)  # (fit ran no on_fit_end)
         if not incremental and not monitor.stopped and len(monitor.losses) == epochs:
             warnings.warn(f"Stochastic Optimizer: Maximum iterations ({epochs}) reached and the "
                           "optimization hasn't converged yet.", ConvergenceWarning)
@@ -207,7 +215,7 @@ class _BaseMLP(BaseEstimator):
                               mode="max" if early else "min", monitor="score" if early else "loss")
         return None
 
-    def _store_fitted(self, model: MLP, monitor: "_StoppingMonitor", continuing: bool,
+    def _store_fitted(self, model: MLP, monitor: ScikitLearnStopping, continuing: bool,
                       n_outputs: int) -> None:
         previous = self.loss_curve_ if continuing else []
         self.model_ = model
@@ -220,15 +228,17 @@ class _BaseMLP(BaseEstimator):
         self.validation_scores_ = monitor.scores if early else None
         self.best_validation_score_ = monitor.best if early else None
 
-    def _validation_split(self, X, T, fraction: float, seed: int):
+    def _validation_split(self, X, T, W, fraction: float, seed: int):
         stratify = T.reshape(T.shape[0], -1)[:, 0] if self._stratify else None
-        X_train, X_val, T_train, T_val = train_test_split(
-            X, T, test_size=fraction, random_state=seed, stratify=stratify)
+        parts = train_test_split(X, T, *([] if W is None else [W]), test_size=fraction,
+                                 random_state=seed, stratify=stratify)
+        X_train, X_val, T_train, T_val = parts[:4]
+        W_train, W_val = parts[4:] if W is not None else (None, None)
         if X_val.shape[0] < 2:
             raise ValueError(f"The validation set is too small ({X_val.shape[0]} sample of "
                              f"{X.shape[0]}): increase 'validation_fraction' (now {fraction}) "
                              "or the size of your dataset")
-        return X_train, X_val, T_train, T_val
+        return X_train, X_val, T_train, T_val, W_train, W_val
 
     def _make_optimizer(self, settings: dict) -> Optimizer:
         spec = settings["optimizer"]
@@ -256,13 +266,13 @@ class _BaseMLP(BaseEstimator):
     def _outputs(self, X: ArrayLike) -> np.ndarray:
         check_is_fitted(self, "model_")
         X = _validate_data(self, X, reset=False, dtype=(np.float64, np.float32))
-        with limit_threads(_check_threads(self.threads)):
+        with limit_threads(check_threads(self.threads)):
             return self.model_.forward(np.asarray(X, dtype=self.model_.dtype))
 
     # ------------------------------------------------------------------ parameters
     def _check_params(self) -> dict[str, Any]:
         """The constructor parameters, validated and resolved (scikit-learn validates at fit)."""
-        sizes = _check_hidden_layer_sizes(self.hidden_layer_sizes)
+        sizes = check_hidden_layer_sizes(self.hidden_layer_sizes)
         activation = self.activation
         if isinstance(activation, str):
             activation = _ACTIVATION_ALIASES.get(activation.lower(), activation)
@@ -276,24 +286,24 @@ class _BaseMLP(BaseEstimator):
             "hidden_layer_sizes": sizes,
             "activation": hidden_activations(activation, len(sizes)),
             **self._check_learning_rate(),
-            "power_t": _check_real("power_t", self.power_t, low=0.0),
-            "weight_decay": _check_real("weight_decay", self.weight_decay, low=0.0),
-            "batch_size": "auto" if _is_auto(self.batch_size) else
-            _check_int("batch_size", self.batch_size, 1, 'an integer >= 1 or "auto"'),
-            "max_iter": _check_int("max_iter", self.max_iter, 1),
-            "shuffle": _check_bool("shuffle", self.shuffle),
-            "tol": _check_real("tol", self.tol, low=0.0),
-            "n_iter_no_change": _check_int("n_iter_no_change", self.n_iter_no_change, 1),
-            "early_stopping": _check_bool("early_stopping", self.early_stopping),
-            "validation_fraction": _check_real("validation_fraction", self.validation_fraction,
+            "power_t": check_real("power_t", self.power_t, low=0.0),
+            "weight_decay": check_real("weight_decay", self.weight_decay, low=0.0),
+            "batch_size": "auto" if is_auto(self.batch_size) else
+            check_int("batch_size", self.batch_size, 1, 'an integer >= 1 or "auto"'),
+            "max_iter": check_int("max_iter", self.max_iter, 1),
+            "shuffle": check_bool("shuffle", self.shuffle),
+            "tol": check_real("tol", self.tol, low=0.0),
+            "n_iter_no_change": check_int("n_iter_no_change", self.n_iter_no_change, 1),
+            "early_stopping": check_bool("early_stopping", self.early_stopping),
+            "validation_fraction": check_real("validation_fraction", self.validation_fraction,
                                                low=0.0, low_open=True, high=1.0),
             "verbose": bool(self.verbose) if isinstance(self.verbose, (bool, np.bool_)) else
-            _check_int("verbose", self.verbose, 0, "a bool or an integer >= 0"),
-            "warm_start": _check_bool("warm_start", self.warm_start),
+            check_int("verbose", self.verbose, 0, "a bool or an integer >= 0"),
+            "warm_start": check_bool("warm_start", self.warm_start),
             "dtype": None if self.dtype is None else resolve_dtype(self.dtype).name,
-            "threads": _check_threads(self.threads),
+            "threads": check_threads(self.threads),
         }
-        _check_random_state(self.random_state)
+        check_random_state_value(self.random_state)
         settings["backend"] = get_backend(self.backend).name
         settings["optimizer"] = self._check_optimizer(settings)
         return settings
@@ -301,7 +311,7 @@ class _BaseMLP(BaseEstimator):
     def _check_learning_rate(self) -> dict[str, Any]:
         """learning_rate (a schedule's name, or a number: the older spelling of
         learning_rate_init with the constant schedule) and learning_rate_init, resolved."""
-        init = _check_real("learning_rate_init", self.learning_rate_init, low=0.0, low_open=True)
+        init = check_real("learning_rate_init", self.learning_rate_init, low=0.0, low_open=True)
         kind, names = self.learning_rate, ", ".join(map(repr, _SCHEDULES))
         if isinstance(kind, str):
             if kind not in _SCHEDULES:
@@ -312,7 +322,7 @@ class _BaseMLP(BaseEstimator):
         if isinstance(kind, bool) or not isinstance(kind, numbers.Real):
             raise TypeError(f"learning_rate must be one of {names} or a number, got "
                             f"{type(kind).__name__}")
-        rate = _check_real("learning_rate", kind, low=0.0, low_open=True)
+        rate = check_real("learning_rate", kind, low=0.0, low_open=True)
         if init != _DEFAULT_LEARNING_RATE:
             raise ValueError(f"learning_rate={rate} (a number: the older spelling of "
                              f"learning_rate_init) and learning_rate_init={init} both set the "
@@ -347,13 +357,13 @@ class _BaseMLP(BaseEstimator):
         # A copy: object.__getstate__ hands out the instance's own __dict__.
         state = dict(super().__getstate__())
         if "model_" in state:
-            state["model_"] = _model_to_host(state["model_"])
+            state["model_"] = model_to_host(state["model_"])
         return state
 
     def __setstate__(self, state: dict) -> None:
         state = dict(state)
         if "model_" in state:
-            state["model_"] = _model_from_host(state["model_"])
+            state["model_"] = model_from_host(state["model_"])
         super().__setstate__(state)
 
     # ------------------------------------------------------------------ subclass hooks
@@ -367,8 +377,14 @@ class _BaseMLP(BaseEstimator):
     def _model_loss(self, n_outputs: int) -> str:
         raise NotImplementedError
 
-    def _score_outputs(self, outputs: np.ndarray, T: np.ndarray) -> float:
+    def _score_outputs(self, outputs: np.ndarray, T: np.ndarray, W: np.ndarray | None
+                       ) -> float:
+        """The validation score, weighted by W (None, or rows that all weigh 0: unweighted)."""
         raise NotImplementedError
+
+    def _row_weights(self, sample_weight, y, incremental: bool) -> np.ndarray | None:
+        return sample_weights(sample_weight, None, y, None,
+                              "partial_fit" if incremental else "fit")
 
 
 class MLPClassifier(ClassifierMixin, _BaseMLP):
@@ -396,6 +412,10 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     - ``threads`` None: the most threads (BLAS and Numba) that fit, partial_fit and the
       predictions run on, the previous counts restored afterwards (see
       :func:`bpkernels.set_num_threads`); None leaves the counts as they are.
+    - ``class_weight`` None: a mapping label -> weight (labels absent from it weigh 1) or
+      "balanced" (``n_samples / (n_classes * bincount(y))``, scikit-learn's rule; not in
+      partial_fit). A row weighs its ``sample_weight`` times its class's weight, and the loss
+      is their weighted mean, as ``torch.nn.CrossEntropyLoss(weight=...)``.
 
     Fitted attributes: ``classes_``, ``n_features_in_``, ``feature_names_in_`` (for named
     columns), ``model_`` (the :class:`bpkernels.MLP`), ``n_outputs_``, ``loss_curve_``,
@@ -406,10 +426,26 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
 
     _stratify = True
 
-    def partial_fit(self, X: ArrayLike, y: ArrayLike,
+    def __init__(self, hidden_layer_sizes=(100,), activation="relu", *, optimizer="adam",
+                 learning_rate="constant", learning_rate_init=_DEFAULT_LEARNING_RATE,
+                 power_t=0.5, weight_decay=0.0, batch_size=32, max_iter=200, shuffle=True,
+                 random_state=None, tol=1e-4, n_iter_no_change=10, early_stopping=False,
+                 validation_fraction=0.1, backend="auto", dtype=None, verbose=False,
+                 warm_start=False, threads=None, class_weight=None):
+        super().__init__(hidden_layer_sizes, activation, optimizer=optimizer,
+                         learning_rate=learning_rate, learning_rate_init=learning_rate_init,
+                         power_t=power_t, weight_decay=weight_decay, batch_size=batch_size,
+                         max_iter=max_iter, shuffle=shuffle, random_state=random_state, tol=tol,
+                         n_iter_no_change=n_iter_no_change, early_stopping=early_stopping,
+                         validation_fraction=validation_fraction, backend=backend, dtype=dtype,
+                         verbose=verbose, warm_start=warm_start, threads=threads)
+        self.class_weight = class_weight
+
+    def partial_fit(self, X: ArrayLike, y: ArrayLike, sample_weight: ArrayLike | None = None,
                     classes: ArrayLike | None = None) -> "MLPClassifier":
         """One epoch over X, y on the current model (a new one on the first call, which needs
-        ``classes``: every label that will ever appear, e.g. ``np.unique(y_all)``)."""
+        ``classes``: every label that will ever appear, e.g. ``np.unique(y_all)``). The
+        arguments are in scikit-learn's order: pass ``classes`` by name."""
         if not hasattr(self, "model_"):
             if classes is None:
                 raise ValueError("classes must be passed on the first call to partial_fit "
@@ -419,7 +455,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             raise ValueError(f"classes={classes!r} differs from the classes of the previous "
                              f"calls, {self.classes_!r}")
         try:
-            return self._fit(X, y, incremental=True)
+            return self._fit(X, y, incremental=True, sample_weight=sample_weight)
         finally:
             self.__dict__.pop("_partial_classes", None)
 
@@ -451,8 +487,19 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     def _model_loss(self, n_outputs: int) -> str:
         return "binary_cross_entropy" if n_outputs == 1 else "cross_entropy"
 
-    def _score_outputs(self, outputs: np.ndarray, T: np.ndarray) -> float:
-        return float(np.mean(_class_index(outputs) == np.asarray(T).reshape(-1)))
+    def _score_outputs(self, outputs, T, W) -> float:
+        hits = class_index(outputs) == np.asarray(T).reshape(-1)
+        return float(np.average(hits, weights=W if W is not None and W.sum() > 0 else None))
+
+    def _row_weights(self, sample_weight, y, incremental: bool) -> np.ndarray | None:
+        if incremental and isinstance(self.class_weight, str) and \
+                self.class_weight == "balanced":
+            raise ValueError("class_weight='balanced' is not supported by partial_fit (one "
+                             "call sees a part of the data); compute the weights once, e.g. "
+                             "sklearn.utils.class_weight.compute_class_weight('balanced', "
+                             "classes=classes, y=y_all), and pass them as a mapping")
+        return sample_weights(sample_weight, self.class_weight, y, self.classes_,
+                              "partial_fit" if incremental else "fit")
 
     def decision_function(self, X: ArrayLike) -> np.ndarray:
         """The logits in float64: shape (n,) for two classes (> 0 means ``classes_[1]``),
@@ -466,7 +513,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         Y = self._outputs(X).astype(np.float64)
         if Y.shape[1] == 1:
             # sigmoid(-z) rather than 1 - sigmoid(z): no cancellation for confident rows.
-            return np.hstack([_sigmoid(-Y), _sigmoid(Y)])
+            return np.hstack([sigmoid(-Y), sigmoid(Y)])
         Y -= Y.max(axis=1, keepdims=True)  # exp stays finite
         np.exp(Y, out=Y)
         Y /= Y.sum(axis=1, keepdims=True)
@@ -478,7 +525,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
 
     def predict(self, X: ArrayLike) -> np.ndarray:
         """The most likely class of each row, a label from ``classes_``."""
-        index = _class_index(self._outputs(X))  # first: it raises NotFittedError
+        index = class_index(self._outputs(X))  # first: it raises NotFittedError
         return self.classes_[index]
 
     def __sklearn_tags__(self):
@@ -498,9 +545,10 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
     shaped like it.
     """
 
-    def partial_fit(self, X: ArrayLike, y: ArrayLike) -> "MLPRegressor":
+    def partial_fit(self, X: ArrayLike, y: ArrayLike, sample_weight: ArrayLike | None = None
+                    ) -> "MLPRegressor":
         """One epoch over X, y on the current model (a new one on the first call)."""
-        return self._fit(X, y, incremental=True)
+        return self._fit(X, y, incremental=True, sample_weight=sample_weight)
 
     def _y_checks(self) -> dict:
         return {"multi_output": True, "y_numeric": True}
@@ -516,8 +564,9 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
     def _model_loss(self, n_outputs: int) -> str:
         return "mse"
 
-    def _score_outputs(self, outputs: np.ndarray, T: np.ndarray) -> float:
-        return float(r2_score(T, outputs))
+    def _score_outputs(self, outputs, T, W) -> float:
+        return float(r2_score(T, outputs,
+                              sample_weight=W if W is not None and W.sum() > 0 else None))
 
     def predict(self, X: ArrayLike) -> np.ndarray:
         """Predictions in float64 (scikit-learn's convention), shaped like the fitted ``y``."""
@@ -531,140 +580,3 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
 
     def _more_tags(self) -> dict:  # scikit-learn < 1.6
         return {"multioutput": True}
-
-
-class _StoppingMonitor:
-    """The fit() callback that implements scikit-learn's stopping rule: more than ``patience``
-    epochs in a row without an improvement of ``tol`` in the training loss (or, when ``score``
-    is given, the validation score) ends training. With a score it keeps the best weights."""
-
-    def __init__(self, model: MLP, tol: float, patience: int,
-                 score: Callable[[], float] | None, adaptive: AdaptiveLR | None = None,
-                 steps_adaptive: Optimizer | None = None) -> None:
-        self.model, self.tol, self.patience, self.score = model, tol, patience, score
-        # With an adaptive rate, a plateau divides the rate by 5 instead of stopping, until the
-        # rate is <= 1e-6: the schedule counts, and says when to stop (its ``exhausted``).
-        # steps_adaptive: the optimizer whose rate this callback sets, where it (not fit())
-        # steps the schedule on the validation score.
-        self.adaptive, self.steps_adaptive = adaptive, steps_adaptive
-        self.losses: list[float] = []
-        self.scores: list[float] = []
-        self.best = -math.inf if score is not None else math.inf
-        self.best_weights = None
-        self.bad_epochs = 0
-        self.stopped = False
-
-    def __call__(self, epoch: int, record: dict) -> bool:
-        self.losses.append(record["loss"])
-        if self.score is None:
-            loss = record["loss"]
-            self.bad_epochs = self.bad_epochs + 1 if loss > self.best - self.tol else 0
-            self.best = min(self.best, loss)
-        else:
-            score = self.score()
-            self.scores.append(score)
-            self.bad_epochs = self.bad_epochs + 1 if score < self.best + self.tol else 0
-            if score > self.best:
-                self.best = score
-                self.best_weights = self.model.get_weights()
-            if self.steps_adaptive is not None:
-                self.adaptive.step(score)
-                set_rate(self.steps_adaptive, self.adaptive.lr, None)  # the next epoch's
-        if self.adaptive is not None:
-            self.stopped = self.adaptive.exhausted
-        else:
-            self.stopped = self.bad_epochs > self.patience
-        return self.stopped
-
-
-# ---------------------------------------------------------------------- host form of a model
-
-def _model_to_host(model: MLP) -> dict[str, Any]:
-    """``model.state()``, and the optimizer object itself (a user's subclass survives the
-    pickle), unbound: hyper-parameters only, no device buffers, no model link."""
-    meta, arrays = model.state()
-    unbound = None
-    if model.optimizer is not None:
-        unbound = copy.copy(model.optimizer)
-        Optimizer.__init__(unbound)
-    return {"meta": meta, "arrays": arrays, "optimizer": unbound}
-
-
-def _model_from_host(state: dict[str, Any]) -> MLP:
-    return MLP.from_state(state["meta"], state["arrays"], optimizer=state["optimizer"])
-
-
-# ---------------------------------------------------------------------- helpers
-
-def _seed(random_state) -> int:
-    """The model's seed: an int random_state as is, else one drawn from it (None: NumPy's
-    global RNG), as scikit-learn's check_random_state would."""
-    if isinstance(random_state, numbers.Integral):
-        return int(random_state)
-    return int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
-
-
-def _class_index(outputs: np.ndarray) -> np.ndarray:
-    if outputs.shape[1] == 1:
-        return (outputs[:, 0] > 0).astype(np.int64)
-    return np.argmax(outputs, axis=1)
-
-
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return np.exp(-np.logaddexp(0.0, -z))
-
-
-def _check_hidden_layer_sizes(value) -> tuple[int, ...]:
-    sizes = [value] if isinstance(value, numbers.Integral) else check_ordered(
-        value, "hidden_layer_sizes", "an int or a sequence of ints (one width per hidden layer, "
-        "e.g. (100,) or (64, 32))")
-    if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1
-               for s in sizes):
-        raise ValueError("hidden_layer_sizes must hold positive integers (one width per hidden "
-                         f"layer, e.g. (100,) or (64, 32); () for none), got {shown(value)}")
-    return tuple(int(s) for s in sizes)
-
-
-def _check_int(name: str, value, minimum: int, allowed: str = "") -> int:
-    allowed = allowed or f"an integer >= {minimum}"
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be {allowed}, got {shown(value)}")
-    if value < minimum:
-        raise ValueError(f"{name} must be {allowed}, got {shown(value)}")
-    return int(value)
-
-
-def _check_threads(value) -> int | None:
-    return None if value is None else _check_int("threads", value, 1, "None or an integer >= 1")
-
-
-def _is_auto(value) -> bool:
-    return isinstance(value, str) and value == "auto"
-
-
-def _check_random_state(value) -> None:
-    allowed = "None, an integer >= 0 or a numpy RandomState"
-    if value is None or isinstance(value, np.random.RandomState):
-        return
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"random_state must be {allowed}, got {shown(value)}")
-    if not 0 <= value < 2**32:
-        raise ValueError(f"random_state must be {allowed} (below 2**32), got {shown(value)}")
-
-
-def _check_real(name: str, value, low: float, low_open: bool = False,
-                high: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    too_low = value <= low if low_open else value < low
-    if not math.isfinite(value) or too_low or (high is not None and value >= high):
-        bounds = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'})"
-        raise ValueError(f"{name} must be finite and lie in {bounds}, got {value}")
-    return value
-
-
-def _check_bool(name: str, value) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {shown(value)}")
-    return bool(value)

@@ -36,8 +36,8 @@ def row_weights(sample_weight: Any, class_weight: Any, T: np.ndarray, loss: str,
         names = " and ".join(name for name, value in (("sample_weight", sample_weight),
                                                        ("class_weight", class_weight))
                              if value is not None)
-        raise ValueError(f"{names} give every row of {where}() weight 0: no row would count; "
-                         "at least one weight must be positive")
+        raise ValueError(f"{names} give every row of {where}() a weight of zero: no row would "
+                         "count; at least one weight must be positive")
     cast = weights.astype(dtype)
     if not np.isfinite(cast).all() or not np.isfinite(cast.sum()):
         raise ValueError(f"sample_weight: the weights overflow {np.dtype(dtype).name}, the "

@@ -20,14 +20,15 @@ python -m pip install --quiet --disable-pip-version-check torch==2.13.0 keras
 bpk info
 
 stage "the test command of README.md (a cold Numba cache)"
-python -m pytest -q
+python -m pytest -q -n auto
 
-# (-k numba: the Numba files, and the Numba backend's cases of the kernel tests)
-numba_tests=(tests/test_numba.py tests/test_numba_native.py tests/test_kernels.py -k numba)
-stage "the Numba tests again, on the warm cache the first run left"
-python -m pytest -q "${numba_tests[@]}"
+# (-k numba: the Numba files, and the Numba backend's cases of the kernel tests; a second
+# process loading the cache the first left is tested in the suite, test_numba*.py)
+numba_tests=(tests/test_numba.py tests/test_kernels.py -k numba)
 stage "the Numba tests in plain mode (public Numba only: njit, np.dot)"
-BPK_NUMBA_NATIVE=0 python -m pytest -q "${numba_tests[@]}"
+# (BPK_NUMBA_TEST_SUBSET: one epoch-kernel case per optimizer rule and target kind, as the
+# plain kernels are the native ones' source compiled without the native layer)
+BPK_NUMBA_NATIVE=0 BPK_NUMBA_TEST_SUBSET=1 python -m pytest -q -n auto "${numba_tests[@]}"
 stage "the Numba kernels as plain Python (NUMBA_DISABLE_JIT, for debugging)"
 NUMBA_DISABLE_JIT=1 python -m pytest -q tests/test_numba.py tests/test_kernels.py -k numba
 
@@ -35,11 +36,11 @@ stage "the oldest Numba that pyproject.toml allows (plain mode: its releases are
 oldest="$(sed -n 's/^numba = \["numba>=\([0-9.]*\)".*/\1/p' pyproject.toml)"
 python3 -m venv .venv-oldest
 .venv-oldest/bin/python -m pip install --quiet --disable-pip-version-check \
-    "numba==${oldest}.*" "numpy<2" "scipy<1.14" "pytest>=7"
+    "numba==${oldest}.*" "numpy<2" "scipy<1.14" "pytest>=7" "pytest-xdist>=3"
 .venv-oldest/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
 .venv-oldest/bin/python -c "import numba; print('numba', numba.__version__)"
 # (a subset: each case compiles a whole epoch kernel afresh, 7-30 s apiece on this Numba)
-BPK_NUMBA_TEST_SUBSET=1 .venv-oldest/bin/python -m pytest -q -p no:cacheprovider \
+BPK_NUMBA_TEST_SUBSET=1 .venv-oldest/bin/python -m pytest -q -p no:cacheprovider -n auto \
     tests/test_numba.py -k "not (parallel_passes or in_float32 or epoch_kernel_runs)"
 
 # Packaging: an sdist and a wheel built from it (python -m build) hold bpkernels.backends and every
@@ -64,5 +65,5 @@ python -m pip install --quiet --disable-pip-version-check cupy-cuda12x
 python -c "import cupy; print('cupy', cupy.__version__)"
 # (not the digits runs: 30 s of training on the stand-in, already done above, that no CuPy
 # module reaches)
-python -m pytest -q -W error::DeprecationWarning -k "(cupy or cuda or gpu) and not digits"
+python -m pytest -q -n auto -W error::DeprecationWarning -k "(cupy or cuda or gpu) and not digits"
 stage "done"
