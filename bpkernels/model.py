@@ -23,7 +23,7 @@ from .optim import Optimizer, optimizer_from_config
 from .validation import check_ordered, shown
 from .metrics import MetricPlan, check_metrics
 from .metrics import values as metric_values
-from .weights import row_weights
+from .weights import DeviceWeights, row_weights
 
 # Inference and evaluation run in chunks of this many rows: bounded memory for any input size.
 CHUNK_ROWS = 4096
@@ -235,22 +235,27 @@ class MLP:
         return out
 
     def evaluate_prepared(self, X: interop.Array, T: np.ndarray, loss: str,
-                          weights: np.ndarray | None = None,
+                          weights: np.ndarray | DeviceWeights | None = None,
                           metrics: MetricPlan | None = None) -> dict[str, float]:
         """:meth:`evaluate` on inputs already checked by :meth:`prepare` (validation in fit());
-        ``weights``: each row's, from bpkernels.weights.row_weights, or None; ``metrics``: a
-        plan of bpkernels.metrics.check_metrics, or None."""
+        ``weights``: each row's, from bpkernels.weights.row_weights (uploaded chunk by chunk),
+        or the same as bpkernels.weights.DeviceWeights (copied on the device), or None;
+        ``metrics``: a plan of bpkernels.metrics.check_metrics, or None."""
         be, total, correct = self.backend, 0.0, 0.0
         metric = has_accuracy(loss, self.sizes[-1])
         stats = None if metrics is None else be.zeros((metrics.size(self.sizes[-1]),),
                                                       np.float64)
+        weights, resident = weights if isinstance(weights, DeviceWeights) else (weights, None)
         for ws, rows, chunk in self._chunks(X, T):
             W, count = None, ws.rows
             if weights is not None:  # the chunk's weights, in a buffer of its workspace
                 if getattr(ws, "W", None) is None:
                     ws.W = be.empty((ws.rows,), self.dtype)
                 W, count = ws.W, float(weights[rows].sum(dtype=np.float64))
-                self._upload(weights[rows], W)
+                if resident is None:
+                    self._upload(weights[rows], W)
+                else:  # the kernels see the same buffer as evaluate()'s: equal numbers
+                    be.copy(resident[rows], W)
             Y = self._forward(ws, chunk)
             be.loss(loss, Y, ws.T, ws.dA[-1], ws.loss, W)
             total += float(be.to_host(ws.loss)[0]) * count

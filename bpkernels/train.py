@@ -29,7 +29,7 @@ from .threads import limit_threads
 from .validation import check_bool, check_ordered, check_positive_int, check_real
 from .metrics import MetricPlan, check_metrics
 from .metrics import values as metric_values
-from .weights import row_weights, step_totals
+from .weights import DeviceWeights, row_weights, step_totals
 
 if TYPE_CHECKING:
     from .distributed import DataParallel
@@ -67,7 +67,7 @@ def _abort_job_on_failure(fit: Callable) -> Callable:
 @_abort_job_on_failure
 def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy", optimizer: str | Optimizer | None = None,
         epochs: int = 10, batch_size: int = 32, shuffle: bool = True, seed: int = 0,
-        validation_data: tuple[Any, Any] | None = None,
+        validation_data: tuple[Any, ...] | None = None,
         callbacks: Iterable[Callable[[int, dict], Any]] | None = None,
         progress: bool = False, comm: Any = None, threads: int | None = None,
         lr_scheduler: LRScheduler | None = None,
@@ -106,6 +106,12 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
     ``metrics``: names of bpkernels.metrics (``"f1_macro"``, ``"top5"``, ``"r2"``, ...) added
     to every record, over the epoch's batches as trained (statistics summed on the device, read
     once per epoch), and as ``val_`` ones over ``validation_data``; weighted like the loss.
+    ``validation_data``: ``(X_val, y_val)`` or ``(X_val, y_val, sample_weight_val)``, evaluated
+    after every epoch into the ``val_`` records. The triple's weights (checked once, as
+    ``sample_weight``, and sent to the device once) weigh ``val_loss`` and every ``val_``
+    metric as ``model.evaluate(X_val, y_val, loss, sample_weight=sample_weight_val)`` does.
+    ``class_weight`` weighs the training rows only (as in Keras): the validation rows are
+    never class-weighted.
 
     X, y and validation_data may be arrays of any library (see bpkernels.interop): X already in
     the model's memory as a C-contiguous array of its dtype is trained on in place, never
@@ -362,11 +368,12 @@ class EpochLoop:
                     _give_back(self.model)
 
     def epoch(self, shuffle: bool = True, seed: int = 0,
-              validation_data: tuple[interop.Array, np.ndarray] | None = None,
+              validation_data: tuple[Any, ...] | None = None,
               on_step: Callable[[int], Any] | None = None) -> dict[str, float]:
         """Train the model's next epoch (its rows in the order drawn from ``(seed, epoch)``
         when ``shuffle``), timed, then validate on ``validation_data`` (as
-        ``model.prepare`` returns it) if given; returns the epoch's History record.
+        ``model.prepare`` returns it, or with a third item, the rows' weights as
+        ``model.evaluate_prepared`` takes them) if given; returns the epoch's History record.
         ``on_step(rows)`` is called after each step (or once for a fused epoch)."""
         if not self._inside:
             raise RuntimeError("EpochLoop.epoch() runs inside 'with loop:'")
@@ -379,7 +386,9 @@ class EpochLoop:
         record["seconds"] = time.perf_counter() - start
         record["samples_per_sec"] = self.n / max(record["seconds"], 1e-12)
         if validation_data is not None:
-            val = model.evaluate_prepared(*validation_data, loss=self.loss,
+            X_val, T_val, *weights = validation_data
+            val = model.evaluate_prepared(X_val, T_val, loss=self.loss,
+                                          weights=weights[0] if weights else None,
                                           metrics=self.metrics)
             record.update({f"val_{k}": v for k, v in val.items()})
         model.epochs_trained += 1
@@ -604,7 +613,7 @@ class _Schedule:
 
 
 def check_memory(model: "MLP", X: interop.Array, T: np.ndarray, optimizer: Optimizer,
-                 batch_size: int, validation: tuple[interop.Array, np.ndarray] | None = None) -> None:
+                 batch_size: int, validation: tuple[Any, ...] | None = None) -> None:
     """InsufficientMemory, before anything is allocated, when training ``model`` on X, T cannot
     fit: the optimizer's state (unless bound already), the workspaces of the full and the last
     batch and of evaluation's chunks, the batch order, and on a host backend the training data
@@ -641,8 +650,17 @@ def _resolve_optimizer(model, optimizer) -> Optimizer:
     return make_optimizer(optimizer)
 
 
-def _check_validation(model, data, loss) -> tuple[interop.Array, np.ndarray]:
-    """The checked validation inputs and their host targets, prepared once for every epoch."""
-    if not isinstance(data, (tuple, list)) or len(data) != 2:
-        raise ValueError("validation_data must be a pair (X_val, y_val)")
-    return model.prepare(data[0], data[1], loss)
+def _check_validation(model, data, loss) -> tuple[Any, ...]:
+    """The checked validation inputs and their host targets, prepared once for every epoch,
+    and the rows' weights, where a triple gives them, sent to the device once for all epochs."""
+    if not isinstance(data, (tuple, list)) or len(data) not in (2, 3):
+        got = f"{len(data)} items" if isinstance(data, (tuple, list)) else type(data).__name__
+        raise ValueError("validation_data must be a pair (X_val, y_val) or a triple "
+                         f"(X_val, y_val, sample_weight_val), got {got}")
+    X, T = model.prepare(data[0], data[1], loss)
+    if len(data) == 2 or data[2] is None:  # Keras takes a None weight as unweighted too
+        return X, T
+    name, be = "validation_data[2]", model.backend
+    w = row_weights(interop.targets(data[2], be, name), None, T, loss, model.sizes[-1],
+                    model.dtype, name=name, rows="validation_data")
+    return X, T, DeviceWeights(w, w if interop.host_backend(be) else be.asarray(w))

@@ -8,59 +8,70 @@ classified right.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from .validation import check_numeric
 
 
+class DeviceWeights(NamedTuple):
+    """Row weights (row_weights') kept on the device for a whole run, so that an evaluation
+    repeated every epoch (fit's validation) uploads them once; the host copy gives the totals
+    without a device read."""
+    host: np.ndarray
+    device: Any
+
+
 def row_weights(sample_weight: Any, class_weight: Any, T: np.ndarray, loss: str,
-                n_outputs: int, dtype: Any, where: str = "fit") -> np.ndarray | None:
+                n_outputs: int, dtype: Any, where: str = "fit", *, name: str = "sample_weight",
+                rows: str | None = None) -> np.ndarray | None:
     """The rows' weights for prepared targets ``T`` (losses.prepare_targets: int64 labels
     (n,) or (n, o) rows) of a model with ``n_outputs`` outputs, as a host array of ``dtype``,
     or None when both are None (the unweighted mean, whose numbers stay exactly those of an
     unweighted run). ``class_weight``: a mapping class -> weight (classes absent from it weigh
     1, as in scikit-learn) or ``"balanced"``: ``n_samples / (n_classes * bincount(y))`` over
     the classes present in y (scikit-learn's compute_class_weight). ``where`` names the call
-    in the error of weights that are all 0."""
+    in the error of weights that are all 0; ``name`` names ``sample_weight`` in every error,
+    and ``rows`` the rows it weighs in that one (default ``where()``'s: fit's validation
+    weights are ``validation_data[2]``, weighing ``validation_data``)."""
     if sample_weight is None and class_weight is None:
         return None
     n = T.shape[0]
     weights = np.ones(n)
     if sample_weight is not None:
-        weights = _sample_weight(sample_weight, n)
+        weights = _sample_weight(sample_weight, n, name)
     if class_weight is not None:
         weights = weights * _class_weights(class_weight, T, loss, n_outputs)
     if not weights.sum() > 0:
-        names = " and ".join(name for name, value in (("sample_weight", sample_weight),
-                                                       ("class_weight", class_weight))
+        names = " and ".join(given for given, value in ((name, sample_weight),
+                                                         ("class_weight", class_weight))
                              if value is not None)
-        raise ValueError(f"{names} give every row of {where}() a weight of zero: no row would "
+        of = f"{where}()" if rows is None else rows
+        raise ValueError(f"{names} give every row of {of} a weight of zero: no row would "
                          "count; at least one weight must be positive")
     cast = weights.astype(dtype)
     if not np.isfinite(cast).all() or not np.isfinite(cast.sum()):
-        raise ValueError(f"sample_weight: the weights overflow {np.dtype(dtype).name}, the "
+        raise ValueError(f"{name}: the weights overflow {np.dtype(dtype).name}, the "
                          "model's dtype (they and their sum must be finite in it); scale them "
                          "down (only their ratios matter)")
     return cast
 
 
-def _sample_weight(sample_weight: Any, n: int) -> np.ndarray:
+def _sample_weight(sample_weight: Any, n: int, name: str) -> np.ndarray:
     if isinstance(sample_weight, (str, bytes, Mapping)):
-        raise TypeError(f"sample_weight must be an array of numbers, one per row, got "
+        raise TypeError(f"{name} must be an array of numbers, one per row, got "
                         f"{type(sample_weight).__name__}")
-    w = check_numeric(sample_weight, "sample_weight")
+    w = check_numeric(sample_weight, name)
     if w.ndim == 2 and w.shape[1] == 1:
         w = w[:, 0]
     if w.ndim != 1 or w.shape[0] != n:
-        raise ValueError(f"sample_weight must have one number per row: shape ({n},), got "
-                         f"{w.shape}")
+        raise ValueError(f"{name} must have one number per row: shape ({n},), got {w.shape}")
     w = w.astype(np.float64)
     bad = ~np.isfinite(w) | (w < 0)
     if bad.any():
         i = int(np.argmax(bad))
-        raise ValueError(f"sample_weight must be finite and >= 0; sample_weight[{i}] = {w[i]}")
+        raise ValueError(f"{name} must be finite and >= 0; {name}[{i}] = {w[i]}")
     return w
 
 
