@@ -8,6 +8,10 @@ over PyTorch's) is computed per round, from epochs timed seconds apart, and summ
 median over the rounds, so load that comes and goes on a shared machine weighs on both sides of
 a ratio alike. The seconds per epoch are still the median over the rounds of each entry alone.
 
+``BenchOptions.training`` adds training variants (workload.TRAININGS): each backend then also
+trains each variant, as an entry ``backend+variant`` of the same block, so that its epochs/s
+over plain SGD's (``training_ratios``) is a per-round ratio too. Peers train plain SGD only.
+
 The workload (configs, synthetic data, initial weights, batch order) is workload.py's, shared
 with the peers and the pytest-benchmark suites in ``benchmarks/``. ``bpk bench --ranks`` runs
 ``python -m bpkernels.bench bench-worker`` under mpiexec (``scaling_benchmark``).
@@ -38,6 +42,7 @@ from .train import EpochLoop, fit
 # CONFIGS and parse_config too: ``bench.X`` is where the CLI and benchmarks/ read the workload.
 from .workload import CONFIGS, LEARNING_RATE, SEED, Config, Trajectory  # noqa: F401
 from .workload import backend_trajectory, check_memory, parse_config, workload  # noqa: F401
+from .workload import TRAININGS, check_training, training_options  # noqa: F401
 
 # --------------------------------------------------------------------------- results
 @dataclass
@@ -94,29 +99,47 @@ EpochFactory = Callable[[], Callable[[], float]]
 
 
 def backend_epochs(backend: str, config: Config, dtype: str,
-                   data: tuple[np.ndarray, np.ndarray]) -> EpochFactory:
+                   data: tuple[np.ndarray, np.ndarray], training: str = "sgd") -> EpochFactory:
     """For ``_interleaved``: makes a model of ``backend`` and gives a function that trains its
-    next epoch on ``data`` (X, y) and returns the epoch's seconds, as ``fit`` times it."""
+    next epoch on ``data`` (X, y) the ``training`` way (workload.training_options) and returns
+    the epoch's seconds, as ``fit`` times it."""
     X, y = data
 
     def make_epoch() -> Callable[[], float]:
         model = MLP(config.sizes, backend=backend, dtype=dtype, seed=SEED)
-        return _open_fit(model, X, y, SGD(lr=LEARNING_RATE), config.batch)
+        return _open_fit(model, X, y, SGD(lr=LEARNING_RATE), config.batch, training)
 
     return make_epoch
 
 
-def _open_fit(model: MLP, X: np.ndarray, y: np.ndarray, opt: SGD,
-              batch: int) -> Callable[[], float]:
+def _open_fit(model: MLP, X: np.ndarray, y: np.ndarray, opt: SGD, batch: int,
+              training: str = "sgd") -> Callable[[], float]:
     """``fit``'s epochs one call at a time, on one epoch loop: a ``fit(epochs=1)`` per epoch
     would redo per-fit work inside each timed epoch (CuPy captures its step graphs anew, Numba
-    allocates its epoch scratch), which one ``fit(epochs=n)`` pays once."""
+    allocates its epoch scratch), which one ``fit(epochs=n)`` pays once. A per-step schedule
+    is fed as fit feeds it (train._Schedule): the epoch's rates computed ahead into
+    ``loop.step_rates``, which the fused epoch reads on the device."""
     Xp, T = model.prepare(X, y, "cross_entropy")
-    loop = EpochLoop(model, Xp, T, loss="cross_entropy", optimizer=opt, batch_size=batch)
+    options = training_options(training, -(-Xp.rows // batch))
+    loop = EpochLoop(model, Xp, T, loss="cross_entropy", optimizer=opt, batch_size=batch,
+                     clip_grad_norm=options.get("clip_grad_norm"))
+    schedule = options.get("lr_scheduler")
+    if schedule is not None:
+        schedule.start(opt)
 
     def epoch() -> float:
         with loop:
-            return loop.epoch(shuffle=True, seed=SEED)["seconds"]
+            if schedule is None:
+                return loop.epoch(shuffle=True, seed=SEED)["seconds"]
+            # Timed with the epoch, unlike fit's History seconds: the rates are host work
+            # that a schedule adds to every epoch.
+            start = time.perf_counter()
+            loop.step_rates = schedule.rates(loop.steps)
+            ahead = time.perf_counter() - start
+            try:
+                return ahead + loop.epoch(shuffle=True, seed=SEED)["seconds"]
+            finally:
+                loop.step_rates = None
 
     return epoch
 
@@ -211,11 +234,17 @@ class BenchOptions:
     # A thread count, or several: every entry is then timed with each, its epochs interleaved.
     # None: the libraries' own defaults.
     threads: int | Sequence[int] | None = None
+    # Names of workload.TRAININGS. Plain SGD is always timed, as the baseline of the others.
+    training: Sequence[str] = ("sgd",)
 
     def thread_counts(self) -> list[int | None]:
         if self.threads is None or isinstance(self.threads, int):
             return [self.threads]
         return sorted(set(self.threads))
+
+    def variants(self) -> list[str]:
+        """The trainings besides plain SGD, each once, in the order given."""
+        return [t for t in dict.fromkeys(map(check_training, self.training)) if t != "sgd"]
 
 
 def run(options: BenchOptions, log: Callable[[str], None] = lambda s: None,
@@ -225,17 +254,21 @@ def run(options: BenchOptions, log: Callable[[str], None] = lambda s: None,
     count, take turns epoch by epoch (``_interleaved``); each Result keeps its ``round_seconds``
     for the per-round ratios of ``ratios``. The CUDA floor (with cupy) is timed by CUDA events
     before them, apart. Peers that cannot run here are skipped with a line appended to
-    ``notes``. The thread counts are limited for the run only, then restored."""
+    ``notes``. The thread counts are limited for the run only, then restored. Each training
+    variant's parity is against the float64 reference trained the same way."""
     counts = options.thread_counts()
+    variants = options.variants()
     notes = [] if notes is None else notes
     results: list[Result] = []
+    models = len(options.backends) * (1 + len(variants)) + len(options.peers) + 1
     for config in options.configs:  # every config before the first is timed
         for dtype in options.dtypes:
-            check_memory(config, dtype, len(options.backends) + len(options.peers) + 1)
+            check_memory(config, dtype, models)
     for config in options.configs:
         for dtype in options.dtypes:
             log(f"{config.name} {dtype}: float64 reference trajectory")
-            reference = backend_trajectory("numpy", config, "float64")
+            references = {t: backend_trajectory("numpy", config, "float64", training=t)
+                          for t in ["sgd", *variants]}
             cuda_floor = []
             if "cupy" in options.backends:
                 log(f"{config.name} {dtype}: gemm-floor-cuda")
@@ -254,7 +287,8 @@ def run(options: BenchOptions, log: Callable[[str], None] = lambda s: None,
                     threads=entry.threads, extra=dict(entry.extra), round_seconds=list(times))
                 if entry.parity is not None:
                     with limit_threads(entry.count):
-                        result.parity_rel_err, result.note = entry.parity(reference)
+                        result.parity_rel_err, result.note = entry.parity(
+                            references[entry.extra.get("training", "sgd")])
             # Reported as before: floor(s), CUDA floor, then each backend and peer, by count.
             names = list(dict.fromkeys(e.name for e in entries))
             floor = [block[names[0], count] for count in counts]
@@ -281,8 +315,10 @@ class _Entry:
 def _entries(options: BenchOptions, config: Config, dtype: str, counts: Sequence[int | None],
              notes: list[str]) -> list[_Entry]:
     """The floor, the backends and the peers of one (config, dtype), at every count, in the
-    order of their turns: count by count, so that epochs of one count run side by side."""
+    order of their turns: count by count, so that epochs of one count run side by side, and
+    each backend's training variants right after it."""
     data = workload(config, dtype)
+    variants = options.variants()
     entries = []
     unavailable: set[str] = set()
     for count in counts:
@@ -293,6 +329,10 @@ def _entries(options: BenchOptions, config: Config, dtype: str, counts: Sequence
             entries.append(_Entry(backend, "backend", count, threads,
                                   backend_epochs(backend, config, dtype, data),
                                   _backend_parity(backend, config, dtype)))
+            entries += [_Entry(f"{backend}+{training}", "backend", count, threads,
+                               backend_epochs(backend, config, dtype, data, training),
+                               _backend_parity(backend, config, dtype, training),
+                               {"training": training}) for training in variants]
         for peer in options.peers:
             if peer in unavailable:
                 continue
@@ -308,10 +348,10 @@ def _entries(options: BenchOptions, config: Config, dtype: str, counts: Sequence
     return entries
 
 
-def _backend_parity(backend: str, config: Config,
-                    dtype: str) -> Callable[[Trajectory], tuple[float, str]]:
-    return lambda reference: (
-        backend_trajectory(backend, config, dtype).error_against(reference), "")
+def _backend_parity(backend: str, config: Config, dtype: str,
+                    training: str = "sgd") -> Callable[[Trajectory], tuple[float, str]]:
+    return lambda reference: (backend_trajectory(
+        backend, config, dtype, training=training).error_against(reference), "")
 
 
 def machine_info(threads: int | Sequence[int] | None = None) -> dict[str, Any]:
@@ -360,7 +400,7 @@ def ratios(results: Sequence[Result]) -> dict[int, tuple[float | None, float | N
     torch = {(r.config, r.dtype, r.threads): r for r in results if r.name == "torch"}
     out = {}
     for i, r in enumerate(results):
-        on_gpu = r.name in ("cupy", "torch-cuda")
+        on_gpu = r.name.partition("+")[0] in ("cupy", "torch-cuda")
         f = floor.get((r.config, r.dtype, on_gpu, None if on_gpu else r.threads))
         t = torch.get((r.config, r.dtype, r.threads))
         out[i] = (paired_ratio(r, f) if f is not None and r.kind != "floor" else None,
@@ -374,6 +414,21 @@ def paired_ratio(a: Result, b: Result) -> float:
     if a.round_seconds and b.round_seconds and len(a.round_seconds) == len(b.round_seconds):
         return statistics.median(x / y for x, y in zip(a.round_seconds, b.round_seconds))
     return a.seconds_per_epoch / b.seconds_per_epoch
+
+
+def training_ratios(results: Sequence[Result]) -> dict[int, Result]:
+    """For each training variant's result, by position, the plain-SGD result of the same
+    backend, config, dtype and thread count (its epochs/s over that one's:
+    ``paired_ratio(sgd, variant)``)."""
+    plain = {(r.name, r.config, r.dtype, r.threads): r for r in results
+             if r.kind == "backend" and "training" not in r.extra}
+    out = {}
+    for i, r in enumerate(results):
+        if "training" in r.extra:
+            base = plain.get((r.name.partition("+")[0], r.config, r.dtype, r.threads))
+            if base is not None:
+                out[i] = base
+    return out
 
 
 def thread_ratios(results: Sequence[Result]) -> dict[int, float | None]:
@@ -397,7 +452,8 @@ def thread_ratios(results: Sequence[Result]) -> dict[int, float | None]:
 
 def table(results: Sequence[Result]) -> str:
     """One row per result; with several thread counts, a column of the speedup over the
-    fewest threads (``x 1 thr``: epochs/s relative to the same entry on 1 thread)."""
+    fewest threads (``x 1 thr``: epochs/s relative to the same entry on 1 thread); with
+    training variants, a second table of their epochs/s over plain SGD's."""
     rel, scaling = ratios(results), thread_ratios(results)
     counts = sorted({r.threads for r in results if r.threads is not None})
     scaled = len(counts) > 1
@@ -416,11 +472,36 @@ def table(results: Sequence[Result]) -> str:
                      "" if r.compile_seconds is None else f"{r.compile_seconds:.2f}",
                      "" if r.parity_rel_err is None else f"{r.parity_rel_err:.1e}") +
                     (("" if scaling[i] is None else f"{scaling[i]:.2f}",) if scaled else ()))
+    notes = [f"note: {r.name} {r.config} {r.dtype}: {r.note}" for r in results if r.note]
+    variants = _training_rows(results)
+    return "\n".join(_columns(header, rows) + ([""] + variants if variants else []) + notes)
+
+
+def _training_rows(results: Sequence[Result]) -> list[str]:
+    """The variants' table: ``x sgd`` is epochs/s over plain SGD's of the same backend,
+    config, dtype and threads, the median of the per-round ratios (their range beside it)."""
+    rows = []
+    for i, base in training_ratios(results).items():
+        r = results[i]
+        paired = base.round_seconds and r.round_seconds and \
+            len(base.round_seconds) == len(r.round_seconds)
+        per_round = [b / v for b, v in zip(base.round_seconds, r.round_seconds)] if paired else []
+        spread = f"{min(per_round):.3f}-{max(per_round):.3f}" if per_round else ""
+        rows.append((r.name, r.extra["training"], r.config, r.dtype,
+                     "" if r.threads is None else r.threads, f"{r.epochs_per_sec:.3g}",
+                     f"{base.epochs_per_sec:.3g}", f"{paired_ratio(base, r):.3f}", spread))
+    if not rows:
+        return []
+    return _columns(("name", "training", "config", "dtype", "threads", "epochs/s",
+                     "sgd epochs/s", "x sgd", "(rounds min-max)"), rows)
+
+
+def _columns(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    """Left-aligned columns, a rule of dashes under the header."""
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip()
              for line in [header, *rows]]
-    notes = [f"note: {r.name} {r.config} {r.dtype}: {r.note}" for r in results if r.note]
-    return "\n".join(lines[:1] + ["  ".join("-" * w for w in widths)] + lines[1:] + notes)
+    return lines[:1] + ["  ".join("-" * w for w in widths)] + lines[1:]
 
 
 def scaling_table(results: Sequence[Result]) -> str:
@@ -431,15 +512,12 @@ def scaling_table(results: Sequence[Result]) -> str:
              f"{r.min_seconds:.3g}-{r.max_seconds:.3g}", f"{r.samples_per_sec:,.0f}",
              f"{r.extra['speedup']:.2f}", f"{r.extra['efficiency']:.0%}",
              "" if r.parity_rel_err is None else f"{r.parity_rel_err:.1e}") for r in results]
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip()
-             for line in [header, *rows]]
-    return "\n".join(lines[:1] + ["  ".join("-" * w for w in widths)] + lines[1:])
+    return "\n".join(_columns(header, rows))
 
 
 def to_json(results: Sequence[Result], machine: dict[str, Any],
             notes: Sequence[str] = ()) -> dict[str, Any]:
-    rel, scaling = ratios(results), thread_ratios(results)
+    rel, scaling, plain = ratios(results), thread_ratios(results), training_ratios(results)
     out = []
     for i, r in enumerate(results):
         record = asdict(r)
@@ -447,6 +525,8 @@ def to_json(results: Sequence[Result], machine: dict[str, Any],
         # Medians of the per-round ratios (see ``ratios``): round_seconds gives them back.
         record["floor_ratio"], record["torch_ratio"] = rel[i]
         record["thread_ratio"] = scaling[i]  # epochs/s over the same entry's at the fewest threads
+        if i in plain:  # a training variant: epochs/s over plain SGD's (training_ratios)
+            record["training_ratio"] = paired_ratio(plain[i], r)
         out.append(record)
     return {"machine": machine, "results": out, "notes": list(notes)}
 

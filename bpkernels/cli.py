@@ -28,8 +28,9 @@ from . import distributed
 from .activations import ACTIVATIONS, get_activation
 from .backends import backend_names, get_backend
 from .backends.base import LOSSES
-from .cli_args import as_option, count, lr_schedule, names, positive_real
-from .cli_bench import cmd_bench, cmd_info, rank_counts, thread_counts
+from .cli_args import as_option, count, lr_schedule, positive_real
+# cmd_bench: still reached as cli.cmd_bench since the bench parser moved to cli_bench
+from .cli_bench import add_bench_parser, cmd_bench, cmd_info  # noqa: F401
 from .losses import check_loss, has_accuracy
 from .memory import InsufficientMemory
 from .model import DTYPES, MLP, resolve_dtype
@@ -185,41 +186,7 @@ def _build_parser() -> argparse.ArgumentParser:
     io.add_argument("--quiet", action="store_true", help="print nothing but errors")
     train.set_defaults(handler=_cmd_train)
 
-    bench = commands.add_parser(
-        "bench", help="epochs/s and parity of every backend and peer, with the GEMM floor",
-        description="Time training epochs of each backend (and peers) on the benchmark configs, "
-                    "beside the GEMM floor timed in the same run, and check each against the "
-                    "float64 NumPy reference. After one warm-up epoch each, the floor, the "
-                    "backends and the peers of a config and dtype take turns epoch by epoch "
-                    "for --repeats rounds; s/epoch is each one's median. 'x floor' (epoch "
-                    "time over the floor's) and 'x torch' (epochs/s over PyTorch's) are "
-                    "computed within each round and their median is shown, so load that comes "
-                    "and goes weighs on both sides of a ratio alike.")
-    bench.add_argument("--backends", type=names, default=None, metavar="LIST",
-                       help="comma list (default: every available backend)")
-    bench.add_argument("--configs", type=names, default=["S", "M", "L"], metavar="LIST",
-                       help="S, M, L or layers:batch:samples like 784-256-10:128:60000 "
-                            "(default: S,M,L)")
-    bench.add_argument("--dtypes", type=names, default=["float32"], metavar="LIST",
-                       help=f"comma list of {', '.join(DTYPES)} (default: float32)")
-    bench.add_argument("--peers", type=names, default=[], metavar="LIST",
-                       help="torch, sklearn: the same runs by PyTorch and scikit-learn, "
-                            "skipped with a note when not installed (default: none)")
-    bench.add_argument("--repeats", type=count(1), default=5, metavar="N",
-                       help="timed rounds: epochs per entry (default: 5)")
-    bench.add_argument("--threads", type=thread_counts, default=None, metavar="LIST",
-                       help="BLAS, Numba and torch threads: a count, or counts like 1,2 to time "
-                            "every entry with each (epochs interleaved) and report the speedup "
-                            "over the fewest (default: as the libraries choose)")
-    bench.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
-    bench.add_argument("--plot", default=None, metavar="PATH", help="write a PNG bar chart")
-    bench.add_argument("--quick", action="store_true",
-                       help="a few batches per config and 2 repeats: a smoke test, not numbers")
-    bench.add_argument("--ranks", type=rank_counts, default=None, metavar="LIST",
-                       help="MPI process counts like 1,2: time data-parallel training under "
-                            "mpiexec for each and report samples/s and scaling efficiency "
-                            "(--threads per rank, default 1; needs bpkernels[mpi])")
-    bench.set_defaults(handler=cmd_bench)
+    add_bench_parser(commands)
 
     info = commands.add_parser("info", help="versions, CPU, BLAS, backends and GPUs",
                                description="Describe the installation and the machine.")

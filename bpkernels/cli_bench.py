@@ -8,7 +8,7 @@ from pathlib import Path
 from . import atomic, distributed
 from .backends import get_backend
 from .cli_args import as_option, count, names
-from .model import resolve_dtype
+from .model import DTYPES, resolve_dtype
 
 
 # ---------------------------------------------------------------------------- bpk bench
@@ -26,6 +26,53 @@ def thread_counts(text: str) -> list[int]:
     return sorted(set(counts))
 
 
+def add_bench_parser(commands) -> None:
+    """``bpk bench``'s options, on the ``bpk`` parser's subcommands."""
+    bench = commands.add_parser(
+        "bench", help="epochs/s and parity of every backend and peer, with the GEMM floor",
+        description="Time training epochs of each backend (and peers) on the benchmark configs, "
+                    "beside the GEMM floor timed in the same run, and check each against the "
+                    "float64 NumPy reference. After one warm-up epoch each, the floor, the "
+                    "backends and the peers of a config and dtype take turns epoch by epoch "
+                    "for --repeats rounds; s/epoch is each one's median. 'x floor' (epoch "
+                    "time over the floor's) and 'x torch' (epochs/s over PyTorch's) are "
+                    "computed within each round and their median is shown, so load that comes "
+                    "and goes weighs on both sides of a ratio alike. --training adds training "
+                    "variants, each timed in the same turns as plain SGD and reported as "
+                    "epochs/s relative to it.")
+    bench.add_argument("--backends", type=names, default=None, metavar="LIST",
+                       help="comma list (default: every available backend)")
+    bench.add_argument("--configs", type=names, default=["S", "M", "L"], metavar="LIST",
+                       help="S, M, L or layers:batch:samples like 784-256-10:128:60000 "
+                            "(default: S,M,L)")
+    bench.add_argument("--dtypes", type=names, default=["float32"], metavar="LIST",
+                       help=f"comma list of {', '.join(DTYPES)} (default: float32)")
+    bench.add_argument("--peers", type=names, default=[], metavar="LIST",
+                       help="torch, sklearn: the same runs by PyTorch and scikit-learn, "
+                            "skipped with a note when not installed (default: none)")
+    bench.add_argument("--repeats", type=count(1), default=5, metavar="N",
+                       help="timed rounds: epochs per entry (default: 5)")
+    bench.add_argument("--threads", type=thread_counts, default=None, metavar="LIST",
+                       help="BLAS, Numba and torch threads: a count, or counts like 1,2 to time "
+                            "every entry with each (epochs interleaved) and report the speedup "
+                            "over the fewest (default: as the libraries choose)")
+    bench.add_argument("--training", type=names, default=["sgd"], metavar="LIST",
+                       help="sgd, cosine-clip: how the backends train; cosine-clip adds a "
+                            "per-step cosine schedule over 20 epochs and clip_grad_norm=1.0 "
+                            "to SGD, timed beside plain SGD (always timed) and shown as "
+                            "epochs/s relative to it; peers train plain SGD only "
+                            "(default: sgd)")
+    bench.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
+    bench.add_argument("--plot", default=None, metavar="PATH", help="write a PNG bar chart")
+    bench.add_argument("--quick", action="store_true",
+                       help="a few batches per config and 2 repeats: a smoke test, not numbers")
+    bench.add_argument("--ranks", type=rank_counts, default=None, metavar="LIST",
+                       help="MPI process counts like 1,2: time data-parallel training under "
+                            "mpiexec for each and report samples/s and scaling efficiency "
+                            "(--threads per rank, default 1; needs bpkernels[mpi])")
+    bench.set_defaults(handler=cmd_bench)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench, peers
     from .backends import available_backends
@@ -35,6 +82,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         as_option("--backends", get_backend, name)
     for dtype in args.dtypes:
         as_option("--dtypes", resolve_dtype, dtype)
+    for training in args.training:
+        as_option("--training", bench.check_training, training)
     for peer in args.peers:
         if peer not in peers.PEERS:
             raise ValueError(f"--peers: unknown peer {peer!r}; valid peers: {', '.join(peers.PEERS)}")
@@ -47,13 +96,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.quick:
         configs = [c.quick() for c in configs]
     if args.ranks:
+        if set(args.training) != {"sgd"}:
+            raise ValueError("--ranks times plain SGD only; drop --training")
         if args.threads is not None and len(args.threads) > 1:
             raise ValueError("--ranks takes one --threads count (threads per rank), got "
                              f"{','.join(map(str, args.threads))}")
         return _bench_ranks(args, backends, configs, args.threads[0] if args.threads else None)
     options = bench.BenchOptions(backends=list(backends), configs=configs, dtypes=args.dtypes,
                                  peers=args.peers, repeats=2 if args.quick else args.repeats,
-                                 threads=args.threads)
+                                 threads=args.threads, training=args.training)
     notes: list[str] = []
     results = bench.run(options, log=bench.log_to_stderr, notes=notes)
     machine = bench.machine_info(args.threads)

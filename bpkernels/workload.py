@@ -11,6 +11,7 @@ import numpy as np
 
 from . import memory
 from .backends import host
+from .lr_scheduler import CosineAnnealingLR
 from .model import MLP, resolve_dtype
 from .optim import SGD
 from .train import fit
@@ -18,6 +19,11 @@ from .train import fit
 LEARNING_RATE = 0.01
 PARITY_STEPS = 20  # steps compared with the float64 NumPy reference (5 epochs of 4 batches)
 SEED = 0
+# The ways ``bpk bench --training`` trains, all from SGD(lr=LEARNING_RATE): plain SGD, the
+# benchmark's own workload, and variants timed beside it (``training_options``).
+TRAININGS = ("sgd", "cosine-clip")
+SCHEDULE_EPOCHS = 20  # cosine-clip's T_max: the steps of this many epochs
+CLIP_NORM = 1.0
 
 
 @dataclass(frozen=True)
@@ -139,9 +145,27 @@ def parity_workload(config: Config) -> tuple[np.ndarray, np.ndarray, int]:
     return X, y, PARITY_STEPS // 4
 
 
-def backend_trajectory(backend: str, config: Config, dtype: str, comm: Any = None) -> Trajectory:
+def check_training(training: str) -> str:
+    if training not in TRAININGS:
+        raise ValueError(f"unknown training {training!r}; valid: {', '.join(TRAININGS)}")
+    return training
+
+
+def training_options(training: str, steps: int) -> dict[str, Any]:
+    """fit's keyword arguments for ``training`` beside SGD(lr=LEARNING_RATE), on data of
+    ``steps`` steps per epoch: none for "sgd"; for "cosine-clip", a fresh CosineAnnealingLR
+    over SCHEDULE_EPOCHS epochs of steps, stepped per optimizer step, and clip_grad_norm."""
+    if check_training(training) == "sgd":
+        return {}
+    return {"lr_scheduler": CosineAnnealingLR(T_max=SCHEDULE_EPOCHS * steps),
+            "lr_scheduler_interval": "step", "clip_grad_norm": CLIP_NORM}
+
+
+def backend_trajectory(backend: str, config: Config, dtype: str, comm: Any = None,
+                       training: str = "sgd") -> Trajectory:
     X, y, epochs = parity_workload(config)
     model = MLP(config.sizes, backend=backend, dtype=dtype, seed=SEED)
     history = fit(model, X, y, optimizer=SGD(lr=LEARNING_RATE), epochs=epochs,
-                  batch_size=config.batch, seed=SEED, comm=comm)
+                  batch_size=config.batch, seed=SEED, comm=comm,
+                  **training_options(training, -(-len(X) // config.batch)))
     return Trajectory(history["loss"], [a for W, b in model.get_weights() for a in (W, b)])

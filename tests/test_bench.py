@@ -227,6 +227,8 @@ def test_bpk_bench_quick_writes_table_json_and_plot(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, match", [
+    (["--training", "foo"], "--training: unknown training 'foo'; valid: sgd, cosine-clip"),
+    (["--training", "sgd,cosine-clip", "--ranks", "1"], "--ranks times plain SGD only"),
     (["--backends", "tpu"], "--backends: unknown backend 'tpu'"),
     (["--configs", "Q"], "--configs: unknown config 'Q'"),
     (["--dtypes", "int8"], "--dtypes: unsupported dtype"),
@@ -239,3 +241,121 @@ def test_bpk_bench_bad_options(args, match, capsys):
     assert main(["bench", "--quick", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("bpk: error:") and match in err[0]
+
+
+# --------------------------------------------------------------------------- training variants
+@pytest.fixture(scope="module")
+def variant_run(tmp_path_factory):
+    """``bpk bench --training sgd,cosine-clip`` on a quick config: its table and JSON."""
+    import contextlib
+    import io
+    from bpkernels.cli import main
+    path = tmp_path_factory.mktemp("variants") / "b.json"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["bench", "--quick", "--configs", "20-16-4:8:30", "--dtypes",
+                     "float32,float64", "--training", "sgd,cosine-clip",
+                     "--json", str(path)]) == 0
+    return out.getvalue(), json.loads(path.read_text())["results"]
+
+
+def test_every_backend_has_a_variant_entry_that_agrees(variant_run):
+    _, records = variant_run
+    found = {(r["name"], r["dtype"]): r for r in records}
+    for backend in bpk.available_backends():
+        for dtype in ("float32", "float64"):
+            r = found[f"{backend}+cosine-clip", dtype]
+            assert r["kind"] == "backend" and r["training"] == "cosine-clip"
+            assert r["parity_rel_err"] <= PARITY[dtype], r
+            assert len(r["round_seconds"]) == 2
+            assert "training" not in found[backend, dtype]
+
+
+def test_variant_ratio_is_the_median_of_the_rounds_against_plain_sgd(variant_run):
+    text, records = variant_run
+    plain = {(r["name"], r["dtype"]): r for r in records if "training" not in r}
+    variants = [r for r in records if "training" in r]
+    assert variants
+    for r in variants:
+        base = plain[r["name"].split("+")[0], r["dtype"]]
+        per_round = [b / v for b, v in zip(base["round_seconds"], r["round_seconds"])]
+        assert r["training_ratio"] == pytest.approx(sum(per_round) / 2)
+        assert f"{r['training_ratio']:.3f}" in text
+    assert "x sgd" in text
+
+
+def test_the_default_run_trains_plain_sgd_only(quick_run):
+    results, notes = quick_run
+    assert not [r for r in results if "+" in r.name or r.extra.get("training")]
+    records = bench.to_json(results, {}, notes)["results"]
+    assert not [r for r in records if "training" in r or "training_ratio" in r]
+    assert "x sgd" not in bench.table(results)
+
+
+def test_variants_take_turns_beside_their_backend_and_peers_stay_plain(monkeypatch):
+    """bench.run with fake epochs: each backend's variant runs right after it in every round,
+    peers get no variant, and each parity is against the reference trained the same way."""
+    from bpkernels import peers
+    calls, parities = [], []
+    seconds = {"gemm-floor": [1.0, 1.0, 1.0], "numpy": [3.0, 4.0, 2.0],
+               "numpy+cosine-clip": [3.0, 8.0, 4.0], "torch": [1.0, 1.0, 1.0]}
+
+    def fake(name):
+        def make_epoch():
+            times = iter([9.0] + seconds[name])
+            return lambda: calls.append(name) or next(times)
+        return make_epoch
+
+    def trajectory(backend, config, dtype, comm=None, training="sgd"):
+        return bench.Trajectory([1.0], [np.ones(2) * (2.0 if training == "sgd" else 3.0)])
+
+    monkeypatch.setattr(bench, "backend_trajectory", trajectory)
+    monkeypatch.setattr(bench, "floor_epochs", lambda config, dtype: fake("gemm-floor"))
+    monkeypatch.setattr(bench, "backend_epochs", lambda name, config, dtype, data,
+                        training="sgd": fake(name if training == "sgd" else f"{name}+{training}"))
+    monkeypatch.setattr(peers, "peer_entries", lambda peer, config, dtype, threads, data: [
+        peers.PeerEntry(peer, threads, fake(peer), lambda ref: parities.append(ref) or (0.0, ""))])
+    options = bench.BenchOptions(backends=["numpy"], configs=[bench.Config("t", (3, 5, 2), 4, 10)],
+                                 dtypes=["float32"], peers=["torch"], repeats=3, threads=1,
+                                 training=["cosine-clip", "sgd", "cosine-clip"])
+    results = bench.run(options)
+    assert calls == ["gemm-floor", "numpy", "numpy+cosine-clip", "torch"] * 4
+    assert [r.name for r in results] == ["gemm-floor", "numpy", "numpy+cosine-clip", "torch"]
+    assert results[2].extra == {"training": "cosine-clip"}
+    assert all(r.parity_rel_err == 0.0 for r in results if r.kind != "floor")
+    assert parities[0].weights[0][0] == 2.0  # the peer: against plain SGD's reference
+    # per round 3/3, 4/8, 2/4 -> median 0.5 (the ratio of the medians would be 3/4)
+    assert bench.training_ratios(results) == {2: results[1]}
+    assert bench.to_json(results, {})["results"][2]["training_ratio"] == pytest.approx(0.5)
+    assert "0.500-1.000" in bench.table(results)
+
+
+def test_bad_training_in_options():
+    options = bench.BenchOptions(backends=["numpy"], configs=[], dtypes=[], peers=[],
+                                 training=["sgd", "adam"])
+    with pytest.raises(ValueError, match="unknown training 'adam'; valid: sgd, cosine-clip"):
+        bench.run(options)
+
+
+def test_the_timed_variant_trains_as_fit_does():
+    """The timed epochs (bench._open_fit) feed the per-step schedule and clipping as fit(...,
+    lr_scheduler_interval="step") does: the same weights after two epochs."""
+    config = bench.parse_config("20-16-4:8:30")
+    X, y = bench.workload(config, "float64")
+    timed = bpk.MLP(config.sizes, dtype="float64", seed=bench.SEED)
+    epoch = bench._open_fit(timed, X, y, bpk.SGD(lr=bench.LEARNING_RATE), config.batch,
+                            "cosine-clip")
+    epoch(), epoch()
+    fitted = bpk.MLP(config.sizes, dtype="float64", seed=bench.SEED)
+    options = bench.training_options("cosine-clip", config.steps)
+    assert options["lr_scheduler"].T_max == 20 * config.steps
+    bpk.fit(fitted, X, y, optimizer=bpk.SGD(lr=bench.LEARNING_RATE), epochs=2,
+            batch_size=config.batch, seed=bench.SEED, **options)
+    plain = bpk.MLP(config.sizes, dtype="float64", seed=bench.SEED)
+    bpk.fit(plain, X, y, optimizer=bpk.SGD(lr=bench.LEARNING_RATE), epochs=2,
+            batch_size=config.batch, seed=bench.SEED)
+    for (W, b), (W2, b2), (W3, _) in zip(timed.get_weights(), fitted.get_weights(),
+                                          plain.get_weights()):
+        np.testing.assert_array_equal(W, W2)
+        np.testing.assert_array_equal(b, b2)
+        assert not np.allclose(W, W3)  # the schedule and the clipping changed the steps
