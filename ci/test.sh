@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CPU runner: a fresh virtual environment, the project installed from pyproject.toml with its
-# test extra, then the test command of README.md, then the Numba backend's tests in each of its
-# modes and with the oldest Numba pyproject.toml allows, packaging, and the benchmark smoke
+# test extra, then the test command of README.md (on pytest-xdist), then the Numba kernels as
+# plain Python and with the oldest Numba pyproject.toml allows, packaging, and the benchmark smoke
 # tests (agreement is asserted, time never is), and last the GPU-path tests with CuPy installed
 # on this GPU-less machine. Needs no GPU.
 set -euo pipefail
@@ -22,13 +22,10 @@ bpk info
 stage "the test command of README.md (a cold Numba cache)"
 python -m pytest -q -n auto
 
-# (-k numba: the Numba files, and the Numba backend's cases of the kernel tests; a second
-# process loading the cache the first left is tested in the suite, test_numba*.py)
-numba_tests=(tests/test_numba.py tests/test_kernels.py -k numba)
-stage "the Numba tests in plain mode (public Numba only: njit, np.dot)"
-# (BPK_NUMBA_TEST_SUBSET: one epoch-kernel case per optimizer rule and target kind, as the
-# plain kernels are the native ones' source compiled without the native layer)
-BPK_NUMBA_NATIVE=0 BPK_NUMBA_TEST_SUBSET=1 python -m pytest -q -n auto "${numba_tests[@]}"
+# Plain mode (public Numba only) has no stage of its own on the current Numba: the suite
+# trains it against native mode in other processes (test_numba_modes.py; the weighted and the
+# clipped epoch kernels in test_weights.py and test_clip_grad_norm.py), and the oldest-Numba
+# stage below runs the epoch-kernel tests in it.
 stage "the Numba kernels as plain Python (NUMBA_DISABLE_JIT, for debugging)"
 NUMBA_DISABLE_JIT=1 python -m pytest -q tests/test_numba.py tests/test_kernels.py -k numba
 
@@ -39,9 +36,10 @@ python3 -m venv .venv-oldest
     "numba==${oldest}.*" "numpy<2" "scipy<1.14" "pytest>=7" "pytest-xdist>=3"
 .venv-oldest/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
 .venv-oldest/bin/python -c "import numba; print('numba', numba.__version__)"
-# (a subset: each case compiles a whole epoch kernel afresh, 7-30 s apiece on this Numba)
+# (the epoch kernel against the per-kernel loop, one case per optimizer rule and target kind,
+# and its latch: each case compiles a whole epoch kernel afresh, 7-30 s apiece on this Numba)
 BPK_NUMBA_TEST_SUBSET=1 .venv-oldest/bin/python -m pytest -q -p no:cacheprovider -n auto \
-    tests/test_numba.py -k "not (parallel_passes or in_float32 or epoch_kernel_runs)"
+    tests/test_numba.py -k "per_kernel_loop and not parallel_passes"
 
 # Packaging: an sdist and a wheel built from it (python -m build) hold bpkernels.backends and every
 # subpackage of backends/ (through the bpkernels/backends symlink) and the .cu sources, and install

@@ -328,4 +328,4 @@ class NumbaBackend(HostMemory, Backend):
         table, a_size, z_size = epoch.layer_table(plan.sizes, plan.activations, plan.batch)
         work = (ws.X, np.empty(a_size, dtype), np.empty(a_size, dtype), np.empty(z_size, dtype),
                 np.empty(2 * max(plan.sizes), dtype))
-        return (plan.params, plan.grads, table), work, (plan.T, ws.T), np.empty(BOUNDS)
+        return (plan.params, plan.grads, table), work, (_writeable(plan.T), ws.T), np.empty(BOUNDS)
