@@ -171,13 +171,17 @@ def make_regression(n_samples: int = 1000, n_features: int = 20, n_targets: int 
     return _finish(X, y[:, 0] if n_targets == 1 else y, "make_regression")
 
 
+# What reading a damaged zip raises: zipfile meets damaged flag bits and version fields with
+# NotImplementedError ("strong encryption", "zip file version 6.4") and RuntimeError
+# ("password required"), a damaged stream with zlib.error: a corrupt file all the same.
+_ZIP_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error,
+               NotImplementedError, RuntimeError)
+
+
 def load_npz(path: PathLike) -> Arrays:
     """Arrays named ``X`` and ``y`` from an ``.npz`` archive (pickled objects refused)."""
     p = _existing_file(path)
-    # zipfile meets damaged flag bits with NotImplementedError ("strong encryption") and
-    # RuntimeError ("password required"): a corrupt file all the same
-    bad = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError,
-           RuntimeError)
+    bad = _ZIP_ERRORS
     _check_npz_sizes(p)
     try:
         data = np.load(p, allow_pickle=False)
@@ -214,7 +218,7 @@ def _check_npz_sizes(p: Path) -> None:
     are decompressed; anything unreadable is left for np.load to report."""
     try:
         archive = zipfile.ZipFile(p)
-    except (OSError, zipfile.BadZipFile, ValueError, EOFError):
+    except _ZIP_ERRORS:
         return
     parts: dict[str, int] = {}
     with archive:
@@ -250,10 +254,8 @@ def _npy_header(archive: zipfile.ZipFile, info: zipfile.ZipInfo):
                     else np.lib.format.read_array_header_2_0)
             shape, _, dtype = read(f, max_header_size=2**20)
             return tuple(int(n) for n in shape), np.dtype(dtype), f.tell()
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, TypeError,
-            NotImplementedError, RuntimeError):
-        # (damaged flag bits: "strong encryption", "password required") left for np.load,
-        # whose caller reports every unreadable archive alike
+    except (*_ZIP_ERRORS, TypeError):
+        # left for np.load, whose caller reports every unreadable archive alike
         return None, None, 0
 
 

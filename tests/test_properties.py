@@ -229,6 +229,17 @@ def test_npz_gives_a_clear_error_or_the_arrays_saved(folder, pair, damage, data)
         assert got[1].dtype == expected[1].dtype and np.array_equal(got[1], expected[1])
 
 
+def test_npz_whose_zip_claims_an_unknown_version_is_a_clear_error(tmp_path):
+    """The property's find (CI, 2026-12-07): one flipped bit of the central directory's
+    'version needed' field made zipfile raise NotImplementedError before np.load ran."""
+    raw = bytearray(_npz_bytes({"X": np.array([], bool), "y": np.array([], bool)}))
+    raw[423] ^= 64
+    path = tmp_path / "arrays.npz"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"not an \.npz archive \(zip file version"):
+        ds.load_npz(path)
+
+
 @PROPERTY
 @given(st.sampled_from([b"", b"PK\x03\x04", b"PK\x05\x06", b"\x93NUMPY\x01\x00"]),
        st.binary(max_size=300))

@@ -21,6 +21,21 @@ LR, EPOCHS, HIDDEN = 0.2, 3, 6
 LABELS = np.array(["ant", "bee", "cat"])
 
 
+@pytest.fixture(autouse=True)
+def _numba_trains_kernel_by_kernel(monkeypatch):
+    """The estimators hand their weights to bpkernels.fit, whatever path it takes: the Numba
+    backend trains here by its per-kernel methods (Backend.train_epoch's loop), not by an epoch
+    kernel compiled afresh for each combination of weights, metrics, target kind and dtype (~10
+    s each, most of this file's time). The fused kernels' weights and metrics are tested against
+    PyTorch and scikit-learn in test_weights.py and test_metrics.py."""
+    try:
+        from bpkernels.backends.numba.backend import NumbaBackend
+    except ImportError:  # no Numba here: nothing to route
+        return
+    from bpkernels.backends.base import Backend
+    monkeypatch.setattr(NumbaBackend, "train_epoch", Backend.train_epoch)
+
+
 def _data(n=40, seed=0):
     rng = np.random.default_rng(seed)
     X = rng.standard_normal((n, 4))

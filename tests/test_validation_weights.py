@@ -12,6 +12,22 @@ import bpkernels as bpk
 
 N, N_VAL, FEATURES, EPOCHS = 48, 37, 5, 3
 
+
+@pytest.fixture(autouse=True)
+def _numba_trains_kernel_by_kernel(monkeypatch):
+    """The val_ records come from evaluate after each epoch, whatever trained the model: the
+    Numba backend trains here by its per-kernel methods (Backend.train_epoch's loop), not by an
+    epoch kernel compiled afresh for each combination of weights, metrics, target kind and dtype
+    (~10 s each, most of this file's time). The fused kernels' weights and metrics are tested
+    against PyTorch and scikit-learn in test_weights.py and test_metrics.py."""
+    try:
+        from bpkernels.backends.numba.backend import NumbaBackend
+    except ImportError:  # no Numba here: nothing to route
+        return
+    from bpkernels.backends.base import Backend
+    monkeypatch.setattr(NumbaBackend, "train_epoch", Backend.train_epoch)
+
+
 # kind: (loss, outputs, metrics, class_weight given to fit)
 KINDS = {
     "labels": ("cross_entropy", 4, ["f1_macro"], {0: 4.0, 1: 0.25}),
