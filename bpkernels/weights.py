@@ -48,7 +48,8 @@ def row_weights(sample_weight: Any, class_weight: Any, T: np.ndarray, loss: str,
                                                          ("class_weight", class_weight))
                              if value is not None)
         of = f"{where}()" if rows is None else rows
-        raise ValueError(f"{names} give every row of {of} a weight of zero: no row would "
+        verb = "give" if " and " in names else "gives"
+        raise ValueError(f"{names} {verb} every row of {of} a weight of zero: no row would "
                          "count; at least one weight must be positive")
     cast = weights.astype(dtype)
     if not np.isfinite(cast).all() or not np.isfinite(cast.sum()):

@@ -207,7 +207,7 @@ BAD = [
     ("nan", lambda X, y, w: (X, y, np.r_[np.nan, w[1:]]), ValueError,
      r"validation_data\[2\] must be finite and >= 0; validation_data\[2\]\[0\] = nan"),
     ("zero", lambda X, y, w: (X, y, np.zeros_like(w)), ValueError,
-     r"validation_data\[2\] give every row of validation_data a weight of zero"),
+     r"validation_data\[2\] gives every row of validation_data a weight of zero"),
     ("text", lambda X, y, w: (X, y, "balanced"), TypeError,
      r"validation_data\[2\] must hold numbers"),
     ("four", lambda X, y, w: (X, y, w, w), ValueError,

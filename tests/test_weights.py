@@ -221,7 +221,7 @@ BAD = [
     (dict(sample_weight=-np.ones(12)), ValueError, r"sample_weight\[0\] = -1"),
     (dict(sample_weight=np.r_[np.ones(11), np.nan]), ValueError, r"sample_weight\[11\] = nan"),
     (dict(sample_weight=np.ones(11)), ValueError, r"sample_weight must have one number per row"),
-    (dict(sample_weight=np.zeros(12)), ValueError, r"sample_weight give every row .* of zero"),
+    (dict(sample_weight=np.zeros(12)), ValueError, r"sample_weight gives every row .* of zero"),
     (dict(sample_weight="balanced"), TypeError, r"sample_weight must hold numbers"),
     (dict(class_weight={5: 1.0}), ValueError, r"class_weight has an unknown class 5"),
     (dict(class_weight={0: -1.0}), ValueError, r"class_weight\[0\] must be finite and >= 0"),
@@ -229,7 +229,7 @@ BAD = [
     (dict(class_weight="heavy"), ValueError, r"class_weight must be 'balanced' or a mapping"),
     (dict(class_weight=[1.0, 2.0]), TypeError, r"class_weight must be 'balanced' or a mapping"),
     (dict(class_weight={0: 0.0, 1: 0.0, 2: 0.0}), ValueError,
-     r"class_weight give every row of fit\(\) a weight of zero"),
+     r"class_weight gives every row of fit\(\) a weight of zero"),
 ]
 
 
