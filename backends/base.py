@@ -154,6 +154,18 @@ def clip_coefficient(sumsq: float, max_norm: float) -> float:
     return min(1.0, max_norm / (math.sqrt(sumsq) + CLIP_EPS))
 
 
+# Dropout's masks (the reference: bpkernels/philox.py; why: docs/dropout.md). Philox4x32-10 as
+# Random123's philox.h defines it (cuRAND's Philox4_32_10 is built on it): the two multipliers,
+# the two Weyl constants added to the key between rounds, and the number of rounds.
+PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+PHILOX_ROUNDS = 10
+# The counter's last word holds the layer in its low DROPOUT_LAYER_BITS bits and the row's bits
+# above the 32 of the second word in the rest; a unit's uniform is the top
+# DROPOUT_UNIFORM_BITS bits of its word, so that it is exact in float32 too.
+DROPOUT_LAYER_BITS = 16
+DROPOUT_UNIFORM_BITS = 24
+
 BOUNDS = 5  # the length of the optional ``bounds`` array (module docstring)
 
 DTYPES = ("float32", "float64")  # what a model may hold; each backend supports some of them

@@ -50,6 +50,12 @@ def defines() -> dict[str, str]:
     out["CLIP_THREADS"], out["CLIP_GROUPS"] = str(base.CLIP_THREADS), str(base.CLIP_GROUPS)
     for name in ("LEAKY_RELU_SLOPE", "SQRT_HALF", "ONE_OVER_SQRT_2PI", "CLIP_EPS"):
         out[name] = repr(float(getattr(base, name)))
+    # unsigned literals: a 32-bit constant above INT_MAX written bare would be a long in C
+    for i in range(2):
+        out[f"PHILOX_M{i}"], out[f"PHILOX_W{i}"] = f"{base.PHILOX_M[i]:#x}u", \
+            f"{base.PHILOX_W[i]:#x}u"
+    for name in ("PHILOX_ROUNDS", "DROPOUT_LAYER_BITS", "DROPOUT_UNIFORM_BITS"):
+        out[name] = str(getattr(base, name))
     return out
 
 

@@ -94,6 +94,12 @@ def test_generated_defines_are_the_tables(dtype):
         str(base.CLIP_GROUPS)
     for name in ("LEAKY_RELU_SLOPE", "SQRT_HALF", "ONE_OVER_SQRT_2PI", "CLIP_EPS"):
         assert float(generated.pop(name)) == getattr(base, name), name  # the same double
+    for i in range(2):  # Philox's 32-bit constants, as unsigned literals
+        for name, table in (("PHILOX_M", base.PHILOX_M), ("PHILOX_W", base.PHILOX_W)):
+            literal = generated.pop(f"{name}{i}")
+            assert literal.endswith("u") and int(literal[:-1], 16) == table[i], literal
+    for name in ("PHILOX_ROUNDS", "DROPOUT_LAYER_BITS", "DROPOUT_UNIFORM_BITS"):
+        expected[name] = str(getattr(base, name))
     assert generated == expected
     # codes are the table's indices; silu is the row added last
     assert [s.code for s in base.ACTIVATION_TABLE] == list(range(len(base.ACTIVATION_TABLE)))
