@@ -254,6 +254,10 @@ class Backend(ABC):
     max_threads: int | None = None
     # Whether check_step and the *_step kernels take ``bounds`` (module docstring).
     keeps_bounds: bool = False
+    # A lock that training holds (EpochLoop, from its start to its end) where models of one
+    # backend share its scratch between them: fits of different models in threads then take
+    # turns rather than overwrite each other. None: every model trains on its own buffers.
+    training_lock: Any = None
 
     # ----------------------------------------------------------------- plumbing
     @abstractmethod

@@ -16,6 +16,7 @@ weighs a rank's gradient before the all-reduce; the MPI side stays in bpkernels.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -107,6 +108,9 @@ class CupyBackend(Backend):
         self._scratch_cache: dict[tuple, Any] = {}
         self._hp_cache: dict[tuple, Any] = {}
         self.nccl = _nccl
+        # The scratch, the stream and the graph captures are the backend's, shared by its
+        # models: fits in threads take turns (reentrant: a callback may train another model)
+        self.training_lock = threading.RLock()
 
     # ----------------------------------------------------------------- helpers
     def _kernels(self, dtype) -> dict[str, Any]:

@@ -341,8 +341,16 @@ class EpochLoop:
         self._took = self.model._trainer is not self
         if self._took:
             _take(self.model, self)
+        self._lock = self.model.backend.training_lock  # (base.py: shared scratch)
         try:
-            self._enter()
+            if self._lock is not None:
+                self._lock.acquire()
+            try:
+                self._enter()
+            except BaseException:
+                if self._lock is not None:
+                    self._lock.release()
+                raise
         except BaseException:
             if self._took:
                 _give_back(self.model)
@@ -364,6 +372,8 @@ class EpochLoop:
             try:
                 self._errstate.__exit__(*exc)
             finally:
+                if self._lock is not None:
+                    self._lock.release()
                 if self._took:
                     _give_back(self.model)
 
