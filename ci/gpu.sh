@@ -12,8 +12,9 @@
 #      CuPy under mpiexec, its agreement with the float64 reference checked);
 #   3. `bpk bench --backends cupy,numba --configs S,M,L --peers torch` (the GEMM floor timed by
 #      cuBLAS under CUDA events).
-# The report goes to $BPK_GPU_REPORT (default gpu-report/): info.txt (the GPU, `bpk info`),
-# tests.txt and tests.xml (JUnit), nccl.txt and nccl.json, bench.txt (the table) and bench.json.
+# The report goes to $BPK_GPU_REPORT (default gpu-report/): install.txt, info.txt (the GPU,
+# `bpk info`), tests.txt and tests.xml (JUnit), nccl.txt and nccl.json, bench.txt (the table)
+# and bench.json.
 # The limits (180 + 45 + 120 s) keep it within 6 minutes; a step over its limit fails.
 # Exit status: 0 when every step passed, 1 when one failed, 2 when there is no GPU or no CuPy.
 #   BPK_BENCH_ARGS    extra arguments for step 3 (e.g. "--repeats 7")
@@ -51,10 +52,11 @@ python3 -m venv --system-site-packages .venv-gpu
 . .venv-gpu/bin/activate
 export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 plugin=()
-if ! python -m pip install --quiet --no-deps --no-build-isolation -e .; then
+if ! python -m pip install --no-deps --no-build-isolation -e . >"$report/install.txt" 2>&1; then
     # No setuptools to build with: the source tree is the package (bpkernels/backends is a
     # link into backends/), and pytest loads the plugin the installed entry point would.
-    echo "ci/gpu.sh: could not install the project offline; running it from the source tree"
+    echo "ci/gpu.sh: could not install the project offline (install.txt says why); running" \
+        "it from the source tree"
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
     plugin=(-p bpkernels._pytest_plugin)
 fi
