@@ -253,3 +253,26 @@ def padded(M, pad):
     wide = np.full((M.shape[0], M.shape[1] + pad), np.nan, M.dtype)
     wide[:, :M.shape[1]] = M
     return wide[:, :M.shape[1]]
+
+
+def torch_mlp(weights, hidden: str):
+    """PyTorch's float64 twin of a network with ``weights`` [(W, b), ...] (W of shape (in, out),
+    as bpkernels stores it) and activation ``hidden`` ("tanh" or "relu") between the layers:
+    the tests' reference for training. torch is imported here only, as a test-only dependency."""
+    import torch
+    layers = []
+    for i, (W, b) in enumerate(weights):
+        lin = torch.nn.Linear(*W.shape, dtype=torch.float64)
+        with torch.no_grad():
+            lin.weight.copy_(torch.tensor(np.asarray(W, dtype=np.float64).T))
+            lin.bias.copy_(torch.tensor(np.asarray(b, dtype=np.float64)))
+        layers.append(lin)
+        if i < len(weights) - 1:
+            layers.append({"tanh": torch.nn.Tanh, "relu": torch.nn.ReLU}[hidden]())
+    return torch.nn.Sequential(*layers)
+
+
+def torch_mlp_weights(net) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The [(W, b), ...] of a :func:`torch_mlp` network, W of shape (in, out)."""
+    return [(lin.weight.detach().numpy().T, lin.bias.detach().numpy())
+            for lin in net if hasattr(lin, "weight")]

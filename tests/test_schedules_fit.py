@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import bpkernels as bpk
+import reference as ref
 from bpkernels import lr_scheduler as S
 
 torch = pytest.importorskip("torch")
@@ -22,16 +23,7 @@ def _data():
 
 
 def _torch_fit(weights, X, y, make_opt, make_sched, per_step, plateau=None):
-    layers = []
-    for i, (W, b) in enumerate(weights):
-        lin = torch.nn.Linear(*W.shape, dtype=torch.float64)
-        with torch.no_grad():
-            lin.weight.copy_(torch.tensor(W.T))
-            lin.bias.copy_(torch.tensor(b))
-        layers.append(lin)
-        if i < len(weights) - 1:
-            layers.append(torch.nn.ReLU())
-    net = torch.nn.Sequential(*layers)
+    net = ref.torch_mlp(weights, "relu")
     opt = make_opt(net.parameters())
     sched = make_sched(opt)
     Xt, yt = torch.tensor(X), torch.tensor(y)
@@ -50,8 +42,7 @@ def _torch_fit(weights, X, y, make_opt, make_sched, per_step, plateau=None):
             sched.step(plateau[epoch])
         elif not per_step:
             sched.step()
-    return [(lin.weight.detach().numpy().T, lin.bias.detach().numpy())
-            for lin in net if isinstance(lin, torch.nn.Linear)]
+    return ref.torch_mlp_weights(net)
 
 
 CASES = [

@@ -15,6 +15,7 @@ from sklearn.model_selection import train_test_split  # noqa: E402
 from sklearn.utils.class_weight import compute_sample_weight  # noqa: E402
 
 import bpkernels as bpk  # noqa: E402
+import reference as ref  # noqa: E402
 from bpkernels.sklearn import MLPClassifier, MLPRegressor  # noqa: E402
 
 LR, EPOCHS, HIDDEN = 0.2, 3, 6
@@ -52,20 +53,13 @@ def _full_batch(backend, **params):
 
 
 def _torch_sgd(initial, X, T, loss_fn):
-    layers = []
-    for W, b in initial:
-        lin = torch.nn.Linear(*W.shape, dtype=torch.float64)
-        with torch.no_grad():
-            lin.weight.copy_(torch.from_numpy(W.T.copy()))
-            lin.bias.copy_(torch.from_numpy(b))
-        layers.append(lin)
-    net = torch.nn.Sequential(layers[0], torch.nn.Tanh(), layers[1])
+    net = ref.torch_mlp(initial, "tanh")
     opt = torch.optim.SGD(net.parameters(), lr=LR)
     for _ in range(EPOCHS):
         opt.zero_grad()
         loss_fn(net(torch.from_numpy(X)), T).backward()
         opt.step()
-    return [(lin.weight.detach().numpy().T, lin.bias.detach().numpy()) for lin in layers]
+    return ref.torch_mlp_weights(net)
 
 
 def _initial(sizes, backend):

@@ -9,6 +9,7 @@ import pytest
 
 import bpkernels as bpk
 import cudasim
+import reference as ref
 from bpkernels.backends.base import Backend
 
 torch = pytest.importorskip("torch")
@@ -67,14 +68,7 @@ def _torch_fit(initial, X, y, case):
     """The reference: torch.nn layers from the same initial weights, the batches fit() draws,
     plain SGD, each batch's loss weighted as issue 19 says."""
     loss, outputs, sample, klass, shuffle = CASES[case]
-    layers = []
-    for W, b in initial:
-        lin = torch.nn.Linear(*W.shape, dtype=torch.float64)
-        with torch.no_grad():
-            lin.weight.copy_(torch.from_numpy(W.T.copy()))
-            lin.bias.copy_(torch.from_numpy(b))
-        layers.append(lin)
-    net = torch.nn.Sequential(layers[0], torch.nn.Tanh(), layers[1])
+    net = ref.torch_mlp(initial, "tanh")
     opt = torch.optim.SGD(net.parameters(), lr=LR)
     w_all = torch.from_numpy(_row_weights(case, y))
     Xt = torch.from_numpy(X)
@@ -112,8 +106,7 @@ def _torch_fit(initial, X, y, case):
             opt.step()
             weighted_sum += float(value.detach()) * float(w.sum())
         records.append(weighted_sum / float(w_all.sum()))
-    params = [(lin.weight.detach().numpy().T, lin.bias.detach().numpy()) for lin in layers]
-    return params, records
+    return ref.torch_mlp_weights(net), records
 
 
 def _class_table(klass, labels):
