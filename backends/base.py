@@ -55,6 +55,13 @@ each state buffer's max |value|, in kernel order; ``bounds[4]``: one of max |gra
 check_step for the update that follows and used once. With them an update may skip its check
 pass where the bounds prove every new value finite, and must keep them true after writing.
 
+Dropout (``torch.nn.Dropout``, inverted) is a pair of kernels on a hidden layer's output, each
+drawing its keep-mask inside itself from a :class:`Dropout` (seed, step, layer, the batch's
+data-set rows): no mask array is ever written, and every backend draws the same mask
+(bpkernels/philox.py, docs/dropout.md). Each multiplies by the mask's value, ``scale`` (1 / (1 -
+p) rounded to the dtype) where a unit is kept and 0 where dropped, as PyTorch multiplies by its
+noise: a dropped inf gives NaN, which latches, as in PyTorch.
+
 One method is optional: :meth:`Backend.train_epoch` runs a whole epoch at once, described by an
 :class:`EpochPlan`; by default it declines and the training loop calls the kernels one by one.
 """
@@ -166,6 +173,21 @@ PHILOX_ROUNDS = 10
 DROPOUT_LAYER_BITS = 16
 DROPOUT_UNIFORM_BITS = 24
 
+
+
+@dataclass(frozen=True)
+class Dropout:
+    """One hidden layer's dropout at one training step, as the dropout kernels take it."""
+
+    rows: Any        # int64 device vector (n,): the batch's rows' indices in the data set
+    key0: int        # the model seed's low 32 bits (the Philox key)
+    key1: int        # its high 32 bits
+    step: int        # the optimizer step (1-based, this step's), < 2**32
+    layer: int       # the hidden layer (0 for the first), < 2**DROPOUT_LAYER_BITS
+    threshold: int   # bpkernels.philox.keep_threshold(p): kept where word >> 8 >= threshold
+    scale: float     # 1 / (1 - p) in float64; kernels round it to the model's dtype
+
+
 BOUNDS = 5  # the length of the optional ``bounds`` array (module docstring)
 
 DTYPES = ("float32", "float64")  # what a model may hold; each backend supports some of them
@@ -242,6 +264,11 @@ class EpochPlan:
     # a per-step schedule: None, or (steps, 2) float64 on the device, row s the ``rate`` of step
     # s (its learning rate and RATE_MOMENTUM), which replace hp's; uploaded once per epoch
     rates: Any = None
+    # dropout: None, or (the model seed, each hidden layer's p): every step's hidden layer l
+    # with p > 0 then runs dropout_forward / dropout_backward with Dropout(rows of the step's
+    # batch, the seed's words, first_step + s, l, ...); ``ws.D[l]`` is its output, the next
+    # layer's X. A backend that cannot must decline.
+    dropout: Any = None
 
 
 class Backend(ABC):
@@ -321,6 +348,18 @@ class Backend(ABC):
         ``dX = dZ @ W.T`` (n, i). ``dX`` is None for the first layer, whose input needs no
         gradient.
         """
+
+    # ------------------------------------------------------------------ dropout
+    def dropout_forward(self, A: Any, D: Any, drop: Dropout) -> None:
+        """``D = A * noise`` (n, o): noise is ``drop.scale`` (rounded to the dtype) where the
+        unit is kept and 0 where dropped, unit (r, j) drawn for data-set row ``drop.rows[r]``
+        (bpkernels.philox.dropout_keep). ``D`` is the next layer's input in training."""
+        raise NotImplementedError(f"backend {self.name!r} has no dropout kernels")
+
+    def dropout_backward(self, dD: Any, drop: Dropout) -> None:
+        """``dD *= noise`` in place, the same noise as :meth:`dropout_forward` drew for
+        ``drop``: the gradient of D becomes that of A."""
+        raise NotImplementedError(f"backend {self.name!r} has no dropout kernels")
 
     # ------------------------------------------------------------------ loss
     @abstractmethod

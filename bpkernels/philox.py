@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from .backends.base import (DROPOUT_LAYER_BITS, DROPOUT_UNIFORM_BITS, PHILOX_M, PHILOX_ROUNDS,
-                            PHILOX_W)
+                            PHILOX_W, Dropout)
 from .validation import check_positive_int, check_real
 
 SEED_LIMIT = 2 ** 64
@@ -170,6 +170,45 @@ def dropout_counters(draw: DropoutDraw) -> np.ndarray:
     return out
 
 
+def dropout_scale(p: float) -> float:
+    """Inverted dropout's factor of a kept unit, 1 / (1 - p), in float64 (as PyTorch divides
+    its noise by 1 - p); kernels round it to the model's dtype."""
+    return 1.0 / (1.0 - p)
+
+
+def layer_dropout(seed: int, step: int, layer: int, rows: Any, p: float) -> Dropout:
+    """The kernels' Dropout of a hidden layer at an optimizer step, for a batch whose data-set
+    row indices are the device vector ``rows`` (not read here: no device round trip per step;
+    fit checks once that the data set's rows fit the counter). ``seed`` and ``p`` were
+    checked when the model was made; ``step`` is checked here, each step."""
+    if not 0 <= step < STEP_LIMIT:
+        raise ValueError(f"dropout draws its masks for optimizer steps < 2**32 (its counter's "
+                         f"step field), and this is step {step}")
+    return Dropout(rows, seed & 0xFFFFFFFF, seed >> 32, step, layer, keep_threshold(p),
+                   dropout_scale(p))
+
+
+def dropout_noise(drop: Dropout, units: int, dtype: Any) -> np.ndarray:
+    """What the dropout kernels multiply by, for host ``drop.rows``: (n, units) of the dtype,
+    ``drop.scale`` rounded to it where a unit is kept, 0 where dropped. The NumPy backend's
+    kernels and the tests' reference."""
+    dtype = np.dtype(dtype)
+    rows = np.asarray(drop.rows, np.int64)
+    draw = DropoutDraw(drop.key0, drop.key1, drop.step, drop.layer, rows, units,
+                       drop.threshold)
+    keep = _keep(draw)
+    return np.where(keep, dtype.type(drop.scale), dtype.type(0))
+
+
+def _keep(draw: DropoutDraw) -> np.ndarray:
+    if draw.threshold == 0:
+        return np.ones((draw.rows.size, draw.units), bool)
+    counters = dropout_counters(draw)
+    n, blocks, _ = counters.shape
+    words = philox4x32(counters, (draw.key0, draw.key1)).reshape(n, 4 * blocks)[:, :draw.units]
+    return (words >> np.uint32(_SHIFT)) >= np.uint32(draw.threshold)
+
+
 def dropout_keep(seed: Any, step: Any, layer: Any, rows: Any, units: Any, p: Any) -> np.ndarray:
     """The keep-mask of hidden layer ``layer`` at optimizer step ``step`` for the data-set rows
     ``rows`` (int array (n,)) of a model seeded ``seed``: bool (n, units), True where a unit is
@@ -177,10 +216,4 @@ def dropout_keep(seed: Any, step: Any, layer: Any, rows: Any, units: Any, p: Any
     the other rows drawn with it, their order, or how many calls draw them. ``p == 0`` keeps
     every unit and draws nothing. Limits and layout: the module docstring.
     """
-    draw = dropout_draw(seed, step, layer, rows, units, p)
-    if draw.threshold == 0:
-        return np.ones((draw.rows.size, draw.units), bool)
-    counters = dropout_counters(draw)
-    n, blocks, _ = counters.shape
-    words = philox4x32(counters, (draw.key0, draw.key1)).reshape(n, 4 * blocks)[:, :draw.units]
-    return (words >> np.uint32(_SHIFT)) >= np.uint32(draw.threshold)
+    return _keep(dropout_draw(seed, step, layer, rows, units, p))
