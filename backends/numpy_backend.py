@@ -90,6 +90,17 @@ class NumpyBackend(HostMemory, Backend):
         if dX is not None:
             np.matmul(dA, W.T, out=dX)
 
+    # ------------------------------------------------------------------ dropout
+    # (The reference: the mask drawn in NumPy for the step, an array per call. The compiled
+    # backends draw it inside their loops.)
+    def dropout_forward(self, A, D, drop):
+        from ..philox import dropout_noise
+        np.multiply(A, dropout_noise(drop, A.shape[1], A.dtype), out=D)
+
+    def dropout_backward(self, dD, drop):
+        from ..philox import dropout_noise
+        dD *= dropout_noise(drop, dD.shape[1], dD.dtype)
+
     # ------------------------------------------------------------------ loss
     def loss(self, kind, Y, T, dY, out, W=None):
         _LOSSES[kind](self, Y, T, dY, out, W)

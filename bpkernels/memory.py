@@ -29,11 +29,12 @@ def check_on(backend: Backend, what: str, host_parts: dict[str, int],
     check(what, host_parts, host.memory_available())
 
 
-def workspace_bytes(sizes: tuple[int, ...], keeps_z: list[bool], rows: int, itemsize: int,
+def workspace_bytes(sizes: tuple[int, ...], extra: list[int], rows: int, itemsize: int,
                     target_bytes_per_row: int) -> int:
-    """The buffers of one workspace (bpkernels.model.Workspace) for ``rows`` rows."""
+    """The buffers of one workspace (bpkernels.model.Workspace) for ``rows`` rows: X, each
+    layer's A and dA, and ``extra[l]`` more of layer l's width (its Z, dropout's D)."""
     widths = sizes[1:]
-    per_row = sizes[0] + 2 * sum(widths) + sum(w for w, z in zip(widths, keeps_z) if z)
+    per_row = sizes[0] + 2 * sum(widths) + sum(w * int(k) for w, k in zip(widths, extra))
     return rows * (per_row * itemsize + target_bytes_per_row)
 
 

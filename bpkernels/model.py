@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import checkpoint, interop, memory
+from . import checkpoint, interop, memory, philox
 from .activations import ACTIVATIONS, hidden_activations
 from .backends import BackendUnavailable, get_backend
 from .backends.base import DTYPES, Backend
@@ -20,7 +20,7 @@ from .lr_scheduler import LRScheduler, scheduler_from_config
 # Registers scikit-learn's schedules, so that from_state (checkpoints, pickles) knows them.
 from . import lr_sklearn  # noqa: F401
 from .optim import Optimizer, optimizer_from_config
-from .validation import check_ordered, shown
+from .validation import check_ordered, check_real, shown
 from .metrics import MetricPlan, check_metrics
 from .metrics import values as metric_values
 from .weights import DeviceWeights, row_weights
@@ -56,25 +56,37 @@ class Workspace:
         self.Z = [be.empty((rows, w), dtype) if not ACTIVATIONS[a].grad_from_output else None
                   for w, a in zip(widths, model.layer_activations)]
         self.dA = [be.empty((rows, w), dtype) for w in widths]
+        # dropout's output, the next layer's input in training (None: no dropout there)
+        self.D = [be.empty((rows, w), dtype) if p > 0 else None
+                  for w, p in zip(widths, model.dropout + (0.0,))]
         self.loss = be.zeros((1,), dtype)
         self.correct = be.zeros((1,), dtype)
 
 
 class MLP:
     """A multilayer perceptron: ``sizes`` like ``[64, 128, 10]``; hidden layers use
-    ``activation`` (one name, or one per hidden layer); the output layer is linear (logits)."""
+    ``activation`` (one name, or one per hidden layer); the output layer is linear (logits).
+    ``dropout``: each hidden layer's output is dropped in training (fit) with this probability
+    (one number in [0, 1), or one per hidden layer), as torch.nn.Dropout after the
+    activation; forward, predict and evaluate never drop."""
 
     def __init__(self, sizes: Sequence[int], activation: str | Sequence[str] = "relu",
-                 backend: str = "numpy", dtype: str = "float32", seed: int = 0) -> None:
+                 backend: str = "numpy", dtype: str = "float32", seed: int = 0,
+                 dropout: float | Sequence[float] = 0.0) -> None:
         self.sizes = _check_sizes(sizes)
         self.activations = hidden_activations(activation, len(self.sizes) - 2)
+        self.dropout = check_dropout(dropout, len(self.sizes) - 2)
         self.layer_activations = self.activations + ("identity",)
         self.dtype = resolve_dtype(dtype)
         self.backend = get_backend(backend)
         _check_backend_dtype(self.backend, self.dtype)
+        _check_backend_dropout(self.backend, self.dropout)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {shown(seed)}")
         self.seed = int(seed)
+        if any(self.dropout) and self.seed >= philox.SEED_LIMIT:
+            raise ValueError(f"a model with dropout needs a seed < 2**64 (the key of its masks' "
+                             f"generator), got {self.seed}")
         self.optimizer: Optimizer | None = None  # set by fit() or load()
         # The schedule of the last fit() that had one, and how it stepped: a checkpoint keeps
         # them, and a later fit() without lr_scheduler= continues it.
@@ -169,36 +181,56 @@ class MLP:
 
     def workspace_bytes(self, rows: int, target_bytes_per_row: int = 0) -> int:
         """The bytes of the Workspace for ``rows`` rows (targets of the given size per row)."""
-        keeps_z = [not ACTIVATIONS[a].grad_from_output for a in self.layer_activations]
-        return memory.workspace_bytes(self.sizes, keeps_z, rows, self.dtype.itemsize,
+        keeps = [int(not ACTIVATIONS[a].grad_from_output) + int(p > 0)
+                 for a, p in zip(self.layer_activations, self.dropout + (0.0,))]
+        return memory.workspace_bytes(self.sizes, keeps, rows, self.dtype.itemsize,
                                       target_bytes_per_row)
 
     # ---------------------------------------------------------------- passes
-    def _forward(self, ws: Workspace, X) -> Any:
+    def _forward(self, ws: Workspace, X, drops: Sequence[Any] = ()) -> Any:
+        """The outputs of X; with ``drops`` (:meth:`dropouts`), as trained: dropped."""
         be = self.backend
-        for (W, b), act, A, Z in zip(self._weights, self.layer_activations, ws.A, ws.Z):
+        for layer, ((W, b), act, A, Z) in enumerate(zip(self._weights, self.layer_activations,
+                                                        ws.A, ws.Z)):
             be.dense_forward(X, W, b, act, A, Z)
             X = A
+            if layer < len(drops) and drops[layer] is not None:
+                be.dropout_forward(A, ws.D[layer], drops[layer])
+                X = ws.D[layer]
         return X
 
-    def _backward(self, ws: Workspace) -> None:
+    def _backward(self, ws: Workspace, drops: Sequence[Any] = ()) -> None:
         """Gradients into ``self.grads`` from ``ws.dA[-1]`` (the loss gradient of the output)."""
         be = self.backend
         for layer in reversed(range(len(self._layout))):
             W, _ = self._weights[layer]
             dW, db = self._gradients[layer]
-            X = ws.X if layer == 0 else ws.A[layer - 1]
+            dropped = layer > 0 and layer - 1 < len(drops) and drops[layer - 1] is not None
+            X = ws.X if layer == 0 else ws.D[layer - 1] if dropped else ws.A[layer - 1]
             dX = None if layer == 0 else ws.dA[layer - 1]
             be.dense_backward(X, W, ws.dA[layer], self.layer_activations[layer],
                               ws.A[layer], ws.Z[layer], dW, db, dX)
+            if dropped:  # dX is the gradient of the dropout's output: now of its input
+                be.dropout_backward(dX, drops[layer - 1])
 
-    def forward_backward(self, ws: Workspace, loss: str, loss_out: Any, W: Any = None) -> None:
+    def dropouts(self, rows: Any, step: int) -> tuple[Any, ...]:
+        """The kernels' Dropout of every hidden layer (None where p is 0) for optimizer step
+        ``step`` (1-based) of a batch whose data-set row indices are the device vector
+        ``rows``; () for a model without dropout."""
+        if not any(self.dropout):
+            return ()
+        return tuple(philox.layer_dropout(self.seed, step, layer, rows, p) if p > 0 else None
+                     for layer, p in enumerate(self.dropout))
+
+    def forward_backward(self, ws: Workspace, loss: str, loss_out: Any, W: Any = None,
+                         drops: Sequence[Any] = ()) -> None:
         """One training pass on the batch already in ``ws.X`` / ``ws.T``: the mean loss
         (weighted by the rows' weights ``W`` on the device, if given) into ``loss_out`` (on the
-        device) and its gradient into ``self.grads``."""
-        Y = self._forward(ws, ws.X)
+        device) and its gradient into ``self.grads``; with ``drops`` (:meth:`dropouts`), as
+        trained, through dropout."""
+        Y = self._forward(ws, ws.X, drops)
         self.backend.loss(loss, Y, ws.T, ws.dA[-1], loss_out, W)
-        self._backward(ws)
+        self._backward(ws, drops)
 
     def _upload(self, host: np.ndarray, out) -> None:
         """``out[...] = host`` for a host array (a copy to the device on a GPU backend)."""
@@ -387,6 +419,7 @@ class MLP:
         target = get_backend(backend)
         new_dtype = self.dtype if dtype is None else resolve_dtype(dtype)
         _check_backend_dtype(target, new_dtype)
+        _check_backend_dropout(target, self.dropout)
         if target is self.backend and new_dtype == self.dtype:
             return self
         state: dict[str, Any] = self.optimizer.state if self.optimizer is not None else {}
@@ -433,6 +466,7 @@ class MLP:
         meta: dict[str, Any] = {
             "sizes": list(self.sizes), "activations": list(self.activations),
             "dtype": self.dtype.name, "seed": self.seed, "backend": be.name,
+            "dropout": list(self.dropout),
             "epochs_trained": self.epochs_trained, "optimizer": None}
         arrays = {"params": be.to_host(self.params)}
         if opt is not None:
@@ -463,7 +497,7 @@ class MLP:
             except (BackendUnavailable, ValueError):
                 backend = "auto"
         model = cls(meta["sizes"], meta["activations"], backend=backend, dtype=meta["dtype"],
-                    seed=meta["seed"])
+                    seed=meta["seed"], dropout=meta.get("dropout", 0.0))
         be = model.backend
         be.copy(be.asarray(arrays["params"]), model.params)
         model.epochs_trained = int(meta["epochs_trained"])
@@ -491,14 +525,22 @@ class MLP:
         checkpoint.write(path, *self.state())
 
     def __repr__(self) -> str:
+        dropout = f", dropout={list(self.dropout)}" if any(self.dropout) else ""
         return (f"MLP(sizes={list(self.sizes)}, activation={list(self.activations)}, "
-                f"backend={self.backend.name!r}, dtype={self.dtype.name!r}, seed={self.seed})")
+                f"backend={self.backend.name!r}, dtype={self.dtype.name!r}, seed={self.seed}"
+                f"{dropout})")
 
 
 def load(path: str | os.PathLike, backend: str | None = None) -> MLP:
     """A model (with its optimizer, if one was saved) from a checkpoint, on ``backend``
     (default: the backend it was saved from if available here, else "auto")."""
     return MLP.from_state(*checkpoint.read(path), backend=backend)
+
+
+def _check_backend_dropout(backend: Backend, dropout: tuple[float, ...]) -> None:
+    if any(dropout) and type(backend).dropout_forward is Backend.dropout_forward:
+        raise ValueError(f"backend {backend.name!r} has no dropout kernels: a model with "
+                         "dropout trains on numpy, numba or cupy")
 
 
 def _check_backend_dtype(backend: Backend, dtype: np.dtype) -> None:
@@ -527,6 +569,19 @@ def _class_ids(Y: np.ndarray) -> np.ndarray:
     if Y.shape[1] == 1:
         return (Y[:, 0] > 0).astype(np.int64)
     return np.argmax(Y, axis=1).astype(np.int64)
+
+
+def check_dropout(dropout: Any, hidden: int) -> tuple[float, ...]:
+    """Each hidden layer's dropout probability, from one number or one per hidden layer."""
+    if isinstance(dropout, (list, tuple, np.ndarray)):
+        values = list(np.asarray(dropout, dtype=object).ravel()) if \
+            isinstance(dropout, np.ndarray) else list(dropout)
+        if len(values) != hidden:
+            raise ValueError(f"dropout must be one probability or one per hidden layer "
+                             f"({hidden}), got {len(values)} values")
+    else:
+        values = [dropout] * hidden
+    return tuple(check_real(p, "dropout", 0.0, 1.0, high_open=True) for p in values)
 
 
 def _check_sizes(sizes: Sequence[int]) -> tuple[int, ...]:

@@ -493,7 +493,8 @@ class EpochLoop:
                 be.take_rows(self.T, rows, ws.T)
                 if W is not None:
                     be.take_rows(self.W, rows, W)
-                model.forward_backward(ws, self.loss, self.loss_slots[s], W)
+                model.forward_backward(ws, self.loss, self.loss_slots[s], W,
+                                       model.dropouts(rows, opt.step_count + 1))
                 if self.metric:
                     be.count_correct(ws.A[-1], ws.T, self.correct_slots[s], W)
                 if self.metrics is not None:
@@ -522,7 +523,8 @@ class EpochLoop:
             halted=self.halted, optimizer=opt.name, hp=opt, state=opt.state,
             first_step=first_step, cache=self.backend_cache, W=self.W, stats=self.stats,
             metrics=None if self.metrics is None else (self.metrics.kind, self.metrics.ks),
-            clip=self.clip, rates=rates)
+            clip=self.clip, rates=rates,
+            dropout=(model.seed, model.dropout) if any(model.dropout) else None)
 
 
 class _StepBoundaryInterrupt:

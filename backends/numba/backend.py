@@ -18,7 +18,7 @@ import numba
 import numpy as np
 from numba.core import event
 
-from . import epoch, jit, layers, losses, optim
+from . import dropout, epoch, jit, layers, losses, optim
 from ..base import ACTIVATION_CODES, BOUNDS, KEEPS_Z, LOSS_CODES, OPTIMIZER_RULES, RULES, \
     Backend, EpochPlan, rated
 from .. import host
@@ -236,6 +236,17 @@ class NumbaBackend(HostMemory, Backend):
                               A if Z is None else Z, dW, db, dA if dX is None else dX,
                               dX is not None, self._par(dA.size), self._kinds(activation))
 
+    # ------------------------------------------------------------------ dropout
+    def dropout_forward(self, A, D, drop):
+        self._dropout(_writeable(A), D, drop)
+
+    def dropout_backward(self, dD, drop):
+        self._dropout(dD, dD, drop)
+
+    def _dropout(self, A, D, drop):
+        dropout.dropout(A, D, _writeable(drop.rows), drop.key0, drop.key1, drop.step, drop.layer,
+                        drop.threshold, A.dtype.type(drop.scale), self._par(A.size))
+
     # ------------------------------------------------------------------ loss
     def loss(self, kind, Y, T, dY, out, W=None):
         if kind == "cross_entropy":
@@ -286,7 +297,8 @@ class NumbaBackend(HostMemory, Backend):
     # ------------------------------------------------------------------ a whole epoch
     def train_epoch(self, plan: EpochPlan) -> bool:
         rule = OPTIMIZER_RULES.get(plan.optimizer)
-        if rule is None or (GEMM_BY_NUMPY and plan.params.size >= BOUND_MIN_PARAMS):
+        if rule is None or (GEMM_BY_NUMPY and plan.params.size >= BOUND_MIN_PARAMS) or \
+                plan.dropout is not None:
             return False
         net, work, targets, bounds = plan.cache.get("numba") or \
             plan.cache.setdefault("numba", self._epoch_buffers(plan))
