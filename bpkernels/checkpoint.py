@@ -30,7 +30,9 @@ from . import atomic
 from .backends.base import DTYPES, LOSSES
 
 FORMAT = "bpkernels-checkpoint"
-VERSION = 1
+VERSION = 2
+# Versions read: 1 (before dropout: a file of it has no "dropout" and loads as none).
+READABLE = (1, 2)
 MAX_STEPS = 2 ** 53  # step counts beyond float64's exact integers are corrupt, not long runs
 _MAX_META_BYTES = 1 << 20
 # Deflate cannot expand data more than ~1032-fold: a member claiming more is lying about its size.
@@ -123,9 +125,12 @@ def _read_meta(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo, size
     meta = json.loads(_read_array(path, archive, info, dtype).item())
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a bpkernels checkpoint (foreign file)")
-    if meta.get("version") != VERSION:
+    if meta.get("version") not in READABLE:
         raise CheckpointError(f"{path} is checkpoint format version {_show(meta.get('version'))}; "
-                              f"this bpkernels reads version {VERSION}")
+                              f"this bpkernels reads versions "
+                              f"{', '.join(map(str, READABLE))}")
+    if meta["version"] == 1 and "dropout" in meta:
+        raise CheckpointError(f"{path}: a version 1 checkpoint has no field 'dropout'")
     return meta
 
 
@@ -155,6 +160,14 @@ def _check_meta(path: Path, meta: dict) -> tuple[tuple[int], np.dtype, list[str]
         raise bad("seed", "a non-negative integer")
     if not isinstance(meta.get("backend"), str):
         raise bad("backend", "a backend name")
+    dropout = meta.get("dropout", [0.0] * (len(sizes) - 2))
+    if not isinstance(dropout, list) or len(dropout) != len(sizes) - 2 or not all(
+            isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p < 1
+            for p in dropout):
+        raise bad("dropout", f"a list of {len(sizes) - 2} probabilities in [0, 1), one per "
+                             "hidden layer")
+    if any(dropout) and meta["seed"] >= 2 ** 64:
+        raise bad("seed", "an integer < 2**64 (the model has dropout)")
     if not (_is_int(meta.get("epochs_trained")) and meta["epochs_trained"] >= 0):
         raise bad("epochs_trained", "a non-negative integer")
     names = ["params"]

@@ -22,6 +22,7 @@ from . import dropout, epoch, jit, layers, losses, optim
 from ..base import ACTIVATION_CODES, BOUNDS, KEEPS_Z, LOSS_CODES, OPTIMIZER_RULES, RULES, \
     Backend, EpochPlan, rated
 from .. import host
+from ... import philox
 from ..numpy_backend import HostMemory, blas_info
 
 if jit.NATIVE is not None:
@@ -297,8 +298,7 @@ class NumbaBackend(HostMemory, Backend):
     # ------------------------------------------------------------------ a whole epoch
     def train_epoch(self, plan: EpochPlan) -> bool:
         rule = OPTIMIZER_RULES.get(plan.optimizer)
-        if rule is None or (GEMM_BY_NUMPY and plan.params.size >= BOUND_MIN_PARAMS) or \
-                plan.dropout is not None:
+        if rule is None or (GEMM_BY_NUMPY and plan.params.size >= BOUND_MIN_PARAMS):
             return False
         net, work, targets, bounds = plan.cache.get("numba") or \
             plan.cache.setdefault("numba", self._epoch_buffers(plan))
@@ -315,8 +315,13 @@ class NumbaBackend(HostMemory, Backend):
         widest = max(plan.params.size, plan.batch * max(plan.sizes))
         workers = None
         # (fit's data is C-ordered; the large models' gather reads rows by address, a native
-        # trick: plain mode declined large models above)
-        if plan.params.size >= BOUND_MIN_PARAMS and plan.X.flags.c_contiguous:
+        # trick: plain mode declined large models above). With dropout, every model scans:
+        # the large models' bound on dW reads A, not dropout's output.
+        drop = None
+        if plan.dropout is not None:
+            drop = plan.cache.get("numba-dropout") or \
+                plan.cache.setdefault("numba-dropout", _dropout_table(plan))
+        elif plan.params.size >= BOUND_MIN_PARAMS and plan.X.flags.c_contiguous:
             workers = 0
             if POOL and plan.params.size >= POOL_MIN_PARAMS:
                 workers = pool.ensure(epoch.pool_worker, pool.blas_threads() - 1)
@@ -328,7 +333,7 @@ class NumbaBackend(HostMemory, Backend):
                           *_hyper(rule, plan.hp),
                           workers, True if workers is None else None, self._par(widest),
                           layers.activation_kinds(ACTIVATION_CODES[a] for a in plan.activations),
-                          plan.clip, plan.rates)
+                          plan.clip, plan.rates, drop)
         return True
 
     def _epoch_buffers(self, plan: EpochPlan) -> tuple[Any, Any, tuple, np.ndarray]:
@@ -341,3 +346,18 @@ class NumbaBackend(HostMemory, Backend):
         work = (ws.X, np.empty(a_size, dtype), np.empty(a_size, dtype), np.empty(z_size, dtype),
                 np.empty(2 * max(plan.sizes), dtype))
         return (plan.params, plan.grads, table), work, (_writeable(plan.T), ws.T), np.empty(BOUNDS)
+
+
+def _dropout_table(plan: EpochPlan) -> tuple:
+    """The epoch kernel's ``drop`` (epoch.py): the seed's words, each layer's threshold, factor
+    and offset into a flat D (dropout's outputs, batch rows per layer)."""
+    seed, probabilities = plan.dropout
+    dtype = plan.params.dtype
+    ps = tuple(probabilities) + (0.0,) * (len(plan.sizes) - 1 - len(probabilities))
+    thresholds = np.array([philox.keep_threshold(p) for p in ps], np.int64)
+    scales = np.array([philox.dropout_scale(p) for p in ps], np.float64).astype(dtype)
+    offsets, size = np.full(len(ps), -1, np.int64), 0
+    for layer, (p, width) in enumerate(zip(ps, plan.sizes[1:])):
+        if p > 0:
+            offsets[layer], size = size, size + plan.batch * width
+    return (seed & 0xFFFFFFFF, seed >> 32, thresholds, scales, np.empty(size, dtype), offsets)

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..base import ACTIVATION_CODES, KEEPS_Z
 from .jit import NATIVE, as_matrix, epoch, gemm_t, helper, inline, span
+from .dropout import dropout_pass
 from .layers import GELU, SILU, dz_and_db, dense_layer, grad_rows, zero
 from .losses import (BINARY_CROSS_ENTROPY, CROSS_ENTROPY, MSE, binary_xent_of,
                      class_stats_labels_of, class_stats_rows_of, count_correct_labels_of,
@@ -34,6 +35,9 @@ else:  # (the large models' shared gather is native only: plain mode never passe
 #         the dtype, for _backward's bound. Per step, the kernels see (X, A, dA, Z).
 #   out   (loss, correct, halted, bounds): (steps,), (steps,), (1,) int64, (base.BOUNDS,) float64
 #         (the updates' bounds, base.py: unknown at the epoch's start, kept from step to step)
+#   drop  None, or dropout's (k0, k1, thresholds, scales, D, offsets): the seed's words; per
+#         layer the keep threshold (int64), the kept units' factor (the dtype) and where its
+#         output D starts in the flat D (-1: no dropout), as base.Dropout has them
 # The targets come as one of two pairs (all targets, the batch's scratch), the other None:
 # ``labels`` int64 (N,), (batch,) or ``T`` (N, o), (batch, o).
 # (Not namedtuples: Numba's cache index pickles argument types, and a namedtuple class that
@@ -94,7 +98,22 @@ def _batch_weights(weights, index, rows):
 
 
 @inline
-def _forward(net, work, rows, par, kinds):
+def _output(drop, A, layer, rows):
+    """What the layer above reads of ``layer``: dropout's D, or A where it has no dropout."""
+    offset = drop[5][layer]
+    return A if offset < 0 else as_matrix(drop[4], offset, rows, A.shape[1])
+
+
+@inline
+def _dropout(drop, A, D, index, step, layer, par):
+    """``D = A * noise`` of ``layer``'s dropout (D may be A) where it has one."""
+    if drop[5][layer] >= 0:
+        dropout_pass(A, D, index, drop[0], drop[1], step, layer, drop[2][layer],
+                     drop[3][layer], par)
+
+
+@inline
+def _forward(net, work, rows, par, kinds, drop, index, step):
     layers = net[2]
     X = span(work[0], 0, rows)
     for layer in range(layers.shape[0]):
@@ -102,6 +121,9 @@ def _forward(net, work, rows, par, kinds):
         act = layers[layer, 4]
         dense_layer(X, W, b, act, Z, A, act == GELU or act == SILU, par, kinds)
         X = A
+        if drop is not None:
+            X = _output(drop, A, layer, rows)
+            _dropout(drop, A, X, index, step, layer, par)
 
 
 @inline
@@ -194,7 +216,7 @@ def _input_gradient(net, work, layer, rows, W, dZ):
 
 
 @inline
-def _backward_scan(net, work, rows, par, kinds):
+def _backward_scan(net, work, rows, par, kinds, drop, index, step):
     """Backward through every layer but the weight gradients (``_weight_gradients``), for a
     small model, whose weight gradients check_step's scan checks: dZ and db of every layer
     and dX, top down. Returns whether every db is finite. (Apart from the large models'
@@ -204,6 +226,8 @@ def _backward_scan(net, work, rows, par, kinds):
     finite = True
     for layer in range(layers.shape[0] - 1, -1, -1):
         W, _, _, db, A, dA, Z = _layer(net, work, layer, rows)
+        if drop is not None:  # dA holds the gradient of dropout's output: now of its input
+            _dropout(drop, dA, dA, index, step, layer, par)
         dz_and_db(dA, layers[layer, 4], A, Z, db, par, kinds)
         finite = all_finite(db) and finite
         _input_gradient(net, work, layer, rows, W, dA)
@@ -255,7 +279,7 @@ def _backward(net, work, rows, par, kinds, sums, input_bound):
 
 
 @inline
-def _weight_gradients(net, work, rows, alpha, beta, into_weights, scan):
+def _weight_gradients(net, work, rows, alpha, beta, into_weights, scan, drop):
     """dW = X.T @ dZ for every layer, after ``_backward``; with ``into_weights``, W = beta W +
     alpha X.T @ dZ instead, dW left as it was. Returns whether every dW is finite, each read
     right after BLAS wrote it, while still in cache, where ``scan`` (else True)."""
@@ -271,13 +295,15 @@ def _weight_gradients(net, work, rows, alpha, beta, into_weights, scan):
             if scan:  # dW flat, as the gradients hold it (dW.ravel() took ~0.2 s to compile)
                 finite = all_finite(span(net[1], layers[layer, 2], dW.size)) and finite
         X = A
+        if drop is not None:
+            X = _output(drop, A, layer, rows)
     return finite
 
 
 # (``epoch``: compiled without reference counting in native mode, see _native/toolkit.py.)
 @epoch
 def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, weights, stats, states,
-                sgd, adam, rmsprop, workers, scan, par, kinds, clip, rates):
+                sgd, adam, rmsprop, workers, scan, par, kinds, clip, rates, drop):
     """Every step of one epoch, as train.py's per-kernel loop runs them: gather the batch,
     forward, loss (and hits), backward, check_step, then the optimizer update of step
     ``first_step + s`` (a no-op once halted). The arguments that may be None (``labels`` or
@@ -290,7 +316,7 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, weigh
     into their GEMM; None for small models, which gather alone and scan (the code of the others then not
     compiled). ``scan``: True for small models, else None (for the same reason: Numba prunes
     by None only). A large model's batch is gathered by address (``_gather_split``): X must
-    then be C-ordered."""
+    then be C-ordered. ``drop``: dropout (the table above) or None; with it, ``scan``."""
     params, grads, layers = net
     X_all, order, batch = data
     sums = work[4]
@@ -316,7 +342,7 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, weigh
                                                 work[0], sums)
         if scan is not None:  # (on S's 64 columns, the bound's maximum slowed the gather ~7%)
             _gather(X_all, index, work[0])
-        _forward(net, work, rows, par, kinds)
+        _forward(net, work, rows, par, kinds, drop, index, first_step + s)
         _, _, _, _, Y, dY, _ = _layer(net, work, layers.shape[0] - 1, rows)
         step_loss, step_correct = span(step_losses, s, 1), span(step_hits, s, 1)
         W = _batch_weights(weights, index, rows)
@@ -348,7 +374,8 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, weigh
         if workers is not None:  # (two ifs: Numba prunes each by an argument that is None)
             finite, sure, dw_bound = _backward(net, work, rows, par, kinds, sums, input_bound)
         if scan is not None:
-            finite, sure, dw_bound = _backward_scan(net, work, rows, par, kinds), False, math.inf
+            finite, sure, dw_bound = _backward_scan(net, work, rows, par, kinds, drop, index,
+                                                      first_step + s), False, math.inf
         finite = finite and math.isfinite(step_loss[0])
         # Plain SGD (no momentum) updates W inside dW's GEMM, W = (1 - lr wd) W - lr X.T @ dZ,
         # as its update would (but for the rounding of dW, which is not stored): no separate
@@ -377,7 +404,7 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, weigh
                     else:
                         alpha, beta = 1.0, 0.0
         finite = _weight_gradients(net, work, rows, alpha, beta, fused,
-                                   not sure and clip is None) and finite
+                                   not sure and clip is None, drop) and finite
         if clip is not None:  # check_step's pass, the norm's sum of squares with it
             clip[0] = grad_sum_squares(grads, par)
             finite = finite and math.isfinite(clip[0])
