@@ -28,12 +28,12 @@ from . import distributed
 from .activations import ACTIVATIONS, get_activation
 from .backends import backend_names, get_backend
 from .backends.base import LOSSES
-from .cli_args import as_option, count, lr_schedule, positive_real
+from .cli_args import as_option, count, lr_schedule, positive_real, probabilities
 # cmd_bench: still reached as cli.cmd_bench since the bench parser moved to cli_bench
 from .cli_bench import add_bench_parser, cmd_bench, cmd_info  # noqa: F401
 from .losses import check_loss, has_accuracy
 from .memory import InsufficientMemory
-from .model import DTYPES, MLP, resolve_dtype
+from .model import DTYPES, MLP, check_dropout, resolve_dtype
 from .optim import OPTIMIZERS, make_optimizer
 from .signals import StopSignals
 from .train import TrainingDiverged, fit
@@ -125,6 +125,9 @@ def _build_parser() -> argparse.ArgumentParser:
     model.add_argument("--activation", default=None, metavar="NAME",
                        help=f"hidden activation: {', '.join(ACTIVATIONS)} "
                             f"(default: {DEFAULT_ACTIVATION})")
+    model.add_argument("--dropout", type=probabilities, default=None, metavar="P",
+                       help="dropout after each hidden activation in training: one probability "
+                            "in [0, 1) or one per hidden layer, e.g. 0.1 or 0.2,0.1 (default: 0)")
     model.add_argument("--loss", default=None, metavar="NAME",
                        help=f"{', '.join(LOSSES)} (default: cross_entropy for integer labels, "
                             "mse for float targets)")
@@ -196,6 +199,15 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------- bpk train
+def _dropout(args: argparse.Namespace, hidden: int | None = None) -> tuple[float, ...]:
+    """--dropout as MLP takes it: one value repeated over the hidden layers, or one each."""
+    if hidden is None:
+        hidden = len(args.layers or DEFAULT_LAYERS)
+    values = args.dropout or [0.0]
+    return as_option("--dropout", check_dropout, values[0] if len(values) == 1 else values,
+                     hidden)
+
+
 def _check_options(args: argparse.Namespace) -> None:
     """Fail on a bad name or path before spending time on loading data or training; the
     package's own checks give the messages, so they list exactly what this version knows."""
@@ -212,6 +224,8 @@ def _check_options(args: argparse.Namespace) -> None:
         as_option("--lr", make_optimizer, args.optimizer or DEFAULT_OPTIMIZER, lr=args.lr)
     if args.backend is not None:
         as_option("--backend", get_backend, args.backend)
+    if args.dropout is not None and args.resume is None:
+        _dropout(args)
     if args.label is not None and not str(args.data).lower().endswith(".csv"):
         raise ValueError(f"--label picks a column of a .csv file; {args.data!r} is not one")
     if args.save is not None:
@@ -296,6 +310,9 @@ def _resume(args: argparse.Namespace) -> tuple[MLP, str]:
     if args.activation is not None and set(model.activations) != {args.activation}:
         conflicts.append(f"--activation {args.activation} "
                          f"(checkpoint: {','.join(model.activations)})")
+    if args.dropout is not None and _dropout(args, len(model.sizes) - 2) != model.dropout:
+        conflicts.append(f"--dropout {','.join(map(str, args.dropout))} "
+                         f"(checkpoint: {','.join(map(str, model.dropout)) or 'none'})")
     if args.dtype is not None and resolve_dtype(args.dtype) != model.dtype:
         conflicts.append(f"--dtype {args.dtype} (checkpoint: {model.dtype.name})")
     if conflicts:
@@ -487,7 +504,7 @@ def _prepare_training(args: argparse.Namespace) -> tuple:
         model = MLP([X.shape[1], *(args.layers or DEFAULT_LAYERS), n_out],
                     activation=args.activation or DEFAULT_ACTIVATION,
                     backend=args.backend or DEFAULT_BACKEND, dtype=args.dtype or DEFAULT_DTYPE,
-                    seed=args.seed)
+                    seed=args.seed, dropout=_dropout(args))
     else:
         _check_fits(model, args.resume, args.data, X.shape[1], n_out, loss, y)
     optimizer = _choose_optimizer(args, model)

@@ -29,6 +29,18 @@ def positive_real(text: str) -> float:
     return value
 
 
+def probabilities(text: str) -> list[float]:
+    """``--dropout``: one probability, or one per hidden layer (comma-separated); the range
+    is checked by MLP (its message, prefixed by the option)."""
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a probability in [0, 1) or one per hidden layer like 0.1,0.2; "
+            f"got {text!r}") from None
+    return values
+
+
 def as_option(option: str, check, *args, **kwargs):
     """``check(...)``, its error message prefixed by the option that carried the bad value."""
     try:

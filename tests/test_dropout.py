@@ -190,3 +190,41 @@ def test_a_seed_beyond_the_generators_key_is_refused_with_dropout():
     bpk.MLP(SIZES, seed=2**64)  # no dropout: any seed
     with pytest.raises(ValueError, match=r"needs a seed < 2\*\*64"):
         bpk.MLP(SIZES, seed=2**64, dropout=0.1)
+
+
+# ---------------------------------------------------------------------------- estimators, CLI
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_the_estimators_train_with_dropout_and_keep_it():
+    import pickle
+    from bpkernels.sklearn import MLPClassifier
+    clf = MLPClassifier((16,), dropout=0.25, max_iter=3, random_state=0, backend="numpy")
+    clf.fit(X, Y)
+    assert clf.model_.dropout == (0.25,)
+    again = pickle.loads(pickle.dumps(clf))
+    assert again.model_.dropout == (0.25,)
+    np.testing.assert_array_equal(again.predict_proba(X), clf.predict_proba(X))
+    # the same fit without dropout trains other weights: dropout was applied
+    plain = MLPClassifier((16,), max_iter=3, random_state=0, backend="numpy").fit(X, Y)
+    assert not np.allclose(plain.predict_proba(X), clf.predict_proba(X))
+    clf.set_params(dropout=0.5, warm_start=True)
+    with pytest.raises(ValueError, match="dropout must stay as they were"):
+        clf.fit(X, Y)
+    with pytest.raises(ValueError, match="one per hidden layer"):
+        MLPClassifier((16, 8), dropout=[0.1]).fit(X, Y)
+
+
+def test_bpk_train_dropout_is_saved_and_resumed(capsys, tmp_path):
+    from test_cli import assert_one_error, run
+    fast = ["--backend", "numpy", "--layers", "32,16", "--no-progress", "--epochs", "1"]
+    path = tmp_path / "m.npz"
+    code, _, _ = run(capsys, "train", *fast, "--dropout", "0.2,0.1", "--save", path)
+    assert code == 0 and bpk.load(path).dropout == (0.2, 0.1)
+    code, _, _ = run(capsys, "train", "--no-progress", "--epochs", "1", "--resume", path,
+                     "--save", path)
+    assert code == 0 and bpk.load(path).dropout == (0.2, 0.1)
+    code, _, err = run(capsys, "train", "--resume", path, "--dropout", "0.3")
+    assert code == 2 and "--dropout 0.3 (checkpoint: 0.2,0.1)" in assert_one_error(err)
+    for value, words in (("1", "dropout must lie in [0.0, 1.0)"), ("x", "expected a probability"),
+                         ("0.1,0.2,0.3", "one per hidden layer (2), got 3")):
+        code, _, err = run(capsys, "train", *fast, "--dropout", value)
+        assert code == 2 and words in assert_one_error(err)
