@@ -70,7 +70,15 @@ CASES = {
                            "relu", 50, 16, 3),
     "cupy-nccl-sgd-ce-clip": ("cupy-cudasim", ("sgd", {"lr": 0.1, "momentum": 0.9}),
                               "cross_entropy", [6, 8, 3], "relu", 50, 16, 3),
+    # Dropout (issue 20): a rank draws, for its rows of a batch, the masks one process draws
+    # for those rows (the counter holds the row's index in the data set).
+    "numpy-sgd-ce-dropout": ("numpy", ("sgd", {"lr": 0.1, "momentum": 0.9}), "cross_entropy",
+                             [6, 8, 7, 3], "relu", 50, 16, 3),
+    "numba-adam-mse-dropout": ("numba", ("adam", {"lr": 1e-2}), "mse", [5, 9, 2], "tanh",
+                               45, 8, 3),
 }
+# MLP's dropout of the cases that drop
+DROPOUT = {name: 0.3 for name in CASES if name.endswith("-dropout")}
 # fit's clip_grad_norm of the cases that clip (small enough to clip every step)
 CLIP = {name: 0.2 for name in CASES if name.endswith("-clip")}
 DIVERGING = ("numpy-diverges", "cupy-nccl-diverges")
@@ -119,7 +127,7 @@ def build(name: str, backend: str | None = None, dtype: str | None = None):
     case_backend, (opt, hp), loss, sizes, activation, _, batch, epochs = CASES[name]
     dtype = dtype or ("float32" if name in FLOAT32 else "float64")
     model = bpk.MLP(sizes, activation=activation, backend=backend_of(backend or case_backend),
-                    dtype=dtype, seed=7)
+                    dtype=dtype, seed=7, dropout=DROPOUT.get(name, 0.0))
     kwargs = {"loss": loss, "optimizer": bpk.optim.make_optimizer(opt, **hp),
               "epochs": epochs, "batch_size": batch, "seed": 3,
               "clip_grad_norm": CLIP.get(name)}
