@@ -259,6 +259,29 @@ class CupyBackend(Backend):
         self._launch(dt, "colsum_store", o, (partial, np.int64(chunks), np.int64(o),
                                              np.float64(scale), out, slot))
 
+    # ------------------------------------------------------------------ dropout
+    # Both are one launch of cuda/dropout.cu's dropout_mul, backward in place: the same
+    # arguments draw the same noise.
+    def dropout_forward(self, A, D, drop):
+        self._dropout(A, D, drop)
+
+    def dropout_backward(self, dD, drop):
+        self._dropout(dD, dD, drop)
+
+    def _dropout(self, src, out, drop, slot=None, stride: int = 0, step_dev=None) -> None:
+        """out = src * noise for the data-set rows ``drop.rows[slot * stride:][:n]`` (slot: a
+        device step counter, or None) at step ``drop.step``, or ``*step_dev`` when given."""
+        n, units = src.shape
+        rows = drop.rows
+        if isinstance(rows, HostArray):  # the kernel reads the rows on the device
+            rows = self._scratch("dropout_rows", rows.shape, np.int64)
+            rows.set(np.ascontiguousarray(drop.rows.host, np.int64))
+        self._launch(src.dtype, "dropout_mul", n * -(-units // 4),
+                     (src, np.int64(n), np.int64(units), rows, slot, np.int64(stride),
+                      np.uint32(drop.key0), np.uint32(drop.key1), np.int64(drop.step), step_dev,
+                      np.uint32(drop.layer), np.uint32(drop.threshold), np.float64(drop.scale),
+                      out))
+
     # ------------------------------------------------------------------ loss
     def loss(self, kind, Y, T, dY, out, W=None):
         self._loss(kind, Y, T, dY, out, slot=None, W=W)
@@ -451,8 +474,8 @@ class CupyBackend(Backend):
 
     # ------------------------------------------------------------------ whole epochs
     def train_epoch(self, plan: EpochPlan) -> bool:
-        if not self.graphs or plan.optimizer not in OPTIMIZER_RULES:
-            return False
+        if not self.graphs or plan.optimizer not in OPTIMIZER_RULES or plan.dropout is not None:
+            return False  # (dropout: the kernel loop, until the captured step draws it)
         runner = plan.cache.get("cupy-graphs")
         if runner is None or runner.key != plan_key(plan):
             runner = plan.cache["cupy-graphs"] = GraphRunner(self, plan)
