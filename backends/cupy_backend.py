@@ -4,8 +4,8 @@ Products go to cuBLAS (``cupy.matmul`` into the buffers given, transposes as vie
 unless asked for). Everything else is one kernel of ``cuda/*.cu`` per fused operation, compiled
 by NVRTC on first use per dtype and cached by CuPy. ``train_epoch`` captures one training step
 as a CUDA graph and replays it once per step (a second graph for a final partial batch): the
-step number, the step's result slot, the divergence latch and the hyper-parameters are all read
-on the device, so nothing waits on the host inside an epoch. A data set larger than the
+step number, the step's result slot, the divergence latch, the hyper-parameters and dropout's
+batch rows are all read on the device, so nothing waits on the host inside an epoch. A data set larger than the
 device's free memory stays in host memory and is fed batch by batch through pinned buffers,
 copied on a side stream while the previous step computes. Both live in cupy_graphs.py.
 
@@ -34,7 +34,7 @@ from .host import no_gpu_driver_note
 from .base import ACTIVATION_CODES, CLIP_GROUPS, CLIP_THREADS, KEEPS_Z, OPTIMIZER_RULES, \
     Backend, EpochPlan
 # after cupy: the graph runner's module imports it too
-from .cupy_graphs import GraphRunner, HostArray, hp_values, plan_key
+from .cupy_graphs import GraphRunner, HostArray, hp_values, plan_key, replayable
 
 BLOCK = 256              # threads per block of every launch
 ONE_PASS_ROWS = 64       # column sums over at most this many rows take one launch, not two
@@ -474,8 +474,8 @@ class CupyBackend(Backend):
 
     # ------------------------------------------------------------------ whole epochs
     def train_epoch(self, plan: EpochPlan) -> bool:
-        if not self.graphs or plan.optimizer not in OPTIMIZER_RULES or plan.dropout is not None:
-            return False  # (dropout: the kernel loop, until the captured step draws it)
+        if not self.graphs or plan.optimizer not in OPTIMIZER_RULES or not replayable(plan):
+            return False
         runner = plan.cache.get("cupy-graphs")
         if runner is None or runner.key != plan_key(plan):
             runner = plan.cache["cupy-graphs"] = GraphRunner(self, plan)

@@ -16,6 +16,7 @@ import numpy as np
 import cupy
 import cupyx
 
+from .. import philox
 from .base import OPTIMIZER_RULES, RATE_MOMENTUM, RULES, EpochPlan
 
 if TYPE_CHECKING:
@@ -61,7 +62,15 @@ def plan_key(plan: EpochPlan) -> tuple:
     choices = (bool(getattr(hp, "momentum", 0)), bool(getattr(hp, "centered", False)))
     return (tuple(id(b) for b in buffers), tuple(sorted(plan.state)), plan.sizes,
             plan.activations, plan.loss, plan.metric, plan.metrics, plan.optimizer, plan.batch,
-            plan.steps, plan.order.shape, choices, plan.rates is not None)
+            plan.steps, plan.order.shape, choices, plan.rates is not None,
+            None if plan.dropout is None else (plan.dropout[0], tuple(plan.dropout[1])))
+
+
+def replayable(plan: EpochPlan) -> bool:
+    """Whether captured steps can run all of ``plan``: dropout's counter holds steps below
+    2**32 (philox.STEP_LIMIT). Past it the caller's kernel loop runs, and raises
+    philox.layer_dropout's error at that step."""
+    return plan.dropout is None or plan.first_step + plan.steps <= philox.STEP_LIMIT
 
 
 class _Feed:
@@ -101,6 +110,7 @@ class GraphRunner:
         self.scratch: dict[tuple, Any] = {}
         self.graphs: dict[tuple[int, int], Any] = {}
         self.layers = _layer_views(plan.sizes, plan.params, plan.grads)
+        self.drops = _layer_drops(plan, self.order)
         self.feeds = {name: _Feed(getattr(plan, name), plan.batch)
                       for name in ("X", "T", "W") if isinstance(getattr(plan, name), HostArray)}
         if self.feeds:
@@ -213,26 +223,38 @@ class GraphRunner:
             else:
                 be._gather(getattr(plan, name), self.order, slot, plan.batch, dst)
         X = ws.X
-        for (W, b, _, _), act, A, Z in zip(self.layers, plan.activations, ws.A, ws.Z):
+        for (W, b, _, _), act, A, Z, D, drop in zip(self.layers, plan.activations, ws.A, ws.Z,
+                                                    self._outputs(ws), self.drops):
             be.dense_forward(X, W, b, act, A, Z)
-            X = A
+            if drop is not None:  # the batch's rows and the step, read on the device
+                be._dropout(A, D, drop, slot, plan.batch, step_dev)
+            X = D
         Y = ws.A[-1]
         be._loss(plan.loss, Y, ws.T, ws.dA[-1], plan.step_loss, slot, weights)
         if plan.metric:
             be._count_correct(Y, ws.T, plan.step_correct, slot, weights)
         if plan.metrics is not None:
             be.accumulate_stats(plan.metrics[0], Y, ws.T, weights, plan.metrics[1], plan.stats)
+        inputs = [ws.X] + self._outputs(ws)[:-1]
         for layer in reversed(range(len(self.layers))):
             W, _, dW, db = self.layers[layer]
-            X = ws.X if layer == 0 else ws.A[layer - 1]
             dX = None if layer == 0 else ws.dA[layer - 1]
-            be.dense_backward(X, W, ws.dA[layer], plan.activations[layer], ws.A[layer],
-                              ws.Z[layer], dW, db, dX)
+            be.dense_backward(inputs[layer], W, ws.dA[layer], plan.activations[layer],
+                              ws.A[layer], ws.Z[layer], dW, db, dX)
+            below = self.drops[layer - 1] if layer else None
+            if below is not None:  # dX, the gradient of dropout's output, becomes its input's
+                be._dropout(dX, dX, below, slot, plan.batch, step_dev)
         if not update:
             return
         be._check_step(plan.step_loss, slot, plan.grads, 0, step_dev, plan.halted, plan.clip)
         self._update(plan, step_dev)
         be._launch(plan.params.dtype, "advance_step", 1, (self.counter,))
+
+    def _outputs(self, ws) -> list:
+        """What each layer hands the next: dropout's output ``ws.D[l]`` where it drops, else
+        its activation."""
+        return [A if drop is None else ws.D[layer]
+                for layer, (A, drop) in enumerate(zip(ws.A, self.drops))]
 
     def _update(self, plan: EpochPlan, step_dev) -> None:
         be, hp = self.be, plan.hp
@@ -261,3 +283,17 @@ def _layer_views(sizes, params, grads) -> list[tuple[Any, Any, Any, Any]]:
         views.append((params[w].reshape(i, o), params[b], grads[w].reshape(i, o), grads[b]))
         offset += i * o + o
     return views
+
+
+def _layer_drops(plan: EpochPlan, order) -> list:
+    """Each layer's Dropout as a captured step launches it (None: no dropout there, the output
+    layer included): the seed's words, threshold and scale are baked into the graph; its rows
+    are ``order`` at the device's step slot and its step the device's, so ``step`` here is a
+    placeholder."""
+    drops = [None] * (len(plan.sizes) - 1)
+    if plan.dropout is not None:
+        seed, probabilities = plan.dropout
+        for layer, p in enumerate(probabilities):
+            if p > 0:
+                drops[layer] = philox.layer_dropout(seed, 0, layer, order, p)
+    return drops
