@@ -4,10 +4,10 @@ Products go to cuBLAS (``cupy.matmul`` into the buffers given, transposes as vie
 unless asked for). Everything else is one kernel of ``cuda/*.cu`` per fused operation, compiled
 by NVRTC on first use per dtype and cached by CuPy. ``train_epoch`` captures one training step
 as a CUDA graph and replays it once per step (a second graph for a final partial batch): the
-step number, the step's result slot, the divergence latch and the hyper-parameters are all read
-on the device, so nothing waits on the host inside an epoch. A data set larger than the
+step number, the step's result slot, the divergence latch, the hyper-parameters and dropout's
+batch rows are all read on the device, so nothing waits on the host inside an epoch. A data set larger than the
 device's free memory stays in host memory and is fed batch by batch through pinned buffers,
-copied on a side stream while the previous step computes.
+copied on a side stream while the previous step computes. Both live in cupy_graphs.py.
 
 For data-parallel training (bpkernels.distributed) the backend offers NCCL (``nccl``, None
 when this CuPy was built without it), the stream its kernels are queued on, and one kernel that
@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 
 import cupy
-import cupyx
 
 try:  # optional in CuPy: absent when built or installed without NCCL (as cupyx checks)
     from cupy.cuda import nccl as _nccl
@@ -33,32 +32,14 @@ from . import BackendUnavailable
 from . import cuda_sources as sources
 from .host import no_gpu_driver_note
 from .base import ACTIVATION_CODES, CLIP_GROUPS, CLIP_THREADS, KEEPS_Z, OPTIMIZER_RULES, \
-    RATE_MOMENTUM, RULES, Backend, EpochPlan
+    Backend, EpochPlan
+# after cupy: the graph runner's module imports it too
+from .cupy_graphs import GraphRunner, HostArray, hp_values, plan_key, replayable
 
 BLOCK = 256              # threads per block of every launch
 ONE_PASS_ROWS = 64       # column sums over at most this many rows take one launch, not two
 SUM_CHUNK = 16           # rows per thread of colsum_chunks (as in cuda/dense.cu)
 RESIDENT_FRACTION = 0.5  # a data set stays on the device while it fits in this much free memory
-
-
-class HostArray:
-    """A data set kept in host memory because it does not fit on the device (see
-    ``CupyBackend.asarray``); ``take_rows`` and ``train_epoch`` stream its rows in batches."""
-
-    def __init__(self, host: np.ndarray) -> None:
-        self.host = host
-
-    shape = property(lambda self: self.host.shape)
-    dtype = property(lambda self: self.host.dtype)
-    ndim = property(lambda self: self.host.ndim)
-    size = property(lambda self: self.host.size)
-    nbytes = property(lambda self: self.host.nbytes)
-
-    def __len__(self) -> int:
-        return len(self.host)
-
-    def __getitem__(self, key) -> "HostArray":
-        return HostArray(self.host[key])
 
 
 def _float32_compute_type(tf32: bool) -> bool:
@@ -278,6 +259,29 @@ class CupyBackend(Backend):
         self._launch(dt, "colsum_store", o, (partial, np.int64(chunks), np.int64(o),
                                              np.float64(scale), out, slot))
 
+    # ------------------------------------------------------------------ dropout
+    # Both are one launch of cuda/dropout.cu's dropout_mul, backward in place: the same
+    # arguments draw the same noise.
+    def dropout_forward(self, A, D, drop):
+        self._dropout(A, D, drop)
+
+    def dropout_backward(self, dD, drop):
+        self._dropout(dD, dD, drop)
+
+    def _dropout(self, src, out, drop, slot=None, stride: int = 0, step_dev=None) -> None:
+        """out = src * noise for the data-set rows ``drop.rows[slot * stride:][:n]`` (slot: a
+        device step counter, or None) at step ``drop.step``, or ``*step_dev`` when given."""
+        n, units = src.shape
+        rows = drop.rows
+        if isinstance(rows, HostArray):  # the kernel reads the rows on the device
+            rows = self._scratch("dropout_rows", rows.shape, np.int64)
+            rows.set(np.ascontiguousarray(drop.rows.host, np.int64))
+        self._launch(src.dtype, "dropout_mul", n * -(-units // 4),
+                     (src, np.int64(n), np.int64(units), rows, slot, np.int64(stride),
+                      np.uint32(drop.key0), np.uint32(drop.key1), np.int64(drop.step), step_dev,
+                      np.uint32(drop.layer), np.uint32(drop.threshold), np.float64(drop.scale),
+                      out))
+
     # ------------------------------------------------------------------ loss
     def loss(self, kind, Y, T, dY, out, W=None):
         self._loss(kind, Y, T, dY, out, slot=None, W=W)
@@ -470,231 +474,10 @@ class CupyBackend(Backend):
 
     # ------------------------------------------------------------------ whole epochs
     def train_epoch(self, plan: EpochPlan) -> bool:
-        if not self.graphs or plan.optimizer not in OPTIMIZER_RULES:
+        if not self.graphs or plan.optimizer not in OPTIMIZER_RULES or not replayable(plan):
             return False
         runner = plan.cache.get("cupy-graphs")
-        if runner is None or runner.key != _plan_key(plan):
-            runner = plan.cache["cupy-graphs"] = _GraphRunner(self, plan)
+        if runner is None or runner.key != plan_key(plan):
+            runner = plan.cache["cupy-graphs"] = GraphRunner(self, plan)
         runner.run(plan)
         return True
-
-
-def hp_values(kernel: str, hp, scheduled: bool = False) -> tuple[float, ...]:
-    """``hp``'s numbers in the order of RULES[kernel].hyper, the slots cuda/optim.cu reads
-    (booleans as 0.0 / 1.0); ``scheduled``: 0.0 for the two that a schedule's rate replaces."""
-    skip = ("lr", RATE_MOMENTUM[kernel]) if scheduled else ()
-    return tuple(0.0 if name in skip else float(getattr(hp, name, False))
-                 for name in RULES[kernel].hyper)
-
-
-def _plan_key(plan: EpochPlan) -> tuple:
-    """What a captured graph bakes in: the buffers (by identity), shapes and choices that
-    decide which kernels run. Anything else (hyper-parameter values, the step, the order of
-    rows) is read on the device, so a new epoch replays the same graphs."""
-    full, last = plan.workspaces
-    buffers = (plan.params, plan.grads, plan.X, plan.T, plan.W, plan.stats, plan.step_loss,
-               plan.step_correct, plan.halted, plan.clip, full, last, *plan.state.values())
-    hp = plan.hp
-    choices = (bool(getattr(hp, "momentum", 0)), bool(getattr(hp, "centered", False)))
-    return (tuple(id(b) for b in buffers), tuple(sorted(plan.state)), plan.sizes,
-            plan.activations, plan.loss, plan.metric, plan.metrics, plan.optimizer, plan.batch,
-            plan.steps, plan.order.shape, choices, plan.rates is not None)
-
-
-class _Feed:
-    """Double-buffered batches of one data array kept in host memory: rows gathered on the host
-    into pinned buffers, copied to device staging buffers on a side stream."""
-
-    def __init__(self, source: HostArray, batch: int) -> None:
-        shape = (batch,) + source.shape[1:]
-        self.source = source.host
-        self.pinned = [cupyx.empty_pinned(shape, source.dtype) for _ in range(2)]
-        self.staging = [cupy.empty(shape, source.dtype) for _ in range(2)]
-
-    def gather(self, rows: np.ndarray, k: int) -> None:
-        np.take(self.source, rows, axis=0, out=self.pinned[k][:len(rows)])
-
-    def upload(self, rows: int, k: int, stream) -> None:
-        self.staging[k][:rows].set(self.pinned[k][:rows], stream=stream)
-
-
-class _GraphRunner:
-    """One fit's captured steps: a graph per workspace (full batch, last partial batch) and,
-    for streamed data, per staging buffer; the device step counter they read; the epoch's row
-    order; the hyper-parameters; scratch buffers of their own (a graph holds their addresses,
-    so they live exactly as long as the graphs)."""
-
-    def __init__(self, be: CupyBackend, plan: EpochPlan) -> None:
-        self.be, self.key = be, _plan_key(plan)
-        self.stream = cupy.cuda.Stream(non_blocking=True)
-        self.counter = cupy.zeros((2,), np.int64)  # {step in the epoch, optimizer step}
-        self.order = cupy.zeros(plan.order.shape, np.int64)
-        self.kernel = OPTIMIZER_RULES[plan.optimizer]
-        self.hp = cupy.zeros((len(RULES[self.kernel].hyper),), np.float64)
-        self.hp_values: tuple | None = None
-        # a per-step schedule's table, copied in from plan.rates (a new array each epoch) once
-        # per epoch on the device; the graphs read the step's row (EpochPlan.rates)
-        self.rates = None if plan.rates is None else cupy.zeros((plan.steps, 2), np.float64)
-        self.scratch: dict[tuple, Any] = {}
-        self.graphs: dict[tuple[int, int], Any] = {}
-        self.layers = _layer_views(plan.sizes, plan.params, plan.grads)
-        self.feeds = {name: _Feed(getattr(plan, name), plan.batch)
-                      for name in ("X", "T", "W") if isinstance(getattr(plan, name), HostArray)}
-        if self.feeds:
-            self.copy_stream = cupy.cuda.Stream(non_blocking=True)
-            self.copied = [cupy.cuda.Event(disable_timing=True) for _ in range(2)]
-            self.consumed = [cupy.cuda.Event(disable_timing=True) for _ in range(2)]
-
-    # ------------------------------------------------------------------ per epoch
-    def run(self, plan: EpochPlan) -> None:
-        caller = cupy.cuda.get_current_stream()
-        order_host = self._host_order(plan) if self.feeds else None
-        fence = caller.record()  # everything queued before: weights, order, our own buffers
-        self.stream.wait_event(fence)
-        if self.feeds:
-            self.copy_stream.wait_event(fence)
-        with self.stream:
-            self._upload_hp(plan.hp)
-            if self.rates is not None:
-                self.rates[...] = plan.rates
-            self.counter.set(np.array([0, plan.first_step], np.int64))
-            if isinstance(plan.order, HostArray):
-                self.order.set(plan.order.host)
-            else:
-                self.order[...] = plan.order
-            if not self.graphs:
-                self._capture(plan)
-            if self.feeds:
-                self._run_streamed(plan, order_host)
-            else:
-                for s in range(plan.steps):
-                    self.graphs[(self._variant(plan, s), 0)].launch(self.stream)
-        caller.wait_event(self.stream.record())  # the caller's reads come after the epoch
-
-    def _variant(self, plan: EpochPlan, s: int) -> int:
-        full, last = plan.workspaces
-        return 1 if s == plan.steps - 1 and last is not full else 0
-
-    def _host_order(self, plan: EpochPlan) -> np.ndarray:
-        return plan.order.host if isinstance(plan.order, HostArray) else cupy.asnumpy(plan.order)
-
-    def _upload_hp(self, hp) -> None:
-        values = hp_values(self.kernel, hp, scheduled=self.rates is not None)
-        if values != self.hp_values:
-            self.hp.set(np.array(values, np.float64))
-            self.hp_values = values
-
-    def _run_streamed(self, plan: EpochPlan, order: np.ndarray) -> None:
-        """Step s computes from staging buffer s % 2 while the rows of step s + 1 are gathered
-        on the host and copied into the other one. The host waits only for copies (before
-        refilling a pinned buffer), never for computation."""
-        self._feed(plan, order, 0)
-        for s in range(plan.steps):
-            k = s % 2
-            self.stream.wait_event(self.copied[k])
-            self.graphs[(self._variant(plan, s), k)].launch(self.stream)
-            self.consumed[k].record(self.stream)
-            if s + 1 < plan.steps:
-                self._feed(plan, order, s + 1)
-
-    def _feed(self, plan: EpochPlan, order: np.ndarray, s: int) -> None:
-        k = s % 2
-        rows = order[s * plan.batch:(s + 1) * plan.batch]
-        self.copied[k].synchronize()  # the pinned buffer's previous copy has finished
-        for feed in self.feeds.values():
-            feed.gather(rows, k)
-        self.copy_stream.wait_event(self.consumed[k])  # its staging buffer is no longer read
-        for feed in self.feeds.values():
-            feed.upload(len(rows), k, self.copy_stream)
-        self.copied[k].record(self.copy_stream)
-
-    # ------------------------------------------------------------------ capture
-    def _capture(self, plan: EpochPlan) -> None:
-        """Build the graphs. Each variant first runs its forward and backward pass once, not
-        captured, which compiles the kernels, creates cuBLAS's handle and allocates every
-        scratch buffer: a capture then allocates nothing. That pass writes only what every
-        step overwrites (the workspace, grads, the first step's result slots)."""
-        be = self.be
-        variants = [0] if plan.workspaces[1] is plan.workspaces[0] else [0, 1]
-        slots = [0, 1] if self.feeds else [0]
-        saved, be._scratch_cache = be._scratch_cache, self.scratch
-        try:
-            for v in variants:
-                for k in slots:
-                    self._step(plan, plan.workspaces[v], k, update=False)
-                    self.stream.begin_capture()
-                    try:
-                        self._step(plan, plan.workspaces[v], k, update=True)
-                    finally:
-                        graph = self.stream.end_capture()
-                    self.graphs[(v, k)] = graph
-            if plan.stats is not None:  # the first passes added their batches' statistics
-                plan.stats[...] = 0
-        finally:
-            be._scratch_cache = saved
-
-    def _step(self, plan: EpochPlan, ws, k: int, update: bool) -> None:
-        """One training step as kernel launches on the current stream, reading the step's slot
-        and number from ``self.counter``."""
-        be = self.be
-        slot, step_dev = self.counter[0:1], self.counter[1:2]
-        weights = None
-        if plan.W is not None:  # the batch's row weights, gathered like its targets
-            weights = be._scratch("batch_weights", (ws.rows,), plan.W.dtype)
-        for name, dst in (("X", ws.X), ("T", ws.T), ("W", weights)):
-            if dst is None:
-                continue
-            feed = self.feeds.get(name)
-            if feed is not None:
-                dst[...] = feed.staging[k][:ws.rows]
-            else:
-                be._gather(getattr(plan, name), self.order, slot, plan.batch, dst)
-        X = ws.X
-        for (W, b, _, _), act, A, Z in zip(self.layers, plan.activations, ws.A, ws.Z):
-            be.dense_forward(X, W, b, act, A, Z)
-            X = A
-        Y = ws.A[-1]
-        be._loss(plan.loss, Y, ws.T, ws.dA[-1], plan.step_loss, slot, weights)
-        if plan.metric:
-            be._count_correct(Y, ws.T, plan.step_correct, slot, weights)
-        if plan.metrics is not None:
-            be.accumulate_stats(plan.metrics[0], Y, ws.T, weights, plan.metrics[1], plan.stats)
-        for layer in reversed(range(len(self.layers))):
-            W, _, dW, db = self.layers[layer]
-            X = ws.X if layer == 0 else ws.A[layer - 1]
-            dX = None if layer == 0 else ws.dA[layer - 1]
-            be.dense_backward(X, W, ws.dA[layer], plan.activations[layer], ws.A[layer],
-                              ws.Z[layer], dW, db, dX)
-        if not update:
-            return
-        be._check_step(plan.step_loss, slot, plan.grads, 0, step_dev, plan.halted, plan.clip)
-        self._update(plan, step_dev)
-        be._launch(plan.params.dtype, "advance_step", 1, (self.counter,))
-
-    def _update(self, plan: EpochPlan, step_dev) -> None:
-        be, hp = self.be, plan.hp
-        p, g, halted, clip = plan.params, plan.grads, plan.halted, plan.clip
-        # a schedule's row of this step: the device counter's step in the epoch
-        rates = (self.rates, None if self.rates is None else self.counter[0:1])
-        # the rule's state buffers in kernel order; one this configuration leaves unused is None
-        state = [plan.state.get(name) for name in RULES[self.kernel].state]
-        if self.kernel == "sgd":
-            be._sgd(p, g, state[0] if hp.momentum else None, self.hp, 0, step_dev, halted, clip,
-                    *rates)
-        elif self.kernel == "adam":
-            be._adam(p, g, *state, self.hp, 0, step_dev, halted, clip, *rates)
-        else:
-            square_avg, buf, grad_avg = state
-            be._rmsprop(p, g, square_avg, buf if hp.momentum > 0 else None,
-                        grad_avg if hp.centered else None, self.hp, 0, step_dev, halted, clip,
-                        *rates)
-
-
-def _layer_views(sizes, params, grads) -> list[tuple[Any, Any, Any, Any]]:
-    """(W, b, dW, db) per layer: views of the flat buffers, W (in, out) row-major then b."""
-    views, offset = [], 0
-    for i, o in zip(sizes[:-1], sizes[1:]):
-        w, b = slice(offset, offset + i * o), slice(offset + i * o, offset + i * o + o)
-        views.append((params[w].reshape(i, o), params[b], grads[w].reshape(i, o), grads[b]))
-        offset += i * o + o
-    return views

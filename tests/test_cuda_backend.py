@@ -373,7 +373,9 @@ def test_the_stand_in_never_takes_a_real_cupys_modules(monkeypatch):
     without, with_nccl = (cudasim.load_backend_module(nccl=flag) for flag in (False, True))
     assert without._nccl is None and without.cupy is not real["cupy"]
     assert with_nccl._nccl.NCCL_FLOAT64 == shim.NCCL_FLOAT64 == 8
-    assert with_nccl.cupy.__version__ == "cudasim" and with_nccl.cupyx is not real["cupyx"]
+    assert with_nccl.cupy.__version__ == "cudasim"
+    graphs = with_nccl.GraphRunner.__init__.__globals__  # the copy of cupy_graphs it imported
+    assert graphs["cupy"] is with_nccl.cupy and graphs["cupyx"] is not real["cupyx"]
     assert all(sys.modules[name] is module for name, module in real.items())  # put back
 
 

@@ -3,8 +3,8 @@
 // of a dropout mask.
 // bpkernels/philox.py is the reference; docs/dropout.md explains the counter's layout.
 //
-// Not included by any kernel yet: tests/test_philox.py compiles it with a test kernel (nvcc,
-// and the CPU emulation) and compares it with the reference. Integer operations on 32-bit
+// Included by dropout.cu; tests/test_philox.py also compiles it with test kernels (nvcc, and
+// the CPU emulation) and compares it with the reference. Integer operations on 32-bit
 // words only, so every backend draws the same bits, whatever the element type. The constants
 // (PHILOX_*, DROPOUT_*) come as the -D defines generated from backends/base.py.
 #ifndef BPK_PHILOX_CUH

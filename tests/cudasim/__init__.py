@@ -30,13 +30,16 @@ def unavailable_reason() -> str | None:
     return _why_not[0] or None
 
 
+# The backend's modules that import cupy, each loaded after those it imports: every one is
+# copied, so that the copy of cupy_backend imports the shim's copy of cupy_graphs.
+_MODULES = ("cupy_graphs", "cupy_backend")
+
+
 def load_backend_module(nccl: bool = True):
     """A fresh copy of bpkernels.backends.cupy_backend whose ``cupy`` is the shim (with its
-    ``cupy.cuda.nccl`` unless ``nccl`` is False)."""
+    ``cupy.cuda.nccl`` unless ``nccl`` is False), and so is that of the modules it imports."""
     import bpkernels.backends as package
-    path = Path(package.__file__).resolve().parent / "cupy_backend.py"
-    spec = importlib.util.spec_from_file_location("bpkernels.backends._cupy_backend_cudasim", path)
-    module = importlib.util.module_from_spec(spec)
+    folder = Path(package.__file__).resolve().parent
     replacements = shim.modules(nccl=nccl)
     # A real CuPy imported earlier in the process (installed on a machine without a GPU) has
     # its submodules in sys.modules: each is hidden while the copy loads, or an import the shim
@@ -46,10 +49,18 @@ def load_backend_module(nccl: bool = True):
     hidden.update(replacements)
     if not nccl:
         hidden["cupy.cuda.nccl"] = None
+    # while the copies load, their relative imports (``from .cupy_graphs import``) find the
+    # copies, not the real modules (bound to a real CuPy, or to none)
+    hidden.update({f"bpkernels.backends.{name}": None for name in _MODULES})
     saved = {name: sys.modules.get(name, _ABSENT) for name in hidden}
     sys.modules.update(hidden)
     try:
-        spec.loader.exec_module(module)
+        for name in _MODULES:
+            spec = importlib.util.spec_from_file_location(
+                f"bpkernels.backends._{name}_cudasim", folder / f"{name}.py")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            sys.modules[f"bpkernels.backends.{name}"] = module
     finally:
         for name, previous in saved.items():
             if previous is _ABSENT:
