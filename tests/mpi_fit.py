@@ -76,6 +76,8 @@ CASES = {
                              [6, 8, 7, 3], "relu", 50, 16, 3),
     "numba-adam-mse-dropout": ("numba", ("adam", {"lr": 1e-2}), "mse", [5, 9, 2], "tanh",
                                45, 8, 3),
+    "cupy-nccl-sgd-ce-dropout": ("cupy-cudasim", ("sgd", {"lr": 0.1, "momentum": 0.9}),
+                                 "cross_entropy", [6, 8, 7, 3], "relu", 50, 16, 3),
 }
 # MLP's dropout of the cases that drop
 DROPOUT = {name: 0.3 for name in CASES if name.endswith("-dropout")}
