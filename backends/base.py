@@ -62,6 +62,16 @@ data-set rows): no mask array is ever written, and every backend draws the same 
 p) rounded to the dtype) where a unit is kept and 0 where dropped, as PyTorch multiplies by its
 noise: a dropped inf gives NaN, which latches, as in PyTorch.
 
+LayerNorm (``torch.nn.LayerNorm(o, eps)``: biased variance, a scale ``gamma`` and a shift
+``beta`` per unit) sits between a hidden layer's product and its activation: the layer runs
+:meth:`Backend.dense_forward` with the ``identity`` activation into ``H``, then
+:meth:`Backend.layer_norm_forward` normalizes H in place and applies the activation;
+:meth:`Backend.layer_norm_backward` turns the activation's gradient into that of the product,
+and :meth:`Backend.dense_backward` (``identity``) takes it from there. Each row's mean and
+variance are accumulated in float64 (two passes: the mean, then the squared deviations) for
+every dtype; ``rstd = 1 / sqrt(var + eps)`` and ``xhat = (z - mean) * rstd`` are formed in
+float64 and rounded to the dtype once; ``N = xhat * gamma + beta`` in the dtype.
+
 One method is optional: :meth:`Backend.train_epoch` runs a whole epoch at once, described by an
 :class:`EpochPlan`; by default it declines and the training loop calls the kernels one by one.
 """
@@ -269,6 +279,10 @@ class EpochPlan:
     # batch, the seed's words, first_step + s, l, ...); ``ws.D[l]`` is its output, the next
     # layer's X. A backend that cannot must decline.
     dropout: Any = None
+    # LayerNorm: None, or its eps where every hidden layer is normalized (``norm="layer"``):
+    # each hidden layer's parameters are then W, b, gamma, beta in the flat buffers. A backend
+    # that cannot must decline.
+    norm: Any = None
 
 
 class Backend(ABC):
@@ -360,6 +374,25 @@ class Backend(ABC):
         """``dD *= noise`` in place, the same noise as :meth:`dropout_forward` drew for
         ``drop``: the gradient of D becomes that of A."""
         raise NotImplementedError(f"backend {self.name!r} has no dropout kernels")
+
+    # ------------------------------------------------------------------ layer norm
+    def layer_norm_forward(self, H: Any, gamma: Any, beta: Any, activation: str, A: Any,
+                           rstd: Any, eps: float) -> None:
+        """LayerNorm then the activation, per row of ``H`` (n, o), which holds the product
+        ``X @ W + b`` on entry and ``xhat = (H - mean) * rstd`` on return (the module docstring
+        says how each is rounded); ``rstd`` (n,) gets each row's ``1 / sqrt(var + eps)``;
+        ``A = act(xhat * gamma + beta)`` (n, o). gamma and beta (o,)."""
+        raise NotImplementedError(f"backend {self.name!r} has no LayerNorm kernels")
+
+    def layer_norm_backward(self, dA: Any, activation: str, A: Any, H: Any, gamma: Any,
+                            beta: Any, rstd: Any, dgamma: Any, dbeta: Any) -> None:
+        """The gradient through the activation and LayerNorm, in place: ``dA`` (n, o) becomes
+        the gradient of the product. With ``g = dA * act'(N)`` (N = xhat * gamma + beta
+        recomputed from ``H`` = xhat where the activation's derivative needs its input, else
+        from ``A``): ``dgamma = sum_r g * xhat``, ``dbeta = sum_r g`` (o,), and with ``d = g *
+        gamma``, ``dA = rstd * (d - mean_j(d) - xhat * mean_j(d * xhat))`` per row (the row
+        means accumulated in float64)."""
+        raise NotImplementedError(f"backend {self.name!r} has no LayerNorm kernels")
 
     # ------------------------------------------------------------------ loss
     @abstractmethod
