@@ -101,6 +101,39 @@ class NumpyBackend(HostMemory, Backend):
         from ..philox import dropout_noise
         dD *= dropout_noise(drop, dD.shape[1], dD.dtype)
 
+    # ------------------------------------------------------------------ layer norm
+    def layer_norm_forward(self, H, gamma, beta, activation, A, rstd, eps):
+        h = H.astype(np.float64)
+        h -= h.mean(axis=1, keepdims=True)
+        inv = 1.0 / np.sqrt(np.mean(h * h, axis=1) + eps)
+        rstd[...] = inv
+        np.multiply(h, inv[:, None], out=H, casting="unsafe")
+        N = self._scratch("norm_out", H.shape, H.dtype)
+        np.multiply(H, gamma, out=N)
+        N += beta
+        FORWARD[activation](self, N, A)
+
+    def layer_norm_backward(self, dA, activation, A, H, gamma, beta, rstd, dgamma, dbeta):
+        if activation != "identity":
+            N = None
+            if activation in KEEPS_Z:
+                N = self._scratch("norm_out", H.shape, H.dtype)
+                np.multiply(H, gamma, out=N)
+                N += beta
+            factor = self._scratch("act_grad", dA.shape, dA.dtype)
+            DERIVATIVE[activation](self, A, N, factor)
+            dA *= factor
+        factor = self._scratch("act_grad", dA.shape, dA.dtype)
+        np.multiply(dA, H, out=factor)
+        np.add.reduce(factor, axis=0, out=dgamma)
+        np.add.reduce(dA, axis=0, out=dbeta)
+        # the rest in float64, rounded once: d = g * gamma is exact there for float32
+        d = dA.astype(np.float64) * gamma.astype(np.float64)
+        x = H.astype(np.float64)
+        out = d - d.mean(axis=1, keepdims=True) - x * np.mean(d * x, axis=1, keepdims=True)
+        out *= rstd.astype(np.float64)[:, None]
+        np.copyto(dA, out, casting="unsafe")
+
     # ------------------------------------------------------------------ loss
     def loss(self, kind, Y, T, dY, out, W=None):
         _LOSSES[kind](self, Y, T, dY, out, W)

@@ -160,6 +160,10 @@ def _check_meta(path: Path, meta: dict) -> tuple[tuple[int], np.dtype, list[str]
         raise bad("seed", "a non-negative integer")
     if not isinstance(meta.get("backend"), str):
         raise bad("backend", "a backend name")
+    if meta.get("norm") not in (None, "layer"):
+        raise bad("norm", "absent, null or \"layer\"")
+    if meta["version"] == 1 and "norm" in meta:
+        raise CheckpointError(f"{path}: a version 1 checkpoint has no field 'norm'")
     dropout = meta.get("dropout", [0.0] * (len(sizes) - 2))
     if not isinstance(dropout, list) or len(dropout) != len(sizes) - 2 or not all(
             isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p < 1
@@ -199,8 +203,8 @@ def _check_meta(path: Path, meta: dict) -> tuple[tuple[int], np.dtype, list[str]
     if meta.get("loss") not in (None, *LOSSES):
         raise bad("loss", "absent, null or one of " + ", ".join(map(repr, LOSSES)))
     _check_schedule(path, meta.get("lr_scheduler"))
-    n_params = sum(i * o + o for i, o in zip(sizes[:-1], sizes[1:]))
-    return (n_params,), np.dtype(meta["dtype"]), names
+    from .model import n_parameters
+    return (n_parameters(sizes, meta.get("norm")),), np.dtype(meta["dtype"]), names
 
 
 def _check_schedule(path: Path, saved: Any) -> None:

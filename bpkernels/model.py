@@ -25,6 +25,8 @@ from .metrics import MetricPlan, check_metrics
 from .metrics import values as metric_values
 from .weights import DeviceWeights, row_weights
 
+# torch.nn.LayerNorm's default eps, which norm="layer" uses
+NORM_EPS = 1e-5
 # Inference and evaluation run in chunks of this many rows: bounded memory for any input size.
 CHUNK_ROWS = 4096
 # Workspaces are cached per batch size; a few sizes cover training (full + last partial batch)
@@ -53,8 +55,12 @@ class Workspace:
         self.T = None if target_shape is None else be.empty((rows,) + target_shape, target_dtype)
         widths = model.sizes[1:]
         self.A = [be.empty((rows, w), dtype) for w in widths]
-        self.Z = [be.empty((rows, w), dtype) if not ACTIVATIONS[a].grad_from_output else None
-                  for w, a in zip(widths, model.layer_activations)]
+        normed = [model.norm is not None] * (len(widths) - 1) + [False]
+        self.Z = [be.empty((rows, w), dtype) if not ACTIVATIONS[a].grad_from_output and not n
+                  else None for w, a, n in zip(widths, model.layer_activations, normed)]
+        # LayerNorm's xhat (the product's, normalized) and 1 / std of each row
+        self.H = [be.empty((rows, w), dtype) if n else None for w, n in zip(widths, normed)]
+        self.rstd = [be.empty((rows,), dtype) if n else None for n in normed]
         self.dA = [be.empty((rows, w), dtype) for w in widths]
         # dropout's output, the next layer's input in training (None: no dropout there)
         self.D = [be.empty((rows, w), dtype) if p > 0 else None
@@ -68,19 +74,25 @@ class MLP:
     ``activation`` (one name, or one per hidden layer); the output layer is linear (logits).
     ``dropout``: each hidden layer's output is dropped in training (fit) with this probability
     (one number in [0, 1), or one per hidden layer), as torch.nn.Dropout after the
-    activation; forward, predict and evaluate never drop."""
+    activation; forward, predict and evaluate never drop. ``norm="layer"``: every hidden
+    layer is Linear -> torch.nn.LayerNorm(width) -> activation (its gamma and beta are
+    parameters like W and b)."""
 
     def __init__(self, sizes: Sequence[int], activation: str | Sequence[str] = "relu",
                  backend: str = "numpy", dtype: str = "float32", seed: int = 0,
-                 dropout: float | Sequence[float] = 0.0) -> None:
+                 dropout: float | Sequence[float] = 0.0, norm: str | None = None) -> None:
         self.sizes = _check_sizes(sizes)
+        if norm not in (None, "layer"):
+            raise ValueError(f"norm must be None or 'layer' (LayerNorm in every hidden layer), "
+                             f"got {shown(norm)}")
+        self.norm = norm
         self.activations = hidden_activations(activation, len(self.sizes) - 2)
         self.dropout = check_dropout(dropout, len(self.sizes) - 2)
         self.layer_activations = self.activations + ("identity",)
         self.dtype = resolve_dtype(dtype)
         self.backend = get_backend(backend)
         _check_backend_dtype(self.backend, self.dtype)
-        _check_backend_dropout(self.backend, self.dropout)
+        _check_backend_kernels(self.backend, self.dropout, self.norm)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {shown(seed)}")
         self.seed = int(seed)
@@ -99,7 +111,10 @@ class MLP:
         self._trainer: Any = None
         self.epochs_trained = 0
         self._layout = [(i, o) for i, o in zip(self.sizes[:-1], self.sizes[1:])]
-        self.n_params = sum(i * o + o for i, o in self._layout)
+        # which layers have LayerNorm's gamma and beta after W and b: the hidden ones, with norm
+        self._normed = [norm is not None and layer < len(self._layout) - 1
+                        for layer in range(len(self._layout))]
+        self.n_params = n_parameters(self.sizes, norm)
         self._check_memory()
         self.params = self.backend.asarray(self._initial_params(), self.dtype)
         self.grads = self.backend.zeros((self.n_params,), self.dtype)
@@ -114,15 +129,18 @@ class MLP:
         return self._training_lock.locked()
 
     # ---------------------------------------------------------------- layout
-    def _views(self, flat) -> list[tuple[Any, Any]]:
-        """(W, b) views into a flat buffer: W (in, out) row-major, then b (out,), per layer."""
+    def _views(self, flat) -> list[tuple[Any, ...]]:
+        """Each layer's views into a flat buffer: W (in, out) row-major, then b (out,), then for
+        a normalized layer LayerNorm's gamma and beta (out,) each."""
         views, offset = [], 0
-        for i, o in self._layout:
+        for (i, o), normed in zip(self._layout, self._normed):
             W = flat[offset:offset + i * o].reshape(i, o)
             offset += i * o
-            b = flat[offset:offset + o]
-            offset += o
-            views.append((W, b))
+            parts = [W]
+            for _ in range(3 if normed else 1):
+                parts.append(flat[offset:offset + o])
+                offset += o
+            views.append(tuple(parts))
         return views
 
     def _check_memory(self) -> None:
@@ -137,13 +155,15 @@ class MLP:
         float64 from the seed, so every backend and dtype starts from the same numbers."""
         rng = np.random.default_rng(self.seed)
         parts = []
-        for (i, o), act in zip(self._layout, self.layer_activations):
+        for (i, o), act, normed in zip(self._layout, self.layer_activations, self._normed):
             if ACTIVATIONS[act].init == "he":
                 W = rng.standard_normal((i, o)) * np.sqrt(2.0 / i)
             else:
                 limit = np.sqrt(6.0 / (i + o))
                 W = rng.uniform(-limit, limit, (i, o))
             parts += [W.ravel(), np.zeros(o)]
+            if normed:  # gamma 1, beta 0, as torch.nn.LayerNorm
+                parts += [np.ones(o), np.zeros(o)]
         return np.concatenate(parts)
 
     def workspace(self, rows: int, target_shape: tuple | None = None,
@@ -181,18 +201,26 @@ class MLP:
 
     def workspace_bytes(self, rows: int, target_bytes_per_row: int = 0) -> int:
         """The bytes of the Workspace for ``rows`` rows (targets of the given size per row)."""
-        keeps = [int(not ACTIVATIONS[a].grad_from_output) + int(p > 0)
-                 for a, p in zip(self.layer_activations, self.dropout + (0.0,))]
+        # Z (kept for gelu and silu, but by a normalized layer), D (dropout), H (LayerNorm)
+        keeps = [int(not ACTIVATIONS[a].grad_from_output and not n) + int(p > 0) + int(n)
+                 for a, p, n in zip(self.layer_activations, self.dropout + (0.0,), self._normed)]
+        rstd = sum(self._normed) * rows * self.dtype.itemsize
         return memory.workspace_bytes(self.sizes, keeps, rows, self.dtype.itemsize,
-                                      target_bytes_per_row)
+                                      target_bytes_per_row) + rstd
 
     # ---------------------------------------------------------------- passes
     def _forward(self, ws: Workspace, X, drops: Sequence[Any] = ()) -> Any:
         """The outputs of X; with ``drops`` (:meth:`dropouts`), as trained: dropped."""
         be = self.backend
-        for layer, ((W, b), act, A, Z) in enumerate(zip(self._weights, self.layer_activations,
+        for layer, (params, act, A, Z) in enumerate(zip(self._weights, self.layer_activations,
                                                         ws.A, ws.Z)):
-            be.dense_forward(X, W, b, act, A, Z)
+            if self._normed[layer]:
+                W, b, gamma, beta = params
+                be.dense_forward(X, W, b, "identity", ws.H[layer])
+                be.layer_norm_forward(ws.H[layer], gamma, beta, act, A, ws.rstd[layer],
+                                      NORM_EPS)
+            else:
+                be.dense_forward(X, params[0], params[1], act, A, Z)
             X = A
             if layer < len(drops) and drops[layer] is not None:
                 be.dropout_forward(A, ws.D[layer], drops[layer])
@@ -203,13 +231,18 @@ class MLP:
         """Gradients into ``self.grads`` from ``ws.dA[-1]`` (the loss gradient of the output)."""
         be = self.backend
         for layer in reversed(range(len(self._layout))):
-            W, _ = self._weights[layer]
-            dW, db = self._gradients[layer]
+            W = self._weights[layer][0]
+            dW, db = self._gradients[layer][:2]
             dropped = layer > 0 and layer - 1 < len(drops) and drops[layer - 1] is not None
             X = ws.X if layer == 0 else ws.D[layer - 1] if dropped else ws.A[layer - 1]
             dX = None if layer == 0 else ws.dA[layer - 1]
-            be.dense_backward(X, W, ws.dA[layer], self.layer_activations[layer],
-                              ws.A[layer], ws.Z[layer], dW, db, dX)
+            act, A, Z = self.layer_activations[layer], ws.A[layer], ws.Z[layer]
+            if self._normed[layer]:  # through the activation and LayerNorm to the product's
+                _, _, gamma, beta = self._weights[layer]
+                be.layer_norm_backward(ws.dA[layer], act, A, ws.H[layer], gamma, beta,
+                                       ws.rstd[layer], *self._gradients[layer][2:])
+                act, A, Z = "identity", ws.H[layer], None
+            be.dense_backward(X, W, ws.dA[layer], act, A, Z, dW, db, dX)
             if dropped:  # dX is the gradient of the dropout's output: now of its input
                 be.dropout_backward(dX, drops[layer - 1])
 
@@ -377,29 +410,36 @@ class MLP:
         self._upload(T, ws.T)
         self.forward_backward(ws, loss, ws.loss)
         value = float(be.to_host(ws.loss)[0])
-        grads = [(be.to_host(dW), be.to_host(db)) for dW, db in self._gradients]
+        grads = [tuple(be.to_host(g) for g in layer) for layer in self._gradients]
         return value, grads
 
-    def get_weights(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        """A copy of every layer's ``(W, b)`` as NumPy arrays, W shaped (in, out)."""
+    def get_weights(self) -> list[tuple[np.ndarray, ...]]:
+        """A copy of every layer's ``(W, b)`` as NumPy arrays, W shaped (in, out); ``(W, b,
+        gamma, beta)`` for a hidden layer with LayerNorm."""
         host = self.backend.to_host(self.params)
-        return [(W.copy(), b.copy()) for W, b in self._views(host)]
+        return [tuple(part.copy() for part in layer) for layer in self._views(host)]
 
     def set_weights(self, weights: Sequence[tuple[Any, Any]]) -> None:
-        """Replace every layer's ``(W, b)``: float arrays of any library (see
+        """Replace every layer's ``(W, b)`` (``(W, b, gamma, beta)`` for a hidden layer with
+        LayerNorm, as get_weights gives them): float arrays of any library (see
         bpkernels.interop), converted to the model's dtype. All are checked before any is
         written, so a bad list leaves the model untouched."""
         if not isinstance(weights, (list, tuple)) or len(weights) != len(self._layout):
             got = len(weights) if isinstance(weights, (list, tuple)) else type(weights).__name__
-            raise ValueError(f"set_weights needs a list of {len(self._layout)} (W, b) pairs, got {got}")
+            raise ValueError(f"set_weights needs a list of {len(self._layout)} layers' "
+                             f"parameters, got {got}")
         sources = []
-        for layer, ((i, o), pair) in enumerate(zip(self._layout, weights)):
-            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-                raise ValueError(f"layer {layer}: expected a (W, b) pair, got {type(pair).__name__}")
-            for name, value, shape in (("W", pair[0], (i, o)), ("b", pair[1], (o,))):
+        for layer, ((i, o), normed, given) in enumerate(zip(self._layout, self._normed, weights)):
+            names = ("W", "b", "gamma", "beta") if normed else ("W", "b")
+            if not isinstance(given, (list, tuple)) or len(given) != len(names):
+                raise ValueError(f"layer {layer}: expected ({', '.join(names)}), got "
+                                 f"{len(given) if isinstance(given, (list, tuple)) else type(given).__name__}"
+                                 f"{' values' if isinstance(given, (list, tuple)) else ''}")
+            for name, value in zip(names, given):
+                shape = (i, o) if name == "W" else (o,)
                 sources.append(interop.parameter(value, self.backend, self.dtype, shape,
                                                  f"layer {layer} {name}"))
-        destinations = [view for W, b in self._weights for view in (W, b)]
+        destinations = [view for layer in self._weights for view in layer]
         for src, dst in zip(sources, destinations):
             self.backend.copy(src, dst)
 
@@ -419,7 +459,7 @@ class MLP:
         target = get_backend(backend)
         new_dtype = self.dtype if dtype is None else resolve_dtype(dtype)
         _check_backend_dtype(target, new_dtype)
-        _check_backend_dropout(target, self.dropout)
+        _check_backend_kernels(target, self.dropout, self.norm)
         if target is self.backend and new_dtype == self.dtype:
             return self
         state: dict[str, Any] = self.optimizer.state if self.optimizer is not None else {}
@@ -466,7 +506,7 @@ class MLP:
         meta: dict[str, Any] = {
             "sizes": list(self.sizes), "activations": list(self.activations),
             "dtype": self.dtype.name, "seed": self.seed, "backend": be.name,
-            "dropout": list(self.dropout),
+            "dropout": list(self.dropout), "norm": self.norm,
             "epochs_trained": self.epochs_trained, "optimizer": None}
         arrays = {"params": be.to_host(self.params)}
         if opt is not None:
@@ -497,7 +537,7 @@ class MLP:
             except (BackendUnavailable, ValueError):
                 backend = "auto"
         model = cls(meta["sizes"], meta["activations"], backend=backend, dtype=meta["dtype"],
-                    seed=meta["seed"], dropout=meta.get("dropout", 0.0))
+                    seed=meta["seed"], dropout=meta.get("dropout", 0.0), norm=meta.get("norm"))
         be = model.backend
         be.copy(be.asarray(arrays["params"]), model.params)
         model.epochs_trained = int(meta["epochs_trained"])
@@ -526,6 +566,7 @@ class MLP:
 
     def __repr__(self) -> str:
         dropout = f", dropout={list(self.dropout)}" if any(self.dropout) else ""
+        dropout += f", norm={self.norm!r}" if self.norm is not None else ""
         return (f"MLP(sizes={list(self.sizes)}, activation={list(self.activations)}, "
                 f"backend={self.backend.name!r}, dtype={self.dtype.name!r}, seed={self.seed}"
                 f"{dropout})")
@@ -537,10 +578,13 @@ def load(path: str | os.PathLike, backend: str | None = None) -> MLP:
     return MLP.from_state(*checkpoint.read(path), backend=backend)
 
 
-def _check_backend_dropout(backend: Backend, dropout: tuple[float, ...]) -> None:
+def _check_backend_kernels(backend: Backend, dropout: tuple[float, ...], norm: Any) -> None:
     if any(dropout) and type(backend).dropout_forward is Backend.dropout_forward:
         raise ValueError(f"backend {backend.name!r} has no dropout kernels: a model with "
                          "dropout trains on numpy, numba or cupy")
+    if norm is not None and type(backend).layer_norm_forward is Backend.layer_norm_forward:
+        raise ValueError(f"backend {backend.name!r} has no LayerNorm kernels: a model with "
+                         "norm='layer' trains on numpy or numba")
 
 
 def _check_backend_dtype(backend: Backend, dtype: np.dtype) -> None:
@@ -569,6 +613,14 @@ def _class_ids(Y: np.ndarray) -> np.ndarray:
     if Y.shape[1] == 1:
         return (Y[:, 0] > 0).astype(np.int64)
     return np.argmax(Y, axis=1).astype(np.int64)
+
+
+def n_parameters(sizes: Sequence[int], norm: str | None) -> int:
+    """The length of the flat parameter buffer: W and b per layer, LayerNorm's gamma and beta
+    per hidden layer with ``norm``."""
+    layers = list(zip(sizes[:-1], sizes[1:]))
+    normed = sum(2 * o for _, o in layers[:-1]) if norm is not None else 0
+    return sum(i * o + o for i, o in layers) + normed
 
 
 def check_dropout(dropout: Any, hidden: int) -> tuple[float, ...]:

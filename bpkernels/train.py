@@ -18,7 +18,7 @@ import numpy as np
 
 from . import interop, memory
 from .interop import ArrayLike
-from .model import CHUNK_ROWS
+from .model import CHUNK_ROWS, NORM_EPS
 from .backends.base import BOUNDS, CLIP_SLOTS, OPTIMIZER_RULES, RATE_MOMENTUM, EpochPlan
 from .history import History
 from .progress import Progress
@@ -524,7 +524,8 @@ class EpochLoop:
             first_step=first_step, cache=self.backend_cache, W=self.W, stats=self.stats,
             metrics=None if self.metrics is None else (self.metrics.kind, self.metrics.ks),
             clip=self.clip, rates=rates,
-            dropout=(model.seed, model.dropout) if any(model.dropout) else None)
+            dropout=(model.seed, model.dropout) if any(model.dropout) else None,
+            norm=None if model.norm is None else NORM_EPS)
 
 
 class _StepBoundaryInterrupt:

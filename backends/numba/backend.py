@@ -298,7 +298,8 @@ class NumbaBackend(HostMemory, Backend):
     # ------------------------------------------------------------------ a whole epoch
     def train_epoch(self, plan: EpochPlan) -> bool:
         rule = OPTIMIZER_RULES.get(plan.optimizer)
-        if rule is None or (GEMM_BY_NUMPY and plan.params.size >= BOUND_MIN_PARAMS):
+        if rule is None or (GEMM_BY_NUMPY and plan.params.size >= BOUND_MIN_PARAMS) or \
+                plan.norm is not None:  # (LayerNorm runs kernel by kernel, for now)
             return False
         net, work, targets, bounds = plan.cache.get("numba") or \
             plan.cache.setdefault("numba", self._epoch_buffers(plan))
