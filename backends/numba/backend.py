@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import os
 import platform
+import threading
 from typing import Any
 
 import numba
 import numpy as np
 from numba.core import event
 
-from . import dropout, epoch, jit, layers, losses, optim
+from . import dropout, epoch, jit, layers, losses, norm, optim
 from ..base import ACTIVATION_CODES, BOUNDS, KEEPS_Z, LOSS_CODES, OPTIMIZER_RULES, RULES, \
     Backend, EpochPlan, rated
 from .. import host
@@ -138,6 +139,7 @@ class NumbaBackend(HostMemory, Backend):
         bpkernels.set_num_threads reaches the backend through the registry, which calls
         set_threads once the backend is made."""
         self._empty: dict[tuple, np.ndarray] = {}
+        self._local = threading.local()  # per-thread scratch: models train at once in threads
         self._last_kinds = _KINDS["identity"]
         self.max_threads = numba.config.NUMBA_NUM_THREADS
         if threads is None and os.environ.get("NUMBA_NUM_THREADS"):
@@ -247,6 +249,39 @@ class NumbaBackend(HostMemory, Backend):
     def _dropout(self, A, D, drop):
         dropout.dropout(A, D, _writeable(drop.rows), drop.key0, drop.key1, drop.step, drop.layer,
                         drop.threshold, A.dtype.type(drop.scale), self._par(A.size))
+
+    # ------------------------------------------------------------------ layer norm
+    def layer_norm_forward(self, H, gamma, beta, activation, A, rstd, eps):
+        norm.layer_norm_forward(H, _writeable(gamma), _writeable(beta),
+                                ACTIVATION_CODES[activation], A, rstd, float(eps),
+                                self._zeros(H.shape[1], H.dtype), self._kinds(activation))
+
+    def layer_norm_backward(self, dA, activation, A, H, gamma, beta, rstd, dgamma, dbeta):
+        keeps_n = activation in KEEPS_Z
+        N = self._norm_scratch(H.shape, H.dtype) if keeps_n else A
+        norm.layer_norm_backward(dA, ACTIVATION_CODES[activation], _writeable(A), H,
+                                 _writeable(gamma), _writeable(beta), rstd, dgamma, dbeta, N,
+                                 keeps_n, self._kinds(activation))
+
+    def _zeros(self, n, dtype) -> np.ndarray:
+        """n zeros of ``dtype``, kept (never written: a zero bias)."""
+        key = ("zeros", n, np.dtype(dtype))
+        zeros = self._empty.get(key)
+        if zeros is None:
+            zeros = self._empty[key] = np.zeros(n, dtype)
+        return zeros
+
+    def _norm_scratch(self, shape, dtype) -> np.ndarray:
+        """The calling thread's scratch for LayerNorm's recomputed activation input."""
+        local = self._local
+        key = (tuple(shape), np.dtype(dtype))
+        cache = getattr(local, "norm", None)
+        if cache is None:
+            cache = local.norm = {}
+        buf = cache.get(key)
+        if buf is None:
+            buf = cache[key] = np.empty(shape, dtype)
+        return buf
 
     # ------------------------------------------------------------------ loss
     def loss(self, kind, Y, T, dY, out, W=None):
