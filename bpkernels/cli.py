@@ -128,6 +128,9 @@ def _build_parser() -> argparse.ArgumentParser:
     model.add_argument("--dropout", type=probabilities, default=None, metavar="P",
                        help="dropout after each hidden activation in training: one probability "
                             "in [0, 1) or one per hidden layer, e.g. 0.1 or 0.2,0.1 (default: 0)")
+    model.add_argument("--norm", choices=("layer",), default=None,
+                       help="layer: LayerNorm between each hidden layer's product and its "
+                            "activation (default: none)")
     model.add_argument("--loss", default=None, metavar="NAME",
                        help=f"{', '.join(LOSSES)} (default: cross_entropy for integer labels, "
                             "mse for float targets)")
@@ -313,6 +316,8 @@ def _resume(args: argparse.Namespace) -> tuple[MLP, str]:
     if args.dropout is not None and _dropout(args, len(model.sizes) - 2) != model.dropout:
         conflicts.append(f"--dropout {','.join(map(str, args.dropout))} "
                          f"(checkpoint: {','.join(map(str, model.dropout)) or 'none'})")
+    if args.norm is not None and args.norm != model.norm:
+        conflicts.append(f"--norm {args.norm} (checkpoint: none)")
     if args.dtype is not None and resolve_dtype(args.dtype) != model.dtype:
         conflicts.append(f"--dtype {args.dtype} (checkpoint: {model.dtype.name})")
     if conflicts:
@@ -504,7 +509,7 @@ def _prepare_training(args: argparse.Namespace) -> tuple:
         model = MLP([X.shape[1], *(args.layers or DEFAULT_LAYERS), n_out],
                     activation=args.activation or DEFAULT_ACTIVATION,
                     backend=args.backend or DEFAULT_BACKEND, dtype=args.dtype or DEFAULT_DTYPE,
-                    seed=args.seed, dropout=_dropout(args))
+                    seed=args.seed, dropout=_dropout(args), norm=args.norm)
     else:
         _check_fits(model, args.resume, args.data, X.shape[1], n_out, loss, y)
     optimizer = _choose_optimizer(args, model)

@@ -283,6 +283,9 @@ class DataParallel:
         settings = {
             "sizes": list(model.sizes), "activations": list(model.layer_activations),
             "dtype": model.dtype.name, "backend": model.backend.name, "loss": loss,
+            "dropout": list(model.dropout), "norm": model.norm,
+            # the key of dropout's masks: ranks with other seeds would drop other units
+            "model seed (dropout's key)": model.seed if any(model.dropout) else None,
             "optimizer": optimizer.config(), "batch_size": batch_size, "epochs": epochs,
             "shuffle": bool(shuffle), "seed": seed, "samples": int(X.shape[0]),
             _DATA: _fingerprint(X, T),

@@ -82,10 +82,7 @@ class MLP:
                  backend: str = "numpy", dtype: str = "float32", seed: int = 0,
                  dropout: float | Sequence[float] = 0.0, norm: str | None = None) -> None:
         self.sizes = _check_sizes(sizes)
-        if norm not in (None, "layer"):
-            raise ValueError(f"norm must be None or 'layer' (LayerNorm in every hidden layer), "
-                             f"got {shown(norm)}")
-        self.norm = norm
+        self.norm = check_norm(norm)
         self.activations = hidden_activations(activation, len(self.sizes) - 2)
         self.dropout = check_dropout(dropout, len(self.sizes) - 2)
         self.layer_activations = self.activations + ("identity",)
@@ -613,6 +610,13 @@ def _class_ids(Y: np.ndarray) -> np.ndarray:
     if Y.shape[1] == 1:
         return (Y[:, 0] > 0).astype(np.int64)
     return np.argmax(Y, axis=1).astype(np.int64)
+
+
+def check_norm(norm: Any) -> str | None:
+    if norm is not None and not (isinstance(norm, str) and norm == "layer"):
+        raise ValueError(f"norm must be None or 'layer' (LayerNorm in every hidden layer), "
+                         f"got {shown(norm)}")
+    return norm
 
 
 def n_parameters(sizes: Sequence[int], norm: str | None) -> int:

@@ -67,7 +67,7 @@ from .activations import hidden_activations
 from .backends import get_backend
 from .lr_sklearn import AdaptiveLR, InvScalingLR
 from .lr_scheduler import LRScheduler
-from .model import MLP, check_dropout, resolve_dtype
+from .model import MLP, check_dropout, check_norm, resolve_dtype
 from .optim import Optimizer, make_optimizer
 from ._sklearn_support import (ScikitLearnStopping, check_bool, check_hidden_layer_sizes,
                                check_int, check_random_state_value, check_real, check_threads,
@@ -96,7 +96,7 @@ class _BaseMLP(BaseEstimator):
                  power_t=0.5, weight_decay=0.0, batch_size=32, max_iter=200, shuffle=True,
                  random_state=None, tol=1e-4, n_iter_no_change=10, early_stopping=False,
                  validation_fraction=0.1, backend="auto", dtype=None, verbose=False,
-                 warm_start=False, threads=None, dropout=0.0):
+                 warm_start=False, threads=None, dropout=0.0, norm=None):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
         self.optimizer = optimizer
@@ -118,6 +118,7 @@ class _BaseMLP(BaseEstimator):
         self.warm_start = warm_start
         self.threads = threads
         self.dropout = dropout
+        self.norm = norm
 
     # ------------------------------------------------------------------ training
     def fit(self, X: ArrayLike, y: ArrayLike, sample_weight: ArrayLike | None = None
@@ -152,7 +153,7 @@ class _BaseMLP(BaseEstimator):
             model = MLP([X.shape[1], *settings["hidden_layer_sizes"], n_outputs],
                         activation=settings["activation"], backend=settings["backend"],
                         dtype=settings["dtype"] or X.dtype.name, seed=model_seed(self.random_state),
-                        dropout=settings["dropout"])
+                        dropout=settings["dropout"], norm=settings["norm"])
         keep_optimizer = incremental and model.optimizer is not None
         optimizer = None if keep_optimizer else self._make_optimizer(settings)
         X = np.asarray(X, dtype=model.dtype)
@@ -257,13 +258,13 @@ class _BaseMLP(BaseEstimator):
         wanted = ([n_features, *settings["hidden_layer_sizes"], n_outputs],
                   list(settings["activation"]), settings["backend"],
                   settings["dtype"] or model.dtype.name,  # None: the fitted model's stays
-                  list(settings["dropout"]))
+                  list(settings["dropout"]), settings["norm"])
         have = (list(model.sizes), list(model.activations), model.backend.name, model.dtype.name,
-                list(model.dropout))
+                list(model.dropout), model.norm)
         if wanted != have:
             raise ValueError(
                 "warm_start and partial_fit continue the fitted model, so sizes, activation, "
-                f"backend, dtype and dropout must stay as they were: fitted {have}, now {wanted}; "
+                f"backend, dtype, dropout and norm must stay as they were: fitted {have}, now {wanted}; "
                 "refit with warm_start=False to start a new model")
 
     # ------------------------------------------------------------------ inference
@@ -307,6 +308,7 @@ class _BaseMLP(BaseEstimator):
             "dtype": None if self.dtype is None else resolve_dtype(self.dtype).name,
             "threads": check_threads(self.threads),
             "dropout": check_dropout(self.dropout, len(sizes)),
+            "norm": check_norm(self.norm),
         }
         check_random_state_value(self.random_state)
         settings["backend"] = get_backend(self.backend).name
@@ -419,6 +421,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
       :func:`bpkernels.set_num_threads`); None leaves the counts as they are.
     - ``dropout`` 0.0: each hidden layer's output is dropped in training with this probability
       (one per hidden layer, or one for all), as ``torch.nn.Dropout``; predictions never drop.
+    - ``norm`` None or "layer": ``torch.nn.LayerNorm`` between each hidden layer's product and
+      its activation.
     - ``class_weight`` None: a mapping label -> weight (labels absent from it weigh 1) or
       "balanced" (``n_samples / (n_classes * bincount(y))``, scikit-learn's rule; not in
       partial_fit). A row weighs its ``sample_weight`` times its class's weight, and the loss
@@ -438,7 +442,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
                  power_t=0.5, weight_decay=0.0, batch_size=32, max_iter=200, shuffle=True,
                  random_state=None, tol=1e-4, n_iter_no_change=10, early_stopping=False,
                  validation_fraction=0.1, backend="auto", dtype=None, verbose=False,
-                 warm_start=False, threads=None, dropout=0.0, class_weight=None):
+                 warm_start=False, threads=None, dropout=0.0, norm=None, class_weight=None):
         super().__init__(hidden_layer_sizes, activation, optimizer=optimizer,
                          learning_rate=learning_rate, learning_rate_init=learning_rate_init,
                          power_t=power_t, weight_decay=weight_decay, batch_size=batch_size,
@@ -446,7 +450,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
                          n_iter_no_change=n_iter_no_change, early_stopping=early_stopping,
                          validation_fraction=validation_fraction, backend=backend, dtype=dtype,
                          verbose=verbose, warm_start=warm_start, threads=threads,
-                         dropout=dropout)
+                         dropout=dropout, norm=norm)
         self.class_weight = class_weight
 
     def partial_fit(self, X: ArrayLike, y: ArrayLike, sample_weight: ArrayLike | None = None,
