@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .backends import available_backends, backend_names, get_backend
-from .model import DTYPES, MLP, resolve_dtype
+from .model import DTYPES, MLP, NORM_EPS, resolve_dtype
 from .optim import OPTIMIZERS, Optimizer, make_optimizer, optimizer_from_config
 from .train import TrainingDiverged, fit
 from .validation import check_numeric, check_positive_int
@@ -100,7 +100,7 @@ def check_gradients(model: MLP, X: Any, y: Any, loss: str, h: float = 1e-6,
 
     failures = []
     for layer, (pair, numeric_pair) in enumerate(zip(analytic, numeric)):
-        for name, a, n in zip(("dW", "db"), pair, numeric_pair):
+        for name, a, n in zip(("dW", "db", "dgamma", "dbeta"), pair, numeric_pair):
             err = np.abs(a - n)
             bound = atol + rtol * np.abs(n)
             off = ~(err <= bound)  # NaN counts as off
@@ -123,9 +123,9 @@ def check_gradients(model: MLP, X: Any, y: Any, loss: str, h: float = 1e-6,
 def _central_differences(model: MLP, weights, X, y, loss: str, h: float):
     numeric = []
     try:
-        for W, b in weights:
+        for layer in weights:  # (W, b), or (W, b, gamma, beta) with LayerNorm
             pair = []
-            for arr in (W, b):
+            for arr in layer:
                 g = np.empty_like(arr)
                 for idx in np.ndindex(arr.shape):
                     original = arr[idx]
@@ -152,9 +152,14 @@ def _check_away_from_kinks(model: MLP, weights, X: np.ndarray, h: float) -> None
     for layer, act in enumerate(model.activations):
         # The first layer + 1 layers with a linear top: its output is this layer's Z.
         prefix = MLP(model.sizes[:layer + 2], activation=list(model.activations[:layer]),
-                     backend="numpy", dtype="float64")
-        prefix.set_weights(weights[:layer + 1])
+                     backend="numpy", dtype="float64", norm=model.norm)
+        prefix.set_weights([*weights[:layer], weights[layer][:2]])
         Z = prefix.forward(X)
+        if model.norm is not None:  # the activation's input is LayerNorm's output
+            gamma, beta = weights[layer][2:]
+            centered = Z - Z.mean(axis=1, keepdims=True)
+            Z = centered / np.sqrt(np.mean(centered ** 2, axis=1, keepdims=True) + NORM_EPS)
+            Z = Z * gamma + beta
         if act in _KINKED:
             margin = _KINK_SAFETY * h * scale
             idx = np.unravel_index(np.argmin(np.abs(Z)), Z.shape)

@@ -217,3 +217,24 @@ def test_the_estimators_and_the_cli_take_norm(capsys, tmp_path):
     assert code == 0 and bpk.load(path).norm == "layer"
     code, _, err = run(capsys, "train", *fast, "--norm", "batch")
     assert code == 2 and "--norm" in assert_one_error(err)
+
+
+def test_check_gradients_covers_gamma_and_beta(backend_name):
+    from bpkernels.testing import check_gradients
+    model = bpk.MLP([4, 6, 5, 3], activation="tanh", backend=backend_name, dtype="float64",
+                    seed=2, norm="layer")
+    rng = np.random.default_rng(3)
+    model.set_weights([layer[:2] + tuple(rng.standard_normal(layer[1].shape) for _ in layer[2:])
+                       for layer in model.get_weights()])
+    check_gradients(model, X[:7, :4], Y[:7], "cross_entropy")
+    wrong = type(model.backend).layer_norm_backward
+
+    def dropped_dgamma(self, *args):  # a kernel that forgets dgamma must be caught
+        wrong(self, *args)
+        args[-2][...] = 0
+    try:
+        type(model.backend).layer_norm_backward = dropped_dgamma
+        with pytest.raises(AssertionError, match="dgamma"):
+            check_gradients(model, X[:7, :4], Y[:7], "cross_entropy")
+    finally:
+        type(model.backend).layer_norm_backward = wrong
