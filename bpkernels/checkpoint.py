@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from . import atomic
+from .memory import n_parameters
 from .backends.base import DTYPES, LOSSES
 
 FORMAT = "bpkernels-checkpoint"
@@ -203,7 +204,6 @@ def _check_meta(path: Path, meta: dict) -> tuple[tuple[int], np.dtype, list[str]
     if meta.get("loss") not in (None, *LOSSES):
         raise bad("loss", "absent, null or one of " + ", ".join(map(repr, LOSSES)))
     _check_schedule(path, meta.get("lr_scheduler"))
-    from .model import n_parameters
     return (n_parameters(sizes, meta.get("norm")),), np.dtype(meta["dtype"]), names
 
 

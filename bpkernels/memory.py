@@ -7,7 +7,7 @@ little below what is used; the check refuses what cannot fit, never what might.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from .backends import host
 from .backends.base import Backend
@@ -15,7 +15,7 @@ from .backends.host import InsufficientMemory, check, size_text
 from .interop import host_backend
 
 __all__ = ["InsufficientMemory", "check", "check_on", "size_text", "workspace_bytes", "describe",
-           "check_address_space_for_training", "out_of_memory"]
+           "check_address_space_for_training", "out_of_memory", "n_parameters"]
 
 
 def check_on(backend: Backend, what: str, host_parts: dict[str, int],
@@ -27,6 +27,14 @@ def check_on(backend: Backend, what: str, host_parts: dict[str, int],
         return
     check(what, device_parts, backend.memory_available())
     check(what, host_parts, host.memory_available())
+
+
+def n_parameters(sizes: Sequence[int], norm: str | None) -> int:
+    """The length of the flat parameter buffer: W and b per layer, LayerNorm's gamma and beta
+    per hidden layer with ``norm``."""
+    layers = list(zip(sizes[:-1], sizes[1:]))
+    normed = sum(2 * o for _, o in layers[:-1]) if norm is not None else 0
+    return sum(i * o + o for i, o in layers) + normed
 
 
 def workspace_bytes(sizes: tuple[int, ...], extra: list[int], rows: int, itemsize: int,

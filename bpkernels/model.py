@@ -111,7 +111,7 @@ class MLP:
         # which layers have LayerNorm's gamma and beta after W and b: the hidden ones, with norm
         self._normed = [norm is not None and layer < len(self._layout) - 1
                         for layer in range(len(self._layout))]
-        self.n_params = n_parameters(self.sizes, norm)
+        self.n_params = memory.n_parameters(self.sizes, norm)
         self._check_memory()
         self.params = self.backend.asarray(self._initial_params(), self.dtype)
         self.grads = self.backend.zeros((self.n_params,), self.dtype)
@@ -617,14 +617,6 @@ def check_norm(norm: Any) -> str | None:
         raise ValueError(f"norm must be None or 'layer' (LayerNorm in every hidden layer), "
                          f"got {shown(norm)}")
     return norm
-
-
-def n_parameters(sizes: Sequence[int], norm: str | None) -> int:
-    """The length of the flat parameter buffer: W and b per layer, LayerNorm's gamma and beta
-    per hidden layer with ``norm``."""
-    layers = list(zip(sizes[:-1], sizes[1:]))
-    normed = sum(2 * o for _, o in layers[:-1]) if norm is not None else 0
-    return sum(i * o + o for i, o in layers) + normed
 
 
 def check_dropout(dropout: Any, hidden: int) -> tuple[float, ...]:
