@@ -125,16 +125,20 @@ def test_model_gradients_equal_pytorch_autograd(backend_name, activation):
             np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
 
 
-def _fit(backend, dtype="float64", dropout=0.0, optimizer=None, epochs=2):
+def _fit(backend, dtype="float64", dropout=0.0, optimizer=None, epochs=2, monkeypatch=None):
+    """A fit with LayerNorm, kernel by kernel (``monkeypatch`` given): the fused epochs are
+    tested against their kernel loops below, in one specialization (each costs CI ~10 s)."""
     model = bpk.MLP(SIZES, activation="tanh", backend=backend, dtype=dtype, seed=4,
                     norm="layer", dropout=dropout)
+    if monkeypatch is not None and type(model.backend).train_epoch is not Backend.train_epoch:
+        monkeypatch.setattr(type(model.backend), "train_epoch", Backend.train_epoch)
     bpk.fit(model, X, Y, epochs=epochs, batch_size=16,
             optimizer=optimizer or bpk.AdamW(lr=0.01, weight_decay=0.1))
     return model
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_training_with_layer_norm_equals_pytorch(backend_name, dropout):
+def test_training_with_layer_norm_equals_pytorch(backend_name, dropout, monkeypatch):
     torch = pytest.importorskip("torch")
     initial = bpk.MLP(SIZES, activation="tanh", dtype="float64", seed=4,
                       norm="layer").get_weights()
@@ -155,7 +159,7 @@ def test_training_with_layer_norm_equals_pytorch(backend_name, dropout):
             opt.zero_grad()
             loss.backward()
             opt.step()
-    model = _fit(backend_name, dropout=dropout)
+    model = _fit(backend_name, dropout=dropout, monkeypatch=monkeypatch)
     for layer, ref_layer in zip(model.get_weights(), params):
         for got, p in zip(layer, ref_layer):
             want = p.detach().numpy()
@@ -163,9 +167,10 @@ def test_training_with_layer_norm_equals_pytorch(backend_name, dropout):
                                        atol=1e-12)
 
 
-def test_backends_agree_in_float32(backend_name):
+def test_backends_agree_in_float32(backend_name, monkeypatch):
     want = _fit("numpy", "float32", dropout=0.1).get_weights()
-    for layer, ref in zip(_fit(backend_name, "float32", dropout=0.1).get_weights(), want):
+    for layer, ref in zip(_fit(backend_name, "float32", dropout=0.1, monkeypatch=monkeypatch)
+                          .get_weights(), want):
         for got, expected in zip(layer, ref):
             np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-5)
 
@@ -238,3 +243,22 @@ def test_check_gradients_covers_gamma_and_beta(backend_name):
             check_gradients(model, X[:7, :4], Y[:7], "cross_entropy")
     finally:
         type(model.backend).layer_norm_backward = wrong
+
+
+def test_numba_fused_epoch_equals_its_kernel_loop(monkeypatch):
+    """The epoch kernel with LayerNorm and dropout (GELU: its input recomputed into Z) against
+    the per-kernel loop, bit for bit."""
+    pytest.importorskip("numba")
+    from bpkernels.backends.numba.backend import NumbaBackend
+    got = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(NumbaBackend, "train_epoch", Backend.train_epoch)
+        model = bpk.MLP(SIZES, activation="gelu", backend="numba", dtype="float64",
+                        seed=4, norm="layer", dropout=0.2)
+        bpk.fit(model, X, Y, epochs=2, batch_size=16,
+                optimizer=bpk.SGD(lr=0.1, momentum=0.9, weight_decay=0.01))
+        got.append(model.get_weights())
+    for layer, ref in zip(*got):
+        for a, b in zip(layer, ref):
+            np.testing.assert_array_equal(a, b)

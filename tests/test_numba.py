@@ -250,7 +250,7 @@ def test_backward_bounds_the_weight_gradients_layer_by_layer(dtype, case):
 
     sizes, rows = (6, 5, 4, 3), 8
     rng = np.random.default_rng(11)
-    layers, a_size, _ = epoch.layer_table(sizes, ("relu", "tanh", "identity"), rows)
+    layers, a_size, *_ = epoch.layer_table(sizes, ("relu", "tanh", "identity"), rows)
     params = rng.standard_normal(int(layers[-1, 3] + sizes[-1])).astype(dtype)
     A, dA = np.zeros(a_size, dtype), np.zeros(a_size, dtype)
     views = []

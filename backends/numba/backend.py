@@ -333,10 +333,9 @@ class NumbaBackend(HostMemory, Backend):
     # ------------------------------------------------------------------ a whole epoch
     def train_epoch(self, plan: EpochPlan) -> bool:
         rule = OPTIMIZER_RULES.get(plan.optimizer)
-        if rule is None or (GEMM_BY_NUMPY and plan.params.size >= BOUND_MIN_PARAMS) or \
-                plan.norm is not None:  # (LayerNorm runs kernel by kernel, for now)
+        if rule is None or (GEMM_BY_NUMPY and plan.params.size >= BOUND_MIN_PARAMS):
             return False
-        net, work, targets, bounds = plan.cache.get("numba") or \
+        net, work, targets, bounds, norm = plan.cache.get("numba") or \
             plan.cache.setdefault("numba", self._epoch_buffers(plan))
         labeled = plan.T.ndim == 1
         stats = None if plan.metrics is None else (np.asarray(plan.metrics[1], np.int64),
@@ -351,13 +350,15 @@ class NumbaBackend(HostMemory, Backend):
         widest = max(plan.params.size, plan.batch * max(plan.sizes))
         workers = None
         # (fit's data is C-ordered; the large models' gather reads rows by address, a native
-        # trick: plain mode declined large models above). With dropout, every model scans:
-        # the large models' bound on dW reads A, not dropout's output.
+        # trick: plain mode declined large models above). With dropout or LayerNorm, every
+        # model scans: the large models' bound on dW reads A, not dropout's output, and their
+        # SGD fused into the GEMM updates W and b, not gamma and beta.
         drop = None
         if plan.dropout is not None:
             drop = plan.cache.get("numba-dropout") or \
                 plan.cache.setdefault("numba-dropout", _dropout_table(plan))
-        elif plan.params.size >= BOUND_MIN_PARAMS and plan.X.flags.c_contiguous:
+        if drop is None and norm is None and plan.params.size >= BOUND_MIN_PARAMS and \
+                plan.X.flags.c_contiguous:
             workers = 0
             if POOL and plan.params.size >= POOL_MIN_PARAMS:
                 workers = pool.ensure(epoch.pool_worker, pool.blas_threads() - 1)
@@ -369,19 +370,23 @@ class NumbaBackend(HostMemory, Backend):
                           *_hyper(rule, plan.hp),
                           workers, True if workers is None else None, self._par(widest),
                           layers.activation_kinds(ACTIVATION_CODES[a] for a in plan.activations),
-                          plan.clip, plan.rates, drop)
+                          plan.clip, plan.rates, drop, norm)
         return True
 
-    def _epoch_buffers(self, plan: EpochPlan) -> tuple[Any, Any, tuple, np.ndarray]:
+    def _epoch_buffers(self, plan: EpochPlan) -> tuple[Any, Any, tuple, np.ndarray, Any]:
         """The epoch kernel's view of the model (flat buffers and a layer table), its per-step
         scratch (the full workspace's X; flat A, dA and Z of every layer; two rows as wide as
-        the widest layer), the targets pair (all of them, the full workspace's T) and its
-        updates' bounds (base.py)."""
+        the widest layer), the targets pair (all of them, the full workspace's T), its
+        updates' bounds (base.py) and LayerNorm's buffers (epoch.py's ``norm``) or None."""
         dtype, ws = plan.params.dtype, plan.workspaces[0]
-        table, a_size, z_size = epoch.layer_table(plan.sizes, plan.activations, plan.batch)
+        table, a_size, z_size, h_size, s_size = epoch.layer_table(
+            plan.sizes, plan.activations, plan.batch, plan.norm is not None)
         work = (ws.X, np.empty(a_size, dtype), np.empty(a_size, dtype), np.empty(z_size, dtype),
                 np.empty(2 * max(plan.sizes), dtype))
-        return (plan.params, plan.grads, table), work, (_writeable(plan.T), ws.T), np.empty(BOUNDS)
+        norm = None if plan.norm is None else (np.empty(h_size, dtype), np.empty(s_size, dtype),
+                                               float(plan.norm), np.zeros(max(plan.sizes), dtype))
+        return (plan.params, plan.grads, table), work, (_writeable(plan.T), ws.T), \
+            np.empty(BOUNDS), norm
 
 
 def _dropout_table(plan: EpochPlan) -> tuple:

@@ -14,7 +14,8 @@ import numpy as np
 from ..base import ACTIVATION_CODES, KEEPS_Z
 from .jit import NATIVE, as_matrix, epoch, gemm_t, helper, inline, span
 from .dropout import dropout_pass
-from .layers import GELU, SILU, dz_and_db, dense_layer, grad_rows, zero
+from .layers import GELU, IDENTITY, SILU, dz_and_db, dense_layer, grad_rows, zero
+from .norm import norm_backward, norm_forward
 from .losses import (BINARY_CROSS_ENTROPY, CROSS_ENTROPY, MSE, binary_xent_of,
                      class_stats_labels_of, class_stats_rows_of, count_correct_labels_of,
                      count_correct_rows_of, mse_of, regression_stats_of, softmax_xent_labels_of,
@@ -42,18 +43,25 @@ else:  # (the large models' shared gather is native only: plain mode never passe
 # ``labels`` int64 (N,), (batch,) or ``T`` (N, o), (batch, o).
 # (Not namedtuples: Numba's cache index pickles argument types, and a namedtuple class that
 # later changes or goes makes a stale index fail to load instead of being recompiled.)
-LAYER_COLUMNS = ("inputs", "outputs", "W", "b", "activation", "A", "Z")
+#   norm  None, or LayerNorm's (H, rstd, eps, nothing): the flat xhat and 1 / std of every
+#         normalized layer (at the table's offsets), eps, and zeros as wide as the widest layer
+LAYER_COLUMNS = ("inputs", "outputs", "W", "b", "activation", "A", "Z", "gamma", "H", "rstd")
 
 
-def layer_table(sizes, activations, batch):
-    """The layers table of ``net`` for a model and batch size, and the lengths of work's A
-    and Z."""
-    rows, w, a, z = [], 0, 0, 0
-    for i, o, act in zip(sizes[:-1], sizes[1:], activations):
+def layer_table(sizes, activations, batch, normed=False):
+    """The layers table of ``net`` for a model and batch size (``normed``: LayerNorm in every
+    hidden layer, its gamma and beta after b; -1 in the last three columns of a layer without
+    it), and the lengths of work's A and Z and of norm's H and rstd."""
+    rows, w, a, z, h, s = [], 0, 0, 0, 0, 0
+    for layer, (i, o, act) in enumerate(zip(sizes[:-1], sizes[1:], activations)):
         keeps_z = act in KEEPS_Z
-        rows.append((i, o, w, w + i * o, ACTIVATION_CODES[act], a, z if keeps_z else -1))
-        w, a, z = w + i * o + o, a + batch * o, z + (batch * o if keeps_z else 0)
-    return np.array(rows, dtype=np.int64), a, z
+        norm = normed and layer < len(sizes) - 2
+        rows.append((i, o, w, w + i * o, ACTIVATION_CODES[act], a, z if keeps_z else -1,
+                     w + i * o + o if norm else -1, h if norm else -1, s if norm else -1))
+        w, a, z = w + i * o + o + (2 * o if norm else 0), a + batch * o, \
+            z + (batch * o if keeps_z else 0)
+        h, s = h + (batch * o if norm else 0), s + (batch if norm else 0)
+    return np.array(rows, dtype=np.int64), a, z, h, s
 
 
 @helper
@@ -61,7 +69,7 @@ def _layer(net, work, layer, rows):
     """Views of one layer: W, b, dW, db, A, dA, Z (Z is A where the layer keeps no Z)."""
     params, grads, layers = net
     _, A_all, dA_all, Z_all = work
-    i, o, w, b, _, a, z = layers[layer]
+    i, o, w, b, _, a, z = layers[layer, :7]
     W, dW = as_matrix(params, w, i, o), as_matrix(grads, w, i, o)
     A, dA = as_matrix(A_all, a, rows, o), as_matrix(dA_all, a, rows, o)
     Z = A if z < 0 else as_matrix(Z_all, z, rows, o)
@@ -113,13 +121,28 @@ def _dropout(drop, A, D, index, step, layer, par):
 
 
 @inline
-def _forward(net, work, rows, par, kinds, drop, index, step):
+def _normalized(net, norm, layer, rows):
+    """LayerNorm's views of a normalized layer: gamma, beta, dgamma, dbeta, H, rstd."""
+    layers = net[2]
+    o, g = layers[layer, 1], layers[layer, 7]
+    return (span(net[0], g, o), span(net[0], g + o, o), span(net[1], g, o),
+            span(net[1], g + o, o), as_matrix(norm[0], layers[layer, 8], rows, o),
+            span(norm[1], layers[layer, 9], rows))
+
+
+@inline
+def _forward(net, work, rows, par, kinds, drop, index, step, norm):
     layers = net[2]
     X = span(work[0], 0, rows)
     for layer in range(layers.shape[0]):
         W, b, _, _, A, _, Z = _layer(net, work, layer, rows)
         act = layers[layer, 4]
-        dense_layer(X, W, b, act, Z, A, act == GELU or act == SILU, par, kinds)
+        if norm is not None and layers[layer, 7] >= 0:  # the product into H, then LayerNorm
+            gamma, beta, _, _, H, rstd = _normalized(net, norm, layer, rows)
+            dense_layer(X, W, b, IDENTITY, H, H, False, par, kinds)
+            norm_forward(H, gamma, beta, act, A, rstd, norm[2], norm[3], kinds)
+        else:
+            dense_layer(X, W, b, act, Z, A, act == GELU or act == SILU, par, kinds)
         X = A
         if drop is not None:
             X = _output(drop, A, layer, rows)
@@ -216,7 +239,7 @@ def _input_gradient(net, work, layer, rows, W, dZ):
 
 
 @inline
-def _backward_scan(net, work, rows, par, kinds, drop, index, step):
+def _backward_scan(net, work, rows, par, kinds, drop, index, step, norm):
     """Backward through every layer but the weight gradients (``_weight_gradients``), for a
     small model, whose weight gradients check_step's scan checks: dZ and db of every layer
     and dX, top down. Returns whether every db is finite. (Apart from the large models'
@@ -228,7 +251,14 @@ def _backward_scan(net, work, rows, par, kinds, drop, index, step):
         W, _, _, db, A, dA, Z = _layer(net, work, layer, rows)
         if drop is not None:  # dA holds the gradient of dropout's output: now of its input
             _dropout(drop, dA, dA, index, step, layer, par)
-        dz_and_db(dA, layers[layer, 4], A, Z, db, par, kinds)
+        act = layers[layer, 4]
+        if norm is not None and layers[layer, 7] >= 0:  # to the product's gradient
+            gamma, beta, dgamma, dbeta, H, rstd = _normalized(net, norm, layer, rows)
+            norm_backward(dA, act, A, H, gamma, beta, rstd, dgamma, dbeta, Z,
+                          act == GELU or act == SILU, kinds)
+            finite = all_finite(dgamma) and all_finite(dbeta) and finite
+            act = IDENTITY
+        dz_and_db(dA, act, A, Z, db, par, kinds)
         finite = all_finite(db) and finite
         _input_gradient(net, work, layer, rows, W, dA)
     return finite
@@ -303,7 +333,7 @@ def _weight_gradients(net, work, rows, alpha, beta, into_weights, scan, drop):
 # (``epoch``: compiled without reference counting in native mode, see _native/toolkit.py.)
 @epoch
 def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, weights, stats, states,
-                sgd, adam, rmsprop, workers, scan, par, kinds, clip, rates, drop):
+                sgd, adam, rmsprop, workers, scan, par, kinds, clip, rates, drop, norm):
     """Every step of one epoch, as train.py's per-kernel loop runs them: gather the batch,
     forward, loss (and hits), backward, check_step, then the optimizer update of step
     ``first_step + s`` (a no-op once halted). The arguments that may be None (``labels`` or
@@ -316,7 +346,8 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, weigh
     into their GEMM; None for small models, which gather alone and scan (the code of the others then not
     compiled). ``scan``: True for small models, else None (for the same reason: Numba prunes
     by None only). A large model's batch is gathered by address (``_gather_split``): X must
-    then be C-ordered. ``drop``: dropout (the table above) or None; with it, ``scan``."""
+    then be C-ordered. ``drop``: dropout (the table above) or None; ``norm``: LayerNorm's
+    buffers or None; with either, ``scan``."""
     params, grads, layers = net
     X_all, order, batch = data
     sums = work[4]
@@ -342,7 +373,7 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, weigh
                                                 work[0], sums)
         if scan is not None:  # (on S's 64 columns, the bound's maximum slowed the gather ~7%)
             _gather(X_all, index, work[0])
-        _forward(net, work, rows, par, kinds, drop, index, first_step + s)
+        _forward(net, work, rows, par, kinds, drop, index, first_step + s, norm)
         _, _, _, _, Y, dY, _ = _layer(net, work, layers.shape[0] - 1, rows)
         step_loss, step_correct = span(step_losses, s, 1), span(step_hits, s, 1)
         W = _batch_weights(weights, index, rows)
@@ -375,7 +406,7 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, weigh
             finite, sure, dw_bound = _backward(net, work, rows, par, kinds, sums, input_bound)
         if scan is not None:
             finite, sure, dw_bound = _backward_scan(net, work, rows, par, kinds, drop, index,
-                                                      first_step + s), False, math.inf
+                                                      first_step + s, norm), False, math.inf
         finite = finite and math.isfinite(step_loss[0])
         # Plain SGD (no momentum) updates W inside dW's GEMM, W = (1 - lr wd) W - lr X.T @ dZ,
         # as its update would (but for the rounding of dW, which is not stored): no separate

@@ -29,6 +29,11 @@ def _normalize_row(H, rstd, eps, r):
 
 @jit
 def layer_norm_forward(H, gamma, beta, act, A, rstd, eps, nothing, kinds):
+    norm_forward(H, gamma, beta, act, A, rstd, eps, nothing, kinds)
+
+
+@inline
+def norm_forward(H, gamma, beta, act, A, rstd, eps, nothing, kinds):
     """``nothing``: o zeros of the dtype, the bias of the activation's row pass (N + 0 is N)."""
     for r in range(H.shape[0]):
         _normalize_row(H, rstd, eps, r)
@@ -46,6 +51,11 @@ def _affine(H, gamma, beta, N):
 
 @jit
 def layer_norm_backward(dA, act, A, H, gamma, beta, rstd, dgamma, dbeta, N, keeps_n, kinds):
+    norm_backward(dA, act, A, H, gamma, beta, rstd, dgamma, dbeta, N, keeps_n, kinds)
+
+
+@inline
+def norm_backward(dA, act, A, H, gamma, beta, rstd, dgamma, dbeta, N, keeps_n, kinds):
     """``N``: scratch (n, o) for the activation's input where its derivative needs it
     (``keeps_n``), else ``A``."""
     n, o = dA.shape
