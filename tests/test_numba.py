@@ -163,7 +163,7 @@ def test_epoch_kernel_with_parallel_passes_matches_the_per_kernel_loop(monkeypat
     pars, kernel = [], epoch.train_epoch
 
     def spy(*args):
-        pars.append(args[-4])  # (par; clip and rates come last)
+        pars.append(args[-6])  # (par; clip, rates, drop and norm come last)
         return kernel(*args)
 
     monkeypatch.setattr(epoch, "train_epoch", spy)
