@@ -66,6 +66,9 @@ class Result:
     # The seconds of each round's epoch, in round order, where the entry took turns with the
     # floor (``run``); None where it was timed alone (the CUDA floor, ``bpk bench --ranks``).
     round_seconds: list[float] | None = None
+    # The config's layers beside Linear and ReLU, so that a record says what was trained.
+    dropout: float = 0.0
+    norm: str | None = None
 
     @classmethod
     def from_times(cls, name: str, kind: str, config: Config, dtype: str, times: Sequence[float],
@@ -75,7 +78,8 @@ class Result:
                    seconds_per_epoch=median, epochs_per_sec=1.0 / median,
                    samples_per_sec=config.samples / median,
                    gflops=config.flops_per_epoch() / median / 1e9,
-                   min_seconds=min(times), max_seconds=max(times), repeats=len(times), **kwargs)
+                   min_seconds=min(times), max_seconds=max(times), repeats=len(times),
+                   dropout=config.dropout, norm=config.norm, **kwargs)
 
 
 # --------------------------------------------------------------------------- timing
