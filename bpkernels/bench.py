@@ -364,7 +364,9 @@ def _builds(backend: str, config: Config, dtype: str, notes: list[str]) -> bool:
     try:
         config.model(backend, dtype)
     except ValueError as why:
-        notes.append(f"{backend} skipped on {config.name}: {why}")
+        note = f"{backend} skipped on {config.name}: {why}"
+        if note not in notes:  # once, not once per dtype
+            notes.append(note)
         return False
     return True
 
