@@ -381,8 +381,9 @@ def test_reg_configs_add_layer_norm_and_dropout_and_leave_the_others_alone():
     assert (quick.samples, quick.dropout, quick.norm) == (3 * 128 + 1, 0.1, "layer")
 
 
-@pytest.mark.parametrize("spec, match", [("+reg", "unknown config"), ("X+reg", "unknown config 'X\\+reg'"),
-                                         ("M+reg+reg", "already has"), ("10:8:100+reg", "two positive")])
+@pytest.mark.parametrize("spec, match", [
+    ("+reg", "unknown config"), ("X+reg", "unknown config 'X\\+reg'"),
+    ("M+reg+reg", "already has"), ("10:8:100+reg", "two positive")])
 def test_bad_reg_configs(spec, match):
     with pytest.raises(ValueError, match=match):
         bench.parse_config(spec)
