@@ -66,6 +66,9 @@ class Result:
     # The seconds of each round's epoch, in round order, where the entry took turns with the
     # floor (``run``); None where it was timed alone (the CUDA floor, ``bpk bench --ranks``).
     round_seconds: list[float] | None = None
+    # The config's layers beside Linear and ReLU, so that a record says what was trained.
+    dropout: float = 0.0
+    norm: str | None = None
 
     @classmethod
     def from_times(cls, name: str, kind: str, config: Config, dtype: str, times: Sequence[float],
@@ -75,7 +78,8 @@ class Result:
                    seconds_per_epoch=median, epochs_per_sec=1.0 / median,
                    samples_per_sec=config.samples / median,
                    gflops=config.flops_per_epoch() / median / 1e9,
-                   min_seconds=min(times), max_seconds=max(times), repeats=len(times), **kwargs)
+                   min_seconds=min(times), max_seconds=max(times), repeats=len(times),
+                   dropout=config.dropout, norm=config.norm, **kwargs)
 
 
 # --------------------------------------------------------------------------- timing
@@ -83,7 +87,7 @@ def time_backend(backend: str, config: Config, dtype: str, repeats: int,
                  threads: int | None, comm: Any = None) -> Result:
     """``comm``: train data-parallel over its ranks (``bpk bench --ranks``, distributed.py)."""
     X, y = workload(config, dtype)
-    model = MLP(config.sizes, backend=backend, dtype=dtype, seed=SEED)
+    model = config.model(backend, dtype)
     opt = SGD(lr=LEARNING_RATE)
     # The warm-up epoch absorbs JIT compilation and first-touch allocation.
     warm = fit(model, X, y, optimizer=opt, epochs=1, batch_size=config.batch,
@@ -106,8 +110,8 @@ def backend_epochs(backend: str, config: Config, dtype: str,
     X, y = data
 
     def make_epoch() -> Callable[[], float]:
-        model = MLP(config.sizes, backend=backend, dtype=dtype, seed=SEED)
-        return _open_fit(model, X, y, SGD(lr=LEARNING_RATE), config.batch, training)
+        return _open_fit(config.model(backend, dtype), X, y, SGD(lr=LEARNING_RATE), config.batch,
+                         training)
 
     return make_epoch
 
@@ -188,7 +192,8 @@ def _threads_in_force(count: int | None) -> int:
 def gemm_floor_epoch(config: Config, dtype: str) -> Callable[[], None]:
     """An epoch of the config's matrix products alone (forward, dW, dX for every step, the
     last partial batch included), into preallocated buffers, by NumPy's BLAS: no training
-    epoch can be faster."""
+    epoch can be faster. The same products with LayerNorm and dropout (M+reg as M): their
+    elementwise work is what the ratio to the floor then shows."""
     dt = resolve_dtype(dtype)
     rng = np.random.default_rng(SEED)
     layers = list(zip(config.sizes[:-1], config.sizes[1:]))
@@ -308,7 +313,7 @@ class _Entry:
     count: int | None  # the thread count it is built, timed and checked under
     threads: int | None  # the count it reports
     make_epoch: EpochFactory
-    parity: Callable[[Trajectory], tuple[float, str]] | None
+    parity: Callable[[Trajectory], tuple[float | None, str]] | None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -326,6 +331,9 @@ def _entries(options: BenchOptions, config: Config, dtype: str, counts: Sequence
         entries.append(_Entry("gemm-floor", "floor", count, threads,
                               floor_epochs(config, dtype), None))
         for backend in options.backends:
+            if backend in unavailable or not _builds(backend, config, dtype, notes):
+                unavailable.add(backend)
+                continue
             entries.append(_Entry(backend, "backend", count, threads,
                                   backend_epochs(backend, config, dtype, data),
                                   _backend_parity(backend, config, dtype)))
@@ -346,6 +354,21 @@ def _entries(options: BenchOptions, config: Config, dtype: str, counts: Sequence
             entries += [_Entry(p.name, "peer", count, p.threads, p.make_epoch, p.parity, p.extra)
                         for p in found]
     return entries
+
+
+def _builds(backend: str, config: Config, dtype: str, notes: list[str]) -> bool:
+    """Whether ``backend`` has the kernels of the config's layers (the CuPy backend has no
+    LayerNorm yet); if not, a note says so and the run goes on without it."""
+    if config.norm is None and not config.dropout:
+        return True  # every backend trains plain layers: nothing to build ahead
+    try:
+        config.model(backend, dtype)
+    except ValueError as why:
+        note = f"{backend} skipped on {config.name}: {why}"
+        if note not in notes:  # once, not once per dtype
+            notes.append(note)
+        return False
+    return True
 
 
 def _backend_parity(backend: str, config: Config, dtype: str,
@@ -470,11 +493,18 @@ def table(results: Sequence[Result]) -> str:
                      "" if floor_ratio is None else f"{floor_ratio:.2f}",
                      "" if torch_ratio is None else f"{torch_ratio:.2f}",
                      "" if r.compile_seconds is None else f"{r.compile_seconds:.2f}",
-                     "" if r.parity_rel_err is None else f"{r.parity_rel_err:.1e}") +
+                     _parity_cell(r)) +
                     (("" if scaling[i] is None else f"{scaling[i]:.2f}",) if scaled else ()))
     notes = [f"note: {r.name} {r.config} {r.dtype}: {r.note}" for r in results if r.note]
     variants = _training_rows(results)
     return "\n".join(_columns(header, rows) + ([""] + variants if variants else []) + notes)
+
+
+def _parity_cell(r: Result) -> str:
+    """The relative error; "n/a" for a trained entry not compared (its note says why)."""
+    if r.parity_rel_err is not None:
+        return f"{r.parity_rel_err:.1e}"
+    return "" if r.kind == "floor" else "n/a"
 
 
 def _training_rows(results: Sequence[Result]) -> list[str]:
@@ -598,7 +628,8 @@ def scaling_benchmark(backends: Sequence[str], configs: Sequence, dtypes: Sequen
                     log(f"{config.name} {dtype}: {backend} on {count} rank(s)")
                     record = _launch_bench_worker(count, threads or 1, {
                         "backend": backend, "config": [config.name, list(config.sizes),
-                                                       config.batch, config.samples],
+                                                       config.batch, config.samples,
+                                                       config.dropout, config.norm],
                         "dtype": dtype, "repeats": repeats})
                     runs.append(Result(**record))
                 base = runs[0]

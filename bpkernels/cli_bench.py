@@ -43,8 +43,9 @@ def add_bench_parser(commands) -> None:
     bench.add_argument("--backends", type=names, default=None, metavar="LIST",
                        help="comma list (default: every available backend)")
     bench.add_argument("--configs", type=names, default=["S", "M", "L"], metavar="LIST",
-                       help="S, M, L or layers:batch:samples like 784-256-10:128:60000 "
-                            "(default: S,M,L)")
+                       help="S, M, L, M+reg or layers:batch:samples like "
+                            "784-256-10:128:60000; +reg after any (S+reg, ...) adds LayerNorm "
+                            "and dropout 0.1 to each hidden layer (default: S,M,L)")
     bench.add_argument("--dtypes", type=names, default=["float32"], metavar="LIST",
                        help=f"comma list of {', '.join(DTYPES)} (default: float32)")
     bench.add_argument("--peers", type=names, default=[], metavar="LIST",

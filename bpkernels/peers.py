@@ -14,10 +14,14 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from .model import NORM_EPS
 from .workload import (LEARNING_RATE, SEED, Config, Trajectory, batch_order, initial_weights,
                        parity_workload)
 
 PEERS = ("torch", "sklearn")
+# The note, and the table's "n/a", of a peer whose parity is not compared: with dropout it draws
+# its own masks.
+DROPOUT_PARITY_NOTE = "parity n/a: dropout masks differ (torch draws its own); timed only"
 
 
 @dataclass
@@ -27,12 +31,13 @@ class PeerEntry:
     ``make_epoch()`` builds the peer's model (on the run's data, from the shared initial
     weights) and gives a function that trains its next epoch and returns the epoch's seconds.
     ``parity(reference)`` replays the 20 parity steps on a model of its own and returns their
-    relative error against ``reference`` and a note on how the peer computed ("" if none)."""
+    relative error against ``reference`` and a note on how the peer computed ("" if none); an
+    error of None, and a note saying why, where the peer's steps cannot match ours (dropout)."""
 
     name: str
     threads: int | None
     make_epoch: Callable[[], Callable[[], float]]
-    parity: Callable[[Trajectory], tuple[float, str]]
+    parity: Callable[[Trajectory], tuple[float | None, str]]
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -49,7 +54,8 @@ def peer_entries(peer: str, config: Config, dtype: str, threads: int | None,
 
 
 class PeerUnavailable(ImportError):
-    """A peer that cannot run here; the benchmark notes it and goes on."""
+    """A peer that cannot run here (not installed) or cannot build the config's layers; the
+    benchmark notes it and goes on."""
 
 
 # --------------------------------------------------------------------------- torch
@@ -81,18 +87,32 @@ def _torch_threads(torch, threads: int | None) -> Iterator[None]:
 
 
 def _torch_model(torch, config: Config, dtype: str, device: str):
+    """Linear -> [LayerNorm] -> ReLU -> [Dropout] per hidden layer, as MLP builds it with the
+    config's norm and dropout, from the shared initial weights (gamma 1, beta 0)."""
     layers: list[Any] = []
     torch_dtype = getattr(torch, dtype)
-    for layer, (W, b) in enumerate(initial_weights(config)):
+    hidden = len(config.sizes) - 2
+    for layer, (W, b, *affine) in enumerate(initial_weights(config)):
         # Created in the run's dtype, so float64 weights are never rounded through float32.
         linear = torch.nn.Linear(*W.shape, dtype=torch_dtype, device=device)
-        with torch.no_grad():
-            linear.weight.copy_(torch.from_numpy(W.T.copy()))
-            linear.bias.copy_(torch.from_numpy(b))
+        _copy(torch, [linear.weight, linear.bias], [W.T, b])
         layers.append(linear)
-        if layer < len(config.sizes) - 2:
+        if layer < hidden:
+            if config.norm is not None:
+                norm = torch.nn.LayerNorm(W.shape[1], eps=NORM_EPS, dtype=torch_dtype,
+                                          device=device)
+                _copy(torch, [norm.weight, norm.bias], affine)
+                layers.append(norm)
             layers.append(torch.nn.ReLU())
+            if config.dropout > 0:
+                layers.append(torch.nn.Dropout(config.dropout))
     return torch.nn.Sequential(*layers)
+
+
+def _copy(torch, params, arrays) -> None:
+    with torch.no_grad():
+        for param, array in zip(params, arrays):
+            param.copy_(torch.from_numpy(np.ascontiguousarray(array)))
 
 
 def _torch_trainer(torch, model, X, y, config: Config,
@@ -139,18 +159,26 @@ def _torch_make_epoch(torch, device: str, config: Config, dtype: str, threads: i
 
 
 def _torch_parity(torch, device: str, config: Config, dtype: str,
-                  threads: int | None) -> Callable[[Trajectory], tuple[float, str]]:
-    def parity(reference: Trajectory) -> tuple[float, str]:
+                  threads: int | None) -> Callable[[Trajectory], tuple[float | None, str]]:
+    def parity(reference: Trajectory) -> tuple[float | None, str]:
+        if config.dropout > 0:
+            # nn.Dropout draws from torch's generator, not our Philox masks: its trajectory
+            # leaves ours at the first step, so an error against the reference would only
+            # measure the masks. Timed, but not compared.
+            return None, DROPOUT_PARITY_NOTE
         Xp, yp, epochs = parity_workload(config)
         model = _torch_model(torch, config, dtype, device)
         train = _torch_trainer(torch, model, torch.from_numpy(Xp.astype(dtype)).to(device),
                                torch.from_numpy(yp).to(device), config, device)
         with _torch_threads(torch, threads):
             losses = [train()[1] for _ in range(epochs)]
-        weights = []
+        weights = []  # in get_weights' order: W, b, then gamma, beta of a normalized layer
         for module in model:
             if isinstance(module, torch.nn.Linear):
                 weights += [module.weight.detach().cpu().numpy().T,
+                            module.bias.detach().cpu().numpy()]
+            elif isinstance(module, torch.nn.LayerNorm):
+                weights += [module.weight.detach().cpu().numpy(),
                             module.bias.detach().cpu().numpy()]
         return Trajectory(losses, weights).error_against(reference), ""
 
@@ -165,6 +193,9 @@ def _sklearn_entry(config: Config, dtype: str, threads: int | None,
     except ImportError:
         raise PeerUnavailable('sklearn skipped: scikit-learn is not installed '
                               '(pip install "bpkernels[sklearn]")') from None
+    if config.norm is not None or config.dropout > 0:
+        raise PeerUnavailable(f"sklearn skipped on {config.name}: MLPClassifier has no "
+                              "LayerNorm or dropout")
     X, y = data
 
     def make_epoch() -> Callable[[], float]:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import bpkernels as bpk
-from bpkernels import bench
+from bpkernels import bench, workload
 
 FIELDS = {"name", "kind", "config", "dtype", "seconds_per_epoch", "epochs_per_sec",
           "samples_per_sec", "gflops", "compile_seconds", "parity_rel_err"}
@@ -359,3 +359,123 @@ def test_the_timed_variant_trains_as_fit_does():
         np.testing.assert_array_equal(W, W2)
         np.testing.assert_array_equal(b, b2)
         assert not np.allclose(W, W3)  # the schedule and the clipping changed the steps
+
+
+# --------------------------------------------------------------------------- LayerNorm and dropout
+REG = "20-16-4:8:30+reg"
+
+
+def test_reg_configs_add_layer_norm_and_dropout_and_leave_the_others_alone():
+    m, m_reg = bench.parse_config("M"), bench.parse_config("M+reg")
+    assert (m.dropout, m.norm) == (0.0, None)
+    assert (m_reg.sizes, m_reg.batch, m_reg.samples) == (m.sizes, m.batch, m.samples)
+    assert (m_reg.dropout, m_reg.norm) == (0.1, "layer")
+    custom = bench.parse_config(REG)
+    assert (custom.name, custom.sizes, custom.batch, custom.samples) == (REG, (20, 16, 4), 8, 30)
+    assert (custom.dropout, custom.norm) == (0.1, "layer")
+    assert bench.parse_config("S+reg").sizes == bench.CONFIGS["S"].sizes
+    # a "+" inside a custom config is int()'s sign, as before: no suffix there
+    plus = bench.parse_config("784-10:+128:600")
+    assert (plus.batch, plus.samples, plus.dropout, plus.norm) == (128, 600, 0.0, None)
+    quick = m_reg.quick()
+    assert (quick.samples, quick.dropout, quick.norm) == (3 * 128 + 1, 0.1, "layer")
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("+reg", "unknown config"), ("X+reg", "unknown config 'X\\+reg'"),
+    ("M+reg+reg", "already has"), ("10:8:100+reg", "two positive")])
+def test_bad_reg_configs(spec, match):
+    with pytest.raises(ValueError, match=match):
+        bench.parse_config(spec)
+
+
+@pytest.fixture(scope="module")
+def reg_run(tmp_path_factory):
+    """``bpk bench --configs 20-16-4:8:30+reg`` on NumPy and Numba with the peers: its table
+    and JSON."""
+    import contextlib
+    import io
+    from bpkernels.cli import main
+    path = tmp_path_factory.mktemp("reg") / "b.json"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["bench", "--quick", "--configs", REG, "--dtypes", "float32,float64",
+                     "--backends", "numpy,numba", "--peers", "torch,sklearn",
+                     "--json", str(path)]) == 0
+    return out.getvalue(), json.loads(path.read_text())
+
+
+def test_reg_config_trains_on_numpy_and_numba_and_agrees_with_the_reference(reg_run):
+    _, payload = reg_run
+    found = {(r["name"], r["dtype"]): r for r in payload["results"]}
+    for backend in ("numpy", "numba"):
+        for dtype in ("float32", "float64"):
+            r = found[backend, dtype]
+            # same seed, steps and rows: the same dropout masks as the float64 reference
+            assert r["parity_rel_err"] <= PARITY[dtype], r
+    for r in payload["results"]:
+        assert (r["config"], r["dropout"], r["norm"]) == (REG, 0.1, "layer")
+
+
+def test_torch_parity_is_na_under_dropout(reg_run):
+    pytest.importorskip("torch")
+    text, payload = reg_run
+    for r in payload["results"]:
+        if r["name"] == "torch":
+            assert r["parity_rel_err"] is None and r["note"].startswith("parity n/a: dropout")
+    rows = [line.split() for line in text.splitlines() if line.startswith("torch ")]
+    assert rows and all(row[-1] == "n/a" for row in rows)
+    assert f"note: torch {REG} float32: parity n/a: dropout masks differ" in text
+
+
+def test_sklearn_skips_reg_configs_with_a_note(reg_run):
+    pytest.importorskip("sklearn")
+    text, payload = reg_run
+    assert "sklearn" not in {r["name"] for r in payload["results"]}
+    assert any(n.startswith(f"sklearn skipped on {REG}: MLPClassifier has no LayerNorm")
+               for n in payload["notes"])
+
+
+def test_torch_peer_builds_layer_norm_and_dropout():
+    torch = pytest.importorskip("torch")
+    from bpkernels import peers
+    model = peers._torch_model(torch, bench.parse_config(REG), "float32", "cpu")
+    assert [type(m).__name__ for m in model] == ["Linear", "LayerNorm", "ReLU", "Dropout", "Linear"]
+    norm, dropout = model[1], model[3]
+    assert norm.eps == 1e-5 and norm.normalized_shape == (16,) and dropout.p == 0.1
+    assert torch.equal(norm.weight, torch.ones(16)) and torch.equal(norm.bias, torch.zeros(16))
+    W = workload.initial_weights(bench.parse_config(REG))[0][0]
+    np.testing.assert_array_equal(model[0].weight.detach().numpy(), W.T.astype(np.float32))
+
+
+def test_torch_peer_with_layer_norm_alone_is_compared_step_for_step():
+    """Without dropout nothing is drawn: torch's LayerNorm network follows our reference."""
+    torch = pytest.importorskip("torch")
+    from bpkernels import peers
+    config = bench.Config("t", (20, 16, 12, 4), 8, 30, norm="layer")
+    reference = bench.backend_trajectory("numpy", config, "float64")
+    error, note = peers._torch_parity(torch, "cpu", config, "float64", None)(reference)
+    assert error <= PARITY["float64"] and note == ""
+
+
+def test_a_backend_without_the_configs_kernels_is_skipped_with_a_note(monkeypatch):
+    """As the CuPy backend without LayerNorm (played here by Numba): the run goes on
+    without it."""
+    real = bench.Config.model
+
+    def model(self, backend="numpy", dtype="float32"):
+        if backend == "numba":
+            raise ValueError("backend 'numba' has no LayerNorm kernels")
+        return real(self, backend, dtype)
+
+    monkeypatch.setattr(bench.Config, "model", model)
+    monkeypatch.setattr(bench, "backend_trajectory",
+                        lambda *args, **kwargs: bench.Trajectory([1.0], [np.ones(2)]))
+    monkeypatch.setattr(bench, "backend_epochs", lambda *args, **kwargs: lambda: lambda: 1.0)
+    notes: list[str] = []
+    options = bench.BenchOptions(backends=["numba", "numpy"], configs=[bench.parse_config(REG)],
+                                 dtypes=["float32", "float64"], peers=[], repeats=1,
+                                 threads=[1, 2])
+    results = bench.run(options, notes=notes)
+    assert [r.name for r in results] == ["gemm-floor", "gemm-floor", "numpy", "numpy"] * 2
+    assert notes == [f"numba skipped on {REG}: backend 'numba' has no LayerNorm kernels"]
