@@ -14,7 +14,7 @@ import numpy as np
 from ..base import ACTIVATION_CODES, KEEPS_Z
 from .jit import NATIVE, as_matrix, epoch, gemm_t, helper, inline, span
 from .dropout import dropout_pass
-from .layers import GELU, IDENTITY, SILU, dz_and_db, dense_layer, grad_rows, zero
+from .layers import GELU, SILU, dz_and_db, dense_layer, grad_rows, zero
 from .norm import norm_backward, norm_forward
 from .losses import (BINARY_CROSS_ENTROPY, CROSS_ENTROPY, MSE, binary_xent_of,
                      class_stats_labels_of, class_stats_rows_of, count_correct_labels_of,
@@ -139,8 +139,8 @@ def _forward(net, work, rows, par, kinds, drop, index, step, norm):
         act = layers[layer, 4]
         if norm is not None and layers[layer, 7] >= 0:  # the product into H, then LayerNorm
             gamma, beta, _, _, H, rstd = _normalized(net, norm, layer, rows)
-            dense_layer(X, W, b, IDENTITY, H, H, False, par, kinds)
-            norm_forward(H, gamma, beta, act, A, rstd, norm[2], norm[3], kinds)
+            gemm_t(X, False, W, False, H, 1.0, 0.0)
+            norm_forward(H, b, gamma, beta, act, A, rstd, norm[2], norm[3], kinds)
         else:
             dense_layer(X, W, b, act, Z, A, act == GELU or act == SILU, par, kinds)
         X = A
@@ -252,13 +252,13 @@ def _backward_scan(net, work, rows, par, kinds, drop, index, step, norm):
         if drop is not None:  # dA holds the gradient of dropout's output: now of its input
             _dropout(drop, dA, dA, index, step, layer, par)
         act = layers[layer, 4]
-        if norm is not None and layers[layer, 7] >= 0:  # to the product's gradient
+        if norm is not None and layers[layer, 7] >= 0:  # to the product's gradient, and db
             gamma, beta, dgamma, dbeta, H, rstd = _normalized(net, norm, layer, rows)
             norm_backward(dA, act, A, H, gamma, beta, rstd, dgamma, dbeta, Z,
-                          act == GELU or act == SILU, kinds)
+                          act == GELU or act == SILU, kinds, db)
             finite = all_finite(dgamma) and all_finite(dbeta) and finite
-            act = IDENTITY
-        dz_and_db(dA, act, A, Z, db, par, kinds)
+        else:
+            dz_and_db(dA, act, A, Z, db, par, kinds)
         finite = all_finite(db) and finite
         _input_gradient(net, work, layer, rows, W, dA)
     return finite

@@ -1,6 +1,8 @@
 """LayerNorm's kernels (base.Backend.layer_norm_forward / layer_norm_backward): a row's
 statistics in float64, the activation and its derivative by the dense layer's own row passes
-(``layers.py``), so that a normalized layer activates exactly as a plain one."""
+(``layers.py``), so that a normalized layer activates exactly as a plain one. Row by row: each
+row is read from memory once per pass direction and every later loop over it hits the cache
+(the epoch kernel also folds the bias in, forward, and db, backward)."""
 from __future__ import annotations
 
 import math
@@ -9,68 +11,61 @@ from .jit import inline, jit
 from .layers import _bias_act_rows, grad_rows, zero
 
 
-@inline
-def _normalize_row(H, rstd, eps, r):
-    """H[r] = (H[r] - mean) / sqrt(var + eps), mean and (biased) var in float64, two passes."""
-    o = H.shape[1]
-    total = 0.0
-    for j in range(o):
-        total += H[r, j]
-    mean = total / o
-    squares = 0.0
-    for j in range(o):
-        d = H[r, j] - mean
-        squares += d * d
-    inv = 1.0 / math.sqrt(squares / o + eps)
-    rstd[r] = inv
-    for j in range(o):
-        H[r, j] = (H[r, j] - mean) * inv
-
-
 @jit
 def layer_norm_forward(H, gamma, beta, act, A, rstd, eps, nothing, kinds):
-    norm_forward(H, gamma, beta, act, A, rstd, eps, nothing, kinds)
+    """``nothing``: o zeros of the dtype (the bias, which the product already holds)."""
+    norm_forward(H, nothing, gamma, beta, act, A, rstd, eps, nothing, kinds)
 
 
 @inline
-def norm_forward(H, gamma, beta, act, A, rstd, eps, nothing, kinds):
-    """``nothing``: o zeros of the dtype, the bias of the activation's row pass (N + 0 is N)."""
+def norm_forward(H, b, gamma, beta, act, A, rstd, eps, nothing, kinds):
+    """Per row: H += b (rounded as the dense layer's bias pass rounds it), its mean and
+    (biased) variance in float64, H = xhat, A = act(xhat * gamma + beta). ``nothing``: zeros
+    at least o long, the bias of the activation's row pass (N + 0 is N)."""
+    o = H.shape[1]
     for r in range(H.shape[0]):
-        _normalize_row(H, rstd, eps, r)
-        for j in range(H.shape[1]):
+        total = 0.0
+        for j in range(o):
+            h = H[r, j] + b[j]
+            H[r, j] = h
+            total += h
+        mean = total / o
+        squares = 0.0
+        for j in range(o):
+            d = H[r, j] - mean
+            squares += d * d
+        inv = 1.0 / math.sqrt(squares / o + eps)
+        rstd[r] = inv
+        for j in range(o):
+            H[r, j] = (H[r, j] - mean) * inv
             A[r, j] = H[r, j] * gamma[j] + beta[j]
         _bias_act_rows(A, nothing, act, False, A, r, r + 1, kinds)
 
 
-@inline
-def _affine(H, gamma, beta, N):
-    for r in range(H.shape[0]):
-        for j in range(H.shape[1]):
-            N[r, j] = H[r, j] * gamma[j] + beta[j]
-
-
 @jit
 def layer_norm_backward(dA, act, A, H, gamma, beta, rstd, dgamma, dbeta, N, keeps_n, kinds):
-    norm_backward(dA, act, A, H, gamma, beta, rstd, dgamma, dbeta, N, keeps_n, kinds)
+    norm_backward(dA, act, A, H, gamma, beta, rstd, dgamma, dbeta, N, keeps_n, kinds, None)
 
 
 @inline
-def norm_backward(dA, act, A, H, gamma, beta, rstd, dgamma, dbeta, N, keeps_n, kinds):
+def norm_backward(dA, act, A, H, gamma, beta, rstd, dgamma, dbeta, N, keeps_n, kinds, db):
     """``N``: scratch (n, o) for the activation's input where its derivative needs it
-    (``keeps_n``), else ``A``."""
+    (``keeps_n``), else ``A``. ``db``: None, or the bias's gradient (the column sums of the
+    result), summed in the same pass. Column sums row after row, as NumPy's add.reduce."""
     n, o = dA.shape
-    if keeps_n:
-        _affine(H, gamma, beta, N)
     zero(dbeta)
-    grad_rows(dA, act, A, N, dbeta, None, 0, n, kinds)  # g = dA act'(.), dbeta = sum_r g
     zero(dgamma)
+    if db is not None:
+        zero(db)
     for r in range(n):
-        for j in range(o):
-            dgamma[j] += dA[r, j] * H[r, j]
-    for r in range(n):
+        if keeps_n:
+            for j in range(o):
+                N[r, j] = H[r, j] * gamma[j] + beta[j]
+        grad_rows(dA, act, A, N, dbeta, None, r, r + 1, kinds)  # g = dA act'(.); dbeta += g
         s1 = 0.0
         s2 = 0.0
         for j in range(o):
+            dgamma[j] += dA[r, j] * H[r, j]
             d = float(dA[r, j]) * float(gamma[j])
             s1 += d
             s2 += d * H[r, j]
@@ -78,3 +73,6 @@ def norm_backward(dA, act, A, H, gamma, beta, rstd, dgamma, dbeta, N, keeps_n, k
         for j in range(o):
             x = float(H[r, j])
             dA[r, j] = ((float(dA[r, j]) * float(gamma[j]) - m1) - x * m2) * inv
+        if db is not None:
+            for j in range(o):
+                db[j] += dA[r, j]
