@@ -3,8 +3,8 @@
 Products go to cuBLAS (``cupy.matmul`` into the buffers given, transposes as views; TF32 off
 unless asked for). Everything else is one kernel of ``cuda/*.cu`` per fused operation (a few
 for LayerNorm, whose row sums take a launch per pass), compiled by NVRTC on first use per dtype
-and cached by CuPy. ``train_epoch`` captures one training step
-as a CUDA graph and replays it once per step (a second graph for a final partial batch): the
+and cached by CuPy. ``train_epoch`` captures one training step as a CUDA graph and replays it
+once per step (a second graph for a final partial batch): the
 step number, the step's result slot, the divergence latch, the hyper-parameters and dropout's
 batch rows are all read on the device, so nothing waits on the host inside an epoch. A data set larger than the
 device's free memory stays in host memory and is fed batch by batch through pinned buffers,
