@@ -20,7 +20,7 @@ import numpy as np
 from . import base
 
 CUDA_DIR = Path(__file__).resolve().parent / "cuda"
-SOURCES = ("dense.cu", "dropout.cu", "loss.cu", "optim.cu")
+SOURCES = ("dense.cu", "dropout.cu", "loss.cu", "norm.cu", "optim.cu")
 DTYPES = ("float32", "float64")
 _INCLUDE = re.compile(r'^#include "([\w.]+)"\s*$', re.MULTILINE)
 _KERNEL = re.compile(r'extern "C" __global__ void (\w+)\s*\(')

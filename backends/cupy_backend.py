@@ -1,9 +1,10 @@
 """CUDA GPUs through CuPy, float32 and float64.
 
 Products go to cuBLAS (``cupy.matmul`` into the buffers given, transposes as views; TF32 off
-unless asked for). Everything else is one kernel of ``cuda/*.cu`` per fused operation, compiled
-by NVRTC on first use per dtype and cached by CuPy. ``train_epoch`` captures one training step
-as a CUDA graph and replays it once per step (a second graph for a final partial batch): the
+unless asked for). Everything else is one kernel of ``cuda/*.cu`` per fused operation (a few
+for LayerNorm, whose row sums take a launch per pass), compiled by NVRTC on first use per dtype
+and cached by CuPy. ``train_epoch`` captures one training step as a CUDA graph and replays it
+once per step (a second graph for a final partial batch): the
 step number, the step's result slot, the divergence latch, the hyper-parameters and dropout's
 batch rows are all read on the device, so nothing waits on the host inside an epoch. A data set larger than the
 device's free memory stays in host memory and is fed batch by batch through pinned buffers,
@@ -40,6 +41,14 @@ BLOCK = 256              # threads per block of every launch
 ONE_PASS_ROWS = 64       # column sums over at most this many rows take one launch, not two
 SUM_CHUNK = 16           # rows per thread of colsum_chunks (as in cuda/dense.cu)
 RESIDENT_FRACTION = 0.5  # a data set stays on the device while it fits in this much free memory
+NORM_LANES = 32          # threads per row of the LayerNorm kernels, at least (_norm_lanes)
+
+
+def _norm_lanes(o: int) -> int:
+    """Threads per row of the LayerNorm kernels: 32 (each summing every 32nd column) up to
+    1024 columns, then enough to keep each at 32 columns. A function of the width alone: the
+    order of a row's additions, and so its bits, never depends on the batch or the device."""
+    return min(o, max(NORM_LANES, -(-o // NORM_LANES)))
 
 
 def _float32_compute_type(tf32: bool) -> bool:
@@ -281,6 +290,41 @@ class CupyBackend(Backend):
                       np.uint32(drop.key0), np.uint32(drop.key1), np.int64(drop.step), step_dev,
                       np.uint32(drop.layer), np.uint32(drop.threshold), np.float64(drop.scale),
                       out))
+
+    # ------------------------------------------------------------------ layer norm
+    # cuda/norm.cu: each row's sums by ``_norm_lanes(o)`` threads, one launch per pass (forward:
+    # sums, squared deviations, apply; backward: sums, dgamma/dbeta, apply), in float64 scratch.
+    def layer_norm_forward(self, H, gamma, beta, activation, A, rstd, eps):
+        n, o = H.shape
+        lanes = _norm_lanes(o)
+        part = self._scratch("norm_rows", (2, n * lanes), np.float64)
+        head = (np.int64(n), np.int64(o), np.int64(lanes))
+        self._launch(H.dtype, "ln_forward_sums", n * lanes, (H, *head, part[0]))
+        self._launch(H.dtype, "ln_forward_squares", n * lanes, (H, *head, part[0], part[1]))
+        self._launch(H.dtype, "ln_forward_apply", n * lanes,
+                     (H, gamma, beta, *head, part[0], part[1], np.float64(eps),
+                      np.int32(ACTIVATION_CODES[activation]), rstd, A))
+
+    def layer_norm_backward(self, dA, activation, A, H, gamma, beta, rstd, dgamma, dbeta):
+        n, o = dA.shape
+        lanes = _norm_lanes(o)
+        sums = self._scratch("norm_rows", (2, n * lanes), np.float64)
+        head = (np.int64(n), np.int64(o), np.int64(lanes))
+        self._launch(dA.dtype, "ln_backward_sums", n * lanes,
+                     (dA, A, H, gamma, beta, *head, np.int32(ACTIVATION_CODES[activation]),
+                      sums))
+        # dA holds g now: the column sums read it before the last pass overwrites it
+        if n <= ONE_PASS_ROWS:
+            self._launch(dA.dtype, "ln_param_grads_rows", o,
+                         (dA, H, np.int64(n), np.int64(o), dgamma, dbeta))
+        else:
+            chunks = -(-n // SUM_CHUNK)
+            partial = self._scratch("norm_columns", (2, chunks, o), np.float64)
+            self._launch(dA.dtype, "ln_param_grads_chunks", chunks * o,
+                         (dA, H, np.int64(n), np.int64(o), partial))
+            self._launch(dA.dtype, "ln_param_grads_store", o,
+                         (partial, np.int64(chunks), np.int64(o), dgamma, dbeta))
+        self._launch(dA.dtype, "ln_backward_apply", n * lanes, (dA, H, gamma, rstd, *head, sums))
 
     # ------------------------------------------------------------------ loss
     def loss(self, kind, Y, T, dY, out, W=None):

@@ -63,7 +63,8 @@ def plan_key(plan: EpochPlan) -> tuple:
     return (tuple(id(b) for b in buffers), tuple(sorted(plan.state)), plan.sizes,
             plan.activations, plan.loss, plan.metric, plan.metrics, plan.optimizer, plan.batch,
             plan.steps, plan.order.shape, choices, plan.rates is not None,
-            None if plan.dropout is None else (plan.dropout[0], tuple(plan.dropout[1])))
+            None if plan.dropout is None else (plan.dropout[0], tuple(plan.dropout[1])),
+            plan.norm)  # None, or LayerNorm's eps: baked into the launches
 
 
 def replayable(plan: EpochPlan) -> bool:
@@ -109,7 +110,7 @@ class GraphRunner:
         self.rates = None if plan.rates is None else cupy.zeros((plan.steps, 2), np.float64)
         self.scratch: dict[tuple, Any] = {}
         self.graphs: dict[tuple[int, int], Any] = {}
-        self.layers = _layer_views(plan.sizes, plan.params, plan.grads)
+        self.layers, self.norms = _layer_views(plan.sizes, plan.params, plan.grads, plan.norm)
         self.drops = _layer_drops(plan, self.order)
         self.feeds = {name: _Feed(getattr(plan, name), plan.batch)
                       for name in ("X", "T", "W") if isinstance(getattr(plan, name), HostArray)}
@@ -223,9 +224,16 @@ class GraphRunner:
             else:
                 be._gather(getattr(plan, name), self.order, slot, plan.batch, dst)
         X = ws.X
-        for (W, b, _, _), act, A, Z, D, drop in zip(self.layers, plan.activations, ws.A, ws.Z,
-                                                    self._outputs(ws), self.drops):
-            be.dense_forward(X, W, b, act, A, Z)
+        for layer, ((W, b, _, _), act, A, Z, D, drop) in enumerate(zip(
+                self.layers, plan.activations, ws.A, ws.Z, self._outputs(ws), self.drops)):
+            norm = self.norms[layer]
+            if norm is None:
+                be.dense_forward(X, W, b, act, A, Z)
+            else:  # the product into H, then LayerNorm and the activation into A
+                gamma, beta, _, _ = norm
+                be.dense_forward(X, W, b, "identity", ws.H[layer])
+                be.layer_norm_forward(ws.H[layer], gamma, beta, act, A, ws.rstd[layer],
+                                      plan.norm)
             if drop is not None:  # the batch's rows and the step, read on the device
                 be._dropout(A, D, drop, slot, plan.batch, step_dev)
             X = D
@@ -239,8 +247,16 @@ class GraphRunner:
         for layer in reversed(range(len(self.layers))):
             W, _, dW, db = self.layers[layer]
             dX = None if layer == 0 else ws.dA[layer - 1]
-            be.dense_backward(inputs[layer], W, ws.dA[layer], plan.activations[layer],
-                              ws.A[layer], ws.Z[layer], dW, db, dX)
+            norm = self.norms[layer]
+            if norm is None:
+                be.dense_backward(inputs[layer], W, ws.dA[layer], plan.activations[layer],
+                                  ws.A[layer], ws.Z[layer], dW, db, dX)
+            else:  # dA becomes the product's gradient, then the identity layer's backward
+                gamma, beta, dgamma, dbeta = norm
+                be.layer_norm_backward(ws.dA[layer], plan.activations[layer], ws.A[layer],
+                                       ws.H[layer], gamma, beta, ws.rstd[layer], dgamma, dbeta)
+                be.dense_backward(inputs[layer], W, ws.dA[layer], "identity", ws.A[layer],
+                                  None, dW, db, dX)
             below = self.drops[layer - 1] if layer else None
             if below is not None:  # dX, the gradient of dropout's output, becomes its input's
                 be._dropout(dX, dX, below, slot, plan.batch, step_dev)
@@ -275,14 +291,23 @@ class GraphRunner:
                         *rates)
 
 
-def _layer_views(sizes, params, grads) -> list[tuple[Any, Any, Any, Any]]:
-    """(W, b, dW, db) per layer: views of the flat buffers, W (in, out) row-major then b."""
-    views, offset = [], 0
-    for i, o in zip(sizes[:-1], sizes[1:]):
+def _layer_views(sizes, params, grads, norm=None) -> tuple[list, list]:
+    """Views of the flat buffers per layer: (W, b, dW, db), W (in, out) row-major then b; and
+    (gamma, beta, dgamma, dbeta) after them on each hidden layer when ``norm`` (EpochPlan.norm)
+    is not None, else None."""
+    views, norms, offset = [], [], 0
+    last = len(sizes) - 2
+    for layer, (i, o) in enumerate(zip(sizes[:-1], sizes[1:])):
         w, b = slice(offset, offset + i * o), slice(offset + i * o, offset + i * o + o)
         views.append((params[w].reshape(i, o), params[b], grads[w].reshape(i, o), grads[b]))
         offset += i * o + o
-    return views
+        if norm is None or layer == last:
+            norms.append(None)
+            continue
+        gamma, beta = slice(offset, offset + o), slice(offset + o, offset + 2 * o)
+        norms.append((params[gamma], params[beta], grads[gamma], grads[beta]))
+        offset += 2 * o
+    return views, norms
 
 
 def _layer_drops(plan: EpochPlan, order) -> list:
