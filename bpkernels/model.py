@@ -581,7 +581,7 @@ def _check_backend_kernels(backend: Backend, dropout: tuple[float, ...], norm: A
                          "dropout trains on numpy, numba or cupy")
     if norm is not None and type(backend).layer_norm_forward is Backend.layer_norm_forward:
         raise ValueError(f"backend {backend.name!r} has no LayerNorm kernels: a model with "
-                         "norm='layer' trains on numpy or numba")
+                         "norm='layer' trains on numpy, numba or cupy")
 
 
 def _check_backend_dtype(backend: Backend, dtype: np.dtype) -> None:
