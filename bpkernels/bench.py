@@ -357,8 +357,8 @@ def _entries(options: BenchOptions, config: Config, dtype: str, counts: Sequence
 
 
 def _builds(backend: str, config: Config, dtype: str, notes: list[str]) -> bool:
-    """Whether ``backend`` has the kernels of the config's layers (the CuPy backend has no
-    LayerNorm yet); if not, a note says so and the run goes on without it."""
+    """Whether ``backend`` has the kernels of the config's layers (a backend registered by a
+    user may lack them); if not, a note says so and the run goes on without it."""
     if config.norm is None and not config.dropout:
         return True  # every backend trains plain layers: nothing to build ahead
     try:
