@@ -429,7 +429,8 @@ class MLP:
         for layer, ((i, o), normed, given) in enumerate(zip(self._layout, self._normed, weights)):
             names = ("W", "b", "gamma", "beta") if normed else ("W", "b")
             if not isinstance(given, (list, tuple)) or len(given) != len(names):
-                raise ValueError(f"layer {layer}: expected ({', '.join(names)}), got "
+                raise ValueError(f"layer {layer}: expected a ({', '.join(names)}) "
+                                 f"{'pair' if len(names) == 2 else 'tuple'}, got "
                                  f"{len(given) if isinstance(given, (list, tuple)) else type(given).__name__}"
                                  f"{' values' if isinstance(given, (list, tuple)) else ''}")
             for name, value in zip(names, given):

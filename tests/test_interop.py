@@ -192,8 +192,8 @@ def test_host_data_is_used_in_place_on_cpu_backends(model, wrap, monkeypatch):
     assert np.shares_memory(interop.features(wrap(X), model.backend, model.dtype, 5).data, X)
     chunks = []
     forward = model._forward
-    monkeypatch.setattr(model, "_forward", lambda ws, chunk: chunks.append(chunk) or
-                        forward(ws, chunk))
+    monkeypatch.setattr(model, "_forward", lambda ws, chunk, *drops: chunks.append(chunk) or
+                        forward(ws, chunk, *drops))
     model.forward(wrap(X))
     assert np.shares_memory(chunks[0], X)  # the kernels read the caller's rows
     seen = _spy_training_data(monkeypatch)

@@ -190,7 +190,7 @@ def test_bad_norm_and_weights_are_clear_errors():
         bpk.MLP(SIZES, norm="batch")
     model = bpk.MLP(SIZES, norm="layer")
     weights = model.get_weights()
-    with pytest.raises(ValueError, match=r"layer 0: expected \(W, b, gamma, beta\), got 2 values"):
+    with pytest.raises(ValueError, match=r"layer 0: expected a \(W, b, gamma, beta\) tuple, got 2 values"):
         model.set_weights([weights[0][:2], *weights[1:]])
     bad = [list(layer) for layer in weights]
     bad[1][2] = np.ones(5)

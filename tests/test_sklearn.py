@@ -226,7 +226,8 @@ def test_target_errors():
         MLPClassifier(hidden_layer_sizes=(4,), max_iter=1, warm_start=True).fit(X, y).fit(
             X[y < 2], y[y < 2])
     warm = MLPClassifier(hidden_layer_sizes=(4,), max_iter=1, warm_start=True).fit(X, y)
-    with pytest.raises(ValueError, match="sizes, activation, backend and dtype must stay"):
+    with pytest.raises(ValueError,
+                       match="sizes, activation, backend, dtype, dropout and norm must stay"):
         warm.set_params(hidden_layer_sizes=(5,)).fit(X, y)
     with pytest.raises(NotFittedError):
         MLPRegressor().predict(X)
@@ -343,7 +344,7 @@ def test_dtype_follows_X_unless_given(Estimator):
     est.partial_fit(X, y)
     est.fit(X, y)
     assert est.model_.dtype == np.float32
-    with pytest.raises(ValueError, match="dtype must stay as they were"):
+    with pytest.raises(ValueError, match="dtype, dropout and norm must stay as they were"):
         est.set_params(dtype="float64").fit(X, y)
 
 
