@@ -296,7 +296,7 @@ def test_backward_bounds_the_weight_gradients_layer_by_layer(dtype, case):
 
     @numba.njit
     def backward_scan(net, work, rows, kinds):
-        return epoch._backward_scan(net, work, rows, None, kinds)
+        return epoch._backward_scan(net, work, rows, None, kinds, None, None, 0, None)
 
     net = (params, np.zeros_like(params), layers)
     work = (X, A, dA, np.zeros(0, dtype))
