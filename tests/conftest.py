@@ -79,3 +79,23 @@ def assert_close(tol):
 def tolerances() -> dict[str, Tolerance]:
     """The whole table, for tests that compare across dtypes (float32 model vs float64)."""
     return TOLERANCES
+
+
+@pytest.fixture
+def numba_kernel_by_kernel(monkeypatch):
+    """The Numba backend trains by its per-kernel methods (Backend.train_epoch's loop: Numba's
+    kernels, one call each), not by its fused epoch kernel, which Numba compiles afresh for
+    each combination of optimizer rule, target kind, dtype, activations, weights, metrics,
+    clipping and schedule (3-10 s each on a cold cache: the suite's largest cost). For the
+    tests of what trains, not of how (the estimators, the CLI): ``pytestmark =
+    pytest.mark.usefixtures("numba_kernel_by_kernel")``, or that mark on a test. The fused
+    kernel is tested against this loop in test_numba.py, and its weights, metrics, clipping
+    and schedules against the references in test_weights.py, test_metrics.py,
+    test_clip_grad_norm.py and test_schedules_fit.py. (Function-scoped: a module-scoped
+    fixture that trains runs before it, on the fused path.)"""
+    try:
+        from bpkernels.backends.numba.backend import NumbaBackend
+    except ImportError:  # no Numba here: nothing to route
+        return
+    from bpkernels.backends.base import Backend
+    monkeypatch.setattr(NumbaBackend, "train_epoch", Backend.train_epoch)

@@ -16,6 +16,9 @@ from bpkernels.backends.numpy_backend import NumpyBackend
 from bpkernels.progress import epoch_line
 from bpkernels import datasets as ds
 
+# (the CLI trains by fit(); on the Numba backend kernel by kernel here: conftest.py)
+pytestmark = pytest.mark.usefixtures("numba_kernel_by_kernel")
+
 # Small and quick: enough to see learning, not to tune anything.
 FAST = ["--epochs", "3", "--layers", "32", "--no-progress"]
 

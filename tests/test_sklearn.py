@@ -28,6 +28,10 @@ from bpkernels.backends import BackendUnavailable, backend_names, get_backend  #
 from bpkernels.sklearn import MLPClassifier, MLPRegressor  # noqa: E402
 from bpkernels.testing import TOLERANCES  # noqa: E402
 
+# The estimators train by fit(): on the Numba backend kernel by kernel here, not by epoch
+# kernels compiled for scikit-learn's checks alone (its sample-weight checks: two; conftest.py)
+pytestmark = pytest.mark.usefixtures("numba_kernel_by_kernel")
+
 
 # ====================================================================== conformance suite
 # Every backend in the registry (cupy-cudasim included: the whole suite costs it about 8 s
