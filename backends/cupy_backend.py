@@ -101,6 +101,10 @@ class CupyBackend(Backend):
         # The scratch, the stream and the graph captures are the backend's, shared by its
         # models: fits in threads take turns (reentrant: a callback may train another model)
         self.training_lock = threading.RLock()
+        # Held while a graph is captured: CUDA refuses allocations and synchronous copies from
+        # any thread during a (global-mode) capture, so another thread's new model or host
+        # read waits the capture out rather than breaking it.
+        self.capture_lock = threading.RLock()
 
     # ----------------------------------------------------------------- helpers
     def _kernels(self, dtype) -> dict[str, Any]:
@@ -154,7 +158,8 @@ class CupyBackend(Backend):
         host = np.ascontiguousarray(host, dtype=dtype)
         if host.nbytes > self._resident_limit():
             return HostArray(host.copy())
-        return cupy.asarray(host)
+        with self.capture_lock:
+            return cupy.asarray(host)
 
     def from_device(self, obj) -> Any:
         """``obj``, a CUDA array of another library (``__cuda_array_interface__``, or DLPack on
@@ -171,13 +176,16 @@ class CupyBackend(Backend):
     def to_host(self, array):
         if isinstance(array, HostArray):
             return np.array(array.host, copy=True)
-        return cupy.asnumpy(array)
+        with self.capture_lock:
+            return cupy.asnumpy(array)
 
     def empty(self, shape, dtype):
-        return cupy.empty(shape, dtype)
+        with self.capture_lock:
+            return cupy.empty(shape, dtype)
 
     def zeros(self, shape, dtype):
-        return cupy.zeros(shape, dtype)
+        with self.capture_lock:
+            return cupy.zeros(shape, dtype)
 
     def copy(self, src, out):
         if isinstance(src, HostArray):
@@ -500,11 +508,12 @@ class CupyBackend(Backend):
         stream.wait_event(cupy.cuda.get_current_stream().record())
         with stream:
             epoch()  # cuBLAS's handle and its choice of algorithms, outside the capture
-            stream.begin_capture()
-            try:
-                epoch()
-            finally:
-                graph = stream.end_capture()
+            with self.capture_lock:
+                stream.begin_capture()
+                try:
+                    epoch()
+                finally:
+                    graph = stream.end_capture()
             graph.launch(stream)
             times = []
             for _ in range(repeats):

@@ -196,11 +196,12 @@ class GraphRunner:
             for v in variants:
                 for k in slots:
                     self._step(plan, plan.workspaces[v], k, update=False)
-                    self.stream.begin_capture()
-                    try:
-                        self._step(plan, plan.workspaces[v], k, update=True)
-                    finally:
-                        graph = self.stream.end_capture()
+                    with be.capture_lock:
+                        self.stream.begin_capture()
+                        try:
+                            self._step(plan, plan.workspaces[v], k, update=True)
+                        finally:
+                            graph = self.stream.end_capture()
                     self.graphs[(v, k)] = graph
             if plan.stats is not None:  # the first passes added their batches' statistics
                 plan.stats[...] = 0

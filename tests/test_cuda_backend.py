@@ -423,3 +423,40 @@ def test_the_benchmark_times_a_cublas_floor_for_the_gpu_backend():
     assert record.name == "gemm-floor-cuda" and record.kind == "floor"
     assert record.extra == {"backend": cudasim.NAME} and record.seconds_per_epoch > 0
     assert bench.ratios([record])[0] == (None, None)
+
+
+def test_other_threads_allocate_and_read_around_a_graph_capture_never_inside_it():
+    """CUDA refuses an allocation or a synchronous copy from any thread while a graph is being
+    captured (the stand-in crashed on it, so did a real device's capture): a thread that
+    builds models and reads their weights while another fit captures its graphs waits the
+    capture out (CupyBackend.capture_lock), and both train as alone."""
+    import threading
+    be = make()
+    X, y = data(n=96, features=8, classes=4)
+    stop, errors = threading.Event(), []
+
+    def build_and_read():
+        while not stop.is_set():
+            try:
+                bpk.MLP([8, 16, 4], activation="tanh", backend=be, dtype="float64").get_weights()
+            except Exception as err:  # reported below
+                errors.append(err)
+                return
+    other = threading.Thread(target=build_and_read)
+    other.start()
+    try:
+        trained = []
+        for seed in range(4):  # a new fit, a new capture, each time
+            model = bpk.MLP([8, 16, 4], activation="tanh", backend=be, dtype="float64",
+                            seed=seed)
+            bpk.fit(model, X, y, optimizer=bpk.Adam(1e-3), epochs=2, batch_size=16, seed=seed)
+            trained.append(model.get_weights())
+    finally:
+        stop.set()
+        other.join()
+    assert not errors
+    alone = bpk.MLP([8, 16, 4], activation="tanh", backend=be, dtype="float64", seed=3)
+    bpk.fit(alone, X, y, optimizer=bpk.Adam(1e-3), epochs=2, batch_size=16, seed=3)
+    for (W, b), (W0, b0) in zip(trained[3], alone.get_weights()):
+        np.testing.assert_array_equal(W, W0)
+        np.testing.assert_array_equal(b, b0)
