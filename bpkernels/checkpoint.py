@@ -41,7 +41,8 @@ _MAX_DEFLATE_RATIO = 1100
 # Everything a damaged archive, .npy header or JSON text can raise while being parsed.
 _PARSE_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError,
                  KeyError, TypeError, IndexError, SyntaxError, NotImplementedError, RecursionError,
-                 OverflowError, MemoryError, struct.error, zlib.error, UnicodeError)
+                 OverflowError, MemoryError, struct.error, zlib.error, UnicodeError,
+                 RuntimeError)  # (zipfile's for a member it cannot decrypt)
 
 
 class CheckpointError(ValueError):
@@ -247,6 +248,9 @@ def _check_memory(path: Path, meta: dict, needed: int) -> None:
 def _check_member(path: Path, info: zipfile.ZipInfo, size: int) -> None:
     """The archive's own sizes of a member agree with the file before it is read."""
     name = info.filename
+    if info.flag_bits & 0x1:  # (zipfile would ask for a password: a RuntimeError)
+        raise CheckpointError(f"{path}: corrupt checkpoint (array {name!r} is marked "
+                              f"encrypted, which bpkernels never writes)")
     if info.header_offset + info.compress_size > size:
         raise CheckpointError(f"{path}: truncated checkpoint (array {name!r} ends past the end "
                               f"of the file)")

@@ -451,3 +451,16 @@ def test_arrays_of_any_shape_and_dtype_are_refused_or_right(tmp_path, shape, dty
         return
     assert shape == (N_PARAMS,) and np.dtype(dtype).name == "float64"
     np.testing.assert_array_equal(model.params, arrays["params"].astype(np.float64))
+
+
+def test_a_member_marked_encrypted_is_a_clear_error(tmp_path):
+    """A flipped bit found by the property test above: the central directory's flag saying a
+    member is encrypted made zipfile raise RuntimeError (asking for a password)."""
+    path = tmp_path / "m.npz"
+    bpk.MLP([5, 4, 3], seed=1).save(path)
+    data = bytearray(path.read_bytes())
+    central = data.rindex(b"PK\x01\x02")  # the last member's central directory record
+    data[central + 8] |= 0x1  # its general-purpose flags: encrypted
+    path.write_bytes(bytes(data))
+    with pytest.raises(bpk.CheckpointError, match="marked encrypted"):
+        bpk.load(path)
