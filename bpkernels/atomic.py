@@ -71,9 +71,12 @@ def write(path: str | os.PathLike, fill: Callable[[IO[bytes]], object], what: st
                     os.chmod(tmp, keep_mode)
                 os.fsync(f.fileno())
             os.replace(tmp, target)
-        except BaseException:
+        except BaseException as err:
             # KeyboardInterrupt included: the old file stays, the partial one goes.
             _unlink(tmp)
+            interrupt = _interrupt_behind(err)
+            if interrupt is not None:  # (not the error a writer's cleanup raised after it)
+                raise interrupt from None
             raise
     except OSError as err:
         raise _named(err, what, path) from None
@@ -81,6 +84,20 @@ def write(path: str | os.PathLike, fill: Callable[[IO[bytes]], object], what: st
         with _writing_lock:
             _writing.discard(key)
     _sync_folder(folder)
+
+
+def _interrupt_behind(err: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt (Ctrl-C, or a stop signal acting as one) that ``err`` was raised
+    while handling, if any: a signal inside np.savez leaves zipfile's close to raise
+    ValueError ("Can't close the ZIP file while there is an open writing handle") over it, and
+    the run must still end as stopped, not as an error."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KeyboardInterrupt):
+            return err
+        seen.add(id(err))
+        err = err.__context__
+    return None
 
 
 def check_writable(path: str | os.PathLike, what: str = "file") -> None:

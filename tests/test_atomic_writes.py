@@ -364,3 +364,22 @@ def test_bench_json_through_a_link(tmp_path):
     link.symlink_to(real.name)
     bench.write_json(str(link), {"results": []})
     assert link.is_symlink() and json.loads(real.read_text()) == {"results": []}
+
+
+def test_an_interrupt_inside_a_writer_stays_an_interrupt(tmp_path):
+    """A stop signal inside np.savez: zipfile's close then raises ValueError over the
+    KeyboardInterrupt ("Can't close the ZIP file while there is an open writing handle"); the
+    write must still end as interrupted (the CLI's exit 128 + signal), the old file intact."""
+    from bpkernels import atomic
+    path = tmp_path / "f.zip"
+    path.write_bytes(b"old")
+
+    def fill(f):
+        f.write(b"partial")
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:  # what zipfile's close raises over it
+            raise ValueError("Can't close the ZIP file while there is an open writing handle")
+    with pytest.raises(KeyboardInterrupt):
+        atomic.write(path, fill)
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.zip"]
