@@ -201,6 +201,47 @@ class Dropout:
 BOUNDS = 5  # the length of the optional ``bounds`` array (module docstring)
 
 DTYPES = ("float32", "float64")  # what a model may hold; each backend supports some of them
+
+
+class MixedPrecision:
+    """``dtype="bf16"``: mixed precision as ``torch.autocast(dtype=torch.bfloat16)`` defines
+    it. Everything a model stores (weights, gradients, optimizer state, activations) is
+    ``storage`` (float32); the two inputs of every matrix product are rounded to bfloat16
+    (round to nearest even) and the product accumulates in float32. Not a NumPy dtype: NumPy
+    has no bfloat16, and nothing is ever stored in it, so code that allocates asks for
+    ``storage``. Compares equal to the string "bf16"."""
+
+    name = "bf16"
+    storage = np.dtype(np.float32)
+    itemsize = storage.itemsize  # of what is stored: memory estimates
+
+    def __eq__(self, other: Any) -> bool:
+        return other is self or (isinstance(other, str) and other.lower() in BF16_NAMES)
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __repr__(self) -> str:
+        return "bf16"
+
+    __str__ = __repr__
+
+
+BF16 = MixedPrecision()
+BF16_NAMES = ("bf16", "bfloat16")
+PRECISIONS = DTYPES + ("bf16",)  # what dtype= accepts
+
+
+def refuse_bf16(backend: "Backend", bf16: bool) -> None:
+    """For the dense kernels of a backend without bfloat16 products (models refuse bf16 on
+    such a backend before any kernel runs: this guards direct calls)."""
+    if bf16:
+        raise ValueError(f"cannot run bf16 products: {backend.bf16_unavailable()}")
+
+
+def storage_dtype(dtype: Any) -> np.dtype:
+    """The NumPy dtype arrays of a model of ``dtype`` (a resolved dtype or BF16) are held in."""
+    return dtype.storage if isinstance(dtype, MixedPrecision) else np.dtype(dtype)
 LOSSES = ("mse", "cross_entropy", "binary_cross_entropy")  # the index is the loss code
 LOSS_CODES: dict[str, int] = {name: code for code, name in enumerate(LOSSES)}
 
@@ -283,6 +324,9 @@ class EpochPlan:
     # each hidden layer's parameters are then W, b, gamma, beta in the flat buffers. A backend
     # that cannot must decline.
     norm: Any = None
+    # dtype="bf16": every dense_forward / dense_backward runs with bf16=True (float32 buffers).
+    # A backend that cannot must decline.
+    bf16: bool = False
 
 
 class Backend(ABC):
@@ -299,6 +343,11 @@ class Backend(ABC):
     # backend share its scratch between them: fits of different models in threads then take
     # turns rather than overwrite each other. None: every model trains on its own buffers.
     training_lock: Any = None
+
+    def bf16_unavailable(self) -> str | None:
+        """None where this backend runs ``dtype="bf16"``, else why not (one line, naming what
+        to install or what the machine lacks)."""
+        return f"backend {self.name!r} has no bfloat16 products yet"
 
     # ----------------------------------------------------------------- plumbing
     @abstractmethod
@@ -344,23 +393,27 @@ class Backend(ABC):
 
     # ------------------------------------------------------------------ dense layer
     @abstractmethod
-    def dense_forward(self, X: Any, W: Any, b: Any, activation: str, A: Any, Z: Any = None) -> None:
+    def dense_forward(self, X: Any, W: Any, b: Any, activation: str, A: Any, Z: Any = None,
+                      bf16: bool = False) -> None:
         """``Z = X @ W + b`` and ``A = act(Z)``, fused.
 
         X (n, i), W (i, o), b (o,); writes A (n, o) and, when given, Z (n, o). ``Z`` is required
         for the activations of :data:`KEEPS_Z` (their derivative needs the pre-activation)
-        and may be None for the others.
+        and may be None for the others. ``bf16`` (float32 arrays only, where
+        :meth:`bf16_unavailable` is None): X and W enter the product rounded to bfloat16
+        (:class:`MixedPrecision`); neither is changed.
         """
 
     @abstractmethod
     def dense_backward(self, X: Any, W: Any, dA: Any, activation: str, A: Any, Z: Any,
-                       dW: Any, db: Any, dX: Any = None) -> None:
+                       dW: Any, db: Any, dX: Any = None, bf16: bool = False) -> None:
         """Gradients of a dense layer from the gradient of its output.
 
         ``dZ = dA * act'(Z or A)`` is formed in place of ``dA`` (n, o), which is overwritten;
         then ``dW = X.T @ dZ`` (i, o), ``db = dZ.sum(0)`` (o,) and, when ``dX`` is given,
         ``dX = dZ @ W.T`` (n, i). ``dX`` is None for the first layer, whose input needs no
-        gradient.
+        gradient. ``bf16``: both products take X, dZ and W rounded to bfloat16 (dA keeps dZ
+        unrounded, db sums it unrounded, as autocast's float32 bias gradient does).
         """
 
     # ------------------------------------------------------------------ dropout

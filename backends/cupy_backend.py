@@ -33,7 +33,7 @@ from . import BackendUnavailable
 from . import cuda_sources as sources
 from .host import no_gpu_driver_note
 from .base import ACTIVATION_CODES, CLIP_GROUPS, CLIP_THREADS, KEEPS_Z, OPTIMIZER_RULES, \
-    Backend, EpochPlan
+    Backend, EpochPlan, refuse_bf16
 # after cupy: the graph runner's module imports it too
 from .cupy_graphs import GraphRunner, HostArray, hp_values, plan_key, replayable
 
@@ -243,7 +243,8 @@ class CupyBackend(Backend):
         }
 
     # ------------------------------------------------------------------ dense layer
-    def dense_forward(self, X, W, b, activation, A, Z=None):
+    def dense_forward(self, X, W, b, activation, A, Z=None, bf16=False):
+        refuse_bf16(self, bf16)
         pre = A if Z is None else Z
         self._matmul(X, W, pre)
         n, o = pre.shape
@@ -251,7 +252,8 @@ class CupyBackend(Backend):
                      (pre, b, np.int64(n), np.int64(o),
                       np.int32(ACTIVATION_CODES[activation]), Z, A))
 
-    def dense_backward(self, X, W, dA, activation, A, Z, dW, db, dX=None):
+    def dense_backward(self, X, W, dA, activation, A, Z, dW, db, dX=None, bf16=False):
+        refuse_bf16(self, bf16)
         if activation != "identity":
             if activation in KEEPS_Z and Z is None:
                 raise ValueError(f"dense_backward of {activation} needs the pre-activation Z")
@@ -527,7 +529,7 @@ class CupyBackend(Backend):
 
     # ------------------------------------------------------------------ whole epochs
     def train_epoch(self, plan: EpochPlan) -> bool:
-        if not self.graphs or plan.optimizer not in OPTIMIZER_RULES or not replayable(plan):
+        if plan.bf16 or not self.graphs or plan.optimizer not in OPTIMIZER_RULES or not replayable(plan):
             return False
         runner = plan.cache.get("cupy-graphs")
         if runner is None or runner.key != plan_key(plan):

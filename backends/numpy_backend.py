@@ -1,4 +1,4 @@
-"""The reference backend: NumPy on the CPU, float32 and float64.
+"""The reference backend: NumPy on the CPU, float32, float64 and bf16 (emulated roundings).
 
 Every kernel writes into the buffers it is given (``out=``) and into scratch arrays cached by
 shape, so after the first step of a given batch size no array is allocated.
@@ -13,6 +13,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .base import KEEPS_Z, Backend, clip_coefficient, rated
+from .bf16 import bf16_round
 from .host import cpu_name
 from .numpy_activations import DERIVATIVE, FORWARD, sigmoid
 
@@ -72,23 +73,36 @@ class NumpyBackend(HostMemory, Backend):
                 "cores": os.cpu_count(), "numpy": np.__version__, "blas": blas_info()}
 
     # ------------------------------------------------------------------ dense layer
-    def dense_forward(self, X, W, b, activation, A, Z=None):
+    def bf16_unavailable(self):
+        return None
+
+    def _rounded(self, tag: str, a: np.ndarray) -> np.ndarray:
+        """``a`` rounded to bfloat16 (as float32) in a scratch array: a product's input."""
+        return bf16_round(a, out=self._scratch(tag, a.shape, np.float32))
+
+    def dense_forward(self, X, W, b, activation, A, Z=None, bf16=False):
         pre = A if Z is None else Z
+        if bf16:
+            X, W = self._rounded("bf16 X", X), self._rounded("bf16 W", W)
         np.matmul(X, W, out=pre)
         pre += b
         FORWARD[activation](self, pre, A)
 
-    def dense_backward(self, X, W, dA, activation, A, Z, dW, db, dX=None):
+    def dense_backward(self, X, W, dA, activation, A, Z, dW, db, dX=None, bf16=False):
         if activation != "identity":
             if activation in KEEPS_Z and Z is None:
                 raise ValueError(f"dense_backward of {activation} needs the pre-activation Z")
             factor = self._scratch("act_grad", dA.shape, dA.dtype)
             DERIVATIVE[activation](self, A, Z, factor)
             dA *= factor
-        np.matmul(X.T, dA, out=dW)
+        dZ = dA
+        if bf16:
+            X, W, dZ = (self._rounded("bf16 X", X), self._rounded("bf16 W", W),
+                        self._rounded("bf16 dZ", dA))
+        np.matmul(X.T, dZ, out=dW)
         np.add.reduce(dA, axis=0, out=db)
         if dX is not None:
-            np.matmul(dA, W.T, out=dX)
+            np.matmul(dZ, W.T, out=dX)
 
     # ------------------------------------------------------------------ dropout
     # (The reference: the mask drawn in NumPy for the step, an array per call. The compiled

@@ -28,7 +28,7 @@ import numpy as np
 
 from . import atomic
 from .memory import n_parameters
-from .backends.base import DTYPES, LOSSES
+from .backends.base import LOSSES, PRECISIONS
 
 FORMAT = "bpkernels-checkpoint"
 VERSION = 2
@@ -156,8 +156,8 @@ def _check_meta(path: Path, meta: dict) -> tuple[tuple[int], np.dtype, list[str]
         hidden_activations(activations, len(sizes) - 2)
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"{path}: checkpoint field 'activations': {err}") from None
-    if meta.get("dtype") not in DTYPES:
-        raise bad("dtype", " or ".join(map(repr, DTYPES)))
+    if meta.get("dtype") not in PRECISIONS:
+        raise bad("dtype", " or ".join(map(repr, PRECISIONS)))
     if not (_is_int(meta.get("seed")) and meta["seed"] >= 0):
         raise bad("seed", "a non-negative integer")
     if not isinstance(meta.get("backend"), str):
@@ -205,7 +205,9 @@ def _check_meta(path: Path, meta: dict) -> tuple[tuple[int], np.dtype, list[str]
     if meta.get("loss") not in (None, *LOSSES):
         raise bad("loss", "absent, null or one of " + ", ".join(map(repr, LOSSES)))
     _check_schedule(path, meta.get("lr_scheduler"))
-    return (n_parameters(sizes, meta.get("norm")),), np.dtype(meta["dtype"]), names
+    # bf16 models store float32 (their master weights and optimizer state)
+    storage = np.dtype("float32" if meta["dtype"] == "bf16" else meta["dtype"])
+    return (n_parameters(sizes, meta.get("norm")),), storage, names
 
 
 def _check_schedule(path: Path, saved: Any) -> None:

@@ -33,7 +33,7 @@ from .cli_args import as_option, count, lr_schedule, positive_real, probabilitie
 from .cli_bench import add_bench_parser, cmd_bench, cmd_info  # noqa: F401
 from .losses import check_loss, has_accuracy
 from .memory import InsufficientMemory
-from .model import DTYPES, MLP, check_dropout, resolve_dtype
+from .model import PRECISIONS, MLP, check_dropout, resolve_dtype
 from .optim import OPTIMIZERS, make_optimizer
 from .signals import StopSignals
 from .train import TrainingDiverged, fit
@@ -138,7 +138,7 @@ def _build_parser() -> argparse.ArgumentParser:
                        help=f"auto, {', '.join(backend_names())} (default: {DEFAULT_BACKEND}; "
                             "with --resume, the checkpoint's backend when available)")
     model.add_argument("--dtype", default=None, metavar="DTYPE",
-                       help=f"{', '.join(DTYPES)} (default: {DEFAULT_DTYPE})")
+                       help=f"{', '.join(PRECISIONS)} (default: {DEFAULT_DTYPE})")
     model.add_argument("--seed", type=count(0), default=None,
                        help="seed of the split, the initial weights and the batch order "
                             "(default: 0; with --resume, the checkpoint's, so the test split stays unseen)")

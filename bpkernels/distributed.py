@@ -476,7 +476,7 @@ class _NcclAllreduce:
         self.nccl = nccl = be.nccl
         unique_id = comm.bcast(nccl.get_unique_id() if comm.Get_rank() == 0 else None, root=0)
         self.device_comm = nccl.NcclCommunicator(comm.Get_size(), unique_id, comm.Get_rank())
-        self.dtype = {"float32": nccl.NCCL_FLOAT32, "float64": nccl.NCCL_FLOAT64}[model.dtype.name]
+        self.dtype = {"float32": nccl.NCCL_FLOAT32, "float64": nccl.NCCL_FLOAT64}[model.storage.name]
 
     def __call__(self, grads, loss, weight: float) -> None:
         self.backend.weigh_grads(grads, loss, weight)

@@ -13,7 +13,8 @@ import numpy as np
 from . import checkpoint, interop, memory, philox
 from .activations import ACTIVATIONS, hidden_activations
 from .backends import BackendUnavailable, get_backend
-from .backends.base import DTYPES, Backend
+from .backends.base import BF16, BF16_NAMES, DTYPES, PRECISIONS, Backend, MixedPrecision, \
+    storage_dtype
 from .interop import ArrayLike
 from .losses import check_loss, has_accuracy, prepare_targets
 from .lr_scheduler import LRScheduler, scheduler_from_config
@@ -34,13 +35,19 @@ CHUNK_ROWS = 4096
 _MAX_WORKSPACES = 6
 
 
-def resolve_dtype(dtype: Any) -> np.dtype:
+def resolve_dtype(dtype: Any) -> np.dtype | MixedPrecision:
+    """A NumPy dtype of DTYPES, or BF16 for "bf16" (mixed precision: stored in float32)."""
+    if isinstance(dtype, MixedPrecision) or (isinstance(dtype, str) and
+                                             dtype.lower() in BF16_NAMES):
+        return BF16
     try:
         resolved = np.dtype(dtype)
     except TypeError:
         resolved = None
+    if resolved is not None and resolved.name in BF16_NAMES:  # ml_dtypes.bfloat16
+        return BF16
     if resolved is None or resolved.name not in DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r}; valid dtypes: {', '.join(DTYPES)}")
+        raise ValueError(f"unsupported dtype {dtype!r}; valid dtypes: {', '.join(PRECISIONS)}")
     return resolved
 
 
@@ -49,7 +56,7 @@ class Workspace:
     Allocated once and reused every step."""
 
     def __init__(self, model: "MLP", rows: int, target_shape: tuple | None, target_dtype) -> None:
-        be, dtype = model.backend, model.dtype
+        be, dtype = model.backend, model.storage
         self.rows = rows
         self.X = be.empty((rows, model.sizes[0]), dtype)
         self.T = None if target_shape is None else be.empty((rows,) + target_shape, target_dtype)
@@ -113,12 +120,17 @@ class MLP:
                         for layer in range(len(self._layout))]
         self.n_params = memory.n_parameters(self.sizes, norm)
         self._check_memory()
-        self.params = self.backend.asarray(self._initial_params(), self.dtype)
-        self.grads = self.backend.zeros((self.n_params,), self.dtype)
+        self.params = self.backend.asarray(self._initial_params(), self.storage)
+        self.grads = self.backend.zeros((self.n_params,), self.storage)
         self._weights = self._views(self.params)
         self._gradients = self._views(self.grads)
         self._workspaces: OrderedDict[tuple, Workspace] = OrderedDict()
         self._local = threading.local()
+
+    @property
+    def storage(self) -> np.dtype:
+        """The NumPy dtype of the model's arrays: its dtype, float32 for bf16."""
+        return storage_dtype(self.dtype)
 
     @property
     def training(self) -> bool:
@@ -208,16 +220,16 @@ class MLP:
     # ---------------------------------------------------------------- passes
     def _forward(self, ws: Workspace, X, drops: Sequence[Any] = ()) -> Any:
         """The outputs of X; with ``drops`` (:meth:`dropouts`), as trained: dropped."""
-        be = self.backend
+        be, bf16 = self.backend, self.dtype is BF16
         for layer, (params, act, A, Z) in enumerate(zip(self._weights, self.layer_activations,
                                                         ws.A, ws.Z)):
             if self._normed[layer]:
                 W, b, gamma, beta = params
-                be.dense_forward(X, W, b, "identity", ws.H[layer])
+                be.dense_forward(X, W, b, "identity", ws.H[layer], bf16=bf16)
                 be.layer_norm_forward(ws.H[layer], gamma, beta, act, A, ws.rstd[layer],
                                       NORM_EPS)
             else:
-                be.dense_forward(X, params[0], params[1], act, A, Z)
+                be.dense_forward(X, params[0], params[1], act, A, Z, bf16=bf16)
             X = A
             if layer < len(drops) and drops[layer] is not None:
                 be.dropout_forward(A, ws.D[layer], drops[layer])
@@ -226,7 +238,7 @@ class MLP:
 
     def _backward(self, ws: Workspace, drops: Sequence[Any] = ()) -> None:
         """Gradients into ``self.grads`` from ``ws.dA[-1]`` (the loss gradient of the output)."""
-        be = self.backend
+        be, bf16 = self.backend, self.dtype is BF16
         for layer in reversed(range(len(self._layout))):
             W = self._weights[layer][0]
             dW, db = self._gradients[layer][:2]
@@ -239,7 +251,7 @@ class MLP:
                 be.layer_norm_backward(ws.dA[layer], act, A, ws.H[layer], gamma, beta,
                                        ws.rstd[layer], *self._gradients[layer][2:])
                 act, A, Z = "identity", ws.H[layer], None
-            be.dense_backward(X, W, ws.dA[layer], act, A, Z, dW, db, dX)
+            be.dense_backward(X, W, ws.dA[layer], act, A, Z, dW, db, dX, bf16=bf16)
             if dropped:  # dX is the gradient of the dropout's output: now of its input
                 be.dropout_backward(dX, drops[layer - 1])
 
@@ -286,7 +298,7 @@ class MLP:
         """The outputs for the rows of X: a NumPy array, or a device array for device X."""
         be = self.backend
         shape = (X.rows, self.sizes[-1])
-        out = be.empty(shape, self.dtype) if X.device else np.empty(shape, self.dtype)
+        out = be.empty(shape, self.storage) if X.device else np.empty(shape, self.storage)
         direct = X.device or interop.host_backend(be)  # ``out`` is the backend's own array
         for ws, rows, chunk in self._chunks(X):
             Y = self._forward(ws, chunk)
@@ -312,7 +324,7 @@ class MLP:
             W, count = None, ws.rows
             if weights is not None:  # the chunk's weights, in a buffer of its workspace
                 if getattr(ws, "W", None) is None:
-                    ws.W = be.empty((ws.rows,), self.dtype)
+                    ws.W = be.empty((ws.rows,), self.storage)
                 W, count = ws.W, float(weights[rows].sum(dtype=np.float64))
                 if resident is None:
                     self._upload(weights[rows], W)
@@ -339,9 +351,9 @@ class MLP:
         """Checked inputs and host targets for ``loss`` (see bpkernels.interop): what
         :meth:`evaluate_prepared` and :class:`bpkernels.train.EpochLoop` take."""
         check_loss(loss)
-        X = interop.features(X, self.backend, self.dtype, self.sizes[0])
+        X = interop.features(X, self.backend, self.storage, self.sizes[0])
         y = interop.targets(y, self.backend)
-        return X, prepare_targets(loss, y, X.rows, self.sizes[-1], self.dtype)
+        return X, prepare_targets(loss, y, X.rows, self.sizes[-1], self.storage)
 
     # ---------------------------------------------------------------- public API
     # Inputs: NumPy arrays or any array of another library (see bpkernels.interop for the rules:
@@ -349,12 +361,12 @@ class MLP:
     def forward(self, X: ArrayLike) -> Any:
         """Outputs (logits for classifiers) for the rows of X: a NumPy array for host X, a
         device array of the backend (CuPy on "cupy") for device X."""
-        return self._outputs(interop.features(X, self.backend, self.dtype, self.sizes[0]))
+        return self._outputs(interop.features(X, self.backend, self.storage, self.sizes[0]))
 
     def predict(self, X: ArrayLike) -> Any:
         """Class ids (int64): the argmax of the outputs, or ``output > 0`` for a single output;
         a NumPy array for host X, a device array for device X."""
-        X = interop.features(X, self.backend, self.dtype, self.sizes[0])
+        X = interop.features(X, self.backend, self.storage, self.sizes[0])
         Y = self._outputs(X)
         if X.device:  # the contract has no argmax kernel: the (n, outputs) logits come back
             return self.backend.asarray(_class_ids(self.backend.to_host(Y)))
@@ -372,7 +384,7 @@ class MLP:
         if loss == "mse":
             raise ValueError("predict_proba: this model is trained with mse, which has no link "
                              "to probabilities; use forward() for its outputs")
-        X = interop.features(X, self.backend, self.dtype, self.sizes[0])
+        X = interop.features(X, self.backend, self.storage, self.sizes[0])
         Y = self._outputs(X)
         host = self.backend.to_host(Y).copy() if X.device else Y
         P = _softmax(host) if loss == "cross_entropy" else _sigmoid(host)
@@ -390,7 +402,7 @@ class MLP:
         X, T = self.prepare(X, y, loss)
         if sample_weight is not None:  # from any library, as y (bpkernels.interop)
             sample_weight = interop.targets(sample_weight, self.backend, "sample_weight")
-        weights = row_weights(sample_weight, None, T, loss, self.sizes[-1], self.dtype,
+        weights = row_weights(sample_weight, None, T, loss, self.sizes[-1], self.storage,
                               "evaluate")
         return self.evaluate_prepared(X, T, loss, weights, plan)
 
@@ -435,7 +447,7 @@ class MLP:
                                  f"{' values' if isinstance(given, (list, tuple)) else ''}")
             for name, value in zip(names, given):
                 shape = (i, o) if name == "W" else (o,)
-                sources.append(interop.parameter(value, self.backend, self.dtype, shape,
+                sources.append(interop.parameter(value, self.backend, self.storage, shape,
                                                  f"layer {layer} {name}"))
         destinations = [view for layer in self._weights for view in layer]
         for src, dst in zip(sources, destinations):
@@ -475,12 +487,12 @@ class MLP:
         for name, buf in buffers.items():
             host = self.backend.to_host(buf)
             with np.errstate(over="ignore"):  # overflow is reported below
-                cast = host.astype(new_dtype)
+                cast = host.astype(storage_dtype(new_dtype))
             if name != "grads" and not np.isfinite(cast).all():  # grads: rewritten every step
                 i = int(np.argmin(np.isfinite(cast)))
                 raise ValueError(f"cannot move the model to {new_dtype}: its {name}[{i}] = "
                                  f"{host[i]} does not fit in {new_dtype}")
-            moved[name] = target.asarray(cast, new_dtype)
+            moved[name] = target.asarray(cast, cast.dtype)
         # Nothing below can fail: the model changes all at once.
         self.backend, self.dtype = target, new_dtype
         self.params, self.grads = moved.pop("params"), moved.pop("grads")
@@ -585,7 +597,12 @@ def _check_backend_kernels(backend: Backend, dropout: tuple[float, ...], norm: A
                          "norm='layer' trains on numpy, numba or cupy")
 
 
-def _check_backend_dtype(backend: Backend, dtype: np.dtype) -> None:
+def _check_backend_dtype(backend: Backend, dtype: np.dtype | MixedPrecision) -> None:
+    if dtype is BF16:
+        why = backend.bf16_unavailable()
+        if why is not None:
+            raise ValueError(f"backend {backend.name!r} cannot run bf16: {why}")
+        return
     if dtype.name not in backend.dtypes:
         raise ValueError(f"backend {backend.name!r} does not support {dtype.name}; "
                          f"it supports {', '.join(backend.dtypes)}")

@@ -63,11 +63,11 @@ class Optimizer:
             raise ValueError(f"this {type(self).__name__} is already bound to another model; "
                              "create one optimizer per model")
         be = model.backend
-        self.state = {n: be.zeros(model.params.shape, model.dtype) for n in self.needed_states()}
+        self.state = {n: be.zeros(model.params.shape, model.storage) for n in self.needed_states()}
         self._model = weakref.ref(model)
 
     def state_matches(self, model: "MLP") -> bool:
-        return all(s.shape == model.params.shape and s.dtype == model.dtype
+        return all(s.shape == model.params.shape and s.dtype == model.storage
                    for s in self.state.values()) and set(self.state) == set(self.needed_states())
 
     def step(self, model: "MLP", halted: Any, clip: Any = None, rate: Any = None,

@@ -156,7 +156,7 @@ class _BaseMLP(BaseEstimator):
                         dropout=settings["dropout"], norm=settings["norm"])
         keep_optimizer = incremental and model.optimizer is not None
         optimizer = None if keep_optimizer else self._make_optimizer(settings)
-        X = np.asarray(X, dtype=model.dtype)
+        X = np.asarray(X, dtype=model.storage)
         loss = self._model_loss(n_outputs)
 
         X_val = T_val = W_val = None

@@ -135,7 +135,7 @@ def fit(model: "MLP", X: ArrayLike, y: ArrayLike, *, loss: str = "cross_entropy"
         X, T = model.prepare(X, y, loss)
         if sample_weight is not None:  # from any library, as y (bpkernels.interop)
             sample_weight = interop.targets(sample_weight, model.backend, "sample_weight")
-        weights = row_weights(sample_weight, class_weight, T, loss, model.sizes[-1], model.dtype)
+        weights = row_weights(sample_weight, class_weight, T, loss, model.sizes[-1], model.storage)
         plan = check_metrics(metrics, loss, model.sizes[-1])
         if comm is not None and X.device:
             raise ValueError("fit(comm=...) takes X as a host array (each rank reads its shard of "
@@ -280,7 +280,7 @@ class EpochLoop:
         self.batch = min(check_positive_int(batch_size, "batch_size", 1), self.n)
         self.steps = math.ceil(self.n / self.batch)
         # Data in the model's memory is trained on in place: the kernels only read it.
-        self.X = X.data if X.resident else be.asarray(X.data, model.dtype)
+        self.X = X.data if X.resident else be.asarray(X.data, model.storage)
         self.T = T if interop.host_backend(be) else be.asarray(T)
         rows = np.full(self.steps, self.batch, dtype=np.float64)
         rows[-1] = self.n - (self.steps - 1) * self.batch
@@ -290,8 +290,8 @@ class EpochLoop:
         full, last = int(self.rows[0]), int(self.rows[-1])
         self.full = model.workspace(full, T.shape[1:], T.dtype)
         self.last = self.full if last == full else model.workspace(last, T.shape[1:], T.dtype)
-        self.step_loss = be.zeros((self.steps,), model.dtype)
-        self.step_correct = be.zeros((self.steps,), model.dtype)
+        self.step_loss = be.zeros((self.steps,), model.storage)
+        self.step_correct = be.zeros((self.steps,), model.storage)
         self.loss_slots = [self.step_loss[s:s + 1] for s in range(self.steps)]
         self.correct_slots = [self.step_correct[s:s + 1] for s in range(self.steps)]
         self.halted = be.zeros((1,), np.int64)
@@ -313,9 +313,9 @@ class EpochLoop:
         if weights is not None:
             if weights.shape != (self.n,):
                 raise ValueError(f"weights must have shape ({self.n},), got {weights.shape}")
-            self.W = be.asarray(weights, model.dtype)
-            full_W = be.empty((full,), model.dtype)
-            self.batch_W = (full_W, full_W if last == full else be.empty((last,), model.dtype))
+            self.W = be.asarray(weights, model.storage)
+            full_W = be.empty((full,), model.storage)
+            self.batch_W = (full_W, full_W if last == full else be.empty((last,), model.storage))
         self.grad_weights = self.rows / rows  # under MPI: what each rank's gradient weighs
         # The metrics' statistics: summed on the device over the epoch's steps, read once
         self.metrics, self.stats = metrics, None
@@ -525,7 +525,7 @@ class EpochLoop:
             metrics=None if self.metrics is None else (self.metrics.kind, self.metrics.ks),
             clip=self.clip, rates=rates,
             dropout=(model.seed, model.dropout) if any(model.dropout) else None,
-            norm=None if model.norm is None else NORM_EPS)
+            norm=None if model.norm is None else NORM_EPS, bf16=model.dtype == "bf16")
 
 
 class _StepBoundaryInterrupt:
@@ -631,7 +631,7 @@ def check_memory(model: "MLP", X: interop.Array, T: np.ndarray, optimizer: Optim
     fit: the optimizer's state (unless bound already), the workspaces of the full and the last
     batch and of evaluation's chunks, the batch order, and on a host backend the training data
     in the model's dtype (a GPU backend keeps on the device only the data that fits)."""
-    itemsize, n = model.dtype.itemsize, X.rows
+    itemsize, n = model.storage.itemsize, X.rows
     target = T[:1].nbytes
     rows = min(batch_size, n)
     states = 0 if optimizer.bound_to(model) else len(optimizer.needed_states())
@@ -675,5 +675,5 @@ def _check_validation(model, data, loss) -> tuple[Any, ...]:
         return X, T
     name, be = "validation_data[2]", model.backend
     w = row_weights(interop.targets(data[2], be, name), None, T, loss, model.sizes[-1],
-                    model.dtype, name=name, rows="validation_data")
+                    model.storage, name=name, rows="validation_data")
     return X, T, DeviceWeights(w, w if interop.host_backend(be) else be.asarray(w))

@@ -21,7 +21,7 @@ from numba.core import event
 
 from . import dropout, epoch, jit, layers, losses, norm, optim
 from ..base import ACTIVATION_CODES, BOUNDS, KEEPS_Z, LOSS_CODES, OPTIMIZER_RULES, RULES, \
-    Backend, EpochPlan, rated
+    Backend, EpochPlan, rated, refuse_bf16
 from .. import host
 from ... import philox
 from ..numpy_backend import HostMemory, blas_info
@@ -214,7 +214,8 @@ class NumbaBackend(HostMemory, Backend):
             self._last_kinds = _KINDS[activation]
         return self._last_kinds
 
-    def dense_forward(self, X, W, b, activation, A, Z=None):
+    def dense_forward(self, X, W, b, activation, A, Z=None, bf16=False):
+        refuse_bf16(self, bf16)
         if GEMM_BY_NUMPY:
             product = A if Z is None else Z
             np.matmul(X, W, out=product)
@@ -225,7 +226,8 @@ class NumbaBackend(HostMemory, Backend):
                              ACTIVATION_CODES[activation], A if Z is None else Z, A,
                              Z is not None, self._par(A.size), self._kinds(activation))
 
-    def dense_backward(self, X, W, dA, activation, A, Z, dW, db, dX=None):
+    def dense_backward(self, X, W, dA, activation, A, Z, dW, db, dX=None, bf16=False):
+        refuse_bf16(self, bf16)
         if Z is None and activation in KEEPS_Z:
             raise ValueError(f"dense_backward of a {activation} layer needs its pre-activation Z")
         if GEMM_BY_NUMPY:
@@ -333,7 +335,7 @@ class NumbaBackend(HostMemory, Backend):
     # ------------------------------------------------------------------ a whole epoch
     def train_epoch(self, plan: EpochPlan) -> bool:
         rule = OPTIMIZER_RULES.get(plan.optimizer)
-        if rule is None or (GEMM_BY_NUMPY and plan.params.size >= BOUND_MIN_PARAMS):
+        if plan.bf16 or rule is None or (GEMM_BY_NUMPY and plan.params.size >= BOUND_MIN_PARAMS):
             return False
         net, work, targets, bounds, norm = plan.cache.get("numba") or \
             plan.cache.setdefault("numba", self._epoch_buffers(plan))
