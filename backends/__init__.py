@@ -90,8 +90,9 @@ def _apply_threads(backend: Backend, n: int) -> None:
     backend.set_threads(n if limit is None else min(n, limit))
 
 
-def get_backend(name: str | Backend = "auto") -> Backend:
-    """The backend called ``name`` ("auto": the fastest one available here)."""
+def get_backend(name: str | Backend = "auto", bf16: bool = False) -> Backend:
+    """The backend called ``name`` ("auto": the fastest one available here; with ``bf16``,
+    the fastest that runs dtype="bf16", which the NumPy reference always does)."""
     if isinstance(name, Backend):
         return name
     if not isinstance(name, str):
@@ -99,9 +100,11 @@ def get_backend(name: str | Backend = "auto") -> Backend:
     if name == "auto":
         for candidate in _REGISTRY:
             try:
-                return _load(candidate)
+                backend = _load(candidate)
             except BackendUnavailable:
                 continue
+            if not bf16 or backend.bf16_unavailable() is None:
+                return backend
         raise BackendUnavailable("no backend can run here: " + "; ".join(_unavailable.values()))
     if name not in _REGISTRY:
         valid = ", ".join(("auto",) + backend_names())

@@ -39,10 +39,13 @@ def _backend_report() -> dict[str, dict[str, Any]]:
     for name in backend_names():
         if name in available:
             try:
-                device = get_backend(name).device_info()
+                backend = get_backend(name)
+                device = backend.device_info()
+                bf16 = backend.bf16_unavailable()
             except Exception as err:  # a broken driver must not hide the rest of the report
-                device = {"error": f"{type(err).__name__}: {err}"}
-            report[name] = {"available": True, "device": device}
+                device, bf16 = {"error": f"{type(err).__name__}: {err}"}, "unknown"
+            report[name] = {"available": True, "device": device,
+                            "bf16": "available" if bf16 is None else f"unavailable: {bf16}"}
         else:
             report[name] = {"available": False,
                             "reason": reasons.get(name, "unavailable (no reason recorded)")}
@@ -100,6 +103,8 @@ def print_info(info: dict[str, Any]) -> None:
     for name, entry in info["backends"].items():
         status = "available" if entry["available"] else f"unavailable: {entry['reason']}"
         lines.append(f"  {name}: {status}")
+        if "bf16" in entry:
+            lines.append(f"    {name} bf16: {entry['bf16']}")
         device = entry.get("device") or {}
         if "mode" in device:  # the Numba backend: native or plain, and why
             lines.append(f"    {name} mode: {device['mode_reason']}")

@@ -94,7 +94,7 @@ class MLP:
         self.dropout = check_dropout(dropout, len(self.sizes) - 2)
         self.layer_activations = self.activations + ("identity",)
         self.dtype = resolve_dtype(dtype)
-        self.backend = get_backend(backend)
+        self.backend = get_backend(backend, bf16=self.dtype is BF16)
         _check_backend_dtype(self.backend, self.dtype)
         _check_backend_kernels(self.backend, self.dropout, self.norm)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -466,8 +466,8 @@ class MLP:
             raise RuntimeError("model.to() cannot move a model while fit() trains it (the "
                                "training loop holds its buffers); call it after fit() returns, "
                                "or stop training from the callback by returning True")
-        target = get_backend(backend)
         new_dtype = self.dtype if dtype is None else resolve_dtype(dtype)
+        target = get_backend(backend, bf16=new_dtype is BF16)
         _check_backend_dtype(target, new_dtype)
         _check_backend_kernels(target, self.dropout, self.norm)
         if target is self.backend and new_dtype == self.dtype:
@@ -543,7 +543,9 @@ class MLP:
         if backend is None:
             # Only the saved backend is tried, so loading never imports every backend there is.
             try:
-                backend = get_backend(meta["backend"]).name
+                saved_on = get_backend(meta["backend"])
+                runs = meta["dtype"] != "bf16" or saved_on.bf16_unavailable() is None
+                backend = saved_on.name if runs else "auto"
             except (BackendUnavailable, ValueError):
                 backend = "auto"
         model = cls(meta["sizes"], meta["activations"], backend=backend, dtype=meta["dtype"],

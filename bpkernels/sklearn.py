@@ -272,7 +272,7 @@ class _BaseMLP(BaseEstimator):
         check_is_fitted(self, "model_")
         X = _validate_data(self, X, reset=False, dtype=(np.float64, np.float32))
         with limit_threads(check_threads(self.threads)):
-            return self.model_.forward(np.asarray(X, dtype=self.model_.dtype))
+            return self.model_.forward(np.asarray(X, dtype=self.model_.storage))
 
     # ------------------------------------------------------------------ parameters
     def _check_params(self) -> dict[str, Any]:
@@ -311,7 +311,7 @@ class _BaseMLP(BaseEstimator):
             "norm": check_norm(self.norm),
         }
         check_random_state_value(self.random_state)
-        settings["backend"] = get_backend(self.backend).name
+        settings["backend"] = get_backend(self.backend, bf16=settings["dtype"] == "bf16").name
         settings["optimizer"] = self._check_optimizer(settings)
         return settings
 

@@ -249,3 +249,41 @@ def test_unavailable_is_one_clear_error():
             bpk.MLP([3, 2], backend=name, dtype="bf16")
     with pytest.raises(ValueError, match="valid dtypes: float32, float64, bf16"):
         bpk.MLP([3, 2], dtype="float16")
+
+
+def test_auto_picks_a_backend_that_runs_bf16():
+    model = bpk.MLP([4, 3], backend="auto", dtype="bf16")
+    assert model.backend.bf16_unavailable() is None
+    assert model.to("auto", "float32").backend is get_backend("auto")
+
+
+def test_cli_trains_and_resumes_in_bf16(tmp_path, capsys):
+    from bpkernels import cli
+    path = tmp_path / "m.npz"
+    argv = ["train", "--data", "digits", "--backend", "numpy", "--dtype", "bf16", "--epochs",
+            "2", "--layers", "32", "--no-progress", "--save", str(path)]
+    assert cli.main(argv) == 0
+    assert "dtype: bf16" in capsys.readouterr().out or bpk.load(path).dtype is BF16
+    assert bpk.load(path).dtype is BF16
+    assert cli.main(["train", "--data", "digits", "--resume", str(path), "--dtype", "float32",
+                     "--epochs", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--dtype float32 (checkpoint: bf16)" in err[0], err
+    assert cli.main(["info"]) == 0
+    assert "numpy bf16: available" in capsys.readouterr().out
+
+
+def test_estimators_take_bf16():
+    pytest.importorskip("sklearn")
+    from bpkernels.sklearn import MLPClassifier
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((120, 8))
+    y = (X[:, 0] + X[:, 1] > 0).astype(int)
+    clf, f32 = (MLPClassifier(hidden_layer_sizes=(16,), dtype=dtype, max_iter=30,
+                              random_state=0, backend="numpy").fit(X, y)
+                for dtype in ("bf16", "float32"))
+    assert clf.model_.dtype is BF16 and abs(clf.score(X, y) - f32.score(X, y)) < 0.03
+    import pickle
+    again = pickle.loads(pickle.dumps(clf))
+    assert again.model_.dtype is BF16
+    np.testing.assert_array_equal(again.predict_proba(X), clf.predict_proba(X))
