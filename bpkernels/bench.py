@@ -358,7 +358,15 @@ def _entries(options: BenchOptions, config: Config, dtype: str, counts: Sequence
 
 def _builds(backend: str, config: Config, dtype: str, notes: list[str]) -> bool:
     """Whether ``backend`` has the kernels of the config's layers (a backend registered by a
-    user may lack them); if not, a note says so and the run goes on without it."""
+    user may lack them) and, in bf16, bfloat16 products; if not, a note says so and the run
+    goes on without it."""
+    if dtype == "bf16":
+        why = get_backend(backend).bf16_unavailable()
+        if why is not None:
+            note = f"{backend} skipped in bf16: {why}"
+            if note not in notes:
+                notes.append(note)
+            return False
     if config.norm is None and not config.dropout:
         return True  # every backend trains plain layers: nothing to build ahead
     try:

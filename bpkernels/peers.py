@@ -6,6 +6,7 @@ Neither is a dependency: a peer that is not installed gives a note, not an error
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import time
 import warnings
@@ -50,6 +51,9 @@ def peer_entries(peer: str, config: Config, dtype: str, threads: int | None,
         raise ValueError(f"unknown peer {peer!r}; valid peers: {', '.join(PEERS)}")
     if peer == "torch":
         return _torch_entries(config, dtype, threads, data)
+    if dtype == "bf16":
+        raise PeerUnavailable("sklearn skipped in bf16: MLPClassifier computes in float32 or "
+                              "float64 only")
     return [_sklearn_entry(config, dtype, threads, data)]
 
 
@@ -90,7 +94,8 @@ def _torch_model(torch, config: Config, dtype: str, device: str):
     """Linear -> [LayerNorm] -> ReLU -> [Dropout] per hidden layer, as MLP builds it with the
     config's norm and dropout, from the shared initial weights (gamma 1, beta 0)."""
     layers: list[Any] = []
-    torch_dtype = getattr(torch, dtype)
+    # bf16: float32 master weights, as autocast's users keep them (autocast is _torch_trainer's)
+    torch_dtype = getattr(torch, "float32" if dtype == "bf16" else dtype)
     hidden = len(config.sizes) - 2
     for layer, (W, b, *affine) in enumerate(initial_weights(config)):
         # Created in the run's dtype, so float64 weights are never rounded through float32.
@@ -115,11 +120,16 @@ def _copy(torch, params, arrays) -> None:
             param.copy_(torch.from_numpy(np.ascontiguousarray(array)))
 
 
-def _torch_trainer(torch, model, X, y, config: Config,
-                   device: str) -> Callable[[], tuple[float, float]]:
+def _torch_trainer(torch, model, X, y, config: Config, device: str,
+                   dtype: str) -> Callable[[], tuple[float, float]]:
     """Trains like ``fit``, one epoch a call: same batches, SGD, mean cross-entropy; the epoch
     loss is kept on the device and read once per epoch, as bpkernels does. Each call returns
-    (seconds, loss) of its epoch."""
+    (seconds, loss) of its epoch. bf16: the forward pass and loss under
+    ``torch.autocast(dtype=torch.bfloat16)``, backward and step outside it, as its docs show."""
+    if dtype == "bf16":
+        autocast = functools.partial(torch.autocast, device_type=device, dtype=torch.bfloat16)
+    else:
+        autocast = contextlib.nullcontext
     opt = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
     loss_fn = torch.nn.CrossEntropyLoss()
     n = X.shape[0]
@@ -132,7 +142,8 @@ def _torch_trainer(torch, model, X, y, config: Config,
         for s in range(0, n, config.batch):
             rows = order[s:s + config.batch]
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(X[rows]), y[rows])
+            with autocast():
+                loss = loss_fn(model(X[rows]), y[rows])
             loss.backward()
             opt.step()
             total += loss.detach() * rows.shape[0]
@@ -147,7 +158,7 @@ def _torch_make_epoch(torch, device: str, config: Config, dtype: str, threads: i
     def make_epoch() -> Callable[[], float]:
         X, y = (torch.from_numpy(a).to(device) for a in data)
         train = _torch_trainer(torch, _torch_model(torch, config, dtype, device), X, y, config,
-                               device)
+                               device, dtype)
 
         def epoch() -> float:
             with _torch_threads(torch, threads):
@@ -167,9 +178,10 @@ def _torch_parity(torch, device: str, config: Config, dtype: str,
             # measure the masks. Timed, but not compared.
             return None, DROPOUT_PARITY_NOTE
         Xp, yp, epochs = parity_workload(config)
+        storage = "float32" if dtype == "bf16" else dtype
         model = _torch_model(torch, config, dtype, device)
-        train = _torch_trainer(torch, model, torch.from_numpy(Xp.astype(dtype)).to(device),
-                               torch.from_numpy(yp).to(device), config, device)
+        train = _torch_trainer(torch, model, torch.from_numpy(Xp.astype(storage)).to(device),
+                               torch.from_numpy(yp).to(device), config, device, dtype)
         with _torch_threads(torch, threads):
             losses = [train()[1] for _ in range(epochs)]
         weights = []  # in get_weights' order: W, b, then gamma, beta of a normalized layer

@@ -12,6 +12,7 @@ import numpy as np
 from . import memory
 from .backends import host
 from .lr_scheduler import CosineAnnealingLR
+from .backends.base import storage_dtype
 from .model import MLP, resolve_dtype
 from .optim import SGD
 from .train import fit
@@ -128,7 +129,7 @@ def workload(config: Config, dtype: str = "float32") -> tuple[np.ndarray, np.nda
     """Synthetic inputs and labels, the same for every backend and peer."""
     check_memory(config, dtype)
     rng = np.random.default_rng(SEED)
-    X = rng.standard_normal((config.samples, config.sizes[0])).astype(resolve_dtype(dtype))
+    X = rng.standard_normal((config.samples, config.sizes[0])).astype(storage_dtype(resolve_dtype(dtype)))
     y = rng.integers(0, config.sizes[-1], config.samples)
     return X, y
 
