@@ -15,6 +15,10 @@ the reason MKL is unusable there instead of letting LLVM abort on an unresolved 
 Where MKL exports no 64-bit-integer entry point, the symbol names a small adapter that calls the
 LP64 one. ``MKL_Set_Interface_Layer`` is never called: it is process-wide, and the process may
 hold other users of MKL (NumPy or SciPy built against it) that chose their own.
+
+One difference from exact products of the rounded inputs: MKL 2026.2 on AMX reads subnormal
+bfloat16 inputs as zero and flushes subnormal results to zero (seen at 1x1x1 to 512^3), as the
+AMX and AVX512-BF16 instructions do; a NumPy emulation that keeps subnormals differs there.
 """
 from __future__ import annotations
 
@@ -167,7 +171,8 @@ def error_bound(A64, B64, C0, beta):
     more for beta C): in any order, |error| <= gamma_(k+2) * (|A| @ |B| + |beta C|), where
     gamma_n = n u / (1 - n u), u = 2^-24 (Higham, Accuracy and Stability, 3.1). Twice that
     covers gamma's denominator and the float64 reference's own rounding; 2^-126 * (k + 2)
-    covers subnormal results flushed to zero (AMX's TDPBF16PS flushes them)."""
+    covers subnormal results flushed to zero (MKL flushes them). Inputs must be normal or zero:
+    MKL reads subnormal bfloat16 inputs as zero, an error this bound does not cover."""
     k = A64.shape[1]
     magnitude = np.abs(A64) @ np.abs(B64)
     if beta != 0:  # (beta 0: C0 is not read, and may be NaN)
