@@ -148,7 +148,7 @@ def test_rounding_equals_the_reference_bit_for_bit(mkl, kernels, shape, caller):
     if shape == "parallel rows":  # large enough for the chunked pass
         if not JIT:
             pytest.skip("NUMBA_DISABLE_JIT: 4M elements in plain Python")
-        patterns = np.resize(patterns, 4 * mkl._PAR_MIN)
+        patterns = np.resize(patterns, 3 * mkl._PAR_MIN)
     x = _floats(patterns)
     if shape != "flat":
         x = x[:x.size // 1024 * 1024].reshape(-1, 1024)
@@ -169,7 +169,7 @@ def test_widening_equals_the_reference(mkl, kernels, caller):
     widen = kernels["widen"] if caller == "compiled" else mkl.widen_bf16
     sources = [bits, bits.reshape(256, 256)]
     if JIT:  # (the chunked pass; plain Python would take minutes)
-        sources.append(np.resize(bits, 4 * mkl._PAR_MIN).reshape(-1, 512))
+        sources.append(np.resize(bits, 3 * mkl._PAR_MIN).reshape(-1, 512))
     for src in sources:
         out = np.empty(src.shape, np.float32)
         widen(src, out)
@@ -179,7 +179,7 @@ def test_widening_equals_the_reference(mkl, kernels, caller):
 @pytest.mark.skipif(not JIT, reason="NUMBA_DISABLE_JIT: no compiled kernels")
 def test_a_kernel_without_reference_counting_rounds_in_parallel_and_multiplies(mkl, kernels):
     rng = np.random.default_rng(4)
-    X = rng.standard_normal((4 * mkl._PAR_MIN // 256, 256), dtype=np.float32)
+    X = rng.standard_normal((3 * mkl._PAR_MIN // 256, 256), dtype=np.float32)
     W = to_bf16_bits(rng.standard_normal((256, 8), dtype=np.float32))
     X16, Z = np.empty(X.shape, np.uint16), np.empty((X.shape[0], 8), np.float32)
     kernels["epoch"](X, X16, W, Z)
