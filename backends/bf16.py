@@ -1,38 +1,52 @@
-"""bfloat16 rounding in NumPy (NumPy has no bfloat16 type): the reference every backend's
-``dtype="bf16"`` products are tested against. A bfloat16 is the upper half of a float32, so a
-float32 holding a rounded value stands for it exactly, and a float32 product of two such values
-is exact (8 + 8 significant bits): float32 GEMM on rounded inputs is bf16 x bf16 -> float32."""
+"""bfloat16 rounding, in NumPy only: the reference every backend's bf16 rounding must equal.
+
+``dtype="bf16"`` rounds the inputs of each matrix product to bfloat16 (the top 16 bits of a
+float32) and accumulates in float32, as torch.autocast does. NumPy has no bfloat16 type, so a
+bfloat16 value is kept as its bits (uint16), or as the float32 it stands for: the product of two
+such float32 values is exact (8 + 8 significant bits), so a float32 GEMM of rounded inputs is a
+bf16 x bf16 -> float32 GEMM up to the order of its sums (the NumPy backend's bf16 products).
+
+Rounding is to nearest, ties to even, on the float32 bit pattern: adding 0x7FFF plus the lowest
+kept bit and truncating carries into the exponent where it must (the largest finite floats
+round to infinity, as IEEE wants) and rounds subnormals like any other pattern. NaN is the one
+pattern that arithmetic would corrupt (a payload in the low bits only would truncate to
+infinity), so it becomes the quiet NaN 0x7FC0 with its sign, as ml_dtypes and Eigen give.
+"""
 from __future__ import annotations
 
 import numpy as np
 
-
-def to_bf16_bits(x) -> np.ndarray:
-    """The bfloat16 bit patterns (uint16) of float32 ``x`` rounded to nearest, ties to even;
-    NaN stays NaN (made quiet), infinities and overflow give infinity."""
-    return (bf16_round(x).view(np.uint32) >> 16).astype(np.uint16)
+__all__ = ["bf16_round", "to_bf16_bits", "widen_bf16_bits"]
 
 
 def bf16_round(x, out: np.ndarray | None = None) -> np.ndarray:
-    """float32 ``x`` rounded to bfloat16, as float32 (``out``, not ``x``, when given)."""
-    x = np.ascontiguousarray(x, np.float32)
+    """float32 ``x`` rounded to the nearest bfloat16 value, as float32 (what a product's input
+    becomes under ``dtype="bf16"``), into ``out`` (a float32 array apart from ``x``) when given:
+    then nothing is allocated unless ``x`` holds a NaN."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
     if out is None:
         out = np.empty_like(x)
-    if np.shares_memory(x, out):
+    elif np.shares_memory(x, out):
         raise ValueError("bf16_round needs an output apart from its input")
-    bits, o = x.view(np.uint32), out.view(np.uint32)
-    # round half to even: add 0x7fff plus the lowest kept bit, then cut the low half
-    np.right_shift(bits, 16, out=o)
-    np.bitwise_and(o, 1, out=o)
-    o += 0x7FFF
-    o += bits
-    o &= 0xFFFF0000
-    nan = np.isnan(x)
-    if nan.any():  # the carry of the addition could turn a NaN into an infinity or a zero
-        o[nan] = (bits[nan] | 0x00400000) & 0xFFFF0000
+    bits, rounded = x.view(np.uint32), out.view(np.uint32)
+    np.right_shift(bits, 16, out=rounded)
+    np.bitwise_and(rounded, 1, out=rounded)
+    rounded += 0x7FFF
+    rounded += bits
+    rounded &= 0xFFFF0000
+    if np.isnan(np.add.reduce(x, axis=None)):  # a scalar: no mask unless there may be a NaN
+        nan = np.isnan(x)
+        rounded[nan] = (bits[nan] & 0x80000000) | 0x7FC00000
     return out
 
 
-def bf16_widen(bits) -> np.ndarray:
-    """float32 values of bfloat16 bit patterns (uint16)."""
-    return (np.asarray(bits, np.uint16).astype(np.uint32) << 16).view(np.float32)
+def to_bf16_bits(x) -> np.ndarray:
+    """The bfloat16 bits (uint16, same shape) nearest to float32 ``x``, ties to even; NaN becomes
+    the quiet NaN 0x7FC0 or 0xFFC0 (its sign kept), infinities stay infinities."""
+    return (bf16_round(x).view(np.uint32) >> np.uint32(16)).astype(np.uint16)
+
+
+def widen_bf16_bits(bits) -> np.ndarray:
+    """The float32 values that bfloat16 bits (uint16) stand for: exact, no rounding."""
+    wide = np.asarray(bits, dtype=np.uint16).astype(np.uint32) << np.uint32(16)
+    return wide.view(np.float32)

@@ -10,7 +10,7 @@ import pytest
 import bpkernels as bpk
 from bpkernels.backends import get_backend
 from bpkernels.backends.base import BF16
-from bpkernels.backends.bf16 import bf16_round, bf16_widen, to_bf16_bits
+from bpkernels.backends.bf16 import bf16_round, to_bf16_bits, widen_bf16_bits
 
 U24 = 2.0 ** -24  # float32's unit roundoff
 
@@ -51,7 +51,7 @@ def test_rounding_equals_ml_dtypes(bits):
     nan = np.isnan(expected)
     np.testing.assert_array_equal(np.isnan(got), nan)
     np.testing.assert_array_equal(got[~nan].view(np.uint32), expected[~nan].view(np.uint32))
-    np.testing.assert_array_equal(bf16_widen(to_bf16_bits(x))[~nan].view(np.uint32),
+    np.testing.assert_array_equal(widen_bf16_bits(to_bf16_bits(x))[~nan].view(np.uint32),
                                   expected[~nan].view(np.uint32))
 
 

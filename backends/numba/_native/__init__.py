@@ -8,6 +8,9 @@ What lives here, and what each rests on:
   collector paused while a kernel compiles (Numba's compile events);
 - ``blas.py``: GEMM by NumPy's own OpenBLAS, called from compiled code through its 64-bit
   CBLAS symbols (found in NumPy's wheel layout);
+- ``mkl.py``: MKL's bf16 GEMM (``cblas_gemm_bf16bf16f32``) for dtype="bf16", called from
+  compiled code by a symbol of our own; found lazily, on CPUs with AMX-BF16 or AVX512-BF16 only,
+  after its own self-test (``availability``); and the bf16 rounding passes;
 - ``pool.py``: worker threads of our own for OpenBLAS's parallel jobs (``exec_blas`` and its
   job records, Linux x86-64 system calls);
 - ``gather.py``: the large models' batch gather shared with those workers;
