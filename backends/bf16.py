@@ -34,7 +34,9 @@ def bf16_round(x, out: np.ndarray | None = None) -> np.ndarray:
     rounded += 0x7FFF
     rounded += bits
     rounded &= 0xFFFF0000
-    if np.isnan(np.add.reduce(x, axis=None)):  # a scalar: no mask unless there may be a NaN
+    with np.errstate(all="ignore"):  # inf - inf gives NaN too: then the mask finds none
+        maybe_nan = np.isnan(np.add.reduce(x, axis=None))  # a scalar: no mask unless needed
+    if maybe_nan:
         nan = np.isnan(x)
         rounded[nan] = (bits[nan] & 0x80000000) | 0x7FC00000
     return out
