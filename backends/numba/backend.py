@@ -214,8 +214,23 @@ class NumbaBackend(HostMemory, Backend):
             self._last_kinds = _KINDS[activation]
         return self._last_kinds
 
+    def bf16_unavailable(self):
+        from ._native import mkl  # (loads MKL on the first call only)
+        return mkl.availability()
+
+    def _bf16(self, tag: str, like: np.ndarray) -> np.ndarray:
+        """The calling thread's uint16 scratch for the bfloat16 bits of ``like``."""
+        return self._scratch(tag, like.shape, np.uint16)
+
     def dense_forward(self, X, W, b, activation, A, Z=None, bf16=False):
-        refuse_bf16(self, bf16)
+        if bf16:
+            refuse_bf16(self, self.bf16_unavailable() is not None)
+            from . import mixed
+            mixed.dense_forward(_writeable(X), _writeable(W), _writeable(b),
+                                ACTIVATION_CODES[activation], A if Z is None else Z, A,
+                                Z is not None, self._bf16("X", X), self._bf16("W", W),
+                                self._par(A.size), self._kinds(activation))
+            return
         if GEMM_BY_NUMPY:
             product = A if Z is None else Z
             np.matmul(X, W, out=product)
@@ -227,9 +242,17 @@ class NumbaBackend(HostMemory, Backend):
                              Z is not None, self._par(A.size), self._kinds(activation))
 
     def dense_backward(self, X, W, dA, activation, A, Z, dW, db, dX=None, bf16=False):
-        refuse_bf16(self, bf16)
         if Z is None and activation in KEEPS_Z:
             raise ValueError(f"dense_backward of a {activation} layer needs its pre-activation Z")
+        if bf16:
+            refuse_bf16(self, self.bf16_unavailable() is not None)
+            from . import mixed
+            mixed.dense_backward(_writeable(X), _writeable(W), dA, ACTIVATION_CODES[activation],
+                                 A, A if Z is None else Z, dW, db, dA if dX is None else dX,
+                                 dX is not None, self._bf16("X", X), self._bf16("W", W),
+                                 self._bf16("dZ", dA), self._par(dA.size),
+                                 self._kinds(activation))
+            return
         if GEMM_BY_NUMPY:
             layers.dense_dz(dA, ACTIVATION_CODES[activation], A, A if Z is None else Z, db,
                             self._par(dA.size), self._kinds(activation))
@@ -260,7 +283,7 @@ class NumbaBackend(HostMemory, Backend):
 
     def layer_norm_backward(self, dA, activation, A, H, gamma, beta, rstd, dgamma, dbeta):
         keeps_n = activation in KEEPS_Z
-        N = self._norm_scratch(H.shape, H.dtype) if keeps_n else A
+        N = self._scratch("norm", H.shape, H.dtype) if keeps_n else A
         norm.layer_norm_backward(dA, ACTIVATION_CODES[activation], _writeable(A), H,
                                  _writeable(gamma), _writeable(beta), rstd, dgamma, dbeta, N,
                                  keeps_n, self._kinds(activation))
@@ -273,13 +296,14 @@ class NumbaBackend(HostMemory, Backend):
             zeros = self._empty[key] = np.zeros(n, dtype)
         return zeros
 
-    def _norm_scratch(self, shape, dtype) -> np.ndarray:
-        """The calling thread's scratch for LayerNorm's recomputed activation input."""
+    def _scratch(self, tag: str, shape, dtype) -> np.ndarray:
+        """The calling thread's scratch ``tag`` of this shape and dtype (LayerNorm's recomputed
+        activation input, the bfloat16 copies of the products' inputs)."""
         local = self._local
-        key = (tuple(shape), np.dtype(dtype))
-        cache = getattr(local, "norm", None)
+        key = (tag, tuple(shape), np.dtype(dtype))
+        cache = getattr(local, "scratch", None)
         if cache is None:
-            cache = local.norm = {}
+            cache = local.scratch = {}
         buf = cache.get(key)
         if buf is None:
             buf = cache[key] = np.empty(shape, dtype)
