@@ -34,6 +34,7 @@ import numpy as np
 from .backends import available_backends, get_backend
 from .backends.host import cpu_name
 from .backends.numpy_backend import blas_info
+from .floor import floor_unavailable, gemm_floor_epoch
 from .model import MLP, resolve_dtype
 from . import atomic, peers
 from .optim import SGD
@@ -189,35 +190,6 @@ def _threads_in_force(count: int | None) -> int:
         return get_num_threads()
 
 
-def gemm_floor_epoch(config: Config, dtype: str) -> Callable[[], None]:
-    """An epoch of the config's matrix products alone (forward, dW, dX for every step, the
-    last partial batch included), into preallocated buffers, by NumPy's BLAS: no training
-    epoch can be faster. The same products with LayerNorm and dropout (M+reg as M): their
-    elementwise work is what the ratio to the floor then shows."""
-    dt = resolve_dtype(dtype)
-    rng = np.random.default_rng(SEED)
-    layers = list(zip(config.sizes[:-1], config.sizes[1:]))
-    Ws = [(rng.standard_normal((i, o)) * 0.05).astype(dt) for i, o in layers]
-    plans = {}
-    for rows in set(config.batch_rows()):
-        acts = [rng.standard_normal((rows, w)).astype(dt) for w in config.sizes]
-        grads = [np.empty((rows, w), dt) for w in config.sizes]
-        grads[-1][...] = acts[-1]
-        plans[rows] = (acts, grads, [np.empty_like(W) for W in Ws])
-    schedule = [plans[rows] for rows in config.batch_rows()]
-
-    def epoch() -> None:
-        for acts, grads, dWs in schedule:
-            for layer, W in enumerate(Ws):
-                np.matmul(acts[layer], W, out=acts[layer + 1])
-            for layer in reversed(range(len(Ws))):
-                np.matmul(acts[layer].T, grads[layer + 1], out=dWs[layer])
-                if layer:
-                    np.matmul(grads[layer + 1], Ws[layer].T, out=grads[layer])
-
-    return epoch
-
-
 def time_gemm_floor_cuda(backend: str, config: Config, dtype: str, repeats: int) -> Result:
     """The GEMM floor on the GPU: the same products by cuBLAS, timed under CUDA events (the
     backend's ``gemm_floor_seconds``)."""
@@ -326,10 +298,14 @@ def _entries(options: BenchOptions, config: Config, dtype: str, counts: Sequence
     variants = options.variants()
     entries = []
     unavailable: set[str] = set()
+    no_floor = floor_unavailable(dtype)
+    if no_floor is not None and no_floor not in notes:
+        notes.append(no_floor)
     for count in counts:
         threads = _threads_in_force(count)
-        entries.append(_Entry("gemm-floor", "floor", count, threads,
-                              floor_epochs(config, dtype), None))
+        if no_floor is None:
+            entries.append(_Entry("gemm-floor", "floor", count, threads,
+                                  floor_epochs(config, dtype), None))
         for backend in options.backends:
             if backend in unavailable or not _builds(backend, config, dtype, notes):
                 unavailable.add(backend)

@@ -287,3 +287,30 @@ def test_estimators_take_bf16():
     again = pickle.loads(pickle.dumps(clf))
     assert again.model_.dtype is BF16
     np.testing.assert_array_equal(again.predict_proba(X), clf.predict_proba(X))
+
+
+_CACHED_RUN = """
+import sys, numpy as np, bpkernels as bpk
+model = bpk.MLP([30, 20, 4], backend="numba", dtype=sys.argv[1], seed=0)
+X = np.random.default_rng(0).standard_normal((64, 30))
+bpk.fit(model, X, np.arange(64) % 4, epochs=1, batch_size=16, optimizer=bpk.SGD(lr=0.1))
+print(repr(model.forward(X[:2]).tolist()))
+"""
+
+
+def test_numba_bf16_kernels_load_from_the_cache(tmp_path):
+    """A second process loads the first one's compiled bf16 kernels (MKL's symbol and the
+    helpers they call by symbol registered before their code loads) and computes the same."""
+    import os
+    import subprocess
+    import sys
+    be = get_backend("numba") if "numba" in bpk.available_backends() else None
+    if be is None or be.bf16_unavailable() is not None:
+        pytest.skip("the Numba backend runs no bf16 here")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    outputs = [subprocess.run([sys.executable, "-c", _CACHED_RUN, dtype], env=env,
+                              capture_output=True, text=True, timeout=600)
+               for dtype in ("bf16", "bf16")]
+    for done in outputs:
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert outputs[0].stdout == outputs[1].stdout

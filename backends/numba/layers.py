@@ -252,11 +252,11 @@ def dense_layer(X, W, b, act, Z, A, keep_z, par, kinds):
     only when ``keep_z`` (else pass ``A`` as ``Z``: the product lands in A and is activated in
     place)."""
     gemm_t(X, False, W, False, Z, 1.0, 0.0)
-    _bias_activation(Z, b, act, keep_z, A, par, kinds)
+    bias_activation_pass(Z, b, act, keep_z, A, par, kinds)
 
 
 @inline
-def _bias_activation(Z, b, act, keep_z, A, par, kinds):
+def bias_activation_pass(Z, b, act, keep_z, A, par, kinds):
     chunks = chunk_count(Z.size, par)
     if par is None or chunks == 1:
         _bias_act_rows(Z, b, act, keep_z, A, 0, Z.shape[0], kinds)
@@ -273,7 +273,7 @@ def dense_forward(X, W, b, act, Z, A, keep_z, par, kinds):
 def bias_activation(Z, b, act, keep_z, A, par, kinds):
     """dense_layer after its product, which the caller has formed in Z (plain mode's large
     models: by NumPy, see backend.GEMM_BY_NUMPY)."""
-    _bias_activation(Z, b, act, keep_z, A, par, kinds)
+    bias_activation_pass(Z, b, act, keep_z, A, par, kinds)
 
 
 @inline

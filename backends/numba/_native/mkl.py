@@ -428,6 +428,12 @@ def _to_bf16(x):
     return np.uint16(quiet if (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else rounded)
 
 
+# The scalar rounding, for row passes that the backend's own decorators compile (../mixed.py:
+# a kernel cached by Numba that reaches round_bf16's parallel driver crashed when a later process
+# loaded it; the backend's parallel helpers are called by symbol, unlinked.py, and load safely).
+to_bf16 = _to_bf16
+
+
 @_inline
 def _from_bf16(h):
     return _bits_float(np.uint32(np.uint32(h) << np.uint32(16)))
