@@ -247,8 +247,21 @@ class NumbaBackend(HostMemory, Backend):
         self._dropout(dD, dD, drop)
 
     def _dropout(self, A, D, drop):
+        par = self._par(A.size)
         dropout.dropout(A, D, _writeable(drop.rows), drop.key0, drop.key1, drop.step, drop.layer,
-                        drop.threshold, A.dtype.type(drop.scale), self._par(A.size))
+                        drop.threshold, A.dtype.type(drop.scale), par,
+                        self._words(A.size, A.shape[1], par))
+
+    def _words(self, size, units, par) -> np.ndarray:
+        """The calling thread's scratch for dropout's words (dropout.words_scratch)."""
+        cache = getattr(self._local, "words", None)
+        if cache is None:
+            cache = self._local.words = {}
+        key = (size, units, par)
+        buf = cache.get(key)
+        if buf is None:
+            buf = cache[key] = dropout.words_scratch(size, units, par)
+        return buf
 
     # ------------------------------------------------------------------ layer norm
     def layer_norm_forward(self, H, gamma, beta, activation, A, rstd, eps):
@@ -391,7 +404,8 @@ class NumbaBackend(HostMemory, Backend):
 
 def _dropout_table(plan: EpochPlan) -> tuple:
     """The epoch kernel's ``drop`` (epoch.py): the seed's words, each layer's threshold, factor
-    and offset into a flat D (dropout's outputs, batch rows per layer)."""
+    and offset into a flat D (dropout's outputs, batch rows per layer), and the passes'
+    scratch."""
     seed, probabilities = plan.dropout
     dtype = plan.params.dtype
     ps = tuple(probabilities) + (0.0,) * (len(plan.sizes) - 1 - len(probabilities))
@@ -401,4 +415,8 @@ def _dropout_table(plan: EpochPlan) -> tuple:
     for layer, (p, width) in enumerate(zip(ps, plan.sizes[1:])):
         if p > 0:
             offsets[layer], size = size, size + plan.batch * width
-    return (seed & 0xFFFFFFFF, seed >> 32, thresholds, scales, np.empty(size, dtype), offsets)
+    # (words for as many chunks as any ``par`` makes: the threads may change between epochs)
+    hidden = max(plan.sizes[1:-1], default=1)
+    words = dropout.words_scratch(plan.batch * hidden, hidden, PARALLEL_MIN)
+    return (seed & 0xFFFFFFFF, seed >> 32, thresholds, scales, np.empty(size, dtype), offsets,
+            words)

@@ -36,9 +36,10 @@ else:  # (the large models' shared gather is native only: plain mode never passe
 #         the dtype, for _backward's bound. Per step, the kernels see (X, A, dA, Z).
 #   out   (loss, correct, halted, bounds): (steps,), (steps,), (1,) int64, (base.BOUNDS,) float64
 #         (the updates' bounds, base.py: unknown at the epoch's start, kept from step to step)
-#   drop  None, or dropout's (k0, k1, thresholds, scales, D, offsets): the seed's words; per
-#         layer the keep threshold (int64), the kept units' factor (the dtype) and where its
-#         output D starts in the flat D (-1: no dropout), as base.Dropout has them
+#   drop  None, or dropout's (k0, k1, thresholds, scales, D, offsets, words): the seed's words;
+#         per layer the keep threshold (int64), the kept units' factor (the dtype) and where its
+#         output D starts in the flat D (-1: no dropout), as base.Dropout has them; the
+#         passes' scratch (dropout.words_scratch)
 # The targets come as one of two pairs (all targets, the batch's scratch), the other None:
 # ``labels`` int64 (N,), (batch,) or ``T`` (N, o), (batch, o).
 # (Not namedtuples: Numba's cache index pickles argument types, and a namedtuple class that
@@ -117,7 +118,7 @@ def _dropout(drop, A, D, index, step, layer, par):
     """``D = A * noise`` of ``layer``'s dropout (D may be A) where it has one."""
     if drop[5][layer] >= 0:
         dropout_pass(A, D, index, drop[0], drop[1], step, layer, drop[2][layer],
-                     drop[3][layer], par)
+                     drop[3][layer], par, drop[6])
 
 
 @inline
