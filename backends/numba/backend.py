@@ -363,15 +363,12 @@ class NumbaBackend(HostMemory, Backend):
         widest = max(plan.params.size, plan.batch * max(plan.sizes))
         workers = None
         # (fit's data is C-ordered; the large models' gather reads rows by address, a native
-        # trick: plain mode declined large models above). With dropout or LayerNorm, every
-        # model scans: the large models' bound on dW reads A, not dropout's output, and their
-        # SGD fused into the GEMM updates W and b, not gamma and beta.
+        # trick: plain mode declined large models above)
         drop = None
         if plan.dropout is not None:
             drop = plan.cache.get("numba-dropout") or \
                 plan.cache.setdefault("numba-dropout", _dropout_table(plan))
-        if drop is None and norm is None and plan.params.size >= BOUND_MIN_PARAMS and \
-                plan.X.flags.c_contiguous:
+        if plan.params.size >= BOUND_MIN_PARAMS and plan.X.flags.c_contiguous:
             workers = 0
             if POOL and plan.params.size >= POOL_MIN_PARAMS:
                 workers = pool.ensure(epoch.pool_worker, pool.blas_threads() - 1)
