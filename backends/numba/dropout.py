@@ -1,6 +1,6 @@
 """Dropout's kernel: ``D = A * noise`` (forward) and ``dD *= noise`` (backward, the same pass
-with ``D`` = ``A`` = ``dD``), the noise drawn inside the loop from Philox (``philox.py``), four
-units per call: no mask is ever stored, and the backward pass draws again what the forward
+with ``D`` = ``A`` = ``dD``), the noise drawn row by row from Philox (``philox.py``), four
+units per call: no mask outlives its row, and the backward pass draws again what the forward
 pass drew (base.Dropout; docs/dropout.md)."""
 from __future__ import annotations
 
