@@ -272,8 +272,21 @@ class NumbaBackend(HostMemory, Backend):
         self._dropout(dD, dD, drop)
 
     def _dropout(self, A, D, drop):
+        par = self._par(A.size)
         dropout.dropout(A, D, _writeable(drop.rows), drop.key0, drop.key1, drop.step, drop.layer,
-                        drop.threshold, A.dtype.type(drop.scale), self._par(A.size))
+                        drop.threshold, A.dtype.type(drop.scale), par,
+                        self._words(A.size, A.shape[1], par))
+
+    def _words(self, size, units, par) -> np.ndarray:
+        """The calling thread's scratch for dropout's words (dropout.words_scratch)."""
+        cache = getattr(self._local, "words", None)
+        if cache is None:
+            cache = self._local.words = {}
+        key = (size, units, par)
+        buf = cache.get(key)
+        if buf is None:
+            buf = cache[key] = dropout.words_scratch(size, units, par)
+        return buf
 
     # ------------------------------------------------------------------ layer norm
     def layer_norm_forward(self, H, gamma, beta, activation, A, rstd, eps):
@@ -376,15 +389,12 @@ class NumbaBackend(HostMemory, Backend):
         widest = max(plan.params.size, plan.batch * max(plan.sizes))
         workers = None
         # (fit's data is C-ordered; the large models' gather reads rows by address, a native
-        # trick: plain mode declined large models above). With dropout or LayerNorm, every
-        # model scans: the large models' bound on dW reads A, not dropout's output, and their
-        # SGD fused into the GEMM updates W and b, not gamma and beta.
+        # trick: plain mode declined large models above)
         drop = None
         if plan.dropout is not None:
             drop = plan.cache.get("numba-dropout") or \
                 plan.cache.setdefault("numba-dropout", _dropout_table(plan))
-        if drop is None and norm is None and plan.params.size >= BOUND_MIN_PARAMS and \
-                plan.X.flags.c_contiguous:
+        if plan.params.size >= BOUND_MIN_PARAMS and plan.X.flags.c_contiguous:
             workers = 0
             if POOL and plan.params.size >= POOL_MIN_PARAMS:
                 workers = pool.ensure(epoch.pool_worker, pool.blas_threads() - 1)
@@ -417,7 +427,8 @@ class NumbaBackend(HostMemory, Backend):
 
 def _dropout_table(plan: EpochPlan) -> tuple:
     """The epoch kernel's ``drop`` (epoch.py): the seed's words, each layer's threshold, factor
-    and offset into a flat D (dropout's outputs, batch rows per layer)."""
+    and offset into a flat D (dropout's outputs, batch rows per layer), and the passes'
+    scratch."""
     seed, probabilities = plan.dropout
     dtype = plan.params.dtype
     ps = tuple(probabilities) + (0.0,) * (len(plan.sizes) - 1 - len(probabilities))
@@ -427,4 +438,8 @@ def _dropout_table(plan: EpochPlan) -> tuple:
     for layer, (p, width) in enumerate(zip(ps, plan.sizes[1:])):
         if p > 0:
             offsets[layer], size = size, size + plan.batch * width
-    return (seed & 0xFFFFFFFF, seed >> 32, thresholds, scales, np.empty(size, dtype), offsets)
+    # (words for as many chunks as any ``par`` makes: the threads may change between epochs)
+    hidden = max(plan.sizes[1:-1], default=1)
+    words = dropout.words_scratch(plan.batch * hidden, hidden, PARALLEL_MIN)
+    return (seed & 0xFFFFFFFF, seed >> 32, thresholds, scales, np.empty(size, dtype), offsets,
+            words)

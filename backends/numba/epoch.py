@@ -36,9 +36,10 @@ else:  # (the large models' shared gather is native only: plain mode never passe
 #         the dtype, for _backward's bound. Per step, the kernels see (X, A, dA, Z).
 #   out   (loss, correct, halted, bounds): (steps,), (steps,), (1,) int64, (base.BOUNDS,) float64
 #         (the updates' bounds, base.py: unknown at the epoch's start, kept from step to step)
-#   drop  None, or dropout's (k0, k1, thresholds, scales, D, offsets): the seed's words; per
-#         layer the keep threshold (int64), the kept units' factor (the dtype) and where its
-#         output D starts in the flat D (-1: no dropout), as base.Dropout has them
+#   drop  None, or dropout's (k0, k1, thresholds, scales, D, offsets, words): the seed's words;
+#         per layer the keep threshold (int64), the kept units' factor (the dtype) and where its
+#         output D starts in the flat D (-1: no dropout), as base.Dropout has them; the
+#         passes' scratch (dropout.words_scratch)
 # The targets come as one of two pairs (all targets, the batch's scratch), the other None:
 # ``labels`` int64 (N,), (batch,) or ``T`` (N, o), (batch, o).
 # (Not namedtuples: Numba's cache index pickles argument types, and a namedtuple class that
@@ -117,7 +118,7 @@ def _dropout(drop, A, D, index, step, layer, par):
     """``D = A * noise`` of ``layer``'s dropout (D may be A) where it has one."""
     if drop[5][layer] >= 0:
         dropout_pass(A, D, index, drop[0], drop[1], step, layer, drop[2][layer],
-                     drop[3][layer], par)
+                     drop[3][layer], par, drop[6])
 
 
 @inline
@@ -249,23 +250,32 @@ def _backward_scan(net, work, rows, par, kinds, drop, index, step, norm):
     finite = True
     for layer in range(layers.shape[0] - 1, -1, -1):
         W, _, _, db, A, dA, Z = _layer(net, work, layer, rows)
-        if drop is not None:  # dA holds the gradient of dropout's output: now of its input
-            _dropout(drop, dA, dA, index, step, layer, par)
-        act = layers[layer, 4]
-        if norm is not None and layers[layer, 7] >= 0:  # to the product's gradient, and db
-            gamma, beta, dgamma, dbeta, H, rstd = _normalized(net, norm, layer, rows)
-            norm_backward(dA, act, A, H, gamma, beta, rstd, dgamma, dbeta, Z,
-                          act == GELU or act == SILU, kinds, db)
-            finite = all_finite(dgamma) and all_finite(dbeta) and finite
-        else:
-            dz_and_db(dA, act, A, Z, db, par, kinds)
-        finite = all_finite(db) and finite
+        finite = _regularized_dz(net, layer, rows, par, kinds, drop, index, step, norm, db, A,
+                                 dA, Z) and finite
         _input_gradient(net, work, layer, rows, W, dA)
     return finite
 
 
+@inline
+def _regularized_dz(net, layer, rows, par, kinds, drop, index, step, norm, db, A, dA, Z):
+    """dZ (in dA) and db of ``layer`` through its dropout and LayerNorm (dgamma and dbeta
+    too), where it has them; returns whether db, dgamma and dbeta are finite."""
+    if drop is not None:  # dA holds the gradient of dropout's output: now of its input
+        _dropout(drop, dA, dA, index, step, layer, par)
+    act = net[2][layer, 4]
+    finite = True
+    if norm is not None and net[2][layer, 7] >= 0:  # to the product's gradient, and db
+        gamma, beta, dgamma, dbeta, H, rstd = _normalized(net, norm, layer, rows)
+        norm_backward(dA, act, A, H, gamma, beta, rstd, dgamma, dbeta, Z,
+                      act == GELU or act == SILU, kinds, db)
+        finite = all_finite(dgamma) and all_finite(dbeta)
+    else:
+        dz_and_db(dA, act, A, Z, db, par, kinds)
+    return all_finite(db) and finite
+
+
 @helper
-def _backward(net, work, rows, par, kinds, sums, input_bound):
+def _backward(net, work, rows, par, kinds, sums, input_bound, drop, index, step, norm):
     """``_backward_scan`` for a large model, bounding its weight gradients rather than
     scanning them. Returns (whether every db is finite, whether every dW is sure to be
     finite, the largest bound of a layer's |dW| as computed, inf where unknown). The second without computing dW: |dW[i, j]| = |sum_r X[r, i] dZ[r, j]| <=
@@ -285,9 +295,12 @@ def _backward(net, work, rows, par, kinds, sums, input_bound):
     finite, bound, above = True, 0.0, 0.0
     limit = _bound_limit(net[0].itemsize, rows)
     top = layers.shape[0] - 1
+    # Where dropout or LayerNorm stand between a layer's A and the sums (the layer above reads
+    # dropout's output; LayerNorm's pass forms dZ), the sums come from passes of their own.
+    along = par is None and drop is None and norm is None
     for layer in range(top, -1, -1):
         W, _, _, db, A, dA, Z = _layer(net, work, layer, rows)
-        if par is None:  # the column sums of |dZ| and of |A| (the layer above's X) as dZ forms
+        if along:  # the column sums of |dZ| and of |A| (the layer above's X) as dZ forms
             o = dA.shape[1]
             magnitudes = as_matrix(sums, 0, 2, o)
             zero(span(sums, 0, 2 * o))
@@ -296,14 +309,17 @@ def _backward(net, work, rows, par, kinds, sums, input_bound):
             if layer < top:
                 bound = _worse(bound, _largest(magnitudes[1], o) * above)
             above = _largest(magnitudes[0], o)
+            finite = all_finite(db) and finite
         else:
-            dz_and_db(dA, layers[layer, 4], A, Z, db, par, kinds)
-        finite = all_finite(db) and finite
+            finite = _regularized_dz(net, layer, rows, par, kinds, drop, index, step, norm, db,
+                                     A, dA, Z) and finite
         X = _input_gradient(net, work, layer, rows, W, dA)
-        if par is not None and bound <= limit:
+        if drop is not None and layer > 0:
+            X = _output(drop, X, layer - 1, rows)
+        if not along and bound <= limit:
             x_bound = input_bound if layer == 0 else _abs_column_sums_max(X, sums)
             bound = _worse(bound, x_bound * _abs_column_sums_max(dA, sums))
-    if par is None:
+    if along:
         bound = _worse(bound, input_bound * above)
     return finite, bound <= limit, bound
 
@@ -330,6 +346,14 @@ def _weight_gradients(net, work, rows, alpha, beta, into_weights, scan, drop):
     return finite
 
 
+@inline
+def _unfused(layers, layer):
+    """Where a layer's parameters outside W start in the flat buffers, and how many: b, and
+    LayerNorm's gamma and beta right after it."""
+    o = layers[layer, 1]
+    return layers[layer, 3], o if layers[layer, 7] < 0 else 3 * o
+
+
 # (``epoch``: compiled without reference counting in native mode, see _native/toolkit.py.)
 @epoch
 def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, weights, stats, states,
@@ -347,7 +371,7 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, weigh
     compiled). ``scan``: True for small models, else None (for the same reason: Numba prunes
     by None only). A large model's batch is gathered by address (``_gather_split``): X must
     then be C-ordered. ``drop``: dropout (the table above) or None; ``norm``: LayerNorm's
-    buffers or None; with either, ``scan``."""
+    buffers or None."""
     params, grads, layers = net
     X_all, order, batch = data
     sums = work[4]
@@ -403,7 +427,8 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, weigh
                 else:
                     class_stats_rows_of(Y, batch_T, W, stats[0], stats[1])
         if workers is not None:  # (two ifs: Numba prunes each by an argument that is None)
-            finite, sure, dw_bound = _backward(net, work, rows, par, kinds, sums, input_bound)
+            finite, sure, dw_bound = _backward(net, work, rows, par, kinds, sums, input_bound,
+                                               drop, index, first_step + s, norm)
         if scan is not None:
             finite, sure, dw_bound = _backward_scan(net, work, rows, par, kinds, drop, index,
                                                       first_step + s, norm), False, math.inf
@@ -426,7 +451,7 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, weigh
                                                     alpha, beta)
                     fused = new_bound < math.inf
                     for layer in range(layers.shape[0]):  # the biases' update, not yet written
-                        b, o = layers[layer, 3], layers[layer, 1]
+                        b, o = _unfused(layers, layer)
                         fused = fused and update_rule(span(params, b, o), span(grads, b, o),
                                                       states, sgd_s, adam_s, rmsprop_s,
                                                       first_step + s, 1.0, False)
@@ -441,7 +466,7 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, weigh
             finite = finite and math.isfinite(clip[0])
         if fusable and fused:
             for layer in range(layers.shape[0]):  # the biases, by the rule itself
-                b, o = layers[layer, 3], layers[layer, 1]
+                b, o = _unfused(layers, layer)
                 update_rule(span(params, b, o), span(grads, b, o), states, sgd_s, adam_s,
                             rmsprop_s, first_step + s, 1.0, True)
             bounds[0] = math.inf  # (the GEMM wrote W: its bound is w_bound's business)

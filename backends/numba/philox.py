@@ -52,6 +52,19 @@ def dropout_bits(k0, k1, step, layer, row, block):
                       np.uint64(k0) & _WORD, np.uint64(k1) & _WORD)
 
 
+# Linked, not inlined by Numba: inlined into dropout's row loop, this loop stayed scalar (4x
+# slower); called, it vectorizes, Philox's products as packed 32 x 32-bit multiplies.
+@linked
+def dropout_words(words, blocks, k0, k1, step, layer, row):
+    """words[4 b .. 4 b + 3] = dropout_bits(..., row, b) for b < ``blocks`` (uint32 words)."""
+    for block in range(blocks):
+        w0, w1, w2, w3 = dropout_bits(k0, k1, step, layer, row, block)
+        words[4 * block] = w0
+        words[4 * block + 1] = w1
+        words[4 * block + 2] = w2
+        words[4 * block + 3] = w3
+
+
 @inline
 def dropout_keeps(word, threshold):
     """Whether the unit of ``word`` is kept: its uniform >= p, as ``word >> 8 >= threshold``
