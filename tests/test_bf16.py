@@ -314,3 +314,22 @@ def test_numba_bf16_kernels_load_from_the_cache(tmp_path):
     for done in outputs:
         assert done.returncode == 0, done.stderr[-2000:]
     assert outputs[0].stdout == outputs[1].stdout
+
+
+def test_numba_fused_epoch_equals_its_kernel_loop(monkeypatch):
+    """The epoch kernel in bf16 (rounding passes and MKL's products inside it) trains exactly
+    as the per-kernel loop: the same roundings of the same values, the same products."""
+    be = get_backend("numba") if "numba" in bpk.available_backends() else None
+    if be is None or be.bf16_unavailable() is not None:
+        pytest.skip("the Numba backend runs no bf16 here")
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((150, 20)), rng.integers(0, 5, 150)
+    trained = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(type(be), "train_epoch", lambda self, plan: False)
+        model = bpk.MLP([20, 48, 32, 5], activation="gelu", backend="numba", dtype="bf16",
+                        seed=4, norm="layer", dropout=0.1)
+        bpk.fit(model, X, y, epochs=2, batch_size=32, optimizer=bpk.SGD(lr=0.05, momentum=0.9))
+        trained.append(model.params.copy())
+    np.testing.assert_array_equal(trained[0], trained[1])

@@ -180,7 +180,7 @@ def test_numba_parallel_passes_clip_as_pytorch(monkeypatch, path):
     pars, kernel = [], epoch.train_epoch
 
     def spy(*args):
-        pars.append(args[-6])  # (par; clip, rates, drop and norm come last)
+        pars.append(args[-7])  # (par; clip, rates, drop, norm and mixed come last)
         return kernel(*args)
     monkeypatch.setattr(epoch, "train_epoch", spy)
     X, y = _data()

@@ -184,7 +184,7 @@ def test_epoch_kernel_with_parallel_passes_matches_the_per_kernel_loop(monkeypat
     pars, kernel = [], epoch.train_epoch
 
     def spy(*args):
-        pars.append(args[-6])  # (par; clip, rates, drop and norm come last)
+        pars.append(args[-7])  # (par; clip, rates, drop, norm and mixed come last)
         return kernel(*args)
 
     monkeypatch.setattr(epoch, "train_epoch", spy)
@@ -320,7 +320,7 @@ def test_backward_bounds_the_weight_gradients_layer_by_layer(dtype, case):
 
     @numba.njit
     def backward_scan(net, work, rows, kinds):
-        return epoch._backward_scan(net, work, rows, None, kinds, None, None, 0, None)
+        return epoch._backward_scan(net, work, rows, None, kinds, None, None, 0, None, None)
 
     net = (params, np.zeros_like(params), layers)
     work = (X, A, dA, np.zeros(0, dtype))

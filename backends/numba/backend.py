@@ -372,7 +372,8 @@ class NumbaBackend(HostMemory, Backend):
     # ------------------------------------------------------------------ a whole epoch
     def train_epoch(self, plan: EpochPlan) -> bool:
         rule = OPTIMIZER_RULES.get(plan.optimizer)
-        if plan.bf16 or rule is None or (GEMM_BY_NUMPY and plan.params.size >= BOUND_MIN_PARAMS):
+        if rule is None or (GEMM_BY_NUMPY and plan.params.size >= BOUND_MIN_PARAMS) or \
+                (plan.bf16 and self.bf16_unavailable() is not None):
             return False
         net, work, targets, bounds, norm = plan.cache.get("numba") or \
             plan.cache.setdefault("numba", self._epoch_buffers(plan))
@@ -394,7 +395,11 @@ class NumbaBackend(HostMemory, Backend):
         if plan.dropout is not None:
             drop = plan.cache.get("numba-dropout") or \
                 plan.cache.setdefault("numba-dropout", _dropout_table(plan))
-        if plan.params.size >= BOUND_MIN_PARAMS and plan.X.flags.c_contiguous:
+        mixed = None
+        if plan.bf16:  # (scanning: a bound on |dW| says nothing of X rounded to infinity)
+            mixed = plan.cache.get("numba-bf16") or \
+                plan.cache.setdefault("numba-bf16", _bf16_scratch(plan, work))
+        elif plan.params.size >= BOUND_MIN_PARAMS and plan.X.flags.c_contiguous:
             workers = 0
             if POOL and plan.params.size >= POOL_MIN_PARAMS:
                 workers = pool.ensure(epoch.pool_worker, pool.blas_threads() - 1)
@@ -406,7 +411,7 @@ class NumbaBackend(HostMemory, Backend):
                           *_hyper(rule, plan.hp),
                           workers, True if workers is None else None, self._par(widest),
                           layers.activation_kinds(ACTIVATION_CODES[a] for a in plan.activations),
-                          plan.clip, plan.rates, drop, norm)
+                          plan.clip, plan.rates, drop, norm, mixed)
         return True
 
     def _epoch_buffers(self, plan: EpochPlan) -> tuple[Any, Any, tuple, np.ndarray, Any]:
@@ -423,6 +428,13 @@ class NumbaBackend(HostMemory, Backend):
                                                float(plan.norm), np.zeros(max(plan.sizes), dtype))
         return (plan.params, plan.grads, table), work, (_writeable(plan.T), ws.T), \
             np.empty(BOUNDS), norm
+
+
+def _bf16_scratch(plan: EpochPlan, work: tuple) -> tuple:
+    """The epoch kernel's ``mixed`` (epoch.py): uint16 scratch for the rounded batch X, every
+    layer's output and dZ (A's layout), and every W (the parameters' layout)."""
+    return (np.empty(work[0].size, np.uint16), np.empty(work[1].size, np.uint16),
+            np.empty(work[1].size, np.uint16), np.empty(plan.params.size, np.uint16))
 
 
 def _dropout_table(plan: EpochPlan) -> tuple:

@@ -14,7 +14,8 @@ import numpy as np
 from ..base import ACTIVATION_CODES, KEEPS_Z
 from .jit import NATIVE, as_matrix, epoch, gemm_t, helper, inline, span
 from .dropout import dropout_pass
-from .layers import GELU, SILU, dz_and_db, dense_layer, grad_rows, zero
+from .layers import GELU, SILU, bias_activation_pass, dz_and_db, dense_layer, grad_rows, zero
+from .mixed import gemm_bf16, round_bf16
 from .norm import norm_backward, norm_forward
 from .losses import (BINARY_CROSS_ENTROPY, CROSS_ENTROPY, MSE, binary_xent_of,
                      class_stats_labels_of, class_stats_rows_of, count_correct_labels_of,
@@ -46,6 +47,11 @@ else:  # (the large models' shared gather is native only: plain mode never passe
 # later changes or goes makes a stale index fail to load instead of being recompiled.)
 #   norm  None, or LayerNorm's (H, rstd, eps, nothing): the flat xhat and 1 / std of every
 #         normalized layer (at the table's offsets), eps, and zeros as wide as the widest layer
+#   mixed None, or bf16's uint16 scratch (X, A, dZ, W): the rounded bits of the batch's X and
+#         of every layer's output (at A's offsets; dropout's D where it drops), of every dZ (at
+#         A's offsets) and of every W (at the table's W offsets), each rounded by the step
+#         before the products read it: forward rounds X and W, backward dZ, and dW's product
+#         reads forward's copies again
 LAYER_COLUMNS = ("inputs", "outputs", "W", "b", "activation", "A", "Z", "gamma", "H", "rstd")
 
 
@@ -132,7 +138,30 @@ def _normalized(net, norm, layer, rows):
 
 
 @inline
-def _forward(net, work, rows, par, kinds, drop, index, step, norm):
+def _rounded(net, mixed, layer, rows):
+    """bf16's views of ``layer``: the bits of its input X, of its dZ and of its W."""
+    layers = net[2]
+    i, o = layers[layer, 0], layers[layer, 1]
+    Xb = as_matrix(mixed[0], 0, rows, i) if layer == 0 else \
+        as_matrix(mixed[1], layers[layer - 1, 5], rows, i)
+    return Xb, as_matrix(mixed[2], layers[layer, 5], rows, o), \
+        as_matrix(mixed[3], layers[layer, 2], i, o)
+
+
+@inline
+def _product(X, W, Y, mixed, net, layer, rows, par):
+    """Y = X @ W of ``layer``: in bf16 (``mixed``), of X and W rounded into their copies."""
+    if mixed is None:
+        gemm_t(X, False, W, False, Y, 1.0, 0.0)
+    else:
+        Xb, _, Wb = _rounded(net, mixed, layer, rows)
+        round_bf16(X, Xb, par)
+        round_bf16(W, Wb, par)
+        gemm_bf16(Xb, False, Wb, False, Y, 1.0, 0.0)
+
+
+@inline
+def _forward(net, work, rows, par, kinds, drop, index, step, norm, mixed):
     layers = net[2]
     X = span(work[0], 0, rows)
     for layer in range(layers.shape[0]):
@@ -140,8 +169,12 @@ def _forward(net, work, rows, par, kinds, drop, index, step, norm):
         act = layers[layer, 4]
         if norm is not None and layers[layer, 7] >= 0:  # the product into H, then LayerNorm
             gamma, beta, _, _, H, rstd = _normalized(net, norm, layer, rows)
-            gemm_t(X, False, W, False, H, 1.0, 0.0)
+            _product(X, W, H, mixed, net, layer, rows, par)
             norm_forward(H, b, gamma, beta, act, A, rstd, norm[2], norm[3], kinds)
+        elif mixed is not None:
+            keep_z = act == GELU or act == SILU
+            _product(X, W, Z if keep_z else A, mixed, net, layer, rows, par)
+            bias_activation_pass(Z if keep_z else A, b, act, keep_z, A, par, kinds)
         else:
             dense_layer(X, W, b, act, Z, A, act == GELU or act == SILU, par, kinds)
         X = A
@@ -230,17 +263,26 @@ def _abs_column_sums_max(M, sums):
 
 
 @inline
-def _input_gradient(net, work, layer, rows, W, dZ):
-    """dX = dZ @ W.T of ``layer`` into the dA of the layer below; returns the layer's X."""
+def _input_gradient(net, work, layer, rows, W, dZ, mixed, par):
+    """dX = dZ @ W.T of ``layer`` into the dA of the layer below; returns the layer's X. In
+    bf16 (``mixed``), dZ is rounded into its copy first (dW's product reads it too), and W's
+    copy is forward's."""
+    if mixed is not None:
+        _, dZb, _ = _rounded(net, mixed, layer, rows)
+        round_bf16(dZ, dZb, par)
     if layer == 0:
         return span(work[0], 0, rows)
     _, _, _, _, X, dX, _ = _layer(net, work, layer - 1, rows)
-    gemm_t(dZ, False, W, True, dX, 1.0, 0.0)
+    if mixed is None:
+        gemm_t(dZ, False, W, True, dX, 1.0, 0.0)
+    else:
+        _, dZb, Wb = _rounded(net, mixed, layer, rows)
+        gemm_bf16(dZb, False, Wb, True, dX, 1.0, 0.0)
     return X
 
 
 @inline
-def _backward_scan(net, work, rows, par, kinds, drop, index, step, norm):
+def _backward_scan(net, work, rows, par, kinds, drop, index, step, norm, mixed):
     """Backward through every layer but the weight gradients (``_weight_gradients``), for a
     small model, whose weight gradients check_step's scan checks: dZ and db of every layer
     and dX, top down. Returns whether every db is finite. (Apart from the large models'
@@ -252,7 +294,7 @@ def _backward_scan(net, work, rows, par, kinds, drop, index, step, norm):
         W, _, _, db, A, dA, Z = _layer(net, work, layer, rows)
         finite = _regularized_dz(net, layer, rows, par, kinds, drop, index, step, norm, db, A,
                                  dA, Z) and finite
-        _input_gradient(net, work, layer, rows, W, dA)
+        _input_gradient(net, work, layer, rows, W, dA, mixed, par)
     return finite
 
 
@@ -313,7 +355,7 @@ def _backward(net, work, rows, par, kinds, sums, input_bound, drop, index, step,
         else:
             finite = _regularized_dz(net, layer, rows, par, kinds, drop, index, step, norm, db,
                                      A, dA, Z) and finite
-        X = _input_gradient(net, work, layer, rows, W, dA)
+        X = _input_gradient(net, work, layer, rows, W, dA, None, par)
         if drop is not None and layer > 0:
             X = _output(drop, X, layer - 1, rows)
         if not along and bound <= limit:
@@ -325,7 +367,7 @@ def _backward(net, work, rows, par, kinds, sums, input_bound, drop, index, step,
 
 
 @inline
-def _weight_gradients(net, work, rows, alpha, beta, into_weights, scan, drop):
+def _weight_gradients(net, work, rows, alpha, beta, into_weights, scan, drop, mixed):
     """dW = X.T @ dZ for every layer, after ``_backward``; with ``into_weights``, W = beta W +
     alpha X.T @ dZ instead, dW left as it was. Returns whether every dW is finite, each read
     right after BLAS wrote it, while still in cache, where ``scan`` (else True)."""
@@ -334,7 +376,11 @@ def _weight_gradients(net, work, rows, alpha, beta, into_weights, scan, drop):
     X = span(work[0], 0, rows)
     for layer in range(layers.shape[0]):
         W, _, dW, _, A, dZ, _ = _layer(net, work, layer, rows)
-        if into_weights:
+        if mixed is not None:  # (never into the weights: bf16 epochs scan, see train_epoch)
+            Xb, dZb, _ = _rounded(net, mixed, layer, rows)
+            gemm_bf16(Xb, True, dZb, False, dW, 1.0, 0.0)
+            finite = all_finite(span(net[1], layers[layer, 2], dW.size)) and finite
+        elif into_weights:
             gemm_t(X, True, dZ, False, W, alpha, beta)
         else:
             gemm_t(X, True, dZ, False, dW, 1.0, 0.0)
@@ -357,7 +403,7 @@ def _unfused(layers, layer):
 # (``epoch``: compiled without reference counting in native mode, see _native/toolkit.py.)
 @epoch
 def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, weights, stats, states,
-                sgd, adam, rmsprop, workers, scan, par, kinds, clip, rates, drop, norm):
+                sgd, adam, rmsprop, workers, scan, par, kinds, clip, rates, drop, norm, mixed):
     """Every step of one epoch, as train.py's per-kernel loop runs them: gather the batch,
     forward, loss (and hits), backward, check_step, then the optimizer update of step
     ``first_step + s`` (a no-op once halted). The arguments that may be None (``labels`` or
@@ -371,7 +417,7 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, weigh
     compiled). ``scan``: True for small models, else None (for the same reason: Numba prunes
     by None only). A large model's batch is gathered by address (``_gather_split``): X must
     then be C-ordered. ``drop``: dropout (the table above) or None; ``norm``: LayerNorm's
-    buffers or None."""
+    buffers or None; ``mixed``: bf16's scratch (the table above; such epochs scan) or None."""
     params, grads, layers = net
     X_all, order, batch = data
     sums = work[4]
@@ -397,7 +443,7 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, weigh
                                                 work[0], sums)
         if scan is not None:  # (on S's 64 columns, the bound's maximum slowed the gather ~7%)
             _gather(X_all, index, work[0])
-        _forward(net, work, rows, par, kinds, drop, index, first_step + s, norm)
+        _forward(net, work, rows, par, kinds, drop, index, first_step + s, norm, mixed)
         _, _, _, _, Y, dY, _ = _layer(net, work, layers.shape[0] - 1, rows)
         step_loss, step_correct = span(step_losses, s, 1), span(step_hits, s, 1)
         W = _batch_weights(weights, index, rows)
@@ -431,7 +477,8 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, weigh
                                                drop, index, first_step + s, norm)
         if scan is not None:
             finite, sure, dw_bound = _backward_scan(net, work, rows, par, kinds, drop, index,
-                                                      first_step + s, norm), False, math.inf
+                                                      first_step + s, norm, mixed), False, \
+                math.inf
         finite = finite and math.isfinite(step_loss[0])
         # Plain SGD (no momentum) updates W inside dW's GEMM, W = (1 - lr wd) W - lr X.T @ dZ,
         # as its update would (but for the rounding of dW, which is not stored): no separate
@@ -460,7 +507,7 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, weigh
                     else:
                         alpha, beta = 1.0, 0.0
         finite = _weight_gradients(net, work, rows, alpha, beta, fused,
-                                   not sure and clip is None, drop) and finite
+                                   not sure and clip is None, drop, mixed) and finite
         if clip is not None:  # check_step's pass, the norm's sum of squares with it
             clip[0] = grad_sum_squares(grads, par)
             finite = finite and math.isfinite(clip[0])
