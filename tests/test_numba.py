@@ -316,7 +316,7 @@ def test_backward_bounds_the_weight_gradients_layer_by_layer(dtype, case):
     @numba.njit
     def backward(net, work, rows, sums, input_bound, kinds):
         return epoch._backward(net, work, rows, None, kinds, sums, input_bound, None, None, 0,
-                               None)
+                               None, None)
 
     @numba.njit
     def backward_scan(net, work, rows, kinds):

@@ -396,12 +396,13 @@ class NumbaBackend(HostMemory, Backend):
             drop = plan.cache.get("numba-dropout") or \
                 plan.cache.setdefault("numba-dropout", _dropout_table(plan))
         mixed = None
-        if plan.bf16:  # (scanning: a bound on |dW| says nothing of X rounded to infinity)
+        if plan.bf16:
             mixed = plan.cache.get("numba-bf16") or \
                 plan.cache.setdefault("numba-bf16", _bf16_scratch(plan, work))
-        elif plan.params.size >= BOUND_MIN_PARAMS and plan.X.flags.c_contiguous:
+        if plan.params.size >= BOUND_MIN_PARAMS and plan.X.flags.c_contiguous:
             workers = 0
-            if POOL and plan.params.size >= POOL_MIN_PARAMS:
+            # (bf16: MKL's threads form the products, OpenBLAS's pool would only spin beside)
+            if POOL and plan.params.size >= POOL_MIN_PARAMS and mixed is None:
                 workers = pool.ensure(epoch.pool_worker, pool.blas_threads() - 1)
         out = (plan.step_loss, plan.step_correct, plan.halted, bounds)
         epoch.train_epoch(net, (_writeable(plan.X), plan.order, plan.batch), work, out,

@@ -316,8 +316,15 @@ def _regularized_dz(net, layer, rows, par, kinds, drop, index, step, norm, db, A
     return all_finite(db) and finite
 
 
+# bf16: |x| below this rounds to a finite bfloat16 (overflow needs |x| >= 3.3961e38), and a
+# rounded value is at most (1 + 2^-8) times the float32 one, so a product of two at most this
+# much larger than the bound of their unrounded magnitudes.
+_BF16_SAFE = _FLOAT32_MAX / 2
+_BF16_GROWTH = (1.0 + 2.0 ** -8) * (1.0 + 2.0 ** -8)
+
+
 @helper
-def _backward(net, work, rows, par, kinds, sums, input_bound, drop, index, step, norm):
+def _backward(net, work, rows, par, kinds, sums, input_bound, drop, index, step, norm, mixed):
     """``_backward_scan`` for a large model, bounding its weight gradients rather than
     scanning them. Returns (whether every db is finite, whether every dW is sure to be
     finite, the largest bound of a layer's |dW| as computed, inf where unknown). The second without computing dW: |dW[i, j]| = |sum_r X[r, i] dZ[r, j]| <=
@@ -339,7 +346,7 @@ def _backward(net, work, rows, par, kinds, sums, input_bound, drop, index, step,
     top = layers.shape[0] - 1
     # Where dropout or LayerNorm stand between a layer's A and the sums (the layer above reads
     # dropout's output; LayerNorm's pass forms dZ), the sums come from passes of their own.
-    along = par is None and drop is None and norm is None
+    along = par is None and drop is None and norm is None and mixed is None
     for layer in range(top, -1, -1):
         W, _, _, db, A, dA, Z = _layer(net, work, layer, rows)
         if along:  # the column sums of |dZ| and of |A| (the layer above's X) as dZ forms
@@ -355,12 +362,18 @@ def _backward(net, work, rows, par, kinds, sums, input_bound, drop, index, step,
         else:
             finite = _regularized_dz(net, layer, rows, par, kinds, drop, index, step, norm, db,
                                      A, dA, Z) and finite
-        X = _input_gradient(net, work, layer, rows, W, dA, None, par)
+        X = _input_gradient(net, work, layer, rows, W, dA, mixed, par)
         if drop is not None and layer > 0:
             X = _output(drop, X, layer - 1, rows)
         if not along and bound <= limit:
             x_bound = input_bound if layer == 0 else _abs_column_sums_max(X, sums)
-            bound = _worse(bound, x_bound * _abs_column_sums_max(dA, sums))
+            dz_bound = _abs_column_sums_max(dA, sums)
+            if mixed is not None:  # the products read X and dZ rounded (see _BF16_SAFE)
+                if not (x_bound <= _BF16_SAFE and dz_bound <= _BF16_SAFE):
+                    bound = math.inf
+                bound = _worse(bound, x_bound * dz_bound * _BF16_GROWTH)
+            else:
+                bound = _worse(bound, x_bound * dz_bound)
     if along:
         bound = _worse(bound, input_bound * above)
     return finite, bound <= limit, bound
@@ -376,10 +389,14 @@ def _weight_gradients(net, work, rows, alpha, beta, into_weights, scan, drop, mi
     X = span(work[0], 0, rows)
     for layer in range(layers.shape[0]):
         W, _, dW, _, A, dZ, _ = _layer(net, work, layer, rows)
-        if mixed is not None:  # (never into the weights: bf16 epochs scan, see train_epoch)
+        if mixed is not None:
             Xb, dZb, _ = _rounded(net, mixed, layer, rows)
-            gemm_bf16(Xb, True, dZb, False, dW, 1.0, 0.0)
-            finite = all_finite(span(net[1], layers[layer, 2], dW.size)) and finite
+            if into_weights:
+                gemm_bf16(Xb, True, dZb, False, W, alpha, beta)
+            else:
+                gemm_bf16(Xb, True, dZb, False, dW, 1.0, 0.0)
+                if scan:
+                    finite = all_finite(span(net[1], layers[layer, 2], dW.size)) and finite
         elif into_weights:
             gemm_t(X, True, dZ, False, W, alpha, beta)
         else:
@@ -417,7 +434,7 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, weigh
     compiled). ``scan``: True for small models, else None (for the same reason: Numba prunes
     by None only). A large model's batch is gathered by address (``_gather_split``): X must
     then be C-ordered. ``drop``: dropout (the table above) or None; ``norm``: LayerNorm's
-    buffers or None; ``mixed``: bf16's scratch (the table above; such epochs scan) or None."""
+    buffers or None; ``mixed``: bf16's scratch (the table above) or None."""
     params, grads, layers = net
     X_all, order, batch = data
     sums = work[4]
@@ -474,7 +491,7 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, weigh
                     class_stats_rows_of(Y, batch_T, W, stats[0], stats[1])
         if workers is not None:  # (two ifs: Numba prunes each by an argument that is None)
             finite, sure, dw_bound = _backward(net, work, rows, par, kinds, sums, input_bound,
-                                               drop, index, first_step + s, norm)
+                                               drop, index, first_step + s, norm, mixed)
         if scan is not None:
             finite, sure, dw_bound = _backward_scan(net, work, rows, par, kinds, drop, index,
                                                       first_step + s, norm, mixed), False, \
