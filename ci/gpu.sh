@@ -18,7 +18,7 @@
 # The limits (180 + 45 + 120 s) keep it within 6 minutes; a step over its limit fails.
 # Exit status: 0 when every step passed, 1 when one failed, 2 when there is no GPU or no CuPy.
 #   BPK_BENCH_ARGS    extra arguments for step 3 (e.g. "--repeats 7")
-#   BPK_BENCH_DTYPES  step 3's dtypes (default float32; bf16 once issue 21 lands)
+#   BPK_BENCH_DTYPES  step 3's dtypes (default float32,bf16; bf16 runs where a backend has it)
 #   BPK_GPU_WORKERS   pytest-xdist workers for step 1 where xdist is installed (default 8)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -90,7 +90,7 @@ run nccl 45 "${bpk[@]}" bench --ranks 1 --backends cupy --configs S --dtypes flo
 step "3. the benchmark"
 # shellcheck disable=SC2086
 run bench 120 "${bpk[@]}" bench --backends cupy,numba --configs S,M,L \
-    --dtypes "${BPK_BENCH_DTYPES:-float32}" --peers torch --repeats 3 \
+    --dtypes "${BPK_BENCH_DTYPES:-float32,bf16}" --peers torch --repeats 3 \
     --json "$report/bench.json" ${BPK_BENCH_ARGS:-}
 
 step "done"

@@ -12,7 +12,9 @@ stage "install"
 python3 -m venv .venv
 # shellcheck disable=SC1091
 . .venv/bin/activate
-python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+# (the mkl extra: the Numba backend's bf16 products, where the CPU has AMX-BF16 or
+# AVX512-BF16; elsewhere bf16's Numba tests skip with the reason)
+python -m pip install --quiet --disable-pip-version-check -e ".[test,mkl]"
 # PyTorch: a test-only reference (autograd, torch.optim, torch.nn, its schedulers) and a
 # benchmark peer; Keras (on PyTorch) the reference of EarlyStopping. Never dependencies of
 # bpkernels; their tests skip without them.
@@ -53,7 +55,7 @@ rm -rf "$dist"
 
 stage "benchmark smoke tests"
 BPK_BENCH_QUICK=1 python -m pytest benchmarks --benchmark-disable -q
-bpk bench --quick --configs S,M --dtypes float32,float64 --peers torch,sklearn
+bpk bench --quick --configs S,M --dtypes float32,float64,bf16 --peers torch,sklearn
 # Last, as it changes the environment: CuPy installed on this GPU-less runner, as `pip install
 # "bpkernels[cuda12]"` leaves a CPU-only image. The registry must report "no GPU" and pass over
 # the real backend, and the CUDA stand-in (tests/cudasim) must take none of the real CuPy's
