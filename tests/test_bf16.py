@@ -363,3 +363,25 @@ def test_numba_large_model_epoch_equals_its_kernel_loop(monkeypatch, momentum):
         np.testing.assert_allclose(trained[0], trained[1], rtol=1e-5, atol=1e-6)
         # (and not equal: the fused update ran, rounding W's update once instead of twice)
         assert not np.array_equal(trained[0], trained[1])
+
+
+def test_thread_counts_reach_mkl():
+    """MKL keeps a thread pool of its own: bpk.set_num_threads and limit_threads set it too,
+    whether MKL was loaded before or after."""
+    import numba
+    from bpkernels.backends.numba._native import mkl
+    from bpkernels.threads import get_num_threads, limit_threads
+    be = get_backend("numba") if "numba" in bpk.available_backends() else None
+    if be is None or be.bf16_unavailable() is not None:
+        pytest.skip("the Numba backend runs no bf16 here")
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one thread")
+    before = get_num_threads()
+    try:
+        bpk.set_num_threads(1)
+        assert mkl.get_threads() == 1
+        with limit_threads(2):
+            assert mkl.get_threads() == 2
+        assert mkl.get_threads() == 1
+    finally:
+        bpk.set_num_threads(before)

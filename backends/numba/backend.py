@@ -140,6 +140,7 @@ class NumbaBackend(HostMemory, Backend):
         set_threads once the backend is made."""
         self._empty: dict[tuple, np.ndarray] = {}
         self._local = threading.local()  # per-thread scratch: models train at once in threads
+        self._requested_threads: int | None = None  # set_threads's last count, for MKL
         self._last_kinds = _KINDS["identity"]
         self.max_threads = numba.config.NUMBA_NUM_THREADS
         if threads is None and os.environ.get("NUMBA_NUM_THREADS"):
@@ -168,6 +169,10 @@ class NumbaBackend(HostMemory, Backend):
         if not 1 <= n <= limit:
             raise ValueError(f"threads must lie in 1..{limit} (NUMBA_NUM_THREADS), got {n}")
         numba.set_num_threads(int(n))
+        self._requested_threads = int(n)
+        from ._native import mkl
+        if mkl.loaded():  # (its count is process-wide, as BLAS's; threadpoolctl may be absent)
+            mkl.set_threads(int(n))
         try:
             from threadpoolctl import threadpool_limits
         except ImportError:
@@ -216,7 +221,11 @@ class NumbaBackend(HostMemory, Backend):
 
     def bf16_unavailable(self):
         from ._native import mkl  # (loads MKL on the first call only)
-        return mkl.availability()
+        fresh = not mkl.loaded()
+        why = mkl.availability()
+        if why is None and fresh and self._requested_threads is not None:
+            mkl.set_threads(self._requested_threads)  # a count set before MKL was loaded
+        return why
 
     def _bf16(self, tag: str, like: np.ndarray) -> np.ndarray:
         """The calling thread's uint16 scratch for the bfloat16 bits of ``like``."""

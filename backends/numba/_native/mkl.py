@@ -270,6 +270,11 @@ def set_threads(n: int) -> None:
     _loaded().library.MKL_Set_Num_Threads(ctypes.c_int(int(n)))
 
 
+def loaded() -> bool:
+    """Whether MKL is loaded and usable in this process (without loading it)."""
+    return "mkl" in _state
+
+
 def get_threads() -> int | None:
     """The threads MKL would run a product on, from the calling thread; None where MKL is
     unavailable."""
