@@ -8,7 +8,7 @@ from pathlib import Path
 from . import atomic, distributed
 from .backends import get_backend
 from .cli_args import as_option, count, names
-from .model import DTYPES, resolve_dtype
+from .model import PRECISIONS, resolve_dtype
 
 
 # ---------------------------------------------------------------------------- bpk bench
@@ -47,7 +47,7 @@ def add_bench_parser(commands) -> None:
                             "784-256-10:128:60000; +reg after any (S+reg, ...) adds LayerNorm "
                             "and dropout 0.1 to each hidden layer (default: S,M,L)")
     bench.add_argument("--dtypes", type=names, default=["float32"], metavar="LIST",
-                       help=f"comma list of {', '.join(DTYPES)} (default: float32)")
+                       help=f"comma list of {', '.join(PRECISIONS)} (default: float32)")
     bench.add_argument("--peers", type=names, default=[], metavar="LIST",
                        help="torch, sklearn: the same runs by PyTorch and scikit-learn, "
                             "skipped with a note when not installed (default: none)")
@@ -83,6 +83,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         as_option("--backends", get_backend, name)
     for dtype in args.dtypes:
         as_option("--dtypes", resolve_dtype, dtype)
+    args.dtypes = [resolve_dtype(dtype).name for dtype in args.dtypes]  # (bfloat16: bf16)
     for training in args.training:
         as_option("--training", bench.check_training, training)
     for peer in args.peers:
