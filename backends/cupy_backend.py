@@ -1,4 +1,5 @@
-"""CUDA GPUs through CuPy, float32 and float64.
+"""CUDA GPUs through CuPy, float32, float64 and bf16 (bfloat16 products by cuBLAS on
+compute capability 8.0 and later: cupy_mixed.py).
 
 Products go to cuBLAS (``cupy.matmul`` into the buffers given, transposes as views; TF32 off
 unless asked for). Everything else is one kernel of ``cuda/*.cu`` per fused operation (a few
@@ -31,6 +32,7 @@ except ImportError:
 
 from . import BackendUnavailable
 from . import cuda_sources as sources
+from . import cupy_mixed
 from .host import no_gpu_driver_note
 from .base import ACTIVATION_CODES, CLIP_GROUPS, CLIP_THREADS, KEEPS_Z, OPTIMIZER_RULES, \
     Backend, EpochPlan, refuse_bf16
@@ -97,6 +99,7 @@ class CupyBackend(Backend):
         self._modules: dict[np.dtype, dict[str, Any]] = {}
         self._scratch_cache: dict[tuple, Any] = {}
         self._hp_cache: dict[tuple, Any] = {}
+        self._bf16_why: list[str | None] = []  # bf16_unavailable's answer, once known
         self.nccl = _nccl
         # The scratch, the stream and the graph captures are the backend's, shared by its
         # models: fits in threads take turns (reentrant: a callback may train another model)
@@ -243,26 +246,53 @@ class CupyBackend(Backend):
         }
 
     # ------------------------------------------------------------------ dense layer
+    def bf16_unavailable(self):
+        if not self._bf16_why:
+            with self.capture_lock:  # the self-test allocates and waits
+                if not self._bf16_why:
+                    self._bf16_why.append(cupy_mixed.unavailable(self._properties))
+        return self._bf16_why[0]
+
+    def _rounded(self, role: str, a) -> Any:
+        """The bfloat16 bits of float32 ``a`` (cuda/dense.cu's round_bf16), in uint16 scratch
+        of the calling thread's for ``role``: threads that predict at once on one backend
+        never round into each other's buffers."""
+        refuse_bf16(self, self.bf16_unavailable() is not None)
+        if a.dtype != np.float32:
+            raise TypeError(f"bf16 products take float32 arrays, got {a.dtype}")
+        bits = self._scratch(("bf16", role, threading.get_ident()), a.shape, np.uint16)
+        self._launch(a.dtype, "round_bf16", a.size, (a, np.int64(a.size), bits))
+        return bits
+
     def dense_forward(self, X, W, b, activation, A, Z=None, bf16=False):
-        refuse_bf16(self, bf16)
         pre = A if Z is None else Z
-        self._matmul(X, W, pre)
+        if bf16:
+            cupy_mixed.gemm_bf16(self._rounded("X", X), False, self._rounded("W", W), False,
+                                 pre)
+        else:
+            self._matmul(X, W, pre)
         n, o = pre.shape
         self._launch(pre.dtype, "bias_act_forward", n * o,
                      (pre, b, np.int64(n), np.int64(o),
                       np.int32(ACTIVATION_CODES[activation]), Z, A))
 
     def dense_backward(self, X, W, dA, activation, A, Z, dW, db, dX=None, bf16=False):
-        refuse_bf16(self, bf16)
         if activation != "identity":
             if activation in KEEPS_Z and Z is None:
                 raise ValueError(f"dense_backward of {activation} needs the pre-activation Z")
             self._launch(dA.dtype, "act_grad", dA.size,
                          (A, Z, np.int64(dA.size), np.int32(ACTIVATION_CODES[activation]), dA))
-        self._matmul(X.T, dA, dW)
+        if bf16:  # dA keeps dZ unrounded: db sums it as a float32 layer does
+            dZ = self._rounded("dZ", dA)
+            cupy_mixed.gemm_bf16(self._rounded("X", X), True, dZ, False, dW)
+        else:
+            self._matmul(X.T, dA, dW)
         self._colsum(dA, db, 1.0, None)
         if dX is not None:
-            self._matmul(dA, W.T, dX)
+            if bf16:
+                cupy_mixed.gemm_bf16(dZ, False, self._rounded("W", W), True, dX)
+            else:
+                self._matmul(dA, W.T, dX)
 
     def _colsum(self, M, out, scale: float, slot) -> None:
         """out[slot * o:][:o] = scale * M.sum(0) for M (n, o), summed in double."""
@@ -529,7 +559,7 @@ class CupyBackend(Backend):
 
     # ------------------------------------------------------------------ whole epochs
     def train_epoch(self, plan: EpochPlan) -> bool:
-        if plan.bf16 or not self.graphs or plan.optimizer not in OPTIMIZER_RULES or not replayable(plan):
+        if not self.graphs or plan.optimizer not in OPTIMIZER_RULES or not replayable(plan):
             return False
         runner = plan.cache.get("cupy-graphs")
         if runner is None or runner.key != plan_key(plan):
