@@ -33,9 +33,10 @@ except ImportError:
 from . import BackendUnavailable
 from . import cuda_sources as sources
 from . import cupy_mixed
+from .bf16 import to_bf16_bits
 from .host import no_gpu_driver_note
 from .base import ACTIVATION_CODES, CLIP_GROUPS, CLIP_THREADS, KEEPS_Z, OPTIMIZER_RULES, \
-    Backend, EpochPlan, refuse_bf16
+    BF16_NAMES, Backend, EpochPlan, refuse_bf16
 # after cupy: the graph runner's module imports it too
 from .cupy_graphs import GraphRunner, HostArray, hp_values, plan_key, replayable
 
@@ -277,6 +278,8 @@ class CupyBackend(Backend):
                       np.int32(ACTIVATION_CODES[activation]), Z, A))
 
     def dense_backward(self, X, W, dA, activation, A, Z, dW, db, dX=None, bf16=False):
+        if bf16:  # before dA is overwritten
+            refuse_bf16(self, self.bf16_unavailable() is not None)
         if activation != "identity":
             if activation in KEEPS_Z and Z is None:
                 raise ValueError(f"dense_backward of {activation} needs the pre-activation Z")
@@ -513,28 +516,42 @@ class CupyBackend(Backend):
     # ------------------------------------------------------------------ benchmark
     def gemm_floor_seconds(self, sizes, batch_rows, dtype, repeats: int) -> list[float]:
         """Seconds of each of ``repeats`` epochs of the matrix products alone (forward, dW and
-        dX of every step, batches of ``batch_rows`` rows, layer widths ``sizes``), by cuBLAS
-        into preallocated buffers with this backend's TF32 setting, timed by CUDA events. The
-        epoch is captured once as a graph and replayed, so host launch overhead is excluded:
-        no training epoch can be faster."""
+        dX of every step, batches of ``batch_rows`` rows, layer widths ``sizes``; in bf16 on
+        inputs rounded ahead), by cuBLAS into preallocated buffers with this backend's TF32
+        setting, timed by CUDA events. The epoch is captured once as a graph and replayed, so
+        host launch overhead is excluded: no training epoch can be faster."""
         rng = np.random.default_rng(0)
-        dtype = np.dtype(dtype)
-        Ws = [cupy.asarray((rng.standard_normal((i, o)) * 0.05).astype(dtype))
-              for i, o in zip(sizes[:-1], sizes[1:])]
+        bf16 = str(dtype) in BF16_NAMES
+        # bf16: bfloat16 bits rounded ahead (the products alone), float32 results apart
+        dtype = np.dtype(np.float32 if bf16 else dtype)
+
+        def inputs(shape, scale=1.0):
+            values = (rng.standard_normal(shape) * scale).astype(dtype)
+            return cupy.asarray(to_bf16_bits(values) if bf16 else values)
+
+        def product(a, trans_a, b, trans_b, out) -> None:
+            if bf16:
+                cupy_mixed.gemm_bf16(a, trans_a, b, trans_b, out)
+            else:
+                self._matmul(a.T if trans_a else a, b.T if trans_b else b, out)
+
+        Ws = [inputs((i, o), 0.05) for i, o in zip(sizes[:-1], sizes[1:])]
         plans = {}
         for rows in set(batch_rows):
-            acts = [cupy.asarray(rng.standard_normal((rows, w)).astype(dtype)) for w in sizes]
-            grads = [cupy.asarray(rng.standard_normal((rows, w)).astype(dtype)) for w in sizes]
-            plans[rows] = (acts, grads, [cupy.empty(W.shape, dtype) for W in Ws])
+            acts = [inputs((rows, w)) for w in sizes]
+            grads = [inputs((rows, w)) for w in sizes]
+            outs = [cupy.empty((rows, w), dtype) for w in sizes] if bf16 else None
+            plans[rows] = (acts, grads, [cupy.empty(W.shape, dtype) for W in Ws],
+                           outs or acts, outs or grads)
 
         def epoch() -> None:
-            for acts, grads, dWs in (plans[rows] for rows in batch_rows):
+            for acts, grads, dWs, acts_out, grads_out in (plans[r] for r in batch_rows):
                 for layer, W in enumerate(Ws):
-                    self._matmul(acts[layer], W, acts[layer + 1])
+                    product(acts[layer], False, W, False, acts_out[layer + 1])
                 for layer in reversed(range(len(Ws))):
-                    self._matmul(acts[layer].T, grads[layer + 1], dWs[layer])
+                    product(acts[layer], True, grads[layer + 1], False, dWs[layer])
                     if layer:
-                        self._matmul(grads[layer + 1], Ws[layer].T, grads[layer])
+                        product(grads[layer + 1], False, Ws[layer], True, grads_out[layer])
 
         stream = cupy.cuda.Stream(non_blocking=True)
         stream.wait_event(cupy.cuda.get_current_stream().record())

@@ -408,13 +408,15 @@ def test_device_info_describes_the_gpu():
 
 
 # ---------------------------------------------------------------------- benchmark
-def test_the_benchmark_times_a_cublas_floor_for_the_gpu_backend():
+@pytest.mark.parametrize("floor_dtype", ["float32", "bf16"])
+def test_the_benchmark_times_a_cublas_floor_for_the_gpu_backend(floor_dtype):
     """`bpk bench --backends cupy` adds a "gemm-floor-cuda" record: the epoch's products captured
-    as one graph, replayed, and timed under CUDA events (here the simulated ones)."""
+    as one graph, replayed, and timed under CUDA events (here the simulated ones); in bf16 the
+    products are cuBLAS's bf16 ones on inputs rounded ahead."""
     from bpkernels import bench
     backend = make()
     before = collections.Counter(shim.STATS)
-    seconds = backend.gemm_floor_seconds((6, 5, 3), [8, 8, 3], "float32", 3)
+    seconds = backend.gemm_floor_seconds((6, 5, 3), [8, 8, 3], floor_dtype, 3)
     done = collections.Counter(shim.STATS) - before
     assert len(seconds) == 3 and all(t > 0 for t in seconds)
     assert done["captures"] == 1 and done["graph_launches"] == 4  # a warm replay, then 3 timed
