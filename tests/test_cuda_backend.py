@@ -366,7 +366,8 @@ def test_the_stand_in_never_takes_a_real_cupys_modules(monkeypatch):
     reach that backend: a CuPy without NCCL must stay without one. Here marked modules play
     the real CuPy, so the check runs with or without CuPy installed."""
     real = {name: types.ModuleType(name) for name in
-            ("cupy", "cupy.cuda", "cupy.cuda.nccl", "cupy.cuda.runtime", "cupyx", "cupy._core")}
+            ("cupy", "cupy.cuda", "cupy.cuda.nccl", "cupy.cuda.runtime", "cupyx", "cupy._core",
+             "cupy.cuda.cublas")}
     real["cupy"].cuda, real["cupy.cuda"].nccl = real["cupy.cuda"], real["cupy.cuda.nccl"]
     real["cupy.cuda.nccl"].NCCL_FLOAT64 = "the real one"
     for name, module in real.items():
@@ -377,6 +378,9 @@ def test_the_stand_in_never_takes_a_real_cupys_modules(monkeypatch):
     assert with_nccl.cupy.__version__ == "cudasim"
     graphs = with_nccl.GraphRunner.__init__.__globals__  # the copy of cupy_graphs it imported
     assert graphs["cupy"] is with_nccl.cupy and graphs["cupyx"] is not real["cupyx"]
+    mixed = with_nccl.cupy_mixed  # the copy of cupy_mixed: bf16's cuBLAS is the stand-in's
+    assert mixed.cupy is with_nccl.cupy and mixed.cublas is not real["cupy.cuda.cublas"]
+    assert mixed.cublas.gemmEx is sim_cublas.gemm_ex
     assert all(sys.modules[name] is module for name, module in real.items())  # put back
 
 
