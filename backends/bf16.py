@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["bf16_round", "to_bf16_bits", "widen_bf16_bits"]
+__all__ = ["QUIET_NAN", "bf16_round", "to_bf16_bits", "widen_bf16_bits"]
+
+QUIET_NAN = 0x7FC0  # the bfloat16 bits every positive NaN rounds to (the CUDA kernel's too)
 
 
 def bf16_round(x, out: np.ndarray | None = None) -> np.ndarray:
@@ -38,7 +40,7 @@ def bf16_round(x, out: np.ndarray | None = None) -> np.ndarray:
         maybe_nan = np.isnan(np.add.reduce(x, axis=None))  # a scalar: no mask unless needed
     if maybe_nan:
         nan = np.isnan(x)
-        rounded[nan] = (bits[nan] & 0x80000000) | 0x7FC00000
+        rounded[nan] = (bits[nan] & 0x80000000) | (QUIET_NAN << 16)
     return out
 
 

@@ -1,4 +1,5 @@
-"""CUDA GPUs through CuPy, float32 and float64.
+"""CUDA GPUs through CuPy, float32, float64 and bf16 (bfloat16 products by cuBLAS on
+compute capability 8.0 and later: cupy_mixed.py).
 
 Products go to cuBLAS (``cupy.matmul`` into the buffers given, transposes as views; TF32 off
 unless asked for). Everything else is one kernel of ``cuda/*.cu`` per fused operation (a few
@@ -31,9 +32,11 @@ except ImportError:
 
 from . import BackendUnavailable
 from . import cuda_sources as sources
+from . import cupy_mixed
+from .bf16 import to_bf16_bits
 from .host import no_gpu_driver_note
 from .base import ACTIVATION_CODES, CLIP_GROUPS, CLIP_THREADS, KEEPS_Z, OPTIMIZER_RULES, \
-    Backend, EpochPlan, refuse_bf16
+    BF16_NAMES, Backend, EpochPlan, refuse_bf16
 # after cupy: the graph runner's module imports it too
 from .cupy_graphs import GraphRunner, HostArray, hp_values, plan_key, replayable
 
@@ -97,6 +100,7 @@ class CupyBackend(Backend):
         self._modules: dict[np.dtype, dict[str, Any]] = {}
         self._scratch_cache: dict[tuple, Any] = {}
         self._hp_cache: dict[tuple, Any] = {}
+        self._bf16_why: list[str | None] = []  # bf16_unavailable's answer, once known
         self.nccl = _nccl
         # The scratch, the stream and the graph captures are the backend's, shared by its
         # models: fits in threads take turns (reentrant: a callback may train another model)
@@ -243,26 +247,55 @@ class CupyBackend(Backend):
         }
 
     # ------------------------------------------------------------------ dense layer
+    def bf16_unavailable(self):
+        if not self._bf16_why:
+            with self.capture_lock:  # the self-test allocates and waits
+                if not self._bf16_why:
+                    self._bf16_why.append(cupy_mixed.unavailable(self._properties))
+        return self._bf16_why[0]
+
+    def _rounded(self, role: str, a) -> Any:
+        """The bfloat16 bits of float32 ``a`` (cuda/dense.cu's round_bf16), in uint16 scratch
+        of the calling thread's for ``role``: threads that predict at once on one backend
+        never round into each other's buffers."""
+        refuse_bf16(self, self.bf16_unavailable() is not None)
+        if a.dtype != np.float32:
+            raise TypeError(f"bf16 products take float32 arrays, got {a.dtype}")
+        bits = self._scratch(("bf16", role, threading.get_ident()), a.shape, np.uint16)
+        self._launch(a.dtype, "round_bf16", a.size, (a, np.int64(a.size), bits))
+        return bits
+
     def dense_forward(self, X, W, b, activation, A, Z=None, bf16=False):
-        refuse_bf16(self, bf16)
         pre = A if Z is None else Z
-        self._matmul(X, W, pre)
+        if bf16:
+            cupy_mixed.gemm_bf16(self._rounded("X", X), False, self._rounded("W", W), False,
+                                 pre)
+        else:
+            self._matmul(X, W, pre)
         n, o = pre.shape
         self._launch(pre.dtype, "bias_act_forward", n * o,
                      (pre, b, np.int64(n), np.int64(o),
                       np.int32(ACTIVATION_CODES[activation]), Z, A))
 
     def dense_backward(self, X, W, dA, activation, A, Z, dW, db, dX=None, bf16=False):
-        refuse_bf16(self, bf16)
+        if bf16:  # before dA is overwritten
+            refuse_bf16(self, self.bf16_unavailable() is not None)
         if activation != "identity":
             if activation in KEEPS_Z and Z is None:
                 raise ValueError(f"dense_backward of {activation} needs the pre-activation Z")
             self._launch(dA.dtype, "act_grad", dA.size,
                          (A, Z, np.int64(dA.size), np.int32(ACTIVATION_CODES[activation]), dA))
-        self._matmul(X.T, dA, dW)
+        if bf16:  # dA keeps dZ unrounded: db sums it as a float32 layer does
+            dZ = self._rounded("dZ", dA)
+            cupy_mixed.gemm_bf16(self._rounded("X", X), True, dZ, False, dW)
+        else:
+            self._matmul(X.T, dA, dW)
         self._colsum(dA, db, 1.0, None)
         if dX is not None:
-            self._matmul(dA, W.T, dX)
+            if bf16:
+                cupy_mixed.gemm_bf16(dZ, False, self._rounded("W", W), True, dX)
+            else:
+                self._matmul(dA, W.T, dX)
 
     def _colsum(self, M, out, scale: float, slot) -> None:
         """out[slot * o:][:o] = scale * M.sum(0) for M (n, o), summed in double."""
@@ -483,28 +516,42 @@ class CupyBackend(Backend):
     # ------------------------------------------------------------------ benchmark
     def gemm_floor_seconds(self, sizes, batch_rows, dtype, repeats: int) -> list[float]:
         """Seconds of each of ``repeats`` epochs of the matrix products alone (forward, dW and
-        dX of every step, batches of ``batch_rows`` rows, layer widths ``sizes``), by cuBLAS
-        into preallocated buffers with this backend's TF32 setting, timed by CUDA events. The
-        epoch is captured once as a graph and replayed, so host launch overhead is excluded:
-        no training epoch can be faster."""
+        dX of every step, batches of ``batch_rows`` rows, layer widths ``sizes``; in bf16 on
+        inputs rounded ahead), by cuBLAS into preallocated buffers with this backend's TF32
+        setting, timed by CUDA events. The epoch is captured once as a graph and replayed, so
+        host launch overhead is excluded: no training epoch can be faster."""
         rng = np.random.default_rng(0)
-        dtype = np.dtype(dtype)
-        Ws = [cupy.asarray((rng.standard_normal((i, o)) * 0.05).astype(dtype))
-              for i, o in zip(sizes[:-1], sizes[1:])]
+        bf16 = str(dtype) in BF16_NAMES
+        # bf16: bfloat16 bits rounded ahead (the products alone), float32 results apart
+        dtype = np.dtype(np.float32 if bf16 else dtype)
+
+        def inputs(shape, scale=1.0):
+            values = (rng.standard_normal(shape) * scale).astype(dtype)
+            return cupy.asarray(to_bf16_bits(values) if bf16 else values)
+
+        def product(a, trans_a, b, trans_b, out) -> None:
+            if bf16:
+                cupy_mixed.gemm_bf16(a, trans_a, b, trans_b, out)
+            else:
+                self._matmul(a.T if trans_a else a, b.T if trans_b else b, out)
+
+        Ws = [inputs((i, o), 0.05) for i, o in zip(sizes[:-1], sizes[1:])]
         plans = {}
         for rows in set(batch_rows):
-            acts = [cupy.asarray(rng.standard_normal((rows, w)).astype(dtype)) for w in sizes]
-            grads = [cupy.asarray(rng.standard_normal((rows, w)).astype(dtype)) for w in sizes]
-            plans[rows] = (acts, grads, [cupy.empty(W.shape, dtype) for W in Ws])
+            acts = [inputs((rows, w)) for w in sizes]
+            grads = [inputs((rows, w)) for w in sizes]
+            outs = [cupy.empty((rows, w), dtype) for w in sizes] if bf16 else None
+            plans[rows] = (acts, grads, [cupy.empty(W.shape, dtype) for W in Ws],
+                           outs or acts, outs or grads)
 
         def epoch() -> None:
-            for acts, grads, dWs in (plans[rows] for rows in batch_rows):
+            for acts, grads, dWs, acts_out, grads_out in (plans[r] for r in batch_rows):
                 for layer, W in enumerate(Ws):
-                    self._matmul(acts[layer], W, acts[layer + 1])
+                    product(acts[layer], False, W, False, acts_out[layer + 1])
                 for layer in reversed(range(len(Ws))):
-                    self._matmul(acts[layer].T, grads[layer + 1], dWs[layer])
+                    product(acts[layer], True, grads[layer + 1], False, dWs[layer])
                     if layer:
-                        self._matmul(grads[layer + 1], Ws[layer].T, grads[layer])
+                        product(grads[layer + 1], False, Ws[layer], True, grads_out[layer])
 
         stream = cupy.cuda.Stream(non_blocking=True)
         stream.wait_event(cupy.cuda.get_current_stream().record())
@@ -529,7 +576,7 @@ class CupyBackend(Backend):
 
     # ------------------------------------------------------------------ whole epochs
     def train_epoch(self, plan: EpochPlan) -> bool:
-        if plan.bf16 or not self.graphs or plan.optimizer not in OPTIMIZER_RULES or not replayable(plan):
+        if not self.graphs or plan.optimizer not in OPTIMIZER_RULES or not replayable(plan):
             return False
         runner = plan.cache.get("cupy-graphs")
         if runner is None or runner.key != plan_key(plan):

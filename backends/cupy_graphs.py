@@ -64,7 +64,7 @@ def plan_key(plan: EpochPlan) -> tuple:
             plan.activations, plan.loss, plan.metric, plan.metrics, plan.optimizer, plan.batch,
             plan.steps, plan.order.shape, choices, plan.rates is not None,
             None if plan.dropout is None else (plan.dropout[0], tuple(plan.dropout[1])),
-            plan.norm)  # None, or LayerNorm's eps: baked into the launches
+            plan.norm, plan.bf16)  # norm: None, or LayerNorm's eps: baked into the launches
 
 
 def replayable(plan: EpochPlan) -> bool:
@@ -229,10 +229,10 @@ class GraphRunner:
                 self.layers, plan.activations, ws.A, ws.Z, self._outputs(ws), self.drops)):
             norm = self.norms[layer]
             if norm is None:
-                be.dense_forward(X, W, b, act, A, Z)
+                be.dense_forward(X, W, b, act, A, Z, bf16=plan.bf16)
             else:  # the product into H, then LayerNorm and the activation into A
                 gamma, beta, _, _ = norm
-                be.dense_forward(X, W, b, "identity", ws.H[layer])
+                be.dense_forward(X, W, b, "identity", ws.H[layer], bf16=plan.bf16)
                 be.layer_norm_forward(ws.H[layer], gamma, beta, act, A, ws.rstd[layer],
                                       plan.norm)
             if drop is not None:  # the batch's rows and the step, read on the device
@@ -251,13 +251,13 @@ class GraphRunner:
             norm = self.norms[layer]
             if norm is None:
                 be.dense_backward(inputs[layer], W, ws.dA[layer], plan.activations[layer],
-                                  ws.A[layer], ws.Z[layer], dW, db, dX)
+                                  ws.A[layer], ws.Z[layer], dW, db, dX, bf16=plan.bf16)
             else:  # dA becomes the product's gradient, then the identity layer's backward
                 gamma, beta, dgamma, dbeta = norm
                 be.layer_norm_backward(ws.dA[layer], plan.activations[layer], ws.A[layer],
                                        ws.H[layer], gamma, beta, ws.rstd[layer], dgamma, dbeta)
                 be.dense_backward(inputs[layer], W, ws.dA[layer], "identity", ws.A[layer],
-                                  None, dW, db, dX)
+                                  None, dW, db, dX, bf16=plan.bf16)
             below = self.drops[layer - 1] if layer else None
             if below is not None:  # dX, the gradient of dropout's output, becomes its input's
                 be._dropout(dX, dX, below, slot, plan.batch, step_dev)

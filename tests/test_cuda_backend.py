@@ -20,6 +20,7 @@ import pytest
 import bpkernels as bpk
 import cudasim
 from bpkernels.backends import BackendUnavailable
+from cudasim import cublas as sim_cublas
 from cudasim import shim
 
 pytestmark = pytest.mark.skipif(cudasim.unavailable_reason() is not None,
@@ -365,7 +366,8 @@ def test_the_stand_in_never_takes_a_real_cupys_modules(monkeypatch):
     reach that backend: a CuPy without NCCL must stay without one. Here marked modules play
     the real CuPy, so the check runs with or without CuPy installed."""
     real = {name: types.ModuleType(name) for name in
-            ("cupy", "cupy.cuda", "cupy.cuda.nccl", "cupy.cuda.runtime", "cupyx", "cupy._core")}
+            ("cupy", "cupy.cuda", "cupy.cuda.nccl", "cupy.cuda.runtime", "cupyx", "cupy._core",
+             "cupy.cuda.cublas")}
     real["cupy"].cuda, real["cupy.cuda"].nccl = real["cupy.cuda"], real["cupy.cuda.nccl"]
     real["cupy.cuda.nccl"].NCCL_FLOAT64 = "the real one"
     for name, module in real.items():
@@ -376,6 +378,9 @@ def test_the_stand_in_never_takes_a_real_cupys_modules(monkeypatch):
     assert with_nccl.cupy.__version__ == "cudasim"
     graphs = with_nccl.GraphRunner.__init__.__globals__  # the copy of cupy_graphs it imported
     assert graphs["cupy"] is with_nccl.cupy and graphs["cupyx"] is not real["cupyx"]
+    mixed = with_nccl.cupy_mixed  # the copy of cupy_mixed: bf16's cuBLAS is the stand-in's
+    assert mixed.cupy is with_nccl.cupy and mixed.cublas is not real["cupy.cuda.cublas"]
+    assert mixed.cublas.gemmEx is sim_cublas.gemm_ex
     assert all(sys.modules[name] is module for name, module in real.items())  # put back
 
 
@@ -407,13 +412,15 @@ def test_device_info_describes_the_gpu():
 
 
 # ---------------------------------------------------------------------- benchmark
-def test_the_benchmark_times_a_cublas_floor_for_the_gpu_backend():
+@pytest.mark.parametrize("floor_dtype", ["float32", "bf16"])
+def test_the_benchmark_times_a_cublas_floor_for_the_gpu_backend(floor_dtype):
     """`bpk bench --backends cupy` adds a "gemm-floor-cuda" record: the epoch's products captured
-    as one graph, replayed, and timed under CUDA events (here the simulated ones)."""
+    as one graph, replayed, and timed under CUDA events (here the simulated ones); in bf16 the
+    products are cuBLAS's bf16 ones on inputs rounded ahead."""
     from bpkernels import bench
     backend = make()
     before = collections.Counter(shim.STATS)
-    seconds = backend.gemm_floor_seconds((6, 5, 3), [8, 8, 3], "float32", 3)
+    seconds = backend.gemm_floor_seconds((6, 5, 3), [8, 8, 3], floor_dtype, 3)
     done = collections.Counter(shim.STATS) - before
     assert len(seconds) == 3 and all(t > 0 for t in seconds)
     assert done["captures"] == 1 and done["graph_launches"] == 4  # a warm replay, then 3 timed
@@ -460,3 +467,65 @@ def test_other_threads_allocate_and_read_around_a_graph_capture_never_inside_it(
     for (W, b), (W0, b0) in zip(trained[3], alone.get_weights()):
         np.testing.assert_array_equal(W, W0)
         np.testing.assert_array_equal(b, b0)
+
+
+# ---------------------------------------------------------------------- bf16
+def _weights(model) -> np.ndarray:
+    return np.concatenate([a.ravel() for layer in model.get_weights() for a in layer])
+
+
+def test_bf16_graph_epochs_equal_the_kernel_loop_bit_for_bit():
+    """A captured bf16 step (rounding launches and cuBLAS's bf16 products inside the graph)
+    trains exactly as the per-kernel loop, and as the NumPy reference up to float32 sums;
+    later epochs replay without allocating or waiting."""
+    X, y = data(70, features=12, classes=4)
+    runs = {}
+    for name, backend in (("graphs", make()), ("kernels", make(graphs=False)),
+                          ("numpy", "numpy")):
+        recorder = Recorder(backend) if name == "graphs" else None
+        model = bpk.MLP([12, 24, 16, 4], activation="gelu", backend=backend, dtype="bf16",
+                        seed=3, norm="layer", dropout=0.1)
+        bpk.fit(model, X, y, epochs=3, batch_size=16, optimizer=bpk.SGD(lr=0.05, momentum=0.9))
+        runs[name] = _weights(model), recorder
+    np.testing.assert_array_equal(runs["graphs"][0], runs["kernels"][0])
+    np.testing.assert_allclose(runs["graphs"][0], runs["numpy"][0], **TOL["float32"])
+    calls = runs["graphs"][1].calls
+    assert [c["done"] for c in calls] == [1, 1, 1]
+    for call in calls[1:]:
+        assert call["captures"] == call["allocations"] == call["host_waits"] == 0
+        assert call["graph_launches"] == call["steps"]
+
+
+def test_bf16_products_are_not_float32_products():
+    """The stand-in's cuBLAS multiplies the bfloat16 values: a float32 model differs."""
+    X, y = data(32, features=12, classes=4)
+    trained = [_weights(train(make(), [12, 24, 4], X, y, dtype=dtype, batch_size=8,
+                              optimizer=bpk.SGD(lr=0.1))[0]) for dtype in ("bf16", "float32")]
+    assert not np.allclose(trained[0], trained[1], rtol=1e-5, atol=1e-6)
+
+
+def _broken_gemm(*args):
+    raise sim_cublas.CUBLASError("CUBLAS_STATUS_NOT_SUPPORTED")
+
+
+@pytest.mark.parametrize("case", ["old-gpu", "no-binding", "self-test"])
+def test_bf16_unavailable_says_why_and_models_refuse(monkeypatch, case):
+    cublas = cudasim.backend_module().cupy_mixed.cublas
+    if case == "no-binding":
+        monkeypatch.delattr(cublas, "gemmEx")
+    elif case == "self-test":
+        monkeypatch.setattr(cublas, "gemmEx", _broken_gemm)
+    backend = make()
+    if case == "old-gpu":
+        backend._properties = dict(backend._properties, major=7, minor=5)
+    why = backend.bf16_unavailable()
+    expected = {"old-gpu": "compute capability is 7.5; bfloat16 products need 8.0",
+                "no-binding": "lacks the cuBLAS binding of cublasGemmEx",
+                "self-test": "failed its self-test: CUBLASError"}[case]
+    assert why is not None and expected in why, why
+    with pytest.raises(ValueError, match="cannot run bf16: "):
+        bpk.MLP([3, 2], backend=backend, dtype="bf16")
+    A = backend.empty((2, 2), np.float32)
+    with pytest.raises(ValueError, match="cannot run bf16 products"):
+        backend.dense_forward(backend.zeros((2, 3), np.float32), backend.zeros((3, 2), np.float32),
+                              backend.zeros((2,), np.float32), "identity", A, bf16=True)

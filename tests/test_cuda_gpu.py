@@ -66,3 +66,45 @@ def test_tf32_changes_float32_products_only_when_asked():
 def test_gemm_floor_is_timed_by_cuda_events():
     seconds = _backend().gemm_floor_seconds((1024, 2048, 2048, 10), [512] * 4, "float32", 3)
     assert len(seconds) == 3 and all(0 < t < 10 for t in seconds)
+
+
+def _bf16_backend():
+    be = _backend()
+    if be.bf16_unavailable() is not None:
+        pytest.skip(f"no bf16 on this GPU: {be.bf16_unavailable()}")
+    return be
+
+
+def test_bf16_rounding_kernel_equals_the_reference_on_the_gpu():
+    """round_bf16 built by NVRTC, bit for bit against backends/bf16.py (NaNs included)."""
+    from bpkernels.backends.bf16 import to_bf16_bits
+    from test_bf16 import _random_bits, _special_bits
+    be = _bf16_backend()
+    x = np.concatenate([_special_bits(), _random_bits(1 << 20, 6)]).view(np.float32)
+    np.testing.assert_array_equal(be.to_host(be._rounded("X", be.asarray(x))), to_bf16_bits(x))
+
+
+@pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "kernels"])
+def test_bf16_training_on_the_gpu_agrees_with_numpy(graphs):
+    """cuBLAS's bf16 products (tensor cores), captured or launched one by one, train as the
+    NumPy reference's float32 products of the rounded inputs do. Summation orders differ, and
+    a value near a rounding point may then round the other way (2^-8 relative): so the weights
+    are compared by their distance, relative to how far training moved them."""
+    _bf16_backend()  # skips where this GPU has no bf16
+    X, y = _data()
+    weights = []
+    for backend in (_backend(graphs=graphs), "numpy", None):
+        model = bpk.MLP([9, 33, 17, 4], activation="gelu", backend=backend or "numpy",
+                        dtype="bf16", seed=0)
+        if backend is not None:
+            bpk.fit(model, X, y, optimizer=bpk.SGD(lr=0.05, momentum=0.9), epochs=2,
+                    batch_size=16)
+        weights.append(np.concatenate([a.ravel() for pair in model.get_weights()
+                                       for a in pair]).astype(np.float64))
+    got, ref, start = weights
+    assert np.linalg.norm(got - ref) < 1e-3 * np.linalg.norm(ref - start)
+
+
+def test_bf16_gemm_floor_is_timed_by_cuda_events():
+    seconds = _bf16_backend().gemm_floor_seconds((1024, 2048, 2048, 10), [512] * 4, "bf16", 3)
+    assert len(seconds) == 3 and all(0 < t < 10 for t in seconds)

@@ -533,3 +533,27 @@ def test_an_out_of_bounds_write_fails_the_launch(dtype):
         k.colsum_rows(1, dev(np.ones((5, 1)), dtype), I64(5), I64(1), np.float64(1.0), short,
                       dev(np.array([4]), I64))
         host(short)
+
+
+# ====================================================================== dense.cu: bf16
+def _bf16_inputs() -> np.ndarray:
+    """float32 bit patterns: test_bf16.py's special values (every sign, the exponent's ends,
+    mantissas at and around each rounding point, NaNs whose rounding would carry) and random
+    ones."""
+    from test_bf16 import _random_bits, _special_bits
+    return np.concatenate([_special_bits(), _random_bits(1 << 16, 5)])
+
+
+@pytest.mark.parametrize("launch", LAUNCHES, ids=LAUNCH_IDS)
+def test_round_bf16_equals_the_reference_bit_for_bit(launch):
+    """cuda/dense.cu's round_bf16 against backends/bf16.py's to_bf16_bits on every pattern,
+    NaN's sign and quiet bits included: the same uint16 bits, not just the same value."""
+    from bpkernels.backends.bf16 import to_bf16_bits
+    bits = _bf16_inputs()
+    x = bits.view(np.float32)
+    out = shim.empty(x.shape, np.uint16)
+    Kernels(np.float32, launch).round_bf16(x.size, dev(x), I64(x.size), out)
+    got, expected = host(out), to_bf16_bits(x)
+    assert expected[np.isnan(x)].tolist().count(0x7FC0) > 0  # quiet NaNs are among them
+    np.testing.assert_array_equal(got, expected)
+

@@ -15,7 +15,7 @@ import pytest
 
 import cudasim
 from bpkernels.backends import cuda_sources as sources
-from bpkernels.backends import base
+from bpkernels.backends import base, bf16
 from cudasim import compiler
 
 ARCHS = ("sm_80", "sm_90")
@@ -100,6 +100,8 @@ def test_generated_defines_are_the_tables(dtype):
             assert literal.endswith("u") and int(literal[:-1], 16) == table[i], literal
     for name in ("PHILOX_ROUNDS", "DROPOUT_LAYER_BITS", "DROPOUT_UNIFORM_BITS"):
         expected[name] = str(getattr(base, name))
+    literal = generated.pop("BF16_QUIET_NAN")  # backends/bf16.py's, for round_bf16
+    assert literal.endswith("u") and int(literal[:-1], 16) == bf16.QUIET_NAN, literal
     assert generated == expected
     # codes are the table's indices; silu is the row added last
     assert [s.code for s in base.ACTIVATION_TABLE] == list(range(len(base.ACTIVATION_TABLE)))

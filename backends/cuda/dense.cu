@@ -79,3 +79,20 @@ extern "C" __global__ void gather_rows_i64(const i64* src, i64 k, const i64* ind
                                            const i64* slot, i64 stride, i64 n, i64* out) {
     gather(src, k, index, slot, stride, n, out);
 }
+
+// dtype="bf16": out = the bfloat16 bits (round to nearest, ties to even) of float32 x, the
+// inputs of cuBLAS's bf16 products; equal bit for bit to backends/bf16.py's to_bf16_bits.
+// Adding 0x7FFF plus the lowest kept bit carries into the exponent where IEEE wants it (the
+// largest floats round to infinity). NaN is kept apart: the carry would turn a payload in the
+// low half into infinity, so it becomes the quiet NaN with its sign. Float in, whatever REAL
+// is: the float64 module has the kernel too, unused.
+__device__ __forceinline__ unsigned short bf16_bits(float x) {
+    unsigned int bits = __float_as_uint(x);
+    unsigned int sign = (bits >> 16) & 0x8000u;
+    if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return (unsigned short)(sign | BF16_QUIET_NAN);
+    return (unsigned short)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+extern "C" __global__ void round_bf16(const float* x, i64 size, unsigned short* out) {
+    GRID_STRIDE(k, size) { out[k] = bf16_bits(x[k]); }
+}

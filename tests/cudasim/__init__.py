@@ -32,7 +32,7 @@ def unavailable_reason() -> str | None:
 
 # The backend's modules that import cupy, each loaded after those it imports: every one is
 # copied, so that the copy of cupy_backend imports the shim's copy of cupy_graphs.
-_MODULES = ("cupy_graphs", "cupy_backend")
+_MODULES = ("cupy_graphs", "cupy_mixed", "cupy_backend")
 
 
 def load_backend_module(nccl: bool = True):

@@ -7,6 +7,7 @@
 #pragma once
 #include <math.h>  // libstdc++'s math.h: float overloads (erf(float), ...) as CUDA provides
 #include <stddef.h>
+#include <string.h>
 #include <type_traits>
 #include <utility>
 
@@ -22,6 +23,14 @@ struct uint3 { unsigned int x, y, z; };
 // One grid runs at a time (the launcher below), so plain globals stand for the built-ins.
 static uint3 threadIdx, blockIdx;
 static dim3 blockDim, gridDim;
+
+// CUDA's bit cast of a float to its bits, as memcpy: defined behaviour
+// in C++, where a pointer cast would not be.
+static inline unsigned int __float_as_uint(float x) {
+    unsigned int bits;
+    memcpy(&bits, &x, sizeof bits);
+    return bits;
+}
 
 // Serial execution: an atomic is the plain operation.
 static inline unsigned long long atomicCAS(unsigned long long* address, unsigned long long compare,

@@ -696,7 +696,7 @@ def _is_int(value) -> bool:
 
 
 def _device_range(pointer: int, count: int, dtype: np.dtype, type_name: str,
-                  what: str) -> ndarray:
+                  what: str, caller: str = "allReduce") -> ndarray:
     """The ``count`` elements at ``pointer`` as a device array; SimError where a GPU would read
     or write memory that is not this buffer, or read its bytes as another type."""
     for mem in list(_live):
@@ -704,15 +704,15 @@ def _device_range(pointer: int, count: int, dtype: np.dtype, type_name: str,
         if 0 <= offset < max(mem.nbytes, 1):
             break
     else:
-        raise SimError(f"allReduce: {what} {pointer:#x} is not in any live device allocation")
+        raise SimError(f"{caller}: {what} {pointer:#x} is not in any live device allocation")
     if mem.dtype != dtype:
-        raise SimError(f"allReduce: {type_name} over {what}'s {mem.dtype} memory: a GPU would "
+        raise SimError(f"{caller}: {type_name} over {what}'s {mem.dtype} memory: a GPU would "
                        "sum its bytes as another type")
     nbytes = count * dtype.itemsize
     if offset % dtype.itemsize:
-        raise SimError(f"allReduce: {what} is not aligned to a {type_name} element")
+        raise SimError(f"{caller}: {what} is not aligned to a {type_name} element")
     if offset + nbytes > mem.nbytes:
-        raise SimError(f"allReduce: {count} {type_name} elements at {what} run past the end of "
+        raise SimError(f"{caller}: {count} {type_name} elements at {what} run past the end of "
                        f"its allocation ({mem.nbytes - offset} bytes left)")
     view = mem.raw[GUARD + offset:GUARD + offset + nbytes].view(dtype)
     return ndarray(view, mem)
@@ -836,6 +836,13 @@ def modules(nccl: bool = True) -> dict[str, types.ModuleType]:
     cuda.Stream, cuda.Event, cuda.runtime, cuda.graph = Stream, Event, runtime, graph
     cuda.get_current_stream, cuda.get_elapsed_time = get_current_stream, get_elapsed_time
     cuda.Device = Device
+    from . import cublas as raw  # (it imports this module)
+    cublas = cuda.cublas = types.ModuleType("cupy.cuda.cublas")
+    device = cuda.device = types.ModuleType("cupy.cuda.device")
+    device.get_cublas_handle = raw.get_cublas_handle
+    cublas.gemmEx, cublas.CUBLASError = raw.gemm_ex, raw.CUBLASError
+    cublas.setStream, cublas.getStream = raw.set_stream, raw.get_stream
+    cublas.setPointerMode, cublas.getPointerMode = raw.set_pointer_mode, raw.get_pointer_mode
 
     runtime.CUDARuntimeError = CUDARuntimeError
     runtime.getDeviceCount = lambda: DEVICE_COUNT
@@ -855,7 +862,8 @@ def modules(nccl: bool = True) -> dict[str, types.ModuleType]:
     cupyx.empty_pinned = empty_pinned
     found = {"cupy": cupy, "cupy.cuda": cuda, "cupy.cuda.runtime": runtime,
              "cupy.cuda.graph": graph, "cupy._core": core,
-             "cupy._core._routines_linalg": linalg, "cupyx": cupyx}
+             "cupy._core._routines_linalg": linalg, "cupyx": cupyx,
+             "cupy.cuda.cublas": cublas, "cupy.cuda.device": device}
     if nccl:
         library = cuda.nccl = found["cupy.cuda.nccl"] = types.ModuleType("cupy.cuda.nccl")
         library.NcclCommunicator, library.NcclError = NcclCommunicator, NcclError
