@@ -32,7 +32,9 @@ except ImportError:
 
 from . import BackendUnavailable
 from . import cuda_sources as sources
-from . import cupy_mixed
+# (names, not ``from . import cupy_mixed``: that reads the package's attribute, which may be
+# the real module where tests/cudasim loads its copy)
+from .cupy_mixed import gemm_bf16, unavailable as bf16_reason
 from .bf16 import to_bf16_bits
 from .host import no_gpu_driver_note
 from .base import ACTIVATION_CODES, CLIP_GROUPS, CLIP_THREADS, KEEPS_Z, OPTIMIZER_RULES, \
@@ -251,7 +253,7 @@ class CupyBackend(Backend):
         if not self._bf16_why:
             with self.capture_lock:  # the self-test allocates and waits
                 if not self._bf16_why:
-                    self._bf16_why.append(cupy_mixed.unavailable(self._properties))
+                    self._bf16_why.append(bf16_reason(self._properties))
         return self._bf16_why[0]
 
     def _rounded(self, role: str, a) -> Any:
@@ -268,7 +270,7 @@ class CupyBackend(Backend):
     def dense_forward(self, X, W, b, activation, A, Z=None, bf16=False):
         pre = A if Z is None else Z
         if bf16:
-            cupy_mixed.gemm_bf16(self._rounded("X", X), False, self._rounded("W", W), False,
+            gemm_bf16(self._rounded("X", X), False, self._rounded("W", W), False,
                                  pre)
         else:
             self._matmul(X, W, pre)
@@ -287,13 +289,13 @@ class CupyBackend(Backend):
                          (A, Z, np.int64(dA.size), np.int32(ACTIVATION_CODES[activation]), dA))
         if bf16:  # dA keeps dZ unrounded: db sums it as a float32 layer does
             dZ = self._rounded("dZ", dA)
-            cupy_mixed.gemm_bf16(self._rounded("X", X), True, dZ, False, dW)
+            gemm_bf16(self._rounded("X", X), True, dZ, False, dW)
         else:
             self._matmul(X.T, dA, dW)
         self._colsum(dA, db, 1.0, None)
         if dX is not None:
             if bf16:
-                cupy_mixed.gemm_bf16(dZ, False, self._rounded("W", W), True, dX)
+                gemm_bf16(dZ, False, self._rounded("W", W), True, dX)
             else:
                 self._matmul(dA, W.T, dX)
 
@@ -531,7 +533,7 @@ class CupyBackend(Backend):
 
         def product(a, trans_a, b, trans_b, out) -> None:
             if bf16:
-                cupy_mixed.gemm_bf16(a, trans_a, b, trans_b, out)
+                gemm_bf16(a, trans_a, b, trans_b, out)
             else:
                 self._matmul(a.T if trans_a else a, b.T if trans_b else b, out)
 

@@ -378,9 +378,9 @@ def test_the_stand_in_never_takes_a_real_cupys_modules(monkeypatch):
     assert with_nccl.cupy.__version__ == "cudasim"
     graphs = with_nccl.GraphRunner.__init__.__globals__  # the copy of cupy_graphs it imported
     assert graphs["cupy"] is with_nccl.cupy and graphs["cupyx"] is not real["cupyx"]
-    mixed = with_nccl.cupy_mixed  # the copy of cupy_mixed: bf16's cuBLAS is the stand-in's
-    assert mixed.cupy is with_nccl.cupy and mixed.cublas is not real["cupy.cuda.cublas"]
-    assert mixed.cublas.gemmEx is sim_cublas.gemm_ex
+    mixed = with_nccl.gemm_bf16.__globals__  # the copy of cupy_mixed: the stand-in's cuBLAS
+    assert mixed["cupy"] is with_nccl.cupy and mixed["cublas"] is not real["cupy.cuda.cublas"]
+    assert mixed["cublas"].gemmEx is sim_cublas.gemm_ex
     assert all(sys.modules[name] is module for name, module in real.items())  # put back
 
 
@@ -510,7 +510,7 @@ def _broken_gemm(*args):
 
 @pytest.mark.parametrize("case", ["old-gpu", "no-binding", "self-test"])
 def test_bf16_unavailable_says_why_and_models_refuse(monkeypatch, case):
-    cublas = cudasim.backend_module().cupy_mixed.cublas
+    cublas = cudasim.backend_module().gemm_bf16.__globals__["cublas"]
     if case == "no-binding":
         monkeypatch.delattr(cublas, "gemmEx")
     elif case == "self-test":
