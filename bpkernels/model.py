@@ -127,6 +127,11 @@ class MLP:
         self._workspaces: OrderedDict[tuple, Workspace] = OrderedDict()
         self._local = threading.local()
 
+    def _bf16_kwargs(self) -> dict[str, bool]:
+        """The dense kernels' ``bf16=True`` where the model is bf16; nothing otherwise, so that
+        a backend written before bf16 (a user's, registered) still runs float32 models."""
+        return {"bf16": True} if self.dtype is BF16 else {}
+
     @property
     def storage(self) -> np.dtype:
         """The NumPy dtype of the model's arrays: its dtype, float32 for bf16."""
@@ -220,16 +225,16 @@ class MLP:
     # ---------------------------------------------------------------- passes
     def _forward(self, ws: Workspace, X, drops: Sequence[Any] = ()) -> Any:
         """The outputs of X; with ``drops`` (:meth:`dropouts`), as trained: dropped."""
-        be, bf16 = self.backend, self.dtype is BF16
+        be, bf16 = self.backend, self._bf16_kwargs()
         for layer, (params, act, A, Z) in enumerate(zip(self._weights, self.layer_activations,
                                                         ws.A, ws.Z)):
             if self._normed[layer]:
                 W, b, gamma, beta = params
-                be.dense_forward(X, W, b, "identity", ws.H[layer], bf16=bf16)
+                be.dense_forward(X, W, b, "identity", ws.H[layer], **bf16)
                 be.layer_norm_forward(ws.H[layer], gamma, beta, act, A, ws.rstd[layer],
                                       NORM_EPS)
             else:
-                be.dense_forward(X, params[0], params[1], act, A, Z, bf16=bf16)
+                be.dense_forward(X, params[0], params[1], act, A, Z, **bf16)
             X = A
             if layer < len(drops) and drops[layer] is not None:
                 be.dropout_forward(A, ws.D[layer], drops[layer])
@@ -238,7 +243,7 @@ class MLP:
 
     def _backward(self, ws: Workspace, drops: Sequence[Any] = ()) -> None:
         """Gradients into ``self.grads`` from ``ws.dA[-1]`` (the loss gradient of the output)."""
-        be, bf16 = self.backend, self.dtype is BF16
+        be, bf16 = self.backend, self._bf16_kwargs()
         for layer in reversed(range(len(self._layout))):
             W = self._weights[layer][0]
             dW, db = self._gradients[layer][:2]
@@ -251,7 +256,7 @@ class MLP:
                 be.layer_norm_backward(ws.dA[layer], act, A, ws.H[layer], gamma, beta,
                                        ws.rstd[layer], *self._gradients[layer][2:])
                 act, A, Z = "identity", ws.H[layer], None
-            be.dense_backward(X, W, ws.dA[layer], act, A, Z, dW, db, dX, bf16=bf16)
+            be.dense_backward(X, W, ws.dA[layer], act, A, Z, dW, db, dX, **bf16)
             if dropped:  # dX is the gradient of the dropout's output: now of its input
                 be.dropout_backward(dX, drops[layer - 1])
 
