@@ -100,7 +100,7 @@ def sgd_step(jax, config: Config, dtype: str) -> Callable:
     def step(params, X, y, number):
         key = jax.random.fold_in(base_key, number)
         loss, grads = jax.value_and_grad(loss_fn)(params, X, y, key)
-        return jax.tree.map(lambda p, g: p - LEARNING_RATE * g, params, grads), loss
+        return jax.tree_util.tree_map(lambda p, g: p - LEARNING_RATE * g, params, grads), loss
 
     return step
 
