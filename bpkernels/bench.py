@@ -323,7 +323,8 @@ def _entries(options: BenchOptions, config: Config, dtype: str, counts: Sequence
             try:
                 found = peers.peer_entries(peer, config, dtype, threads, data)
             except peers.PeerUnavailable as why:
-                unavailable.add(peer)
+                if not why.count_only:
+                    unavailable.add(peer)
                 if str(why) not in notes:
                     notes.append(str(why))
                 continue
@@ -372,7 +373,7 @@ def machine_info(threads: int | Sequence[int] | None = None) -> dict[str, Any]:
         "cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads or get_num_threads(),
         "blas": blas_info(), "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
-    for package in ("bpkernels", "numpy", "numba", "cupy", "torch", "scikit-learn"):
+    for package in ("bpkernels", "numpy", "numba", "cupy", "torch", "jax", "scikit-learn"):
         info[package] = _version(package)
     gpu = _gpu_info()
     if gpu:

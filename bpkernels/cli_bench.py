@@ -49,8 +49,10 @@ def add_bench_parser(commands) -> None:
     bench.add_argument("--dtypes", type=names, default=["float32"], metavar="LIST",
                        help=f"comma list of {', '.join(PRECISIONS)} (default: float32)")
     bench.add_argument("--peers", type=names, default=[], metavar="LIST",
-                       help="torch, sklearn: the same runs by PyTorch and scikit-learn, "
-                            "skipped with a note when not installed (default: none)")
+                       help="torch, jax, sklearn: the same runs by PyTorch, JAX (entries jax: "
+                            "a jitted step per batch, and jax-scan: the epoch as one lax.scan; "
+                            "on the threads XLA started with) and scikit-learn, skipped with a "
+                            "note when not installed (default: none)")
     bench.add_argument("--repeats", type=count(1), default=5, metavar="N",
                        help="timed rounds: epochs per entry (default: 5)")
     bench.add_argument("--threads", type=thread_counts, default=None, metavar="LIST",

@@ -1,7 +1,8 @@
 """Peers for the benchmark: the same architecture, initial weights, optimizer, data and batch
-order run by PyTorch (CPU, and CUDA when present) and by scikit-learn's MLPClassifier.
+order run by PyTorch (CPU, and CUDA when present), by JAX (CPU: a jitted step per batch, and the
+whole epoch as one lax.scan; its model is peers_jax.py's) and by scikit-learn's MLPClassifier.
 
-Neither is a dependency: a peer that is not installed gives a note, not an error.
+None is a dependency: a peer that is not installed gives a note, not an error.
 """
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from . import peers_jax
 from .model import NORM_EPS
 from .workload import (LEARNING_RATE, SEED, Config, Trajectory, batch_order, initial_weights,
                        parity_workload)
 
-PEERS = ("torch", "sklearn")
+PEERS = ("torch", "jax", "sklearn")
 # The note, and the table's "n/a", of a peer whose parity is not compared: with dropout it draws
 # its own masks.
 DROPOUT_PARITY_NOTE = "parity n/a: dropout masks differ (torch draws its own); timed only"
@@ -45,12 +47,14 @@ class PeerEntry:
 def peer_entries(peer: str, config: Config, dtype: str, threads: int | None,
                  data: tuple[np.ndarray, np.ndarray]) -> list[PeerEntry]:
     """The entries of ``peer`` on ``data`` (the run's X, y in ``dtype``) at ``threads``:
-    torch gives one on the CPU and one on CUDA where present. Raises PeerUnavailable where the
-    peer is not installed."""
+    torch gives one on the CPU and one on CUDA where present, jax a jitted step and a scan.
+    Raises PeerUnavailable where the peer is not installed or cannot run at ``threads``."""
     if peer not in PEERS:
         raise ValueError(f"unknown peer {peer!r}; valid peers: {', '.join(PEERS)}")
     if peer == "torch":
         return _torch_entries(config, dtype, threads, data)
+    if peer == "jax":
+        return _jax_entries(config, dtype, threads, data)
     if dtype == "bf16":
         raise PeerUnavailable("sklearn skipped in bf16: MLPClassifier computes in float32 or "
                               "float64 only")
@@ -59,7 +63,12 @@ def peer_entries(peer: str, config: Config, dtype: str, threads: int | None,
 
 class PeerUnavailable(ImportError):
     """A peer that cannot run here (not installed) or cannot build the config's layers; the
-    benchmark notes it and goes on."""
+    benchmark notes it and goes on. ``count_only``: it cannot run at this thread count only,
+    and is tried again at the run's other counts."""
+
+    def __init__(self, message: str, count_only: bool = False):
+        super().__init__(message)
+        self.count_only = count_only
 
 
 # --------------------------------------------------------------------------- torch
@@ -195,6 +204,24 @@ def _torch_parity(torch, device: str, config: Config, dtype: str,
         return Trajectory(losses, weights).error_against(reference), ""
 
     return parity
+
+
+# --------------------------------------------------------------------------- JAX
+def _jax_entries(config: Config, dtype: str, threads: int | None,
+                 data: tuple[np.ndarray, np.ndarray]) -> list[PeerEntry]:
+    try:
+        import jax
+    except ImportError:
+        raise PeerUnavailable("jax skipped: JAX is not installed (pip install jax)") from None
+    # XLA's CPU pool is sized once, at start, and XLA_FLAGS' thread options did not shrink
+    # it (jax 0.10): entries at another count would be mislabelled, so they are not made.
+    pool = peers_jax.xla_threads()
+    if threads is not None and threads != pool:
+        raise PeerUnavailable(f"jax skipped at {threads} thread(s): XLA's CPU pool is fixed "
+                              f"when JAX starts ({pool} threads here)", count_only=True)
+    return [PeerEntry(name, pool, peers_jax.make_epoch(jax, config, dtype, data, scan),
+                      peers_jax.parity(jax, config, dtype, scan), peers_jax.version(jax))
+            for name, scan in peers_jax.ENTRIES.items()]
 
 
 # --------------------------------------------------------------------------- scikit-learn

@@ -232,7 +232,7 @@ def test_bpk_bench_quick_writes_table_json_and_plot(tmp_path, capsys):
     (["--backends", "tpu"], "--backends: unknown backend 'tpu'"),
     (["--configs", "Q"], "--configs: unknown config 'Q'"),
     (["--dtypes", "int8"], "--dtypes: unsupported dtype"),
-    (["--peers", "jax"], "--peers: unknown peer 'jax'"),
+    (["--peers", "mxnet"], "--peers: unknown peer 'mxnet'"),
     (["--repeats", "0"], "must be >= 1"),
     (["--json", "/no/such/folder/b.json"], "does not exist"),
 ])
@@ -479,3 +479,67 @@ def test_a_backend_without_the_configs_kernels_is_skipped_with_a_note(monkeypatc
     results = bench.run(options, notes=notes)
     assert [r.name for r in results] == ["gemm-floor", "gemm-floor", "numpy", "numpy"] * 2
     assert notes == [f"numba skipped on {REG}: backend 'numba' has no LayerNorm kernels"]
+
+
+# --------------------------------------------------------------------------- the JAX peer
+@pytest.fixture(scope="module")
+def jax_run():
+    """The jax entries on config S (a few batches: --quick's), float32 and float64."""
+    pytest.importorskip("jax")
+    from bpkernels import peers_jax
+    options = bench.BenchOptions(backends=["numpy"], configs=[bench.parse_config("S").quick()],
+                                 dtypes=["float32", "float64"], peers=["jax"], repeats=2,
+                                 threads=peers_jax.xla_threads())
+    notes: list[str] = []
+    return bench.run(options, notes=notes), notes
+
+
+def test_jax_entries_agree_with_the_float64_reference(jax_run):
+    results, notes = jax_run
+    found = {(r.name, r.dtype): r for r in results if r.kind == "peer"}
+    assert set(found) == {(name, dtype) for name in ("jax", "jax-scan")
+                          for dtype in ("float32", "float64")}
+    for (name, dtype), r in found.items():
+        assert r.parity_rel_err is not None and r.parity_rel_err <= PARITY[dtype], r
+        assert r.threads is not None and r.extra["jax"] and len(r.round_seconds) == 2
+    assert not notes
+
+
+def test_jax_peer_with_layer_norm_alone_is_compared_step_for_step():
+    jax = pytest.importorskip("jax")
+    from bpkernels import peers_jax
+    config = bench.Config("t", (20, 16, 12, 4), 8, 30, norm="layer")
+    reference = bench.backend_trajectory("numpy", config, "float64")
+    for scan in (False, True):
+        error, note = peers_jax.parity(jax, config, "float64", scan)(reference)
+        assert error <= PARITY["float64"] and note == ""
+
+
+def test_jax_is_skipped_at_a_count_xla_does_not_run(monkeypatch):
+    pytest.importorskip("jax")
+    from bpkernels import peers, peers_jax
+    monkeypatch.setattr(peers_jax, "xla_threads", lambda: 2)
+    config = bench.parse_config("20-16-4:8:30")
+    data = bench.workload(config, "float32")
+    with pytest.raises(peers.PeerUnavailable, match="jax skipped at 1 thread") as why:
+        peers.peer_entries("jax", config, "float32", 1, data)
+    assert why.value.count_only
+    assert [e.threads for e in peers.peer_entries("jax", config, "float32", 2, data)] == [2, 2]
+
+
+def test_jax_missing_is_a_note_naming_the_install(monkeypatch):
+    import builtins
+    real = builtins.__import__
+
+    def no_jax(name, *args, **kwargs):
+        if name == "jax" or name.startswith("jax."):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_jax)
+    options = bench.BenchOptions(backends=["numpy"], configs=[bench.parse_config("20-16-4:8:30")],
+                                 dtypes=["float32"], peers=["jax"], repeats=1, threads=[1, 2])
+    notes: list[str] = []
+    results = bench.run(options, notes=notes)
+    assert not [r for r in results if r.kind == "peer"]
+    assert notes == ["jax skipped: JAX is not installed (pip install jax)"]

@@ -72,3 +72,20 @@ def test_a_backend_without_bf16_is_noted(monkeypatch):
                                            dtypes=["bf16"], peers=[], repeats=1), notes=notes)
     assert not [r for r in results if r.name == "numpy"]
     assert "numpy skipped in bf16: no bf16 here (test)" in notes
+
+
+def test_jax_runs_bf16_products_with_float32_accumulation():
+    """Both jax entries (a jitted step per batch, and the epoch as one scan) trained with bf16
+    products: bfloat16's agreement, not float32's, and float32 master weights."""
+    jax = pytest.importorskip("jax")
+    from bpkernels import peers_jax
+    config = bench.parse_config("20-16-4:8:30")
+    reference = bench.backend_trajectory("numpy", config, "float64")
+    low, high = BF16_PARITY
+    for scan in (False, True):
+        error, note = peers_jax.parity(jax, config, "bf16", scan)(reference)
+        assert low < error < high and note == ""
+        train, weights = peers_jax.trainer(jax, config, "bf16", *bench.workload(config, "bf16"),
+                                           scan)
+        train()
+        assert {w.dtype.name for w in weights()} == {"float32"}
