@@ -291,6 +291,8 @@ def test_estimators_take_bf16():
 
 _CACHED_RUN = """
 import sys, numpy as np, bpkernels as bpk
+from bpkernels.backends.numba.backend import NumbaBackend
+NumbaBackend.train_epoch = lambda self, plan: False  # the layer kernels (the epoch's: above)
 model = bpk.MLP([30, 20, 4], backend="numba", dtype=sys.argv[1], seed=0)
 X = np.random.default_rng(0).standard_normal((64, 30))
 bpk.fit(model, X, np.arange(64) % 4, epochs=1, batch_size=16, optimizer=bpk.SGD(lr=0.1))
