@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import numba
 
-from ._native.mkl import gemm_bf16, to_bf16
+from ._native.mkl import gemm_bf16, round_span
 from .jit import helper, inline, jit, phelper
 from .layers import bias_activation_pass, chunk_bounds, chunk_count, dz_and_db
 
 
 @helper
 def _round_rows(src, dst, r0, r1):
-    for r in range(r0, r1):
-        s, d = src[r], dst[r]
-        for j in range(s.shape[0]):
-            d[j] = to_bf16(s[j])
+    round_span(src, dst, r0, r1)
 
 
 @phelper

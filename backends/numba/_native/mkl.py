@@ -311,15 +311,7 @@ def gemm_bf16(A, trans_a, B, trans_b, C, alpha, beta):
     below; this Python version (NUMBA_DISABLE_JIT, or a call from Python) calls MKL by ctypes.
     Raises RuntimeError with ``availability()``'s reason where MKL is unusable."""
     _check_operands(A, B, C)
-    m, n = C.shape
-    k = A.shape[0] if trans_a else A.shape[1]
-    if (A.shape[1] if trans_a else A.shape[0]) != m or \
-            (B.shape[1] if trans_b else B.shape[0]) != k or \
-            (B.shape[0] if trans_b else B.shape[1]) != n:
-        raise ValueError("gemm_bf16: shapes do not match")
-    lda, ldb, ldc = _leading(A), _leading(B), _leading(C)
-    if max(m, n, k, lda, ldb, ldc) > _INT32_MAX:
-        raise ValueError("gemm_bf16: sizes of 2**31 or more")
+    m, n, k, lda, ldb, ldc = _sizes(A, trans_a, B, trans_b, C)
     if m == 0 or n == 0:
         return
     _loaded().gemm(_ROW_MAJOR, _TRANS if trans_a else _NO_TRANS, _TRANS if trans_b else _NO_TRANS,
@@ -353,6 +345,22 @@ def _leading(M):
     return max(M.strides[0] // unit, 1)
 
 
+@_inline
+def _sizes(A, trans_a, B, trans_b, C):
+    """(m, n, k, lda, ldb, ldc) of C = op(A) @ op(B), checked: the shapes agree, every size
+    fits MKL's 32-bit integers. One check for the Python and the compiled gemm_bf16."""
+    m, n = C.shape
+    k = A.shape[0] if trans_a else A.shape[1]
+    if (A.shape[1] if trans_a else A.shape[0]) != m or \
+            (B.shape[1] if trans_b else B.shape[0]) != k or \
+            (B.shape[0] if trans_b else B.shape[1]) != n:
+        raise ValueError("gemm_bf16: shapes do not match")
+    lda, ldb, ldc = _leading(A), _leading(B), _leading(C)
+    if max(m, n, k, lda, ldb, ldc) > _INT32_MAX:
+        raise ValueError("gemm_bf16: sizes of 2**31 or more")
+    return m, n, k, lda, ldb, ldc
+
+
 _GEMM_JIT = dict(cache=True, nogil=True, no_cpython_wrapper=True)
 
 
@@ -371,15 +379,7 @@ def _gemm_bf16_compiled(A, trans_a, B, trans_b, C, alpha, beta):
         raise TypingError(reason)
 
     def gemm_bf16_impl(A, trans_a, B, trans_b, C, alpha, beta):
-        m, n = C.shape
-        k = A.shape[0] if trans_a else A.shape[1]
-        if (A.shape[1] if trans_a else A.shape[0]) != m or \
-                (B.shape[1] if trans_b else B.shape[0]) != k or \
-                (B.shape[0] if trans_b else B.shape[1]) != n:
-            raise ValueError("gemm_bf16: shapes do not match")
-        lda, ldb, ldc = _leading(A), _leading(B), _leading(C)
-        if max(m, n, k, lda, ldb, ldc) > _INT32_MAX:
-            raise ValueError("gemm_bf16: sizes of 2**31 or more")
+        m, n, k, lda, ldb, ldc = _sizes(A, trans_a, B, trans_b, C)
         if m == 0 or n == 0:
             return
         _call_gemm(np.int32(_ROW_MAJOR), np.int32(_TRANS if trans_a else _NO_TRANS),
@@ -433,12 +433,6 @@ def _to_bf16(x):
     return np.uint16(quiet if (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else rounded)
 
 
-# The scalar rounding, for row passes that the backend's own decorators compile (../mixed.py:
-# a kernel cached by Numba that reaches round_bf16's parallel driver crashed when a later process
-# loaded it; the backend's parallel helpers are called by symbol, unlinked.py, and load safely).
-to_bf16 = _to_bf16
-
-
 @_inline
 def _from_bf16(h):
     return _bits_float(np.uint32(np.uint32(h) << np.uint32(16)))
@@ -462,7 +456,11 @@ def _chunks(rows, cols):
 
 
 @_inline
-def _round_span(src, dst, first, last):
+def round_span(src, dst, first, last):
+    """Rows first..last of a 2-D rounding pass (inlined where it is called). The backend's
+    own row passes (../mixed.py) call it from helpers of their decorators: a kernel cached by
+    Numba that reached round_bf16's parallel driver below crashed when a later process loaded
+    it; the backend's parallel helpers are called by symbol (unlinked.py) and load safely."""
     for i in range(first, last):
         s, d = src[i], dst[i]
         for j in range(s.shape[0]):
@@ -481,7 +479,7 @@ def _widen_span(src, dst, first, last):
 def _round_par(src, dst, chunks):
     rows = src.shape[0]
     for c in prange(chunks):
-        _round_span(src, dst, c * rows // chunks, (c + 1) * rows // chunks)
+        round_span(src, dst, c * rows // chunks, (c + 1) * rows // chunks)
 
 
 @numba.njit(parallel=True, **_FLAGS)
@@ -495,7 +493,7 @@ def _widen_par(src, dst, chunks):
 def _round_rows(src, dst):
     chunks = _chunks(src.shape[0], src.shape[1])
     if chunks == 1:  # (not through the parallel driver: starting its threads costs ~10 us)
-        _round_span(src, dst, 0, src.shape[0])
+        round_span(src, dst, 0, src.shape[0])
     else:
         _round_par(src, dst, chunks)
 
