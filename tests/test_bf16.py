@@ -24,6 +24,19 @@ def bf16_backend(bpk_backend):
     return bpk_backend
 
 
+@pytest.fixture
+def numba_bf16():
+    """The Numba backend where it runs bf16 here; skipped with its reason elsewhere."""
+    try:
+        be = get_backend("numba")
+    except bpk.BackendUnavailable as why:
+        pytest.skip(str(why))
+    why = be.bf16_unavailable()
+    if why is not None:
+        pytest.skip(why)
+    return be
+
+
 def _special_bits() -> np.ndarray:
     """Every sign, the exponent's ends and middle, and mantissas at and around the rounding
     point of the cut half (ties, just below, just above, with the kept bit odd and even),
@@ -300,15 +313,12 @@ print(repr(model.forward(X[:2]).tolist()))
 """
 
 
-def test_numba_bf16_kernels_load_from_the_cache(tmp_path):
+def test_numba_bf16_kernels_load_from_the_cache(tmp_path, numba_bf16):
     """A second process loads the first one's compiled bf16 kernels (MKL's symbol and the
     helpers they call by symbol registered before their code loads) and computes the same."""
     import os
     import subprocess
     import sys
-    be = get_backend("numba") if "numba" in bpk.available_backends() else None
-    if be is None or be.bf16_unavailable() is not None:
-        pytest.skip("the Numba backend runs no bf16 here")
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
     outputs = [subprocess.run([sys.executable, "-c", _CACHED_RUN, dtype], env=env,
                               capture_output=True, text=True, timeout=600)
@@ -318,18 +328,15 @@ def test_numba_bf16_kernels_load_from_the_cache(tmp_path):
     assert outputs[0].stdout == outputs[1].stdout
 
 
-def test_numba_fused_epoch_equals_its_kernel_loop(monkeypatch):
+def test_numba_fused_epoch_equals_its_kernel_loop(monkeypatch, numba_bf16):
     """The epoch kernel in bf16 (rounding passes and MKL's products inside it) trains exactly
     as the per-kernel loop: the same roundings of the same values, the same products."""
-    be = get_backend("numba") if "numba" in bpk.available_backends() else None
-    if be is None or be.bf16_unavailable() is not None:
-        pytest.skip("the Numba backend runs no bf16 here")
     rng = np.random.default_rng(0)
     X, y = rng.standard_normal((150, 20)), rng.integers(0, 5, 150)
     trained = []
     for fused in (True, False):
         if not fused:
-            monkeypatch.setattr(type(be), "train_epoch", lambda self, plan: False)
+            monkeypatch.setattr(type(numba_bf16), "train_epoch", lambda self, plan: False)
         model = bpk.MLP([20, 48, 32, 5], activation="gelu", backend="numba", dtype="bf16",
                         seed=4, norm="layer", dropout=0.1)
         bpk.fit(model, X, y, epochs=2, batch_size=32, optimizer=bpk.SGD(lr=0.05, momentum=0.9))
@@ -338,14 +345,11 @@ def test_numba_fused_epoch_equals_its_kernel_loop(monkeypatch):
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9], ids=["sgd-fused-into-dW", "momentum"])
-def test_numba_large_model_epoch_equals_its_kernel_loop(monkeypatch, momentum):
+def test_numba_large_model_epoch_equals_its_kernel_loop(monkeypatch, momentum, numba_bf16):
     """A model large enough for the epoch kernel's bound on |dW| (and, with plain SGD, the
     update inside dW's bf16 GEMM) trains as the per-kernel loop: bit for bit with momentum,
     to float32 rounding where the update is fused (dW itself is never rounded there)."""
     from bpkernels.backends.numba import backend as numba_backend
-    be = get_backend("numba") if "numba" in bpk.available_backends() else None
-    if be is None or be.bf16_unavailable() is not None:
-        pytest.skip("the Numba backend runs no bf16 here")
     sizes = [64, 256, 200, 10]
     assert sum(i * o + o for i, o in zip(sizes[:-1], sizes[1:])) >= \
         numba_backend.BOUND_MIN_PARAMS
@@ -354,7 +358,7 @@ def test_numba_large_model_epoch_equals_its_kernel_loop(monkeypatch, momentum):
     trained = []
     for fused in (True, False):
         if not fused:
-            monkeypatch.setattr(type(be), "train_epoch", lambda self, plan: False)
+            monkeypatch.setattr(type(numba_bf16), "train_epoch", lambda self, plan: False)
         model = bpk.MLP(sizes, backend="numba", dtype="bf16", seed=2)
         bpk.fit(model, X, y, epochs=2, batch_size=50, shuffle=False,
                 optimizer=bpk.SGD(lr=0.05, momentum=momentum))
@@ -367,15 +371,12 @@ def test_numba_large_model_epoch_equals_its_kernel_loop(monkeypatch, momentum):
         assert not np.array_equal(trained[0], trained[1])
 
 
-def test_thread_counts_reach_mkl():
+def test_thread_counts_reach_mkl(numba_bf16):
     """MKL keeps a thread pool of its own: bpk.set_num_threads and limit_threads set it too,
     whether MKL was loaded before or after."""
     import numba
     from bpkernels.backends.numba._native import mkl
     from bpkernels.threads import get_num_threads, limit_threads
-    be = get_backend("numba") if "numba" in bpk.available_backends() else None
-    if be is None or be.bf16_unavailable() is not None:
-        pytest.skip("the Numba backend runs no bf16 here")
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("one thread")
     before = get_num_threads()
@@ -387,3 +388,21 @@ def test_thread_counts_reach_mkl():
         assert mkl.get_threads() == 1
     finally:
         bpk.set_num_threads(before)
+
+
+@pytest.mark.parametrize("par", [None, 1 << 12], ids=["serial", "row-chunks"])
+def test_numba_rounding_pass_equals_the_reference_bit_for_bit(numba_bf16, par):
+    """The rounding pass the Numba kernels run (mixed.round_bf16, the epoch kernel's too),
+    serial and in parallel row chunks, on the special patterns and random bits."""
+    import numba
+    from bpkernels.backends.numba import mixed
+
+    @numba.njit
+    def run(src, dst, par):
+        mixed.round_bf16(src, dst, par)
+
+    bits = np.concatenate([_special_bits(), _random_bits(1 << 16, 2)])
+    x = bits[:bits.size // 128 * 128].view(np.float32).reshape(-1, 128)
+    out = np.full(x.shape, 0x1234, np.uint16)
+    run(x, out, par)
+    np.testing.assert_array_equal(out, to_bf16_bits(x))
