@@ -82,6 +82,23 @@ def tolerances() -> dict[str, Tolerance]:
 
 
 @pytest.fixture
+def numba_large_path():
+    """A function ``(patch, mode)`` that sends the Numba epoch kernel of any model down the
+    large models' path, on the monkeypatch context ``patch``: "bound" (the bound on dW, plain
+    SGD fused into dW's GEMM) or "pool" (the BLAS pool's shared gather too; skipped where
+    OpenBLAS has no thread callback)."""
+    def force(patch, mode):
+        from bpkernels.backends.numba import backend as numba_backend
+        patch.setattr(numba_backend, "BOUND_MIN_PARAMS", 0)
+        patch.setattr(numba_backend, "POOL_MIN_PARAMS", 0 if mode == "pool" else 1 << 62)
+        if mode == "pool":
+            if not numba_backend.pool.available():
+                pytest.skip("no BLAS thread callback here")
+            patch.setattr(numba_backend.pool, "blas_threads", lambda: 2)
+    return force
+
+
+@pytest.fixture
 def numba_kernel_by_kernel(monkeypatch):
     """The Numba backend trains by its per-kernel methods (Backend.train_epoch's loop: Numba's
     kernels, one call each), not by its fused epoch kernel, which Numba compiles afresh for

@@ -134,12 +134,11 @@ def test_adam_without_eps_on_a_constant_feature_halts_before_writing(monkeypatch
 @pytest.mark.parametrize("mode", ["bound", "pool"])
 @pytest.mark.parametrize("lr", [1e38, 1e300])
 def test_the_numba_sgd_update_fused_into_the_gemm_never_writes_an_overflow(monkeypatch, mode,
-                                                                           lr):
+                                                                           lr, numba_large_path):
     """Large models' plain SGD updates W inside dW's GEMM, before anything could check the
     result: it must only do so where the new weights are sure to be finite. Against the
     per-kernel loop (which the fused GEMM's rounding of dW leaves ~1e-6 apart)."""
     pytest.importorskip("numba")
-    from bpkernels.backends.numba import backend as numba_backend
     from bpkernels.backends.numba.jit import NATIVE
     if NATIVE is None:
         pytest.skip("the bound and the fused update are native mode only")
@@ -147,12 +146,7 @@ def test_the_numba_sgd_update_fused_into_the_gemm_never_writes_an_overflow(monke
     results = []
     for path in ("fused", "kernels"):
         with monkeypatch.context() as patch:
-            patch.setattr(numba_backend, "BOUND_MIN_PARAMS", 0)
-            patch.setattr(numba_backend, "POOL_MIN_PARAMS", 0 if mode == "pool" else 1 << 62)
-            if mode == "pool":
-                if not numba_backend.pool.available():
-                    pytest.skip("no BLAS thread callback here")
-                patch.setattr(numba_backend.pool, "blas_threads", lambda: 2)
+            numba_large_path(patch, mode)
             _per_kernel(patch, "numba", path)
             model = bpk.MLP([5, 7, 3], backend="numba", dtype="float32", seed=0)
             opt = bpk.SGD(lr=0.1, weight_decay=0.01)

@@ -267,7 +267,8 @@ def test_numba_fused_epoch_equals_its_kernel_loop(monkeypatch):
 @pytest.mark.parametrize("mode", ["bound", "pool"])
 @pytest.mark.parametrize("momentum", [0.9, 0.0])
 def test_numba_bound_epoch_with_norm_and_dropout_equals_its_kernel_loop(monkeypatch, mode,
-                                                                        momentum):
+                                                                        momentum,
+                                                                        numba_large_path):
     """The large models' epoch kernel (the bound on dW, the shared gather, plain SGD fused into
     dW's GEMM with gamma and beta updated beside the biases) with LayerNorm and dropout,
     against the per-kernel loop: bit for bit where no update is fused, else to 1e-12 (the GEMM
@@ -279,12 +280,7 @@ def test_numba_bound_epoch_with_norm_and_dropout_equals_its_kernel_loop(monkeypa
     got = []
     for fused in (True, False):
         with monkeypatch.context() as patch:
-            patch.setattr(numba_backend, "BOUND_MIN_PARAMS", 0)
-            patch.setattr(numba_backend, "POOL_MIN_PARAMS", 0 if mode == "pool" else 1 << 62)
-            if mode == "pool":
-                if not numba_backend.pool.available():
-                    pytest.skip("no BLAS thread callback here")
-                patch.setattr(numba_backend.pool, "blas_threads", lambda: 2)
+            numba_large_path(patch, mode)
             if not fused:
                 patch.setattr(numba_backend.NumbaBackend, "train_epoch", Backend.train_epoch)
             model = bpk.MLP(SIZES, activation="gelu", backend="numba", dtype="float64",
