@@ -171,10 +171,9 @@ def _forward(net, work, rows, par, kinds, drop, index, step, norm, mixed):
             gamma, beta, _, _, H, rstd = _normalized(net, norm, layer, rows)
             _product(X, W, H, mixed, net, layer, rows, par)
             norm_forward(H, b, gamma, beta, act, A, rstd, norm[2], norm[3], kinds)
-        elif mixed is not None:
-            keep_z = act == GELU or act == SILU
-            _product(X, W, Z if keep_z else A, mixed, net, layer, rows, par)
-            bias_activation_pass(Z if keep_z else A, b, act, keep_z, A, par, kinds)
+        elif mixed is not None:  # (Z is A where the layer keeps none: _layer)
+            _product(X, W, Z, mixed, net, layer, rows, par)
+            bias_activation_pass(Z, b, act, act == GELU or act == SILU, A, par, kinds)
         else:
             dense_layer(X, W, b, act, Z, A, act == GELU or act == SILU, par, kinds)
         X = A
