@@ -39,10 +39,10 @@ NATIVE, MODE_REASON = _choose()
 MODE = "native" if NATIVE is not None else "plain"
 if NATIVE is not None:
     from ._native.toolkit import (BLAS_SOURCE, as_matrix, epoch, gemm_t, helper, inline, jit,
-                                  linked, phelper, span)
+                                  linked, phelper, span, summing)
 else:
     from .plain import (BLAS_SOURCE, as_matrix, epoch, gemm_t, helper, inline,  # noqa: F401
-                        jit, linked, phelper, span)
+                        jit, linked, phelper, span, summing)
 
 __all__ = ["BLAS_SOURCE", "MODE", "MODE_REASON", "NATIVE", "as_matrix", "epoch",
-           "gemm_t", "helper", "inline", "jit", "linked", "phelper", "span"]
+           "gemm_t", "helper", "inline", "jit", "linked", "phelper", "span", "summing"]

@@ -21,7 +21,7 @@ FLAGS = dict(cache=True, nogil=True, error_model="numpy", boundscheck=False, fas
 
 
 def _plain(**options):
-    compile = numba.njit(**FLAGS, **options)
+    compile = numba.njit(**dict(FLAGS, **options))
 
     def decorate(function):
         function.__qualname__ += "_plain"  # cache files of its own (see above)
@@ -32,6 +32,7 @@ def _plain(**options):
 jit = helper = linked = epoch = _plain()
 phelper = _plain(parallel=True)
 inline = _plain(inline="always")
+summing = _plain(fastmath={"reassoc"})  # (_native/toolkit.py says why)
 
 
 @inline
@@ -61,4 +62,4 @@ def gemm_t(A, trans_a, B, trans_b, C, alpha, beta):
 
 
 __all__ = ["BLAS_SOURCE", "as_matrix", "epoch", "gemm_t", "helper", "inline", "jit",
-           "linked", "phelper", "span"]
+           "linked", "phelper", "span", "summing"]
