@@ -231,3 +231,32 @@ def test_numba_plain_mode_clips_as_pytorch(tmp_path):
         want = _numpy_fit(sizes, X, y, OPTIMIZERS[2][2], 0.5, 2, 16)
         for a, b in zip(got[key], [a for W, b in want for a in (W, b)]):
             np.testing.assert_allclose(np.array(a), b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numba_sum_of_squares_and_the_bound_it_gives_the_update(dtype):
+    """check_step's sum of squares on the Numba backend (in vector lanes) against math.fsum of
+    the exact squares, and the bound on every |g| it leaves the update under clipping
+    (optim.norm_bound: no pass of its own), on vectors where that bound is tightest: one
+    non-zero element, equal elements, and random ones of every length up to a few vector
+    widths; a norm that overflows leaves the bound unknown (inf)."""
+    pytest.importorskip("numba")
+    import math
+    from bpkernels.backends.numba import optim
+
+    rng = np.random.default_rng(1)
+    cases = [np.eye(1, 41, 17, dtype=dtype)[0] * dtype(3.5e18), np.full(64, 0.1, dtype),
+             np.array([np.sqrt(np.finfo(dtype).max) / 4], dtype)]
+    cases += [rng.standard_normal(n).astype(dtype) * 10.0 ** rng.integers(-5, 5) for n in
+              range(1, 70)]
+    loss, halted = np.zeros(1, dtype), np.zeros(1, np.int64)
+    for g in cases:
+        clip, bounds = np.array([0.0, 1.0]), np.full(5, np.inf)
+        optim.check_step(loss, g, 1, halted, None, clip, bounds)
+        exact = math.fsum(float(v) * float(v) for v in g.astype(np.float64))
+        assert abs(clip[0] - exact) <= g.size * 2.0 ** -52 * exact
+        assert float(np.abs(g).max()) <= bounds[4] < math.inf
+    assert halted[0] == 0
+    clip, bounds = np.array([0.0, 1.0]), np.full(5, 2.0)
+    optim.check_step(loss, np.array([1e300, 1e300]), 1, halted, None, clip, bounds)
+    assert halted[0] == 1 and bounds[4] == math.inf

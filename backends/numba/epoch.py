@@ -21,7 +21,7 @@ from .losses import (BINARY_CROSS_ENTROPY, CROSS_ENTROPY, MSE, binary_xent_of,
                      class_stats_labels_of, class_stats_rows_of, count_correct_labels_of,
                      count_correct_rows_of, mse_of, regression_stats_of, softmax_xent_labels_of,
                      softmax_xent_rows_of)
-from .optim import (adam_at_step, all_finite, grad_sum_squares, optimizer_update,
+from .optim import (adam_at_step, all_finite, grad_sum_squares, norm_bound, optimizer_update,
                     rmsprop_at_step, sgd_at_step, update_rule)
 
 if NATIVE is not None:
@@ -527,6 +527,7 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, weigh
         if clip is not None:  # check_step's pass, the norm's sum of squares with it
             clip[0] = grad_sum_squares(grads, par)
             finite = finite and math.isfinite(clip[0])
+            bounds[4] = norm_bound(clip[0], grads.size)
         if fusable and fused:
             for layer in range(layers.shape[0]):  # the biases, by the rule itself
                 b, o = _unfused(layers, layer)

@@ -16,7 +16,7 @@ import numba
 import numpy as np
 
 from ..base import CLIP_EPS
-from .jit import helper, inline, jit, phelper
+from .jit import helper, inline, jit, phelper, summing
 from .layers import chunk_bounds, chunk_count
 
 # ------------------------------------------------------------------------- divergence
@@ -81,15 +81,27 @@ def finite_and_bound(x):
     return not bad, (math.inf if e == 2047 else math.ldexp(1.0, e - 1022))
 
 
-@inline
+@summing
 def sum_squares(x):
     """The sum of x[i]^2 in float64: inf or NaN where any x[i] is (or where the sum
-    overflows), so it is the latch's finiteness check too."""
+    overflows), so it is the latch's finiteness check too. In vector lanes (jit.summing): one
+    addition after the other, clipping's pass cost M ~0.3 ms a step."""
     total = 0.0
     for i in range(x.size):
         value = np.float64(x[i])
         total += value * value
     return total
+
+
+@inline
+def norm_bound(total, n):
+    """A bound on every |g[i]| from the sum of squares ``total`` of the ``n`` gradients
+    (sum_squares): |g[i]| <= sqrt(sum g^2), with room for the float64 sum's roundings (in any
+    order, a relative (n - 1) 2^-53 at most) and sqrt's; inf where the sum is not finite. The
+    update's bound under clipping without a pass of its own (optimizer_update)."""
+    if not math.isfinite(total):
+        return math.inf
+    return math.sqrt(total) * (1.0 + (n + 8) * 2.0 ** -52)
 
 
 @phelper
@@ -126,6 +138,8 @@ def check_step(loss, grads, step, halted, par, clip, bounds):
     if clip is not None:  # the one pass: the sum of squares is finite only where every g is
         clip[0] = grad_sum_squares(grads, par)
         finite = math.isfinite(clip[0])
+        if bounds is not None:
+            bounds[4] = norm_bound(clip[0], grads.size)
     elif bounds is not None and (par is None or chunk_count(grads.size, par) == 1):
         # the same one pass, an integer max: the gradients' bound for the update (bounds[4])
         finite, bounds[4] = finite_and_bound(grads)
