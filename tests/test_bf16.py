@@ -328,9 +328,18 @@ def test_numba_bf16_kernels_load_from_the_cache(tmp_path, numba_bf16):
     assert outputs[0].stdout == outputs[1].stdout
 
 
-def test_numba_fused_epoch_equals_its_kernel_loop(monkeypatch, numba_bf16):
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel-passes"])
+def test_numba_fused_epoch_equals_its_kernel_loop(monkeypatch, numba_bf16, parallel):
     """The epoch kernel in bf16 (rounding passes and MKL's products inside it) trains exactly
-    as the per-kernel loop: the same roundings of the same values, the same products."""
+    as the per-kernel loop: the same roundings of the same values, the same products; also
+    with bf16's passes in parallel chunks (its own, lower threshold), db's column sums in the
+    same chunks in both."""
+    if parallel:
+        import numba
+        from bpkernels.backends.numba import backend as numba_backend
+        if numba.get_num_threads() < 2:
+            pytest.skip("one Numba thread: no parallel pass")
+        monkeypatch.setattr(numba_backend, "PARALLEL_MIN_BF16", 40)
     rng = np.random.default_rng(0)
     X, y = rng.standard_normal((150, 20)), rng.integers(0, 5, 150)
     trained = []

@@ -66,6 +66,11 @@ def _writeable(array: Any) -> Any:
 # passes are memory-bound; at L's sizes (1M activations, 6.3M parameters) parallel passes gained
 # nothing (and cost 1.5x with libgomp's default active waiting), so only larger work uses them.
 PARALLEL_MIN = 1 << 22
+# bf16 models' passes (the rounding of every product's inputs above all) from 2 * 32K elements
+# on: their products run on MKL's threads, not beside the BLAS pool's spinning workers, and
+# in parallel these passes took L's bf16 epoch from 1.6 to 0.8-0.9 s and M's from 0.32 to 0.27
+# s (2-core AMX Xeon). The update and check_step keep PARALLEL_MIN.
+PARALLEL_MIN_BF16 = 1 << 15
 # From this many parameters on, the epoch kernel bounds the weight gradients rather than scan
 # them for inf and NaN, and fuses plain SGD's update into their GEMM (epoch._backward
 # and epoch.train_epoch). Fewer parameters and their gradients stay in cache from step to step, where
@@ -179,9 +184,11 @@ class NumbaBackend(HostMemory, Backend):
             return
         threadpool_limits(int(n), user_api="blas")
 
-    def _par(self, size: int) -> int | None:
-        """The ``par`` argument of the kernels for work of ``size`` elements."""
-        return PARALLEL_MIN if size >= 2 * PARALLEL_MIN and numba.get_num_threads() > 1 else None
+    def _par(self, size: int, bf16: bool = False) -> int | None:
+        """The ``par`` argument of the kernels for work of ``size`` elements (of a bf16
+        layer's products and passes with ``bf16``)."""
+        least = PARALLEL_MIN_BF16 if bf16 else PARALLEL_MIN
+        return least if size >= 2 * least and numba.get_num_threads() > 1 else None
 
     def _or_empty(self, buf, like) -> np.ndarray:
         """``buf``, or an empty array of ``like``'s dtype where a kernel's buffer is unused (so
@@ -238,7 +245,7 @@ class NumbaBackend(HostMemory, Backend):
             mixed.dense_forward(_writeable(X), _writeable(W), _writeable(b),
                                 ACTIVATION_CODES[activation], A if Z is None else Z, A,
                                 Z is not None, self._bf16("X", X), self._bf16("W", W),
-                                self._par(A.size), self._kinds(activation))
+                                self._par(max(A.size, W.size), True), self._kinds(activation))
             return
         if GEMM_BY_NUMPY:
             product = A if Z is None else Z
@@ -259,7 +266,7 @@ class NumbaBackend(HostMemory, Backend):
             mixed.dense_backward(_writeable(X), _writeable(W), dA, ACTIVATION_CODES[activation],
                                  A, A if Z is None else Z, dW, db, dA if dX is None else dX,
                                  dX is not None, self._bf16("X", X), self._bf16("W", W),
-                                 self._bf16("dZ", dA), self._par(dA.size),
+                                 self._bf16("dZ", dA), self._par(max(dA.size, W.size), True),
                                  self._kinds(activation))
             return
         if GEMM_BY_NUMPY:
@@ -419,7 +426,8 @@ class NumbaBackend(HostMemory, Backend):
                           targets if labeled else None,
                           None if labeled else targets, weights, stats, states,
                           *_hyper(rule, plan.hp),
-                          workers, True if workers is None else None, self._par(widest),
+                          workers, True if workers is None else None,
+                          self._par(widest, plan.bf16), self._par(widest),
                           layers.activation_kinds(ACTIVATION_CODES[a] for a in plan.activations),
                           plan.clip, plan.rates, drop, norm, mixed)
         return True
@@ -462,6 +470,7 @@ def _dropout_table(plan: EpochPlan) -> tuple:
             offsets[layer], size = size, size + plan.batch * width
     # (words for as many chunks as any ``par`` makes: the threads may change between epochs)
     hidden = max(plan.sizes[1:-1], default=1)
-    words = dropout.words_scratch(plan.batch * hidden, hidden, PARALLEL_MIN)
+    words = dropout.words_scratch(plan.batch * hidden, hidden,
+                                  PARALLEL_MIN_BF16 if plan.bf16 else PARALLEL_MIN)
     return (seed & 0xFFFFFFFF, seed >> 32, thresholds, scales, np.empty(size, dtype), offsets,
             words)

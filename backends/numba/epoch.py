@@ -14,7 +14,8 @@ import numpy as np
 from ..base import ACTIVATION_CODES, KEEPS_Z
 from .jit import NATIVE, as_matrix, epoch, gemm_t, helper, inline, span
 from .dropout import dropout_pass
-from .layers import GELU, SILU, bias_activation_pass, dz_and_db, dense_layer, grad_rows, zero
+from .layers import (GELU, IDENTITY, SILU, bias_activation_pass, chunk_count, dense_layer,
+                     dz_and_db, grad_rows, zero)
 from .mixed import gemm_bf16, round_bf16
 from .norm import norm_backward, norm_forward
 from .losses import (BINARY_CROSS_ENTROPY, CROSS_ENTROPY, MSE, binary_xent_of,
@@ -307,8 +308,13 @@ def _regularized_dz(net, layer, rows, par, kinds, drop, index, step, norm, db, A
     finite = True
     if norm is not None and net[2][layer, 7] >= 0:  # to the product's gradient, and db
         gamma, beta, dgamma, dbeta, H, rstd = _normalized(net, norm, layer, rows)
-        norm_backward(dA, act, A, H, gamma, beta, rstd, dgamma, dbeta, Z,
-                      act == GELU or act == SILU, kinds, db)
+        if min(chunk_count(dA.size, par), rows) == 1:  # db in LayerNorm's pass, row by row
+            norm_backward(dA, act, A, H, gamma, beta, rstd, dgamma, dbeta, Z,
+                          act == GELU or act == SILU, kinds, db)
+        else:  # db summed in the chunks of the kernel loop's dense_backward (identity)
+            norm_backward(dA, act, A, H, gamma, beta, rstd, dgamma, dbeta, Z,
+                          act == GELU or act == SILU, kinds, None)
+            dz_and_db(dA, IDENTITY, A, dA, db, par, kinds)
         finite = all_finite(dgamma) and all_finite(dbeta)
     else:
         dz_and_db(dA, act, A, Z, db, par, kinds)
@@ -419,7 +425,8 @@ def _unfused(layers, layer):
 # (``epoch``: compiled without reference counting in native mode, see _native/toolkit.py.)
 @epoch
 def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, weights, stats, states,
-                sgd, adam, rmsprop, workers, scan, par, kinds, clip, rates, drop, norm, mixed):
+                sgd, adam, rmsprop, workers, scan, par, update_par, kinds, clip, rates, drop, norm,
+                mixed):
     """Every step of one epoch, as train.py's per-kernel loop runs them: gather the batch,
     forward, loss (and hits), backward, check_step, then the optimizer update of step
     ``first_step + s`` (a no-op once halted). The arguments that may be None (``labels`` or
@@ -433,7 +440,9 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, weigh
     compiled). ``scan``: True for small models, else None (for the same reason: Numba prunes
     by None only). A large model's batch is gathered by address (``_gather_split``): X must
     then be C-ordered. ``drop``: dropout (the table above) or None; ``norm``: LayerNorm's
-    buffers or None; ``mixed``: bf16's scratch (the table above) or None."""
+    buffers or None; ``mixed``: bf16's scratch (the table above) or None. ``par``: that of the
+    forward and backward passes, ``update_par`` of check_step's and the update's (two, because
+    bf16's passes run in parallel from smaller sizes: backend.PARALLEL_MIN_BF16)."""
     params, grads, layers = net
     X_all, order, batch = data
     sums = work[4]
@@ -525,7 +534,7 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, weigh
         finite = _weight_gradients(net, work, rows, alpha, beta, fused,
                                    not sure and clip is None, drop, mixed) and finite
         if clip is not None:  # check_step's pass, the norm's sum of squares with it
-            clip[0] = grad_sum_squares(grads, par)
+            clip[0] = grad_sum_squares(grads, update_par)
             finite = finite and math.isfinite(clip[0])
             bounds[4] = norm_bound(clip[0], grads.size)
         if fusable and fused:
@@ -539,6 +548,6 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, weigh
             halted[0] = first_step + s  # check_step's latch
         # (the gradients' bound comes from a pass of the update's own: the scans above check)
         optimizer_update(params, grads, states, sgd_s, adam_s, rmsprop_s, first_step + s, halted,
-                         par, clip, bounds)
+                         update_par, clip, bounds)
         if fusable and halted[0] == 0 and s + 2 < steps:
             w_bound = _abs_max(params)  # a step that was not fused moved W by its own rule
