@@ -316,7 +316,7 @@ def test_backward_bounds_the_weight_gradients_layer_by_layer(dtype, case):
     @numba.njit
     def backward(net, work, rows, sums, input_bound, kinds):
         return epoch._backward(net, work, rows, None, kinds, sums, input_bound, None, None, 0,
-                               None, None)
+                               None, None, 0, None)
 
     @numba.njit
     def backward_scan(net, work, rows, kinds):
@@ -508,17 +508,25 @@ def test_numba_num_threads_is_the_default():
 
 @pytest.mark.skipif(not JIT, reason="NUMBA_DISABLE_JIT: no compiled kernels")
 def test_kernels_are_cached_and_compiled_without_fastmath():
+    """Every kernel cached and without fast-math, but the float64 reductions of jit.summing,
+    which reassociate their additions and take no other flag (NaN and inf propagate)."""
     from numba.core.caching import FunctionCache
     from numba.core.registry import CPUDispatcher
-    found = [getattr(obj, "dispatcher", obj) for module in (layers, losses, optim, epoch)
+    from bpkernels.backends.numba import norm
+    found = [getattr(obj, "dispatcher", obj) for module in (layers, losses, optim, epoch, norm)
              for obj in vars(module).values()]
     dispatchers = list({id(obj): obj for obj in found if isinstance(obj, CPUDispatcher)}.values())
     assert len(dispatchers) > 30
+    summing = {"sum_squares", "_row_sum", "_centered_squares", "_gradient_moments"}
     for kernel in dispatchers:
         assert isinstance(kernel._cache, FunctionCache), kernel  # cache=True
         options = kernel.targetoptions
-        assert not options.get("fastmath"), kernel
+        if JIT and kernel.py_func.__name__ in summing:
+            assert options.get("fastmath") == {"reassoc"}, kernel
+        else:
+            assert not options.get("fastmath"), kernel
         assert options.get("error_model") == "numpy" and options.get("boundscheck") is False
+    assert summing <= {kernel.py_func.__name__ for kernel in dispatchers}
 
 
 @pytest.mark.skipif(not JIT, reason="NUMBA_DISABLE_JIT: no compiled kernels")

@@ -27,7 +27,7 @@ from ... import philox
 from ..numpy_backend import HostMemory, blas_info
 
 if jit.NATIVE is not None:
-    from ._native import pool
+    from ._native import passes, pool
 else:
     pool = None
 
@@ -420,6 +420,12 @@ class NumbaBackend(HostMemory, Backend):
             # (bf16: MKL's threads form the products, OpenBLAS's pool would only spin beside)
             if POOL and plan.params.size >= POOL_MIN_PARAMS and mixed is None:
                 workers = pool.ensure(epoch.pool_worker, pool.blas_threads() - 1)
+            if workers:  # the records of the passes shared with them, and dropout's words
+                work = work[:5] + (_scratch(plan, "numba-tasks", (workers + 1) * passes.SLOTS,
+                                            np.int64),)
+                if drop is not None:
+                    drop = drop[:6] + (_scratch(plan, "numba-words",
+                                                (workers + 1) * drop[6].size, np.uint32),)
         out = (plan.step_loss, plan.step_correct, plan.halted, bounds)
         epoch.train_epoch(net, (_writeable(plan.X), plan.order, plan.batch), work, out,
                           plan.first_step, LOSS_CODES[plan.loss], plan.metric,
@@ -441,11 +447,22 @@ class NumbaBackend(HostMemory, Backend):
         table, a_size, z_size, h_size, s_size = epoch.layer_table(
             plan.sizes, plan.activations, plan.batch, plan.norm is not None)
         work = (ws.X, np.empty(a_size, dtype), np.empty(a_size, dtype), np.empty(z_size, dtype),
-                np.empty(2 * max(plan.sizes), dtype))
+                np.empty(2 * max(plan.sizes), dtype), _NO_TASKS)
         norm = None if plan.norm is None else (np.empty(h_size, dtype), np.empty(s_size, dtype),
                                                float(plan.norm), np.zeros(max(plan.sizes), dtype))
         return (plan.params, plan.grads, table), work, (_writeable(plan.T), ws.T), \
             np.empty(BOUNDS), norm
+
+
+_NO_TASKS = np.empty(0, np.int64)  # (the epoch's tasks where no pool shares its passes)
+
+
+def _scratch(plan: EpochPlan, key: str, size: int, dtype) -> np.ndarray:
+    """A scratch array of the plan's cache, at least ``size`` long."""
+    buf = plan.cache.get(key)
+    if buf is None or buf.size < size:
+        buf = plan.cache[key] = np.empty(size, dtype)
+    return buf
 
 
 def _bf16_scratch(plan: EpochPlan, work: tuple) -> tuple:

@@ -14,8 +14,8 @@ import numpy as np
 from ..base import ACTIVATION_CODES, KEEPS_Z
 from .jit import NATIVE, as_matrix, epoch, gemm_t, helper, inline, span
 from .dropout import dropout_pass
-from .layers import (GELU, IDENTITY, SILU, bias_activation_pass, chunk_count, dense_layer,
-                     dz_and_db, grad_rows, zero)
+from .layers import (GELU, IDENTITY, SILU, _bias_act_rows, bias_activation_pass, chunk_count,
+                     dense_layer, dz_and_db, grad_rows, zero)
 from .mixed import gemm_bf16, round_bf16
 from .norm import norm_backward, norm_forward
 from .losses import (BINARY_CROSS_ENTROPY, CROSS_ENTROPY, MSE, binary_xent_of,
@@ -27,15 +27,18 @@ from .optim import (adam_at_step, all_finite, grad_sum_squares, norm_bound, opti
 
 if NATIVE is not None:
     from ._native.gather import gather_shared, pool_worker
-else:  # (the large models' shared gather is native only: plain mode never passes workers)
-    gather_shared = pool_worker = None
+    from ._native.passes import dropout_shared, norm_rows_shared
+else:  # (the large models' shared passes are native only: plain mode never passes workers)
+    gather_shared = pool_worker = dropout_shared = norm_rows_shared = None
 
 # What one epoch reads and writes comes in plain tuples (names as in base.EpochPlan):
 #   net   (params, grads, layers): flat buffers; layers int64 (layers, 7), LAYER_COLUMNS
 #   data  (X, order, batch): X (N, i), order (N,) int64, rows per step
-#   work  (X, A, dA, Z, sums): per-step scratch, X (batch, i) and the flat A, dA and Z (layers
-#         of base.KEEPS_Z only) of every layer at layer offsets (x rows); sums (2 x the widest layer,) in
-#         the dtype, for _backward's bound. Per step, the kernels see (X, A, dA, Z).
+#   work  (X, A, dA, Z, sums, tasks): per-step scratch, X (batch, i) and the flat A, dA and Z
+#         (layers of base.KEEPS_Z only) of every layer at layer offsets (x rows); sums (2 x the
+#         widest layer,) in the dtype, for _backward's bound; tasks (int64), the records of the
+#         passes shared with the pool's workers (_native/passes.py), a record per share. Per
+#         step, the kernels see (X, A, dA, Z).
 #   out   (loss, correct, halted, bounds): (steps,), (steps,), (1,) int64, (base.BOUNDS,) float64
 #         (the updates' bounds, base.py: unknown at the epoch's start, kept from step to step)
 #   drop  None, or dropout's (k0, k1, thresholds, scales, D, offsets, words): the seed's words;
@@ -121,11 +124,33 @@ def _output(drop, A, layer, rows):
 
 
 @inline
-def _dropout(drop, A, D, index, step, layer, par):
-    """``D = A * noise`` of ``layer``'s dropout (D may be A) where it has one."""
+def _dropout(drop, A, D, index, step, layer, par, workers, tasks):
+    """``D = A * noise`` of ``layer``'s dropout (D may be A) where it has one: its rows shared
+    with the pool's ``workers`` where there are any (a large model's, in native mode)."""
     if drop[5][layer] >= 0:
-        dropout_pass(A, D, index, drop[0], drop[1], step, layer, drop[2][layer],
-                     drop[3][layer], par, drop[6])
+        shared = False
+        if workers is not None:  # (two ifs: Numba prunes the first by an argument's None)
+            if workers > 0:
+                dropout_shared(workers, tasks, A, D, index, drop[0], drop[1], step, layer,
+                               drop[2][layer], drop[3][layer], drop[6])
+                shared = True
+        if not shared:
+            dropout_pass(A, D, index, drop[0], drop[1], step, layer, drop[2][layer],
+                         drop[3][layer], par, drop[6])
+
+
+@inline
+def _normalize(H, b, gamma, beta, act, A, rstd, norm, kinds, workers, tasks):
+    """LayerNorm's forward (norm.norm_forward): the statistics' rows shared with the pool's
+    ``workers`` where there are any, the activation on this thread."""
+    shared = False
+    if workers is not None:
+        if workers > 0:
+            norm_rows_shared(workers, tasks, H, b, gamma, beta, A, rstd, norm[2])
+            _bias_act_rows(A, norm[3], act, False, A, 0, H.shape[0], kinds)
+            shared = True
+    if not shared:
+        norm_forward(H, b, gamma, beta, act, A, rstd, norm[2], norm[3], kinds)
 
 
 @inline
@@ -162,7 +187,7 @@ def _product(X, W, Y, mixed, net, layer, rows, par):
 
 
 @inline
-def _forward(net, work, rows, par, kinds, drop, index, step, norm, mixed):
+def _forward(net, work, rows, par, kinds, drop, index, step, norm, mixed, workers, tasks):
     layers = net[2]
     X = span(work[0], 0, rows)
     for layer in range(layers.shape[0]):
@@ -171,7 +196,7 @@ def _forward(net, work, rows, par, kinds, drop, index, step, norm, mixed):
         if norm is not None and layers[layer, 7] >= 0:  # the product into H, then LayerNorm
             gamma, beta, _, _, H, rstd = _normalized(net, norm, layer, rows)
             _product(X, W, H, mixed, net, layer, rows, par)
-            norm_forward(H, b, gamma, beta, act, A, rstd, norm[2], norm[3], kinds)
+            _normalize(H, b, gamma, beta, act, A, rstd, norm, kinds, workers, tasks)
         elif mixed is not None:  # (Z is A where the layer keeps none: _layer)
             _product(X, W, Z, mixed, net, layer, rows, par)
             bias_activation_pass(Z, b, act, act == GELU or act == SILU, A, par, kinds)
@@ -180,7 +205,7 @@ def _forward(net, work, rows, par, kinds, drop, index, step, norm, mixed):
         X = A
         if drop is not None:
             X = _output(drop, A, layer, rows)
-            _dropout(drop, A, X, index, step, layer, par)
+            _dropout(drop, A, X, index, step, layer, par, workers, tasks)
 
 
 @inline
@@ -293,17 +318,18 @@ def _backward_scan(net, work, rows, par, kinds, drop, index, step, norm, mixed):
     for layer in range(layers.shape[0] - 1, -1, -1):
         W, _, _, db, A, dA, Z = _layer(net, work, layer, rows)
         finite = _regularized_dz(net, layer, rows, par, kinds, drop, index, step, norm, db, A,
-                                 dA, Z) and finite
+                                 dA, Z, None, None) and finite
         _input_gradient(net, work, layer, rows, W, dA, mixed, par)
     return finite
 
 
 @inline
-def _regularized_dz(net, layer, rows, par, kinds, drop, index, step, norm, db, A, dA, Z):
+def _regularized_dz(net, layer, rows, par, kinds, drop, index, step, norm, db, A, dA, Z,
+                    workers, tasks):
     """dZ (in dA) and db of ``layer`` through its dropout and LayerNorm (dgamma and dbeta
     too), where it has them; returns whether db, dgamma and dbeta are finite."""
     if drop is not None:  # dA holds the gradient of dropout's output: now of its input
-        _dropout(drop, dA, dA, index, step, layer, par)
+        _dropout(drop, dA, dA, index, step, layer, par, workers, tasks)
     act = net[2][layer, 4]
     finite = True
     if norm is not None and net[2][layer, 7] >= 0:  # to the product's gradient, and db
@@ -329,7 +355,8 @@ _BF16_GROWTH = (1.0 + 2.0 ** -8) * (1.0 + 2.0 ** -8)
 
 
 @helper
-def _backward(net, work, rows, par, kinds, sums, input_bound, drop, index, step, norm, mixed):
+def _backward(net, work, rows, par, kinds, sums, input_bound, drop, index, step, norm, mixed,
+              workers, tasks):
     """``_backward_scan`` for a large model, bounding its weight gradients rather than
     scanning them. Returns (whether every db is finite, whether every dW is sure to be
     finite, the largest bound of a layer's |dW| as computed, inf where unknown). The second without computing dW: |dW[i, j]| = |sum_r X[r, i] dZ[r, j]| <=
@@ -366,7 +393,7 @@ def _backward(net, work, rows, par, kinds, sums, input_bound, drop, index, step,
             finite = all_finite(db) and finite
         else:
             finite = _regularized_dz(net, layer, rows, par, kinds, drop, index, step, norm, db,
-                                     A, dA, Z) and finite
+                                     A, dA, Z, workers, tasks) and finite
         X = _input_gradient(net, work, layer, rows, W, dA, mixed, par)
         if drop is not None and layer > 0:
             X = _output(drop, X, layer - 1, rows)
@@ -445,7 +472,7 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, weigh
     bf16's passes run in parallel from smaller sizes: backend.PARALLEL_MIN_BF16)."""
     params, grads, layers = net
     X_all, order, batch = data
-    sums = work[4]
+    sums, tasks = work[4], work[5]
     work = work[:4]
     step_losses, step_hits, halted, bounds = out
     for i in range(bounds.size):  # unknown: anything may have written the weights since
@@ -468,7 +495,8 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, weigh
                                                 work[0], sums)
         if scan is not None:  # (on S's 64 columns, the bound's maximum slowed the gather ~7%)
             _gather(X_all, index, work[0])
-        _forward(net, work, rows, par, kinds, drop, index, first_step + s, norm, mixed)
+        _forward(net, work, rows, par, kinds, drop, index, first_step + s, norm, mixed, workers,
+                 tasks)
         _, _, _, _, Y, dY, _ = _layer(net, work, layers.shape[0] - 1, rows)
         step_loss, step_correct = span(step_losses, s, 1), span(step_hits, s, 1)
         W = _batch_weights(weights, index, rows)
@@ -499,7 +527,8 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, weigh
                     class_stats_rows_of(Y, batch_T, W, stats[0], stats[1])
         if workers is not None:  # (two ifs: Numba prunes each by an argument that is None)
             finite, sure, dw_bound = _backward(net, work, rows, par, kinds, sums, input_bound,
-                                               drop, index, first_step + s, norm, mixed)
+                                               drop, index, first_step + s, norm, mixed,
+                                               workers, tasks)
         if scan is not None:
             finite, sure, dw_bound = _backward_scan(net, work, rows, par, kinds, drop, index,
                                                       first_step + s, norm, mixed), False, \

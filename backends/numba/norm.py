@@ -48,13 +48,13 @@ def _gradient_moments(dA, gamma, H, r):
 
 
 @inline
-def norm_forward(H, b, gamma, beta, act, A, rstd, eps, nothing, kinds):
-    """Per row: H += b (rounded as the dense layer's bias pass rounds it), its mean and
-    (biased) variance in float64, H = xhat, A = xhat * gamma + beta; then A = act(A) over the
-    block. ``nothing``: zeros at least o long, the bias of the activation's pass (N + 0 is N).
-    Each loop writes one array: with two, LLVM's overlap tests cost the loop ~40%."""
-    n, o = H.shape
-    for r in range(n):
+def norm_rows(H, b, gamma, beta, A, rstd, eps, r0, r1):
+    """Rows r0..r1: H += b (rounded as the dense layer's bias pass rounds it), its mean and
+    (biased) variance in float64, H = xhat, A = xhat * gamma + beta. Each loop writes one
+    array: with two, LLVM's overlap tests cost the loop ~40%. Each row on its own: any split
+    of the rows (the BLAS pool's workers share them: _native/passes.py) computes the same."""
+    o = H.shape[1]
+    for r in range(r0, r1):
         for j in range(o):
             H[r, j] = H[r, j] + b[j]
         mean = _row_sum(H, r, o) / o
@@ -64,8 +64,15 @@ def norm_forward(H, b, gamma, beta, act, A, rstd, eps, nothing, kinds):
             H[r, j] = (H[r, j] - mean) * inv
         for j in range(o):
             A[r, j] = H[r, j] * gamma[j] + beta[j]
-    # (one call for the block: called row by row, the call cost more than the row's work)
-    _bias_act_rows(A, nothing, act, False, A, 0, n, kinds)
+
+
+@inline
+def norm_forward(H, b, gamma, beta, act, A, rstd, eps, nothing, kinds):
+    """``norm_rows`` of every row, then A = act(A) over the block (called row by row, the
+    activation's pass cost more than the row's work). ``nothing``: zeros at least o long, the
+    bias of the activation's pass (N + 0 is N)."""
+    norm_rows(H, b, gamma, beta, A, rstd, eps, 0, H.shape[0])
+    _bias_act_rows(A, nothing, act, False, A, 0, H.shape[0], kinds)
 
 
 @jit

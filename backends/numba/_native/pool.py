@@ -292,6 +292,8 @@ def _matrix_at(dtype):
 
 
 int32_matrix_at, int64_matrix_at = _matrix_at(types.int32), _matrix_at(types.int64)
+float32_matrix_at, float64_matrix_at = _matrix_at(types.float32), _matrix_at(types.float64)
+uint32_matrix_at = _matrix_at(types.uint32)
 
 if numba.config.DISABLE_JIT:  # plain Python: the same views, by ctypes
     def _python_matrix_at(ctype):
@@ -302,6 +304,9 @@ if numba.config.DISABLE_JIT:  # plain Python: the same views, by ctypes
 
     int32_matrix_at = _python_matrix_at(ctypes.c_int32)  # noqa: F811
     int64_matrix_at = _python_matrix_at(ctypes.c_int64)  # noqa: F811
+    float32_matrix_at = _python_matrix_at(ctypes.c_float)  # noqa: F811
+    float64_matrix_at = _python_matrix_at(ctypes.c_double)  # noqa: F811
+    uint32_matrix_at = _python_matrix_at(ctypes.c_uint32)  # noqa: F811
 
 _jit = dict(nogil=True, cache=True)
 _inline = numba.njit(inline="always", **_jit)

@@ -37,11 +37,13 @@ def phelper(function):
 # LLVM inlines them into the loop (called by symbol, GELU's layers ran 20-35% slower).
 linked = numba.njit(**INTERNAL)
 inline = numba.njit(inline="always", **INTERNAL)
-# A row's float64 sums (LayerNorm's statistics) with reassociation alone, so that LLVM adds
-# them in vector lanes: kept in order, one addition waited for the last (0.42 ns an element
-# against 0.08, float32, Xeon with AVX-512). Still one fixed order for given code and CPU, the
-# same for any number of threads; no other fast-math flag (NaN and inf still propagate).
-summing = numba.njit(**dict(INTERNAL, fastmath={"reassoc"}))
+def summing(function):
+    """A reduction in float64 with reassociation alone, so that LLVM adds in vector lanes:
+    kept in order, one addition waited for the last (a row's sums 0.42 ns an element against
+    0.08, float32, Xeon with AVX-512). No other fast-math flag: NaN and inf still propagate.
+    Called by symbol like ``helper``: one machine code, so one order of addition for every
+    caller (inlined, LLVM could vectorize it differently where a caller knows the length)."""
+    return unlinked(numba.njit(**dict(INTERNAL, fastmath={"reassoc"}))(function))
 # The epoch kernel, without reference counting. Every view Numba takes of an array (a slice, a
 # layer's W out of the flat buffer) would bump the array's count with an atomic add and drop
 # it again later: the epoch kernel takes ~20 views per layer per step, and on S those atomics

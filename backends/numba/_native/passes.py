@@ -1,0 +1,173 @@
+"""The epoch kernel's row passes shared with the BLAS pool's workers (``pool.py``): dropout's
+(forward and backward) and LayerNorm's normalization (forward). Between the GEMMs the pool's
+workers wait, spinning, on the cores a parallel pass of Numba's would need (see pool.py): these
+passes then ran on one core of the two. Each row's work depends on that row alone (dropout's
+noise on its step, layer and data-set row; LayerNorm's statistics on its own values), so a
+share of the rows computes the bits that one thread would.
+
+Each pass is a job that ``gather.split_rows`` runs by address, like the gather: one compiled
+copy per dtype, whose arrays and numbers come in a record of int64 slots (a float in a slot
+as its float64 bits), one record per share (dropout's words scratch differs between shares),
+in the epoch's ``tasks`` scratch.
+The activation after LayerNorm stays on the calling thread: the jobs are compiled for no
+activation's kinds (``layers.activation_kinds``), and the activation's pass is cheap beside
+the statistics.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import types
+from numba.extending import intrinsic
+
+from ..dropout import _dropout_rows
+from ..norm import norm_rows
+from . import pool
+from .gather import split_rows
+from .toolkit import helper, inline, span
+from .unlinked import address
+
+# A record's slots. Dropout: its input A and output D (rows x units), the batch's data-set
+# rows (int64), the seed's words, the step, the layer, the keep threshold, the kept units'
+# factor (float64 bits) and the share's words scratch. LayerNorm: H, b, gamma, beta, A and
+# rstd, and eps (float64 bits).
+ROWS, UNITS, FIRST = 0, 1, 2
+(D_A, D_D, D_INDEX, D_K0, D_K1, D_STEP, D_LAYER, D_THRESHOLD, D_SCALE,
+ D_WORDS) = range(FIRST, FIRST + 10)
+N_H, N_B, N_GAMMA, N_BETA, N_A, N_RSTD, N_EPS = range(FIRST, FIRST + 7)
+SLOTS = 16  # a record's int64 slots: 128 bytes, two cache lines of its own
+_JOB_ARGUMENTS = (types.int64,) * 8
+
+
+@inline
+def record(tasks, share):
+    """Share ``share``'s record in the epoch's ``tasks`` scratch (int64, SLOTS per share)."""
+    return span(tasks, share * SLOTS, SLOTS)
+
+
+@inline
+def _float_slot(record_address, slot):
+    return pool.float64_matrix_at(record_address, 1, SLOTS)[0, slot]
+
+
+@inline
+def _set_float(rec, slot, value):
+    pool.float64_matrix_at(rec.ctypes.data, 1, SLOTS)[0, slot] = value
+
+
+@inline
+def _matrix(dtype_bits, address_, rows, columns):
+    if dtype_bits == 32:
+        return pool.float32_matrix_at(address_, rows, columns)
+    return pool.float64_matrix_at(address_, rows, columns)
+
+
+@inline
+def _vector(dtype_bits, address_, n):
+    return _matrix(dtype_bits, address_, 1, n)[0]
+
+
+@inline
+def _dropout_job(bits, rec, r0, r1):
+    t = pool.int64_matrix_at(rec, 1, SLOTS)[0]
+    n, units = t[ROWS], t[UNITS]
+    A, D = _matrix(bits, t[D_A], n, units), _matrix(bits, t[D_D], n, units)
+    scale = A.dtype.type(_float_slot(rec, D_SCALE))
+    words = pool.uint32_matrix_at(t[D_WORDS], 1, 4 * ((units + 3) // 4))[0]
+    _dropout_rows(A, D, pool.int64_matrix_at(t[D_INDEX], 1, n)[0], t[D_K0], t[D_K1],
+                  t[D_STEP], t[D_LAYER], t[D_THRESHOLD], scale, r0, r1, words)
+    return np.int64(0)
+
+
+@helper
+def _dropout_job_32(rec, a1, a2, a3, a4, a5, r0, r1):
+    return _dropout_job(32, rec, r0, r1)
+
+
+@helper
+def _dropout_job_64(rec, a1, a2, a3, a4, a5, r0, r1):
+    return _dropout_job(64, rec, r0, r1)
+
+
+@inline
+def _norm_job(bits, rec, r0, r1):
+    t = pool.int64_matrix_at(rec, 1, SLOTS)[0]
+    n, o = t[ROWS], t[UNITS]
+    norm_rows(_matrix(bits, t[N_H], n, o), _vector(bits, t[N_B], o),
+              _vector(bits, t[N_GAMMA], o), _vector(bits, t[N_BETA], o),
+              _matrix(bits, t[N_A], n, o), _vector(bits, t[N_RSTD], n),
+              _float_slot(rec, N_EPS), r0, r1)
+    return np.int64(0)
+
+
+@helper
+def _norm_job_32(rec, a1, a2, a3, a4, a5, r0, r1):
+    return _norm_job(32, rec, r0, r1)
+
+
+@helper
+def _norm_job_64(rec, a1, a2, a3, a4, a5, r0, r1):
+    return _norm_job(64, rec, r0, r1)
+
+
+def _job_of(job32, job64):
+    @intrinsic
+    def job_of(typingctx, array):
+        """The address of the job for ``array``'s dtype, for ``split_rows``."""
+        job = job32 if array.dtype.bitwidth == 32 else job64
+
+        def codegen(context, builder, signature, args):
+            return address(context, builder, job, _JOB_ARGUMENTS)
+        return types.int64(array), codegen
+    return job_of
+
+
+_dropout_job_of, _norm_job_of = _job_of(_dropout_job_32, _dropout_job_64), \
+    _job_of(_norm_job_32, _norm_job_64)
+
+
+@inline
+def _copy_records(workers, tasks):
+    """Share 0's record copied to shares 1..workers."""
+    first = record(tasks, 0)
+    for share in range(1, workers + 1):
+        rec = record(tasks, share)
+        for slot in range(SLOTS):
+            rec[slot] = first[slot]
+
+
+@inline
+def dropout_shared(workers, tasks, A, D, index, k0, k1, step, layer, threshold, scale, words):
+    """``dropout.dropout_pass`` (serial) over every row, the rows shared between this thread
+    and ``workers`` of the pool; ``words``: dropout.words_scratch for workers + 1 chunks or
+    more (each share draws a row's words into a row of its own)."""
+    first = record(tasks, 0)
+    first[ROWS], first[UNITS] = A.shape[0], A.shape[1]
+    first[D_A], first[D_D], first[D_INDEX] = A.ctypes.data, D.ctypes.data, index.ctypes.data
+    first[D_K0], first[D_K1], first[D_STEP], first[D_LAYER] = k0, k1, step, layer
+    first[D_THRESHOLD] = threshold
+    _set_float(first, D_SCALE, float(scale))
+    _copy_records(workers, tasks)
+    width = 4 * ((A.shape[1] + 3) // 4)
+    for share in range(workers + 1):
+        record(tasks, share)[D_WORDS] = words.ctypes.data + share * width * words.itemsize
+    split_rows(workers, _dropout_job_of(A), first.ctypes.data, SLOTS * 8, 0, 0, 0, 0, 0,
+               A.shape[0])
+
+
+@inline
+def norm_rows_shared(workers, tasks, H, b, gamma, beta, A, rstd, eps):
+    """``norm.norm_rows`` over every row, the rows shared between this thread and ``workers``
+    of the pool."""
+    first = record(tasks, 0)
+    first[ROWS], first[UNITS] = H.shape[0], H.shape[1]
+    first[N_H], first[N_B], first[N_GAMMA] = H.ctypes.data, b.ctypes.data, gamma.ctypes.data
+    first[N_BETA], first[N_A], first[N_RSTD] = beta.ctypes.data, A.ctypes.data, rstd.ctypes.data
+    _set_float(first, N_EPS, float(eps))
+    _copy_records(workers, tasks)
+    split_rows(workers, _norm_job_of(H), first.ctypes.data, SLOTS * 8, 0, 0, 0, 0, 0,
+               H.shape[0])
+
+
+def tasks_scratch(workers: int) -> np.ndarray:
+    """The epoch's ``tasks``: a record for each of ``workers`` + 1 shares."""
+    return np.zeros((workers + 1) * SLOTS, np.int64)
