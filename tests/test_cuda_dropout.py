@@ -7,7 +7,6 @@ on the device) equals the kernels launched one by one as EpochPlan describes.
 from __future__ import annotations
 
 import dataclasses
-import types
 
 import numpy as np
 import pytest
@@ -167,15 +166,18 @@ def _device(be, host):
     return out
 
 
-def _workspace(be, rows, dtype):
-    widths = SIZES[1:]
-    return types.SimpleNamespace(
-        rows=rows, X=be.empty((rows, SIZES[0]), dtype), T=be.empty((rows,), np.int64),
-        A=[be.empty((rows, w), dtype) for w in widths],
-        Z=[be.empty((rows, w), dtype) if a == "gelu" else None
-           for w, a in zip(widths, ACTIVATIONS)],
-        dA=[be.empty((rows, w), dtype) for w in widths],
-        D=[be.empty((rows, w), dtype) if p > 0 else None for w, p in zip(widths, DROPOUT + (0,))])
+def _workspaces(y, full, last, dtype):
+    """The workspaces of a full batch and of the last one, allocated as fit() allocates them
+    (EpochLoop: model.workspace for each batch size), so that the buffers the epoch is given
+    here cannot drift from fit()'s. The model has a resident backend of its own: a streamed
+    run's limit would put its parameters in host memory, where MLP cannot view them; the
+    workspace's buffers come from empty(), which no limit touches, the same on every
+    instance."""
+    model = bpk.MLP(SIZES, ACTIVATIONS[:-1], backend=cudasim.make_backend(), dtype=dtype,
+                    dropout=DROPOUT)
+    assert model.layer_activations == ACTIVATIONS  # the plan's, output layer included
+    ws = model.workspace(full, y.shape[1:], y.dtype)
+    return ws, ws if last == full else model.workspace(last, y.shape[1:], y.dtype)
 
 
 class Run:
@@ -191,9 +193,8 @@ class Run:
         self.buf = be.zeros(params.shape, dtype)
         self.halted = be.zeros((1,), np.int64)
         self.step_loss = be.zeros((self.steps,), dtype)
-        full = _workspace(be, batch, dtype)
         rest = self.n - (self.steps - 1) * batch
-        self.workspaces = (full, full if rest == batch else _workspace(be, rest, dtype))
+        self.workspaces = _workspaces(y, batch, rest, dtype)
         self.opt = bpk.SGD(lr=0.05, momentum=0.9)
         self.cache: dict = {}
 

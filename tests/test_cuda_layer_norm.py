@@ -8,8 +8,6 @@ launched one by one as EpochPlan describes.
 """
 from __future__ import annotations
 
-import types
-
 import numpy as np
 import pytest
 
@@ -222,16 +220,14 @@ def _device(be, host):
     return out
 
 
-def _workspace(be, rows, dtype):
-    """What model.py's Workspace holds with LayerNorm: H and rstd per hidden layer."""
-    widths = SIZES[1:]
-    return types.SimpleNamespace(
-        rows=rows, X=be.empty((rows, SIZES[0]), dtype), T=be.empty((rows,), np.int64),
-        A=[be.empty((rows, w), dtype) for w in widths], Z=[None] * len(widths),
-        dA=[be.empty((rows, w), dtype) for w in widths],
-        D=[be.empty((rows, w), dtype) if p > 0 else None for w, p in zip(widths, DROPOUT + (0,))],
-        H=[be.empty((rows, w), dtype) for w in widths[:-1]] + [None],
-        rstd=[be.empty((rows,), dtype) for _ in widths[:-1]] + [None])
+def _workspaces(be, y, full, last, dtype):
+    """The workspaces of a full batch and of the last one, allocated on ``be`` as fit()
+    allocates them (EpochLoop: model.workspace for each batch size) for a model with
+    norm="layer" and dropout, so that the buffers the epoch is given here cannot drift from
+    fit()'s."""
+    model = bpk.MLP(SIZES, HIDDEN, backend=be, dtype=dtype, dropout=DROPOUT, norm="layer")
+    ws = model.workspace(full, y.shape[1:], y.dtype)
+    return ws, ws if last == full else model.workspace(last, y.shape[1:], y.dtype)
 
 
 def _layout():
@@ -257,9 +253,8 @@ class Run:
         self.grads, self.buf = be.zeros(params.shape, dtype), be.zeros(params.shape, dtype)
         self.halted = be.zeros((1,), np.int64)
         self.step_loss = be.zeros((self.steps,), dtype)
-        full = _workspace(be, batch, dtype)
         rest = self.n - (self.steps - 1) * batch
-        self.workspaces = (full, full if rest == batch else _workspace(be, rest, dtype))
+        self.workspaces = _workspaces(be, y, batch, rest, dtype)
         self.opt = bpk.SGD(lr=0.05, momentum=0.9)
         self.cache: dict = {}
 
