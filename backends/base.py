@@ -355,6 +355,13 @@ class Backend(ABC):
         """Copy a host array to the device as a new C-contiguous array of ``dtype``
         (default: keep the host dtype)."""
 
+    def asarray_resident(self, host: np.ndarray, dtype: Any = None) -> Any:
+        """:meth:`asarray`, always into device memory: for the arrays the kernels read and
+        write in place (a model's parameters, gradients and optimizer state), which a backend
+        that keeps large data sets in host memory (cupy's ``max_resident_bytes``) must not
+        keep there. Whether they fit is checked before (bpkernels.memory)."""
+        return self.asarray(host, dtype)
+
     @abstractmethod
     def to_host(self, array: Any) -> np.ndarray:
         """Copy a device array to a new host NumPy array (a synchronisation point)."""

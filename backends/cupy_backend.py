@@ -81,7 +81,8 @@ class CupyBackend(Backend):
         """``tf32``: let cuBLAS round float32 products to TF32 (faster on Ampere and later,
         about 1e-3 relative error; default: the environment variable BPK_CUDA_TF32=1, else
         off). ``max_resident_bytes``: the largest data set kept on the device (default: half of
-        the free device memory when it is copied). ``graphs``: capture and replay training
+        the free device memory when it is copied; a model's parameters, gradients and optimizer
+        state are always on the device). ``graphs``: capture and replay training
         steps (off: the kernels are launched one by one)."""
         try:
             count = cupy.cuda.runtime.getDeviceCount()
@@ -164,8 +165,13 @@ class CupyBackend(Backend):
         host = np.ascontiguousarray(host, dtype=dtype)
         if host.nbytes > self._resident_limit():
             return HostArray(host.copy())
+        return self.asarray_resident(host)
+
+    def asarray_resident(self, host, dtype=None):
+        if isinstance(host, HostArray):
+            host = host.host
         with self.capture_lock:
-            return cupy.asarray(host)
+            return cupy.asarray(np.ascontiguousarray(host, dtype=dtype))
 
     def from_device(self, obj) -> Any:
         """``obj``, a CUDA array of another library (``__cuda_array_interface__``, or DLPack on

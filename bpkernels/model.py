@@ -120,7 +120,7 @@ class MLP:
                         for layer in range(len(self._layout))]
         self.n_params = memory.n_parameters(self.sizes, norm)
         self._check_memory()
-        self.params = self.backend.asarray(self._initial_params(), self.storage)
+        self.params = self.backend.asarray_resident(self._initial_params(), self.storage)
         self.grads = self.backend.zeros((self.n_params,), self.storage)
         self._weights = self._views(self.params)
         self._gradients = self._views(self.grads)
@@ -497,7 +497,7 @@ class MLP:
                 i = int(np.argmin(np.isfinite(cast)))
                 raise ValueError(f"cannot move the model to {new_dtype}: its {name}[{i}] = "
                                  f"{host[i]} does not fit in {new_dtype}")
-            moved[name] = target.asarray(cast, cast.dtype)
+            moved[name] = target.asarray_resident(cast, cast.dtype)
         # Nothing below can fail: the model changes all at once.
         self.backend, self.dtype = target, new_dtype
         self.params, self.grads = moved.pop("params"), moved.pop("grads")

@@ -300,7 +300,7 @@ class EpochLoop:
         if check_clip(clip_grad_norm) is not None:
             clip = np.zeros(2 + CLIP_SLOTS, np.float64)
             clip[1] = clip_grad_norm
-            self.clip = be.asarray(clip)
+            self.clip = be.asarray_resident(clip)
         # The updates' bounds (backends/base.py), where the backend keeps them: unknown (inf)
         # at the start of every epoch, since a callback may have changed the weights.
         self.bounds = self._unknown = None
@@ -469,7 +469,7 @@ class EpochLoop:
         opt = self.optimizer
         table[:, 1] = momenta if momenta is not None else \
             getattr(opt, RATE_MOMENTUM[OPTIMIZER_RULES[opt.name]])
-        return self.backend.asarray(table)
+        return self.backend.asarray_resident(table)
 
     def _set_step_rate(self, s: int) -> None:
         lrs, momenta = self.step_rates  # type: ignore[misc]

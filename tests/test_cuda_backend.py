@@ -240,6 +240,46 @@ def test_streamed_data_without_graphs_takes_rows_on_the_host():
     np.testing.assert_array_equal(runs[0][1], runs[1][1])
 
 
+@pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "kernels"])
+def test_a_model_larger_than_the_resident_limit_stays_on_the_device(graphs):
+    """max_resident_bytes is the largest data set kept on the device: a model's parameters,
+    gradients and optimizer state, the clipping and schedule buffers over it are still
+    device arrays (the kernels read and write them in place), whether the model is built
+    there, moved there or loaded there; only the data streams. Training matches NumPy."""
+    X, y = data(43)
+    HostArray = cudasim.backend_module().HostArray
+
+    def options():
+        return dict(epochs=2, optimizer="adam", batch_size=8, clip_grad_norm=0.5,
+                    lr_scheduler=bpk.lr_scheduler.OneCycleLR(max_lr=0.05, total_steps=12),
+                    lr_scheduler_interval="step")
+
+    backend = make(graphs=graphs, max_resident_bytes=64)  # [5, 6, 3] float64: 456 bytes
+    assert isinstance(backend.asarray(X), HostArray)
+    model, history = train(backend, [5, 6, 3], X, y, **options())
+    reference_model, reference = train("numpy", [5, 6, 3], X, y, **options())
+    buffers = [model.params, model.grads, *model.optimizer.state.values()]
+    assert not any(isinstance(a, HostArray) for a in buffers)
+    np.testing.assert_allclose(history["loss"], reference["loss"], **TOL["float64"])
+    for got, expected in zip(model.get_weights(), reference_model.get_weights()):
+        for a, b in zip(got, expected):
+            np.testing.assert_allclose(a, b, **TOL["float64"])
+
+    moved = train("numpy", [5, 6, 3], X, y, optimizer="adam", batch_size=8)[0]
+    state = moved.state()
+    loaded = bpk.MLP.from_state(*state, backend=backend)
+    moved.to(backend)
+    reference_model = bpk.MLP.from_state(*state, backend="numpy")
+    for model in (moved, loaded, reference_model):
+        bpk.fit(model, X, y, epochs=1, optimizer=model.optimizer, batch_size=8)
+    for model in (moved, loaded):
+        buffers = [model.params, model.grads, *model.optimizer.state.values()]
+        assert not any(isinstance(a, HostArray) for a in buffers)
+        for got, expected in zip(model.get_weights(), reference_model.get_weights()):
+            for a, b in zip(got, expected):
+                np.testing.assert_allclose(a, b, **TOL["float64"])
+
+
 def test_the_simulated_streams_catch_a_missing_wait():
     """What makes the streaming test above able to fail: work on another stream that was not
     waited for has not run, so a consumer reads the old contents."""

@@ -169,9 +169,8 @@ def _device(be, host):
 def _workspaces(y, full, last, dtype):
     """The workspaces of a full batch and of the last one, allocated as fit() allocates them
     (EpochLoop: model.workspace for each batch size), so that the buffers the epoch is given
-    here cannot drift from fit()'s. The model has a resident backend of its own: a streamed
-    run's limit would put its parameters in host memory, where MLP cannot view them; the
-    workspace's buffers come from empty(), which no limit touches, the same on every
+    here cannot drift from fit()'s. The model has a backend of its own: the workspace's
+    buffers come from empty(), which no resident limit touches, the same on every
     instance."""
     model = bpk.MLP(SIZES, ACTIVATIONS[:-1], backend=cudasim.make_backend(), dtype=dtype,
                     dropout=DROPOUT)
