@@ -88,18 +88,24 @@ def _gather_rows_64(source, source_rows, stride, destination, columns, order, r0
                         pool.int64_matrix_at(destination, r1, columns), r0, r1)
 
 
-_GATHER_ARGUMENTS = (types.int64,) * 8
+_GATHER_ARGUMENTS = (types.int64,) * 8  # (a job's of split_rows: six arguments, r0, r1)
 _call_gather = by_address(types.int64, _GATHER_ARGUMENTS)
 
 
-@intrinsic
-def _row_gather(typingctx, X_all):
-    """The address of the row gather of ``X_all``'s dtype, for ``_call_gather``."""
-    gather = _gather_rows_32 if X_all.dtype.bitwidth == 32 else _gather_rows_64
+def job_of_dtype(job32, job64):
+    """An intrinsic ``job(array)``: the address of ``job32`` or ``job64`` (helpers taking
+    split_rows's eight int64 arguments) by ``array``'s dtype; only that one is compiled."""
+    @intrinsic
+    def job(typingctx, array):
+        chosen = job32 if array.dtype.bitwidth == 32 else job64
 
-    def codegen(context, builder, signature, args):
-        return address(context, builder, gather, _GATHER_ARGUMENTS)
-    return types.int64(X_all), codegen
+        def codegen(context, builder, signature, args):
+            return address(context, builder, chosen, _GATHER_ARGUMENTS)
+        return types.int64(array), codegen
+    return job
+
+
+_row_gather = job_of_dtype(_gather_rows_32, _gather_rows_64)
 
 
 @inline

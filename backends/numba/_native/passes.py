@@ -16,15 +16,12 @@ the statistics.
 from __future__ import annotations
 
 import numpy as np
-from numba import types
-from numba.extending import intrinsic
 
 from ..dropout import _dropout_rows
 from ..norm import norm_rows
 from . import pool
-from .gather import split_rows
+from .gather import job_of_dtype, split_rows
 from .toolkit import helper, inline, span
-from .unlinked import address
 
 # A record's slots. Dropout: its input A and output D (rows x units), the batch's data-set
 # rows (int64), the seed's words, the step, the layer, the keep threshold, the kept units'
@@ -35,7 +32,6 @@ ROWS, UNITS, FIRST = 0, 1, 2
  D_WORDS) = range(FIRST, FIRST + 10)
 N_H, N_B, N_GAMMA, N_BETA, N_A, N_RSTD, N_EPS = range(FIRST, FIRST + 7)
 SLOTS = 16  # a record's int64 slots: 128 bytes, two cache lines of its own
-_JOB_ARGUMENTS = (types.int64,) * 8
 
 
 @inline
@@ -109,20 +105,8 @@ def _norm_job_64(rec, a1, a2, a3, a4, a5, r0, r1):
     return _norm_job(64, rec, r0, r1)
 
 
-def _job_of(job32, job64):
-    @intrinsic
-    def job_of(typingctx, array):
-        """The address of the job for ``array``'s dtype, for ``split_rows``."""
-        job = job32 if array.dtype.bitwidth == 32 else job64
-
-        def codegen(context, builder, signature, args):
-            return address(context, builder, job, _JOB_ARGUMENTS)
-        return types.int64(array), codegen
-    return job_of
-
-
-_dropout_job_of, _norm_job_of = _job_of(_dropout_job_32, _dropout_job_64), \
-    _job_of(_norm_job_32, _norm_job_64)
+_dropout_job_of = job_of_dtype(_dropout_job_32, _dropout_job_64)
+_norm_job_of = job_of_dtype(_norm_job_32, _norm_job_64)
 
 
 @inline
