@@ -6,8 +6,9 @@ GFLOP/s of C = A @ B (m x k times k x n, the forward shapes of configs M and L) 
 - ``gemm_bf16`` called from an njit loop (the symbol, as the epoch kernel calls it),
 - MKL's ``cblas_gemm_bf16bf16f32_64`` called directly by ctypes (no bpkernels code),
 - float32 sgemm: NumPy's OpenBLAS (``np.dot`` into a buffer) and MKL's own ``cblas_sgemm_64``;
-then the rounding pass (float32 -> bf16 bits) in ns per element, serial and in parallel chunks,
-and a check that MKL's OpenMP threads and Numba's parallel kernels take turns without a hang.
+then the rounding pass the kernels run (``mixed.round_bf16``, float32 -> bf16 bits) in ns per
+element, serial and in the row chunks the backend's ``par`` rule gives a bf16 layer, and a
+check that MKL's OpenMP threads and Numba's parallel kernels take turns without a hang.
 """
 from __future__ import annotations
 
@@ -20,7 +21,10 @@ import numpy as np
 
 from bpkernels.backends.bf16 import to_bf16_bits
 from bpkernels.backends.host import cpu_name
+from bpkernels.backends.numba import mixed
 from bpkernels.backends.numba._native import mkl
+from bpkernels.backends.numba.backend import PARALLEL_MIN_BF16
+from bpkernels.backends.numba.layers import MAX_CHUNKS
 
 SHAPES = ((128, 784, 256), (128, 256, 128), (512, 1024, 2048), (512, 2048, 2048))
 ROW_MAJOR, NO_TRANS = 101, 111
@@ -52,9 +56,9 @@ def njit_loop(A, B, C, count):
 
 
 @numba.njit(nogil=True)
-def round_loop(src, dst, count):
+def round_loop(src, dst, par, count):
     for _ in range(count):
-        mkl.round_bf16(src, dst)
+        mixed.round_bf16(src, dst, par)
 
 
 @numba.njit(parallel=True, nogil=True)
@@ -96,13 +100,18 @@ def gemm_table(library):
 
 def rounding_table():
     rng = np.random.default_rng(1)
-    print(f"\n{'rounding rows x cols':>22} {'ns/element':>11}  (chunks)")
+    print(f"\n{'rounding rows x cols':>22} {'serial':>8} {'chunked':>8}  (ns/element; chunks)")
     for rows, cols in ((128, 784), (512, 2048), (2048, 2048), (4096, 4096)):
         src = rng.standard_normal((rows, cols), dtype=np.float32)
         dst = np.empty(src.shape, np.uint16)
-        seconds = best_seconds(lambda count: round_loop(src, dst, count))
-        chunks = 1 if src.size < 2 * mkl._PAR_MIN else min(src.size // mkl._PAR_MIN, 64, rows)
-        print(f"{f'{rows} x {cols}':>22} {seconds / src.size * 1e9:11.3f}  ({chunks})")
+        # NumbaBackend._par's rule for a bf16 layer on more than one thread, and
+        # mixed.round_bf16's chunks (layers.chunk_count is compiled code, not callable here)
+        par = PARALLEL_MIN_BF16 if src.size >= 2 * PARALLEL_MIN_BF16 else None
+        chunks = 1 if par is None else min(src.size // par, MAX_CHUNKS, rows)
+        seconds = [best_seconds(lambda count, p=p: round_loop(src, dst, p, count))
+                   for p in (None, par)]
+        print(f"{f'{rows} x {cols}':>22} " +
+              " ".join(f"{s / src.size * 1e9:8.3f}" for s in seconds) + f"  ({chunks})")
 
 
 def take_turns(rounds=200):

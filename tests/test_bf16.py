@@ -399,10 +399,27 @@ def test_thread_counts_reach_mkl(numba_bf16):
         bpk.set_num_threads(before)
 
 
-@pytest.mark.parametrize("par", [None, 1 << 12], ids=["serial", "row-chunks"])
-def test_numba_rounding_pass_equals_the_reference_bit_for_bit(numba_bf16, par):
+def _boundary_bits() -> np.ndarray:
+    """Every bfloat16 value (the upper 16 bits) with each low half that decides its rounding:
+    exact, just above exact, just below the tie, the tie, just above it, just below the next
+    (393,216 patterns, every special value among them)."""
+    upper = np.arange(1 << 16, dtype=np.uint32) << np.uint32(16)
+    low = np.array([0x0000, 0x0001, 0x7FFF, 0x8000, 0x8001, 0xFFFF], np.uint32)
+    return (upper[:, None] | low[None, :]).ravel()
+
+
+def _rows(x: np.ndarray, cols: int) -> np.ndarray:
+    """x as rows of ``cols``, the last one completed from x's start (no pattern dropped)."""
+    return np.resize(x, -(-x.size // cols) * cols).reshape(-1, cols)
+
+
+@pytest.mark.parametrize("shape", ["rows", "odd rows", "one column", "padded rows", "7 x 13"])
+@pytest.mark.parametrize("par", [None, 8], ids=["serial", "row-chunks"])
+def test_numba_rounding_pass_equals_the_reference_bit_for_bit(numba_bf16, par, shape):
     """The rounding pass the Numba kernels run (mixed.round_bf16, the epoch kernel's too),
-    serial and in parallel row chunks, on the special patterns and random bits."""
+    serial and in parallel row chunks (par 8: as many chunks as MAX_CHUNKS and the rows
+    allow), on the special and boundary patterns and 2^20 random bits, against the NumPy
+    reference and ml_dtypes; rows padded beyond their width (layout 'A') too."""
     import numba
     from bpkernels.backends.numba import mixed
 
@@ -410,8 +427,26 @@ def test_numba_rounding_pass_equals_the_reference_bit_for_bit(numba_bf16, par):
     def run(src, dst, par):
         mixed.round_bf16(src, dst, par)
 
-    bits = np.concatenate([_special_bits(), _random_bits(1 << 16, 2)])
-    x = bits[:bits.size // 128 * 128].view(np.float32).reshape(-1, 128)
+    bits = np.concatenate([_special_bits(), _boundary_bits(), _random_bits(1 << 20)])
+    if numba.config.DISABLE_JIT:  # (plain Python: 1.4M elements would take minutes)
+        bits = bits[:1 << 14]
+    x = bits.view(np.float32)
+    if shape == "rows":
+        x = _rows(x, 1024)
+    elif shape == "odd rows":
+        x = _rows(x, 1021)
+    elif shape == "one column":
+        x = x.reshape(-1, 1)
+    elif shape == "padded rows":  # (NaN padding: a pass that ignored the row stride reads it)
+        rows = _rows(x, 1024)[:300]
+        wide = np.full((rows.shape[0], rows.shape[1] + 5), np.nan, np.float32)
+        wide[:, :rows.shape[1]] = rows
+        x = wide[:, :rows.shape[1]]
+    else:  # par 8 asks for 11 chunks of 91 elements: more than the 7 rows, one row each
+        x = x[:7 * 13].reshape(7, 13)
     out = np.full(x.shape, 0x1234, np.uint16)
     run(x, out, par)
     np.testing.assert_array_equal(out, to_bf16_bits(x))
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    with np.errstate(invalid="ignore"):  # the NaNs
+        np.testing.assert_array_equal(out, x.astype(ml_dtypes.bfloat16).view(np.uint16))

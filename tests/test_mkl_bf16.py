@@ -1,5 +1,6 @@
 """bfloat16 for dtype="bf16": the NumPy rounding reference (backends/bf16.py), and the Numba
-backend's MKL GEMM and rounding passes (backends/numba/_native/mkl.py).
+backend's MKL GEMM (backends/numba/_native/mkl.py). The rounding pass the Numba kernels run
+(backends/numba/mixed.py) is tested against the reference in test_bf16.py.
 
 The reference's tests need neither Numba nor MKL. The rest skip, with the reason MKL is
 unusable here, on machines without MKL or without AMX-BF16 / AVX512-BF16."""
@@ -91,7 +92,7 @@ def test_widening_is_exact_and_rounding_is_idempotent():
     assert bf16_round(x.reshape(64, 64)).shape == (64, 64)
 
 
-# ============================================================ MKL and the Numba passes
+# ============================================================ MKL's GEMM in the Numba kernels
 @pytest.fixture(scope="module")
 def mkl():
     """backends/numba/_native/mkl.py where MKL's bf16 GEMM is usable here, else a skip that
@@ -120,81 +121,32 @@ def kernels(mkl):
     """Compiled callers of the helpers, as the epoch kernel calls them."""
     import numba
 
+    from bpkernels.backends.numba import mixed
+
     @numba.njit
     def gemm(A, trans_a, B, trans_b, C, alpha, beta):
         mkl.gemm_bf16(A, trans_a, B, trans_b, C, alpha, beta)
 
-    @numba.njit
-    def round_(src, dst):
-        mkl.round_bf16(src, dst)
-
-    @numba.njit
-    def widen(src, dst):
-        mkl.widen_bf16(src, dst)
-
     # as the fused epoch kernel: without reference counting (toolkit.epoch's flags), the
     # parallel rounding pass a helper of its own
     @numba.njit(_nrt=False, nogil=True, no_cfunc_wrapper=True)
-    def round_then_multiply(X, X16, W16, Z):
-        mkl.round_bf16(X, X16)
+    def round_then_multiply(X, X16, W16, Z, par):
+        mixed.round_bf16(X, X16, par)
         mkl.gemm_bf16(X16, False, W16, False, Z, 1.0, 0.0)
-    return {"gemm": gemm, "round": round_, "widen": widen, "epoch": round_then_multiply}
-
-
-@pytest.mark.parametrize("shape", ["flat", "rows", "parallel rows", "padded rows"])
-@pytest.mark.parametrize("caller", ["compiled", "python"])
-def test_rounding_equals_the_reference_bit_for_bit(mkl, kernels, shape, caller):
-    patterns = _all_patterns() if JIT else _all_patterns()[:1 << 14]  # (plain Python: slow)
-    if shape == "parallel rows":  # large enough for the chunked pass
-        if not JIT:
-            pytest.skip("NUMBA_DISABLE_JIT: 4M elements in plain Python")
-        patterns = np.resize(patterns, 3 * mkl._PAR_MIN)
-    x = _floats(patterns)
-    if shape != "flat":
-        x = x[:x.size // 1024 * 1024].reshape(-1, 1024)
-    if shape == "padded rows":
-        x = _padded(x[:300], 5)
-    out = np.full(x.shape, 0x1234, np.uint16)
-    (kernels["round"] if caller == "compiled" else mkl.round_bf16)(x, out)
-    expected = to_bf16_bits(x)
-    assert np.array_equal(out, expected), np.flatnonzero(out.ravel() != expected.ravel())[:5]
-    ml_dtypes = pytest.importorskip("ml_dtypes")
-    with np.errstate(invalid="ignore"):
-        assert np.array_equal(out, np.asarray(x).astype(ml_dtypes.bfloat16).view(np.uint16))
-
-
-@pytest.mark.parametrize("caller", ["compiled", "python"])
-def test_widening_equals_the_reference(mkl, kernels, caller):
-    bits = np.arange(1 << 16, dtype=np.uint16)
-    widen = kernels["widen"] if caller == "compiled" else mkl.widen_bf16
-    sources = [bits, bits.reshape(256, 256)]
-    if JIT:  # (the chunked pass; plain Python would take minutes)
-        sources.append(np.resize(bits, 3 * mkl._PAR_MIN).reshape(-1, 512))
-    for src in sources:
-        out = np.empty(src.shape, np.float32)
-        widen(src, out)
-        assert np.array_equal(out.view(np.uint32), widen_bf16_bits(src).view(np.uint32))
+    return {"gemm": gemm, "epoch": round_then_multiply}
 
 
 @pytest.mark.skipif(not JIT, reason="NUMBA_DISABLE_JIT: no compiled kernels")
 def test_a_kernel_without_reference_counting_rounds_in_parallel_and_multiplies(mkl, kernels):
+    from bpkernels.backends.numba.backend import PARALLEL_MIN_BF16
     rng = np.random.default_rng(4)
-    X = rng.standard_normal((3 * mkl._PAR_MIN // 256, 256), dtype=np.float32)
+    X = rng.standard_normal(((3 << 22) // 256, 256), dtype=np.float32)
     W = to_bf16_bits(rng.standard_normal((256, 8), dtype=np.float32))
     X16, Z = np.empty(X.shape, np.uint16), np.empty((X.shape[0], 8), np.float32)
-    kernels["epoch"](X, X16, W, Z)
+    kernels["epoch"](X, X16, W, Z, PARALLEL_MIN_BF16)  # (64 row chunks)
     assert np.array_equal(X16, to_bf16_bits(X))
     X64, W64 = bf16_round(X).astype(np.float64), widen_bf16_bits(W).astype(np.float64)
     assert np.all(np.abs(Z - X64 @ W64) <= mkl.error_bound(X64, W64, None, 0.0))
-
-
-def test_the_passes_refuse_mismatched_buffers(mkl, kernels):
-    with pytest.raises(ValueError, match="shape"):
-        mkl.round_bf16(np.zeros((2, 3), np.float32), np.zeros((3, 2), np.uint16))
-    with pytest.raises(TypeError, match="float32"):
-        mkl.round_bf16(np.zeros(3), np.zeros(3, np.uint16))
-    with pytest.raises(ValueError, match="shapes differ"):
-        kernels["round"](np.zeros((2, 3), np.float32), np.zeros((3, 2), np.uint16))
 
 
 def _product_case(m, k, n, trans_a, trans_b, seed):

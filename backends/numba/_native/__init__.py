@@ -10,7 +10,8 @@ What lives here, and what each rests on:
   CBLAS symbols (found in NumPy's wheel layout);
 - ``mkl.py``: MKL's bf16 GEMM (``cblas_gemm_bf16bf16f32``) for dtype="bf16", called from
   compiled code by a symbol of our own; found lazily, on CPUs with AMX-BF16 or AVX512-BF16 only,
-  after its own self-test (``availability``); and the bf16 rounding passes;
+  after its own self-test (``availability``); and the rounding of a row span that the bf16
+  rounding passes (``../mixed.py``) run;
 - ``pool.py``: worker threads of our own for OpenBLAS's parallel jobs (``exec_blas`` and its
   job records, Linux x86-64 system calls);
 - ``gather.py``: the large models' batch gather shared with those workers;

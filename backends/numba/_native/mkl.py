@@ -34,7 +34,7 @@ import llvmlite.binding as llvm
 import numba
 import numpy as np
 from llvmlite import ir
-from numba import prange, types
+from numba import types
 from numba.core import cgutils
 from numba.core.errors import TypingError
 from numba.extending import intrinsic, overload
@@ -43,8 +43,7 @@ from ...bf16 import to_bf16_bits, widen_bf16_bits
 from ...host import cpu_name
 from .switch import setting
 
-__all__ = ["availability", "error_bound", "gemm_bf16", "get_threads", "info", "round_bf16",
-           "set_threads", "widen_bf16"]
+__all__ = ["availability", "error_bound", "gemm_bf16", "get_threads", "info", "set_threads"]
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 _SYMBOL = "bpkernels_cblas_gemm_bf16"
@@ -401,29 +400,15 @@ def _float_bits(typingctx, x):
     return types.uint32(types.float32), codegen
 
 
-@intrinsic
-def _bits_float(typingctx, bits):
-    """The float32 whose bits are ``bits`` (a uint32)."""
-    if bits != types.uint32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-    return types.float32(types.uint32), codegen
-
-
 if numba.config.DISABLE_JIT:  # (intrinsics do not run as plain Python)
     def _float_bits(x):
         return np.float32(x).view(np.uint32)
-
-    def _bits_float(bits):
-        return np.uint32(bits).view(np.float32)
 
 
 @_inline
 def _to_bf16(x):
     """As ../../bf16.py's to_bf16_bits, for one float32; branch-free (a select) so that LLVM
-    vectorizes the loops below."""
+    vectorizes the loop of round_span."""
     # (np.uint32 throughout: Numba widens uint32 arithmetic to 64 bits, half as many lanes)
     bits = _float_bits(x)
     upper = np.uint32(bits >> np.uint32(16))
@@ -434,133 +419,12 @@ def _to_bf16(x):
 
 
 @_inline
-def _from_bf16(h):
-    return _bits_float(np.uint32(np.uint32(h) << np.uint32(16)))
-
-
-# A 2-D pass runs in parallel chunks from 2 * _PAR_MIN elements on, the threshold of the
-# backend's own passes (../backend.py, PARALLEL_MIN): they are memory-bound, and between GEMMs
-# the BLAS threads spin on the cores a parallel pass needs. On the 2-core Xeon, shared, 4M
-# elements took 0.3 ns each serially and 0.9-1.9 ns in 2-4 chunks; 16M, 0.7 and 0.95. The chunks
-# depend on the sizes only (the results on nothing): a compiled numba.get_num_threads() call
-# cannot be cached.
-_PAR_MIN = 1 << 22
-_MAX_CHUNKS = 64
-_FLAGS = dict(cache=True, nogil=True, error_model="numpy", boundscheck=False)
-
-
-@_inline
-def _chunks(rows, cols):
-    size = rows * cols
-    return 1 if size < 2 * _PAR_MIN else min(size // _PAR_MIN, _MAX_CHUNKS, rows)
-
-
-@_inline
 def round_span(src, dst, first, last):
-    """Rows first..last of a 2-D rounding pass (inlined where it is called). The backend's
-    own row passes (../mixed.py) call it from helpers of their decorators: a kernel cached by
-    Numba that reached round_bf16's parallel driver below crashed when a later process loaded
-    it; the backend's parallel helpers are called by symbol (unlinked.py) and load safely."""
+    """Rows first..last of a 2-D rounding pass (inlined where it is called). Only the span
+    lives here: the passes that drive it, serial or in parallel row chunks, are ../mixed.py's,
+    helpers called by symbol (unlinked.py), because a parallel driver compiled here and reached
+    by a kernel that Numba cached crashed when a later process loaded that kernel."""
     for i in range(first, last):
         s, d = src[i], dst[i]
         for j in range(s.shape[0]):
             d[j] = _to_bf16(s[j])
-
-
-@_inline
-def _widen_span(src, dst, first, last):
-    for i in range(first, last):
-        s, d = src[i], dst[i]
-        for j in range(s.shape[0]):
-            d[j] = _from_bf16(s[j])
-
-
-@numba.njit(parallel=True, **_FLAGS)
-def _round_par(src, dst, chunks):
-    rows = src.shape[0]
-    for c in prange(chunks):
-        round_span(src, dst, c * rows // chunks, (c + 1) * rows // chunks)
-
-
-@numba.njit(parallel=True, **_FLAGS)
-def _widen_par(src, dst, chunks):
-    rows = src.shape[0]
-    for c in prange(chunks):
-        _widen_span(src, dst, c * rows // chunks, (c + 1) * rows // chunks)
-
-
-@numba.njit(**_FLAGS)
-def _round_rows(src, dst):
-    chunks = _chunks(src.shape[0], src.shape[1])
-    if chunks == 1:  # (not through the parallel driver: starting its threads costs ~10 us)
-        round_span(src, dst, 0, src.shape[0])
-    else:
-        _round_par(src, dst, chunks)
-
-
-@numba.njit(**_FLAGS)
-def _widen_rows(src, dst):
-    chunks = _chunks(src.shape[0], src.shape[1])
-    if chunks == 1:
-        _widen_span(src, dst, 0, src.shape[0])
-    else:
-        _widen_par(src, dst, chunks)
-
-
-@numba.njit(**_FLAGS)
-def _round_flat(src, dst):
-    for j in range(src.shape[0]):
-        dst[j] = _to_bf16(src[j])
-
-
-@numba.njit(**_FLAGS)
-def _widen_flat(src, dst):
-    for j in range(src.shape[0]):
-        dst[j] = _from_bf16(src[j])
-
-
-def _check_pair(name, src, src_dtype, dst, dst_dtype):
-    if src.dtype != src_dtype or dst.dtype != dst_dtype or src.ndim not in (1, 2):
-        raise TypeError(f"{name} takes a 1-D or 2-D {np.dtype(src_dtype)} source and a "
-                        f"{np.dtype(dst_dtype)} destination")
-    if src.shape != dst.shape:
-        raise ValueError(f"{name}: the source and destination shapes differ ({src.shape} and "
-                         f"{dst.shape})")
-
-
-def round_bf16(src, dst):
-    """dst = the bfloat16 bits (uint16) nearest to float32 ``src``, ties to even; NaN becomes a
-    quiet NaN of its sign, infinities stay. Bit for bit ../../bf16.py's ``to_bf16_bits``. 1-D or
-    2-D, same shape; a 2-D pass runs over row chunks on Numba's threads."""
-    _check_pair("round_bf16", src, np.float32, dst, np.uint16)
-    (_round_rows if src.ndim == 2 else _round_flat)(src, dst)
-
-
-def widen_bf16(src, dst):
-    """dst = the float32 values that bfloat16 bits ``src`` (uint16) stand for (exact)."""
-    _check_pair("widen_bf16", src, np.uint16, dst, np.float32)
-    (_widen_rows if src.ndim == 2 else _widen_flat)(src, dst)
-
-
-def _pair_overload(name, src_dtype, dst_dtype, rows, flat):
-    def typer(src, dst):
-        if not (isinstance(src, types.Array) and isinstance(dst, types.Array) and
-                src.dtype == src_dtype and dst.dtype == dst_dtype and
-                src.ndim == dst.ndim and src.ndim in (1, 2)):
-            raise TypingError(f"{name} takes a 1-D or 2-D {src_dtype} source and a {dst_dtype} "
-                              f"destination of the same dimensions, got {src}, {dst}")
-        kernel = rows if src.ndim == 2 else flat
-        message = name + ": the source and destination shapes differ"  # (a constant: no NRT)
-
-        def impl(src, dst):
-            if src.shape != dst.shape:
-                raise ValueError(message)
-            kernel(src, dst)
-        return impl
-    return typer
-
-
-overload(round_bf16, jit_options=_GEMM_JIT)(
-    _pair_overload("round_bf16", types.float32, types.uint16, _round_rows, _round_flat))
-overload(widen_bf16, jit_options=_GEMM_JIT)(
-    _pair_overload("widen_bf16", types.uint16, types.float32, _widen_rows, _widen_flat))
