@@ -374,7 +374,8 @@ class MLP:
         X = interop.features(X, self.backend, self.storage, self.sizes[0])
         Y = self._outputs(X)
         if X.device:  # the contract has no argmax kernel: the (n, outputs) logits come back
-            return self.backend.asarray(_class_ids(self.backend.to_host(Y)))
+            # (resident: an answer to device input is a device array, whatever its size)
+            return self.backend.asarray_resident(_class_ids(self.backend.to_host(Y)))
         return _class_ids(Y)
 
     def predict_proba(self, X: ArrayLike, loss: str | None = None) -> Any:
@@ -393,7 +394,7 @@ class MLP:
         Y = self._outputs(X)
         host = self.backend.to_host(Y).copy() if X.device else Y
         P = _softmax(host) if loss == "cross_entropy" else _sigmoid(host)
-        return self.backend.asarray(P) if X.device else P
+        return self.backend.asarray_resident(P) if X.device else P
 
     def evaluate(self, X: ArrayLike, y: ArrayLike, loss: str,
                  sample_weight: ArrayLike | None = None,

@@ -264,6 +264,12 @@ def test_a_model_larger_than_the_resident_limit_stays_on_the_device(graphs):
     for got, expected in zip(model.get_weights(), reference_model.get_weights()):
         for a, b in zip(got, expected):
             np.testing.assert_allclose(a, b, **TOL["float64"])
+    # answers to device input are device arrays, however far over the limit
+    device_X = backend.asarray_resident(X)
+    for answer, expected in ((model.predict_proba(device_X), reference_model.predict_proba(X)),
+                             (model.predict(device_X), reference_model.predict(X))):
+        assert not isinstance(answer, (HostArray, np.ndarray))
+        np.testing.assert_allclose(backend.to_host(answer), expected, **TOL["float64"])
 
     moved = train("numpy", [5, 6, 3], X, y, optimizer="adam", batch_size=8)[0]
     state = moved.state()
