@@ -421,11 +421,11 @@ class NumbaBackend(HostMemory, Backend):
             if POOL and plan.params.size >= POOL_MIN_PARAMS and mixed is None:
                 workers = pool.ensure(epoch.pool_worker, pool.blas_threads() - 1)
             if workers:  # the records of the passes shared with them, and dropout's words
-                work = work[:5] + (_scratch(plan, "numba-tasks", (workers + 1) * passes.SLOTS,
-                                            np.int64),)
+                work = work[:5] + (_plan_scratch(plan, "numba-tasks",
+                                                 (workers + 1) * passes.SLOTS, np.int64),)
                 if drop is not None:
-                    drop = drop[:6] + (_scratch(plan, "numba-words",
-                                                (workers + 1) * drop[6].size, np.uint32),)
+                    drop = drop[:6] + (_plan_scratch(plan, "numba-words",
+                                                     (workers + 1) * drop[6].size, np.uint32),)
         out = (plan.step_loss, plan.step_correct, plan.halted, bounds)
         epoch.train_epoch(net, (_writeable(plan.X), plan.order, plan.batch), work, out,
                           plan.first_step, LOSS_CODES[plan.loss], plan.metric,
@@ -457,8 +457,9 @@ class NumbaBackend(HostMemory, Backend):
 _NO_TASKS = np.empty(0, np.int64)  # (the epoch's tasks where no pool shares its passes)
 
 
-def _scratch(plan: EpochPlan, key: str, size: int, dtype) -> np.ndarray:
-    """A scratch array of the plan's cache, at least ``size`` long."""
+def _plan_scratch(plan: EpochPlan, key: str, size: int, dtype) -> np.ndarray:
+    """A scratch array of the plan's cache (one fit's), at least ``size`` long; not the
+    backend's per-thread ``_scratch``."""
     buf = plan.cache.get(key)
     if buf is None or buf.size < size:
         buf = plan.cache[key] = np.empty(size, dtype)

@@ -151,7 +151,3 @@ def norm_rows_shared(workers, tasks, H, b, gamma, beta, A, rstd, eps):
     split_rows(workers, _norm_job_of(H), first.ctypes.data, SLOTS * 8, 0, 0, 0, 0, 0,
                H.shape[0])
 
-
-def tasks_scratch(workers: int) -> np.ndarray:
-    """The epoch's ``tasks``: a record for each of ``workers`` + 1 shares."""
-    return np.zeros((workers + 1) * SLOTS, np.int64)
