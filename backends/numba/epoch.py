@@ -123,7 +123,13 @@ def _output(drop, A, layer, rows):
     return A if offset < 0 else as_matrix(drop[4], offset, rows, A.shape[1])
 
 
-@inline
+# Dropout, LayerNorm and the backward's regularized dZ are helpers, not inlined: Numba inlines
+# by copying the callee's IR at every call site (Python's deepcopy), which was ~40% of an
+# epoch kernel's first compile; a helper compiles once per signature and is cached on its
+# own, so the epoch kernels of other optimizers, losses or clipping reuse it (a second
+# kernel of M+reg's layers 17.5 -> 4.8 s cold). Called once per layer and step: S and
+# M+reg ran as fast in interleaved runs.
+@helper
 def _dropout(drop, A, D, index, step, layer, par, workers, tasks):
     """``D = A * noise`` of ``layer``'s dropout (D may be A) where it has one: its rows shared
     with the pool's ``workers`` where there are any (a large model's, in native mode)."""
@@ -139,7 +145,7 @@ def _dropout(drop, A, D, index, step, layer, par, workers, tasks):
                          drop[3][layer], par, drop[6])
 
 
-@inline
+@helper
 def _normalize(H, b, gamma, beta, act, A, rstd, norm, kinds, workers, tasks):
     """LayerNorm's forward (norm.norm_forward): the statistics' rows shared with the pool's
     ``workers`` where there are any, the activation on this thread."""
@@ -323,7 +329,7 @@ def _backward_scan(net, work, rows, par, kinds, drop, index, step, norm, mixed):
     return finite
 
 
-@inline
+@helper
 def _regularized_dz(net, layer, rows, par, kinds, drop, index, step, norm, db, A, dA, Z,
                     workers, tasks):
     """dZ (in dA) and db of ``layer`` through its dropout and LayerNorm (dgamma and dbeta

@@ -426,7 +426,7 @@ def measure_bounds(p, states, bounds):
     bounds[3] = magnitude_bound(s3)
 
 
-@inline
+@helper  # (not inlined: compiled once per rule and dtype for every epoch kernel, epoch.py)
 def optimizer_update(p, g, states, sgd, adam, rmsprop, step, halted, par, clip, bounds):
     """One update of the flat parameters ``p``, a no-op while halted[0] != 0, by the one rule
     of sgd / adam / rmsprop whose hyper-parameters are given: the others are None, a type to
