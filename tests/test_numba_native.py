@@ -27,6 +27,7 @@ pytestmark = pytest.mark.skipif(jit.MODE != "native",
 if jit.MODE == "native":  # (plain mode imports none of _native's internals: nor does this file)
     from bpkernels.backends.numba._native import blas, pool  # noqa: E402
     from bpkernels.backends.numba._native.gather import gather_shared, pool_worker  # noqa: E402
+    from bpkernels.backends.numba._native import passes  # noqa: E402
     from bpkernels.backends.numba._native.unlinked import _Reload, unlinked  # noqa: E402
 
 NO_POOL = "no BLAS thread callback here (NumPy's OpenBLAS < 0.3.28 or not Linux)"
@@ -109,6 +110,56 @@ def test_a_gather_shared_with_the_pool_copies_every_row_and_sees_every_nan(dtype
             spoiled[order[row], 4] = bad
             found = gather(workers, spoiled, order, 0, 16, np.empty((16, 9), dtype), scratch)
             np.testing.assert_equal(found, expected, err_msg=f"{bad} in row {row}")
+
+
+# (rule, hyper-parameters as the kernels take them, the state buffers it uses)
+SHARED_UPDATES = [
+    ("sgd", (0.1, 0.0, 0.0, 0.0, 0.0), ()),
+    ("sgd", (0.05, 0.9, 0.1, 1.0, 1e-2), (0,)),
+    ("adam", (1e-3, 0.9, 0.999, 1e-8, 1e-2, 1.0), (0, 1)),
+    ("rmsprop", (1e-2, 0.99, 1e-8, 1e-3, 0.9, 1.0), (0, 1, 2)),
+]
+
+
+@pytest.mark.skipif(not JIT, reason="NUMBA_DISABLE_JIT: no compiled kernels")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("rule, hp, used", SHARED_UPDATES, ids=lambda v: str(v)[:12])
+def test_an_update_shared_with_the_pool_writes_the_bits_of_the_serial_one(dtype, rule, hp,
+                                                                          used):
+    """The optimizer's write split in blocks between this thread and a worker of the pool
+    (``passes.update_shared``) against optim.update_rule's on the whole vector: every
+    parameter and state element bit for bit, at lengths around the blocks' edges, with a clip
+    coefficient, and the buffers a rule leaves unused left empty."""
+    import numba
+
+    if not pool.available():
+        pytest.skip(NO_POOL)
+    workers = pool.ensure(pool_worker, 1)
+    index = {"sgd": 0, "adam": 1, "rmsprop": 2}[rule]
+
+    @numba.njit(nogil=True)
+    def shared(workers, tasks, p, g, states, sgd, adam, rmsprop, step, coef):
+        passes.update_shared(workers, tasks, p, g, states, sgd, adam, rmsprop, step, coef)
+
+    @numba.njit(nogil=True)
+    def serial(p, g, states, sgd, adam, rmsprop, step, coef):
+        optim.update_rule(p, g, states, sgd, adam, rmsprop, step, coef, True)
+
+    rng = np.random.default_rng(11)
+    tasks = np.zeros((workers + 1) * passes.SLOTS, np.int64)
+    for n in (1, passes.BLOCK - 1, passes.BLOCK + 1, 5 * passes.BLOCK + 3, 20_000):
+        p = rng.standard_normal(n).astype(dtype)
+        g = rng.standard_normal(n).astype(dtype)
+        states = tuple(np.abs(rng.standard_normal(n)).astype(dtype) if k in used
+                       else np.empty(0, dtype) for k in range(3))
+        rules = [None, None, None]
+        rules[index] = hp
+        for step in (1, 3):
+            expected = (p.copy(), *(s.copy() for s in states))
+            serial(expected[0], g, expected[1:], *rules, step, 0.75)
+            shared(workers, tasks, p, g, states, *rules, step, 0.75)
+            for name, a, b in zip(("p", "s1", "s2", "s3"), (p, *states), expected):
+                assert a.tobytes() == b.tobytes(), (name, n, step)
 
 
 @pytest.mark.skipif(not JIT, reason="NUMBA_DISABLE_JIT: no compiled kernels")

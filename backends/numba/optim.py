@@ -426,6 +426,44 @@ def measure_bounds(p, states, bounds):
     bounds[3] = magnitude_bound(s3)
 
 
+@inline
+def update_ready(p, g, states, sgd, adam, rmsprop, step, halted, par, clip, bounds):
+    """optimizer_update up to its write: (whether to write, the clip coefficient, whether the
+    bounds proved the update finite, and then the new bounds). Not sure, the check pass runs
+    here, and a step it finds not finite latches (halted[0] = step) and is not written."""
+    coef = clip_coefficient(clip)
+    sure, w, s1, s2, s3 = False, math.inf, math.inf, math.inf, math.inf
+    if halted[0] != 0:
+        return False, coef, sure, w, s1, s2, s3
+    if bounds is not None:
+        # the gradients' bound from this step's check_step, used once (a later step without
+        # check_step scans them itself)
+        grad = bounds[4] if bounds[4] < math.inf else magnitude_bound(g)
+        bounds[4] = math.inf
+        sure, w, s1, s2, s3 = rule_bounds(p, sgd, adam, rmsprop, step, coef, grad, bounds)
+    if not sure:
+        chunks = chunk_count(p.size, par)
+        if par is None or chunks == 1:
+            finite = update_rule(p, g, states, sgd, adam, rmsprop, step, coef, False)
+        else:
+            finite = _update_par(p, g, states, sgd, adam, rmsprop, step, coef, chunks, False)
+        if not finite:
+            halted[0] = step
+            return False, coef, sure, w, s1, s2, s3
+    return True, coef, sure, w, s1, s2, s3
+
+
+@inline
+def update_written(p, states, bounds, sure, w, s1, s2, s3):
+    """optimizer_update after its write: the bounds of the values just written, or measured
+    (a step the bounds could not prove finite starts them afresh)."""
+    if bounds is not None:
+        if sure:
+            bounds[0], bounds[1], bounds[2], bounds[3] = w, s1, s2, s3
+        else:
+            measure_bounds(p, states, bounds)
+
+
 @helper  # (not inlined: compiled once per rule and dtype for every epoch kernel, epoch.py)
 def optimizer_update(p, g, states, sgd, adam, rmsprop, step, halted, par, clip, bounds):
     """One update of the flat parameters ``p``, a no-op while halted[0] != 0, by the one rule
@@ -437,33 +475,16 @@ def optimizer_update(p, g, states, sgd, adam, rmsprop, step, halted, par, clip, 
     check_step's clipping array (base.py), whose coefficient scales each gradient as read.
     ``bounds``: None, or base.py's bounds of |p| and the state: where they prove the update
     finite, the first pass is skipped (``rule_bounds``)."""
-    if halted[0] != 0:
+    write, coef, sure, w, s1, s2, s3 = update_ready(p, g, states, sgd, adam, rmsprop, step,
+                                                    halted, par, clip, bounds)
+    if not write:
         return
-    coef = clip_coefficient(clip)
     chunks = chunk_count(p.size, par)
-    sure = False
-    if bounds is not None:
-        # the gradients' bound from this step's check_step, used once (a later step without
-        # check_step scans them itself)
-        grad = bounds[4] if bounds[4] < math.inf else magnitude_bound(g)
-        bounds[4] = math.inf
-        sure, w, s1, s2, s3 = rule_bounds(p, sgd, adam, rmsprop, step, coef, grad, bounds)
     if par is None or chunks == 1:
-        if sure or update_rule(p, g, states, sgd, adam, rmsprop, step, coef, False):
-            update_rule(p, g, states, sgd, adam, rmsprop, step, coef, True)
-        else:
-            halted[0] = step
-            return
-    elif sure or _update_par(p, g, states, sgd, adam, rmsprop, step, coef, chunks, False):
-        _update_par(p, g, states, sgd, adam, rmsprop, step, coef, chunks, True)
+        update_rule(p, g, states, sgd, adam, rmsprop, step, coef, True)
     else:
-        halted[0] = step
-        return
-    if bounds is not None:
-        if sure:  # the bounds of the values just written
-            bounds[0], bounds[1], bounds[2], bounds[3] = w, s1, s2, s3
-        else:  # measured: a step the bounds could not prove finite starts them afresh
-            measure_bounds(p, states, bounds)
+        _update_par(p, g, states, sgd, adam, rmsprop, step, coef, chunks, True)
+    update_written(p, states, bounds, sure, w, s1, s2, s3)
 
 
 @jit

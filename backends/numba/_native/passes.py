@@ -1,5 +1,5 @@
 """The epoch kernel's row passes shared with the BLAS pool's workers (``pool.py``): dropout's
-(forward and backward) and LayerNorm's normalization (forward). Between the GEMMs the pool's
+(forward and backward), LayerNorm's normalization (forward) and the optimizer's update. Between the GEMMs the pool's
 workers wait, spinning, on the cores a parallel pass of Numba's would need (see pool.py): these
 passes then ran on one core of the two. Each row's work depends on that row alone (dropout's
 noise on its step, layer and data-set row; LayerNorm's statistics on its own values), so a
@@ -9,6 +9,8 @@ Each pass is a job that ``gather.split_rows`` runs by address, like the gather: 
 copy per dtype, whose arrays and numbers come in a record of int64 slots (a float in a slot
 as its float64 bits), one record per share (dropout's words scratch differs between shares),
 in the epoch's ``tasks`` scratch.
+The update's "rows" are blocks of BLOCK elements; each element's new values depend on its own
+old ones alone, so the shares write the bits of the serial update too.
 The activation after LayerNorm stays on the calling thread: the jobs are compiled for no
 activation's kinds (``layers.activation_kinds``), and the activation's pass is cheap beside
 the statistics.
@@ -19,6 +21,7 @@ import numpy as np
 
 from ..dropout import _dropout_rows
 from ..norm import norm_rows
+from ..optim import update_rule
 from . import pool
 from .gather import job_of_dtype, split_rows
 from .toolkit import helper, inline, span
@@ -31,6 +34,11 @@ ROWS, UNITS, FIRST = 0, 1, 2
 (D_A, D_D, D_INDEX, D_K0, D_K1, D_STEP, D_LAYER, D_THRESHOLD, D_SCALE,
  D_WORDS) = range(FIRST, FIRST + 10)
 N_H, N_B, N_GAMMA, N_BETA, N_A, N_RSTD, N_EPS = range(FIRST, FIRST + 7)
+# The update: p, g and the three state buffers (STATES: bit k set where buffer k has the
+# parameters' length, else it is empty and unused), the step, the clip coefficient and up to
+# six hyper-parameters (float64 bits).
+U_P, U_G, U_S1, U_S2, U_S3, U_STATES, U_STEP, U_COEF, U_HP = range(FIRST, FIRST + 9)
+BLOCK = 64  # the update's elements to a "row": whole cache lines to each share
 SLOTS = 16  # a record's int64 slots: 128 bytes, two cache lines of its own
 
 
@@ -151,3 +159,103 @@ def norm_rows_shared(workers, tasks, H, b, gamma, beta, A, rstd, eps):
     split_rows(workers, _norm_job_of(H), first.ctypes.data, SLOTS * 8, 0, 0, 0, 0, 0,
                H.shape[0])
 
+
+
+@inline
+def _update_job(bits, rule, rec, r0, r1):
+    t = pool.int64_matrix_at(rec, 1, SLOTS)[0]
+    h = pool.float64_matrix_at(rec, 1, SLOTS)[0]
+    n, used = t[ROWS], t[U_STATES]
+    i0, i1 = r0 * BLOCK, min(r1 * BLOCK, n)
+    p, g = _vector(bits, t[U_P], n), _vector(bits, t[U_G], n)
+    s1 = _vector(bits, t[U_S1], n if used & 1 else 0)
+    s2 = _vector(bits, t[U_S2], n if used & 2 else 0)
+    s3 = _vector(bits, t[U_S3], n if used & 4 else 0)
+    states = (s1[i0:i1] if used & 1 else s1, s2[i0:i1] if used & 2 else s2,
+              s3[i0:i1] if used & 4 else s3)
+    k = U_HP
+    if rule == 0:
+        update_rule(p[i0:i1], g[i0:i1], states, (h[k], h[k + 1], h[k + 2], h[k + 3], h[k + 4]),
+                    None, None, t[U_STEP], h[U_COEF], True)
+    elif rule == 1:
+        update_rule(p[i0:i1], g[i0:i1], states, None,
+                    (h[k], h[k + 1], h[k + 2], h[k + 3], h[k + 4], h[k + 5]), None, t[U_STEP],
+                    h[U_COEF], True)
+    else:
+        update_rule(p[i0:i1], g[i0:i1], states, None, None,
+                    (h[k], h[k + 1], h[k + 2], h[k + 3], h[k + 4], h[k + 5]), t[U_STEP],
+                    h[U_COEF], True)
+    return np.int64(0)
+
+
+@helper
+def _sgd_job_32(rec, a1, a2, a3, a4, a5, r0, r1):
+    return _update_job(32, 0, rec, r0, r1)
+
+
+@helper
+def _sgd_job_64(rec, a1, a2, a3, a4, a5, r0, r1):
+    return _update_job(64, 0, rec, r0, r1)
+
+
+@helper
+def _adam_job_32(rec, a1, a2, a3, a4, a5, r0, r1):
+    return _update_job(32, 1, rec, r0, r1)
+
+
+@helper
+def _adam_job_64(rec, a1, a2, a3, a4, a5, r0, r1):
+    return _update_job(64, 1, rec, r0, r1)
+
+
+@helper
+def _rmsprop_job_32(rec, a1, a2, a3, a4, a5, r0, r1):
+    return _update_job(32, 2, rec, r0, r1)
+
+
+@helper
+def _rmsprop_job_64(rec, a1, a2, a3, a4, a5, r0, r1):
+    return _update_job(64, 2, rec, r0, r1)
+
+
+_sgd_job_of = job_of_dtype(_sgd_job_32, _sgd_job_64)
+_adam_job_of = job_of_dtype(_adam_job_32, _adam_job_64)
+_rmsprop_job_of = job_of_dtype(_rmsprop_job_32, _rmsprop_job_64)
+
+
+@inline
+def _state_slot(first, slot, state, n):
+    first[slot] = state.ctypes.data
+    return 1 if state.size == n else 0
+
+
+@inline
+def update_shared(workers, tasks, p, g, states, sgd, adam, rmsprop, step, coef):
+    """``optim.update_rule``'s write over every element, the blocks shared between this thread
+    and ``workers`` of the pool (rules by None as there: one is given)."""
+    first = record(tasks, 0)
+    n = p.size
+    first[ROWS], first[UNITS] = n, 0
+    first[U_P], first[U_G] = p.ctypes.data, g.ctypes.data
+    s1, s2, s3 = states
+    first[U_STATES] = (_state_slot(first, U_S1, s1, n) | 2 * _state_slot(first, U_S2, s2, n) |
+                       4 * _state_slot(first, U_S3, s3, n))
+    first[U_STEP] = step
+    _set_float(first, U_COEF, float(coef))
+    blocks = (n + BLOCK - 1) // BLOCK
+    if sgd is not None:
+        for k in range(5):
+            _set_float(first, U_HP + k, float(sgd[k]))
+        _copy_records(workers, tasks)
+        split_rows(workers, _sgd_job_of(p), first.ctypes.data, SLOTS * 8, 0, 0, 0, 0, 0, blocks)
+    elif adam is not None:
+        for k in range(6):
+            _set_float(first, U_HP + k, float(adam[k]))
+        _copy_records(workers, tasks)
+        split_rows(workers, _adam_job_of(p), first.ctypes.data, SLOTS * 8, 0, 0, 0, 0, 0, blocks)
+    elif rmsprop is not None:
+        for k in range(6):
+            _set_float(first, U_HP + k, float(rmsprop[k]))
+        _copy_records(workers, tasks)
+        split_rows(workers, _rmsprop_job_of(p), first.ctypes.data, SLOTS * 8, 0, 0, 0, 0, 0,
+                   blocks)
