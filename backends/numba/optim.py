@@ -426,7 +426,7 @@ def measure_bounds(p, states, bounds):
     bounds[3] = magnitude_bound(s3)
 
 
-@inline
+@helper
 def update_ready(p, g, states, sgd, adam, rmsprop, step, halted, par, clip, bounds):
     """optimizer_update up to its write: (whether to write, the clip coefficient, whether the
     bounds proved the update finite, and then the new bounds). Not sure, the check pass runs
@@ -453,7 +453,7 @@ def update_ready(p, g, states, sgd, adam, rmsprop, step, halted, par, clip, boun
     return True, coef, sure, w, s1, s2, s3
 
 
-@inline
+@helper
 def update_written(p, states, bounds, sure, w, s1, s2, s3):
     """optimizer_update after its write: the bounds of the values just written, or measured
     (a step the bounds could not prove finite starts them afresh)."""
