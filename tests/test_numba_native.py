@@ -163,6 +163,45 @@ def test_an_update_shared_with_the_pool_writes_the_bits_of_the_serial_one(dtype,
 
 
 @pytest.mark.skipif(not JIT, reason="NUMBA_DISABLE_JIT: no compiled kernels")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_clippings_sum_of_squares_shared_with_the_pool_has_the_bits_of_the_serial_one(dtype):
+    """The epoch kernel's sum of squares under clipping, its second half summed by a worker of
+    the pool (``passes.sum_squares_shared``), against optim.grad_sum_squares on one thread:
+    the same float64 bits, within 1e-15 of math.fsum, and inf or NaN where a gradient is."""
+    import math
+
+    import numba
+
+    if not pool.available():
+        pytest.skip(NO_POOL)
+    pool.ensure(pool_worker, 1)
+
+    @numba.njit(nogil=True)
+    def shared(tasks, g):
+        return passes.sum_squares_shared(tasks, g)
+
+    @numba.njit(nogil=True)
+    def serial(g):
+        return optim.grad_sum_squares(g, None)
+
+    rng = np.random.default_rng(12)
+    tasks = np.zeros(2 * passes.SLOTS, np.int64)
+    for n in (1, 2, 3, 1000, 234_752):
+        g = (rng.standard_normal(n) * 10.0 ** rng.integers(-3, 3, n)).astype(dtype)
+        found = shared(tasks, g)
+        assert found == serial(g), n
+        exact = math.fsum(float(x) * float(x) for x in g.astype(np.float64))
+        assert abs(found - exact) <= 1e-15 * n * exact, n
+    for bad in (np.inf, np.nan):
+        for where in (0, 900):  # in this thread's half, in the worker's
+            g = rng.standard_normal(1000).astype(dtype)
+            g[where] = bad
+            expected = serial(g)
+            assert not math.isfinite(expected)
+            np.testing.assert_equal(shared(tasks, g), expected)
+
+
+@pytest.mark.skipif(not JIT, reason="NUMBA_DISABLE_JIT: no compiled kernels")
 def test_blas_on_the_pool_computes_what_numpy_computes_from_any_thread():
     """Once the pool runs BLAS's parallel jobs, every product in the process goes through it:
     from other threads at once (they take turns), and with more BLAS threads than workers

@@ -27,9 +27,11 @@ from .optim import (adam_at_step, all_finite, grad_sum_squares, norm_bound, opti
 
 if NATIVE is not None:
     from ._native.gather import gather_shared, pool_worker
-    from ._native.passes import dropout_shared, norm_rows_shared, update_shared
+    from ._native.passes import (dropout_shared, norm_rows_shared, sum_squares_shared,
+                                 update_shared)
 else:  # (the large models' shared passes are native only: plain mode never passes workers)
     gather_shared = pool_worker = dropout_shared = norm_rows_shared = update_shared = None
+    sum_squares_shared = None
 
 # What one epoch reads and writes comes in plain tuples (names as in base.EpochPlan):
 #   net   (params, grads, layers): flat buffers; layers int64 (layers, 7), LAYER_COLUMNS
@@ -470,6 +472,16 @@ def _update(params, grads, states, sgd, adam, rmsprop, step, halted, par, clip, 
 
 
 @inline
+def _grad_sum_squares(grads, par, workers, tasks):
+    """optim.grad_sum_squares, its second half summed by the pool's worker where a large model
+    has one and the sum would run on this thread alone (the same bits either way)."""
+    if workers is not None:
+        if workers > 0 and chunk_count(grads.size, par) == 1:
+            return sum_squares_shared(tasks, grads)
+    return grad_sum_squares(grads, par)
+
+
+@inline
 def _unfused(layers, layer):
     """Where a layer's parameters outside W start in the flat buffers, and how many: b, and
     LayerNorm's gamma and beta right after it."""
@@ -591,7 +603,7 @@ def train_epoch(net, data, work, out, first_step, loss, metric, labels, T, weigh
         finite = _weight_gradients(net, work, rows, alpha, beta, fused,
                                    not sure and clip is None, drop, mixed) and finite
         if clip is not None:  # check_step's pass, the norm's sum of squares with it
-            clip[0] = grad_sum_squares(grads, update_par)
+            clip[0] = _grad_sum_squares(grads, update_par, workers, tasks)
             finite = finite and math.isfinite(clip[0])
             bounds[4] = norm_bound(clip[0], grads.size)
         if fusable and fused:

@@ -115,10 +115,13 @@ def _sum_squares_par(x, chunks):
 
 @helper
 def grad_sum_squares(grads, par):
-    """check_step's pass under gradient clipping: the sum of squares of every gradient."""
+    """check_step's pass under gradient clipping: the sum of squares of every gradient. On one
+    thread, that of each half, then their sum: the order the epoch kernel keeps where the
+    BLAS pool's worker sums the second half (_native/passes.py)."""
     chunks = chunk_count(grads.size, par)
     if par is None or chunks == 1:
-        return sum_squares(grads)
+        half = grads.size // 2
+        return sum_squares(grads[:half]) + sum_squares(grads[half:])
     return _sum_squares_par(grads, chunks)
 
 

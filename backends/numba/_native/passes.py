@@ -21,7 +21,7 @@ import numpy as np
 
 from ..dropout import _dropout_rows
 from ..norm import norm_rows
-from ..optim import update_rule
+from ..optim import sum_squares, update_rule
 from . import pool
 from .gather import job_of_dtype, split_rows
 from .toolkit import helper, inline, span
@@ -259,3 +259,42 @@ def update_shared(workers, tasks, p, g, states, sgd, adam, rmsprop, step, coef):
         _copy_records(workers, tasks)
         split_rows(workers, _rmsprop_job_of(p), first.ctypes.data, SLOTS * 8, 0, 0, 0, 0, 0,
                    blocks)
+
+
+@inline
+def _halves_job(bits, rec, r0, r1):
+    """The sum of squares of half r0 (0 or 1) of the gradients, into the record's U_COEF."""
+    t = pool.int64_matrix_at(rec, 1, SLOTS)[0]
+    n = t[ROWS]
+    g = _vector(bits, t[U_G], n)
+    half = n // 2
+    total = 0.0
+    if r1 > r0:
+        total = sum_squares(g[:half]) if r0 == 0 else sum_squares(g[half:])
+    _set_float(pool.int64_matrix_at(rec, 1, SLOTS)[0], U_COEF, total)
+    return np.int64(0)
+
+
+@helper
+def _halves_job_32(rec, a1, a2, a3, a4, a5, r0, r1):
+    return _halves_job(32, rec, r0, r1)
+
+
+@helper
+def _halves_job_64(rec, a1, a2, a3, a4, a5, r0, r1):
+    return _halves_job(64, rec, r0, r1)
+
+
+_halves_job_of = job_of_dtype(_halves_job_32, _halves_job_64)
+
+
+@inline
+def sum_squares_shared(tasks, g):
+    """optim.grad_sum_squares on one thread (the sum of squares of each half of ``g``, then
+    their sum), the second half summed by one worker of the pool meanwhile: the same bits."""
+    first = record(tasks, 0)
+    first[ROWS], first[U_G] = g.size, g.ctypes.data
+    _copy_records(1, tasks)
+    split_rows(1, _halves_job_of(g), first.ctypes.data, SLOTS * 8, 0, 0, 0, 0, 0, 2)
+    return _float_slot(first.ctypes.data, U_COEF) + _float_slot(record(tasks, 1).ctypes.data,
+                                                                  U_COEF)
