@@ -230,6 +230,16 @@ def _state_slot(first, slot, state, n):
 
 
 @inline
+def _post_update(workers, tasks, first, hp, job, blocks):
+    """The rule's hyper-parameters into share 0's record, copied to every share's, then the
+    update's blocks shared out."""
+    for k in range(len(hp)):
+        _set_float(first, U_HP + k, float(hp[k]))
+    _copy_records(workers, tasks)
+    split_rows(workers, job, first.ctypes.data, SLOTS * 8, 0, 0, 0, 0, 0, blocks)
+
+
+@inline
 def update_shared(workers, tasks, p, g, states, sgd, adam, rmsprop, step, coef):
     """``optim.update_rule``'s write over every element, the blocks shared between this thread
     and ``workers`` of the pool (rules by None as there: one is given)."""
@@ -244,21 +254,11 @@ def update_shared(workers, tasks, p, g, states, sgd, adam, rmsprop, step, coef):
     _set_float(first, U_COEF, float(coef))
     blocks = (n + BLOCK - 1) // BLOCK
     if sgd is not None:
-        for k in range(5):
-            _set_float(first, U_HP + k, float(sgd[k]))
-        _copy_records(workers, tasks)
-        split_rows(workers, _sgd_job_of(p), first.ctypes.data, SLOTS * 8, 0, 0, 0, 0, 0, blocks)
+        _post_update(workers, tasks, first, sgd, _sgd_job_of(p), blocks)
     elif adam is not None:
-        for k in range(6):
-            _set_float(first, U_HP + k, float(adam[k]))
-        _copy_records(workers, tasks)
-        split_rows(workers, _adam_job_of(p), first.ctypes.data, SLOTS * 8, 0, 0, 0, 0, 0, blocks)
+        _post_update(workers, tasks, first, adam, _adam_job_of(p), blocks)
     elif rmsprop is not None:
-        for k in range(6):
-            _set_float(first, U_HP + k, float(rmsprop[k]))
-        _copy_records(workers, tasks)
-        split_rows(workers, _rmsprop_job_of(p), first.ctypes.data, SLOTS * 8, 0, 0, 0, 0, 0,
-                   blocks)
+        _post_update(workers, tasks, first, rmsprop, _rmsprop_job_of(p), blocks)
 
 
 @inline
