@@ -1,9 +1,10 @@
 """The epoch kernel's row passes shared with the BLAS pool's workers (``pool.py``): dropout's
-(forward and backward), LayerNorm's normalization (forward) and the optimizer's update. Between the GEMMs the pool's
-workers wait, spinning, on the cores a parallel pass of Numba's would need (see pool.py): these
-passes then ran on one core of the two. Each row's work depends on that row alone (dropout's
-noise on its step, layer and data-set row; LayerNorm's statistics on its own values), so a
-share of the rows computes the bits that one thread would.
+(forward and backward), LayerNorm's normalization (forward), the optimizer's update and
+clipping's sum of squares. Between the GEMMs the pool's workers wait, spinning, on the cores a
+parallel pass of Numba's would need (see pool.py): these passes then ran on one core of the
+two. Each row's work depends on that row alone (dropout's noise on its step, layer and data-set
+row; LayerNorm's statistics on its own values), so a share of the rows computes the bits that
+one thread would.
 
 Each pass is a job that ``gather.split_rows`` runs by address, like the gather: one compiled
 copy per dtype, whose arrays and numbers come in a record of int64 slots (a float in a slot
@@ -39,7 +40,8 @@ N_H, N_B, N_GAMMA, N_BETA, N_A, N_RSTD, N_EPS = range(FIRST, FIRST + 7)
 # six hyper-parameters (float64 bits).
 U_P, U_G, U_S1, U_S2, U_S3, U_STATES, U_STEP, U_COEF, U_HP = range(FIRST, FIRST + 9)
 BLOCK = 64  # the update's elements to a "row": whole cache lines to each share
-SLOTS = 16  # a record's int64 slots: 128 bytes, two cache lines of its own
+SLOTS = 16  # a record's int64 slots: 128 bytes, two cache lines' worth
+assert U_HP + 6 <= SLOTS  # (the update's six hyper-parameters at most)
 
 
 @inline
@@ -291,7 +293,8 @@ _halves_job_of = job_of_dtype(_halves_job_32, _halves_job_64)
 @inline
 def sum_squares_shared(tasks, g):
     """optim.grad_sum_squares on one thread (the sum of squares of each half of ``g``, then
-    their sum), the second half summed by one worker of the pool meanwhile: the same bits."""
+    their sum), the second half summed by one worker of the pool meanwhile: the same bits.
+    Needs a pool of one worker or more, and ``tasks`` of two records or more."""
     first = record(tasks, 0)
     first[ROWS], first[U_G] = g.size, g.ctypes.data
     _copy_records(1, tasks)
