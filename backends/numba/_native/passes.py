@@ -170,23 +170,18 @@ def _update_job(bits, rule, rec, r0, r1):
     n, used = t[ROWS], t[U_STATES]
     i0, i1 = r0 * BLOCK, min(r1 * BLOCK, n)
     p, g = _vector(bits, t[U_P], n), _vector(bits, t[U_G], n)
-    s1 = _vector(bits, t[U_S1], n if used & 1 else 0)
-    s2 = _vector(bits, t[U_S2], n if used & 2 else 0)
-    s3 = _vector(bits, t[U_S3], n if used & 4 else 0)
-    states = (s1[i0:i1] if used & 1 else s1, s2[i0:i1] if used & 2 else s2,
-              s3[i0:i1] if used & 4 else s3)
+    # an unused state buffer is empty, and so is its slice (as in optim._update_par)
+    states = (_vector(bits, t[U_S1], n if used & 1 else 0)[i0:i1],
+              _vector(bits, t[U_S2], n if used & 2 else 0)[i0:i1],
+              _vector(bits, t[U_S3], n if used & 4 else 0)[i0:i1])
     k = U_HP
+    hp = (h[k], h[k + 1], h[k + 2], h[k + 3], h[k + 4], h[k + 5])
     if rule == 0:
-        update_rule(p[i0:i1], g[i0:i1], states, (h[k], h[k + 1], h[k + 2], h[k + 3], h[k + 4]),
-                    None, None, t[U_STEP], h[U_COEF], True)
+        update_rule(p[i0:i1], g[i0:i1], states, hp[:5], None, None, t[U_STEP], h[U_COEF], True)
     elif rule == 1:
-        update_rule(p[i0:i1], g[i0:i1], states, None,
-                    (h[k], h[k + 1], h[k + 2], h[k + 3], h[k + 4], h[k + 5]), None, t[U_STEP],
-                    h[U_COEF], True)
+        update_rule(p[i0:i1], g[i0:i1], states, None, hp, None, t[U_STEP], h[U_COEF], True)
     else:
-        update_rule(p[i0:i1], g[i0:i1], states, None, None,
-                    (h[k], h[k + 1], h[k + 2], h[k + 3], h[k + 4], h[k + 5]), t[U_STEP],
-                    h[U_COEF], True)
+        update_rule(p[i0:i1], g[i0:i1], states, None, None, hp, t[U_STEP], h[U_COEF], True)
     return np.int64(0)
 
 
@@ -273,7 +268,7 @@ def _halves_job(bits, rec, r0, r1):
     total = 0.0
     if r1 > r0:
         total = sum_squares(g[:half]) if r0 == 0 else sum_squares(g[half:])
-    _set_float(pool.int64_matrix_at(rec, 1, SLOTS)[0], U_COEF, total)
+    _set_float(t, U_COEF, total)
     return np.int64(0)
 
 
